@@ -1,0 +1,602 @@
+//! Configuration: typed structs per concern, layered with figment
+//! (built-in defaults → TOML file → `MAILGATE_*` environment, nested keys split on `__`).
+//!
+//! Loading collects *every* problem instead of stopping at the first: each top-level section,
+//! each listener and each upstream is deserialized on its own, then cross-checked
+//! ([`Config::validate`]). Every error names the key path an operator has to fix, e.g.
+//! `listener[1].tls: unknown variant "startls"`.
+//!
+//! Keys are documented in `docs/CONFIG.md`; `mailgate.example.toml` is parsed by a test.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::Value;
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::units::{ByteSize, Span};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    pub tls: TlsConfig,
+    pub upstream: BTreeMap<String, UpstreamConfig>,
+    pub imap: ImapConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Imap,
+}
+
+/// How a connection (client side or upstream side) is protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS from the first byte (993).
+    Implicit,
+    /// Plain TCP upgraded with STARTTLS; credentials refused until then (143).
+    Starttls,
+    /// No TLS at all, credentials in the clear: only by explicit choice, for trusted networks.
+    Plaintext,
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsMode::Implicit => "implicit",
+            TlsMode::Starttls => "starttls",
+            TlsMode::Plaintext => "plaintext",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Used in logs (and later in metric labels); unique.
+    pub name: String,
+    pub protocol: Protocol,
+    pub address: SocketAddr,
+    pub tls: TlsMode,
+    /// The `[upstream.NAME]` this listener's sessions go to.
+    #[serde(default = "default_upstream_name")]
+    pub upstream: String,
+}
+
+fn default_upstream_name() -> String {
+    "default".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chains with their keys; the first one is served.
+    pub certificates: Vec<CertificatePair>,
+    /// The longest a client may take to complete a TLS handshake.
+    pub handshake_timeout: Span,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            certificates: Vec::new(),
+            handshake_timeout: secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port` of the upstream IMAP server.
+    pub imap: Option<String>,
+    pub tls: TlsMode,
+    /// PEM file of CA certificates that sign the upstream's certificate; the system roots otherwise.
+    pub ca_file: Option<PathBuf>,
+    /// The name the upstream's certificate must carry, when it is not the host of `imap`.
+    pub server_name: Option<String>,
+    /// Skips certificate verification: only for a lab. Logged as a warning at start.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Span,
+    #[serde(default = "default_connect_timeout")]
+    pub tls_timeout: Span,
+    /// Greeting, CAPABILITY, STARTTLS and the login exchange together.
+    #[serde(default = "default_upstream_login_timeout")]
+    pub login_timeout: Span,
+}
+
+fn default_connect_timeout() -> Span {
+    secs(10)
+}
+fn default_upstream_login_timeout() -> Span {
+    secs(30)
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImapConfig {
+    /// Invalid commands tolerated before `* BYE` (Dovecot's default is also small).
+    pub max_bad_commands: u32,
+    /// Time from connect to a successful login.
+    pub login_timeout: Span,
+    /// Client inactivity after login, IDLE included (RFC 9051 §5.4: at least 30 minutes).
+    pub idle_timeout: Span,
+    /// Command line and literal limits before authentication: an unauthenticated peer
+    /// only needs room for a user name and a password.
+    pub preauth_max_line_bytes: ByteSize,
+    pub preauth_max_literal_bytes: ByteSize,
+    /// Command line and literal limits after authentication (APPEND needs the literal room).
+    pub max_line_bytes: ByteSize,
+    pub max_literal_bytes: ByteSize,
+}
+
+impl Default for ImapConfig {
+    fn default() -> Self {
+        ImapConfig {
+            max_bad_commands: 3,
+            login_timeout: secs(60),
+            idle_timeout: Span(std::time::Duration::from_secs(30 * 60)),
+            preauth_max_line_bytes: ByteSize(8 << 10),
+            preauth_max_literal_bytes: ByteSize(8 << 10),
+            // Dovecot's imap_max_line_length is 64 KiB.
+            max_line_bytes: ByteSize(64 << 10),
+            // 64 MiB: above the common 25-50 MiB message size limits.
+            max_literal_bytes: ByteSize(64 << 20),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long in-flight commands may run after SIGTERM before sessions are cut.
+    pub grace: Span,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace: secs(30) }
+    }
+}
+
+fn secs(n: u64) -> Span {
+    Span(std::time::Duration::from_secs(n))
+}
+
+/// One problem with the configuration and the key it is at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found; never empty.
+#[derive(Debug, thiserror::Error)]
+#[error("{} configuration error(s): {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "shutdown"];
+
+impl Config {
+    /// Defaults, then the TOML file, then `MAILGATE_*` variables from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("MAILGATE_").split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// Parses TOML text alone (tests, and the example config check).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        Self::from_figment(Figment::from(Toml::string(text)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let root = match figment.extract::<BTreeMap<String, Value>>() {
+            Ok(root) => root,
+            Err(e) => {
+                collect(&mut errors, "", e);
+                return Err(ConfigErrors(errors));
+            }
+        };
+        for key in root.keys().filter(|k| !SECTIONS.contains(&k.as_str())) {
+            errors.push(ConfigError {
+                path: key.clone(),
+                message: format!("unknown section (expected one of {})", SECTIONS.join(", ")),
+            });
+        }
+
+        let listeners = match root.get("listener") {
+            None => Vec::new(),
+            Some(Value::Array(_, items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| section(&mut errors, &format!("listener[{i}]"), Some(v)))
+                .collect(),
+            Some(_) => {
+                errors.push(error(
+                    "listener",
+                    "must be an array of tables ([[listener]])",
+                ));
+                Vec::new()
+            }
+        };
+        let upstream = match root.get("upstream") {
+            None => BTreeMap::new(),
+            Some(Value::Dict(_, items)) => items
+                .iter()
+                .filter_map(|(name, v)| {
+                    section(&mut errors, &format!("upstream.{name}"), Some(v))
+                        .map(|u| (name.clone(), u))
+                })
+                .collect(),
+            Some(_) => {
+                errors.push(error(
+                    "upstream",
+                    "must be a table of named upstreams ([upstream.NAME])",
+                ));
+                BTreeMap::new()
+            }
+        };
+        let tls = section(&mut errors, "tls", root.get("tls")).unwrap_or_default();
+        let imap = section(&mut errors, "imap", root.get("imap")).unwrap_or_default();
+        let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
+
+        let config = Config {
+            listeners,
+            tls,
+            upstream,
+            imap,
+            shutdown,
+        };
+        errors.extend(config.validate());
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Cross-field rules that serde cannot express.
+    fn validate(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        if self.listeners.is_empty() {
+            errors.push(error("listener", "at least one [[listener]] is required"));
+        }
+        let mut names = BTreeSet::new();
+        let mut addresses = BTreeSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = |key: &str| format!("listener[{i}].{key}");
+            if l.name.is_empty()
+                || !l
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                errors.push(error(
+                    &at("name"),
+                    "must be non-empty letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if !names.insert(l.name.as_str()) {
+                errors.push(error(
+                    &at("name"),
+                    &format!("`{}` is used by another listener", l.name),
+                ));
+            }
+            if !addresses.insert(l.address) {
+                errors.push(error(
+                    &at("address"),
+                    &format!("{} is used by another listener", l.address),
+                ));
+            }
+            if l.tls != TlsMode::Plaintext && self.tls.certificates.is_empty() {
+                errors.push(error(
+                    "tls.certificates",
+                    &format!(
+                        "listener `{}` uses TLS ({}) but no certificate is configured",
+                        l.name, l.tls
+                    ),
+                ));
+            }
+            match self.upstream.get(&l.upstream) {
+                None => errors.push(error(
+                    &at("upstream"),
+                    &format!("no [upstream.{}] is configured", l.upstream),
+                )),
+                Some(u) if l.protocol == Protocol::Imap && u.imap.is_none() => errors.push(error(
+                    &format!("upstream.{}.imap", l.upstream),
+                    &format!(
+                        "listener `{}` speaks IMAP but this upstream has no imap address",
+                        l.name
+                    ),
+                )),
+                Some(_) => {}
+            }
+        }
+        for (name, u) in &self.upstream {
+            if let Some(address) = &u.imap {
+                if let Err(message) = split_host_port(address) {
+                    errors.push(error(&format!("upstream.{name}.imap"), &message));
+                }
+            }
+            if let Some(ca) = &u.ca_file {
+                if !ca.is_file() {
+                    errors.push(error(
+                        &format!("upstream.{name}.ca_file"),
+                        &format!("{} is not a readable file", ca.display()),
+                    ));
+                }
+            }
+        }
+        for (i, pair) in self.tls.certificates.iter().enumerate() {
+            for (key, path) in [("cert", &pair.cert), ("key", &pair.key)] {
+                if !path.is_file() {
+                    errors.push(error(
+                        &format!("tls.certificates[{i}].{key}"),
+                        &format!("{} is not a readable file", path.display()),
+                    ));
+                }
+            }
+        }
+        let i = &self.imap;
+        if i.max_bad_commands == 0 {
+            errors.push(error("imap.max_bad_commands", "must be at least 1"));
+        }
+        for (key, span) in [
+            ("imap.login_timeout", i.login_timeout),
+            ("imap.idle_timeout", i.idle_timeout),
+            ("tls.handshake_timeout", self.tls.handshake_timeout),
+        ] {
+            if span.0.is_zero() {
+                errors.push(error(key, "must be longer than zero"));
+            }
+        }
+        if i.preauth_max_line_bytes.0 < 512 || i.max_line_bytes.0 < 1024 {
+            errors.push(error(
+                "imap.max_line_bytes",
+                "line limits must be at least 512 bytes before and 1KiB after login",
+            ));
+        }
+        errors
+    }
+
+    /// The effective configuration as TOML; secrets (if any) print as `<redacted>`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `host:port` with a port; IPv6 literals in brackets.
+pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{address}` needs a port (host:port)"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{address}`: `{port}` is not a port number"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("`{address}` has no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+fn error(path: &str, message: &str) -> ConfigError {
+    ConfigError {
+        path: path.to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// Deserializes one section; an absent section yields its defaults.
+fn section<T: DeserializeOwned + Default>(
+    errors: &mut Vec<ConfigError>,
+    path: &str,
+    value: Option<&Value>,
+) -> Option<T>
+where
+    T: DeserializeOwned,
+{
+    let figment = match value {
+        Some(v) => Figment::from(Serialized::defaults(v)),
+        None => return Some(T::default()),
+    };
+    match figment.extract::<T>() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            collect(errors, path, e);
+            None
+        }
+    }
+}
+
+fn collect(errors: &mut Vec<ConfigError>, prefix: &str, error: figment::Error) {
+    for e in error {
+        let mut path = prefix.to_string();
+        for part in &e.path {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(part);
+        }
+        errors.push(ConfigError {
+            path,
+            message: e.kind.to_string(),
+        });
+    }
+}
+
+// `section` needs `Default` for absent sections; listeners and upstreams are always present
+// when deserialized, so these defaults are never used as configuration.
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            name: String::new(),
+            protocol: Protocol::Imap,
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: TlsMode::Implicit,
+            upstream: default_upstream_name(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            imap: None,
+            tls: TlsMode::Implicit,
+            ca_file: None,
+            server_name: None,
+            insecure_skip_verify: false,
+            connect_timeout: default_connect_timeout(),
+            tls_timeout: default_connect_timeout(),
+            login_timeout: default_upstream_login_timeout(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[listener]]
+        name = "imap"
+        protocol = "imap"
+        address = "127.0.0.1:1143"
+        tls = "plaintext"
+
+        [upstream.default]
+        imap = "127.0.0.1:143"
+        tls = "plaintext"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(config.imap.max_bad_commands, 3);
+        assert_eq!(config.imap.idle_timeout.0.as_secs(), 1800);
+        assert_eq!(config.listeners[0].upstream, "default");
+        assert_eq!(config.upstream["default"].login_timeout.0.as_secs(), 30);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_key_path() {
+        let text = r#"
+            [[listener]]
+            name = "a"
+            protocol = "imap"
+            address = "127.0.0.1:1143"
+            tls = "startls"
+
+            [[listener]]
+            name = "b"
+            protocol = "imap"
+            address = "not an address"
+            tls = "implicit"
+            upstream = "missing"
+
+            [imap]
+            idle_timeout = "forever"
+            max_bad_commands = 0
+
+            [upstream.default]
+            imap = "no-port"
+            tls = "implicit"
+            colour = "blue"
+
+            [bogus]
+        "#;
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in [
+            "bogus",
+            "listener[0].tls",
+            "listener[1].address",
+            "imap.idle_timeout",
+            "upstream.default.colour",
+        ] {
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cross_checks_name_the_key() {
+        let text = MINIMAL.replace("tls = \"plaintext\"\n\n", "tls = \"implicit\"\n\n");
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        assert!(
+            errors.iter().any(|e| e.path == "tls.certificates"),
+            "{errors:?}"
+        );
+        let text = MINIMAL.replace("127.0.0.1:143", "127.0.0.1");
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        assert!(
+            errors.iter().any(|e| e.path == "upstream.default.imap"),
+            "{errors:?}"
+        );
+        let bad = format!("{MINIMAL}\n[imap]\nmax_bad_commands = 0\n");
+        let errors = Config::from_toml(&bad).unwrap_err().0;
+        assert!(
+            errors.iter().any(|e| e.path == "imap.max_bad_commands"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn effective_config_round_trips_through_toml() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        let again = Config::from_toml(&config.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), config.to_toml());
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/mailgate.example.toml"
+        ))
+        .unwrap();
+        // The example points at /etc paths that do not exist here: only file checks may fail.
+        match Config::from_toml(&text) {
+            Ok(_) => {}
+            Err(ConfigErrors(errors)) => {
+                for e in errors {
+                    assert!(e.message.contains("is not a readable file"), "{e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! The not-authenticated state, answered by mailgate itself: greeting, CAPABILITY, NOOP,
+//! ID, LOGOUT, STARTTLS, LOGIN and AUTHENTICATE PLAIN. The upstream is contacted only when
+//! the client has sent credentials over an acceptable channel.
+//!
+//! Hygiene rules enforced here:
+//! - before TLS on a STARTTLS listener, LOGIN and AUTHENTICATE get `NO [PRIVACYREQUIRED]`
+//!   (a synchronizing literal is refused before the password is sent);
+//! - after `OK Begin TLS`, every byte already received is discarded and nothing more is
+//!   written in plaintext (NO STARTTLS, USENIX Security 2021);
+//! - limits: line and literal sizes, `max_bad_commands` BADs, and the login timeout.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::capabilities;
+use super::command::{self, Command, Part};
+use super::framing::{parse_announce, strip_eol, Event, FrameError, Framer};
+use super::relay;
+use super::response::relayable_capabilities;
+use super::upstream::{login, LoginError};
+use super::Service;
+use crate::auth::{decode_plain, Credentials};
+use crate::config::TlsMode;
+use crate::stream::Stream;
+
+/// The client connection before login: the stream and the bytes read but not yet used.
+struct Conn {
+    stream: Stream,
+    buffer: BytesMut,
+    framer: Framer,
+    deadline: Instant,
+}
+
+/// Why the front stops reading commands.
+enum Stop {
+    /// Send this untagged BYE text, then close.
+    Bye(&'static str),
+    /// The peer is gone or broke TLS: just close.
+    Gone,
+}
+
+enum Input {
+    Command(Vec<Part>),
+    /// Refused while framing: `tag BAD text` or `tag NO text`.
+    Refused {
+        tag: String,
+        response: String,
+        bad: bool,
+    },
+}
+
+const MAX_PARTS: usize = 8;
+
+impl Conn {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Stop> {
+        let written = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout_at(self.deadline, written).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Stop::Gone),
+        }
+    }
+
+    async fn fill(&mut self, service: &Service) -> Result<(), Stop> {
+        tokio::select! {
+            read = tokio::time::timeout_at(self.deadline, self.stream.read_buf(&mut self.buffer)) => match read {
+                Err(_) => Err(Stop::Bye("Login timeout, disconnecting.")),
+                Ok(Ok(0)) | Ok(Err(_)) => Err(Stop::Gone),
+                Ok(Ok(_)) => Ok(()),
+            },
+            _ = service.shutdown.cancelled() => Err(Stop::Bye("Server shutting down.")),
+        }
+    }
+
+    /// Reads one whole command (lines and literals), deciding on each announced literal.
+    async fn command(&mut self, service: &Service, privacy_required: bool) -> Result<Input, Stop> {
+        let limits = &service.config.imap;
+        let mut parts = Vec::new();
+        let mut current = Vec::new();
+        let mut first: Option<(String, String)> = None;
+        loop {
+            if self.buffer.is_empty() {
+                self.fill(service).await?;
+            }
+            let step = match self.framer.feed(&self.buffer) {
+                Ok(step) => step,
+                Err(FrameError::LineTooLong(_)) => return Err(Stop::Bye("Command line too long.")),
+                // Literals are decided as soon as announced; never reached.
+                Err(FrameError::LiteralUndecided) => return Err(Stop::Gone),
+            };
+            current.extend_from_slice(&self.buffer.split_to(step.consumed));
+            match step.event {
+                None => continue,
+                Some(Event::LiteralEnd) => parts.push(Part::Literal(std::mem::take(&mut current))),
+                Some(Event::Line(line)) => {
+                    let text = strip_eol(&current);
+                    let announce = line.announce;
+                    let text = match announce {
+                        Some(_) => strip_announce(text),
+                        None => text,
+                    }
+                    .to_vec();
+                    current.clear();
+                    if parts.is_empty() {
+                        first = command::peek_name(&line.head);
+                    }
+                    parts.push(Part::Line {
+                        text,
+                        literal_follows: announce.is_some(),
+                    });
+                    let Some(announce) = announce else {
+                        return Ok(Input::Command(parts));
+                    };
+                    let (tag, name) = first.clone().unwrap_or_else(|| ("*".into(), String::new()));
+                    let credentials = name == "LOGIN" || name == "AUTHENTICATE";
+                    if announce.len > limits.preauth_max_literal_bytes.0 || parts.len() >= MAX_PARTS
+                    {
+                        if announce.non_sync {
+                            return Err(Stop::Bye("Literal too large before authentication."));
+                        }
+                        self.framer.reject_literal();
+                        return Ok(Input::Refused {
+                            tag,
+                            response: "BAD [TOOBIG] Literal too large.".into(),
+                            bad: true,
+                        });
+                    }
+                    if privacy_required && credentials && !announce.non_sync {
+                        // Refuse before the client sends its password in the clear.
+                        self.framer.reject_literal();
+                        return Ok(Input::Refused {
+                            tag,
+                            response: privacy_refusal(),
+                            bad: false,
+                        });
+                    }
+                    if !announce.non_sync {
+                        self.write(b"+ Ready for literal data\r\n").await?;
+                    }
+                    self.framer.accept_literal();
+                }
+            }
+        }
+    }
+
+    /// One line of a SASL exchange; a literal announcement there is just text.
+    async fn sasl_line(&mut self, service: &Service) -> Result<Vec<u8>, Stop> {
+        let mut line = Vec::new();
+        loop {
+            if self.buffer.is_empty() {
+                self.fill(service).await?;
+            }
+            let step = self
+                .framer
+                .feed(&self.buffer)
+                .map_err(|_| Stop::Bye("SASL response too long."))?;
+            line.extend_from_slice(&self.buffer.split_to(step.consumed));
+            if let Some(Event::Line(_)) = step.event {
+                self.framer.reject_literal();
+                return Ok(strip_eol(&line).to_vec());
+            }
+        }
+    }
+}
+
+fn strip_announce(text: &[u8]) -> &[u8] {
+    debug_assert!(parse_announce(text).is_some());
+    let open = text.iter().rposition(|&b| b == b'{').unwrap_or(text.len());
+    let open = if open > 0 && text[open - 1] == b'~' {
+        open - 1
+    } else {
+        open
+    };
+    &text[..open]
+}
+
+fn privacy_refusal() -> String {
+    "NO [PRIVACYREQUIRED] Use STARTTLS first: credentials are not accepted in clear text.".into()
+}
+
+/// What the front decided about the session.
+enum Outcome {
+    Continue,
+    Close,
+    StartTls,
+    Login {
+        tag: String,
+        credentials: Credentials,
+    },
+}
+
+/// Serves the not-authenticated state; on a successful login hands over to the relay.
+pub async fn serve(stream: Stream, service: &Service) {
+    let limits = &service.config.imap;
+    let mut conn = Conn {
+        stream,
+        buffer: BytesMut::with_capacity(4096),
+        framer: Framer::new(limits.preauth_max_line_bytes.as_usize()),
+        deadline: Instant::now() + limits.login_timeout.0,
+    };
+    let mut bad = 0u32;
+    let greeting = format!(
+        "* OK [CAPABILITY {}] mailgate ready.\r\n",
+        capabilities::preauth(login_allowed(service, &conn))
+    );
+    if conn.write(greeting.as_bytes()).await.is_err() {
+        return;
+    }
+    loop {
+        let outcome = match step(&mut conn, service, &mut bad).await {
+            Ok(outcome) => outcome,
+            Err(Stop::Bye(text)) => {
+                debug!(reason = text, "closing before login");
+                let _ = conn.write(format!("* BYE {text}\r\n").as_bytes()).await;
+                return;
+            }
+            Err(Stop::Gone) => return,
+        };
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Close => return,
+            Outcome::StartTls => {
+                // Whatever the client pipelined after STARTTLS was sent in the clear: drop it.
+                conn.buffer.clear();
+                conn.framer.reset();
+                let Stream::Plain(tcp) = conn.stream else {
+                    return;
+                };
+                let acceptor = service
+                    .tls
+                    .clone()
+                    .expect("STARTTLS is offered only with TLS configured");
+                let handshake = tokio::time::timeout(
+                    service.config.tls.handshake_timeout.0,
+                    acceptor.accept(tcp),
+                )
+                .await;
+                match handshake {
+                    Ok(Ok(tls)) => {
+                        conn.stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
+                        debug!(tls = conn.stream.tls_summary(), "STARTTLS complete");
+                    }
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "STARTTLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!("STARTTLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+            Outcome::Login { tag, credentials } => {
+                match login(&service.upstream, &credentials).await {
+                    Ok(session) => {
+                        tracing::Span::current().record("user", credentials.user.as_str());
+                        info!(upstream = %service.upstream.name, "logged in");
+                        let caps = relayable_capabilities(&session.capabilities).join(" ");
+                        let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
+                        if conn.write(ok.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let client = relay::Client {
+                            stream: conn.stream,
+                            leftover: conn.buffer,
+                        };
+                        relay::run(client, session, service).await;
+                        return;
+                    }
+                    Err(LoginError::Rejected { code }) => {
+                        info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
+                        let code = match code.as_deref() {
+                            Some(
+                                c @ ("AUTHORIZATIONFAILED"
+                                | "EXPIRED"
+                                | "CONTACTADMIN"
+                                | "UNAVAILABLE"
+                                | "LIMIT"),
+                            ) => c,
+                            _ => "AUTHENTICATIONFAILED",
+                        };
+                        let no = format!("{tag} NO [{code}] Authentication failed.\r\n");
+                        if conn.write(no.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(LoginError::Unavailable(e)) => {
+                        warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
+                        let no = format!("{tag} NO [UNAVAILABLE] Upstream server unavailable, try again later.\r\n");
+                        if conn.write(no.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn login_allowed(service: &Service, conn: &Conn) -> bool {
+    service.listener_tls != TlsMode::Starttls || conn.stream.is_tls()
+}
+
+/// Reads and answers one command.
+async fn step(conn: &mut Conn, service: &Service, bad: &mut u32) -> Result<Outcome, Stop> {
+    let privacy_required = !login_allowed(service, conn);
+    let (tag, response, is_bad) = match conn.command(service, privacy_required).await? {
+        Input::Refused { tag, response, bad } => (tag, response, bad),
+        Input::Command(parts) => match command::parse(&parts) {
+            Err(invalid) => (invalid.tag, format!("BAD {}", invalid.reason), true),
+            Ok(tagged) => {
+                let tag = tagged.tag;
+                match answer(conn, service, &tag, tagged.command, privacy_required).await? {
+                    Answer::Done(outcome) => return Ok(outcome),
+                    Answer::Respond { response, bad } => (tag, response, bad),
+                }
+            }
+        },
+    };
+    if is_bad {
+        *bad += 1;
+        debug!(bad = *bad, "invalid command before login");
+        if *bad >= service.config.imap.max_bad_commands {
+            conn.write(format!("{tag} {response}\r\n").as_bytes())
+                .await?;
+            return Err(Stop::Bye("Too many invalid commands."));
+        }
+    }
+    conn.write(format!("{tag} {response}\r\n").as_bytes())
+        .await?;
+    Ok(Outcome::Continue)
+}
+
+enum Answer {
+    Done(Outcome),
+    Respond { response: String, bad: bool },
+}
+
+fn ok(text: &str) -> Answer {
+    Answer::Respond {
+        response: format!("OK {text}"),
+        bad: false,
+    }
+}
+
+fn refuse_bad(text: &str) -> Answer {
+    Answer::Respond {
+        response: format!("BAD {text}"),
+        bad: true,
+    }
+}
+
+async fn answer(
+    conn: &mut Conn,
+    service: &Service,
+    tag: &str,
+    command: Command,
+    privacy_required: bool,
+) -> Result<Answer, Stop> {
+    Ok(match command {
+        Command::Capability => {
+            let caps = capabilities::preauth(!privacy_required);
+            conn.write(format!("* CAPABILITY {caps}\r\n").as_bytes())
+                .await?;
+            ok("Capability completed.")
+        }
+        Command::Noop => ok("NOOP completed."),
+        Command::Id => {
+            conn.write(b"* ID (\"name\" \"mailgate\")\r\n").await?;
+            ok("ID completed.")
+        }
+        Command::Logout => {
+            conn.write(format!("* BYE Logging out.\r\n{tag} OK LOGOUT completed.\r\n").as_bytes())
+                .await?;
+            Answer::Done(Outcome::Close)
+        }
+        Command::StartTls => {
+            if service.listener_tls != TlsMode::Starttls || conn.stream.is_tls() {
+                refuse_bad(if conn.stream.is_tls() {
+                    "TLS is already active."
+                } else {
+                    "STARTTLS is not available on this port."
+                })
+            } else {
+                conn.write(format!("{tag} OK Begin TLS negotiation now.\r\n").as_bytes())
+                    .await?;
+                Answer::Done(Outcome::StartTls)
+            }
+        }
+        Command::Login(_) | Command::Authenticate { .. } if privacy_required => {
+            info!("credentials refused before STARTTLS");
+            Answer::Respond {
+                response: privacy_refusal(),
+                bad: false,
+            }
+        }
+        Command::Login(credentials) => Answer::Done(Outcome::Login {
+            tag: tag.to_string(),
+            credentials,
+        }),
+        Command::Authenticate { mechanism, initial } => {
+            if mechanism != "PLAIN" {
+                return Ok(Answer::Respond {
+                    response: "NO [CANNOT] Unsupported authentication mechanism.".into(),
+                    bad: false,
+                });
+            }
+            let response = match initial {
+                Some(initial) => initial.expose().clone(),
+                None => {
+                    conn.write(b"+ \r\n").await?;
+                    let line = conn.sasl_line(service).await?;
+                    if line == b"*" {
+                        return Ok(refuse_bad("Authentication cancelled."));
+                    }
+                    line
+                }
+            };
+            match decode_plain(&response) {
+                Ok(credentials) => Answer::Done(Outcome::Login {
+                    tag: tag.to_string(),
+                    credentials,
+                }),
+                Err(e) => refuse_bad(&format!("Invalid SASL PLAIN response: {e}.")),
+            }
+        }
+    })
+}

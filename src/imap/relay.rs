@@ -1,0 +1,437 @@
+//! After login: both directions framed and relayed.
+//!
+//! Two pumps run concurrently in the session's task. The *client pump* reads commands,
+//! buffers each command line (bounded by `max_line_bytes`) until it is complete, checks its
+//! literal announcement against `max_literal_bytes`, then forwards it; literal data is
+//! streamed. The *upstream pump* streams every response byte to the client as it arrives
+//! (nothing upstream-sized is buffered) and watches line heads for continuations, tagged
+//! completions and `BYE`. It alone writes to the client; the client pump's own answers
+//! (`BAD [TOOBIG]`, the idle `BYE`) are handed to it and written between two responses.
+//!
+//! A synchronizing literal from the client is forwarded only after the upstream's `+`;
+//! whether the bytes that follow are literal data or a new command is decided by what the
+//! upstream answered (`+` or a tagged refusal), never guessed.
+//!
+//! The upstream failing mid-response closes the client connection without another byte: a
+//! truncated literal followed by a `* BYE` would look like message data to the client.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::framing::{strip_eol, Event, FrameError, Framer};
+use super::response::{self, Kind, Status};
+use super::upstream::LoggedIn;
+use super::Service;
+use crate::stream::Stream;
+
+/// The client side as the front leaves it.
+pub struct Client {
+    pub stream: Stream,
+    /// Bytes read after the login command (a pipelining client's next commands).
+    pub leftover: BytesMut,
+}
+
+/// Commands in flight beyond this are refused: a client has no use for more, and the tag
+/// queue must stay bounded.
+const MAX_IN_FLIGHT: usize = 1000;
+
+/// How long the upstream pump may finish its work once the client side has ended.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// State both pumps look at; each lock is held for a few instructions only.
+#[derive(Default)]
+struct Shared {
+    /// Tags of forwarded commands not yet completed, oldest first.
+    in_flight: VecDeque<Vec<u8>>,
+    /// The tag of a command whose synchronizing literal awaits the upstream's answer, and
+    /// that answer once seen (`Some(true)` = `+`, `Some(false)` = refused).
+    literal_wait: Option<(Vec<u8>, Option<bool>)>,
+    /// The tag of a running IDLE.
+    idling: Option<Vec<u8>>,
+    /// Set by shutdown: no new commands, BYE once nothing is in flight.
+    draining: bool,
+}
+
+impl Shared {
+    /// Idle in the sense of shutdown: nothing in flight but (possibly) IDLE.
+    fn quiet(&self) -> bool {
+        self.in_flight
+            .iter()
+            .all(|t| Some(t) == self.idling.as_ref())
+    }
+}
+
+/// A message for the client written by the upstream pump between two responses.
+struct Inject {
+    bytes: Vec<u8>,
+    then_close: bool,
+}
+
+pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
+    let (client_read, client_write) = tokio::io::split(client.stream);
+    let (upstream_read, upstream_write) = tokio::io::split(upstream.stream);
+
+    let mut to_upstream = ClientPump {
+        read: client_read,
+        write: upstream_write,
+        buffer: client.leftover,
+        framer: Framer::new(service.config.imap.max_line_bytes.as_usize()),
+        line: Vec::new(),
+        continuing: false,
+        shared: shared.clone(),
+        inject: inject_tx,
+        service,
+    };
+    let mut to_client = UpstreamPump {
+        read: upstream_read,
+        write: client_write,
+        buffer: upstream.leftover,
+        framer: Framer::new(usize::MAX),
+        upstream_bye: false,
+        shared: shared.clone(),
+        inject: inject_rx,
+        service,
+    };
+
+    let end = tokio::select! {
+        end = to_upstream.run() => {
+            debug!(?end, "client side ended");
+            // Let the upstream pump deliver what is owed: the answers to commands already
+            // sent when the client half-closed, or mailgate's own BYE.
+            if end == End::ClientClosed {
+                let _ = to_upstream.write.shutdown().await;
+            }
+            let _ = tokio::time::timeout(DRAIN, to_client.run()).await;
+            end
+        }
+        end = to_client.run() => end,
+    };
+    let _ = to_client.write.shutdown().await;
+    debug!(?end, "session ended");
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    ClientClosed,
+    UpstreamClosed,
+    /// mailgate closed the session (BYE sent).
+    Closed(&'static str),
+    Io,
+}
+
+struct ClientPump<'a, R, W> {
+    read: ReadHalf<R>,
+    write: WriteHalf<W>,
+    buffer: BytesMut,
+    framer: Framer,
+    /// The command line being assembled (complete lines are forwarded whole).
+    line: Vec<u8>,
+    /// The next line continues the current command (it follows a literal).
+    continuing: bool,
+    shared: Arc<Mutex<Shared>>,
+    inject: mpsc::Sender<Inject>,
+    service: &'a Service,
+}
+
+impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> {
+    async fn close_with(&mut self, text: &'static str) -> End {
+        let bytes = format!("* BYE {text}\r\n").into_bytes();
+        let _ = self
+            .inject
+            .send(Inject {
+                bytes,
+                then_close: true,
+            })
+            .await;
+        End::Closed(text)
+    }
+
+    async fn run(&mut self) -> End {
+        loop {
+            if self.buffer.is_empty() {
+                if let Err(end) = self.read_more().await {
+                    return end;
+                }
+                if self.lock().draining {
+                    // Commands arriving during shutdown are not started.
+                    self.buffer.clear();
+                    continue;
+                }
+            }
+            if let Some(end) = self.process().await {
+                return end;
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().expect("relay lock poisoned")
+    }
+
+    /// Waits for client bytes, watching the idle timer and shutdown.
+    async fn read_more(&mut self) -> Result<(), End> {
+        let idle = self.service.config.imap.idle_timeout.0;
+        let mut deadline = Instant::now() + idle;
+        loop {
+            let draining = self.lock().draining;
+            let read = tokio::select! {
+                read = tokio::time::timeout_at(deadline, self.read.read_buf(&mut self.buffer)) => read,
+                _ = self.service.shutdown.cancelled(), if !draining => {
+                    let quiet = {
+                        let mut shared = self.lock();
+                        shared.draining = true;
+                        shared.quiet()
+                    };
+                    if quiet {
+                        return Err(self.close_with("Server shutting down.").await);
+                    }
+                    continue;
+                }
+            };
+            match read {
+                Ok(Ok(0)) => return Err(End::ClientClosed),
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => {
+                    debug!(error = %e, "client read failed");
+                    return Err(End::ClientClosed);
+                }
+                // A command still running (a long download) is not inactivity.
+                Err(_) if !self.lock().quiet() => deadline = Instant::now() + idle,
+                Err(_) => return Err(self.close_with("Autologout; idle for too long.").await),
+            }
+        }
+    }
+
+    /// Frames and forwards what is buffered; `Some` ends the session.
+    async fn process(&mut self) -> Option<End> {
+        while !self.buffer.is_empty() {
+            if self.framer.pending_literal().is_some() {
+                let answer = {
+                    let mut shared = self.lock();
+                    shared.literal_wait.take().and_then(|(_, answer)| answer)
+                };
+                // The upstream refused the command: the client will not send the literal.
+                // Without an answer yet the client did not wait: treat it as data, as the
+                // upstream will.
+                if answer == Some(false) {
+                    self.framer.reject_literal();
+                    self.continuing = false;
+                } else {
+                    self.framer.accept_literal();
+                }
+            }
+            let in_literal = self.framer.in_literal();
+            let step = match self.framer.feed(&self.buffer) {
+                Ok(step) => step,
+                Err(FrameError::LineTooLong(_)) => {
+                    return Some(self.close_with("Command line too long.").await)
+                }
+                Err(FrameError::LiteralUndecided) => return Some(End::Io),
+            };
+            let bytes = self.buffer.split_to(step.consumed);
+            if in_literal {
+                if self.write.write_all(&bytes).await.is_err() {
+                    return Some(End::UpstreamClosed);
+                }
+                continue;
+            }
+            self.line.extend_from_slice(&bytes);
+            if let Some(Event::Line(line)) = step.event {
+                if let Some(end) = self.forward_line(line).await {
+                    return Some(end);
+                }
+            }
+        }
+        let _ = self.write.flush().await;
+        None
+    }
+
+    async fn forward_line(&mut self, line: super::framing::Line) -> Option<End> {
+        let first_line = !self.continuing;
+        let head = strip_eol(&line.head);
+        let tag = head
+            .split(|&b| b == b' ')
+            .next()
+            .unwrap_or_default()
+            .to_vec();
+        let idling = self.lock().idling.is_some();
+        if let Some(announce) = line.announce {
+            if announce.len > self.service.config.imap.max_literal_bytes.0 {
+                if announce.non_sync || !first_line {
+                    return Some(self.close_with("Literal too large.").await);
+                }
+                self.framer.reject_literal();
+                self.line.clear();
+                let bytes = format!(
+                    "{} BAD [TOOBIG] Literal too large.\r\n",
+                    String::from_utf8_lossy(&tag)
+                )
+                .into_bytes();
+                let _ = self
+                    .inject
+                    .send(Inject {
+                        bytes,
+                        then_close: false,
+                    })
+                    .await;
+                return None;
+            }
+        }
+        if first_line && !idling {
+            let too_many = {
+                let mut shared = self.lock();
+                let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
+                if command.eq_ignore_ascii_case(b"IDLE") {
+                    shared.idling = Some(tag.clone());
+                }
+                shared.in_flight.push_back(tag.clone());
+                shared.in_flight.len() > MAX_IN_FLIGHT
+            };
+            if too_many {
+                return Some(self.close_with("Too many commands in flight.").await);
+            }
+        }
+        if let Some(announce) = line.announce {
+            if !announce.non_sync {
+                self.lock().literal_wait = Some((tag, None));
+            }
+        }
+        self.continuing = line.announce.is_some();
+        let bytes = std::mem::take(&mut self.line);
+        if self.write.write_all(&bytes).await.is_err() {
+            return Some(End::UpstreamClosed);
+        }
+        if line.announce.is_some_and(|a| !a.non_sync) {
+            // The upstream must see the line now to send its `+`.
+            let _ = self.write.flush().await;
+        }
+        None
+    }
+}
+
+struct UpstreamPump<'a, R, W> {
+    read: ReadHalf<R>,
+    write: WriteHalf<W>,
+    buffer: BytesMut,
+    framer: Framer,
+    upstream_bye: bool,
+    shared: Arc<Mutex<Shared>>,
+    inject: mpsc::Receiver<Inject>,
+    service: &'a Service,
+}
+
+impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W> {
+    async fn run(&mut self) -> End {
+        loop {
+            while !self.buffer.is_empty() {
+                if let Some(end) = self.process().await {
+                    return end;
+                }
+            }
+            if self.write.flush().await.is_err() {
+                return End::ClientClosed;
+            }
+            let at_boundary = self.framer.at_boundary();
+            tokio::select! {
+                read = self.read.read_buf(&mut self.buffer) => match read {
+                    Ok(0) | Err(_) => return self.upstream_gone().await,
+                    Ok(_) => {}
+                },
+                inject = self.inject.recv(), if at_boundary => {
+                    let Some(inject) = inject else { continue };
+                    if self.write.write_all(&inject.bytes).await.is_err() || self.write.flush().await.is_err() {
+                        return End::ClientClosed;
+                    }
+                    if inject.then_close {
+                        return End::Closed("closed by mailgate");
+                    }
+                }
+                _ = self.service.shutdown.cancelled(), if at_boundary && self.shutdown_ready() => {
+                    let _ = self.write.write_all(b"* BYE Server shutting down.\r\n").await;
+                    let _ = self.write.flush().await;
+                    return End::Closed("shutdown");
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().expect("relay lock poisoned")
+    }
+
+    /// During shutdown: true once only IDLE (or nothing) is in flight.
+    fn shutdown_ready(&self) -> bool {
+        let shared = self.lock();
+        shared.draining && shared.quiet()
+    }
+
+    async fn upstream_gone(&mut self) -> End {
+        if self.framer.at_boundary() && !self.upstream_bye {
+            let _ = self
+                .write
+                .write_all(b"* BYE Upstream server closed the connection.\r\n")
+                .await;
+            let _ = self.write.flush().await;
+        } else if !self.framer.at_boundary() {
+            debug!("upstream closed mid-response: closing the client without completing it");
+        }
+        End::UpstreamClosed
+    }
+
+    async fn process(&mut self) -> Option<End> {
+        if self.framer.pending_literal().is_some() {
+            self.framer.accept_literal();
+        }
+        let step = self.framer.feed(&self.buffer).ok()?;
+        let bytes = self.buffer.split_to(step.consumed);
+        if self.write.write_all(&bytes).await.is_err() {
+            return Some(End::ClientClosed);
+        }
+        if let Some(Event::Line(line)) = step.event {
+            self.observe(&line.head);
+            if line.announce.is_some() {
+                self.framer.accept_literal();
+            }
+        }
+        None
+    }
+
+    /// Keeps the shared view of the session in step with the upstream's answers.
+    fn observe(&mut self, head: &[u8]) {
+        let shared = self.shared.clone();
+        let mut shared = shared.lock().expect("relay lock poisoned");
+        match response::kind(head) {
+            Kind::Continuation => {
+                if let Some((_, answer @ None)) = shared.literal_wait.as_mut() {
+                    *answer = Some(true);
+                }
+            }
+            Kind::Tagged { tag, .. } => {
+                if let Some(i) = shared.in_flight.iter().position(|t| t == tag) {
+                    shared.in_flight.remove(i);
+                }
+                if shared.idling.as_deref() == Some(tag) {
+                    shared.idling = None;
+                }
+                if let Some((waiting, answer @ None)) = shared.literal_wait.as_mut() {
+                    if waiting == tag {
+                        *answer = Some(false);
+                    }
+                }
+            }
+            Kind::Untagged(rest) => {
+                if response::status(rest).is_some_and(|s| s.status == Status::Bye) {
+                    self.upstream_bye = true;
+                }
+            }
+        }
+    }
+}

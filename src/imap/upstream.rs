@@ -1,0 +1,351 @@
+//! Logging in to the upstream IMAP server with the client's credentials.
+//!
+//! The dialogue: greeting → (STARTTLS → handshake → CAPABILITY again) → LOGIN or
+//! AUTHENTICATE PLAIN. Rules that keep credentials safe:
+//! - with `tls = "starttls"`, nothing but CAPABILITY and STARTTLS is sent before the
+//!   handshake; an upstream that does not offer STARTTLS never sees the credentials;
+//! - any byte the upstream sent after its STARTTLS `OK` aborts the login (the injection of
+//!   CVE-2011-0411 class); capabilities learned before TLS are thrown away;
+//! - a `PREAUTH` greeting means the upstream would let us in without checking the client's
+//!   password, so mailgate refuses to use it rather than admit an unverified client.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::framing::{strip_eol, Event, Framer};
+use super::response::{self, has_capability, Kind, Status};
+use crate::auth::{encode_plain, Credentials};
+use crate::config::TlsMode;
+use crate::stream::Stream;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// An upstream session that accepted the client's credentials.
+pub struct LoggedIn {
+    pub stream: Stream,
+    /// Post-login capabilities as the upstream announced them.
+    pub capabilities: Vec<String>,
+    /// Bytes the upstream sent after its tagged OK; they belong to the relay.
+    pub leftover: BytesMut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The client gets `NO [UNAVAILABLE]`.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(#[from] UpstreamError),
+    /// The upstream refused the credentials; `code` is its RFC 5530 code, if any.
+    #[error("upstream refused the credentials ({code:?})")]
+    Rejected { code: Option<String> },
+}
+
+const MAX_LINE: usize = 64 << 10;
+const MAX_LITERAL: u64 = 1 << 20;
+
+/// Response lines of the login dialogue; literals in them are skipped.
+struct Reader {
+    stream: Stream,
+    buffer: BytesMut,
+    framer: Framer,
+    deadline: Instant,
+}
+
+impl Reader {
+    async fn fill(&mut self) -> Result<(), UpstreamError> {
+        let read = tokio::time::timeout_at(self.deadline, self.stream.read_buf(&mut self.buffer))
+            .await
+            .map_err(|_| UpstreamError::Timeout("upstream login"))??;
+        if read == 0 {
+            return Err(UpstreamError::Closed);
+        }
+        Ok(())
+    }
+
+    /// The next response line (without line ending).
+    async fn line(&mut self) -> Result<Vec<u8>, UpstreamError> {
+        let mut line = Vec::new();
+        loop {
+            if self.buffer.is_empty() {
+                self.fill().await?;
+            }
+            if let Some(announce) = self.framer.pending_literal() {
+                if announce.len > MAX_LITERAL {
+                    return Err(UpstreamError::Protocol(
+                        "oversized literal during login".into(),
+                    ));
+                }
+                self.framer.accept_literal();
+            }
+            let step = self
+                .framer
+                .feed(&self.buffer)
+                .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+            let taken = self.buffer.split_to(step.consumed);
+            if !self.framer.in_literal() && !matches!(step.event, Some(Event::LiteralEnd)) {
+                line.extend_from_slice(&taken);
+            }
+            if let Some(Event::Line(l)) = step.event {
+                if l.announce.is_none() {
+                    return Ok(strip_eol(&line).to_vec());
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), UpstreamError> {
+        tokio::time::timeout_at(self.deadline, async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| UpstreamError::Timeout("upstream login"))??;
+        Ok(())
+    }
+
+    /// Reads until the tagged completion of `tag`, collecting capabilities on the way.
+    async fn complete(
+        &mut self,
+        tag: &str,
+        capabilities: &mut Option<Vec<String>>,
+    ) -> Result<(Status, Option<String>), UpstreamError> {
+        loop {
+            let line = self.line().await?;
+            if let Some(caps) = response::capabilities_in(&line) {
+                *capabilities = Some(caps);
+            }
+            match response::kind(&line) {
+                Kind::Tagged { tag: t, rest } if t == tag.as_bytes() => {
+                    let status = response::status(rest).ok_or_else(|| {
+                        UpstreamError::Protocol(format!("bad completion for {tag}"))
+                    })?;
+                    return Ok((status.status, status.code.map(|(c, _)| c)));
+                }
+                Kind::Untagged(rest)
+                    if response::status(rest).is_some_and(|s| s.status == Status::Bye) =>
+                {
+                    return Err(UpstreamError::Closed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn capability(&mut self) -> Result<Vec<String>, UpstreamError> {
+        self.send(b"M0 CAPABILITY\r\n").await?;
+        let mut caps = None;
+        match self.complete("M0", &mut caps).await? {
+            (Status::Ok, _) => caps
+                .ok_or_else(|| UpstreamError::Protocol("CAPABILITY without capabilities".into())),
+            (status, _) => Err(UpstreamError::Protocol(format!(
+                "CAPABILITY answered {status:?}"
+            ))),
+        }
+    }
+}
+
+pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<LoggedIn, LoginError> {
+    let deadline = Instant::now() + upstream.login_timeout;
+    let stream = upstream.connect().await?;
+    let mut reader = Reader {
+        stream,
+        buffer: BytesMut::with_capacity(4096),
+        framer: Framer::new(MAX_LINE),
+        deadline,
+    };
+
+    let greeting = reader.line().await?;
+    let mut capabilities = match response::kind(&greeting) {
+        Kind::Untagged(rest) => match response::status(rest).map(|s| s.status) {
+            Some(Status::Ok) => response::capabilities_in(&greeting),
+            Some(Status::Preauth) => {
+                return Err(UpstreamError::Protocol(
+                    "upstream greets with PREAUTH: it would not verify the client's password"
+                        .into(),
+                )
+                .into())
+            }
+            Some(Status::Bye) => return Err(UpstreamError::Closed.into()),
+            _ => return Err(UpstreamError::Protocol("unexpected greeting".into()).into()),
+        },
+        _ => return Err(UpstreamError::Protocol("unexpected greeting".into()).into()),
+    };
+
+    if upstream.tls_mode == TlsMode::Starttls {
+        let before = match capabilities.take() {
+            Some(caps) => caps,
+            None => reader.capability().await?,
+        };
+        if !has_capability(&before, "STARTTLS") {
+            return Err(UpstreamError::NoStartTls.into());
+        }
+        reader.send(b"M1 STARTTLS\r\n").await?;
+        let mut ignored = None;
+        let (status, _) = reader.complete("M1", &mut ignored).await?;
+        if status != Status::Ok {
+            return Err(UpstreamError::Protocol(format!("STARTTLS answered {status:?}")).into());
+        }
+        if !reader.buffer.is_empty() {
+            return Err(UpstreamError::StartTlsInjection.into());
+        }
+        let Stream::Plain(tcp) = reader.stream else {
+            return Err(UpstreamError::Protocol("STARTTLS on a TLS stream".into()).into());
+        };
+        reader.stream = upstream.handshake(tcp).await?;
+        reader.framer.reset();
+    }
+
+    let capabilities = match capabilities {
+        Some(caps) => caps,
+        None => reader.capability().await?,
+    };
+    let mut after = None;
+    let (status, code) = if has_capability(&capabilities, "AUTH=PLAIN") {
+        authenticate_plain(&mut reader, &capabilities, credentials, &mut after).await?
+    } else if credentials.authzid.is_some() {
+        return Err(LoginError::Rejected {
+            code: Some("AUTHORIZATIONFAILED".into()),
+        });
+    } else if has_capability(&capabilities, "LOGINDISABLED") {
+        return Err(
+            UpstreamError::Protocol("upstream has LOGINDISABLED and no AUTH=PLAIN".into()).into(),
+        );
+    } else {
+        login_command(&mut reader, &capabilities, credentials, &mut after).await?
+    };
+    match status {
+        Status::Ok => {}
+        Status::No => return Err(LoginError::Rejected { code }),
+        other => return Err(UpstreamError::Protocol(format!("login answered {other:?}")).into()),
+    }
+    let capabilities = match after {
+        Some(caps) => caps,
+        None => reader.capability().await?,
+    };
+    Ok(LoggedIn {
+        stream: reader.stream,
+        capabilities,
+        leftover: reader.buffer,
+    })
+}
+
+async fn authenticate_plain(
+    reader: &mut Reader,
+    capabilities: &[String],
+    credentials: &Credentials,
+    after: &mut Option<Vec<String>>,
+) -> Result<(Status, Option<String>), UpstreamError> {
+    let payload = encode_plain(credentials);
+    if has_capability(capabilities, "SASL-IR") {
+        reader
+            .send(format!("M2 AUTHENTICATE PLAIN {}\r\n", payload.expose()).as_bytes())
+            .await?;
+    } else {
+        reader.send(b"M2 AUTHENTICATE PLAIN\r\n").await?;
+        let line = reader.line().await?;
+        if response::kind(&line) != Kind::Continuation {
+            return tagged_without_continuation(&line, "M2");
+        }
+        reader
+            .send(format!("{}\r\n", payload.expose()).as_bytes())
+            .await?;
+    }
+    reader.complete("M2", after).await
+}
+
+async fn login_command(
+    reader: &mut Reader,
+    capabilities: &[String],
+    credentials: &Credentials,
+    after: &mut Option<Vec<String>>,
+) -> Result<(Status, Option<String>), UpstreamError> {
+    let non_sync = has_capability(capabilities, "LITERAL+");
+    let mut pieces = vec![b"M2 LOGIN ".to_vec()];
+    for (i, value) in [
+        credentials.user.as_bytes(),
+        credentials.password.expose().as_bytes(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i == 1 {
+            pieces.last_mut().expect("pieces is never empty").push(b' ');
+        }
+        match quote(value) {
+            Some(quoted) => pieces
+                .last_mut()
+                .expect("pieces is never empty")
+                .extend_from_slice(&quoted),
+            None => {
+                let last = pieces.last_mut().expect("pieces is never empty");
+                last.extend_from_slice(
+                    format!("{{{}{}}}\r\n", value.len(), if non_sync { "+" } else { "" })
+                        .as_bytes(),
+                );
+                pieces.push(value.to_vec());
+            }
+        }
+    }
+    pieces
+        .last_mut()
+        .expect("pieces is never empty")
+        .extend_from_slice(b"\r\n");
+    // With synchronizing literals, each piece after the first waits for the upstream's `+`.
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 && !non_sync {
+            let line = reader.line().await?;
+            if response::kind(&line) != Kind::Continuation {
+                return tagged_without_continuation(&line, "M2");
+            }
+        }
+        reader.send(piece).await?;
+    }
+    reader.complete("M2", after).await
+}
+
+fn tagged_without_continuation(
+    line: &[u8],
+    tag: &str,
+) -> Result<(Status, Option<String>), UpstreamError> {
+    match response::kind(line) {
+        Kind::Tagged { tag: t, rest } if t == tag.as_bytes() => {
+            let status = response::status(rest)
+                .ok_or_else(|| UpstreamError::Protocol("bad completion".into()))?;
+            Ok((status.status, status.code.map(|(c, _)| c)))
+        }
+        _ => Err(UpstreamError::Protocol("expected a continuation".into())),
+    }
+}
+
+/// A quoted string when the value can be one (7-bit text without CR/LF), else `None`
+/// (send a literal).
+pub fn quote(value: &[u8]) -> Option<Vec<u8>> {
+    if value
+        .iter()
+        .any(|&b| b >= 0x80 || b == b'\r' || b == b'\n' || b == 0)
+    {
+        return None;
+    }
+    let mut out = Vec::with_capacity(value.len() + 2);
+    out.push(b'"');
+    for &b in value {
+        if b == b'"' || b == b'\\' {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_escapes_or_defers_to_a_literal() {
+        assert_eq!(quote(b"alice").unwrap(), b"\"alice\"");
+        assert_eq!(quote(br#"p"w\"#).unwrap(), br#""p\"w\\""#);
+        assert_eq!(quote("pässword".as_bytes()), None);
+        assert_eq!(quote(b"a\r\nb"), None);
+    }
+}

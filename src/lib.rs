@@ -1,0 +1,141 @@
+//! mailgate: a TLS-terminating IMAP gateway in front of existing mail servers.
+//!
+//! The data path (see `docs/ARCHITECTURE.md`):
+//!
+//! ```text
+//! client ─TCP─▶ listener ─(TLS | STARTTLS)─▶ imap::front (pre-auth, mailgate's own)
+//!                                                │ credentials
+//!                                                ▼
+//!                                   upstream (TLS | STARTTLS | plain) + imap::upstream login
+//!                                                │ OK
+//!                                                ▼
+//!                         imap::relay: client ◀─framing─▶ upstream
+//! ```
+//!
+//! - [`config`]: typed configuration, figment layers, validation with key paths.
+//! - [`tls`]: rustls settings built once (server per protocol, client per upstream).
+//! - [`listener`]: accept loops, implicit TLS, a span per session.
+//! - [`imap`]: the protocol: framing, front, upstream login, relay.
+//! - [`upstream`]: reaching an upstream server.
+//! - [`shutdown`]: signals and the graceful drain.
+//! - [`secret`], [`auth`]: credentials that never reach a log.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod imap;
+pub mod listener;
+pub mod secret;
+pub mod shutdown;
+pub mod stream;
+pub mod tls;
+pub mod units;
+pub mod upstream;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Protocol, TlsMode};
+use crate::listener::Listener;
+use crate::upstream::Upstream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigErrors),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("listener `{name}` cannot bind {address}: {source}")]
+    Bind {
+        name: String,
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Binds every configured listener, in configuration order.
+pub async fn bind(config: &Config) -> Result<Vec<TcpListener>> {
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let tcp = TcpListener::bind(l.address)
+            .await
+            .map_err(|source| Error::Bind {
+                name: l.name.clone(),
+                address: l.address,
+                source,
+            })?;
+        bound.push(tcp);
+    }
+    Ok(bound)
+}
+
+/// Serves on already-bound listeners (one per `config.listeners` entry) until `shutdown`
+/// resolves, then drains sessions for up to `config.shutdown.grace`.
+pub async fn run(
+    config: Config,
+    listeners: Vec<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let config = Arc::new(config);
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let mut upstreams = BTreeMap::new();
+    for (name, u) in &config.upstream {
+        if let Some(address) = &u.imap {
+            upstreams.insert(
+                name.clone(),
+                Arc::new(Upstream::new(name, u, address, imap::ALPN)?),
+            );
+        }
+    }
+    let imap_tls = if config.listeners.iter().any(|l| l.tls != TlsMode::Plaintext) {
+        Some(tls::acceptor(&config.tls.certificates, imap::ALPN)?)
+    } else {
+        None
+    };
+
+    let accept_loops = TaskTracker::new();
+    for (settings, tcp) in config.listeners.iter().zip(listeners) {
+        let Protocol::Imap = settings.protocol;
+        if settings.tls == TlsMode::Plaintext {
+            tracing::warn!(listener = %settings.name, "plaintext listener: clients may send credentials unencrypted");
+        }
+        let service = Arc::new(imap::Service {
+            config: config.clone(),
+            listener_tls: settings.tls,
+            tls: if settings.tls == TlsMode::Plaintext {
+                None
+            } else {
+                imap_tls.clone()
+            },
+            upstream: upstreams[&settings.upstream].clone(),
+            shutdown: token.clone(),
+        });
+        let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(listener = %settings.name, %address, protocol = "imap", tls = %settings.tls, "listening");
+        accept_loops.spawn(
+            Listener {
+                name: settings.name.clone(),
+                tcp,
+                service,
+            }
+            .serve(tracker.clone()),
+        );
+    }
+
+    shutdown.await;
+    token.cancel();
+    accept_loops.close();
+    accept_loops.wait().await;
+    shutdown::drain(&tracker, config.shutdown.grace.0).await;
+    Ok(())
+}
