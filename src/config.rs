@@ -313,7 +313,7 @@ impl Config {
                     &format!("`{}` is used by another listener", l.name),
                 ));
             }
-            if !addresses.insert(l.address) {
+            if l.address.port() != 0 && !addresses.insert(l.address) {
                 errors.push(error(
                     &at("address"),
                     &format!("{} is used by another listener", l.address),

@@ -1,0 +1,198 @@
+//! A blocking, raw-bytes IMAP client for tests: exact bytes out, lines in, every read
+//! bounded by a timeout. Plain, implicit TLS, or upgraded with STARTTLS.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_rustls::rustls::{pki_types::ServerName, ClientConfig, ClientConnection, StreamOwned};
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+    /// Only while upgrading.
+    Detached,
+}
+
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection detached")
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+            Conn::Detached => Err(detached()),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+            Conn::Detached => Err(detached()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+            Conn::Detached => Err(detached()),
+        }
+    }
+}
+
+pub struct Client {
+    pub conn: Conn,
+    /// Bytes received and not yet returned.
+    pending: Vec<u8>,
+}
+
+fn tcp(addr: SocketAddr) -> TcpStream {
+    let tcp = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    tcp.set_write_timeout(Some(TIMEOUT)).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp
+}
+
+/// Completes a TLS handshake over `tcp`; the error is the handshake failure.
+pub fn handshake(
+    tcp: TcpStream,
+    config: Arc<ClientConfig>,
+    name: &str,
+) -> io::Result<StreamOwned<ClientConnection, TcpStream>> {
+    let server_name = ServerName::try_from(name.to_string()).unwrap();
+    let conn = ClientConnection::new(config, server_name).map_err(io::Error::other)?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(stream)
+}
+
+impl Client {
+    pub fn plain(addr: SocketAddr) -> Client {
+        Client {
+            conn: Conn::Plain(tcp(addr)),
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn tls(addr: SocketAddr, config: Arc<ClientConfig>) -> Client {
+        let stream = handshake(tcp(addr), config, "localhost").expect("TLS handshake");
+        Client {
+            conn: Conn::Tls(Box::new(stream)),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Sends `STARTTLS` as tag `S` and upgrades; panics if refused.
+    pub fn starttls(&mut self, config: Arc<ClientConfig>) {
+        self.send(b"S STARTTLS\r\n");
+        let lines = self.until_tagged("S");
+        assert!(lines.last().unwrap().starts_with("S OK"), "{lines:?}");
+        assert!(
+            self.pending.is_empty(),
+            "bytes after STARTTLS OK: {:?}",
+            self.pending
+        );
+        self.upgrade(config);
+    }
+
+    pub fn upgrade(&mut self, config: Arc<ClientConfig>) {
+        let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Detached) else {
+            panic!("not a plaintext connection")
+        };
+        self.conn = Conn::Tls(Box::new(
+            handshake(tcp, config, "localhost").expect("STARTTLS handshake"),
+        ));
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.conn.write_all(bytes).expect("send");
+        self.conn.flush().expect("flush");
+    }
+
+    /// Reads more bytes; Ok(0) at EOF.
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut buf = [0u8; 16384];
+        let n = self.conn.read(&mut buf)?;
+        self.pending.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+
+    /// The next line without CRLF, or None at EOF.
+    pub fn line(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=i).collect();
+                let text = String::from_utf8_lossy(&line);
+                return Some(text.trim_end_matches(['\r', '\n']).to_string());
+            }
+            match self.fill() {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::ConnectionReset
+                        || e.kind() == io::ErrorKind::UnexpectedEof =>
+                {
+                    return None
+                }
+                Err(e) => panic!(
+                    "read: {e} (pending {:?})",
+                    String::from_utf8_lossy(&self.pending)
+                ),
+            }
+        }
+    }
+
+    /// Exactly `n` bytes (a literal).
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.pending.len() < n {
+            assert!(self.fill().expect("read") > 0, "EOF inside a literal");
+        }
+        self.pending.drain(..n).collect()
+    }
+
+    /// Lines up to and including the tagged completion of `tag`; panics at EOF.
+    pub fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self
+                .line()
+                .unwrap_or_else(|| panic!("EOF before {tag} completed; got {lines:?}"));
+            let done = line.starts_with(&format!("{tag} "));
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    /// Sends a command and returns its response lines.
+    pub fn command(&mut self, tag: &str, command: &str) -> Vec<String> {
+        self.send(format!("{tag} {command}\r\n").as_bytes());
+        self.until_tagged(tag)
+    }
+
+    /// Everything until the peer closes (bounded by the read timeout).
+    pub fn rest(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Some(line) = self.line() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    /// True if the peer closed without sending anything more.
+    pub fn closed(&mut self) -> bool {
+        self.pending.is_empty() && matches!(self.fill(), Ok(0) | Err(_)) && self.pending.is_empty()
+    }
+}

@@ -1,0 +1,12 @@
+#[allow(dead_code)]
+pub mod client;
+#[allow(dead_code)]
+pub mod dovecot;
+#[allow(dead_code)]
+pub mod gateway;
+#[allow(dead_code)]
+pub mod mailgen;
+#[allow(dead_code)]
+pub mod setup;
+#[allow(dead_code)]
+pub mod tls;
