@@ -63,15 +63,6 @@ pub fn parse(parts: &[Part]) -> Result<Tagged, Invalid> {
             reason: "Empty command",
         });
     };
-    if parts
-        .iter()
-        .any(|p| matches!(p, Part::Line { text, .. } if text.contains(&0)))
-    {
-        return Err(Invalid {
-            tag: "*".into(),
-            reason: "NUL byte in command",
-        });
-    }
     let mut cursor = Cursor { text, pos: 0 };
     let tag = cursor.tag().map_err(|reason| Invalid {
         tag: "*".into(),
@@ -81,6 +72,12 @@ pub fn parse(parts: &[Part]) -> Result<Tagged, Invalid> {
         tag: tag.clone(),
         reason,
     };
+    if parts
+        .iter()
+        .any(|p| matches!(p, Part::Line { text, .. } if text.contains(&0)))
+    {
+        return Err(bad("NUL byte in command"));
+    }
     cursor.sp().map_err(bad)?;
     let name = String::from_utf8_lossy(cursor.atom().map_err(bad)?).to_ascii_uppercase();
     let mut args = Args {
@@ -430,7 +427,7 @@ mod tests {
             assert_eq!(invalid.tag, tag, "{input}");
         }
         let nul = parse(&[line("a LOGIN alice p\0w", false)]).unwrap_err();
-        assert_eq!(nul.reason, "NUL byte in command");
+        assert_eq!((nul.tag.as_str(), nul.reason), ("a", "NUL byte in command"));
     }
 
     #[test]

@@ -215,7 +215,13 @@ pub async fn serve(stream: Stream, service: &Service) {
             Ok(outcome) => outcome,
             Err(Stop::Bye(text)) => {
                 debug!(reason = text, "closing before login");
-                let _ = conn.write(format!("* BYE {text}\r\n").as_bytes()).await;
+                if conn
+                    .write(format!("* BYE {text}\r\n").as_bytes())
+                    .await
+                    .is_ok()
+                {
+                    linger(&mut conn.stream).await;
+                }
                 return;
             }
             Err(Stop::Gone) => return,
@@ -299,6 +305,24 @@ pub async fn serve(stream: Stream, service: &Service) {
             }
         }
     }
+}
+
+/// Closes our side, then reads (and drops) what the client is still sending for a moment:
+/// closing a socket with unread input resets the connection, and the reset can destroy the
+/// `* BYE` before the client reads it.
+async fn linger(stream: &mut Stream) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut budget = 1usize << 20;
+        while let Ok(n @ 1..) = stream.read(&mut sink).await {
+            budget = budget.saturating_sub(n);
+            if budget == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn login_allowed(service: &Service, conn: &Conn) -> bool {

@@ -120,6 +120,12 @@ impl Client {
         self.conn.flush().expect("flush");
     }
 
+    /// Sends what the peer may refuse half-way (it may close while we write).
+    pub fn try_send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.conn.write_all(bytes)?;
+        self.conn.flush()
+    }
+
     /// Reads more bytes; Ok(0) at EOF.
     fn fill(&mut self) -> io::Result<usize> {
         let mut buf = [0u8; 16384];

@@ -7,8 +7,8 @@
 //! Every message uses CRLF line endings only (no bare CR or LF) and no line is
 //! longer than 990 octets, so the file size equals the IMAP RFC822.SIZE and
 //! POP3 octet count Dovecot reports. Coverage of the awkward cases is tied to
-//! the index (not left to chance), so any batch of 16 or more messages
-//! contains all of them:
+//! the index (not left to chance), so the first six messages of any batch
+//! cover all of them:
 //!
 //! * `index % 4` selects the shape: 0 plain ASCII text, 1 8-bit UTF-8 text,
 //!   2 multipart/alternative, 3 multipart/mixed with base64 attachments;
@@ -585,7 +585,7 @@ fn text(rng: &mut Rng, target: usize, style: TextStyle) -> String {
     };
     out.push_str(greeting);
     out.push_str("\r\n\r\n");
-    let mut dots_done = false;
+    let (mut dots_done, mut long_done) = (false, false);
     while out.len() < target {
         if style.dot_lines && (!dots_done || rng.chance(10)) {
             // A lone "." would end a POP3 multi-line response if the server
@@ -602,10 +602,11 @@ fn text(rng: &mut Rng, target: usize, style: TextStyle) -> String {
             out.push_str("\r\n");
             dots_done = true;
         }
-        if style.long_lines && rng.chance(25) {
+        if style.long_lines && (!long_done || rng.chance(25)) {
             let len = rng.range(500, MAX_LINE);
             out.push_str(&long_line(rng, len, style.utf8));
             out.push_str("\r\n\r\n");
+            long_done = true;
         }
         paragraph(rng, &mut out, style.utf8);
     }
