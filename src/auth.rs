@@ -43,11 +43,7 @@ pub fn decode_plain(base64: &[u8]) -> Result<Credentials, SaslError> {
     if user.is_empty() || password.expose().is_empty() {
         return Err(SaslError::Empty);
     }
-    Ok(Credentials {
-        authzid: (!authzid.is_empty() && authzid != user).then_some(authzid),
-        user,
-        password,
-    })
+    Ok(Credentials { authzid: (!authzid.is_empty() && authzid != user).then_some(authzid), user, password })
 }
 
 /// Encodes credentials as a SASL PLAIN initial response (for the upstream login).
@@ -81,18 +77,9 @@ mod tests {
     #[test]
     fn malformed_plain_is_refused() {
         assert_eq!(decode_plain(b"!!!").unwrap_err(), SaslError::Base64);
-        assert_eq!(
-            decode_plain(STANDARD.encode(b"alice\0pw").as_bytes()).unwrap_err(),
-            SaslError::Shape
-        );
-        assert_eq!(
-            decode_plain(STANDARD.encode(b"\0alice\0").as_bytes()).unwrap_err(),
-            SaslError::Empty
-        );
-        assert_eq!(
-            decode_plain(STANDARD.encode(b"\0\xff\0pw").as_bytes()).unwrap_err(),
-            SaslError::Utf8
-        );
+        assert_eq!(decode_plain(STANDARD.encode(b"alice\0pw").as_bytes()).unwrap_err(), SaslError::Shape);
+        assert_eq!(decode_plain(STANDARD.encode(b"\0alice\0").as_bytes()).unwrap_err(), SaslError::Empty);
+        assert_eq!(decode_plain(STANDARD.encode(b"\0\xff\0pw").as_bytes()).unwrap_err(), SaslError::Utf8);
     }
 
     #[test]

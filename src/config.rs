@@ -94,10 +94,7 @@ pub struct TlsConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig {
-            certificates: Vec::new(),
-            handshake_timeout: secs(10),
-        }
+        TlsConfig { certificates: Vec::new(), handshake_timeout: secs(10) }
     }
 }
 
@@ -208,9 +205,7 @@ const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "shutdown"];
 impl Config {
     /// Defaults, then the TOML file, then `MAILGATE_*` variables from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let figment = Figment::new()
-            .merge(Toml::file_exact(path))
-            .merge(Env::prefixed("MAILGATE_").split("__"));
+        let figment = Figment::new().merge(Toml::file_exact(path)).merge(Env::prefixed("MAILGATE_").split("__"));
         Self::from_figment(figment)
     }
 
@@ -243,10 +238,7 @@ impl Config {
                 .filter_map(|(i, v)| section(&mut errors, &format!("listener[{i}]"), Some(v)))
                 .collect(),
             Some(_) => {
-                errors.push(error(
-                    "listener",
-                    "must be an array of tables ([[listener]])",
-                ));
+                errors.push(error("listener", "must be an array of tables ([[listener]])"));
                 Vec::new()
             }
         };
@@ -255,15 +247,11 @@ impl Config {
             Some(Value::Dict(_, items)) => items
                 .iter()
                 .filter_map(|(name, v)| {
-                    section(&mut errors, &format!("upstream.{name}"), Some(v))
-                        .map(|u| (name.clone(), u))
+                    section(&mut errors, &format!("upstream.{name}"), Some(v)).map(|u| (name.clone(), u))
                 })
                 .collect(),
             Some(_) => {
-                errors.push(error(
-                    "upstream",
-                    "must be a table of named upstreams ([upstream.NAME])",
-                ));
+                errors.push(error("upstream", "must be a table of named upstreams ([upstream.NAME])"));
                 BTreeMap::new()
             }
         };
@@ -271,13 +259,7 @@ impl Config {
         let imap = section(&mut errors, "imap", root.get("imap")).unwrap_or_default();
         let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
 
-        let config = Config {
-            listeners,
-            tls,
-            upstream,
-            imap,
-            shutdown,
-        };
+        let config = Config { listeners, tls, upstream, imap, shutdown };
         errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
@@ -296,49 +278,26 @@ impl Config {
         let mut addresses = BTreeSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             let at = |key: &str| format!("listener[{i}].{key}");
-            if l.name.is_empty()
-                || !l
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                errors.push(error(
-                    &at("name"),
-                    "must be non-empty letters, digits, '-', '_' or '.'",
-                ));
+            if l.name.is_empty() || !l.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                errors.push(error(&at("name"), "must be non-empty letters, digits, '-', '_' or '.'"));
             }
             if !names.insert(l.name.as_str()) {
-                errors.push(error(
-                    &at("name"),
-                    &format!("`{}` is used by another listener", l.name),
-                ));
+                errors.push(error(&at("name"), &format!("`{}` is used by another listener", l.name)));
             }
             if l.address.port() != 0 && !addresses.insert(l.address) {
-                errors.push(error(
-                    &at("address"),
-                    &format!("{} is used by another listener", l.address),
-                ));
+                errors.push(error(&at("address"), &format!("{} is used by another listener", l.address)));
             }
             if l.tls != TlsMode::Plaintext && self.tls.certificates.is_empty() {
                 errors.push(error(
                     "tls.certificates",
-                    &format!(
-                        "listener `{}` uses TLS ({}) but no certificate is configured",
-                        l.name, l.tls
-                    ),
+                    &format!("listener `{}` uses TLS ({}) but no certificate is configured", l.name, l.tls),
                 ));
             }
             match self.upstream.get(&l.upstream) {
-                None => errors.push(error(
-                    &at("upstream"),
-                    &format!("no [upstream.{}] is configured", l.upstream),
-                )),
+                None => errors.push(error(&at("upstream"), &format!("no [upstream.{}] is configured", l.upstream))),
                 Some(u) if l.protocol == Protocol::Imap && u.imap.is_none() => errors.push(error(
                     &format!("upstream.{}.imap", l.upstream),
-                    &format!(
-                        "listener `{}` speaks IMAP but this upstream has no imap address",
-                        l.name
-                    ),
+                    &format!("listener `{}` speaks IMAP but this upstream has no imap address", l.name),
                 )),
                 Some(_) => {}
             }
@@ -398,12 +357,8 @@ impl Config {
 
 /// `host:port` with a port; IPv6 literals in brackets.
 pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
-    let (host, port) = address
-        .rsplit_once(':')
-        .ok_or_else(|| format!("`{address}` needs a port (host:port)"))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("`{address}`: `{port}` is not a port number"))?;
+    let (host, port) = address.rsplit_once(':').ok_or_else(|| format!("`{address}` needs a port (host:port)"))?;
+    let port: u16 = port.parse().map_err(|_| format!("`{address}`: `{port}` is not a port number"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Err(format!("`{address}` has no host"));
@@ -412,18 +367,11 @@ pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
 }
 
 fn error(path: &str, message: &str) -> ConfigError {
-    ConfigError {
-        path: path.to_string(),
-        message: message.to_string(),
-    }
+    ConfigError { path: path.to_string(), message: message.to_string() }
 }
 
 /// Deserializes one section; an absent section yields its defaults.
-fn section<T: DeserializeOwned + Default>(
-    errors: &mut Vec<ConfigError>,
-    path: &str,
-    value: Option<&Value>,
-) -> Option<T>
+fn section<T: DeserializeOwned + Default>(errors: &mut Vec<ConfigError>, path: &str, value: Option<&Value>) -> Option<T>
 where
     T: DeserializeOwned,
 {
@@ -449,10 +397,7 @@ fn collect(errors: &mut Vec<ConfigError>, prefix: &str, error: figment::Error) {
             }
             path.push_str(part);
         }
-        errors.push(ConfigError {
-            path,
-            message: e.kind.to_string(),
-        });
+        errors.push(ConfigError { path, message: e.kind.to_string() });
     }
 }
 
@@ -539,17 +484,10 @@ mod tests {
         "#;
         let errors = Config::from_toml(text).unwrap_err().0;
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-        for expected in [
-            "bogus",
-            "listener[0].tls",
-            "listener[1].address",
-            "imap.idle_timeout",
-            "upstream.default.colour",
-        ] {
-            assert!(
-                paths.contains(&expected),
-                "{expected} missing from {errors:?}"
-            );
+        for expected in
+            ["bogus", "listener[0].tls", "listener[1].address", "imap.idle_timeout", "upstream.default.colour"]
+        {
+            assert!(paths.contains(&expected), "{expected} missing from {errors:?}");
         }
     }
 
@@ -557,22 +495,13 @@ mod tests {
     fn cross_checks_name_the_key() {
         let text = MINIMAL.replace("tls = \"plaintext\"\n\n", "tls = \"implicit\"\n\n");
         let errors = Config::from_toml(&text).unwrap_err().0;
-        assert!(
-            errors.iter().any(|e| e.path == "tls.certificates"),
-            "{errors:?}"
-        );
+        assert!(errors.iter().any(|e| e.path == "tls.certificates"), "{errors:?}");
         let text = MINIMAL.replace("127.0.0.1:143", "127.0.0.1");
         let errors = Config::from_toml(&text).unwrap_err().0;
-        assert!(
-            errors.iter().any(|e| e.path == "upstream.default.imap"),
-            "{errors:?}"
-        );
+        assert!(errors.iter().any(|e| e.path == "upstream.default.imap"), "{errors:?}");
         let bad = format!("{MINIMAL}\n[imap]\nmax_bad_commands = 0\n");
         let errors = Config::from_toml(&bad).unwrap_err().0;
-        assert!(
-            errors.iter().any(|e| e.path == "imap.max_bad_commands"),
-            "{errors:?}"
-        );
+        assert!(errors.iter().any(|e| e.path == "imap.max_bad_commands"), "{errors:?}");
     }
 
     #[test]
@@ -584,11 +513,7 @@ mod tests {
 
     #[test]
     fn shipped_example_parses() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/mailgate.example.toml"
-        ))
-        .unwrap();
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/mailgate.example.toml")).unwrap();
         // The example points at /etc paths that do not exist here: only file checks may fail.
         match Config::from_toml(&text) {
             Ok(_) => {}

@@ -52,11 +52,7 @@ pub enum Error {
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("listener `{name}` cannot bind {address}: {source}")]
-    Bind {
-        name: String,
-        address: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { name: String, address: std::net::SocketAddr, source: std::io::Error },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -65,13 +61,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub async fn bind(config: &Config) -> Result<Vec<TcpListener>> {
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let tcp = TcpListener::bind(l.address)
-            .await
-            .map_err(|source| Error::Bind {
-                name: l.name.clone(),
-                address: l.address,
-                source,
-            })?;
+        let tcp = TcpListener::bind(l.address).await.map_err(|source| Error::Bind {
+            name: l.name.clone(),
+            address: l.address,
+            source,
+        })?;
         bound.push(tcp);
     }
     Ok(bound)
@@ -79,11 +73,7 @@ pub async fn bind(config: &Config) -> Result<Vec<TcpListener>> {
 
 /// Serves on already-bound listeners (one per `config.listeners` entry) until `shutdown`
 /// resolves, then drains sessions for up to `config.shutdown.grace`.
-pub async fn run(
-    config: Config,
-    listeners: Vec<TcpListener>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<()> {
+pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()>) -> Result<()> {
     let config = Arc::new(config);
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -91,10 +81,7 @@ pub async fn run(
     let mut upstreams = BTreeMap::new();
     for (name, u) in &config.upstream {
         if let Some(address) = &u.imap {
-            upstreams.insert(
-                name.clone(),
-                Arc::new(Upstream::new(name, u, address, imap::ALPN)?),
-            );
+            upstreams.insert(name.clone(), Arc::new(Upstream::new(name, u, address, imap::ALPN)?));
         }
     }
     let imap_tls = if config.listeners.iter().any(|l| l.tls != TlsMode::Plaintext) {
@@ -112,24 +99,13 @@ pub async fn run(
         let service = Arc::new(imap::Service {
             config: config.clone(),
             listener_tls: settings.tls,
-            tls: if settings.tls == TlsMode::Plaintext {
-                None
-            } else {
-                imap_tls.clone()
-            },
+            tls: if settings.tls == TlsMode::Plaintext { None } else { imap_tls.clone() },
             upstream: upstreams[&settings.upstream].clone(),
             shutdown: token.clone(),
         });
         let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listener = %settings.name, %address, protocol = "imap", tls = %settings.tls, "listening");
-        accept_loops.spawn(
-            Listener {
-                name: settings.name.clone(),
-                tcp,
-                service,
-            }
-            .serve(tracker.clone()),
-        );
+        accept_loops.spawn(Listener { name: settings.name.clone(), tcp, service }.serve(tracker.clone()));
     }
 
     shutdown.await;

@@ -37,7 +37,8 @@ impl Listener {
             match accepted {
                 Ok((tcp, peer)) => {
                     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-                    let span = info_span!("session", listener = %self.name, client = %peer, session = id, user = field::Empty);
+                    let span =
+                        info_span!("session", listener = %self.name, client = %peer, session = id, user = field::Empty);
                     let service = self.service.clone();
                     tracker.spawn(session(tcp, peer, service).instrument(span));
                 }
@@ -59,9 +60,7 @@ async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<imap::Service>) 
             let Some(acceptor) = service.tls.clone() else {
                 return;
             };
-            match tokio::time::timeout(service.config.tls.handshake_timeout.0, acceptor.accept(tcp))
-                .await
-            {
+            match tokio::time::timeout(service.config.tls.handshake_timeout.0, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
                 Ok(Err(e)) => {
                     debug!(error = %e, "TLS handshake failed");

@@ -53,10 +53,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             let result = runtime.block_on(async {
                 let listeners = mailgate::bind(&config).await?;
                 mailgate::run(config, listeners, mailgate::shutdown::signal()).await
@@ -77,8 +74,7 @@ fn main() -> ExitCode {
 
 /// Logs go to stderr; `RUST_LOG` filters them (default `info`).
 fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -57,8 +57,7 @@ mod tests {
         let secret = Secret::new(String::from("hunter2"));
         assert_eq!(format!("{secret:?}"), REDACTED);
         assert_eq!(format!("{secret}"), REDACTED);
-        let as_toml =
-            toml::to_string(&std::collections::BTreeMap::from([("p", secret.clone())])).unwrap();
+        let as_toml = toml::to_string(&std::collections::BTreeMap::from([("p", secret.clone())])).unwrap();
         assert!(!as_toml.contains("hunter2"), "{as_toml}");
         assert_eq!(secret.expose(), "hunter2");
     }

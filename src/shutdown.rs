@@ -23,17 +23,10 @@ pub async fn signal() {
 pub async fn drain(tracker: &TaskTracker, grace: Duration) -> bool {
     tracker.close();
     let remaining = tracker.len();
-    tracing::info!(
-        sessions = remaining,
-        grace_secs = grace.as_secs_f64(),
-        "draining sessions"
-    );
+    tracing::info!(sessions = remaining, grace_secs = grace.as_secs_f64(), "draining sessions");
     let done = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
     if !done {
-        tracing::warn!(
-            sessions = tracker.len(),
-            "grace period over: cutting the remaining sessions"
-        );
+        tracing::warn!(sessions = tracker.len(), "grace period over: cutting the remaining sessions");
     }
     done
 }

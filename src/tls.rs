@@ -13,15 +13,9 @@ use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use tokio_rustls::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
-use tokio_rustls::rustls::crypto::{
-    ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider,
-};
-use tokio_rustls::rustls::{
-    self, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
-};
+use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use tokio_rustls::rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use tokio_rustls::rustls::{self, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{CertificatePair, UpstreamConfig};
@@ -29,33 +23,22 @@ use crate::config::{CertificatePair, UpstreamConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: cannot read PEM: {source}")]
-    Pem {
-        path: PathBuf,
-        source: rustls_pki_types::pem::Error,
-    },
+    Pem { path: PathBuf, source: rustls_pki_types::pem::Error },
     #[error("{path}: no certificate found")]
     NoCertificate { path: PathBuf },
     #[error("certificate {cert} with key {key}: {source}")]
-    KeyMismatch {
-        cert: PathBuf,
-        key: PathBuf,
-        source: rustls::Error,
-    },
+    KeyMismatch { cert: PathBuf, key: PathBuf, source: rustls::Error },
     #[error("no certificate configured")]
     NoCertificates,
     #[error("system root certificates: {0}")]
     SystemRoots(String),
     #[error("{path}: {source}")]
-    BadCa {
-        path: PathBuf,
-        source: rustls::Error,
-    },
+    BadCa { path: PathBuf, source: rustls::Error },
     #[error("TLS settings: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
-const VERSIONS: &[&rustls::SupportedProtocolVersion] =
-    &[&rustls::version::TLS13, &rustls::version::TLS12];
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
@@ -64,10 +47,7 @@ fn provider() -> Arc<CryptoProvider> {
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsError::Pem {
-            path: path.into(),
-            source,
-        })?;
+        .map_err(|source| TlsError::Pem { path: path.into(), source })?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: path.into() });
     }
@@ -78,19 +58,13 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 pub fn acceptor(certificates: &[CertificatePair], alpn: &[u8]) -> Result<TlsAcceptor, TlsError> {
     let pair = certificates.first().ok_or(TlsError::NoCertificates)?;
     let chain = read_chain(&pair.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|source| TlsError::Pem {
-        path: pair.key.clone(),
-        source,
-    })?;
+    let key =
+        PrivateKeyDer::from_pem_file(&pair.key).map_err(|source| TlsError::Pem { path: pair.key.clone(), source })?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|source| TlsError::KeyMismatch {
-            cert: pair.cert.clone(),
-            key: pair.key.clone(),
-            source,
-        })?;
+        .map_err(|source| TlsError::KeyMismatch { cert: pair.cert.clone(), key: pair.key.clone(), source })?;
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -105,42 +79,26 @@ pub struct UpstreamTls {
 
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamTls")
-            .field("server_name", &self.server_name)
-            .finish()
+        f.debug_struct("UpstreamTls").field("server_name", &self.server_name).finish()
     }
 }
 
-pub fn upstream_connector(
-    upstream: &UpstreamConfig,
-    host: &str,
-    alpn: &[u8],
-) -> Result<UpstreamTls, TlsError> {
-    let builder =
-        ClientConfig::builder_with_provider(provider()).with_protocol_versions(VERSIONS)?;
+pub fn upstream_connector(upstream: &UpstreamConfig, host: &str, alpn: &[u8]) -> Result<UpstreamTls, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider()).with_protocol_versions(VERSIONS)?;
     let mut config = if upstream.insecure_skip_verify {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
-            .with_no_client_auth()
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider()))).with_no_client_auth()
     } else {
         let mut roots = RootCertStore::empty();
         match &upstream.ca_file {
             Some(path) => {
                 for cert in read_chain(path)? {
-                    roots.add(cert).map_err(|source| TlsError::BadCa {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    roots.add(cert).map_err(|source| TlsError::BadCa { path: path.clone(), source })?;
                 }
             }
             None => {
                 let found = rustls_native_certs::load_native_certs();
                 if found.certs.is_empty() {
-                    return Err(TlsError::SystemRoots(format!(
-                        "none found ({:?})",
-                        found.errors
-                    )));
+                    return Err(TlsError::SystemRoots(format!("none found ({:?})", found.errors)));
                 }
                 roots.add_parsable_certificates(found.certs);
             }
@@ -149,15 +107,9 @@ pub fn upstream_connector(
     };
     config.alpn_protocols = vec![alpn.to_vec()];
     let name = upstream.server_name.as_deref().unwrap_or(host);
-    let server_name = ServerName::try_from(name.to_string()).map_err(|_| {
-        TlsError::Rustls(rustls::Error::General(format!(
-            "`{name}` is not a valid server name"
-        )))
-    })?;
-    Ok(UpstreamTls {
-        connector: TlsConnector::from(Arc::new(config)),
-        server_name,
-    })
+    let server_name = ServerName::try_from(name.to_string())
+        .map_err(|_| TlsError::Rustls(rustls::Error::General(format!("`{name}` is not a valid server name"))))?;
+    Ok(UpstreamTls { connector: TlsConnector::from(Arc::new(config)), server_name })
 }
 
 /// Accepts any certificate: only behind `insecure_skip_verify = true`, warned about at start.
@@ -182,12 +134,7 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -196,12 +143,7 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

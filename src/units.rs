@@ -26,9 +26,7 @@ impl ByteSize {
 
 fn split_number(text: &str) -> Option<(u64, &str)> {
     let text = text.trim();
-    let end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let number = text[..end].parse().ok()?;
     Some((number, text[end..].trim()))
 }
@@ -36,42 +34,29 @@ fn split_number(text: &str) -> Option<(u64, &str)> {
 impl std::str::FromStr for ByteSize {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let (number, unit) =
-            split_number(text).ok_or_else(|| format!("`{text}` is not a size such as 64KiB"))?;
+        let (number, unit) = split_number(text).ok_or_else(|| format!("`{text}` is not a size such as 64KiB"))?;
         let factor: u64 = match unit {
             "" | "B" => 1,
             "K" | "KB" | "KiB" => 1 << 10,
             "M" | "MB" | "MiB" => 1 << 20,
             "G" | "GB" | "GiB" => 1 << 30,
-            _ => {
-                return Err(format!(
-                    "`{text}`: unknown size unit `{unit}` (use B, KiB, MiB, GiB)"
-                ))
-            }
+            _ => return Err(format!("`{text}`: unknown size unit `{unit}` (use B, KiB, MiB, GiB)")),
         };
-        number
-            .checked_mul(factor)
-            .map(ByteSize)
-            .ok_or_else(|| format!("`{text}` is too large"))
+        number.checked_mul(factor).map(ByteSize).ok_or_else(|| format!("`{text}` is too large"))
     }
 }
 
 impl std::str::FromStr for Span {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let (number, unit) =
-            split_number(text).ok_or_else(|| format!("`{text}` is not a duration such as 30s"))?;
+        let (number, unit) = split_number(text).ok_or_else(|| format!("`{text}` is not a duration such as 30s"))?;
         let millis: u64 = match unit {
             "ms" => 1,
             "" | "s" => 1000,
             "m" | "min" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            _ => {
-                return Err(format!(
-                    "`{text}`: unknown duration unit `{unit}` (use ms, s, m, h, d)"
-                ))
-            }
+            _ => return Err(format!("`{text}`: unknown duration unit `{unit}` (use ms, s, m, h, d)")),
         };
         number
             .checked_mul(millis)
@@ -120,9 +105,7 @@ where
         v.to_string().parse().map_err(E::custom)
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
-        u64::try_from(v)
-            .map_err(|_| E::custom("must not be negative"))
-            .and_then(|v| self.visit_u64(v))
+        u64::try_from(v).map_err(|_| E::custom("must not be negative")).and_then(|v| self.visit_u64(v))
     }
 }
 
@@ -165,12 +148,9 @@ mod tests {
 
     #[test]
     fn durations_parse_and_print_back() {
-        for (text, ms, shown) in [
-            ("30m", 1_800_000, "30m"),
-            ("10s", 10_000, "10s"),
-            ("250ms", 250, "250ms"),
-            ("90", 90_000, "90s"),
-        ] {
+        for (text, ms, shown) in
+            [("30m", 1_800_000, "30m"), ("10s", 10_000, "10s"), ("250ms", 250, "250ms"), ("90", 90_000, "90s")]
+        {
             let span: Span = text.parse().unwrap();
             assert_eq!(span.0.as_millis(), ms);
             assert_eq!(span.to_string(), shown);

@@ -47,31 +47,18 @@ pub enum UpstreamError {
 
 impl Upstream {
     /// `address` is the configured `host:port` for this protocol; `alpn` its ALPN id.
-    pub fn new(
-        name: &str,
-        config: &UpstreamConfig,
-        address: &str,
-        alpn: &[u8],
-    ) -> Result<Upstream, TlsError> {
-        let (host, port) = split_host_port(address)
-            .map_err(|e| TlsError::Rustls(tokio_rustls::rustls::Error::General(e)))?;
+    pub fn new(name: &str, config: &UpstreamConfig, address: &str, alpn: &[u8]) -> Result<Upstream, TlsError> {
+        let (host, port) =
+            split_host_port(address).map_err(|e| TlsError::Rustls(tokio_rustls::rustls::Error::General(e)))?;
         let tls = match config.tls {
             TlsMode::Plaintext => None,
-            TlsMode::Implicit | TlsMode::Starttls => {
-                Some(tls::upstream_connector(config, &host, alpn)?)
-            }
+            TlsMode::Implicit | TlsMode::Starttls => Some(tls::upstream_connector(config, &host, alpn)?),
         };
         if config.insecure_skip_verify {
-            tracing::warn!(
-                upstream = name,
-                "insecure_skip_verify is set: the upstream's certificate is NOT verified"
-            );
+            tracing::warn!(upstream = name, "insecure_skip_verify is set: the upstream's certificate is NOT verified");
         }
         if config.tls == TlsMode::Plaintext {
-            tracing::warn!(
-                upstream = name,
-                "upstream tls = plaintext: credentials travel to it unencrypted"
-            );
+            tracing::warn!(upstream = name, "upstream tls = plaintext: credentials travel to it unencrypted");
         }
         Ok(Upstream {
             name: name.to_string(),
@@ -88,13 +75,10 @@ impl Upstream {
     /// Opens the TCP connection, with the TLS handshake first when TLS is implicit.
     pub async fn connect(&self) -> Result<Stream, UpstreamError> {
         let address = format!("{}:{}", self.host, self.port);
-        let tcp = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| UpstreamError::Timeout("upstream connect"))?
-        .map_err(|source| UpstreamError::Connect { address, source })?;
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port)))
+            .await
+            .map_err(|_| UpstreamError::Timeout("upstream connect"))?
+            .map_err(|source| UpstreamError::Connect { address, source })?;
         tcp.set_nodelay(true)?;
         match self.tls_mode {
             TlsMode::Implicit => self.handshake(tcp).await,
@@ -104,18 +88,11 @@ impl Upstream {
 
     /// The TLS handshake over an established connection (implicit TLS or after STARTTLS).
     pub async fn handshake(&self, tcp: TcpStream) -> Result<Stream, UpstreamError> {
-        let tls = self.tls.as_ref().ok_or(UpstreamError::Protocol(
-            "TLS is not configured for this upstream".into(),
-        ))?;
-        let stream = tokio::time::timeout(
-            self.tls_timeout,
-            tls.connector.connect(tls.server_name.clone(), tcp),
-        )
-        .await
-        .map_err(|_| UpstreamError::Timeout("upstream TLS handshake"))?
-        .map_err(UpstreamError::Tls)?;
-        Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(
-            stream,
-        ))))
+        let tls = self.tls.as_ref().ok_or(UpstreamError::Protocol("TLS is not configured for this upstream".into()))?;
+        let stream = tokio::time::timeout(self.tls_timeout, tls.connector.connect(tls.server_name.clone(), tcp))
+            .await
+            .map_err(|_| UpstreamError::Timeout("upstream TLS handshake"))?
+            .map_err(UpstreamError::Tls)?;
+        Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(stream))))
     }
 }

@@ -11,10 +11,7 @@ use crate::secret::Secret;
 /// literal announcement), or the literal data that followed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Part {
-    Line {
-        text: Vec<u8>,
-        literal_follows: bool,
-    },
+    Line { text: Vec<u8>, literal_follows: bool },
     Literal(Vec<u8>),
 }
 
@@ -58,33 +55,17 @@ pub fn peek_name(head: &[u8]) -> Option<(String, String)> {
 
 pub fn parse(parts: &[Part]) -> Result<Tagged, Invalid> {
     let Some(Part::Line { text, .. }) = parts.first() else {
-        return Err(Invalid {
-            tag: "*".into(),
-            reason: "Empty command",
-        });
+        return Err(Invalid { tag: "*".into(), reason: "Empty command" });
     };
     let mut cursor = Cursor { text, pos: 0 };
-    let tag = cursor.tag().map_err(|reason| Invalid {
-        tag: "*".into(),
-        reason,
-    })?;
-    let bad = |reason| Invalid {
-        tag: tag.clone(),
-        reason,
-    };
-    if parts
-        .iter()
-        .any(|p| matches!(p, Part::Line { text, .. } if text.contains(&0)))
-    {
+    let tag = cursor.tag().map_err(|reason| Invalid { tag: "*".into(), reason })?;
+    let bad = |reason| Invalid { tag: tag.clone(), reason };
+    if parts.iter().any(|p| matches!(p, Part::Line { text, .. } if text.contains(&0))) {
         return Err(bad("NUL byte in command"));
     }
     cursor.sp().map_err(bad)?;
     let name = String::from_utf8_lossy(cursor.atom().map_err(bad)?).to_ascii_uppercase();
-    let mut args = Args {
-        parts,
-        index: 0,
-        cursor,
-    };
+    let mut args = Args { parts, index: 0, cursor };
     let command = match name.as_str() {
         "CAPABILITY" => Command::Capability,
         "NOOP" => Command::Noop,
@@ -101,40 +82,28 @@ pub fn parse(parts: &[Part]) -> Result<Tagged, Invalid> {
             args.sp().map_err(bad)?;
             let password = Secret::new(args.astring().map_err(bad)?);
             let user = String::from_utf8(user).map_err(|_| bad("User name is not UTF-8"))?;
-            let password = String::from_utf8(password.expose().clone())
-                .map_err(|_| bad("Password is not UTF-8"))?;
-            Command::Login(Credentials {
-                user,
-                password: Secret::new(password),
-                authzid: None,
-            })
+            let password = String::from_utf8(password.expose().clone()).map_err(|_| bad("Password is not UTF-8"))?;
+            Command::Login(Credentials { user, password: Secret::new(password), authzid: None })
         }
         "AUTHENTICATE" => {
             args.sp().map_err(bad)?;
-            let mechanism =
-                String::from_utf8_lossy(args.cursor.atom().map_err(bad)?).to_ascii_uppercase();
+            let mechanism = String::from_utf8_lossy(args.cursor.atom().map_err(bad)?).to_ascii_uppercase();
             let initial = if args.cursor.peek() == Some(b' ') {
                 args.sp().map_err(bad)?;
-                Some(Secret::new(
-                    args.cursor.base64_or_empty().map_err(bad)?.to_vec(),
-                ))
+                Some(Secret::new(args.cursor.base64_or_empty().map_err(bad)?.to_vec()))
             } else {
                 None
             };
             Command::Authenticate { mechanism, initial }
         }
-        "SELECT" | "EXAMINE" | "LIST" | "LSUB" | "STATUS" | "APPEND" | "FETCH" | "UID" | "IDLE"
-        | "ENABLE" | "CREATE" | "DELETE" | "RENAME" | "SUBSCRIBE" | "UNSUBSCRIBE" | "NAMESPACE"
-        | "SEARCH" | "STORE" | "COPY" | "MOVE" | "EXPUNGE" | "CLOSE" | "UNSELECT" | "CHECK"
-        | "GETQUOTAROOT" | "GETQUOTA" => {
+        "SELECT" | "EXAMINE" | "LIST" | "LSUB" | "STATUS" | "APPEND" | "FETCH" | "UID" | "IDLE" | "ENABLE"
+        | "CREATE" | "DELETE" | "RENAME" | "SUBSCRIBE" | "UNSUBSCRIBE" | "NAMESPACE" | "SEARCH" | "STORE" | "COPY"
+        | "MOVE" | "EXPUNGE" | "CLOSE" | "UNSELECT" | "CHECK" | "GETQUOTAROOT" | "GETQUOTA" => {
             return Err(bad("Command not allowed before authentication"))
         }
         _ => return Err(bad("Unknown command")),
     };
-    args.end().map_err(|reason| Invalid {
-        tag: tag.clone(),
-        reason,
-    })?;
+    args.end().map_err(|reason| Invalid { tag: tag.clone(), reason })?;
     Ok(Tagged { tag, command })
 }
 
@@ -244,13 +213,7 @@ impl Args<'_> {
     }
 
     fn literal_follows(&self) -> bool {
-        matches!(
-            self.parts.get(self.index),
-            Some(Part::Line {
-                literal_follows: true,
-                ..
-            })
-        )
+        matches!(self.parts.get(self.index), Some(Part::Line { literal_follows: true, .. }))
     }
 
     /// After a literal, parsing continues on the line that follows it.
@@ -342,10 +305,7 @@ mod tests {
     use super::*;
 
     fn line(text: &str, literal_follows: bool) -> Part {
-        Part::Line {
-            text: text.as_bytes().to_vec(),
-            literal_follows,
-        }
+        Part::Line { text: text.as_bytes().to_vec(), literal_follows }
     }
 
     fn login(parts: &[Part]) -> (String, String) {
@@ -357,19 +317,9 @@ mod tests {
 
     #[test]
     fn login_accepts_atoms_quoted_strings_and_literals() {
-        assert_eq!(
-            login(&[line("a LOGIN alice s3cret", false)]),
-            ("alice".into(), "s3cret".into())
-        );
-        assert_eq!(
-            login(&[line(r#"a login "al ice" "p\"w\\d""#, false)]),
-            ("al ice".into(), r#"p"w\d"#.into())
-        );
-        let parts = [
-            line("a LOGIN alice ", true),
-            Part::Literal(b"p w{}\"".to_vec()),
-            line("", false),
-        ];
+        assert_eq!(login(&[line("a LOGIN alice s3cret", false)]), ("alice".into(), "s3cret".into()));
+        assert_eq!(login(&[line(r#"a login "al ice" "p\"w\\d""#, false)]), ("al ice".into(), r#"p"w\d"#.into()));
+        let parts = [line("a LOGIN alice ", true), Part::Literal(b"p w{}\"".to_vec()), line("", false)];
         assert_eq!(login(&parts), ("alice".into(), "p w{}\"".into()));
         let parts = [
             line("a LOGIN ", true),
@@ -384,25 +334,18 @@ mod tests {
     #[test]
     fn authenticate_with_and_without_initial_response() {
         let Command::Authenticate { mechanism, initial } =
-            parse(&[line("A1 authenticate plain", false)])
-                .unwrap()
-                .command
+            parse(&[line("A1 authenticate plain", false)]).unwrap().command
         else {
             panic!()
         };
         assert_eq!((mechanism.as_str(), initial.is_none()), ("PLAIN", true));
         let Command::Authenticate { initial, .. } =
-            parse(&[line("A1 AUTHENTICATE PLAIN AGEAYg==", false)])
-                .unwrap()
-                .command
+            parse(&[line("A1 AUTHENTICATE PLAIN AGEAYg==", false)]).unwrap().command
         else {
             panic!()
         };
         assert_eq!(initial.unwrap().expose(), b"AGEAYg==");
-        let Command::Authenticate { initial, .. } =
-            parse(&[line("A1 AUTHENTICATE PLAIN =", false)])
-                .unwrap()
-                .command
+        let Command::Authenticate { initial, .. } = parse(&[line("A1 AUTHENTICATE PLAIN =", false)]).unwrap().command
         else {
             panic!()
         };
@@ -432,24 +375,16 @@ mod tests {
 
     #[test]
     fn id_accepts_nil_and_pairs() {
+        assert!(matches!(parse(&[line("a ID NIL", false)]).unwrap().command, Command::Id));
         assert!(matches!(
-            parse(&[line("a ID NIL", false)]).unwrap().command,
-            Command::Id
-        ));
-        assert!(matches!(
-            parse(&[line(r#"a ID ("name" "Thunderbird" "version" NIL)"#, false)])
-                .unwrap()
-                .command,
+            parse(&[line(r#"a ID ("name" "Thunderbird" "version" NIL)"#, false)]).unwrap().command,
             Command::Id
         ));
     }
 
     #[test]
     fn peek_name_reads_tag_and_command() {
-        assert_eq!(
-            peek_name(b"a1 login {5}"),
-            Some(("a1".into(), "LOGIN".into()))
-        );
+        assert_eq!(peek_name(b"a1 login {5}"), Some(("a1".into(), "LOGIN".into())));
         assert_eq!(peek_name(b"{5}"), None);
     }
 }

@@ -112,13 +112,7 @@ impl Framer {
     /// The announced literal follows: the next `len` bytes are data, not lines.
     pub fn accept_literal(&mut self) {
         if let Some(announce) = self.pending.take() {
-            self.state = if announce.len == 0 {
-                State::Line
-            } else {
-                State::Literal {
-                    remaining: announce.len,
-                }
-            };
+            self.state = if announce.len == 0 { State::Line } else { State::Literal { remaining: announce.len } };
         }
     }
 
@@ -141,16 +135,10 @@ impl Framer {
                 let remaining = remaining - take;
                 if remaining == 0 {
                     self.state = State::Line;
-                    Ok(Step {
-                        consumed: take as usize,
-                        event: Some(Event::LiteralEnd),
-                    })
+                    Ok(Step { consumed: take as usize, event: Some(Event::LiteralEnd) })
                 } else {
                     self.state = State::Literal { remaining };
-                    Ok(Step {
-                        consumed: take as usize,
-                        event: None,
-                    })
+                    Ok(Step { consumed: take as usize, event: None })
                 }
             }
             State::Line => {
@@ -167,10 +155,7 @@ impl Framer {
                 self.head.extend_from_slice(&chunk[..room.min(chunk.len())]);
                 self.push_tail(chunk);
                 if !complete {
-                    return Ok(Step {
-                        consumed,
-                        event: None,
-                    });
+                    return Ok(Step { consumed, event: None });
                 }
                 let announce = parse_announce(strip_eol(&self.tail));
                 let mut head = std::mem::take(&mut self.head);
@@ -178,21 +163,14 @@ impl Framer {
                     let body = strip_eol(&head).len();
                     head.truncate(body);
                 }
-                let line = Line {
-                    head,
-                    len: self.line_len,
-                    announce,
-                };
+                let line = Line { head, len: self.line_len, announce };
                 self.line_len = 0;
                 self.tail.clear();
                 if announce.is_some() {
                     self.pending = announce;
                     self.state = State::Undecided;
                 }
-                Ok(Step {
-                    consumed,
-                    event: Some(Event::Line(line)),
-                })
+                Ok(Step { consumed, event: Some(Event::Line(line)) })
             }
         }
     }
@@ -200,8 +178,7 @@ impl Framer {
     fn push_tail(&mut self, chunk: &[u8]) {
         if chunk.len() >= TAIL_LEN {
             self.tail.clear();
-            self.tail
-                .extend_from_slice(&chunk[chunk.len() - TAIL_LEN..]);
+            self.tail.extend_from_slice(&chunk[chunk.len() - TAIL_LEN..]);
         } else {
             self.tail.extend_from_slice(chunk);
             if self.tail.len() > TAIL_LEN {
@@ -230,15 +207,8 @@ pub fn parse_announce(line: &[u8]) -> Option<Announce> {
         return None;
     }
     let binary = open > 0 && body[open - 1] == b'~';
-    let len = std::str::from_utf8(digits)
-        .ok()?
-        .parse::<u64>()
-        .unwrap_or(u64::MAX);
-    Some(Announce {
-        len,
-        non_sync,
-        binary,
-    })
+    let len = std::str::from_utf8(digits).ok()?.parse::<u64>().unwrap_or(u64::MAX);
+    Some(Announce { len, non_sync, binary })
 }
 
 #[cfg(test)]
@@ -279,8 +249,7 @@ mod tests {
 
     #[test]
     fn lines_and_literals_split_identically_in_any_chunking() {
-        let input: &[u8] =
-            b"a LOGIN {5}\r\nalice {6+}\r\nsecret\r\n* 1 FETCH (BODY[] {3}\r\n\r\n.)\r\nb NOOP\r\n";
+        let input: &[u8] = b"a LOGIN {5}\r\nalice {6+}\r\nsecret\r\n* 1 FETCH (BODY[] {3}\r\n\r\n.)\r\nb NOOP\r\n";
         let whole = fragments(input, input.len());
         assert_eq!(
             whole,
@@ -303,36 +272,10 @@ mod tests {
 
     #[test]
     fn announcements_are_recognised_only_at_line_end() {
-        assert_eq!(
-            parse_announce(b"a LOGIN {5}"),
-            Some(Announce {
-                len: 5,
-                non_sync: false,
-                binary: false
-            })
-        );
-        assert_eq!(
-            parse_announce(b"a APPEND x {5+}"),
-            Some(Announce {
-                len: 5,
-                non_sync: true,
-                binary: false
-            })
-        );
-        assert_eq!(
-            parse_announce(b"a APPEND x ~{7}"),
-            Some(Announce {
-                len: 7,
-                non_sync: false,
-                binary: true
-            })
-        );
-        assert_eq!(
-            parse_announce(b"a LOGIN {99999999999999999999}")
-                .unwrap()
-                .len,
-            u64::MAX
-        );
+        assert_eq!(parse_announce(b"a LOGIN {5}"), Some(Announce { len: 5, non_sync: false, binary: false }));
+        assert_eq!(parse_announce(b"a APPEND x {5+}"), Some(Announce { len: 5, non_sync: true, binary: false }));
+        assert_eq!(parse_announce(b"a APPEND x ~{7}"), Some(Announce { len: 7, non_sync: false, binary: true }));
+        assert_eq!(parse_announce(b"a LOGIN {99999999999999999999}").unwrap().len, u64::MAX);
         assert_eq!(parse_announce(b"a LOGIN {5} x"), None);
         assert_eq!(parse_announce(b"a LOGIN {}"), None);
         assert_eq!(parse_announce(b"a LOGIN {-5}"), None);
@@ -353,9 +296,7 @@ mod tests {
             assert_eq!(step.consumed, piece.len());
             event = step.event.or(event);
         }
-        let Some(Event::Line(parsed)) = event else {
-            panic!("no line")
-        };
+        let Some(Event::Line(parsed)) = event else { panic!("no line") };
         assert_eq!(parsed.head.len(), HEAD_LEN);
         assert!(parsed.head.starts_with(b"* SEARCH 1 2 3"));
         assert_eq!(parsed.len, line.len());
@@ -375,20 +316,10 @@ mod tests {
         let mut framer = Framer::new(1000);
         let step = framer.feed(b"a LOGIN {100000}\r\nb NOOP\r\n").unwrap();
         assert_eq!(step.consumed, 18);
-        assert_eq!(
-            framer.feed(b"b NOOP\r\n"),
-            Err(FrameError::LiteralUndecided)
-        );
+        assert_eq!(framer.feed(b"b NOOP\r\n"), Err(FrameError::LiteralUndecided));
         framer.reject_literal();
         let step = framer.feed(b"b NOOP\r\n").unwrap();
-        assert_eq!(
-            step.event,
-            Some(Event::Line(Line {
-                head: b"b NOOP".to_vec(),
-                len: 8,
-                announce: None
-            }))
-        );
+        assert_eq!(step.event, Some(Event::Line(Line { head: b"b NOOP".to_vec(), len: 8, announce: None })));
     }
 
     impl Framer {

@@ -108,17 +108,13 @@ impl Conn {
                     if parts.is_empty() {
                         first = command::peek_name(&line.head);
                     }
-                    parts.push(Part::Line {
-                        text,
-                        literal_follows: announce.is_some(),
-                    });
+                    parts.push(Part::Line { text, literal_follows: announce.is_some() });
                     let Some(announce) = announce else {
                         return Ok(Input::Command(parts));
                     };
                     let (tag, name) = first.clone().unwrap_or_else(|| ("*".into(), String::new()));
                     let credentials = name == "LOGIN" || name == "AUTHENTICATE";
-                    if announce.len > limits.preauth_max_literal_bytes.0 || parts.len() >= MAX_PARTS
-                    {
+                    if announce.len > limits.preauth_max_literal_bytes.0 || parts.len() >= MAX_PARTS {
                         if announce.non_sync {
                             return Err(Stop::Bye("Literal too large before authentication."));
                         }
@@ -132,11 +128,7 @@ impl Conn {
                     if privacy_required && credentials && !announce.non_sync {
                         // Refuse before the client sends its password in the clear.
                         self.framer.reject_literal();
-                        return Ok(Input::Refused {
-                            tag,
-                            response: privacy_refusal(),
-                            bad: false,
-                        });
+                        return Ok(Input::Refused { tag, response: privacy_refusal(), bad: false });
                     }
                     if !announce.non_sync {
                         self.write(b"+ Ready for literal data\r\n").await?;
@@ -154,10 +146,7 @@ impl Conn {
             if self.buffer.is_empty() {
                 self.fill(service).await?;
             }
-            let step = self
-                .framer
-                .feed(&self.buffer)
-                .map_err(|_| Stop::Bye("SASL response too long."))?;
+            let step = self.framer.feed(&self.buffer).map_err(|_| Stop::Bye("SASL response too long."))?;
             line.extend_from_slice(&self.buffer.split_to(step.consumed));
             if let Some(Event::Line(_)) = step.event {
                 self.framer.reject_literal();
@@ -170,11 +159,7 @@ impl Conn {
 fn strip_announce(text: &[u8]) -> &[u8] {
     debug_assert!(parse_announce(text).is_some());
     let open = text.iter().rposition(|&b| b == b'{').unwrap_or(text.len());
-    let open = if open > 0 && text[open - 1] == b'~' {
-        open - 1
-    } else {
-        open
-    };
+    let open = if open > 0 && text[open - 1] == b'~' { open - 1 } else { open };
     &text[..open]
 }
 
@@ -187,10 +172,7 @@ enum Outcome {
     Continue,
     Close,
     StartTls,
-    Login {
-        tag: String,
-        credentials: Credentials,
-    },
+    Login { tag: String, credentials: Credentials },
 }
 
 /// Serves the not-authenticated state; on a successful login hands over to the relay.
@@ -203,10 +185,8 @@ pub async fn serve(stream: Stream, service: &Service) {
         deadline: Instant::now() + limits.login_timeout.0,
     };
     let mut bad = 0u32;
-    let greeting = format!(
-        "* OK [CAPABILITY {}] mailgate ready.\r\n",
-        capabilities::preauth(login_allowed(service, &conn))
-    );
+    let greeting =
+        format!("* OK [CAPABILITY {}] mailgate ready.\r\n", capabilities::preauth(login_allowed(service, &conn)));
     if conn.write(greeting.as_bytes()).await.is_err() {
         return;
     }
@@ -215,11 +195,7 @@ pub async fn serve(stream: Stream, service: &Service) {
             Ok(outcome) => outcome,
             Err(Stop::Bye(text)) => {
                 debug!(reason = text, "closing before login");
-                if conn
-                    .write(format!("* BYE {text}\r\n").as_bytes())
-                    .await
-                    .is_ok()
-                {
+                if conn.write(format!("* BYE {text}\r\n").as_bytes()).await.is_ok() {
                     linger(&mut conn.stream).await;
                 }
                 return;
@@ -236,15 +212,9 @@ pub async fn serve(stream: Stream, service: &Service) {
                 let Stream::Plain(tcp) = conn.stream else {
                     return;
                 };
-                let acceptor = service
-                    .tls
-                    .clone()
-                    .expect("STARTTLS is offered only with TLS configured");
-                let handshake = tokio::time::timeout(
-                    service.config.tls.handshake_timeout.0,
-                    acceptor.accept(tcp),
-                )
-                .await;
+                let acceptor = service.tls.clone().expect("STARTTLS is offered only with TLS configured");
+                let handshake =
+                    tokio::time::timeout(service.config.tls.handshake_timeout.0, acceptor.accept(tcp)).await;
                 match handshake {
                     Ok(Ok(tls)) => {
                         conn.stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
@@ -260,49 +230,38 @@ pub async fn serve(stream: Stream, service: &Service) {
                     }
                 }
             }
-            Outcome::Login { tag, credentials } => {
-                match login(&service.upstream, &credentials).await {
-                    Ok(session) => {
-                        tracing::Span::current().record("user", credentials.user.as_str());
-                        info!(upstream = %service.upstream.name, "logged in");
-                        let caps = relayable_capabilities(&session.capabilities).join(" ");
-                        let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
-                        if conn.write(ok.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        let client = relay::Client {
-                            stream: conn.stream,
-                            leftover: conn.buffer,
-                        };
-                        relay::run(client, session, service).await;
+            Outcome::Login { tag, credentials } => match login(&service.upstream, &credentials).await {
+                Ok(session) => {
+                    tracing::Span::current().record("user", credentials.user.as_str());
+                    info!(upstream = %service.upstream.name, "logged in");
+                    let caps = relayable_capabilities(&session.capabilities).join(" ");
+                    let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
+                    if conn.write(ok.as_bytes()).await.is_err() {
                         return;
                     }
-                    Err(LoginError::Rejected { code }) => {
-                        info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
-                        let code = match code.as_deref() {
-                            Some(
-                                c @ ("AUTHORIZATIONFAILED"
-                                | "EXPIRED"
-                                | "CONTACTADMIN"
-                                | "UNAVAILABLE"
-                                | "LIMIT"),
-                            ) => c,
-                            _ => "AUTHENTICATIONFAILED",
-                        };
-                        let no = format!("{tag} NO [{code}] Authentication failed.\r\n");
-                        if conn.write(no.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(LoginError::Unavailable(e)) => {
-                        warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
-                        let no = format!("{tag} NO [UNAVAILABLE] Upstream server unavailable, try again later.\r\n");
-                        if conn.write(no.as_bytes()).await.is_err() {
-                            return;
-                        }
+                    let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
+                    relay::run(client, session, service).await;
+                    return;
+                }
+                Err(LoginError::Rejected { code }) => {
+                    info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
+                    let code = match code.as_deref() {
+                        Some(c @ ("AUTHORIZATIONFAILED" | "EXPIRED" | "CONTACTADMIN" | "UNAVAILABLE" | "LIMIT")) => c,
+                        _ => "AUTHENTICATIONFAILED",
+                    };
+                    let no = format!("{tag} NO [{code}] Authentication failed.\r\n");
+                    if conn.write(no.as_bytes()).await.is_err() {
+                        return;
                     }
                 }
-            }
+                Err(LoginError::Unavailable(e)) => {
+                    warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
+                    let no = format!("{tag} NO [UNAVAILABLE] Upstream server unavailable, try again later.\r\n");
+                    if conn.write(no.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            },
         }
     }
 }
@@ -349,13 +308,11 @@ async fn step(conn: &mut Conn, service: &Service, bad: &mut u32) -> Result<Outco
         *bad += 1;
         debug!(bad = *bad, "invalid command before login");
         if *bad >= service.config.imap.max_bad_commands {
-            conn.write(format!("{tag} {response}\r\n").as_bytes())
-                .await?;
+            conn.write(format!("{tag} {response}\r\n").as_bytes()).await?;
             return Err(Stop::Bye("Too many invalid commands."));
         }
     }
-    conn.write(format!("{tag} {response}\r\n").as_bytes())
-        .await?;
+    conn.write(format!("{tag} {response}\r\n").as_bytes()).await?;
     Ok(Outcome::Continue)
 }
 
@@ -365,17 +322,11 @@ enum Answer {
 }
 
 fn ok(text: &str) -> Answer {
-    Answer::Respond {
-        response: format!("OK {text}"),
-        bad: false,
-    }
+    Answer::Respond { response: format!("OK {text}"), bad: false }
 }
 
 fn refuse_bad(text: &str) -> Answer {
-    Answer::Respond {
-        response: format!("BAD {text}"),
-        bad: true,
-    }
+    Answer::Respond { response: format!("BAD {text}"), bad: true }
 }
 
 async fn answer(
@@ -388,8 +339,7 @@ async fn answer(
     Ok(match command {
         Command::Capability => {
             let caps = capabilities::preauth(!privacy_required);
-            conn.write(format!("* CAPABILITY {caps}\r\n").as_bytes())
-                .await?;
+            conn.write(format!("* CAPABILITY {caps}\r\n").as_bytes()).await?;
             ok("Capability completed.")
         }
         Command::Noop => ok("NOOP completed."),
@@ -398,8 +348,7 @@ async fn answer(
             ok("ID completed.")
         }
         Command::Logout => {
-            conn.write(format!("* BYE Logging out.\r\n{tag} OK LOGOUT completed.\r\n").as_bytes())
-                .await?;
+            conn.write(format!("* BYE Logging out.\r\n{tag} OK LOGOUT completed.\r\n").as_bytes()).await?;
             Answer::Done(Outcome::Close)
         }
         Command::StartTls => {
@@ -410,22 +359,15 @@ async fn answer(
                     "STARTTLS is not available on this port."
                 })
             } else {
-                conn.write(format!("{tag} OK Begin TLS negotiation now.\r\n").as_bytes())
-                    .await?;
+                conn.write(format!("{tag} OK Begin TLS negotiation now.\r\n").as_bytes()).await?;
                 Answer::Done(Outcome::StartTls)
             }
         }
         Command::Login(_) | Command::Authenticate { .. } if privacy_required => {
             info!("credentials refused before STARTTLS");
-            Answer::Respond {
-                response: privacy_refusal(),
-                bad: false,
-            }
+            Answer::Respond { response: privacy_refusal(), bad: false }
         }
-        Command::Login(credentials) => Answer::Done(Outcome::Login {
-            tag: tag.to_string(),
-            credentials,
-        }),
+        Command::Login(credentials) => Answer::Done(Outcome::Login { tag: tag.to_string(), credentials }),
         Command::Authenticate { mechanism, initial } => {
             if mechanism != "PLAIN" {
                 return Ok(Answer::Respond {
@@ -445,10 +387,7 @@ async fn answer(
                 }
             };
             match decode_plain(&response) {
-                Ok(credentials) => Answer::Done(Outcome::Login {
-                    tag: tag.to_string(),
-                    credentials,
-                }),
+                Ok(credentials) => Answer::Done(Outcome::Login { tag: tag.to_string(), credentials }),
                 Err(e) => refuse_bad(&format!("Invalid SASL PLAIN response: {e}.")),
             }
         }

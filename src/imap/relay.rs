@@ -61,9 +61,7 @@ struct Shared {
 impl Shared {
     /// Idle in the sense of shutdown: nothing in flight but (possibly) IDLE.
     fn quiet(&self) -> bool {
-        self.in_flight
-            .iter()
-            .all(|t| Some(t) == self.idling.as_ref())
+        self.in_flight.iter().all(|t| Some(t) == self.idling.as_ref())
     }
 }
 
@@ -144,13 +142,7 @@ struct ClientPump<'a, R, W> {
 impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> {
     async fn close_with(&mut self, text: &'static str) -> End {
         let bytes = format!("* BYE {text}\r\n").into_bytes();
-        let _ = self
-            .inject
-            .send(Inject {
-                bytes,
-                then_close: true,
-            })
-            .await;
+        let _ = self.inject.send(Inject { bytes, then_close: true }).await;
         End::Closed(text)
     }
 
@@ -231,9 +223,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             let in_literal = self.framer.in_literal();
             let step = match self.framer.feed(&self.buffer) {
                 Ok(step) => step,
-                Err(FrameError::LineTooLong(_)) => {
-                    return Some(self.close_with("Command line too long.").await)
-                }
+                Err(FrameError::LineTooLong(_)) => return Some(self.close_with("Command line too long.").await),
                 Err(FrameError::LiteralUndecided) => return Some(End::Io),
             };
             let bytes = self.buffer.split_to(step.consumed);
@@ -257,11 +247,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     async fn forward_line(&mut self, line: super::framing::Line) -> Option<End> {
         let first_line = !self.continuing;
         let head = strip_eol(&line.head);
-        let tag = head
-            .split(|&b| b == b' ')
-            .next()
-            .unwrap_or_default()
-            .to_vec();
+        let tag = head.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
         let idling = self.lock().idling.is_some();
         if let Some(announce) = line.announce {
             if announce.len > self.service.config.imap.max_literal_bytes.0 {
@@ -270,18 +256,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 }
                 self.framer.reject_literal();
                 self.line.clear();
-                let bytes = format!(
-                    "{} BAD [TOOBIG] Literal too large.\r\n",
-                    String::from_utf8_lossy(&tag)
-                )
-                .into_bytes();
-                let _ = self
-                    .inject
-                    .send(Inject {
-                        bytes,
-                        then_close: false,
-                    })
-                    .await;
+                let bytes =
+                    format!("{} BAD [TOOBIG] Literal too large.\r\n", String::from_utf8_lossy(&tag)).into_bytes();
+                let _ = self.inject.send(Inject { bytes, then_close: false }).await;
                 return None;
             }
         }
@@ -375,10 +352,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
 
     async fn upstream_gone(&mut self) -> End {
         if self.framer.at_boundary() && !self.upstream_bye {
-            let _ = self
-                .write
-                .write_all(b"* BYE Upstream server closed the connection.\r\n")
-                .await;
+            let _ = self.write.write_all(b"* BYE Upstream server closed the connection.\r\n").await;
             let _ = self.write.flush().await;
         } else if !self.framer.at_boundary() {
             debug!("upstream closed mid-response: closing the client without completing it");

@@ -20,14 +20,8 @@ pub fn kind(line: &[u8]) -> Kind<'_> {
         return Kind::Untagged(rest);
     }
     match line.iter().position(|&b| b == b' ') {
-        Some(sp) => Kind::Tagged {
-            tag: &line[..sp],
-            rest: &line[sp + 1..],
-        },
-        None => Kind::Tagged {
-            tag: line,
-            rest: b"",
-        },
+        Some(sp) => Kind::Tagged { tag: &line[..sp], rest: &line[sp + 1..] },
+        None => Kind::Tagged { tag: line, rest: b"" },
     }
 }
 
@@ -72,9 +66,7 @@ pub fn status(rest: &[u8]) -> Option<StatusLine<'_>> {
                 None => (body, &b""[..]),
             };
             code = Some((String::from_utf8_lossy(atom).to_ascii_uppercase(), args));
-            text = inner[close + 1..]
-                .strip_prefix(b" ")
-                .unwrap_or(&inner[close + 1..]);
+            text = inner[close + 1..].strip_prefix(b" ").unwrap_or(&inner[close + 1..]);
         }
     }
     Some(StatusLine { status, code, text })
@@ -82,20 +74,14 @@ pub fn status(rest: &[u8]) -> Option<StatusLine<'_>> {
 
 /// Capability atoms from `CAPABILITY a b c` arguments.
 pub fn capability_list(args: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(args)
-        .split_ascii_whitespace()
-        .map(str::to_string)
-        .collect()
+    String::from_utf8_lossy(args).split_ascii_whitespace().map(str::to_string).collect()
 }
 
 /// The capabilities in an untagged `* CAPABILITY ...` line or a `[CAPABILITY ...]` code.
 pub fn capabilities_in(line: &[u8]) -> Option<Vec<String>> {
     match kind(line) {
         Kind::Untagged(rest) => {
-            if rest.len() >= 11
-                && rest[..10].eq_ignore_ascii_case(b"CAPABILITY")
-                && rest[10] == b' '
-            {
+            if rest.len() >= 11 && rest[..10].eq_ignore_ascii_case(b"CAPABILITY") && rest[10] == b' ' {
                 return Some(capability_list(&rest[11..]));
             }
             status_capabilities(rest)
@@ -142,13 +128,7 @@ mod tests {
     fn kinds_and_statuses() {
         assert_eq!(kind(b"+ idling"), Kind::Continuation);
         assert_eq!(kind(b"* 3 EXISTS"), Kind::Untagged(b"3 EXISTS"));
-        assert_eq!(
-            kind(b"a1 OK done"),
-            Kind::Tagged {
-                tag: b"a1",
-                rest: b"OK done"
-            }
-        );
+        assert_eq!(kind(b"a1 OK done"), Kind::Tagged { tag: b"a1", rest: b"OK done" });
         let line = status(b"NO [AUTHENTICATIONFAILED] Authentication failed.").unwrap();
         assert_eq!(line.status, Status::No);
         assert_eq!(line.code.as_ref().unwrap().0, "AUTHENTICATIONFAILED");
@@ -170,11 +150,10 @@ mod tests {
 
     #[test]
     fn relayed_capabilities_drop_tls_auth_and_compression() {
-        let caps: Vec<String> =
-            "IMAP4rev1 STARTTLS LOGINDISABLED AUTH=PLAIN SASL-IR COMPRESS=DEFLATE IDLE MOVE"
-                .split(' ')
-                .map(String::from)
-                .collect();
+        let caps: Vec<String> = "IMAP4rev1 STARTTLS LOGINDISABLED AUTH=PLAIN SASL-IR COMPRESS=DEFLATE IDLE MOVE"
+            .split(' ')
+            .map(String::from)
+            .collect();
         assert_eq!(relayable_capabilities(&caps), ["IMAP4rev1", "IDLE", "MOVE"]);
     }
 }

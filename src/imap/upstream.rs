@@ -70,16 +70,11 @@ impl Reader {
             }
             if let Some(announce) = self.framer.pending_literal() {
                 if announce.len > MAX_LITERAL {
-                    return Err(UpstreamError::Protocol(
-                        "oversized literal during login".into(),
-                    ));
+                    return Err(UpstreamError::Protocol("oversized literal during login".into()));
                 }
                 self.framer.accept_literal();
             }
-            let step = self
-                .framer
-                .feed(&self.buffer)
-                .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+            let step = self.framer.feed(&self.buffer).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
             let taken = self.buffer.split_to(step.consumed);
             if !self.framer.in_literal() && !matches!(step.event, Some(Event::LiteralEnd)) {
                 line.extend_from_slice(&taken);
@@ -115,14 +110,11 @@ impl Reader {
             }
             match response::kind(&line) {
                 Kind::Tagged { tag: t, rest } if t == tag.as_bytes() => {
-                    let status = response::status(rest).ok_or_else(|| {
-                        UpstreamError::Protocol(format!("bad completion for {tag}"))
-                    })?;
+                    let status = response::status(rest)
+                        .ok_or_else(|| UpstreamError::Protocol(format!("bad completion for {tag}")))?;
                     return Ok((status.status, status.code.map(|(c, _)| c)));
                 }
-                Kind::Untagged(rest)
-                    if response::status(rest).is_some_and(|s| s.status == Status::Bye) =>
-                {
+                Kind::Untagged(rest) if response::status(rest).is_some_and(|s| s.status == Status::Bye) => {
                     return Err(UpstreamError::Closed);
                 }
                 _ => {}
@@ -134,11 +126,8 @@ impl Reader {
         self.send(b"M0 CAPABILITY\r\n").await?;
         let mut caps = None;
         match self.complete("M0", &mut caps).await? {
-            (Status::Ok, _) => caps
-                .ok_or_else(|| UpstreamError::Protocol("CAPABILITY without capabilities".into())),
-            (status, _) => Err(UpstreamError::Protocol(format!(
-                "CAPABILITY answered {status:?}"
-            ))),
+            (Status::Ok, _) => caps.ok_or_else(|| UpstreamError::Protocol("CAPABILITY without capabilities".into())),
+            (status, _) => Err(UpstreamError::Protocol(format!("CAPABILITY answered {status:?}"))),
         }
     }
 }
@@ -146,12 +135,7 @@ impl Reader {
 pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<LoggedIn, LoginError> {
     let deadline = Instant::now() + upstream.login_timeout;
     let stream = upstream.connect().await?;
-    let mut reader = Reader {
-        stream,
-        buffer: BytesMut::with_capacity(4096),
-        framer: Framer::new(MAX_LINE),
-        deadline,
-    };
+    let mut reader = Reader { stream, buffer: BytesMut::with_capacity(4096), framer: Framer::new(MAX_LINE), deadline };
 
     let greeting = reader.line().await?;
     let mut capabilities = match response::kind(&greeting) {
@@ -159,8 +143,7 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<Log
             Some(Status::Ok) => response::capabilities_in(&greeting),
             Some(Status::Preauth) => {
                 return Err(UpstreamError::Protocol(
-                    "upstream greets with PREAUTH: it would not verify the client's password"
-                        .into(),
+                    "upstream greets with PREAUTH: it would not verify the client's password".into(),
                 )
                 .into())
             }
@@ -202,13 +185,9 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<Log
     let (status, code) = if has_capability(&capabilities, "AUTH=PLAIN") {
         authenticate_plain(&mut reader, &capabilities, credentials, &mut after).await?
     } else if credentials.authzid.is_some() {
-        return Err(LoginError::Rejected {
-            code: Some("AUTHORIZATIONFAILED".into()),
-        });
+        return Err(LoginError::Rejected { code: Some("AUTHORIZATIONFAILED".into()) });
     } else if has_capability(&capabilities, "LOGINDISABLED") {
-        return Err(
-            UpstreamError::Protocol("upstream has LOGINDISABLED and no AUTH=PLAIN".into()).into(),
-        );
+        return Err(UpstreamError::Protocol("upstream has LOGINDISABLED and no AUTH=PLAIN".into()).into());
     } else {
         login_command(&mut reader, &capabilities, credentials, &mut after).await?
     };
@@ -221,11 +200,7 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<Log
         Some(caps) => caps,
         None => reader.capability().await?,
     };
-    Ok(LoggedIn {
-        stream: reader.stream,
-        capabilities,
-        leftover: reader.buffer,
-    })
+    Ok(LoggedIn { stream: reader.stream, capabilities, leftover: reader.buffer })
 }
 
 async fn authenticate_plain(
@@ -236,18 +211,14 @@ async fn authenticate_plain(
 ) -> Result<(Status, Option<String>), UpstreamError> {
     let payload = encode_plain(credentials);
     if has_capability(capabilities, "SASL-IR") {
-        reader
-            .send(format!("M2 AUTHENTICATE PLAIN {}\r\n", payload.expose()).as_bytes())
-            .await?;
+        reader.send(format!("M2 AUTHENTICATE PLAIN {}\r\n", payload.expose()).as_bytes()).await?;
     } else {
         reader.send(b"M2 AUTHENTICATE PLAIN\r\n").await?;
         let line = reader.line().await?;
         if response::kind(&line) != Kind::Continuation {
-            return tagged_without_continuation(&line, "M2");
+            return tagged_without_continuation(&line, "M2", after);
         }
-        reader
-            .send(format!("{}\r\n", payload.expose()).as_bytes())
-            .await?;
+        reader.send(format!("{}\r\n", payload.expose()).as_bytes()).await?;
     }
     reader.complete("M2", after).await
 }
@@ -260,41 +231,28 @@ async fn login_command(
 ) -> Result<(Status, Option<String>), UpstreamError> {
     let non_sync = has_capability(capabilities, "LITERAL+");
     let mut pieces = vec![b"M2 LOGIN ".to_vec()];
-    for (i, value) in [
-        credentials.user.as_bytes(),
-        credentials.password.expose().as_bytes(),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, value) in [credentials.user.as_bytes(), credentials.password.expose().as_bytes()].into_iter().enumerate() {
         if i == 1 {
             pieces.last_mut().expect("pieces is never empty").push(b' ');
         }
         match quote(value) {
-            Some(quoted) => pieces
-                .last_mut()
-                .expect("pieces is never empty")
-                .extend_from_slice(&quoted),
+            Some(quoted) => pieces.last_mut().expect("pieces is never empty").extend_from_slice(&quoted),
             None => {
                 let last = pieces.last_mut().expect("pieces is never empty");
                 last.extend_from_slice(
-                    format!("{{{}{}}}\r\n", value.len(), if non_sync { "+" } else { "" })
-                        .as_bytes(),
+                    format!("{{{}{}}}\r\n", value.len(), if non_sync { "+" } else { "" }).as_bytes(),
                 );
                 pieces.push(value.to_vec());
             }
         }
     }
-    pieces
-        .last_mut()
-        .expect("pieces is never empty")
-        .extend_from_slice(b"\r\n");
+    pieces.last_mut().expect("pieces is never empty").extend_from_slice(b"\r\n");
     // With synchronizing literals, each piece after the first waits for the upstream's `+`.
     for (i, piece) in pieces.iter().enumerate() {
         if i > 0 && !non_sync {
             let line = reader.line().await?;
             if response::kind(&line) != Kind::Continuation {
-                return tagged_without_continuation(&line, "M2");
+                return tagged_without_continuation(&line, "M2", after);
             }
         }
         reader.send(piece).await?;
@@ -302,14 +260,18 @@ async fn login_command(
     reader.complete("M2", after).await
 }
 
+/// The upstream answered with a completion where a continuation was expected.
 fn tagged_without_continuation(
     line: &[u8],
     tag: &str,
+    after: &mut Option<Vec<String>>,
 ) -> Result<(Status, Option<String>), UpstreamError> {
+    if let Some(caps) = response::capabilities_in(line) {
+        *after = Some(caps);
+    }
     match response::kind(line) {
         Kind::Tagged { tag: t, rest } if t == tag.as_bytes() => {
-            let status = response::status(rest)
-                .ok_or_else(|| UpstreamError::Protocol("bad completion".into()))?;
+            let status = response::status(rest).ok_or_else(|| UpstreamError::Protocol("bad completion".into()))?;
             Ok((status.status, status.code.map(|(c, _)| c)))
         }
         _ => Err(UpstreamError::Protocol("expected a continuation".into())),
@@ -319,10 +281,7 @@ fn tagged_without_continuation(
 /// A quoted string when the value can be one (7-bit text without CR/LF), else `None`
 /// (send a literal).
 pub fn quote(value: &[u8]) -> Option<Vec<u8>> {
-    if value
-        .iter()
-        .any(|&b| b >= 0x80 || b == b'\r' || b == b'\n' || b == 0)
-    {
+    if value.iter().any(|&b| b >= 0x80 || b == b'\r' || b == b'\n' || b == 0) {
         return None;
     }
     let mut out = Vec::with_capacity(value.len() + 2);

@@ -79,18 +79,12 @@ pub fn handshake(
 
 impl Client {
     pub fn plain(addr: SocketAddr) -> Client {
-        Client {
-            conn: Conn::Plain(tcp(addr)),
-            pending: Vec::new(),
-        }
+        Client { conn: Conn::Plain(tcp(addr)), pending: Vec::new() }
     }
 
     pub fn tls(addr: SocketAddr, config: Arc<ClientConfig>) -> Client {
         let stream = handshake(tcp(addr), config, "localhost").expect("TLS handshake");
-        Client {
-            conn: Conn::Tls(Box::new(stream)),
-            pending: Vec::new(),
-        }
+        Client { conn: Conn::Tls(Box::new(stream)), pending: Vec::new() }
     }
 
     /// Sends `STARTTLS` as tag `S` and upgrades; panics if refused.
@@ -98,11 +92,7 @@ impl Client {
         self.send(b"S STARTTLS\r\n");
         let lines = self.until_tagged("S");
         assert!(lines.last().unwrap().starts_with("S OK"), "{lines:?}");
-        assert!(
-            self.pending.is_empty(),
-            "bytes after STARTTLS OK: {:?}",
-            self.pending
-        );
+        assert!(self.pending.is_empty(), "bytes after STARTTLS OK: {:?}", self.pending);
         self.upgrade(config);
     }
 
@@ -110,9 +100,7 @@ impl Client {
         let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Detached) else {
             panic!("not a plaintext connection")
         };
-        self.conn = Conn::Tls(Box::new(
-            handshake(tcp, config, "localhost").expect("STARTTLS handshake"),
-        ));
+        self.conn = Conn::Tls(Box::new(handshake(tcp, config, "localhost").expect("STARTTLS handshake")));
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -145,16 +133,10 @@ impl Client {
             match self.fill() {
                 Ok(0) => return None,
                 Ok(_) => {}
-                Err(e)
-                    if e.kind() == io::ErrorKind::ConnectionReset
-                        || e.kind() == io::ErrorKind::UnexpectedEof =>
-                {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset || e.kind() == io::ErrorKind::UnexpectedEof => {
                     return None
                 }
-                Err(e) => panic!(
-                    "read: {e} (pending {:?})",
-                    String::from_utf8_lossy(&self.pending)
-                ),
+                Err(e) => panic!("read: {e} (pending {:?})", String::from_utf8_lossy(&self.pending)),
             }
         }
     }
@@ -171,9 +153,7 @@ impl Client {
     pub fn until_tagged(&mut self, tag: &str) -> Vec<String> {
         let mut lines = Vec::new();
         loop {
-            let line = self
-                .line()
-                .unwrap_or_else(|| panic!("EOF before {tag} completed; got {lines:?}"));
+            let line = self.line().unwrap_or_else(|| panic!("EOF before {tag} completed; got {lines:?}"));
             let done = line.starts_with(&format!("{tag} "));
             lines.push(line);
             if done {
@@ -195,6 +175,12 @@ impl Client {
             lines.push(line);
         }
         lines
+    }
+
+    /// Every byte until the peer closes (bounded by the read timeout).
+    pub fn rest_bytes(&mut self) -> Vec<u8> {
+        while let Ok(1..) = self.fill() {}
+        std::mem::take(&mut self.pending)
     }
 
     /// True if the peer closed without sending anything more.

@@ -81,16 +81,10 @@ impl Dovecot {
         for (user, pass) in users {
             // Names become path components and passwd-file fields.
             assert!(
-                !user.is_empty()
-                    && user
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "._-@+".contains(c)),
+                !user.is_empty() && user.chars().all(|c| c.is_ascii_alphanumeric() || "._-@+".contains(c)),
                 "unsupported user name {user:?}"
             );
-            assert!(
-                !pass.contains([':', '\n', '\r']),
-                "passwd-file can't hold password {pass:?}"
-            );
+            assert!(!pass.contains([':', '\n', '\r']), "passwd-file can't hold password {pass:?}");
         }
         let ident = identity();
         let mut last = String::new();
@@ -116,11 +110,7 @@ impl Dovecot {
         let root = dir.path();
 
         let [imap, pop3, imaps, pop3s] = free_ports();
-        let instance = format!(
-            "mailgate-test-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let instance = format!("mailgate-test-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
 
         make_tls(&root.join("tls")).map_err(StartError::Fatal)?;
 
@@ -150,9 +140,7 @@ impl Dovecot {
         // Output before the log process is up (e.g. config errors) lands here.
         let stdio = fs::File::create(root.join("stdio.log"))
             .map_err(|e| StartError::Fatal(format!("creating stdio.log: {e}")))?;
-        let stderr = stdio
-            .try_clone()
-            .map_err(|e| StartError::Fatal(e.to_string()))?;
+        let stderr = stdio.try_clone().map_err(|e| StartError::Fatal(e.to_string()))?;
         // Deliberately no separate process group: then Ctrl-C on `cargo test`
         // reaches Dovecot too instead of leaving it running.
         let child = Command::new(dovecot_binary())
@@ -180,11 +168,7 @@ impl Dovecot {
             Err(port_taken) => {
                 dovecot.stop();
                 let report = dovecot.report();
-                Err(if port_taken {
-                    StartError::PortTaken(report)
-                } else {
-                    StartError::Fatal(report)
-                })
+                Err(if port_taken { StartError::PortTaken(report) } else { StartError::Fatal(report) })
             }
         }
     }
@@ -243,8 +227,7 @@ impl Dovecot {
     /// show up here. It starts with one "no auth attempts" disconnect from
     /// `start`'s readiness probe.
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&fs::read(self.dir.path().join("dovecot.log")).unwrap_or_default())
-            .into_owned()
+        String::from_utf8_lossy(&fs::read(self.dir.path().join("dovecot.log")).unwrap_or_default()).into_owned()
     }
 
     /// The instance's temp dir (config, TLS files, mail, log).
@@ -396,14 +379,7 @@ protocol pop3 {{
     );
     if ident.rootless {
         conf.push_str("\n# Unprivileged: chroot(2) needs root.\n");
-        for service in [
-            "anvil",
-            "imap-login",
-            "pop3-login",
-            "ipc",
-            "old-stats",
-            "imap-urlauth-login",
-        ] {
+        for service in ["anvil", "imap-login", "pop3-login", "ipc", "old-stats", "imap-urlauth-login"] {
             conf.push_str(&format!("service {service} {{\n  chroot =\n}}\n"));
         }
     }
@@ -416,12 +392,7 @@ fn identity() -> &'static Identity {
         if run(&["id", "-u"]).trim() == "0" {
             root_identity()
         } else {
-            let num = |flag: &str| -> u32 {
-                run(&["id", flag])
-                    .trim()
-                    .parse()
-                    .expect("numeric output from id")
-            };
+            let num = |flag: &str| -> u32 { run(&["id", flag]).trim().parse().expect("numeric output from id") };
             let user = run(&["id", "-un"]).trim().to_string();
             Identity {
                 mail_uid: num("-u"),
@@ -443,21 +414,10 @@ fn root_identity() -> Identity {
         Some((_, gid)) => ("dovecot".to_string(), gid),
         None => (mail_name.clone(), mail_gid),
     };
-    let internal_group = getent_group_name(internal_gid)
-        .unwrap_or_else(|| panic!("no group name for gid {internal_gid}"));
-    let login_user = if getent_passwd("dovenull").is_some() {
-        "dovenull".to_string()
-    } else {
-        internal_user.clone()
-    };
-    Identity {
-        mail_uid,
-        mail_gid,
-        internal_user,
-        internal_group,
-        login_user,
-        rootless: false,
-    }
+    let internal_group =
+        getent_group_name(internal_gid).unwrap_or_else(|| panic!("no group name for gid {internal_gid}"));
+    let login_user = if getent_passwd("dovenull").is_some() { "dovenull".to_string() } else { internal_user.clone() };
+    Identity { mail_uid, mail_gid, internal_user, internal_group, login_user, rootless: false }
 }
 
 /// Finds or creates the system user owning mail; falls back to `nobody`.
@@ -474,11 +434,7 @@ fn ensure_mail_user() -> (String, u32, u32) {
          --user-group --home-dir /nonexistent --shell /usr/sbin/nologin {MAIL_USER}"
     );
     let lock = std::env::temp_dir().join("mailgate-test-useradd.lock");
-    let locked = Command::new("flock")
-        .arg(&lock)
-        .args(["sh", "-c", &script])
-        .stdout(Stdio::null())
-        .status();
+    let locked = Command::new("flock").arg(&lock).args(["sh", "-c", &script]).stdout(Stdio::null()).status();
     if locked.is_err() {
         // No flock(1): take our chances.
         let _ = Command::new("sh").args(["-c", &script]).status();
@@ -487,26 +443,20 @@ fn ensure_mail_user() -> (String, u32, u32) {
         return (MAIL_USER.to_string(), uid, gid);
     }
     eprintln!("could not create user {MAIL_USER}; mail will belong to nobody");
-    let (uid, gid) = getent_passwd("nobody")
-        .unwrap_or_else(|| panic!("can't create {MAIL_USER} and there is no nobody user"));
+    let (uid, gid) =
+        getent_passwd("nobody").unwrap_or_else(|| panic!("can't create {MAIL_USER} and there is no nobody user"));
     ("nobody".to_string(), uid, gid)
 }
 
 fn getent_passwd(name: &str) -> Option<(u32, u32)> {
-    let out = Command::new("getent")
-        .args(["passwd", name])
-        .output()
-        .ok()?;
+    let out = Command::new("getent").args(["passwd", name]).output().ok()?;
     let line = String::from_utf8_lossy(&out.stdout).into_owned();
     let fields: Vec<&str> = line.trim().split(':').collect();
     Some((fields.get(2)?.parse().ok()?, fields.get(3)?.parse().ok()?))
 }
 
 fn getent_group_name(gid: u32) -> Option<String> {
-    let out = Command::new("getent")
-        .args(["group", &gid.to_string()])
-        .output()
-        .ok()?;
+    let out = Command::new("getent").args(["group", &gid.to_string()]).output().ok()?;
     let line = String::from_utf8_lossy(&out.stdout).into_owned();
     let name = line.split(':').next()?.trim();
     (!name.is_empty()).then(|| name.to_string())
@@ -525,9 +475,8 @@ fn dovecot_binary() -> &'static str {
 /// caller retries if Dovecot then fails to bind one.
 fn free_ports() -> [u16; 4] {
     // Hold all listeners at once so the kernel can't hand out a port twice.
-    let listeners: Vec<TcpListener> = (0..4)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0"))
-        .collect();
+    let listeners: Vec<TcpListener> =
+        (0..4).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0")).collect();
     let port = |i: usize| listeners[i].local_addr().unwrap().port();
     [port(0), port(1), port(2), port(3)]
 }
@@ -549,29 +498,11 @@ fn make_tls(dir: &Path) -> Result<(), String> {
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let path = |name: &str| dir.join(name).display().to_string();
     let (ca_key, ca_pem) = (path("ca.key"), path("ca.pem"));
-    let (key, csr, ext, pem) = (
-        path("server.key"),
-        path("server.csr"),
-        path("server.ext"),
-        path("server.pem"),
-    );
+    let (key, csr, ext, pem) = (path("server.key"), path("server.csr"), path("server.ext"), path("server.pem"));
     // P-256 keys are generated instantly, unlike RSA.
-    let new_key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
+    let new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
 
-    let mut args = vec![
-        "req",
-        "-x509",
-        "-days",
-        "365",
-        "-subj",
-        "/CN=mailgate test CA",
-    ];
+    let mut args = vec!["req", "-x509", "-days", "365", "-subj", "/CN=mailgate test CA"];
     args.extend(new_key);
     args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
     args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
@@ -593,11 +524,7 @@ fn make_tls(dir: &Path) -> Result<(), String> {
     )?;
     // Every instance's CA has the same name; distinct serials keep clients
     // that key certificates by issuer and serial (NSS) from seeing a clash.
-    let serial = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-        .to_string();
+    let serial = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos().to_string();
     openssl(&[
         "x509",
         "-req",
@@ -627,12 +554,7 @@ fn openssl(args: &[&str]) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "openssl {} failed ({}):\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        Err(format!("openssl {} failed ({}):\n{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr)))
     }
 }
 
@@ -661,21 +583,14 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 }
 
 fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("running {args:?}: {e}"));
     assert!(out.status.success(), "{args:?} failed: {}", out.status);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn signal(name: &str, pids: &[u32]) {
-    let _ = Command::new("kill")
-        .arg("-s")
-        .arg(name)
-        .args(pids.iter().map(u32::to_string))
-        .stderr(Stdio::null())
-        .status();
+    let _ =
+        Command::new("kill").arg("-s").arg(name).args(pids.iter().map(u32::to_string)).stderr(Stdio::null()).status();
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> bool {
@@ -700,13 +615,7 @@ fn children_of(pid: u32) -> Vec<u32> {
             let child: u32 = e.file_name().to_str()?.parse().ok()?;
             let stat = fs::read_to_string(e.path().join("stat")).ok()?;
             // "pid (comm) state ppid ..."; comm may contain spaces and parens.
-            let ppid: u32 = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
+            let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
             (ppid == pid).then_some(child)
         })
         .collect()

@@ -20,10 +20,7 @@ pub struct Gateway {
 impl Gateway {
     /// Writes `config` to `dir/mailgate.toml` and starts mailgate with debug logging.
     pub fn start(dir: &Path, config: &str) -> Gateway {
-        let config_path = dir.join(format!(
-            "mailgate-{}.toml",
-            std::process::id() as u64 * 1000 + rand_suffix()
-        ));
+        let config_path = dir.join(format!("mailgate-{}.toml", std::process::id() as u64 * 1000 + rand_suffix()));
         std::fs::write(&config_path, config).unwrap();
         let expected = config.matches("[[listener]]").count();
         let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
@@ -45,19 +42,10 @@ impl Gateway {
                 log.push('\n');
             }
         });
-        let mut gateway = Gateway {
-            child,
-            addrs: HashMap::new(),
-            log,
-            config_path,
-        };
+        let mut gateway = Gateway { child, addrs: HashMap::new(), log, config_path };
         let deadline = Instant::now() + Duration::from_secs(20);
         while gateway.addrs.len() < expected {
-            assert!(
-                Instant::now() < deadline,
-                "mailgate did not start:\n{}",
-                gateway.log()
-            );
+            assert!(Instant::now() < deadline, "mailgate did not start:\n{}", gateway.log());
             if let Ok(Some(status)) = gateway.child.try_wait() {
                 panic!("mailgate exited with {status}:\n{}", gateway.log());
             }
@@ -68,10 +56,7 @@ impl Gateway {
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
-        *self
-            .addrs
-            .get(listener)
-            .unwrap_or_else(|| panic!("no listener {listener}: {:?}", self.addrs))
+        *self.addrs.get(listener).unwrap_or_else(|| panic!("no listener {listener}: {:?}", self.addrs))
     }
 
     pub fn log(&self) -> String {
@@ -96,10 +81,7 @@ impl Gateway {
 
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -129,9 +111,7 @@ fn parse_listening(log: &str) -> HashMap<String, SocketAddr> {
     let mut found = HashMap::new();
     for line in log.lines().filter(|l| l.contains(" listening ")) {
         let field = |key: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .map(|v| v.trim_matches('"').to_string())
+            line.split_whitespace().find_map(|w| w.strip_prefix(key)).map(|v| v.trim_matches('"').to_string())
         };
         if let (Some(name), Some(addr)) = (field("listener="), field("address=")) {
             if let Ok(addr) = addr.parse() {

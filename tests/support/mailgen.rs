@@ -266,10 +266,7 @@ const ATTACHMENTS: &[(&str, &str)] = &[
     ("image/jpeg", "IMG_4711.jpg"),
     ("application/zip", "archive.zip"),
     ("application/octet-stream", "data.bin"),
-    (
-        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
-        "budget.xlsx",
-    ),
+    ("application/vnd.openxmlformats-officedocument.spreadsheetml.sheet", "budget.xlsx"),
 ];
 
 /// Generates message `index` of the batch identified by `seed`.
@@ -311,29 +308,20 @@ pub fn message(seed: u64, index: usize, max_big: usize) -> Vec<u8> {
         }
         Shape::Alternative => {
             let b = boundary(1);
-            header(
-                &mut out,
-                &format!("Content-Type: multipart/alternative;\r\n\tboundary=\"{b}\""),
-            );
+            header(&mut out, &format!("Content-Type: multipart/alternative;\r\n\tboundary=\"{b}\""));
             out.extend_from_slice(b"\r\nThis is a multi-part message in MIME format.\r\n");
             alternative_parts(&mut out, &mut rng, &b, body_target, style);
         }
         Shape::Mixed => {
             let b = boundary(1);
-            header(
-                &mut out,
-                &format!("Content-Type: multipart/mixed; boundary=\"{b}\""),
-            );
+            header(&mut out, &format!("Content-Type: multipart/mixed; boundary=\"{b}\""));
             out.extend_from_slice(b"\r\nThis is a multi-part message in MIME format.\r\n");
             let text_target = rng.range(300, 3_000).min(body_target);
             start_part(&mut out, &b);
             if rng.chance(50) {
                 // Nested alternative, as most MUAs send it.
                 let inner = boundary(2);
-                header(
-                    &mut out,
-                    &format!("Content-Type: multipart/alternative; boundary=\"{inner}\""),
-                );
+                header(&mut out, &format!("Content-Type: multipart/alternative; boundary=\"{inner}\""));
                 out.extend_from_slice(b"\r\n");
                 alternative_parts(&mut out, &mut rng, &inner, text_target, style);
             } else {
@@ -343,11 +331,8 @@ pub fn message(seed: u64, index: usize, max_big: usize) -> Vec<u8> {
             let count = rng.range(1, 3);
             let raw_total = body_target.saturating_sub(text_target) * 3 / 4;
             for i in 0..count {
-                let raw = if i + 1 == count {
-                    raw_total.saturating_sub(raw_total / count * i)
-                } else {
-                    raw_total / count
-                };
+                let raw =
+                    if i + 1 == count { raw_total.saturating_sub(raw_total / count * i) } else { raw_total / count };
                 start_part(&mut out, &b);
                 attachment(&mut out, &mut rng, raw.max(16));
             }
@@ -369,8 +354,7 @@ pub fn fill_maildir(dir: &Path, count: usize, seed: u64) -> u64 {
     static BATCH: AtomicU64 = AtomicU64::new(0);
     let batch = BATCH.fetch_add(1, Ordering::Relaxed);
     for sub in ["cur", "new", "tmp"] {
-        fs::create_dir_all(dir.join(sub))
-            .unwrap_or_else(|e| panic!("creating {}/{sub}: {e}", dir.display()));
+        fs::create_dir_all(dir.join(sub)).unwrap_or_else(|e| panic!("creating {}/{sub}: {e}", dir.display()));
     }
     let mut total = 0u64;
     for index in 0..count {
@@ -400,10 +384,7 @@ pub fn fill_maildir(dir: &Path, count: usize, seed: u64) -> u64 {
 
 fn write_new(path: &Path, data: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
     f.write_all(data)
 }
 
@@ -437,14 +418,7 @@ fn header(out: &mut Vec<u8>, line: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn headers(
-    out: &mut Vec<u8>,
-    rng: &mut Rng,
-    seed: u64,
-    index: usize,
-    huge: bool,
-    utf8_subject: bool,
-) {
+fn headers(out: &mut Vec<u8>, rng: &mut Rng, seed: u64, index: usize, huge: bool, utf8_subject: bool) {
     let when = 1_600_000_000 + index as u64 * 3_600 + rng.range(0, 3_599) as u64;
     let (from_name, from) = *rng.pick(NAMES);
     let (to_name, to) = *rng.pick(NAMES);
@@ -481,16 +455,9 @@ fn headers(
         let (cc_name, cc) = *rng.pick(NAMES);
         header(out, &format!("Cc: {} <{cc}>", display_name(cc_name)));
     }
-    let subject = if utf8_subject {
-        encoded_word(*rng.pick(UTF8_SUBJECTS))
-    } else {
-        rng.pick(SUBJECTS).to_string()
-    };
+    let subject = if utf8_subject { encoded_word(*rng.pick(UTF8_SUBJECTS)) } else { rng.pick(SUBJECTS).to_string() };
     header(out, &format!("Subject: {subject} [{index}]"));
-    header(
-        out,
-        &format!("Message-ID: <{seed:x}.{index}@mailgen.example>"),
-    );
+    header(out, &format!("Message-ID: <{seed:x}.{index}@mailgen.example>"));
     header(out, &format!("X-Mailgen: seed={seed}; index={index}"));
     header(out, "MIME-Version: 1.0");
 }
@@ -508,39 +475,16 @@ fn display_name(name: &str) -> String {
     }
 }
 
-fn single_text_part(
-    out: &mut Vec<u8>,
-    rng: &mut Rng,
-    subtype: &str,
-    target: usize,
-    style: TextStyle,
-) {
-    let body = if subtype == "html" {
-        html(rng, target, style)
-    } else {
-        text(rng, target, style)
-    };
-    let (charset, cte) = if body.is_ascii() {
-        ("us-ascii", "7bit")
-    } else {
-        ("utf-8", "8bit")
-    };
-    header(
-        out,
-        &format!("Content-Type: text/{subtype}; charset={charset}"),
-    );
+fn single_text_part(out: &mut Vec<u8>, rng: &mut Rng, subtype: &str, target: usize, style: TextStyle) {
+    let body = if subtype == "html" { html(rng, target, style) } else { text(rng, target, style) };
+    let (charset, cte) = if body.is_ascii() { ("us-ascii", "7bit") } else { ("utf-8", "8bit") };
+    header(out, &format!("Content-Type: text/{subtype}; charset={charset}"));
     header(out, &format!("Content-Transfer-Encoding: {cte}"));
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
 }
 
-fn alternative_parts(
-    out: &mut Vec<u8>,
-    rng: &mut Rng,
-    boundary: &str,
-    target: usize,
-    style: TextStyle,
-) {
+fn alternative_parts(out: &mut Vec<u8>, rng: &mut Rng, boundary: &str, target: usize, style: TextStyle) {
     start_part(out, boundary);
     single_text_part(out, rng, "plain", target / 2, style);
     start_part(out, boundary);
@@ -560,10 +504,7 @@ fn attachment(out: &mut Vec<u8>, rng: &mut Rng, raw_len: usize) {
     let (mime, name) = *rng.pick(ATTACHMENTS);
     header(out, &format!("Content-Type: {mime}; name=\"{name}\""));
     header(out, "Content-Transfer-Encoding: base64");
-    header(
-        out,
-        &format!("Content-Disposition: attachment; filename=\"{name}\""),
-    );
+    header(out, &format!("Content-Disposition: attachment; filename=\"{name}\""));
     out.extend_from_slice(b"\r\n");
     let mut data = Vec::new();
     rng.fill_bytes(&mut data, raw_len);
@@ -590,12 +531,7 @@ fn text(rng: &mut Rng, target: usize, style: TextStyle) -> String {
         if style.dot_lines && (!dots_done || rng.chance(10)) {
             // A lone "." would end a POP3 multi-line response if the server
             // forgot to dot-stuff; ".." and ".foo" test the unstuffing side.
-            for line in [
-                ".",
-                "..",
-                ".hidden line starting with a dot",
-                "...and so on",
-            ] {
+            for line in [".", "..", ".hidden line starting with a dot", "...and so on"] {
                 out.push_str(line);
                 out.push_str("\r\n");
             }
@@ -624,10 +560,7 @@ fn html(rng: &mut Rng, target: usize, style: TextStyle) -> String {
         if style.long_lines && rng.chance(20) {
             // Minified HTML produces long lines in the wild.
             let len = rng.range(500, MAX_LINE - 20);
-            out.push_str(&format!(
-                "<div>{}</div>\r\n",
-                long_line(rng, len, style.utf8)
-            ));
+            out.push_str(&format!("<div>{}</div>\r\n", long_line(rng, len, style.utf8)));
         }
     }
     out.push_str("</body></html>\r\n");
@@ -682,11 +615,7 @@ fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {
@@ -702,9 +631,7 @@ fn base64(data: &[u8]) -> String {
 /// `Tue, 14 Nov 2023 10:22:33 +0000` for a Unix timestamp.
 fn rfc5322_date(unix: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let days = unix / 86_400;
     let secs = unix % 86_400;
     // Civil-from-days (Howard Hinnant), valid for dates after 1970.

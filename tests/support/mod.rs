@@ -3,6 +3,8 @@ pub mod client;
 #[allow(dead_code)]
 pub mod dovecot;
 #[allow(dead_code)]
+pub mod fake_upstream;
+#[allow(dead_code)]
 pub mod gateway;
 #[allow(dead_code)]
 pub mod mailgen;

@@ -43,12 +43,7 @@ impl Setup {
             extra,
         );
         let gateway = Gateway::start(dir.path(), &config);
-        Setup {
-            dir,
-            pki,
-            dovecot,
-            gateway,
-        }
+        Setup { dir, pki, dovecot, gateway }
     }
 
     pub fn tls_config(&self) -> Arc<ClientConfig> {
@@ -81,10 +76,7 @@ impl Setup {
 
     /// A client straight to Dovecot (for comparisons), logged in.
     pub fn direct(&self, user: (&str, &str)) -> Client {
-        let mut client = Client::tls(
-            self.dovecot.imaps,
-            client_config_trusting(&self.dovecot.ca_pem(), &[]),
-        );
+        let mut client = Client::tls(self.dovecot.imaps, client_config_trusting(&self.dovecot.ca_pem(), &[]));
         client.line().expect("greeting");
         let password = user.1.as_bytes();
         client.send(format!("L LOGIN {} {{{}+}}\r\n", user.0, password.len()).as_bytes());
@@ -105,9 +97,7 @@ pub fn gateway_config(
     imap_section: &str,
     extra: &str,
 ) -> String {
-    let ca = ca
-        .map(|p| format!("ca_file = {:?}\n", p.display().to_string()))
-        .unwrap_or_default();
+    let ca = ca.map(|p| format!("ca_file = {:?}\n", p.display().to_string())).unwrap_or_default();
     format!(
         r#"
 [[listener]]

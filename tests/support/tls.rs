@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-use tokio_rustls::rustls::{
-    self, pki_types::pem::PemObject, pki_types::CertificateDer, ClientConfig, RootCertStore,
-};
+use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer, ClientConfig, RootCertStore};
 
 pub struct TestPki {
     pub ca: PathBuf,
@@ -22,23 +20,15 @@ pub struct TestPki {
 impl TestPki {
     pub fn generate(dir: &Path) -> TestPki {
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "mailgate test CA");
+        ca_params.distinguished_name.push(DnType::CommonName, "mailgate test CA");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_key = KeyPair::generate().unwrap();
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, ca_cert.pem()).unwrap();
-        let mut pki = TestPki {
-            ca,
-            cert: PathBuf::new(),
-            key: PathBuf::new(),
-            ca_cert,
-            ca_key,
-            dir: dir.to_path_buf(),
-        };
+        let mut pki =
+            TestPki { ca, cert: PathBuf::new(), key: PathBuf::new(), ca_cert, ca_key, dir: dir.to_path_buf() };
         let (cert, key) = pki.leaf("leaf", &["localhost", "127.0.0.1", "::1"]);
         pki.cert = cert;
         pki.key = key;
@@ -49,9 +39,7 @@ impl TestPki {
     pub fn leaf(&self, file_stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, file_stem);
+        params.distinguished_name.push(DnType::CommonName, file_stem);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
         let cert_path = self.dir.join(format!("{file_stem}.pem"));

@@ -1,0 +1,268 @@
+//! Upstream failures, injected with a scripted fake upstream: every one ends in a clear
+//! answer to the client (`NO [UNAVAILABLE]`, `* BYE`, or a bare close mid-literal), never
+//! credentials sent where they must not go, and the gateway keeps serving.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::client::Client;
+use support::fake_upstream::{server_tls, FakeConn, FakeUpstream};
+use support::gateway::Gateway;
+use support::setup::gateway_config;
+use support::tls::TestPki;
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    pki: TestPki,
+    gateway: Gateway,
+}
+
+/// mailgate in front of `fake`, reached with `upstream_tls`.
+fn start_rig(fake: &FakeUpstream, upstream_tls: &str, pki_dir: tempfile::TempDir, pki: TestPki) -> Rig {
+    let config = gateway_config(&pki, &fake.addr.to_string(), upstream_tls, Some(&pki.ca), "", "");
+    let config = config.replace("login_timeout = \"5s\"", "login_timeout = \"2s\"");
+    let gateway = Gateway::start(pki_dir.path(), &config);
+    Rig { _dir: pki_dir, pki, gateway }
+}
+
+fn new_pki() -> (tempfile::TempDir, TestPki) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    (dir, pki)
+}
+
+impl Rig {
+    fn client(&self) -> Client {
+        let mut client = Client::tls(self.gateway.addr("imaps"), self.pki.client_config(&[]));
+        assert!(client.line().unwrap().starts_with("* OK"));
+        client
+    }
+
+    fn login(&self) -> Vec<String> {
+        self.client().command("a", "LOGIN user secret-pw")
+    }
+}
+
+#[test]
+fn upstream_closing_mid_literal_closes_the_client_without_another_byte() {
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.accept_login();
+        let tag = conn.tag().unwrap();
+        let _ = tag;
+        conn.send(b"* 1 FETCH (BODY[] {1000}\r\n");
+        conn.send(&[b'x'; 100]);
+        // Then the connection drops.
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    let lines = client.command("a", "LOGIN user secret-pw");
+    assert!(lines.last().unwrap().starts_with("a OK"), "{lines:?}");
+    client.send(b"b FETCH 1 BODY[]\r\n");
+    assert_eq!(client.line().unwrap(), "* 1 FETCH (BODY[] {1000}");
+    let rest = client.rest_bytes();
+    assert_eq!(rest, vec![b'x'; 100], "bytes after the truncated literal");
+}
+
+#[test]
+fn upstream_closing_between_responses_gives_bye() {
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.accept_login();
+        let tag = conn.tag().unwrap();
+        conn.send(format!("{tag} OK NOOP done\r\n").as_bytes());
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    assert!(client.command("a", "LOGIN user secret-pw").last().unwrap().starts_with("a OK"));
+    assert_eq!(client.command("b", "NOOP"), ["b OK NOOP done"]);
+    assert_eq!(client.rest(), ["* BYE Upstream server closed the connection."]);
+}
+
+#[test]
+fn garbage_greeting_is_unavailable_and_garbage_after_login_is_relayed() {
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| conn.send(b"HTTP/1.1 400 Bad Request\r\n\r\n"));
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let lines = rig.login();
+    assert!(lines[0].starts_with("a NO [UNAVAILABLE]"), "{lines:?}");
+
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.accept_login();
+        let tag = conn.tag().unwrap();
+        conn.send(b"\x00\xff garbage {not a literal\r\n");
+        conn.send(format!("{tag} OK still here\r\n").as_bytes());
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    assert!(client.command("a", "LOGIN user pw").last().unwrap().starts_with("a OK"));
+    let lines = client.command("b", "NOOP");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[1], "b OK still here");
+}
+
+#[test]
+fn slow_greeting_times_out_as_unavailable() {
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        std::thread::sleep(Duration::from_secs(4));
+        conn.send(b"* OK late\r\n");
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let started = Instant::now();
+    let lines = rig.login();
+    assert!(lines[0].starts_with("a NO [UNAVAILABLE]"), "{lines:?}");
+    assert!(started.elapsed() < Duration::from_secs(4), "login timeout not applied");
+    assert!(rig.gateway.wait_for_log("timed out", Duration::from_secs(5)), "{}", rig.gateway.log());
+}
+
+#[test]
+fn starttls_answer_with_injected_capability_aborts_before_credentials() {
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] fake\r\n");
+        let tag = conn.tag().unwrap();
+        // The OK and an injected line in one segment.
+        conn.send(format!("{tag} OK begin\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n").as_bytes());
+        let _ = conn.line();
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "starttls", dir, pki);
+    let lines = rig.login();
+    assert!(lines[0].starts_with("a NO [UNAVAILABLE]"), "{lines:?}");
+    let received = fake.received();
+    assert!(
+        received.contains("STARTTLS") && !received.contains("secret-pw") && !received.contains("LOGIN"),
+        "{received}"
+    );
+    assert!(rig.gateway.wait_for_log("possible injection", Duration::from_secs(5)));
+}
+
+#[test]
+fn upstream_without_starttls_never_sees_credentials() {
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.send(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] no tls here\r\n");
+        while let Some(line) = conn.line() {
+            let tag = line.split(' ').next().unwrap_or_default().to_string();
+            conn.send(format!("{tag} NO go away\r\n").as_bytes());
+        }
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "starttls", dir, pki);
+    let lines = rig.login();
+    assert!(lines[0].starts_with("a NO [UNAVAILABLE]"), "{lines:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let received = fake.received();
+    assert!(
+        !received.contains("secret-pw") && !received.contains("LOGIN") && !received.contains("AUTHENTICATE"),
+        "{received}"
+    );
+}
+
+#[test]
+fn upstream_starttls_then_login_works_and_capabilities_are_reasked() {
+    let (dir, pki) = new_pki();
+    let tls = server_tls(&pki.cert, &pki.key);
+    let fake = FakeUpstream::start(None, move |conn: &mut FakeConn| {
+        conn.send(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] fake\r\n");
+        let tag = conn.tag().unwrap();
+        conn.send(format!("{tag} OK begin TLS\r\n").as_bytes());
+        conn.upgrade(tls.clone());
+        // After TLS the capabilities must be asked again; LOGINDISABLED is gone.
+        let line = conn.line().unwrap();
+        let tag = line.split(' ').next().unwrap().to_string();
+        assert!(line.ends_with("CAPABILITY"), "{line}");
+        conn.send(format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR\r\n{tag} OK\r\n").as_bytes());
+        let line = conn.line().unwrap();
+        let tag = line.split(' ').next().unwrap().to_string();
+        assert!(line.contains("AUTHENTICATE PLAIN"), "{line}");
+        conn.send(format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE STARTTLS] hi\r\n").as_bytes());
+        while let Some(line) = conn.line() {
+            let tag = line.split(' ').next().unwrap_or_default().to_string();
+            conn.send(format!("{tag} OK fine\r\n").as_bytes());
+        }
+    });
+    let config = gateway_config(&pki, &format!("localhost:{}", fake.addr.port()), "starttls", Some(&pki.ca), "", "");
+    let gateway = Gateway::start(dir.path(), &config);
+    let mut client = Client::tls(gateway.addr("imaps"), pki.client_config(&[]));
+    client.line().unwrap();
+    let lines = client.command("a", "LOGIN user secret-pw");
+    assert_eq!(lines, ["a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"], "{}", gateway.log());
+    assert_eq!(client.command("b", "NOOP"), ["b OK fine"]);
+}
+
+#[test]
+fn wrong_certificate_name_is_unavailable_and_credentials_stay_home() {
+    let (dir, pki) = new_pki();
+    let (cert, key) = pki.leaf("wrong", &["wrong.example"]);
+    let fake = FakeUpstream::start(Some(server_tls(&cert, &key)), |conn: &mut FakeConn| conn.accept_login());
+    let rig = start_rig(&fake, "implicit", dir, pki);
+    let lines = rig.login();
+    assert!(lines[0].starts_with("a NO [UNAVAILABLE]"), "{lines:?}");
+    assert!(!fake.received().contains("secret-pw"));
+    assert!(rig.gateway.wait_for_log("TLS handshake", Duration::from_secs(5)), "{}", rig.gateway.log());
+}
+
+#[test]
+fn preauth_greeting_is_refused() {
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.send(b"* PREAUTH [CAPABILITY IMAP4rev1] you are in\r\n");
+        let _ = conn.line();
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let lines = rig.login();
+    assert!(lines[0].starts_with("a NO [UNAVAILABLE]"), "{lines:?}");
+    assert!(rig.gateway.wait_for_log("PREAUTH", Duration::from_secs(5)));
+}
+
+#[test]
+fn upstream_refusal_is_authenticationfailed_and_unreachable_is_unavailable() {
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.send(b"* OK [CAPABILITY IMAP4rev1] fake\r\n");
+        while let Some(line) = conn.line() {
+            let tag = line.split(' ').next().unwrap_or_default().to_string();
+            if line.contains("LOGIN") {
+                conn.send(format!("{tag} NO [AUTHENTICATIONFAILED] nope\r\n").as_bytes());
+            } else {
+                conn.send(format!("* CAPABILITY IMAP4rev1\r\n{tag} OK\r\n").as_bytes());
+            }
+        }
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let lines = rig.login();
+    assert_eq!(lines, ["a NO [AUTHENTICATIONFAILED] Authentication failed."]);
+
+    // Nothing listens on the upstream port any more.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (dir, pki) = new_pki();
+    let config = gateway_config(&pki, &format!("127.0.0.1:{port}"), "plaintext", None, "", "");
+    let gateway = Gateway::start(dir.path(), &config);
+    let mut client = Client::tls(gateway.addr("imaps"), pki.client_config(&[]));
+    client.line().unwrap();
+    let lines = client.command("a", "LOGIN user pw");
+    assert!(lines[0].starts_with("a NO [UNAVAILABLE]"), "{lines:?}");
+    // The session lives on.
+    assert_eq!(client.command("b", "NOOP"), ["b OK NOOP completed."]);
+}
+
+#[test]
+fn plaintext_login_before_starttls_opens_no_upstream_connection() {
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| conn.accept_login());
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = Client::plain(rig.gateway.addr("imap"));
+    client.line().unwrap();
+    let lines = client.command("a", "LOGIN user secret-pw");
+    assert!(lines[0].starts_with("a NO [PRIVACYREQUIRED]"), "{lines:?}");
+    let lines = client.command("b", "AUTHENTICATE PLAIN AHVzZXIAc2VjcmV0LXB3");
+    assert!(lines[0].starts_with("b NO [PRIVACYREQUIRED]"), "{lines:?}");
+    client.send(b"c AUTHENTICATE PLAIN\r\n");
+    assert!(client.line().unwrap().starts_with("c NO [PRIVACYREQUIRED]"));
+    assert_eq!(fake.accepted(), 0);
+}
