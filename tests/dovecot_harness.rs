@@ -22,13 +22,8 @@ struct Client {
 impl Client {
     fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Client {
-            writer: stream.try_clone().unwrap(),
-            reader: BufReader::new(stream),
-        }
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Client { writer: stream.try_clone().unwrap(), reader: BufReader::new(stream) }
     }
 
     fn line(&mut self) -> String {
@@ -39,9 +34,7 @@ impl Client {
     }
 
     fn send(&mut self, line: &str) {
-        self.writer
-            .write_all(format!("{line}\r\n").as_bytes())
-            .unwrap();
+        self.writer.write_all(format!("{line}\r\n").as_bytes()).unwrap();
     }
 
     /// Sends an IMAP command and returns all response lines, tagged one last.
@@ -70,9 +63,7 @@ fn dovecot_serves_generated_mail() {
     let dovecot = Dovecot::start(&[("alice", "alice-pw"), ("bob", "bob-pw")]);
     eprintln!("dovecot started in {:?}", started.elapsed());
     let total = dovecot.fill("alice", 50, SEED);
-    let expected: Vec<Vec<u8>> = (0..50)
-        .map(|i| mailgen::message(SEED, i, mailgen::MAX_BIG))
-        .collect();
+    let expected: Vec<Vec<u8>> = (0..50).map(|i| mailgen::message(SEED, i, mailgen::MAX_BIG)).collect();
     assert_eq!(total, expected.iter().map(|m| m.len() as u64).sum::<u64>());
 
     // Plain IMAP.
@@ -91,11 +82,7 @@ fn dovecot_serves_generated_mail() {
     for (i, msg) in expected.iter().enumerate() {
         let want = format!("(UID {} RFC822.SIZE {})", i + 1, msg.len());
         let want_alt = format!("(RFC822.SIZE {} UID {})", msg.len(), i + 1);
-        assert!(
-            sizes[i].contains(&want) || sizes[i].contains(&want_alt),
-            "message {i}: {} vs {want}",
-            sizes[i]
-        );
+        assert!(sizes[i].contains(&want) || sizes[i].contains(&want_alt), "message {i}: {} vs {want}", sizes[i]);
     }
     imap.imap("d", "LOGOUT");
 
@@ -107,11 +94,7 @@ fn dovecot_serves_generated_mail() {
         .args(["-u", "alice:alice-pw", &url])
         .output()
         .expect("running curl");
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout == expected[0], "UID 1 differs from message 0");
 
     // Plain POP3: the octet count equals what we generated.
@@ -133,23 +116,16 @@ fn dovecot_serves_generated_mail() {
     pop3.pop3("QUIT");
 
     let log = dovecot.log();
-    assert!(
-        log.contains("imap-login: Info: Login: user=<alice>"),
-        "{log}"
-    );
+    assert!(log.contains("imap-login: Info: Login: user=<alice>"), "{log}");
     assert!(log.contains("pop3-login: Info: Login: user=<bob>"), "{log}");
 }
 
 #[test]
 fn instances_run_side_by_side_and_stop() {
-    let threads: Vec<_> = (0..3)
-        .map(|_| std::thread::spawn(|| Dovecot::start(&[("carol", "pw")])))
-        .collect();
+    let threads: Vec<_> = (0..3).map(|_| std::thread::spawn(|| Dovecot::start(&[("carol", "pw")]))).collect();
     let mut instances: Vec<Dovecot> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    let mut ports: Vec<u16> = instances
-        .iter()
-        .flat_map(|d| [d.imap, d.pop3, d.imaps, d.pop3s].map(|a| a.port()))
-        .collect();
+    let mut ports: Vec<u16> =
+        instances.iter().flat_map(|d| [d.imap, d.pop3, d.imaps, d.pop3s].map(|a| a.port())).collect();
     ports.sort();
     ports.dedup();
     assert_eq!(ports.len(), 12);
@@ -168,10 +144,7 @@ fn instances_run_side_by_side_and_stop() {
     let addr = first.imap;
     first.stop();
     eprintln!("dovecot stopped in {:?}", stopped.elapsed());
-    assert!(
-        TcpStream::connect(addr).is_err(),
-        "still listening after stop"
-    );
+    assert!(TcpStream::connect(addr).is_err(), "still listening after stop");
     assert!(first.log().contains("auth failed"), "{}", first.log());
     // The others are unaffected.
     let mut pop3 = Client::connect(instances[1].pop3);
@@ -187,20 +160,13 @@ fn generator_is_deterministic_and_covers_edge_cases() {
         assert!(mailgen::well_formed(m), "message {i} is not CRLF / <998");
     }
     let contains = |m: &[u8], needle: &[u8]| m.windows(needle.len()).any(|w| w == needle);
-    let lines = |m: &[u8]| {
-        m.split(|&b| b == b'\n')
-            .map(<[u8]>::len)
-            .collect::<Vec<_>>()
-    };
+    let lines = |m: &[u8]| m.split(|&b| b == b'\n').map(<[u8]>::len).collect::<Vec<_>>();
     // The first six messages of a batch cover every edge case.
     assert!(contains(&msgs[1], b"\r\n.\r\n"), "lone dot line");
     assert!(contains(&msgs[1], b"Content-Transfer-Encoding: 8bit"));
     assert!(lines(&msgs[2]).iter().any(|&l| l > 500), "long line");
     assert!(contains(&msgs[2], b"multipart/alternative"));
-    let received = msgs[3]
-        .split(|&b| b == b'\n')
-        .filter(|l| l.starts_with(b"Received:"))
-        .count();
+    let received = msgs[3].split(|&b| b == b'\n').filter(|l| l.starts_with(b"Received:")).count();
     assert_eq!(received, 200);
     assert!(contains(&msgs[3], b"Content-Transfer-Encoding: base64"));
     assert!((100_000..=200_000).contains(&msgs[5].len()), "big message");

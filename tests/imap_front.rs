@@ -17,10 +17,7 @@ use support::setup::*;
 fn starttls_client(setup: &Setup) -> Client {
     let mut client = Client::plain(setup.addr("imap"));
     let greeting = client.line().unwrap();
-    assert!(
-        greeting.contains("STARTTLS") && greeting.contains("LOGINDISABLED"),
-        "{greeting}"
-    );
+    assert!(greeting.contains("STARTTLS") && greeting.contains("LOGINDISABLED"), "{greeting}");
     assert!(!greeting.contains("AUTH="), "{greeting}");
     client
 }
@@ -36,10 +33,7 @@ fn assert_still_serving(setup: &Setup) {
 fn starttls_discards_pipelined_plaintext() {
     let setup = Setup::start();
     // The classic injection: a command pipelined after STARTTLS in the same segment.
-    for (pipelined, tag) in [
-        ("b LOGIN bob bob-Pass-42\r\n", "b"),
-        ("XQZJK NOOP\r\n", "XQZJK"),
-    ] {
+    for (pipelined, tag) in [("b LOGIN bob bob-Pass-42\r\n", "b"), ("XQZJK NOOP\r\n", "XQZJK")] {
         let mut client = starttls_client(&setup);
         client.send(format!("a STARTTLS\r\n{pipelined}").as_bytes());
         let ok = client.line().unwrap();
@@ -47,27 +41,14 @@ fn starttls_discards_pipelined_plaintext() {
         // No plaintext byte follows `OK Begin TLS`: the handshake would fail otherwise.
         client.upgrade(setup.tls_config());
         let lines = client.command("c", "NOOP");
-        assert_eq!(
-            lines,
-            ["c OK NOOP completed."],
-            "the pipelined command was executed"
-        );
+        assert_eq!(lines, ["c OK NOOP completed."], "the pipelined command was executed");
         let caps = client.command("d", "CAPABILITY");
-        assert!(
-            caps[0].contains("AUTH=PLAIN") && !caps[0].contains("STARTTLS"),
-            "{caps:?}"
-        );
+        assert!(caps[0].contains("AUTH=PLAIN") && !caps[0].contains("STARTTLS"), "{caps:?}");
         client.send(b"e LOGOUT\r\n");
         let rest = client.rest();
-        assert!(
-            rest.iter().all(|l| !l.starts_with(tag)),
-            "{tag} answered inside TLS: {rest:?}"
-        );
+        assert!(rest.iter().all(|l| !l.starts_with(tag)), "{tag} answered inside TLS: {rest:?}");
     }
-    assert!(
-        !setup.gateway.log().contains("logged in"),
-        "the injected LOGIN reached the upstream"
-    );
+    assert!(!setup.gateway.log().contains("logged in"), "the injected LOGIN reached the upstream");
 }
 
 #[test]
@@ -75,10 +56,7 @@ fn credentials_before_tls_are_refused_without_reading_a_password() {
     let setup = Setup::start();
     let mut client = starttls_client(&setup);
     let caps = client.command("a", "CAPABILITY");
-    assert!(
-        caps[0].contains("LOGINDISABLED") && !caps[0].contains("AUTH="),
-        "{caps:?}"
-    );
+    assert!(caps[0].contains("LOGINDISABLED") && !caps[0].contains("AUTH="), "{caps:?}");
     let login = client.command("b", "LOGIN bob bob-Pass-42");
     assert!(login[0].starts_with("b NO [PRIVACYREQUIRED]"), "{login:?}");
     let auth = client.command("c", "AUTHENTICATE PLAIN AGJvYgBib2ItUGFzcy00Mg==");
@@ -90,10 +68,7 @@ fn credentials_before_tls_are_refused_without_reading_a_password() {
     // The session is still usable, and STARTTLS then LOGIN works.
     client.starttls(setup.tls_config());
     let login = client.command("e", "LOGIN bob bob-Pass-42");
-    assert!(
-        login.last().unwrap().starts_with("e OK [CAPABILITY"),
-        "{login:?}"
-    );
+    assert!(login.last().unwrap().starts_with("e OK [CAPABILITY"), "{login:?}");
     let log = setup.gateway.log();
     assert_eq!(log.matches("logged in").count(), 1, "{log}");
 }
@@ -122,10 +97,7 @@ fn plaintext_to_an_implicit_port_gets_no_greeting() {
     tcp.write_all(b"a LOGIN bob bob-Pass-42\r\n").unwrap();
     let mut received = Vec::new();
     let _ = tcp.read_to_end(&mut received);
-    assert!(
-        !String::from_utf8_lossy(&received).contains("OK"),
-        "{received:?}"
-    );
+    assert!(!String::from_utf8_lossy(&received).contains("OK"), "{received:?}");
     assert!(!setup.gateway.log().contains("logged in"));
 }
 
@@ -137,16 +109,13 @@ fn alpn_other_than_imap_is_refused() {
     let refused = handshake(tcp, setup.pki.client_config(&[b"http/1.1"]), "localhost");
     assert!(refused.is_err(), "ALPN http/1.1 was accepted");
     let tcp = TcpStream::connect(setup.addr("imaps")).unwrap();
-    let accepted =
-        handshake(tcp, setup.pki.client_config(&[b"imap"]), "localhost").expect("ALPN imap");
+    let accepted = handshake(tcp, setup.pki.client_config(&[b"imap"]), "localhost").expect("ALPN imap");
     assert_eq!(accepted.conn.alpn_protocol(), Some(&b"imap"[..]));
     // The same policy after STARTTLS.
     let mut client = starttls_client(&setup);
     client.send(b"a STARTTLS\r\n");
     assert!(client.line().unwrap().starts_with("a OK"));
-    let support::client::Conn::Plain(tcp) =
-        std::mem::replace(&mut client.conn, support::client::Conn::Detached)
-    else {
+    let support::client::Conn::Plain(tcp) = std::mem::replace(&mut client.conn, support::client::Conn::Detached) else {
         panic!()
     };
     assert!(handshake(tcp, setup.pki.client_config(&[b"pop3"]), "localhost").is_err());
@@ -175,12 +144,7 @@ fn tls_1_1_is_refused_and_1_2_and_1_3_work() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("openssl");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"a LOGOUT\n")
-            .unwrap();
+        child.stdin.take().unwrap().write_all(b"a LOGOUT\n").unwrap();
         let out = child.wait_with_output().unwrap();
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
     };
@@ -198,13 +162,7 @@ fn login_with_quoted_strings_literals_and_literal_plus() {
     // ALICE's password needs a literal; BOB's is an atom, sent quoted here.
     let mut client = setup.imaps();
     let lines = client.command("a", "LOGIN \"bob\" \"bob-Pass-42\"");
-    assert!(
-        lines
-            .last()
-            .unwrap()
-            .starts_with("a OK [CAPABILITY IMAP4rev1"),
-        "{lines:?}"
-    );
+    assert!(lines.last().unwrap().starts_with("a OK [CAPABILITY IMAP4rev1"), "{lines:?}");
     let caps = lines.last().unwrap();
     for hidden in ["STARTTLS", "AUTH=", "LOGINDISABLED", "COMPRESS="] {
         assert!(!caps.contains(hidden), "{hidden} relayed: {caps}");
@@ -223,18 +181,11 @@ fn login_with_quoted_strings_literals_and_literal_plus() {
 
     // LITERAL+ is what Setup::login uses.
     let mut client = setup.login(ALICE);
-    assert!(client
-        .command("c", "NOOP")
-        .last()
-        .unwrap()
-        .starts_with("c OK"));
+    assert!(client.command("c", "NOOP").last().unwrap().starts_with("c OK"));
 
     let mut client = setup.imaps();
     let lines = client.command("d", "LOGIN bob wrong-password");
-    assert!(
-        lines[0].starts_with("d NO [AUTHENTICATIONFAILED]"),
-        "{lines:?}"
-    );
+    assert!(lines[0].starts_with("d NO [AUTHENTICATIONFAILED]"), "{lines:?}");
     assert_no_secret_in_log(&setup);
 }
 
@@ -244,10 +195,7 @@ fn authenticate_plain_with_and_without_initial_response() {
     let plain = STANDARD.encode(format!("\0{}\0{}", ALICE.0, ALICE.1));
     let mut client = setup.imaps();
     let lines = client.command("a", &format!("AUTHENTICATE PLAIN {plain}"));
-    assert!(
-        lines.last().unwrap().starts_with("a OK [CAPABILITY"),
-        "{lines:?}"
-    );
+    assert!(lines.last().unwrap().starts_with("a OK [CAPABILITY"), "{lines:?}");
 
     let mut client = setup.imaps();
     client.send(b"b AUTHENTICATE PLAIN\r\n");
@@ -267,10 +215,7 @@ fn authenticate_plain_with_and_without_initial_response() {
     assert!(lines[0].starts_with("e NO"), "{lines:?}");
     let wrong = STANDARD.encode("\0alice\0not-it");
     let lines = client.command("f", &format!("AUTHENTICATE PLAIN {wrong}"));
-    assert!(
-        lines[0].starts_with("f NO [AUTHENTICATIONFAILED]"),
-        "{lines:?}"
-    );
+    assert!(lines[0].starts_with("f NO [AUTHENTICATIONFAILED]"), "{lines:?}");
     assert_no_secret_in_log(&setup);
 }
 
@@ -278,11 +223,9 @@ fn assert_no_secret_in_log(setup: &Setup) {
     let log = setup.gateway.log();
     assert!(log.contains("logged in"), "trace log was not captured");
     for (user, password) in [ALICE, BOB] {
-        for secret in [
-            password.to_string(),
-            STANDARD.encode(password),
-            STANDARD.encode(format!("\0{user}\0{password}")),
-        ] {
+        for secret in
+            [password.to_string(), STANDARD.encode(password), STANDARD.encode(format!("\0{user}\0{password}"))]
+        {
             assert!(!log.contains(&secret), "log contains a secret ({secret})");
         }
     }
@@ -339,10 +282,7 @@ fn bad_command_limit_is_configurable() {
     let mut client = setup.imaps();
     client.send(b"1 FROB\r\n");
     let rest = client.rest();
-    assert!(
-        rest[0].starts_with("1 BAD") && rest[1].starts_with("* BYE"),
-        "{rest:?}"
-    );
+    assert!(rest[0].starts_with("1 BAD") && rest[1].starts_with("* BYE"), "{rest:?}");
 }
 
 #[test]
@@ -358,16 +298,10 @@ fn preauth_commands_are_answered_by_the_gateway() {
     let setup = Setup::start();
     let mut client = setup.imaps();
     let caps = client.command("a", "CAPABILITY");
-    assert_eq!(
-        caps[0],
-        "* CAPABILITY IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN"
-    );
+    assert_eq!(caps[0], "* CAPABILITY IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN");
     let id = client.command("b", "ID (\"name\" \"test\")");
     assert!(id[0].starts_with("* ID"), "{id:?}");
     assert_eq!(client.command("c", "NOOP"), ["c OK NOOP completed."]);
     client.send(b"d LOGOUT\r\n");
-    assert_eq!(
-        client.rest(),
-        ["* BYE Logging out.", "d OK LOGOUT completed."]
-    );
+    assert_eq!(client.rest(), ["* BYE Logging out.", "d OK LOGOUT completed."]);
 }

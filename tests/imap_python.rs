@@ -55,8 +55,7 @@ fn run_suite(setup: &Setup, listener: &str, mode: &str) -> SuiteRun {
         .stderr(File::create(&err_path).unwrap())
         .spawn()
         .expect("running python3 (is it installed?)");
-    let read =
-        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+    let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
     let status = loop {
         if let Some(status) = child.try_wait().expect("waiting for python3") {
             break status;
@@ -74,12 +73,7 @@ fn run_suite(setup: &Setup, listener: &str, mode: &str) -> SuiteRun {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    SuiteRun {
-        status,
-        stdout: read(&out_path),
-        stderr: read(&err_path),
-        elapsed: started.elapsed(),
-    }
+    SuiteRun { status, stdout: read(&out_path), stderr: read(&err_path), elapsed: started.elapsed() }
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -91,29 +85,15 @@ fn tail(text: &str, lines: usize) -> String {
 fn forbidden() -> Vec<(String, String)> {
     let mut needles = Vec::new();
     let mut add = |what: String, needle: String| needles.push((what, needle));
-    for (user, password) in [
-        ALICE,
-        BOB,
-        (ALICE.0, WRONG_PASSWORD),
-        (BOB.0, WRONG_PASSWORD),
-    ] {
+    for (user, password) in [ALICE, BOB, (ALICE.0, WRONG_PASSWORD), (BOB.0, WRONG_PASSWORD)] {
         add(format!("{user}'s password"), password.to_string());
         // As `Debug` (tracing's `?field`) would print it: quotes and backslashes escaped.
         let debug = format!("{password:?}");
-        add(
-            format!("{user}'s password (Debug-escaped)"),
-            debug[1..debug.len() - 1].to_string(),
-        );
-        add(
-            format!("{user}'s password (base64)"),
-            STANDARD.encode(password.as_bytes()),
-        );
+        add(format!("{user}'s password (Debug-escaped)"), debug[1..debug.len() - 1].to_string());
+        add(format!("{user}'s password (base64)"), STANDARD.encode(password.as_bytes()));
         for authzid in ["", user] {
             let plain = format!("{authzid}\0{user}\0{password}");
-            add(
-                format!("SASL PLAIN of {user} (authzid {authzid:?}, base64)"),
-                STANDARD.encode(plain.as_bytes()),
-            );
+            add(format!("SASL PLAIN of {user} (authzid {authzid:?}, base64)"), STANDARD.encode(plain.as_bytes()));
         }
     }
     // Fragments, in case a password is logged cut at a space or at a literal.
@@ -127,19 +107,13 @@ fn final_log(setup: &mut Setup) -> String {
     let status = setup.gateway.terminate(Duration::from_secs(20));
     assert!(status.is_some(), "mailgate did not stop within 20 s");
     // The reader thread may still be appending the last lines.
-    let _ = setup
-        .gateway
-        .wait_for_log(" stopped", Duration::from_secs(5));
+    let _ = setup.gateway.wait_for_log(" stopped", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(200));
     setup.gateway.log()
 }
 
 fn assert_no_credentials(log: &str) {
-    assert!(
-        log.contains("logged in"),
-        "mailgate's log shows no login: was it captured?\n{}",
-        tail(log, 100)
-    );
+    assert!(log.contains("logged in"), "mailgate's log shows no login: was it captured?\n{}", tail(log, 100));
     assert!(
         log.contains("DEBUG") || log.contains("TRACE"),
         "mailgate's log has no debug lines; the scan would prove little\n{}",
@@ -153,11 +127,7 @@ fn assert_no_credentials(log: &str) {
             }
         }
     }
-    assert!(
-        leaks.is_empty(),
-        "credentials in mailgate's log:\n{}",
-        leaks.join("\n")
-    );
+    assert!(leaks.is_empty(), "credentials in mailgate's log:\n{}", leaks.join("\n"));
 }
 
 fn suite(listener: &str, mode: &str) {
