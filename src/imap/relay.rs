@@ -84,6 +84,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
         framer: Framer::new(service.config.imap.max_line_bytes.as_usize()),
         line: Vec::new(),
         continuing: false,
+        refusing: false,
         shared: shared.clone(),
         inject: inject_tx,
         service,
@@ -134,6 +135,8 @@ struct ClientPump<'a, R, W> {
     line: Vec<u8>,
     /// The next line continues the current command (it follows a literal).
     continuing: bool,
+    /// Shutdown began and the client started a new command: its bytes are dropped.
+    refusing: bool,
     shared: Arc<Mutex<Shared>>,
     inject: mpsc::Sender<Inject>,
     service: &'a Service,
@@ -152,8 +155,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 if let Err(end) = self.read_more().await {
                     return end;
                 }
-                if self.lock().draining {
-                    // Commands arriving during shutdown are not started.
+                if self.refusing {
                     self.buffer.clear();
                     continue;
                 }
@@ -246,6 +248,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
 
     async fn forward_line(&mut self, line: super::framing::Line) -> Option<End> {
         let first_line = !self.continuing;
+        if first_line && self.lock().draining {
+            // Shutdown: commands already sent finish (their literals still flow), new ones
+            // are not started; the session ends with BYE once the old ones complete.
+            self.refusing = true;
+            self.buffer.clear();
+            self.line.clear();
+            return None;
+        }
         let head = strip_eol(&line.head);
         let tag = head.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
         let idling = self.lock().idling.is_some();

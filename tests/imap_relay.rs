@@ -1,0 +1,178 @@
+//! The authenticated relay against a real Dovecot: literals in both directions and their
+//! limits, IDLE, the idle timeout, disconnects, and graceful shutdown.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::setup::*;
+
+fn message(subject: &str, body_len: usize) -> Vec<u8> {
+    let mut m = format!("From: a@example.org\r\nTo: b@example.org\r\nSubject: {subject}\r\n\r\n").into_bytes();
+    while m.len() < body_len {
+        m.extend_from_slice(b"Line of the body, 8-bit \xc3\xa4\xc3\xb6 text.\r\n");
+    }
+    m
+}
+
+#[test]
+fn append_with_a_synchronizing_literal_waits_for_the_upstream_continuation() {
+    let setup = Setup::start();
+    let mut client = setup.login(BOB);
+    let msg = message("sync literal", 300_000);
+    client.send(format!("a APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes());
+    let cont = client.line().unwrap();
+    assert!(cont.starts_with("+ "), "{cont}");
+    client.send(&msg);
+    client.send(b"\r\n");
+    let lines = client.until_tagged("a");
+    assert!(lines.last().unwrap().starts_with("a OK"), "{lines:?}");
+    client.command("b", "SELECT INBOX");
+    client.send(b"c FETCH 1 BODY.PEEK[]\r\n");
+    let header = client.line().unwrap();
+    assert!(header.ends_with(&format!("{{{}}}", msg.len())), "{header}");
+    assert_eq!(client.bytes(msg.len()), msg);
+    let lines = client.until_tagged("c");
+    assert_eq!(lines[0], ")");
+    assert!(lines[1].starts_with("c OK Fetch completed"), "{lines:?}");
+}
+
+#[test]
+fn a_literal_refused_by_the_upstream_is_not_read_as_data() {
+    let setup = Setup::start();
+    let mut client = setup.login(BOB);
+    // Dovecot refuses an APPEND to a missing mailbox before sending its continuation: the
+    // client never sends the literal, so the next line must be read as a command.
+    client.send(b"a APPEND NoSuchBox {5}\r\n");
+    let refused = client.line().unwrap();
+    assert!(refused.starts_with("a NO [TRYCREATE]"), "{refused}");
+    let lines = client.command("b", "NOOP");
+    assert!(lines[0].starts_with("b OK NOOP completed"), "{lines:?}");
+}
+
+#[test]
+fn literals_over_the_limit_are_refused_before_the_upstream_sees_them() {
+    let setup = Setup::start_with("max_literal_bytes = \"1MiB\"", "");
+    let mut client = setup.login(BOB);
+    client.send(b"a APPEND INBOX {2000000}\r\n");
+    assert_eq!(client.line().unwrap(), "a BAD [TOOBIG] Literal too large.");
+    assert!(client.command("b", "NOOP")[0].starts_with("b OK NOOP completed"));
+    // A non-synchronizing literal is already on its way: the session has to end.
+    client.send(b"c APPEND INBOX {2000000+}\r\n");
+    let rest = client.rest();
+    assert_eq!(rest, ["* BYE Literal too large."]);
+    let log = setup.dovecot.log();
+    assert!(!log.contains("2000000"), "upstream saw the literal: {log}");
+}
+
+#[test]
+fn idle_receives_exists_from_another_session() {
+    let setup = Setup::start();
+    let mut idler = setup.login(BOB);
+    let lines = idler.command("a", "SELECT INBOX");
+    let exists: usize = lines.iter().find_map(|l| l.strip_suffix(" EXISTS")?.strip_prefix("* ")?.parse().ok()).unwrap();
+    idler.send(b"b IDLE\r\n");
+    assert!(idler.line().unwrap().starts_with("+ "));
+    let mut other = setup.login(BOB);
+    let msg = message("wake up", 2000);
+    other.send(format!("x APPEND INBOX {{{}+}}\r\n", msg.len()).as_bytes());
+    other.send(&msg);
+    other.send(b"\r\n");
+    assert!(other.until_tagged("x").last().unwrap().starts_with("x OK"));
+    let line = idler.line().unwrap();
+    assert_eq!(line, format!("* {} EXISTS", exists + 1));
+    idler.send(b"DONE\r\n");
+    let lines = idler.until_tagged("b");
+    assert!(lines.last().unwrap().starts_with("b OK"), "{lines:?}");
+}
+
+#[test]
+fn idle_timeout_logs_out_an_inactive_client_even_in_idle() {
+    let setup = Setup::start_with("idle_timeout = \"2s\"", "");
+    let mut client = setup.login(BOB);
+    client.command("a", "SELECT INBOX");
+    client.send(b"b IDLE\r\n");
+    assert!(client.line().unwrap().starts_with("+ "));
+    let started = Instant::now();
+    let rest = client.rest();
+    assert!(rest.contains(&"* BYE Autologout; idle for too long.".to_string()), "{rest:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "{:?}", started.elapsed());
+}
+
+#[test]
+fn client_disconnect_closes_the_upstream_session() {
+    let setup = Setup::start();
+    let mut client = setup.login(BOB);
+    client.command("a", "SELECT INBOX");
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !setup.dovecot.log().contains("imap(bob)") || !setup.dovecot.log().contains("Disconnected") {
+        assert!(Instant::now() < deadline, "upstream session still open:\n{}", setup.dovecot.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn large_fetch_is_relayed_byte_for_byte() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 30, 11);
+    let mut via = setup.login(BOB);
+    let mut direct = setup.direct(BOB);
+    for c in [&mut via, &mut direct] {
+        c.command("s", "SELECT INBOX");
+        c.send(b"f UID FETCH 1:* (UID RFC822.SIZE BODY.PEEK[] BODYSTRUCTURE)\r\n");
+    }
+    let read_all = |c: &mut support::client::Client| {
+        let mut out = Vec::new();
+        loop {
+            let line = c.line().unwrap();
+            out.extend_from_slice(line.as_bytes());
+            if let Some(n) =
+                line.strip_suffix('}').and_then(|l| l.rsplit_once('{')).and_then(|(_, n)| n.parse::<usize>().ok())
+            {
+                out.extend_from_slice(&c.bytes(n));
+            }
+            if line.starts_with("f ") {
+                // Dovecot's completion text carries timings; the status is what must match.
+                out.truncate(out.len() - line.len());
+                assert!(line.starts_with("f OK"), "{line}");
+                return out;
+            }
+        }
+    };
+    let a = read_all(&mut via);
+    let b = read_all(&mut direct);
+    assert!(a.len() > 100_000, "{}", a.len());
+    assert!(a == b, "responses differ ({} vs {} bytes)", a.len(), b.len());
+}
+
+#[test]
+fn sigterm_says_bye_to_idle_sessions_and_lets_busy_ones_finish() {
+    let mut setup = Setup::start();
+    let mut idle = setup.login(BOB);
+    idle.command("a", "SELECT INBOX");
+    let mut idling = setup.login(BOB);
+    idling.command("a", "SELECT INBOX");
+    idling.send(b"b IDLE\r\n");
+    assert!(idling.line().unwrap().starts_with("+ "));
+    let mut busy = setup.login(BOB);
+    let msg = message("in flight", 50_000);
+    busy.send(format!("c APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes());
+    assert!(busy.line().unwrap().starts_with("+ "));
+    busy.send(&msg[..10_000]);
+
+    let started = Instant::now();
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(setup.gateway.pid().to_string()).status();
+    assert_eq!(idle.rest(), ["* BYE Server shutting down."]);
+    assert_eq!(idling.rest(), ["* BYE Server shutting down."]);
+    // The busy session finishes its APPEND, then gets BYE.
+    std::thread::sleep(Duration::from_millis(300));
+    busy.send(&msg[10_000..]);
+    busy.send(b"\r\n");
+    let lines = busy.until_tagged("c");
+    assert!(lines.last().unwrap().starts_with("c OK"), "{lines:?}");
+    assert_eq!(busy.rest(), ["* BYE Server shutting down."]);
+    let status = setup.gateway.terminate(Duration::from_secs(15)).expect("mailgate did not exit");
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}
