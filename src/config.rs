@@ -371,10 +371,11 @@ fn error(path: &str, message: &str) -> ConfigError {
 }
 
 /// Deserializes one section; an absent section yields its defaults.
-fn section<T: DeserializeOwned + Default>(errors: &mut Vec<ConfigError>, path: &str, value: Option<&Value>) -> Option<T>
-where
-    T: DeserializeOwned,
-{
+fn section<T: DeserializeOwned + Default>(
+    errors: &mut Vec<ConfigError>,
+    path: &str,
+    value: Option<&Value>,
+) -> Option<T> {
     let figment = match value {
         Some(v) => Figment::from(Serialized::defaults(v)),
         None => return Some(T::default()),

@@ -170,7 +170,7 @@ fn login_with_quoted_strings_literals_and_literal_plus() {
 
     let mut client = setup.imaps();
     let password = ALICE.1.as_bytes();
-    client.send(format!("b LOGIN {{5}}\r\n").as_bytes());
+    client.send(b"b LOGIN {5}\r\n");
     assert!(client.line().unwrap().starts_with("+ "));
     client.send(format!("alice {{{}}}\r\n", password.len()).as_bytes());
     assert!(client.line().unwrap().starts_with("+ "));

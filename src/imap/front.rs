@@ -245,10 +245,10 @@ pub async fn serve(stream: Stream, service: &Service) {
                 }
                 Err(LoginError::Rejected { code }) => {
                     info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
-                    let code = match code.as_deref() {
-                        Some(c @ ("AUTHORIZATIONFAILED" | "EXPIRED" | "CONTACTADMIN" | "UNAVAILABLE" | "LIMIT")) => c,
-                        _ => "AUTHENTICATIONFAILED",
-                    };
+                    // RFC 5530 codes that tell the user something useful pass through.
+                    const RELAYED: &[&str] =
+                        &["AUTHORIZATIONFAILED", "EXPIRED", "CONTACTADMIN", "UNAVAILABLE", "LIMIT"];
+                    let code = code.as_deref().filter(|c| RELAYED.contains(c)).unwrap_or("AUTHENTICATIONFAILED");
                     let no = format!("{tag} NO [{code}] Authentication failed.\r\n");
                     if conn.write(no.as_bytes()).await.is_err() {
                         return;

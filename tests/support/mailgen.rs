@@ -455,7 +455,8 @@ fn headers(out: &mut Vec<u8>, rng: &mut Rng, seed: u64, index: usize, huge: bool
         let (cc_name, cc) = *rng.pick(NAMES);
         header(out, &format!("Cc: {} <{cc}>", display_name(cc_name)));
     }
-    let subject = if utf8_subject { encoded_word(*rng.pick(UTF8_SUBJECTS)) } else { rng.pick(SUBJECTS).to_string() };
+    let subject =
+        if utf8_subject { encoded_word(rng.pick::<&str>(UTF8_SUBJECTS)) } else { rng.pick(SUBJECTS).to_string() };
     header(out, &format!("Subject: {subject} [{index}]"));
     header(out, &format!("Message-ID: <{seed:x}.{index}@mailgen.example>"));
     header(out, &format!("X-Mailgen: seed={seed}; index={index}"));
@@ -605,9 +606,9 @@ fn long_line(rng: &mut Rng, len: usize, utf8: bool) -> String {
 
 fn next_word(rng: &mut Rng, utf8: bool) -> &'static str {
     if utf8 && rng.chance(25) {
-        *rng.pick(UTF8_WORDS)
+        rng.pick::<&str>(UTF8_WORDS)
     } else {
-        *rng.pick(WORDS)
+        rng.pick::<&str>(WORDS)
     }
 }
 

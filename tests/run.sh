@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs mailgate's whole test suite on Debian/Ubuntu, installing the test peers when missing:
+# Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl, python3.
+#
+#   tests/run.sh              # everything: format check, clippy, unit + integration tests
+#   tests/run.sh -E 'test(starttls)'   # extra arguments go to cargo nextest (filters etc.)
+#
+# With CI=true nothing is optional: a peer that cannot be installed fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+have() { command -v "$1" >/dev/null 2>&1; }
+[ -x /usr/lib/dovecot/imap ] || missing+=(dovecot-imapd)
+[ -x /usr/lib/dovecot/pop3 ] || missing+=(dovecot-pop3d)
+have mbsync || missing+=(isync)
+have fetchmail || missing+=(fetchmail)
+have curl || missing+=(curl)
+have openssl || missing+=(openssl)
+have python3 || missing+=(python3)
+have useradd || missing+=(passwd)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "tests/run.sh: installing ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  # Dovecot's package scripts try to start the system service; there may be no init system.
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" ca-certificates >/dev/null
+fi
+for tool in /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/sbin/dovecot; do
+  [ -x "$tool" ] || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
+done
+for tool in mbsync fetchmail curl openssl python3; do
+  have "$tool" || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
+done
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast "$@"
+  # nextest does not run doctests.
+  cargo test --locked --doc
+else
+  cargo test --locked --no-fail-fast "$@"
+fi
