@@ -305,3 +305,17 @@ fn preauth_commands_are_answered_by_the_gateway() {
     client.send(b"d LOGOUT\r\n");
     assert_eq!(client.rest(), ["* BYE Logging out.", "d OK LOGOUT completed."]);
 }
+
+#[test]
+fn a_silent_client_is_cut_at_the_tls_handshake_timeout() {
+    let setup = Setup::start();
+    let started = std::time::Instant::now();
+    let mut tcp = TcpStream::connect(setup.addr("imaps")).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut received = Vec::new();
+    let _ = tcp.read_to_end(&mut received);
+    let elapsed = started.elapsed();
+    assert!(received.is_empty(), "{received:?}");
+    // The test configuration sets handshake_timeout = "5s".
+    assert!(elapsed >= Duration::from_secs(4) && elapsed < Duration::from_secs(15), "{elapsed:?}");
+}

@@ -81,9 +81,12 @@ fn idle_receives_exists_from_another_session() {
     assert!(other.until_tagged("x").last().unwrap().starts_with("x OK"));
     let line = idler.line().unwrap();
     assert_eq!(line, format!("* {} EXISTS", exists + 1));
-    idler.send(b"DONE\r\n");
+    // DONE and the next command in one write: the command is relayed and answered.
+    idler.send(b"DONE\r\nc NOOP\r\n");
     let lines = idler.until_tagged("b");
     assert!(lines.last().unwrap().starts_with("b OK"), "{lines:?}");
+    let lines = idler.until_tagged("c");
+    assert!(lines.last().unwrap().starts_with("c OK"), "{lines:?}");
 }
 
 #[test]

@@ -258,7 +258,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         }
         let head = strip_eol(&line.head);
         let tag = head.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
-        let idling = self.lock().idling.is_some();
+        // A line during IDLE is its DONE: the lines after it are commands again, even before
+        // the upstream completes the IDLE (its tag stays in flight until then).
+        let idling = first_line && self.lock().idling.take().is_some();
         if let Some(announce) = line.announce {
             if announce.len > self.service.config.imap.max_literal_bytes.0 {
                 if announce.non_sync || !first_line {
