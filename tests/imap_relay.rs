@@ -179,3 +179,18 @@ fn sigterm_says_bye_to_idle_sessions_and_lets_busy_ones_finish() {
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
+
+#[test]
+fn pipelining_beyond_the_in_flight_cap_is_slowed_not_refused() {
+    let setup = Setup::start();
+    let mut client = setup.login(BOB);
+    let mut batch = Vec::new();
+    for i in 0..2500 {
+        batch.extend_from_slice(format!("t{i} NOOP\r\n").as_bytes());
+    }
+    client.send(&batch);
+    for i in 0..2500 {
+        let lines = client.until_tagged(&format!("t{i}"));
+        assert!(lines.last().unwrap().starts_with(&format!("t{i} OK")), "{lines:?}");
+    }
+}

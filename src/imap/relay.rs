@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -37,8 +37,9 @@ pub struct Client {
     pub leftover: BytesMut,
 }
 
-/// Commands in flight beyond this are refused: a client has no use for more, and the tag
-/// queue must stay bounded.
+/// Commands in flight at once. A client that pipelines more (mbsync does, by thousands)
+/// is simply not read until the upstream has answered some: TCP backpressure keeps the tag
+/// queue bounded without failing the client.
 const MAX_IN_FLIGHT: usize = 1000;
 
 /// How long the upstream pump may finish its work once the client side has ended.
@@ -73,6 +74,7 @@ struct Inject {
 
 pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
     let shared = Arc::new(Mutex::new(Shared::default()));
+    let completed = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
     let (client_read, client_write) = tokio::io::split(client.stream);
     let (upstream_read, upstream_write) = tokio::io::split(upstream.stream);
@@ -86,6 +88,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
         continuing: false,
         refusing: false,
         shared: shared.clone(),
+        completed: completed.clone(),
         inject: inject_tx,
         service,
     };
@@ -96,23 +99,34 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
         framer: Framer::new(usize::MAX),
         upstream_bye: false,
         shared: shared.clone(),
+        completed: completed.clone(),
         inject: inject_rx,
         service,
     };
 
-    let end = tokio::select! {
-        end = to_upstream.run() => {
+    // Both pumps are polled in place, never re-created: dropping a pump in the middle of a
+    // write would lose the bytes it had taken from its buffer.
+    let mut upstream_side = Box::pin(to_client.run());
+    let mut client_side = Box::pin(to_upstream.run());
+    let first = tokio::select! {
+        end = &mut upstream_side => Ok(end),
+        end = &mut client_side => Err(end),
+    };
+    let end = match first {
+        Ok(end) => end,
+        Err(end) => {
             debug!(?end, "client side ended");
+            drop(client_side);
             // Let the upstream pump deliver what is owed: the answers to commands already
             // sent when the client half-closed, or mailgate's own BYE.
             if end == End::ClientClosed {
                 let _ = to_upstream.write.shutdown().await;
             }
-            let _ = tokio::time::timeout(DRAIN, to_client.run()).await;
+            let _ = tokio::time::timeout(DRAIN, &mut upstream_side).await;
             end
         }
-        end = to_client.run() => end,
     };
+    drop(upstream_side);
     let _ = to_client.write.shutdown().await;
     debug!(?end, "session ended");
 }
@@ -138,6 +152,8 @@ struct ClientPump<'a, R, W> {
     /// Shutdown began and the client started a new command: its bytes are dropped.
     refusing: bool,
     shared: Arc<Mutex<Shared>>,
+    /// Signalled by the upstream pump at each tagged completion.
+    completed: Arc<Notify>,
     inject: mpsc::Sender<Inject>,
     service: &'a Service,
 }
@@ -246,6 +262,25 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         None
     }
 
+    /// Waits until fewer than [`MAX_IN_FLIGHT`] commands are outstanding; false if none
+    /// completed for a whole idle period (the client is not reading its answers).
+    async fn room_for_a_command(&mut self) -> bool {
+        let deadline = Instant::now() + self.service.config.imap.idle_timeout.0;
+        loop {
+            let completed = self.completed.notified();
+            if self.lock().in_flight.len() < MAX_IN_FLIGHT {
+                return true;
+            }
+            // What is written but not flushed cannot be answered.
+            if self.write.flush().await.is_err() {
+                return false;
+            }
+            if tokio::time::timeout_at(deadline, completed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     async fn forward_line(&mut self, line: super::framing::Line) -> Option<End> {
         let first_line = !self.continuing;
         if first_line && self.lock().draining {
@@ -275,17 +310,16 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             }
         }
         if first_line && !idling {
-            let too_many = {
+            if !self.room_for_a_command().await {
+                return Some(self.close_with("Too many commands in flight.").await);
+            }
+            {
                 let mut shared = self.lock();
                 let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
                 if command.eq_ignore_ascii_case(b"IDLE") {
                     shared.idling = Some(tag.clone());
                 }
                 shared.in_flight.push_back(tag.clone());
-                shared.in_flight.len() > MAX_IN_FLIGHT
-            };
-            if too_many {
-                return Some(self.close_with("Too many commands in flight.").await);
             }
         }
         if let Some(announce) = line.announce {
@@ -313,6 +347,7 @@ struct UpstreamPump<'a, R, W> {
     framer: Framer,
     upstream_bye: bool,
     shared: Arc<Mutex<Shared>>,
+    completed: Arc<Notify>,
     inject: mpsc::Receiver<Inject>,
     service: &'a Service,
 }
@@ -403,6 +438,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             Kind::Tagged { tag, .. } => {
                 if let Some(i) = shared.in_flight.iter().position(|t| t == tag) {
                     shared.in_flight.remove(i);
+                    self.completed.notify_one();
                 }
                 if shared.idling.as_deref() == Some(tag) {
                     shared.idling = None;
