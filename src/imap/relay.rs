@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::debug;
@@ -41,6 +41,16 @@ pub struct Client {
 /// is simply not read until the upstream has answered some: TCP backpressure keeps the tag
 /// queue bounded without failing the client.
 const MAX_IN_FLIGHT: usize = 1000;
+
+/// Read and write granularity: big enough that a large FETCH moves in full TLS records,
+/// small enough to be irrelevant per session. Writes are coalesced in a `BufWriter` and
+/// flushed whenever the input runs dry, so interactive traffic is not delayed.
+const IO_CHUNK: usize = 32 * 1024;
+
+async fn read_chunk<R: AsyncRead>(read: &mut ReadHalf<R>, buffer: &mut BytesMut) -> std::io::Result<usize> {
+    buffer.reserve(IO_CHUNK);
+    read.read_buf(buffer).await
+}
 
 /// How long the upstream pump may finish its work once the client side has ended.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
@@ -81,7 +91,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
 
     let mut to_upstream = ClientPump {
         read: client_read,
-        write: upstream_write,
+        write: BufWriter::with_capacity(IO_CHUNK, upstream_write),
         buffer: client.leftover,
         framer: Framer::new(service.config.imap.max_line_bytes.as_usize()),
         line: Vec::new(),
@@ -94,7 +104,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
     };
     let mut to_client = UpstreamPump {
         read: upstream_read,
-        write: client_write,
+        write: BufWriter::with_capacity(IO_CHUNK, client_write),
         buffer: upstream.leftover,
         framer: Framer::new(usize::MAX),
         upstream_bye: false,
@@ -142,7 +152,7 @@ enum End {
 
 struct ClientPump<'a, R, W> {
     read: ReadHalf<R>,
-    write: WriteHalf<W>,
+    write: BufWriter<WriteHalf<W>>,
     buffer: BytesMut,
     framer: Framer,
     /// The command line being assembled (complete lines are forwarded whole).
@@ -193,7 +203,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         loop {
             let draining = self.lock().draining;
             let read = tokio::select! {
-                read = tokio::time::timeout_at(deadline, self.read.read_buf(&mut self.buffer)) => read,
+                read = tokio::time::timeout_at(deadline, read_chunk(&mut self.read, &mut self.buffer)) => read,
                 _ = self.service.shutdown.cancelled(), if !draining => {
                     let quiet = {
                         let mut shared = self.lock();
@@ -342,7 +352,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
 
 struct UpstreamPump<'a, R, W> {
     read: ReadHalf<R>,
-    write: WriteHalf<W>,
+    write: BufWriter<WriteHalf<W>>,
     buffer: BytesMut,
     framer: Framer,
     upstream_bye: bool,
@@ -365,7 +375,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             let at_boundary = self.framer.at_boundary();
             tokio::select! {
-                read = self.read.read_buf(&mut self.buffer) => match read {
+                read = read_chunk(&mut self.read, &mut self.buffer) => match read {
                     Ok(0) | Err(_) => return self.upstream_gone().await,
                     Ok(_) => {}
                 },

@@ -1,0 +1,102 @@
+//! Relay cost against the direct upstream, measured in the same run: a real Dovecot, and
+//! mailgate (release build) in front of it over implicit TLS on both legs.
+//!
+//! `cargo bench --bench relay` prints medians and the ratio mailgate / direct for:
+//! - login (TLS handshake + greeting + LOGIN),
+//! - a NOOP round trip on an open session,
+//! - a full-mailbox `UID FETCH 1:* BODY.PEEK[]` (throughput).
+//!
+//! Machines are noisy: each figure is the median of several rounds, direct and mailgate
+//! interleaved so that drift hits both alike.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::client::Client;
+use support::setup::{Setup, BOB};
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn fetch_all(client: &mut Client) -> usize {
+    client.send(b"f UID FETCH 1:* BODY.PEEK[]\r\n");
+    let mut bytes = 0;
+    loop {
+        let line = client.line().expect("fetch response");
+        bytes += line.len() + 2;
+        if let Some(n) =
+            line.strip_suffix('}').and_then(|l| l.rsplit_once('{')).and_then(|(_, n)| n.parse::<usize>().ok())
+        {
+            bytes += client.bytes(n).len();
+        }
+        if line.starts_with("f ") {
+            assert!(line.starts_with("f OK"), "{line}");
+            return bytes;
+        }
+    }
+}
+
+fn main() {
+    let setup = Setup::start();
+    let total = setup.dovecot.fill(BOB.0, 300, 42);
+    println!("mailbox: 300 messages, {:.1} MB", total as f64 / 1e6);
+
+    let rounds = 15;
+    let mut login = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        drop(setup.direct(BOB));
+        login.0.push(t.elapsed());
+        let t = Instant::now();
+        drop(setup.login(BOB));
+        login.1.push(t.elapsed());
+    }
+
+    let mut direct = setup.direct(BOB);
+    let mut via = setup.login(BOB);
+    direct.command("s", "SELECT INBOX");
+    via.command("s", "SELECT INBOX");
+    let mut noop = (Vec::new(), Vec::new());
+    for _ in 0..500 {
+        let t = Instant::now();
+        direct.command("n", "NOOP");
+        noop.0.push(t.elapsed());
+        let t = Instant::now();
+        via.command("n", "NOOP");
+        noop.1.push(t.elapsed());
+    }
+
+    let mut fetch = (Vec::new(), Vec::new());
+    let mut size = 0;
+    for _ in 0..7 {
+        let t = Instant::now();
+        size = fetch_all(&mut direct);
+        fetch.0.push(t.elapsed());
+        let t = Instant::now();
+        assert_eq!(fetch_all(&mut via), size);
+        fetch.1.push(t.elapsed());
+    }
+
+    let (fetch_direct, fetch_via) = (median(fetch.0.clone()), median(fetch.1.clone()));
+    println!("{:<28} {:>12} {:>12} {:>8}", "median", "direct", "mailgate", "ratio");
+    for (name, (d, m)) in [("login (TLS + LOGIN)", login), ("NOOP round trip", noop), ("UID FETCH 1:* BODY[]", fetch)] {
+        let (d, m) = (median(d), median(m));
+        println!(
+            "{name:<28} {:>10.3}ms {:>10.3}ms {:>7.2}x",
+            d.as_secs_f64() * 1e3,
+            m.as_secs_f64() * 1e3,
+            m.as_secs_f64() / d.as_secs_f64()
+        );
+    }
+    let (d, m) = (fetch_direct, fetch_via);
+    println!(
+        "FETCH throughput: direct {:.0} MB/s, mailgate {:.0} MB/s ({} bytes per fetch)",
+        size as f64 / d.as_secs_f64() / 1e6,
+        size as f64 / m.as_secs_f64() / 1e6,
+        size
+    );
+}
