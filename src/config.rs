@@ -203,9 +203,14 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "shutdown"];
 
 impl Config {
-    /// Defaults, then the TOML file, then `MAILGATE_*` variables from the process environment.
+    /// Defaults, then the TOML file, then `MAILGATE_SECTION__KEY` variables from the process
+    /// environment. Only names with a double underscore are overrides: container platforms
+    /// inject unrelated `MAILGATE_*` variables (Kubernetes: `MAILGATE_PORT`,
+    /// `MAILGATE_SERVICE_HOST` for a service named mailgate) that must not stop a start.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let figment = Figment::new().merge(Toml::file_exact(path)).merge(Env::prefixed("MAILGATE_").split("__"));
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("MAILGATE_").filter(|key| key.as_str().contains("__")).split("__"));
         Self::from_figment(figment)
     }
 

@@ -138,7 +138,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
     };
     drop(upstream_side);
     let _ = to_client.write.shutdown().await;
-    debug!(?end, "session ended");
+    tracing::info!(reason = ?end, "session ended");
 }
 
 #[derive(Debug, PartialEq, Eq)]
