@@ -168,6 +168,15 @@ impl Client {
         self.until_tagged(tag)
     }
 
+    /// LOGIN with the password as a LITERAL+ literal (any bytes pass); panics unless OK.
+    pub fn login(&mut self, (user, password): (&str, &str)) {
+        self.send(format!("L LOGIN {user} {{{}+}}\r\n", password.len()).as_bytes());
+        self.send(password.as_bytes());
+        self.send(b"\r\n");
+        let lines = self.until_tagged("L");
+        assert!(lines.last().unwrap().starts_with("L OK"), "{lines:?}");
+    }
+
     /// Everything until the peer closes (bounded by the read timeout).
     pub fn rest(&mut self) -> Vec<String> {
         let mut lines = Vec::new();

@@ -65,12 +65,7 @@ impl Setup {
     /// A client logged in as `user` over implicit TLS.
     pub fn login(&self, user: (&str, &str)) -> Client {
         let mut client = self.imaps();
-        let password = user.1.as_bytes();
-        client.send(format!("L LOGIN {} {{{}+}}\r\n", user.0, password.len()).as_bytes());
-        client.send(password);
-        client.send(b"\r\n");
-        let lines = client.until_tagged("L");
-        assert!(lines.last().unwrap().starts_with("L OK"), "{lines:?}");
+        client.login(user);
         client
     }
 
@@ -78,12 +73,7 @@ impl Setup {
     pub fn direct(&self, user: (&str, &str)) -> Client {
         let mut client = Client::tls(self.dovecot.imaps, client_config_trusting(&self.dovecot.ca_pem(), &[]));
         client.line().expect("greeting");
-        let password = user.1.as_bytes();
-        client.send(format!("L LOGIN {} {{{}+}}\r\n", user.0, password.len()).as_bytes());
-        client.send(password);
-        client.send(b"\r\n");
-        let lines = client.until_tagged("L");
-        assert!(lines.last().unwrap().starts_with("L OK"), "{lines:?}");
+        client.login(user);
         client
     }
 }
