@@ -266,3 +266,30 @@ fn plaintext_login_before_starttls_opens_no_upstream_connection() {
     assert!(client.line().unwrap().starts_with("c NO [PRIVACYREQUIRED]"));
     assert_eq!(fake.accepted(), 0);
 }
+
+#[test]
+fn upstream_without_auth_plain_gets_login_with_a_synchronizing_literal() {
+    // No AUTH=PLAIN and no LITERAL+: LOGIN, the 8-bit password as a literal sent only after
+    // the upstream's continuation.
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.send(b"* OK [CAPABILITY IMAP4rev1] old server\r\n");
+        let login = conn.line().unwrap();
+        let tag = login.split(' ').next().unwrap().to_string();
+        assert!(login.ends_with(" LOGIN \"user\" {9}"), "{login}");
+        conn.send(b"+ go ahead\r\n");
+        let password = conn.line().unwrap();
+        assert_eq!(password, "p\u{e4}ss w\u{f6}");
+        conn.send(format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE] hello\r\n").as_bytes());
+        while let Some(line) = conn.line() {
+            let tag = line.split(' ').next().unwrap_or_default().to_string();
+            conn.send(format!("{tag} OK fine\r\n").as_bytes());
+        }
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    let password = "p\u{e4}ss w\u{f6}";
+    client.send(format!("a LOGIN user {{{}+}}\r\n{password}\r\n", password.len()).as_bytes());
+    assert_eq!(client.until_tagged("a"), ["a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"]);
+    assert_eq!(client.command("b", "NOOP"), ["b OK fine"]);
+}
