@@ -28,13 +28,32 @@ pub struct Config {
     pub tls: TlsConfig,
     pub upstream: BTreeMap<String, UpstreamConfig>,
     pub imap: ImapConfig,
+    pub pop3: Pop3Config,
     pub shutdown: ShutdownConfig,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Imap,
+    Pop3,
+}
+
+impl Protocol {
+    /// The ALPN protocol id (IANA registry: `imap`, `pop3`).
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Protocol::Imap => b"imap",
+            Protocol::Pop3 => b"pop3",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+        }
+    }
 }
 
 /// How a connection (client side or upstream side) is protected.
@@ -103,6 +122,8 @@ impl Default for TlsConfig {
 pub struct UpstreamConfig {
     /// `host:port` of the upstream IMAP server.
     pub imap: Option<String>,
+    /// `host:port` of the upstream POP3 server.
+    pub pop3: Option<String>,
     pub tls: TlsMode,
     /// PEM file of CA certificates that sign the upstream's certificate; the system roots otherwise.
     pub ca_file: Option<PathBuf>,
@@ -118,6 +139,16 @@ pub struct UpstreamConfig {
     /// Greeting, CAPABILITY, STARTTLS and the login exchange together.
     #[serde(default = "default_upstream_login_timeout")]
     pub login_timeout: Span,
+}
+
+impl UpstreamConfig {
+    /// The configured `host:port` for `protocol`.
+    pub fn address(&self, protocol: Protocol) -> Option<&str> {
+        match protocol {
+            Protocol::Imap => self.imap.as_deref(),
+            Protocol::Pop3 => self.pop3.as_deref(),
+        }
+    }
 }
 
 fn default_connect_timeout() -> Span {
@@ -163,6 +194,33 @@ impl Default for ImapConfig {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct Pop3Config {
+    /// Invalid commands tolerated before the connection is closed.
+    pub max_bad_commands: u32,
+    /// Time from connect to a successful login.
+    pub login_timeout: Span,
+    /// Client inactivity after login (RFC 1939 §3: at least 10 minutes).
+    pub idle_timeout: Span,
+    /// A command line (RFC 2449 §4: 255 octets). SASL responses to AUTH may be longer and
+    /// have their own limit below.
+    pub max_line_bytes: ByteSize,
+    pub max_sasl_line_bytes: ByteSize,
+}
+
+impl Default for Pop3Config {
+    fn default() -> Self {
+        Pop3Config {
+            max_bad_commands: 3,
+            login_timeout: secs(60),
+            idle_timeout: Span(std::time::Duration::from_secs(10 * 60)),
+            max_line_bytes: ByteSize(255),
+            max_sasl_line_bytes: ByteSize(8 << 10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// How long in-flight commands may run after SIGTERM before sessions are cut.
     pub grace: Span,
@@ -200,7 +258,7 @@ impl fmt::Display for ConfigError {
 #[error("{} configuration error(s): {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
-const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "shutdown"];
+const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "pop3", "shutdown"];
 
 impl Config {
     /// Defaults, then the TOML file, then `MAILGATE_SECTION__KEY` variables from the process
@@ -262,9 +320,10 @@ impl Config {
         };
         let tls = section(&mut errors, "tls", root.get("tls")).unwrap_or_default();
         let imap = section(&mut errors, "imap", root.get("imap")).unwrap_or_default();
+        let pop3 = section(&mut errors, "pop3", root.get("pop3")).unwrap_or_default();
         let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
 
-        let config = Config { listeners, tls, upstream, imap, shutdown };
+        let config = Config { listeners, tls, upstream, imap, pop3, shutdown };
         errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
@@ -300,17 +359,19 @@ impl Config {
             }
             match self.upstream.get(&l.upstream) {
                 None => errors.push(error(&at("upstream"), &format!("no [upstream.{}] is configured", l.upstream))),
-                Some(u) if l.protocol == Protocol::Imap && u.imap.is_none() => errors.push(error(
-                    &format!("upstream.{}.imap", l.upstream),
-                    &format!("listener `{}` speaks IMAP but this upstream has no imap address", l.name),
+                Some(u) if u.address(l.protocol).is_none() => errors.push(error(
+                    &format!("upstream.{}.{}", l.upstream, l.protocol.name()),
+                    &format!("listener `{}` speaks {} but this upstream has no {0} address", l.name, l.protocol.name()),
                 )),
                 Some(_) => {}
             }
         }
         for (name, u) in &self.upstream {
-            if let Some(address) = &u.imap {
-                if let Err(message) = split_host_port(address) {
-                    errors.push(error(&format!("upstream.{name}.imap"), &message));
+            for protocol in [Protocol::Imap, Protocol::Pop3] {
+                if let Some(address) = u.address(protocol) {
+                    if let Err(message) = split_host_port(address) {
+                        errors.push(error(&format!("upstream.{name}.{}", protocol.name()), &message));
+                    }
                 }
             }
             if let Some(ca) = &u.ca_file {
@@ -344,6 +405,18 @@ impl Config {
             if span.0.is_zero() {
                 errors.push(error(key, "must be longer than zero"));
             }
+        }
+        let p = &self.pop3;
+        if p.max_bad_commands == 0 {
+            errors.push(error("pop3.max_bad_commands", "must be at least 1"));
+        }
+        for (key, span) in [("pop3.login_timeout", p.login_timeout), ("pop3.idle_timeout", p.idle_timeout)] {
+            if span.0.is_zero() {
+                errors.push(error(key, "must be longer than zero"));
+            }
+        }
+        if p.max_line_bytes.0 < 255 || p.max_sasl_line_bytes.0 < 255 {
+            errors.push(error("pop3.max_line_bytes", "POP3 line limits must be at least 255 octets (RFC 2449)"));
         }
         if i.preauth_max_line_bytes.0 < 512 || i.max_line_bytes.0 < 1024 {
             errors.push(error(
@@ -425,6 +498,7 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             imap: None,
+            pop3: None,
             tls: TlsMode::Implicit,
             ca_file: None,
             server_name: None,

@@ -26,7 +26,9 @@ pub mod auth;
 pub mod config;
 pub mod imap;
 pub mod listener;
+pub mod pop3;
 pub mod secret;
+pub mod service;
 pub mod shutdown;
 pub mod stream;
 pub mod tls;
@@ -43,6 +45,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Protocol, TlsMode};
 use crate::listener::Listener;
+use crate::service::Service;
 use crate::upstream::Upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,33 +81,39 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
 
+    // One upstream (with its TLS client settings) per name and protocol, and one TLS
+    // acceptor per protocol (each announces its own ALPN id), all built once here.
     let mut upstreams = BTreeMap::new();
     for (name, u) in &config.upstream {
-        if let Some(address) = &u.imap {
-            upstreams.insert(name.clone(), Arc::new(Upstream::new(name, u, address, imap::ALPN)?));
+        for protocol in [Protocol::Imap, Protocol::Pop3] {
+            if let Some(address) = u.address(protocol) {
+                let upstream = Upstream::new(name, u, address, protocol.alpn())?;
+                upstreams.insert((name.clone(), protocol), Arc::new(upstream));
+            }
         }
     }
-    let imap_tls = if config.listeners.iter().any(|l| l.tls != TlsMode::Plaintext) {
-        Some(tls::acceptor(&config.tls.certificates, imap::ALPN)?)
-    } else {
-        None
-    };
+    let mut acceptors = BTreeMap::new();
+    for l in config.listeners.iter().filter(|l| l.tls != TlsMode::Plaintext) {
+        if !acceptors.contains_key(&l.protocol) {
+            acceptors.insert(l.protocol, tls::acceptor(&config.tls.certificates, l.protocol.alpn())?);
+        }
+    }
 
     let accept_loops = TaskTracker::new();
     for (settings, tcp) in config.listeners.iter().zip(listeners) {
-        let Protocol::Imap = settings.protocol;
         if settings.tls == TlsMode::Plaintext {
             tracing::warn!(listener = %settings.name, "plaintext listener: clients may send credentials unencrypted");
         }
-        let service = Arc::new(imap::Service {
+        let service = Arc::new(Service {
             config: config.clone(),
+            protocol: settings.protocol,
             listener_tls: settings.tls,
-            tls: if settings.tls == TlsMode::Plaintext { None } else { imap_tls.clone() },
-            upstream: upstreams[&settings.upstream].clone(),
+            tls: if settings.tls == TlsMode::Plaintext { None } else { acceptors.get(&settings.protocol).cloned() },
+            upstream: upstreams[&(settings.upstream.clone(), settings.protocol)].clone(),
             shutdown: token.clone(),
         });
         let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(listener = %settings.name, %address, protocol = "imap", tls = %settings.tls, "listening");
+        tracing::info!(listener = %settings.name, %address, protocol = settings.protocol.name(), tls = %settings.tls, "listening");
         accept_loops.spawn(Listener { name: settings.name.clone(), tcp, service }.serve(tracker.clone()));
     }
 

@@ -12,16 +12,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, field, info_span, warn, Instrument};
 
+use crate::config::Protocol;
 use crate::config::TlsMode;
-use crate::imap;
+use crate::service::Service;
 use crate::stream::Stream;
+use crate::{imap, pop3};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 pub struct Listener {
     pub name: String,
     pub tcp: TcpListener,
-    pub service: Arc<imap::Service>,
+    pub service: Arc<Service>,
 }
 
 impl Listener {
@@ -37,8 +39,7 @@ impl Listener {
             match accepted {
                 Ok((tcp, peer)) => {
                     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-                    let span =
-                        info_span!("session", listener = %self.name, client = %peer, session = id, user = field::Empty);
+                    let span = info_span!("session", listener = %self.name, protocol = self.service.protocol.name(), client = %peer, session = id, user = field::Empty);
                     let service = self.service.clone();
                     tracker.spawn(session(tcp, peer, service).instrument(span));
                 }
@@ -52,31 +53,19 @@ impl Listener {
     }
 }
 
-async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<imap::Service>) {
+async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<Service>) {
     debug!(%peer, "connected");
     let _ = tcp.set_nodelay(true);
     let stream = match service.listener_tls {
-        TlsMode::Implicit => {
-            let Some(acceptor) = service.tls.clone() else {
-                return;
-            };
-            match tokio::time::timeout(service.config.tls.handshake_timeout.0, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
-                Ok(Err(e)) => {
-                    debug!(error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!("TLS handshake timed out");
-                    return;
-                }
-            }
-        }
+        TlsMode::Implicit => match service.accept_tls(tcp).await {
+            Some(stream) => stream,
+            None => return,
+        },
         TlsMode::Starttls | TlsMode::Plaintext => Stream::Plain(tcp),
     };
-    if let Some(tls) = stream.tls_summary() {
-        debug!(%tls, "TLS established");
+    match service.protocol {
+        Protocol::Imap => imap::front::serve(stream, &service).await,
+        Protocol::Pop3 => pop3::front::serve(stream, &service).await,
     }
-    imap::front::serve(stream, &service).await;
     debug!("disconnected");
 }

@@ -5,7 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 pub enum Stream {
@@ -16,6 +16,24 @@ pub enum Stream {
 impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::Tls(_))
+    }
+
+    /// Closes our side after a final message, then reads (and drops) what the client is
+    /// still sending for a moment: closing a socket with unread input resets the
+    /// connection, and the reset can destroy that last message before the client reads it.
+    pub async fn linger_close(&mut self) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            let _ = self.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let mut budget = 1usize << 20;
+            while let Ok(n @ 1..) = self.read(&mut sink).await {
+                budget = budget.saturating_sub(n);
+                if budget == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     /// The negotiated TLS version and cipher suite, for logs.

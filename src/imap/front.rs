@@ -20,9 +20,8 @@ use super::framing::{parse_announce, strip_eol, Event, FrameError, Framer};
 use super::relay;
 use super::response::relayable_capabilities;
 use super::upstream::{login, LoginError};
-use super::Service;
 use crate::auth::{decode_plain, Credentials};
-use crate::config::TlsMode;
+use crate::service::Service;
 use crate::stream::Stream;
 
 /// The client connection before login: the stream and the bytes read but not yet used.
@@ -186,7 +185,7 @@ pub async fn serve(stream: Stream, service: &Service) {
     };
     let mut bad = 0u32;
     let greeting =
-        format!("* OK [CAPABILITY {}] mailgate ready.\r\n", capabilities::preauth(login_allowed(service, &conn)));
+        format!("* OK [CAPABILITY {}] mailgate ready.\r\n", capabilities::preauth(service.login_allowed(&conn.stream)));
     if conn.write(greeting.as_bytes()).await.is_err() {
         return;
     }
@@ -196,7 +195,7 @@ pub async fn serve(stream: Stream, service: &Service) {
             Err(Stop::Bye(text)) => {
                 debug!(reason = text, "closing before login");
                 if conn.write(format!("* BYE {text}\r\n").as_bytes()).await.is_ok() {
-                    linger(&mut conn.stream).await;
+                    conn.stream.linger_close().await;
                 }
                 return;
             }
@@ -212,22 +211,9 @@ pub async fn serve(stream: Stream, service: &Service) {
                 let Stream::Plain(tcp) = conn.stream else {
                     return;
                 };
-                let acceptor = service.tls.clone().expect("STARTTLS is offered only with TLS configured");
-                let handshake =
-                    tokio::time::timeout(service.config.tls.handshake_timeout.0, acceptor.accept(tcp)).await;
-                match handshake {
-                    Ok(Ok(tls)) => {
-                        conn.stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
-                        debug!(tls = conn.stream.tls_summary(), "STARTTLS complete");
-                    }
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "STARTTLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!("STARTTLS handshake timed out");
-                        return;
-                    }
+                match service.accept_tls(tcp).await {
+                    Some(stream) => conn.stream = stream,
+                    None => return,
                 }
             }
             Outcome::Login { tag, credentials } => match login(&service.upstream, &credentials).await {
@@ -266,31 +252,9 @@ pub async fn serve(stream: Stream, service: &Service) {
     }
 }
 
-/// Closes our side, then reads (and drops) what the client is still sending for a moment:
-/// closing a socket with unread input resets the connection, and the reset can destroy the
-/// `* BYE` before the client reads it.
-async fn linger(stream: &mut Stream) {
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-        let _ = stream.shutdown().await;
-        let mut sink = [0u8; 4096];
-        let mut budget = 1usize << 20;
-        while let Ok(n @ 1..) = stream.read(&mut sink).await {
-            budget = budget.saturating_sub(n);
-            if budget == 0 {
-                break;
-            }
-        }
-    })
-    .await;
-}
-
-fn login_allowed(service: &Service, conn: &Conn) -> bool {
-    service.listener_tls != TlsMode::Starttls || conn.stream.is_tls()
-}
-
 /// Reads and answers one command.
 async fn step(conn: &mut Conn, service: &Service, bad: &mut u32) -> Result<Outcome, Stop> {
-    let privacy_required = !login_allowed(service, conn);
+    let privacy_required = !service.login_allowed(&conn.stream);
     let (tag, response, is_bad) = match conn.command(service, privacy_required).await? {
         Input::Refused { tag, response, bad } => (tag, response, bad),
         Input::Command(parts) => match command::parse(&parts) {
@@ -352,7 +316,7 @@ async fn answer(
             Answer::Done(Outcome::Close)
         }
         Command::StartTls => {
-            if service.listener_tls != TlsMode::Starttls || conn.stream.is_tls() {
+            if !service.starttls_available(&conn.stream) {
                 refuse_bad(if conn.stream.is_tls() {
                     "TLS is already active."
                 } else {

@@ -14,24 +14,5 @@ pub mod relay;
 pub mod response;
 pub mod upstream;
 
-use std::sync::Arc;
-
-use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-
-use crate::config::{Config, TlsMode};
-use crate::upstream::Upstream;
-
-/// Everything a session of one IMAP listener needs; shared by its sessions.
-pub struct Service {
-    pub config: Arc<Config>,
-    pub listener_tls: TlsMode,
-    /// For implicit TLS and STARTTLS; `None` on a plaintext listener.
-    pub tls: Option<TlsAcceptor>,
-    pub upstream: Arc<Upstream>,
-    /// Cancelled when the process starts its graceful shutdown.
-    pub shutdown: CancellationToken,
-}
-
-/// The ALPN protocol id of IMAP (RFC 9051 / IANA registry).
+/// The ALPN protocol id of IMAP.
 pub const ALPN: &[u8] = b"imap";

@@ -27,7 +27,7 @@ use tracing::debug;
 use super::framing::{strip_eol, Event, FrameError, Framer};
 use super::response::{self, Kind, Status};
 use super::upstream::LoggedIn;
-use super::Service;
+use crate::service::Service;
 use crate::stream::Stream;
 
 /// The client side as the front leaves it.

@@ -1,0 +1,278 @@
+//! The POP3 AUTHORIZATION state, answered by mailgate itself (RFC 1939, 2449, 2595, 5034):
+//! greeting (without an APOP timestamp: APOP cannot be proxied), CAPA, STLS, USER/PASS,
+//! AUTH PLAIN, QUIT. The upstream is contacted only for credentials received over TLS (or
+//! on a listener configured for plaintext).
+//!
+//! Refusals carry RFC 3206 codes: `-ERR [AUTH]` for credentials, `-ERR [SYS/TEMP]` when the
+//! upstream cannot be reached; the upstream's own `[IN-USE]`, `[LOGIN-DELAY]` and `[SYS/*]`
+//! reach the client unchanged.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::codec::{split_command, CodecError, LineReader};
+use super::relay;
+use super::upstream::{login, LoginError};
+use crate::auth::{decode_plain, Credentials};
+use crate::secret::Secret;
+use crate::service::Service;
+use crate::stream::Stream;
+
+/// Before TLS on an STLS listener: no USER, no SASL (RFC 2595 §4).
+const CAPA_BEFORE_TLS: &str = "CAPA\r\nSTLS\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUIDL\r\nTOP\r\n";
+/// PIPELINING is honest: the relay serializes commands for an upstream without it.
+const CAPA_READY: &str = "CAPA\r\nUSER\r\nSASL PLAIN\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUIDL\r\nTOP\r\n";
+
+const PRIVACY: &str = "-ERR [AUTH] Plaintext authentication is not allowed: use STLS first.";
+
+struct Conn {
+    stream: Stream,
+    buffer: BytesMut,
+    lines: LineReader,
+    deadline: Instant,
+}
+
+enum Stop {
+    /// Send this `-ERR` line, then close.
+    Err(&'static str),
+    Gone,
+}
+
+impl Conn {
+    async fn write(&mut self, text: &str) -> Result<(), Stop> {
+        let written = async {
+            self.stream.write_all(text.as_bytes()).await?;
+            self.stream.write_all(b"\r\n").await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout_at(self.deadline, written).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Stop::Gone),
+        }
+    }
+
+    /// The next line, without its ending.
+    async fn line(&mut self, service: &Service) -> Result<Vec<u8>, Stop> {
+        loop {
+            if !self.buffer.is_empty() {
+                let (consumed, line) = match self.lines.feed(&self.buffer) {
+                    Ok(step) => step,
+                    Err(CodecError::LineTooLong(_)) => return Err(Stop::Err("-ERR Line too long.")),
+                };
+                let _ = self.buffer.split_to(consumed);
+                if let Some(line) = line {
+                    return Ok(line);
+                }
+            }
+            tokio::select! {
+                read = tokio::time::timeout_at(self.deadline, self.stream.read_buf(&mut self.buffer)) => match read {
+                    Err(_) => return Err(Stop::Err("-ERR [SYS/TEMP] Login timeout, disconnecting.")),
+                    Ok(Ok(0)) | Ok(Err(_)) => return Err(Stop::Gone),
+                    Ok(Ok(_)) => {}
+                },
+                _ = service.shutdown.cancelled() => return Err(Stop::Err("-ERR [SYS/TEMP] Server shutting down.")),
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Continue,
+    Close,
+    StartTls,
+    Login(Credentials),
+}
+
+/// What one command earned: a reply, and whether it counts as a bad command.
+struct Reply {
+    text: String,
+    bad: bool,
+}
+
+fn reply(text: &str) -> Reply {
+    Reply { text: text.to_string(), bad: false }
+}
+
+fn bad(text: &str) -> Reply {
+    Reply { text: text.to_string(), bad: true }
+}
+
+pub async fn serve(stream: Stream, service: &Service) {
+    let limits = &service.config.pop3;
+    let mut conn = Conn {
+        stream,
+        buffer: BytesMut::with_capacity(1024),
+        lines: LineReader::new(limits.max_line_bytes.as_usize()),
+        deadline: Instant::now() + limits.login_timeout.0,
+    };
+    let mut user: Option<String> = None;
+    let mut bad_commands = 0u32;
+    if conn.write("+OK mailgate POP3 ready.").await.is_err() {
+        return;
+    }
+    loop {
+        let outcome = match step(&mut conn, service, &mut user).await {
+            Ok((outcome, None)) => outcome,
+            Ok((outcome, Some(reply))) => {
+                if reply.bad {
+                    bad_commands += 1;
+                    debug!(bad = bad_commands, "invalid command before login");
+                }
+                if conn.write(&reply.text).await.is_err() {
+                    return;
+                }
+                if bad_commands >= limits.max_bad_commands {
+                    let _ = conn.write("-ERR Too many invalid commands, closing.").await;
+                    conn.stream.linger_close().await;
+                    return;
+                }
+                outcome
+            }
+            Err(Stop::Err(text)) => {
+                if conn.write(text).await.is_ok() {
+                    conn.stream.linger_close().await;
+                }
+                return;
+            }
+            Err(Stop::Gone) => return,
+        };
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Close => return,
+            Outcome::StartTls => {
+                // Whatever the client pipelined after STLS was sent in the clear: drop it.
+                conn.buffer.clear();
+                conn.lines.reset();
+                let Stream::Plain(tcp) = conn.stream else { return };
+                match service.accept_tls(tcp).await {
+                    Some(stream) => conn.stream = stream,
+                    None => return,
+                }
+            }
+            Outcome::Login(credentials) => {
+                user = None;
+                match login(&service.upstream, &credentials).await {
+                    Ok(session) => {
+                        tracing::Span::current().record("user", credentials.user.as_str());
+                        info!(upstream = %service.upstream.name, "logged in");
+                        if conn.write("+OK Logged in.").await.is_err() {
+                            return;
+                        }
+                        relay::run(relay::Client { stream: conn.stream, leftover: conn.buffer }, session, service)
+                            .await;
+                        return;
+                    }
+                    Err(LoginError::Rejected { code }) => {
+                        info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
+                        // Codes that tell the user something (RFC 2449 §8, RFC 3206) pass through.
+                        const RELAYED: &[&str] = &["IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"];
+                        let text = match code.as_deref().filter(|c| RELAYED.contains(c)) {
+                            Some(code) => format!("-ERR [{code}] Login refused by the mail server."),
+                            None => "-ERR [AUTH] Authentication failed.".to_string(),
+                        };
+                        if conn.write(&text).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(LoginError::Unavailable(e)) => {
+                        warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
+                        if conn.write("-ERR [SYS/TEMP] Mail server unavailable, try again later.").await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads and answers one command; the reply is written by the caller.
+async fn step(conn: &mut Conn, service: &Service, user: &mut Option<String>) -> Result<(Outcome, Option<Reply>), Stop> {
+    let line = conn.line(service).await?;
+    if line.contains(&0) {
+        return Ok((Outcome::Continue, Some(bad("-ERR NUL byte in command."))));
+    }
+    let (keyword, args) = split_command(&line);
+    let args = String::from_utf8_lossy(args).into_owned();
+    let login_allowed = service.login_allowed(&conn.stream);
+    let answer = match keyword.as_str() {
+        "CAPA" => {
+            let list = if login_allowed { CAPA_READY } else { CAPA_BEFORE_TLS };
+            conn.write(&format!("+OK Capability list follows\r\n{list}.")).await?;
+            return Ok((Outcome::Continue, None));
+        }
+        "STLS" if service.starttls_available(&conn.stream) => {
+            conn.write("+OK Begin TLS negotiation now.").await?;
+            return Ok((Outcome::StartTls, None));
+        }
+        "STLS" => bad(if conn.stream.is_tls() {
+            "-ERR TLS is already active."
+        } else {
+            "-ERR STLS is not available on this port."
+        }),
+        "QUIT" => {
+            conn.write("+OK Bye.").await?;
+            return Ok((Outcome::Close, None));
+        }
+        "APOP" => reply("-ERR [AUTH] APOP is not supported here: use USER/PASS or AUTH PLAIN over TLS."),
+        "USER" | "PASS" | "AUTH" if !login_allowed && !(keyword == "AUTH" && args.is_empty()) => {
+            info!("credentials refused before STLS");
+            reply(PRIVACY)
+        }
+        "USER" if args.is_empty() => bad("-ERR USER needs a name."),
+        "USER" => {
+            *user = Some(args);
+            reply("+OK Send PASS.")
+        }
+        "PASS" => match user.take() {
+            None => bad("-ERR Send USER first."),
+            Some(name) => {
+                let credentials = Credentials { user: name, password: Secret::new(args), authzid: None };
+                return Ok((Outcome::Login(credentials), None));
+            }
+        },
+        "AUTH" if args.is_empty() => {
+            conn.write("+OK Mechanisms follow\r\nPLAIN\r\n.").await?;
+            return Ok((Outcome::Continue, None));
+        }
+        "AUTH" => return auth(conn, service, &args).await,
+        "" => bad("-ERR Empty command."),
+        "STAT" | "LIST" | "RETR" | "DELE" | "NOOP" | "RSET" | "TOP" | "UIDL" => bad("-ERR Not logged in."),
+        _ => bad("-ERR Unknown command."),
+    };
+    Ok((Outcome::Continue, Some(answer)))
+}
+
+/// `AUTH PLAIN [initial-response]` (RFC 5034); `=` is an empty initial response.
+async fn auth(conn: &mut Conn, service: &Service, args: &str) -> Result<(Outcome, Option<Reply>), Stop> {
+    let mut words = args.split(' ');
+    let mechanism = words.next().unwrap_or_default().to_ascii_uppercase();
+    let initial = words.next();
+    if mechanism != "PLAIN" {
+        return Ok((Outcome::Continue, Some(reply("-ERR [AUTH] Unsupported authentication mechanism."))));
+    }
+    if words.next().is_some() {
+        return Ok((Outcome::Continue, Some(bad("-ERR Too many arguments."))));
+    }
+    let response = match initial {
+        Some("=") => Secret::new(Vec::new()),
+        Some(initial) => Secret::new(initial.as_bytes().to_vec()),
+        None => {
+            conn.write("+ ").await?;
+            conn.lines.set_max(service.config.pop3.max_sasl_line_bytes.as_usize());
+            let line = conn.line(service).await;
+            conn.lines.set_max(service.config.pop3.max_line_bytes.as_usize());
+            let line = line?;
+            if line == b"*" {
+                return Ok((Outcome::Continue, Some(reply("-ERR Authentication cancelled."))));
+            }
+            Secret::new(line)
+        }
+    };
+    Ok(match decode_plain(response.expose()) {
+        Ok(credentials) => (Outcome::Login(credentials), None),
+        Err(e) => (Outcome::Continue, Some(bad(&format!("-ERR [AUTH] Invalid SASL PLAIN response: {e}.")))),
+    })
+}

@@ -1,0 +1,184 @@
+//! Logging in to the upstream POP3 server with the client's credentials.
+//!
+//! greeting → (CAPA → STLS → handshake) → CAPA → AUTH PLAIN (RFC 5034, initial response)
+//! when the upstream offers `SASL PLAIN`, else USER/PASS. The same safety rules as IMAP:
+//! with `tls = "starttls"` nothing but CAPA and STLS precedes the handshake, an upstream
+//! without STLS never sees credentials, bytes after the STLS `+OK` abort the login, and the
+//! capabilities are learned again under TLS.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::codec::{LineReader, MAX_STATUS_LINE};
+use crate::auth::{encode_plain, Credentials};
+use crate::config::TlsMode;
+use crate::stream::Stream;
+use crate::upstream::{Upstream, UpstreamError};
+
+pub struct LoggedIn {
+    pub stream: Stream,
+    /// The upstream accepts pipelined commands (RFC 2449 `PIPELINING`).
+    pub pipelining: bool,
+    /// Bytes the upstream sent after its `+OK`; they belong to the relay.
+    pub leftover: BytesMut,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("upstream unavailable: {0}")]
+    Unavailable(#[from] UpstreamError),
+    /// `code` is the RFC 2449/3206 response code, if any (`IN-USE`, `LOGIN-DELAY`, `AUTH`...).
+    #[error("upstream refused the credentials ({code:?})")]
+    Rejected { code: Option<String> },
+}
+
+/// Most CAPA lines an upstream may send.
+const MAX_CAPA_LINES: usize = 100;
+
+struct Reader {
+    stream: Stream,
+    buffer: BytesMut,
+    lines: LineReader,
+    deadline: Instant,
+}
+
+impl Reader {
+    async fn line(&mut self) -> Result<Vec<u8>, UpstreamError> {
+        loop {
+            if !self.buffer.is_empty() {
+                let (consumed, line) =
+                    self.lines.feed(&self.buffer).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                let _ = self.buffer.split_to(consumed);
+                if let Some(line) = line {
+                    return Ok(line);
+                }
+            }
+            let read = tokio::time::timeout_at(self.deadline, self.stream.read_buf(&mut self.buffer))
+                .await
+                .map_err(|_| UpstreamError::Timeout("upstream login"))??;
+            if read == 0 {
+                return Err(UpstreamError::Closed);
+            }
+        }
+    }
+
+    async fn send(&mut self, line: &str) -> Result<(), UpstreamError> {
+        tokio::time::timeout_at(self.deadline, async {
+            self.stream.write_all(line.as_bytes()).await?;
+            self.stream.write_all(b"\r\n").await?;
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| UpstreamError::Timeout("upstream login"))??;
+        Ok(())
+    }
+
+    /// CAPA; an upstream without it (RFC 1939 only) has no capabilities.
+    async fn capa(&mut self) -> Result<Vec<String>, UpstreamError> {
+        self.send("CAPA").await?;
+        if !self.line().await?.starts_with(b"+OK") {
+            return Ok(Vec::new());
+        }
+        let mut capabilities = Vec::new();
+        loop {
+            let line = self.line().await?;
+            if line == b"." {
+                return Ok(capabilities);
+            }
+            if capabilities.len() >= MAX_CAPA_LINES {
+                return Err(UpstreamError::Protocol("CAPA list too long".into()));
+            }
+            capabilities.push(String::from_utf8_lossy(&line).to_ascii_uppercase());
+        }
+    }
+}
+
+/// The response code of a `-ERR [CODE] text` line.
+pub fn response_code(line: &[u8]) -> Option<String> {
+    let rest = line.strip_prefix(b"-ERR [")?;
+    let end = rest.iter().position(|&b| b == b']')?;
+    Some(String::from_utf8_lossy(&rest[..end]).to_ascii_uppercase())
+}
+
+fn has(capabilities: &[String], line: &str) -> bool {
+    capabilities.iter().any(|c| c == line || c.starts_with(&format!("{line} ")))
+}
+
+fn offers_sasl_plain(capabilities: &[String]) -> bool {
+    capabilities.iter().any(|c| c.strip_prefix("SASL ").is_some_and(|m| m.split(' ').any(|m| m == "PLAIN")))
+}
+
+pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<LoggedIn, LoginError> {
+    let deadline = Instant::now() + upstream.login_timeout;
+    let stream = upstream.connect().await?;
+    let mut reader =
+        Reader { stream, buffer: BytesMut::with_capacity(4096), lines: LineReader::new(MAX_STATUS_LINE), deadline };
+
+    let greeting = reader.line().await?;
+    if !greeting.starts_with(b"+OK") {
+        return Err(UpstreamError::Protocol("unexpected greeting".into()).into());
+    }
+    if upstream.tls_mode == TlsMode::Starttls {
+        let before = reader.capa().await?;
+        if !has(&before, "STLS") {
+            return Err(UpstreamError::NoStartTls.into());
+        }
+        reader.send("STLS").await?;
+        if !reader.line().await?.starts_with(b"+OK") {
+            return Err(UpstreamError::Protocol("STLS refused".into()).into());
+        }
+        if !reader.buffer.is_empty() {
+            return Err(UpstreamError::StartTlsInjection.into());
+        }
+        let Stream::Plain(tcp) = reader.stream else {
+            return Err(UpstreamError::Protocol("STLS on a TLS stream".into()).into());
+        };
+        reader.stream = upstream.handshake(tcp).await?;
+        reader.lines.reset();
+    }
+    let capabilities = reader.capa().await?;
+
+    let answer = if offers_sasl_plain(&capabilities) {
+        reader.send(&format!("AUTH PLAIN {}", encode_plain(credentials).expose())).await?;
+        reader.line().await?
+    } else if credentials.authzid.is_some() {
+        return Err(LoginError::Rejected { code: Some("AUTH".into()) });
+    } else {
+        let (user, password) = (&credentials.user, credentials.password.expose());
+        // Both must fit a command line, and neither may carry a line break.
+        if user.len() + 7 > 255 || password.len() + 7 > 255 || (user.to_owned() + password).contains(['\r', '\n']) {
+            return Err(LoginError::Rejected { code: Some("AUTH".into()) });
+        }
+        reader.send(&format!("USER {user}")).await?;
+        let answer = reader.line().await?;
+        if answer.starts_with(b"+OK") {
+            reader.send(&format!("PASS {password}")).await?;
+            reader.line().await?
+        } else {
+            answer
+        }
+    };
+    if answer.starts_with(b"+OK") {
+        Ok(LoggedIn { stream: reader.stream, pipelining: has(&capabilities, "PIPELINING"), leftover: reader.buffer })
+    } else if answer.starts_with(b"-ERR") {
+        Err(LoginError::Rejected { code: response_code(&answer) })
+    } else {
+        Err(UpstreamError::Protocol("unexpected answer to the login".into()).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_capabilities() {
+        assert_eq!(response_code(b"-ERR [IN-USE] Mailbox locked"), Some("IN-USE".into()));
+        assert_eq!(response_code(b"-ERR [SYS/TEMP] later"), Some("SYS/TEMP".into()));
+        assert_eq!(response_code(b"-ERR nope"), None);
+        let caps: Vec<String> = ["TOP", "SASL PLAIN LOGIN", "PIPELINING", "STLS"].map(String::from).to_vec();
+        assert!(offers_sasl_plain(&caps) && has(&caps, "PIPELINING") && has(&caps, "STLS"));
+        assert!(!offers_sasl_plain(&["SASL LOGIN".to_string()]));
+    }
+}

@@ -1,0 +1,59 @@
+//! What every session of one listener shares, whatever its protocol: settings, the TLS
+//! acceptor, the upstream, the shutdown signal; and the TLS steps both protocols take the
+//! same way (implicit TLS at accept, STARTTLS/STLS later).
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::config::{Config, Protocol, TlsMode};
+use crate::stream::Stream;
+use crate::upstream::Upstream;
+
+pub struct Service {
+    pub config: Arc<Config>,
+    pub protocol: Protocol,
+    pub listener_tls: TlsMode,
+    /// For implicit TLS and STARTTLS; `None` on a plaintext listener.
+    pub tls: Option<TlsAcceptor>,
+    pub upstream: Arc<Upstream>,
+    /// Cancelled when the process starts its graceful shutdown.
+    pub shutdown: CancellationToken,
+}
+
+impl Service {
+    /// Credentials may be accepted on this connection: it is TLS, or the listener is not
+    /// a STARTTLS one (implicit TLS, or plaintext by explicit configuration).
+    pub fn login_allowed(&self, stream: &Stream) -> bool {
+        self.listener_tls != TlsMode::Starttls || stream.is_tls()
+    }
+
+    /// STARTTLS/STLS may be started now.
+    pub fn starttls_available(&self, stream: &Stream) -> bool {
+        self.listener_tls == TlsMode::Starttls && !stream.is_tls() && self.tls.is_some()
+    }
+
+    /// The server side of a TLS handshake within the handshake timeout; `None` (logged at
+    /// debug: a client's failure, not ours) when it fails.
+    pub async fn accept_tls(&self, tcp: TcpStream) -> Option<Stream> {
+        let acceptor = self.tls.clone()?;
+        match tokio::time::timeout(self.config.tls.handshake_timeout.0, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                let stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
+                debug!(tls = stream.tls_summary(), "TLS established");
+                Some(stream)
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                None
+            }
+        }
+    }
+}
