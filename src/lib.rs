@@ -94,8 +94,8 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
     }
     let mut acceptors = BTreeMap::new();
     for l in config.listeners.iter().filter(|l| l.tls != TlsMode::Plaintext) {
-        if !acceptors.contains_key(&l.protocol) {
-            acceptors.insert(l.protocol, tls::acceptor(&config.tls.certificates, l.protocol.alpn())?);
+        if let std::collections::btree_map::Entry::Vacant(slot) = acceptors.entry(l.protocol) {
+            slot.insert(tls::acceptor(&config.tls.certificates, l.protocol.alpn())?);
         }
     }
 

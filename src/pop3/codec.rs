@@ -282,7 +282,7 @@ mod tests {
             let mut reader = LineReader::new(MAX_COMMAND_LINE);
             let mut lines = Vec::new();
             for piece in input.chunks(chunk) {
-                let mut rest = &piece[..];
+                let mut rest = piece;
                 while !rest.is_empty() {
                     let (n, line) = reader.feed(rest).unwrap();
                     rest = &rest[n..];

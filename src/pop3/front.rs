@@ -217,7 +217,8 @@ async fn step(conn: &mut Conn, service: &Service, user: &mut Option<String>) -> 
             return Ok((Outcome::Close, None));
         }
         "APOP" => reply("-ERR [AUTH] APOP is not supported here: use USER/PASS or AUTH PLAIN over TLS."),
-        "USER" | "PASS" | "AUTH" if !login_allowed && !(keyword == "AUTH" && args.is_empty()) => {
+        // `AUTH` alone only lists mechanisms, which is fine before TLS.
+        "USER" | "PASS" | "AUTH" if !(login_allowed || keyword == "AUTH" && args.is_empty()) => {
             info!("credentials refused before STLS");
             reply(PRIVACY)
         }
