@@ -21,7 +21,7 @@ struct Rig {
 /// mailgate in front of `fake`, reached with `upstream_tls`.
 fn start_rig(fake: &FakeUpstream, upstream_tls: &str, pki_dir: tempfile::TempDir, pki: TestPki) -> Rig {
     let config = gateway_config(&pki, &fake.addr.to_string(), upstream_tls, Some(&pki.ca), "", "");
-    let config = config.replace("login_timeout = \"5s\"", "login_timeout = \"2s\"");
+    let config = config.replace("login_timeout = \"15s\"", "login_timeout = \"2s\"");
     let gateway = Gateway::start(pki_dir.path(), &config);
     Rig { _dir: pki_dir, pki, gateway }
 }

@@ -370,6 +370,8 @@ protocol imap {{
 }}
 protocol pop3 {{
   mail_max_userip_connections = 50
+  # One POP3 session per maildrop, as RFC 1939 describes: the second gets [IN-USE].
+  pop3_lock_session = yes
 }}
 "#,
         internal_user = ident.internal_user,

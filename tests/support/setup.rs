@@ -1,6 +1,7 @@
 //! The standard test setup: a real Dovecot upstream, test certificates, and mailgate in
-//! front with three listeners (`imaps` implicit TLS, `imap` STARTTLS, `plain` plaintext)
-//! whose upstream is Dovecot over implicit TLS, verified against Dovecot's certificate.
+//! front with six listeners (IMAP `imaps`, `imap`, `plain`; POP3 `pop3s`, `pop3`,
+//! `pop3-plain`: implicit TLS, STARTTLS/STLS, plaintext) whose upstream is Dovecot over
+//! implicit TLS, verified against Dovecot's certificate.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,9 +35,10 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::generate(dir.path());
         let dovecot = Dovecot::start(&[ALICE, BOB]);
-        let config = gateway_config(
+        let config = gateway_config_with(
             &pki,
-            &format!("127.0.0.1:{}", dovecot.imaps.port()),
+            Some(&format!("127.0.0.1:{}", dovecot.imaps.port())),
+            Some(&format!("127.0.0.1:{}", dovecot.pop3s.port())),
             "implicit",
             Some(&dovecot.ca_pem()),
             imap_section,
@@ -52,6 +54,35 @@ impl Setup {
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
         self.gateway.addr(listener)
+    }
+
+    /// A POP3 client on the implicit-TLS listener, greeting consumed.
+    pub fn pop3s(&self) -> Client {
+        let mut client = Client::tls(self.addr("pop3s"), self.tls_config());
+        let greeting = client.line().expect("greeting");
+        assert!(greeting.starts_with("+OK"), "{greeting}");
+        client
+    }
+
+    /// A POP3 client logged in with USER/PASS over implicit TLS.
+    pub fn pop3_login(&self, (user, password): (&str, &str)) -> Client {
+        let mut client = self.pop3s();
+        client.send(format!("USER {user}\r\nPASS {password}\r\n").as_bytes());
+        assert!(client.line().unwrap().starts_with("+OK"));
+        let ok = client.line().unwrap();
+        assert!(ok.starts_with("+OK"), "{ok}");
+        client
+    }
+
+    /// A POP3 client straight to Dovecot, logged in.
+    pub fn pop3_direct(&self, (user, password): (&str, &str)) -> Client {
+        let mut client = Client::tls(self.dovecot.pop3s, client_config_trusting(&self.dovecot.ca_pem(), &[]));
+        assert!(client.line().unwrap().starts_with("+OK"));
+        client.send(format!("USER {user}\r\nPASS {password}\r\n").as_bytes());
+        assert!(client.line().unwrap().starts_with("+OK"));
+        let ok = client.line().unwrap();
+        assert!(ok.starts_with("+OK"), "{ok}");
+        client
     }
 
     /// A client on the implicit-TLS listener, greeting consumed.
@@ -78,7 +109,7 @@ impl Setup {
     }
 }
 
-/// A mailgate configuration with the three standard listeners.
+/// A mailgate configuration with the three standard IMAP listeners.
 pub fn gateway_config(
     pki: &TestPki,
     upstream: &str,
@@ -87,38 +118,46 @@ pub fn gateway_config(
     imap_section: &str,
     extra: &str,
 ) -> String {
+    gateway_config_with(pki, Some(upstream), None, upstream_tls, ca, imap_section, extra)
+}
+
+/// The IMAP listeners (`imaps`, `imap`, `plain`) when `imap` is given, the POP3 ones
+/// (`pop3s`, `pop3`, `pop3-plain`) when `pop3` is given, all to one upstream.
+pub fn gateway_config_with(
+    pki: &TestPki,
+    imap: Option<&str>,
+    pop3: Option<&str>,
+    upstream_tls: &str,
+    ca: Option<&std::path::Path>,
+    imap_section: &str,
+    extra: &str,
+) -> String {
     let ca = ca.map(|p| format!("ca_file = {:?}\n", p.display().to_string())).unwrap_or_default();
-    format!(
+    let mut config = String::new();
+    let mut upstream = String::new();
+    for (protocol, address, names) in
+        [("imap", imap, ["imaps", "imap", "plain"]), ("pop3", pop3, ["pop3s", "pop3", "pop3-plain"])]
+    {
+        let Some(address) = address else { continue };
+        upstream.push_str(&format!("{protocol} = \"{address}\"\n"));
+        for (name, tls) in names.into_iter().zip(["implicit", "starttls", "plaintext"]) {
+            config.push_str(&format!(
+                "[[listener]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\naddress = \"127.0.0.1:0\"\ntls = \"{tls}\"\n\n"
+            ));
+        }
+    }
+    config.push_str(&format!(
         r#"
-[[listener]]
-name = "imaps"
-protocol = "imap"
-address = "127.0.0.1:0"
-tls = "implicit"
-
-[[listener]]
-name = "imap"
-protocol = "imap"
-address = "127.0.0.1:0"
-tls = "starttls"
-
-[[listener]]
-name = "plain"
-protocol = "imap"
-address = "127.0.0.1:0"
-tls = "plaintext"
-
 [tls]
 certificates = [{{ cert = {cert:?}, key = {key:?} }}]
 handshake_timeout = "5s"
 
 [upstream.default]
-imap = "{upstream}"
-tls = "{upstream_tls}"
+{upstream}tls = "{upstream_tls}"
 {ca}
 connect_timeout = "3s"
 tls_timeout = "3s"
-login_timeout = "5s"
+login_timeout = "15s"
 
 [imap]
 {imap_section}
@@ -129,5 +168,6 @@ grace = "10s"
 "#,
         cert = pki.cert.display().to_string(),
         key = pki.key.display().to_string(),
-    )
+    ));
+    config
 }
