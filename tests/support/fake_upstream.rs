@@ -46,6 +46,20 @@ impl FakeConn {
         }
     }
 
+    /// Nothing received beyond the lines already read, the socket's buffer included
+    /// (checked for plaintext connections).
+    pub fn pending_is_empty(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            return false;
+        }
+        let Some(tcp) = &self.tcp else { return true };
+        tcp.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let waiting = matches!(tcp.peek(&mut byte), Ok(n) if n > 0);
+        tcp.set_nonblocking(false).unwrap();
+        !waiting
+    }
+
     /// Reads a command line and returns its tag.
     pub fn tag(&mut self) -> Option<String> {
         self.line().map(|l| l.split(' ').next().unwrap_or_default().to_string())
