@@ -26,6 +26,8 @@
 #                                  MAILGATE_QUICKSTART_DIR is accepted too)
 #   QUICKSTART_IMAPS_PORT          mailgate, implicit TLS     (default 1993)
 #   QUICKSTART_IMAP_PORT           mailgate, STARTTLS         (default 1143)
+#   QUICKSTART_POP3S_PORT          mailgate, POP3 implicit TLS (default 1995)
+#   QUICKSTART_POP3_PORT           mailgate, POP3 STLS        (default 1110)
 #   QUICKSTART_DOVECOT_IMAPS_PORT  demo Dovecot, IMAPS        (default 10993)
 #   QUICKSTART_DOVECOT_IMAP_PORT   demo Dovecot, IMAP         (default 10143)
 #   QUICKSTART_DOVECOT_POP3S_PORT  demo Dovecot, POP3S        (default 10995)
@@ -71,6 +73,8 @@ WORK=${QUICKSTART_DIR:-${MAILGATE_QUICKSTART_DIR:-/tmp/mailgate-quickstart}}
 # but are never passed on to mailgate (see sanitize_mailgate_env).
 MG_IMAPS_PORT=${QUICKSTART_IMAPS_PORT:-${MAILGATE_IMAPS_PORT:-1993}}
 MG_IMAP_PORT=${QUICKSTART_IMAP_PORT:-${MAILGATE_IMAP_PORT:-1143}}
+MG_POP3S_PORT=${QUICKSTART_POP3S_PORT:-1995}
+MG_POP3_PORT=${QUICKSTART_POP3_PORT:-1110}
 DC_IMAPS_PORT=${QUICKSTART_DOVECOT_IMAPS_PORT:-10993}
 DC_IMAP_PORT=${QUICKSTART_DOVECOT_IMAP_PORT:-10143}
 DC_POP3S_PORT=${QUICKSTART_DOVECOT_POP3S_PORT:-10995}
@@ -171,13 +175,15 @@ terminate() { # pid seconds what
 
 check_port QUICKSTART_IMAPS_PORT "$MG_IMAPS_PORT"
 check_port QUICKSTART_IMAP_PORT "$MG_IMAP_PORT"
+check_port QUICKSTART_POP3S_PORT "$MG_POP3S_PORT"
+check_port QUICKSTART_POP3_PORT "$MG_POP3_PORT"
 check_port QUICKSTART_DOVECOT_IMAPS_PORT "$DC_IMAPS_PORT"
 check_port QUICKSTART_DOVECOT_IMAP_PORT "$DC_IMAP_PORT"
 check_port QUICKSTART_DOVECOT_POP3S_PORT "$DC_POP3S_PORT"
 check_port QUICKSTART_DOVECOT_POP3_PORT "$DC_POP3_PORT"
-ALL_PORTS=("$MG_IMAPS_PORT" "$MG_IMAP_PORT" "$DC_IMAPS_PORT" "$DC_IMAP_PORT" "$DC_POP3S_PORT" "$DC_POP3_PORT")
+ALL_PORTS=("$MG_IMAPS_PORT" "$MG_IMAP_PORT" "$MG_POP3S_PORT" "$MG_POP3_PORT" "$DC_IMAPS_PORT" "$DC_IMAP_PORT" "$DC_POP3S_PORT" "$DC_POP3_PORT")
 if [[ $(printf '%s\n' "${ALL_PORTS[@]}" | sort -u | wc -l) -ne ${#ALL_PORTS[@]} ]]; then
-	die "the six ports must differ: ${ALL_PORTS[*]}"
+	die "the eight ports must differ: ${ALL_PORTS[*]}"
 fi
 
 [[ $WORK == /* ]] || WORK="$PWD/$WORK"
@@ -753,12 +759,26 @@ configure_mailgate() {
 		tls = "starttls"
 		upstream = "default"
 
+		# POP3 the same way: implicit TLS (995-style) and STLS (110-style).
+		[[listener]]
+		name = "pop3s"
+		protocol = "pop3"
+		address = "127.0.0.1:$MG_POP3S_PORT"
+		tls = "implicit"
+
+		[[listener]]
+		name = "pop3"
+		protocol = "pop3"
+		address = "127.0.0.1:$MG_POP3_PORT"
+		tls = "starttls"
+
 		[tls]
 		certificates = [{ cert = "$WORK/mailgate/cert.pem", key = "$WORK/mailgate/key.pem" }]
 
 		# The demo Dovecot, over implicit TLS, verified against its CA.
 		[upstream.default]
 		imap = "127.0.0.1:$DC_IMAPS_PORT"
+		pop3 = "127.0.0.1:$DC_POP3S_PORT"
 		tls = "implicit"
 		ca_file = "$DC/tls/ca.pem"
 
@@ -793,13 +813,14 @@ start_mailgate() { # log file, or "" for the terminal
 			[[ -n $log ]] && cat "$log" >&2
 			die "mailgate exited during startup (status $rc)"
 		fi
-		if port_listening "$MG_IMAPS_PORT" && port_listening "$MG_IMAP_PORT"; then
+		if port_listening "$MG_IMAPS_PORT" && port_listening "$MG_IMAP_PORT" &&
+			port_listening "$MG_POP3S_PORT" && port_listening "$MG_POP3_PORT"; then
 			return 0
 		fi
 		sleep 0.1
 	done
 	[[ -n $log ]] && cat "$log" >&2
-	die "mailgate did not listen on 127.0.0.1:$MG_IMAPS_PORT and :$MG_IMAP_PORT within 15s"
+	die "mailgate did not listen on 127.0.0.1:$MG_IMAPS_PORT, :$MG_IMAP_PORT, :$MG_POP3S_PORT and :$MG_POP3_PORT within 15s"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -809,7 +830,8 @@ print_instructions() {
 	local w=$WORK
 	cat <<-EOF
 
-		${BOLD}mailgate is running${RESET}: 127.0.0.1:$MG_IMAPS_PORT (implicit TLS) and 127.0.0.1:$MG_IMAP_PORT (STARTTLS),
+		${BOLD}mailgate is running${RESET}: IMAP 127.0.0.1:$MG_IMAPS_PORT (implicit TLS) and 127.0.0.1:$MG_IMAP_PORT (STARTTLS),
+		POP3 127.0.0.1:$MG_POP3S_PORT (implicit TLS) and 127.0.0.1:$MG_POP3_PORT (STLS),
 		in front of the demo Dovecot on 127.0.0.1:$DC_IMAPS_PORT. User ${BOLD}$DEMO_USER${RESET}, password ${BOLD}$DEMO_PASS${RESET}.
 		Clients must trust the quick start CA: $w/ca.pem
 
@@ -822,6 +844,12 @@ print_instructions() {
 		  curl --ssl-reqd --cacert $w/ca.pem 'imap://127.0.0.1:$MG_IMAP_PORT/INBOX;UID=1' -u $DEMO_USER:$DEMO_PASS
 
 		UID=2 is a UTF-8 message, UID=3 has an attachment.
+
+		POP3, over implicit TLS and over STLS (list, then retrieve message 1):
+
+		  curl --cacert $w/ca.pem 'pop3s://127.0.0.1:$MG_POP3S_PORT/' -u $DEMO_USER:$DEMO_PASS
+		  curl --cacert $w/ca.pem 'pop3s://127.0.0.1:$MG_POP3S_PORT/1' -u $DEMO_USER:$DEMO_PASS
+		  curl --ssl-reqd --cacert $w/ca.pem 'pop3://127.0.0.1:$MG_POP3_PORT/1' -u $DEMO_USER:$DEMO_PASS
 
 		Speak IMAP yourself (check for "Verify return code: 0 (ok)"):
 
@@ -838,7 +866,7 @@ print_instructions() {
 		then "Configure manually"):
 		  Incoming: IMAP, server 127.0.0.1, port $MG_IMAPS_PORT, Connection security SSL/TLS,
 		            Authentication method "Normal password", username $DEMO_USER
-		            (or port $MG_IMAP_PORT with STARTTLS)
+		            (or port $MG_IMAP_PORT with STARTTLS; POP3: port $MG_POP3S_PORT, SSL/TLS)
 		  Outgoing: mailgate does not relay SMTP; any server will do for reading.
 		  Trust the CA first: Settings > Privacy & Security > Certificates > Manage Certificates
 		  > Authorities > Import $w/ca.pem, tick "Trust this CA to identify websites".
@@ -929,6 +957,12 @@ run_checks() {
 	check_fails "imaps: an untrusted certificate is refused (no --cacert)" \
 		curl --silent --show-error --max-time 20 -u "$DEMO_USER:$DEMO_PASS" "$imaps/INBOX;UID=1"
 	check "STARTTLS port: LOGIN before STARTTLS is refused" "a NO [PRIVACYREQUIRED]" plaintext_login
+	check "pop3s: curl lists 3 messages" "3 " \
+		"${curl[@]}" "pop3s://127.0.0.1:$MG_POP3S_PORT/"
+	check "pop3s: curl retrieves message 1" "Subject: Welcome to mailgate" \
+		"${curl[@]}" "pop3s://127.0.0.1:$MG_POP3S_PORT/1"
+	check "STLS: curl --ssl-reqd retrieves message 1" "Subject: Welcome to mailgate" \
+		"${curl[@]}" --ssl-reqd "pop3://127.0.0.1:$MG_POP3_PORT/1"
 
 	if ((CHECK_FAILED)); then
 		echo
