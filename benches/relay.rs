@@ -4,7 +4,8 @@
 //! `cargo bench --bench relay` prints medians and the ratio mailgate / direct for:
 //! - login (TLS handshake + greeting + LOGIN),
 //! - a NOOP round trip on an open session,
-//! - a full-mailbox `UID FETCH 1:* BODY.PEEK[]` (throughput).
+//! - a full-mailbox `UID FETCH 1:* BODY.PEEK[]` (throughput),
+//! - POP3: login (TLS + USER/PASS) and `RETR` of every message (throughput).
 //!
 //! Machines are noisy: each figure is the median of several rounds, direct and mailgate
 //! interleaved so that drift hits both alike.
@@ -38,6 +39,24 @@ fn fetch_all(client: &mut Client) -> usize {
             return bytes;
         }
     }
+}
+
+/// RETR 1..=count on a logged-in POP3 session; returns the bytes received.
+fn retr_all(client: &mut Client, count: usize) -> usize {
+    let mut bytes = 0;
+    for n in 1..=count {
+        client.send(format!("RETR {n}\r\n").as_bytes());
+        let status = client.line().expect("RETR status");
+        assert!(status.starts_with("+OK"), "{status}");
+        loop {
+            let line = client.line().expect("RETR body");
+            bytes += line.len() + 2;
+            if line == "." {
+                break;
+            }
+        }
+    }
+    bytes
 }
 
 fn main() {
@@ -81,9 +100,48 @@ fn main() {
         fetch.1.push(t.elapsed());
     }
 
+    drop((direct, via));
+    let mut pop3_login = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        drop(setup.pop3_direct(BOB));
+        pop3_login.0.push(t.elapsed());
+        // Dovecot keeps the POP3 lock briefly after a session: let it go between rounds.
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        drop(setup.pop3_login(BOB));
+        pop3_login.1.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut retr = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let mut direct = setup.pop3_direct(BOB);
+        let t = Instant::now();
+        let size = retr_all(&mut direct, 300);
+        retr.0.push(t.elapsed());
+        direct.send(b"QUIT\r\n");
+        let _ = direct.line();
+        drop(direct);
+        std::thread::sleep(Duration::from_millis(50));
+        let mut via = setup.pop3_login(BOB);
+        let t = Instant::now();
+        assert_eq!(retr_all(&mut via, 300), size);
+        retr.1.push(t.elapsed());
+        via.send(b"QUIT\r\n");
+        let _ = via.line();
+        drop(via);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let (fetch_direct, fetch_via) = (median(fetch.0.clone()), median(fetch.1.clone()));
     println!("{:<28} {:>12} {:>12} {:>8}", "median", "direct", "mailgate", "ratio");
-    for (name, (d, m)) in [("login (TLS + LOGIN)", login), ("NOOP round trip", noop), ("UID FETCH 1:* BODY[]", fetch)] {
+    for (name, (d, m)) in [
+        ("IMAP login (TLS + LOGIN)", login),
+        ("IMAP NOOP round trip", noop),
+        ("IMAP UID FETCH 1:* BODY[]", fetch),
+        ("POP3 login (TLS + USER/PASS)", pop3_login),
+        ("POP3 RETR 1..300", retr),
+    ] {
         let (d, m) = (median(d), median(m));
         println!(
             "{name:<28} {:>10.3}ms {:>10.3}ms {:>7.2}x",
