@@ -29,6 +29,7 @@ pub struct Config {
     pub upstream: BTreeMap<String, UpstreamConfig>,
     pub imap: ImapConfig,
     pub pop3: Pop3Config,
+    pub cache: CacheConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -221,6 +222,31 @@ impl Default for Pop3Config {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Total weight of the cache: the sum of the cached values' sizes.
+    pub max_bytes: ByteSize,
+    /// Larger items are streamed to the client and not stored.
+    pub max_entry_bytes: ByteSize,
+    /// Optional time-to-live of an entry (immutable data never goes stale; this only bounds
+    /// how long a user's mail stays in memory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_to_live: Option<Span>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            max_bytes: ByteSize(512 << 20),
+            max_entry_bytes: ByteSize(8 << 20),
+            time_to_live: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// How long in-flight commands may run after SIGTERM before sessions are cut.
     pub grace: Span,
@@ -258,7 +284,7 @@ impl fmt::Display for ConfigError {
 #[error("{} configuration error(s): {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
-const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "pop3", "shutdown"];
+const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "pop3", "cache", "shutdown"];
 
 impl Config {
     /// Defaults, then the TOML file, then `MAILGATE_SECTION__KEY` variables from the process
@@ -321,9 +347,10 @@ impl Config {
         let tls = section(&mut errors, "tls", root.get("tls")).unwrap_or_default();
         let imap = section(&mut errors, "imap", root.get("imap")).unwrap_or_default();
         let pop3 = section(&mut errors, "pop3", root.get("pop3")).unwrap_or_default();
+        let cache = section(&mut errors, "cache", root.get("cache")).unwrap_or_default();
         let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
 
-        let config = Config { listeners, tls, upstream, imap, pop3, shutdown };
+        let config = Config { listeners, tls, upstream, imap, pop3, cache, shutdown };
         errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
@@ -405,6 +432,9 @@ impl Config {
             if span.0.is_zero() {
                 errors.push(error(key, "must be longer than zero"));
             }
+        }
+        if self.cache.max_entry_bytes > self.cache.max_bytes {
+            errors.push(error("cache.max_entry_bytes", "must not exceed cache.max_bytes"));
         }
         let p = &self.pop3;
         if p.max_bad_commands == 0 {

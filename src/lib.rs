@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod imap;
 pub mod listener;
@@ -99,6 +100,8 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
         }
     }
 
+    let cache = config.cache.enabled.then(|| Arc::new(cache::MessageCache::new(&config.cache)));
+
     let accept_loops = TaskTracker::new();
     for (settings, tcp) in config.listeners.iter().zip(listeners) {
         if settings.tls == TlsMode::Plaintext {
@@ -111,6 +114,7 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
             tls: if settings.tls == TlsMode::Plaintext { None } else { acceptors.get(&settings.protocol).cloned() },
             upstream: upstreams[&(settings.upstream.clone(), settings.protocol)].clone(),
             shutdown: token.clone(),
+            cache: cache.clone(),
         });
         let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listener = %settings.name, %address, protocol = settings.protocol.name(), tls = %settings.tls, "listening");

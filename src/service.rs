@@ -9,6 +9,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::cache::MessageCache;
 use crate::config::{Config, Protocol, TlsMode};
 use crate::stream::Stream;
 use crate::upstream::Upstream;
@@ -22,6 +23,8 @@ pub struct Service {
     pub upstream: Arc<Upstream>,
     /// Cancelled when the process starts its graceful shutdown.
     pub shutdown: CancellationToken,
+    /// The process-wide message cache, when enabled.
+    pub cache: Option<Arc<MessageCache>>,
 }
 
 impl Service {

@@ -72,6 +72,12 @@ impl Upstream {
         })
     }
 
+    /// Names the upstream server for cache keys: the configured name and its address, so
+    /// that two upstreams never share cached mail even if they share user names.
+    pub fn identity(&self) -> String {
+        format!("{}@{}:{}", self.name, self.host, self.port)
+    }
+
     /// Opens the TCP connection, with the TLS handshake first when TLS is implicit.
     pub async fn connect(&self) -> Result<Stream, UpstreamError> {
         let address = format!("{}:{}", self.host, self.port);

@@ -1,26 +1,783 @@
 mod support;
+
+// Real POP3 clients (fetchmail, curl) as subprocesses, through mailgate and straight to
+// Dovecot, with the results compared byte for byte.
+
+use std::fs;
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
+
+use support::client::Client;
+use support::mailgen;
 use support::setup::*;
+use support::tls::client_config_trusting;
+
+const CURL: &str = "/usr/bin/curl";
+const FETCHMAIL: &str = "fetchmail";
+
+// ---------------------------------------------------------------------------------------
+// Subprocesses with a bounded runtime
+// ---------------------------------------------------------------------------------------
+
+struct Run {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    took: Duration,
+}
+
+impl Run {
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+
+    /// stdout and stderr together (fetchmail splits its report between them).
+    fn output(&self) -> String {
+        format!("{}{}", show(&self.stdout), show(&self.stderr))
+    }
+}
+
+fn read_all(file: &mut fs::File) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    file.rewind().unwrap();
+    let _ = file.read_to_end(&mut bytes);
+    bytes
+}
+
+/// Runs `cmd` with stdout and stderr captured in temp files (no pipe to fill up), polling
+/// until it exits; kills it and panics once `limit` has passed.
+fn run_bounded(mut cmd: Command, limit: Duration) -> Run {
+    let mut out = tempfile::tempfile().unwrap();
+    let mut err = tempfile::tempfile().unwrap();
+    let what = format!("{cmd:?}");
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still running after {limit:?}; killed. stderr:\n{}", show(&read_all(&mut err)));
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let took = start.elapsed();
+    Run { status, stdout: read_all(&mut out), stderr: read_all(&mut err), took }
+}
+
+fn show(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// fetchmail
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tls {
+    /// `ssl`: TLS from the first byte (POP3S).
+    Implicit,
+    /// No `ssl`, but `sslproto 'tls1.2+'`: fetchmail must upgrade with STLS and refuses to
+    /// go on in plaintext (fetchmail(1), --sslproto).
+    Stls,
+}
+
+/// One fetchmail poll of bob's maildrop.
+struct Poll<'a> {
+    port: u16,
+    ca: &'a Path,
+    tls: Tls,
+    keep: bool,
+    /// Where the MDA stores each message, as a file of its own.
+    out: &'a Path,
+    /// The MDA blocks (without storing) once `out` holds this many messages, after
+    /// touching `marker`: a way to cut fetchmail off mid-run at a known point.
+    block_after: Option<(usize, &'a Path)>,
+}
+
+/// The MDA: stores the message on stdin as a new file in $1. With $2 and $3, once $1 holds
+/// $2 messages it touches $3 and sleeps instead (the test then kills fetchmail's process
+/// group, this sleep included). A nonzero exit makes fetchmail keep the message.
+const MDA: &str = r#"#!/bin/sh
+set -eu
+if [ "$#" -ge 3 ] && [ "$(ls "$1" | wc -l)" -ge "$2" ]; then
+  : > "$3"
+  exec sleep 60
+fi
+file=$(mktemp "$1/msg.XXXXXXXXXX")
+cat > "$file"
+"#;
+
+fn write_private(path: &Path, contents: &str, mode: u32) {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.write_all(contents.as_bytes()).unwrap();
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A fetchmail command for `poll`, everything in `work` (used as HOME, so no user
+/// configuration interferes): rcfile (0600, or fetchmail refuses it), a fresh idfile per
+/// run (so no run knows what an earlier one saw), a pidfile of its own (as root the
+/// default is /var/run/fetchmail.pid, shared by parallel tests), no syslog, no daemon.
+fn fetchmail_command(work: &Path, poll: &Poll, (user, password): (&str, &str)) -> Command {
+    let n = unique();
+    let mda = work.join("deliver.sh");
+    if !mda.exists() {
+        write_private(&mda, MDA, 0o755);
+    }
+    assert!(!password.contains(['"', '\\', '\'']) && !user.contains(['"', '\\', '\'']));
+    let mut mda_command = format!("'{}' '{}'", mda.display(), poll.out.display());
+    if let Some((count, marker)) = poll.block_after {
+        mda_command.push_str(&format!(" {count} '{}'", marker.display()));
+    }
+    // fetchmail 6.4 matches only DNS names (CN and dNSName SANs), never IP addresses,
+    // against the host it was told to poll: both test certificates name `localhost` and
+    // 127.0.0.1, so `sslcommonname localhost` keeps the host an IP (loopback only) and
+    // the check strict (`sslcertck` against the given CA file alone).
+    // `no rewrite`: fetchmail would otherwise append "@127.0.0.1" to addresses without a
+    // domain in To/From/Cc/...; mailgen's all have one, but the check would then depend
+    // on that.
+    let rc = format!(
+        "set no syslog\n\
+         set no bouncemail\n\
+         set postmaster \"postmaster\"\n\
+         poll 127.0.0.1 protocol pop3 port {port} timeout 60:\n  \
+           user \"{user}\" there with password \"{password}\"\n  \
+           {ssl}sslproto \"tls1.2+\" sslcertck sslcertfile \"{ca}\" sslcommonname \"localhost\"\n  \
+           {keep} fetchall no rewrite\n  \
+           mda \"{mda_command}\"\n",
+        port = poll.port,
+        ssl = if poll.tls == Tls::Implicit { "ssl " } else { "" },
+        ca = poll.ca.display(),
+        keep = if poll.keep { "keep" } else { "no keep" },
+    );
+    let rc_path = work.join(format!("run{n}.fetchmailrc"));
+    write_private(&rc_path, &rc, 0o600);
+    let mut cmd = Command::new(FETCHMAIL);
+    cmd.args(["--nosyslog", "-N", "-v", "-f"])
+        .arg(&rc_path)
+        .arg("--idfile")
+        .arg(work.join(format!("run{n}.fetchids")))
+        .arg("--pidfile")
+        .arg(work.join(format!("run{n}.pid")))
+        .env("HOME", work)
+        .env("FETCHMAILHOME", work)
+        .env("LC_ALL", "C")
+        .env_remove("FETCHMAILUSER");
+    cmd
+}
+
+/// Runs fetchmail to the end; panics (with the mailgate log) unless it exits 0 ("mail
+/// retrieved").
+fn fetchmail(work: &Path, poll: &Poll, log: &dyn Fn() -> String) -> Run {
+    // Dovecot serves a maildrop to one session at a time; should the previous session's
+    // lock still be held, fetchmail gets `-ERR [IN-USE]` at login and exits with
+    // PS_LOCKBUSY (8) having fetched nothing, so that is retried for a while.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let run = loop {
+        let fetchmail = fetchmail_command(work, poll, BOB);
+        let mut cmd = Command::new("timeout");
+        // Belt and braces: coreutils' timeout (which signals fetchmail's whole process
+        // group, MDAs included) in addition to run_bounded's polling.
+        cmd.args(["--kill-after=5", "100"]).arg(fetchmail.get_program()).args(fetchmail.get_args());
+        for (key, value) in fetchmail.get_envs() {
+            match value {
+                Some(value) => cmd.env(key, value),
+                None => cmd.env_remove(key),
+            };
+        }
+        let run = run_bounded(cmd, Duration::from_secs(110));
+        if run.status.code() == Some(8) && Instant::now() < deadline {
+            println!("fetchmail: lock busy on the server, retrying");
+            thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        break run;
+    };
+    assert!(
+        run.status.success(),
+        "fetchmail ({:?} on port {}) failed with {} after {:?}\n--- output (tail) ---\n{}\n--- mailgate log (tail) ---\n{}",
+        poll.tls,
+        poll.port,
+        run.status,
+        run.took,
+        tail(&run.output(), 40),
+        tail(&log(), 60),
+    );
+    run
+}
+
+/// Kills a process group (by its id) when dropped.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let pgid = self.0.id();
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts fetchmail in a process group of its own, waits (bounded) until the MDA blocks
+/// (`poll.block_after`), then SIGKILLs the group: fetchmail dies mid-session, after some
+/// deliveries, without QUIT. Returns fetchmail's output so far.
+fn fetchmail_cut(work: &Path, poll: &Poll, log: &dyn Fn() -> String) -> String {
+    let (_, marker) = poll.block_after.expect("a cut run needs block_after");
+    let mut out = tempfile::tempfile().unwrap();
+    let mut cmd = fetchmail_command(work, poll, BOB);
+    cmd.process_group(0).stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out.try_clone().unwrap());
+    let mut group = Group(cmd.spawn().expect("spawning fetchmail"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        if let Ok(Some(status)) = group.0.try_wait() {
+            panic!(
+                "fetchmail exited ({status}) before the MDA blocked\n{}\n--- mailgate log (tail) ---\n{}",
+                show(&read_all(&mut out)),
+                tail(&log(), 40)
+            );
+        }
+        assert!(Instant::now() < deadline, "the MDA did not block within 60 s\n{}", show(&read_all(&mut out)));
+        thread::sleep(Duration::from_millis(10));
+    }
+    drop(group);
+    show(&read_all(&mut out))
+}
+
+/// fetchmail lines that complain about something: warnings, errors, mismatches... (not
+/// the protocol trace, checked separately, nor the warning about running as root).
+fn complaints(output: &str) -> Vec<String> {
+    const WORDS: &str = "warn|error|fail|mismatch|bogus|unexpected|refused|timeout|timed out|strange|invalid|mangled|\
+                         truncat|lock busy|malformed|not support";
+    output
+        .lines()
+        .filter(|l| !l.contains("POP3< ") && !l.contains("POP3> "))
+        .filter(|l| !l.contains("Running as root is discouraged"))
+        .filter(|l| {
+            let low = l.to_ascii_lowercase();
+            WORDS.split('|').any(|w| low.contains(w))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Messages and maildrops
+// ---------------------------------------------------------------------------------------
+
+/// Regular files in `dir`, or in `dir`/cur and /new for a Maildir.
+fn files(dir: &Path, maildir: bool) -> Vec<PathBuf> {
+    let dirs = if maildir { vec![dir.join("cur"), dir.join("new")] } else { vec![dir.to_path_buf()] };
+    let mut files = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                files.push(entry.path());
+            }
+        }
+    }
+    files
+}
+
+/// CRLF to LF: fetchmail hands messages to an MDA with LF line endings (`stripcr` is its
+/// default with `mda`).
+fn lf(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len());
+    let mut start = 0;
+    for i in memchr::memchr_iter(b'\n', msg) {
+        let end = if i > start && msg[i - 1] == b'\r' { i - 1 } else { i };
+        out.extend_from_slice(&msg[start..end]);
+        out.push(b'\n');
+        start = i + 1;
+    }
+    out.extend_from_slice(&msg[start..]);
+    out
+}
+
+/// The messages on the server, as fetchmail should deliver them (LF), sorted.
+fn maildrop_contents(maildir: &Path) -> Vec<Vec<u8>> {
+    let mut all: Vec<Vec<u8>> = files(maildir, true).iter().map(|p| lf(&fs::read(p).unwrap())).collect();
+    all.sort_unstable();
+    all
+}
+
+/// Splits what fetchmail delivered into the message as it was on the server and the one
+/// header fetchmail added, with its run-dependent part blanked.
+///
+/// fetchmail adds exactly one header (after `Return-Path:`), e.g. (continuation lines
+/// start with a tab)
+///
+/// ```text
+/// Received: from 127.0.0.1 [127.0.0.1]
+///     by HOSTNAME with POP3 (fetchmail-6.4.37)
+///     for <LOCALUSER@localhost> (single-drop); Fri, 27 Nov 2026 14:15:12 +0000 (UTC)
+/// ```
+///
+/// It names the server by the address polled (127.0.0.1 in every run: the port is not
+/// part of it, so Dovecot and both mailgate listeners give the same text), this host,
+/// fetchmail's version and the local recipient, all fixed, and the delivery time, the
+/// only part that differs between runs. So the time is cut off (everything after
+/// "(single-drop); " up to the end of the header) and the rest must be identical for every
+/// message of every run; the header itself is removed from the message, which must then
+/// equal the server's copy. mailgen's own `Received:` headers all come `from mx…`, so the
+/// match is unambiguous. Nothing else is touched: with `no rewrite` and no `mimedecode`
+/// fetchmail changes nothing else.
+fn split_fetchmail_header(msg: &[u8]) -> (Vec<u8>, String) {
+    const START: &[u8] = b"Received: from 127.0.0.1 [127.0.0.1]\n";
+    const WHEN: &[u8] = b"(single-drop); ";
+    let header_end = memchr::memmem::find(msg, b"\n\n").unwrap_or_else(|| panic!("no header end: {}", preview(msg)));
+    let at = memchr::memmem::find_iter(&msg[..header_end], START)
+        .filter(|&i| i == 0 || msg[i - 1] == b'\n')
+        .collect::<Vec<_>>();
+    assert_eq!(at.len(), 1, "expected one fetchmail Received: header: {}", preview(msg));
+    let at = at[0];
+    // The field ends at the first line that is not a continuation (tab or space).
+    let mut end = at;
+    loop {
+        end += memchr::memchr(b'\n', &msg[end..]).expect("header line end") + 1;
+        if !matches!(msg.get(end), Some(b'\t' | b' ')) {
+            break;
+        }
+    }
+    let field = &msg[at..end];
+    let when = memchr::memmem::find(field, WHEN).unwrap_or_else(|| panic!("no date in {}", show(field)));
+    let normalized = format!("{}<time>", show(&field[..when + WHEN.len()]));
+    let mut message = msg[..at].to_vec();
+    message.extend_from_slice(&msg[end..]);
+    (message, normalized)
+}
+
+fn preview(msg: &[u8]) -> String {
+    show(&msg[..msg.len().min(400)])
+}
+
+/// What fetchmail stored in `dir`: the messages without fetchmail's header (sorted), and
+/// that header's run-independent part (which must be the same for all).
+fn delivered(dir: &Path) -> (Vec<Vec<u8>>, String) {
+    let mut messages = Vec::new();
+    let mut headers = std::collections::BTreeSet::new();
+    for path in files(dir, false) {
+        let (message, header) = split_fetchmail_header(&fs::read(&path).unwrap());
+        messages.push(message);
+        headers.insert(header);
+    }
+    messages.sort_unstable();
+    assert_eq!(headers.len(), 1, "fetchmail's header varies beyond the time: {headers:#?}");
+    (messages, headers.into_iter().next().unwrap())
+}
+
+fn describe_difference(a: &[Vec<u8>], b: &[Vec<u8>]) -> String {
+    let only_a: Vec<&Vec<u8>> = a.iter().filter(|m| b.binary_search(m).is_err()).collect();
+    let only_b: Vec<&Vec<u8>> = b.iter().filter(|m| a.binary_search(m).is_err()).collect();
+    format!(
+        "{} vs {} messages; {} only in the first (sizes {:?}), {} only in the second (sizes {:?})\nfirst unmatched in first: {}\nfirst unmatched in second: {}",
+        a.len(),
+        b.len(),
+        only_a.len(),
+        only_a.iter().take(20).map(|m| m.len()).collect::<Vec<_>>(),
+        only_b.len(),
+        only_b.iter().take(20).map(|m| m.len()).collect::<Vec<_>>(),
+        only_a.first().map(|m| preview(m)).unwrap_or_default(),
+        only_b.first().map(|m| preview(m)).unwrap_or_default(),
+    )
+}
+
+/// STAT straight to Dovecot: (messages, octets). Dovecot locks a maildrop for one session
+/// at a time (`pop3_lock_session`), and a session mailgate just closed may still hold the
+/// lock for a moment, so `[IN-USE]` is retried for up to 20 s.
+fn direct_stat(setup: &Setup) -> (usize, u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let config = client_config_trusting(&setup.dovecot.ca_pem(), &[]);
+    loop {
+        let mut client = Client::tls(setup.dovecot.pop3s, config.clone());
+        assert!(client.line().unwrap().starts_with("+OK"));
+        client.send(format!("USER {}\r\nPASS {}\r\n", BOB.0, BOB.1).as_bytes());
+        assert!(client.line().unwrap().starts_with("+OK"));
+        let answer = client.line().unwrap();
+        if answer.starts_with("-ERR [IN-USE]") && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        assert!(answer.starts_with("+OK"), "direct login: {answer}");
+        client.send(b"STAT\r\n");
+        let stat = client.line().unwrap();
+        let fields: Vec<&str> = stat.split(' ').collect();
+        assert!(fields.len() >= 3 && fields[0] == "+OK", "{stat}");
+        client.send(b"QUIT\r\n");
+        assert!(client.line().unwrap().starts_with("+OK"));
+        return (fields[1].parse().unwrap(), fields[2].parse().unwrap());
+    }
+}
+
+/// A client logged in to mailgate's pop3s listener as bob, retrying `[IN-USE]` (see
+/// [`direct_stat`]) for up to 20 s.
+fn login_via_mailgate(setup: &Setup) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut client = setup.pop3s();
+        client.send(format!("USER {}\r\nPASS {}\r\n", BOB.0, BOB.1).as_bytes());
+        assert!(client.line().unwrap().starts_with("+OK"));
+        let answer = client.line().unwrap();
+        if answer.starts_with("-ERR [IN-USE]") && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        assert_eq!(answer, "+OK Logged in.");
+        return client;
+    }
+}
+
+/// Dovecot's log lines for bob's POP3 sessions ending (they count RETRs and DELEs).
+fn dovecot_sessions(setup: &Setup) -> Vec<String> {
+    setup
+        .dovecot
+        .log()
+        .lines()
+        .filter(|l| l.contains("pop3(bob)") && l.contains("Disconnected"))
+        .map(String::from)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
 
 #[test]
-fn explore() {
-    let setup = Setup::start();
-    setup.dovecot.fill(BOB.0, 40, 7);
-    let info = format!(
-        "GW_CA={}\nDV_CA={}\nPOP3S={}\nPOP3={}\nPLAIN={}\nDV={}\nMAILDIR={}\n",
-        setup.pki.ca.display(),
-        setup.dovecot.ca_pem().display(),
-        setup.addr("pop3s").port(),
-        setup.addr("pop3").port(),
-        setup.addr("pop3-plain").port(),
-        setup.dovecot.pop3s.port(),
-        setup.dovecot.maildir("bob").display()
+fn fetchmail_keep_mode_retrieves_every_message_identically_over_tls_and_stls() {
+    let started = Instant::now();
+    let version = run_bounded(
+        {
+            let mut c = Command::new(FETCHMAIL);
+            c.arg("--version").env("LC_ALL", "C");
+            c
+        },
+        Duration::from_secs(10),
     );
-    std::fs::write("/tmp/pe/env", info).unwrap();
-    let _ = std::fs::remove_file("/tmp/pe/stop");
-    let deadline = Instant::now() + Duration::from_secs(500);
-    while Instant::now() < deadline && !std::path::Path::new("/tmp/pe/stop").exists() {
-        std::thread::sleep(Duration::from_millis(200));
+    println!("{}", show(&version.stdout).lines().next().unwrap_or_default());
+
+    let setup = Setup::start();
+    const SEED: u64 = 0xF37C;
+    const COUNT: usize = 500;
+    let filled = Instant::now();
+    let total = setup.dovecot.fill(BOB.0, COUNT, SEED);
+    println!("filled {COUNT} messages, {:.1} MB, in {:?}", total as f64 / 1e6, filled.elapsed());
+    let log = || setup.gateway.log();
+    let maildir = setup.dovecot.maildir(BOB.0);
+
+    let work = tempfile::tempdir().unwrap();
+    let dv_ca = setup.dovecot.ca_pem();
+    let runs = [
+        ("direct", setup.dovecot.pop3s.port(), dv_ca.as_path(), Tls::Implicit),
+        ("pop3s", setup.addr("pop3s").port(), setup.pki.ca.as_path(), Tls::Implicit),
+        ("stls", setup.addr("pop3").port(), setup.pki.ca.as_path(), Tls::Stls),
+    ];
+
+    let source = maildrop_contents(&maildir);
+    assert_eq!(source.len(), COUNT);
+    assert!(source.iter().any(|m| m.len() > 1_000_000), "no big message");
+    assert!(source.iter().any(|m| memchr::memmem::find(m, b"\n.\n").is_some()), "no lone-dot line");
+    let mut header = None::<String>;
+    for (name, port, ca, tls) in runs {
+        let out = work.path().join(name);
+        fs::create_dir(&out).unwrap();
+        let poll = Poll { port, ca, tls, keep: true, out: &out, block_after: None };
+        let run = fetchmail(work.path(), &poll, &log);
+        let output = run.output();
+
+        // The session went as it should: STLS exactly when asked for, every message
+        // retrieved with RETR, none deleted, a clean QUIT.
+        assert_eq!(output.contains("POP3> STLS"), tls == Tls::Stls, "{name}: STLS use\n{}", tail(&output, 40));
+        if tls == Tls::Stls {
+            assert!(output.contains("upgrade to TLS succeeded"), "{name}:\n{}", tail(&output, 40));
+        }
+        assert_eq!(output.matches("POP3> RETR ").count(), COUNT, "{name}: RETRs");
+        assert!(!output.contains("POP3> DELE"), "{name}: fetchmail deleted in keep mode");
+        assert!(output.contains("POP3> QUIT"), "{name}: no QUIT\n{}", tail(&output, 20));
+        assert!(!output.contains("POP3< -ERR"), "{name}: an -ERR reached fetchmail\n{output}");
+        assert!(
+            output.contains(&format!("{COUNT} messages for bob at 127.0.0.1 ({total} octets)")),
+            "{name}: STAT as fetchmail saw it\n{}",
+            tail(&output, 20)
+        );
+        let complaints = complaints(&output);
+        assert!(complaints.is_empty(), "{name}: fetchmail complained: {complaints:#?}");
+        if name == "pop3s" {
+            // What fetchmail made of mailgate's greeting and CAPA.
+            let capa: Vec<&str> = output.lines().filter(|l| l.contains("POP3<")).take(12).collect();
+            println!("fetchmail via mailgate, first lines read: {capa:#?}");
+        }
+
+        let compared = Instant::now();
+        let (got, fetchmail_header) = delivered(&out);
+        assert_eq!(got.len(), COUNT, "{name}: delivered {} messages", got.len());
+        // Each run equals the server's copy, hence all three equal each other.
+        assert!(
+            got == source,
+            "{name}: delivered messages differ from the maildrop: {}",
+            describe_difference(&got, &source)
+        );
+        drop(got);
+        match &header {
+            None => header = Some(fetchmail_header),
+            Some(first) => assert_eq!(&fetchmail_header, first, "{name}: fetchmail's own header differs"),
+        }
+        println!(
+            "fetchmail {name}: {COUNT} messages in {:?}, identical (compared in {:?})",
+            run.took,
+            compared.elapsed()
+        );
     }
-    std::fs::write("/tmp/pe/gw.log", setup.gateway.log()).unwrap();
+    println!("fetchmail's header, time cut off: {:?}", header.unwrap());
+
+    // Keep mode: the maildrop still holds everything.
+    assert_eq!(direct_stat(&setup), (COUNT, total), "maildrop after three keep runs");
+    assert_eq!(files(&maildir, true).len(), COUNT);
+    println!("fetchmail keep test took {:?}", started.elapsed());
+}
+
+#[test]
+fn fetchmail_deleting_run_empties_the_maildrop_only_after_quit() {
+    let started = Instant::now();
+    let setup = Setup::start();
+    const SEED: u64 = 0xDE1E7E;
+    const COUNT: usize = 60;
+    let total = setup.dovecot.fill(BOB.0, COUNT, SEED);
+    let log = || setup.gateway.log();
+    let maildir = setup.dovecot.maildir(BOB.0);
+    let work = tempfile::tempdir().unwrap();
+    let source = maildrop_contents(&maildir);
+
+    // 1. fetchmail without keep, killed (SIGKILL, no QUIT) while the MDA takes the 6th
+    // message: it has already sent DELE for the 5 delivered ones. Nothing is deleted.
+    let cut_out = work.path().join("cut");
+    fs::create_dir(&cut_out).unwrap();
+    let marker = work.path().join("mda-blocked");
+    let poll = Poll {
+        port: setup.addr("pop3").port(),
+        ca: &setup.pki.ca,
+        tls: Tls::Stls,
+        keep: false,
+        out: &cut_out,
+        block_after: Some((5, &marker)),
+    };
+    let output = fetchmail_cut(work.path(), &poll, &log);
+    assert_eq!(files(&cut_out, false).len(), 5);
+    // fetchmail had upgraded with STLS, and Dovecot (through mailgate) had accepted the
+    // DELE of each delivered message.
+    assert!(output.contains("POP3> STLS"), "{output}");
+    let lines: Vec<&str> = output.lines().collect();
+    for n in 1..=5 {
+        let dele = format!("POP3> DELE {n}");
+        let at = lines.iter().position(|l| l.ends_with(&dele)).unwrap_or_else(|| panic!("no {dele}:\n{output}"));
+        let answer = lines.get(at + 1).copied().unwrap_or_default();
+        assert!(answer.contains("POP3< +OK"), "DELE {n} answered {answer:?}");
+    }
+    assert!(!output.contains("POP3> DELE 6") && !output.contains("POP3> QUIT"), "{output}");
+    assert_eq!(direct_stat(&setup), (COUNT, total), "a fetchmail session cut before QUIT deleted messages");
+    println!("fetchmail cut after 5 deliveries (DELE 1-5 accepted, no QUIT): all {COUNT} messages still there");
+
+    // 2. The raw client: DELE every message through mailgate (pipelined), then drop the
+    // connection without QUIT. Nothing is deleted.
+    let mut client = login_via_mailgate(&setup);
+    let mut deles = String::new();
+    for n in 1..=COUNT {
+        deles.push_str(&format!("DELE {n}\r\n"));
+    }
+    client.send(deles.as_bytes());
+    for n in 1..=COUNT {
+        let line = client.line().unwrap_or_else(|| panic!("EOF before the answer to DELE {n}"));
+        assert!(line.starts_with("+OK"), "DELE {n}: {line}");
+    }
+    client.send(b"STAT\r\n");
+    assert_eq!(client.line().unwrap(), "+OK 0 0", "STAT after deleting all in the session");
+    drop(client);
+    assert_eq!(direct_stat(&setup), (COUNT, total), "DELEs without QUIT deleted messages");
+    assert_eq!(files(&maildir, true).len(), COUNT);
+
+    // 3. A complete fetchmail run without keep: every message delivered, then gone.
+    let out = work.path().join("full");
+    fs::create_dir(&out).unwrap();
+    let poll = Poll {
+        port: setup.addr("pop3s").port(),
+        ca: &setup.pki.ca,
+        tls: Tls::Implicit,
+        keep: false,
+        out: &out,
+        block_after: None,
+    };
+    let run = fetchmail(work.path(), &poll, &log);
+    let output = run.output();
+    assert_eq!(output.matches("POP3> DELE ").count(), COUNT, "{}", tail(&output, 20));
+    // All DELEs precede the QUIT that commits them.
+    let last_dele = output.rfind("POP3> DELE ").unwrap();
+    let quit = output.find("POP3> QUIT").expect("QUIT");
+    assert!(last_dele < quit);
+    assert!(!output.contains("POP3< -ERR"), "{output}");
+    let complaints = complaints(&output);
+    assert!(complaints.is_empty(), "fetchmail complained: {complaints:#?}");
+    let (got, _) = delivered(&out);
+    assert!(got == source, "delivered messages differ from the maildrop: {}", describe_difference(&got, &source));
+    assert_eq!(direct_stat(&setup), (0, 0), "maildrop after a deleting run");
+    assert!(files(&maildir, true).is_empty(), "files left in the Maildir: {:?}", files(&maildir, true));
+    println!("fetchmail deleting run: {COUNT} messages in {:?}", run.took);
+
+    // 4. The raw client again, this time DELE + QUIT through mailgate.
+    const MORE: usize = 12;
+    let more_total = setup.dovecot.fill(BOB.0, MORE, SEED + 1);
+    assert_eq!(direct_stat(&setup), (MORE, more_total));
+    let mut client = login_via_mailgate(&setup);
+    client.send(b"STAT\r\n");
+    assert_eq!(client.line().unwrap(), format!("+OK {MORE} {more_total}"));
+    for n in 1..=MORE {
+        client.send(format!("DELE {n}\r\n").as_bytes());
+        assert!(client.line().unwrap().starts_with("+OK"), "DELE {n}");
+    }
+    client.send(b"QUIT\r\n");
+    let bye = client.rest();
+    assert!(bye.len() == 1 && bye[0].starts_with("+OK"), "QUIT: {bye:?}");
+    assert_eq!(direct_stat(&setup), (0, 0), "maildrop after DELE + QUIT");
+    assert!(files(&maildir, true).is_empty());
+
+    // Dovecot's account agrees: the two cut sessions ended with "Connection closed" and
+    // deleted nothing ("del=0/60": its count of deletions it committed), the two that
+    // QUIT through mailgate deleted everything. (Every other session is a direct STAT.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dovecot_sessions(&setup).iter().any(|l| l.contains("del=12/12")) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let sessions = dovecot_sessions(&setup);
+    println!("Dovecot's account of bob's sessions:\n{}", sessions.join("\n"));
+    let closed: Vec<&String> = sessions.iter().filter(|l| l.contains("Connection closed")).collect();
+    assert_eq!(closed.len(), 2, "{sessions:#?}");
+    assert!(closed.iter().all(|l| l.contains("del=0/60")), "{closed:#?}");
+    let deleting: Vec<&String> = sessions.iter().filter(|l| !l.contains(" del=0/")).collect();
+    assert_eq!(deleting.len(), 2, "{sessions:#?}");
+    assert!(
+        deleting[0].contains("Logged out")
+            && deleting[0].contains(&format!("retr={COUNT}/"))
+            && deleting[0].contains("del=60/60")
+    );
+    assert!(deleting[1].contains("Logged out") && deleting[1].contains("del=12/12"));
+    println!("fetchmail deleting test took {:?}", started.elapsed());
+}
+
+/// curl against `url`, trusting `ca`, as bob; `extra` go before the URL.
+fn curl(ca: &Path, url: &str, extra: &[&str], log: &dyn Fn() -> String) -> Vec<u8> {
+    let mut cmd = Command::new(CURL);
+    cmd.args(["--silent", "--show-error"])
+        .args(["--connect-timeout", "10", "--max-time", "60"])
+        .arg("--cacert")
+        .arg(ca)
+        .arg("--user")
+        .arg(format!("{}:{}", BOB.0, BOB.1))
+        .args(extra)
+        .arg(url);
+    let run = run_bounded(cmd, Duration::from_secs(90));
+    assert!(
+        run.status.success(),
+        "curl {extra:?} {url} failed with {}: {}\n--- mailgate log (tail) ---\n{}",
+        run.status,
+        run.stderr(),
+        tail(&log(), 40)
+    );
+    run.stdout
+}
+
+fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: {} bytes vs {} direct, first difference at {at}: {:?} vs {:?}",
+            got.len(),
+            want.len(),
+            show(&got[at.saturating_sub(40)..(at + 40).min(got.len())]),
+            show(&want[at.saturating_sub(40)..(at + 40).min(want.len())]),
+        );
+    }
+}
+
+#[test]
+fn curl_pop3s_list_and_retr_match_a_direct_fetch() {
+    let started = Instant::now();
+    let setup = Setup::start();
+    const SEED: u64 = 0xC0A1;
+    const COUNT: usize = 30;
+    setup.dovecot.fill(BOB.0, COUNT, SEED);
+    let log = || setup.gateway.log();
+    let dovecot = setup.dovecot.pop3s;
+    let dv_ca = setup.dovecot.ca_pem();
+    let gw_ca = setup.pki.ca.clone();
+    let pop3s = setup.addr("pop3s");
+    let stls = setup.addr("pop3");
+
+    // The same request directly, over mailgate's pop3s, and over its STLS listener.
+    let three = |path: &str, extra: &[&str]| -> [(String, Vec<u8>); 3] {
+        let with_stls: Vec<&str> = extra.iter().copied().chain(["--ssl-reqd"]).collect();
+        [
+            ("direct".to_string(), curl(&dv_ca, &format!("pop3s://{dovecot}/{path}"), extra, &log)),
+            ("pop3s".to_string(), curl(&gw_ca, &format!("pop3s://{pop3s}/{path}"), extra, &log)),
+            ("stls".to_string(), curl(&gw_ca, &format!("pop3://{stls}/{path}"), &with_stls, &log)),
+        ]
+    };
+
+    // LIST, and UIDL and TOP as custom requests (curl prints their multi-line bodies).
+    for (path, extra, what) in [
+        ("", &[][..], "LIST"),
+        ("", &["--request", "UIDL"][..], "UIDL"),
+        ("", &["--request", "TOP 4 5"][..], "TOP 4 5"),
+    ] {
+        let [(_, direct), via @ ..] = three(path, extra);
+        assert!(!direct.is_empty(), "{what}: nothing from Dovecot");
+        for (name, got) in via {
+            assert_same(&format!("{what} over {name}"), &got, &direct);
+        }
+        println!("{what}: {} bytes identical direct, over pop3s and over STLS", direct.len());
+    }
+    let list = curl(&dv_ca, &format!("pop3s://{dovecot}/"), &[], &log);
+    assert_eq!(show(&list).lines().count(), COUNT, "{}", show(&list));
+
+    // RETR: plain text (1), dot-lines (2, 8; curl undoes the dot-stuffing), 200
+    // Received: lines (4), big (6 and 22), the last (30).
+    for n in [1usize, 2, 4, 6, 8, 22, 30] {
+        let expected = mailgen::message(SEED, n - 1, mailgen::MAX_BIG);
+        if (n - 1) % 3 == 1 {
+            assert!(memchr::memmem::find(&expected, b"\r\n.").is_some(), "message {n} has no dot-line");
+        }
+        let [(_, direct), via @ ..] = three(&n.to_string(), &[]);
+        assert_same(&format!("message {n} from Dovecot vs mailgen"), &direct, &expected);
+        for (name, got) in via {
+            assert_same(&format!("message {n} over {name}"), &got, &direct);
+        }
+        println!("message {n}: {} bytes identical direct, over pop3s and over STLS", direct.len());
+    }
+    let logins = log().matches("logged in").count();
+    assert!(logins >= 3 * 2 + 7 * 2, "only {logins} logins in the mailgate log");
+    println!("curl test took {:?}", started.elapsed());
 }

@@ -19,8 +19,17 @@ struct Rig {
 fn start_rig(fake: &FakeUpstream, upstream_tls: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::generate(dir.path());
-    let config = gateway_config_with(&pki, None, Some(&fake.addr.to_string()), upstream_tls, Some(&pki.ca), "", "")
-        .replace("login_timeout = \"15s\"", "login_timeout = \"2s\"");
+    // The cache is off: its own UIDL at session start would be part of every script.
+    let config = gateway_config_with(
+        &pki,
+        None,
+        Some(&fake.addr.to_string()),
+        upstream_tls,
+        Some(&pki.ca),
+        "",
+        "[cache]\nenabled = false\n",
+    )
+    .replace("login_timeout = \"15s\"", "login_timeout = \"2s\"");
     let gateway = Gateway::start(dir.path(), &config);
     Rig { _dir: dir, pki, gateway }
 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::framing::{strip_eol, Event, Framer};
 use super::response::{self, has_capability, Kind, Status};
 use crate::auth::{encode_plain, Credentials};
+use crate::cache::LoginProof;
 use crate::config::TlsMode;
 use crate::stream::Stream;
 use crate::upstream::{Upstream, UpstreamError};
@@ -27,6 +28,8 @@ pub struct LoggedIn {
     pub capabilities: Vec<String>,
     /// Bytes the upstream sent after its tagged OK; they belong to the relay.
     pub leftover: BytesMut,
+    /// The upstream accepted the credentials: what cache keys are built from.
+    pub proof: LoginProof,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +203,12 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<Log
         Some(caps) => caps,
         None => reader.capability().await?,
     };
-    Ok(LoggedIn { stream: reader.stream, capabilities, leftover: reader.buffer })
+    Ok(LoggedIn {
+        stream: reader.stream,
+        capabilities,
+        leftover: reader.buffer,
+        proof: LoginProof::upstream_accepted(),
+    })
 }
 
 async fn authenticate_plain(

@@ -16,6 +16,7 @@ use super::codec::{split_command, CodecError, LineReader};
 use super::relay;
 use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
+use crate::cache::Account;
 use crate::secret::Secret;
 use crate::service::Service;
 use crate::stream::Stream;
@@ -160,8 +161,16 @@ pub async fn serve(stream: Stream, service: &Service) {
                         if conn.write("+OK Logged in.").await.is_err() {
                             return;
                         }
-                        relay::run(relay::Client { stream: conn.stream, leftover: conn.buffer }, session, service)
-                            .await;
+                        let scope = service.cache.clone().map(|cache| relay::CacheScope {
+                            account: Account::new(
+                                &service.upstream.identity(),
+                                credentials.authzid.as_deref().unwrap_or(&credentials.user),
+                                &session.proof,
+                            ),
+                            cache,
+                        });
+                        let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
+                        relay::run(client, session, service, scope).await;
                         return;
                     }
                     Err(LoginError::Rejected { code }) => {

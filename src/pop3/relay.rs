@@ -1,20 +1,27 @@
-//! After login: POP3 commands and responses relayed byte for byte.
+//! After login: POP3 commands and responses relayed byte for byte, RETR and TOP served from
+//! the message cache when they can be.
 //!
 //! POP3 responses say nothing about whether a body follows; the command does (`RETR`, `TOP`,
-//! `LIST`/`UIDL` without argument, `CAPA`). So the *client pump* records, for each command it
-//! forwards, whether its `+OK` brings a multi-line body, and the *upstream pump* follows the
-//! responses in that order with a [`ResponseScanner`], streaming every byte as it arrives.
-//! For an upstream without `PIPELINING` the client pump forwards one command at a time,
-//! which is why mailgate can announce `PIPELINING` to every client.
+//! `LIST`/`UIDL` without argument, `CAPA`). So the *client pump* queues, for each command, what
+//! its answer will be ([`Pending`]), and the *upstream pump* follows the responses in that
+//! order with a [`ResponseScanner`], streaming every byte as it arrives. A response the cache
+//! can give is queued as [`Pending::Cached`] and written in its turn, so pipelined commands
+//! keep their order. For an upstream without `PIPELINING` at most one command is outstanding,
+//! which is why mailgate may announce `PIPELINING` to every client.
+//!
+//! The cache holds whole RETR responses by UIDL (learned with one `UIDL` at session start and
+//! from the client's own UIDL commands); `TOP n k` is cut from a cached RETR. A message marked
+//! deleted in this session is never served from the cache (the upstream answers `-ERR`).
+//! Only a response that completed with its terminating line is stored.
 //!
 //! The upstream failing inside a body closes the client connection without the terminating
-//! `.` line: a message that looks complete but is not would be worse than an error. Deletions
-//! stay the upstream's business: they happen when the upstream completes `QUIT`.
+//! `.` line: a message that looks complete but is not would be worse than an error.
+//! Deletions stay the upstream's business: they happen when the upstream completes `QUIT`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -22,6 +29,7 @@ use tracing::debug;
 
 use super::codec::{multiline_if_ok, split_command, CodecError, Event, LineReader, ResponseScanner};
 use super::upstream::LoggedIn;
+use crate::cache::{Account, Key, Kind, MessageCache, Pop3Key};
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -34,12 +42,48 @@ pub struct Client {
 const MAX_IN_FLIGHT: usize = 100;
 const IO_CHUNK: usize = 32 * 1024;
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+/// A UIDL listing larger than this is relayed but not learned from.
+const MAX_UIDL_LISTING: usize = 16 << 20;
+
+/// What the answer to a queued command teaches the session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Track {
+    Nothing,
+    /// RETR of this message number: store the response in the cache.
+    Retr(u32),
+    Dele(u32),
+    Rset,
+    /// A UIDL listing or single UIDL line; `internal`: mailgate asked, the client did not.
+    Uidl {
+        internal: bool,
+    },
+}
+
+#[derive(Debug)]
+enum Pending {
+    Upstream { body: bool, track: Track },
+    Cached(Bytes),
+}
 
 #[derive(Default)]
 struct Shared {
-    /// For each forwarded command, oldest first: does its `+OK` bring a body?
-    pending: VecDeque<bool>,
+    pending: VecDeque<Pending>,
     draining: bool,
+    /// Message number → UIDL, as the upstream reported them.
+    uidl: HashMap<u32, Arc<str>>,
+    /// Messages that are or will be marked deleted in this session: noted when DELE is sent
+    /// (so that a RETR pipelined behind it is not answered from the cache), forgotten on
+    /// RSET and when the DELE is refused.
+    deleted: HashSet<u32>,
+    /// mailgate's own UIDL is still unanswered: cache decisions wait for it.
+    learning_uidls: bool,
+}
+
+/// The cache and whose mail this session sees.
+#[derive(Clone)]
+pub struct CacheScope {
+    pub cache: Arc<MessageCache>,
+    pub account: Account,
 }
 
 struct Inject {
@@ -54,9 +98,10 @@ enum End {
     Closed(&'static str),
 }
 
-pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
+pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<CacheScope>) {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let answered = Arc::new(Notify::new());
+    let queued = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel(4);
     let (client_read, client_write) = tokio::io::split(client.stream);
     let (upstream_read, upstream_write) = tokio::io::split(upstream.stream);
@@ -70,20 +115,36 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
         window: if upstream.pipelining { MAX_IN_FLIGHT } else { 1 },
         shared: shared.clone(),
         answered: answered.clone(),
+        queued: queued.clone(),
         inject: inject_tx,
+        scope: scope.clone(),
         service,
+        cache_hits: 0,
+        cache_misses: 0,
+        cache_bytes: 0,
     };
     let mut to_client = UpstreamPump {
         read: upstream_read,
         write: BufWriter::with_capacity(IO_CHUNK, client_write),
         buffer: upstream.leftover,
         scanner: ResponseScanner::default(),
-        answering: false,
+        answering: None,
+        capture: Vec::new(),
         shared,
         answered,
+        queued,
         inject: inject_rx,
+        scope,
         service,
     };
+
+    if to_upstream.scope.is_some() {
+        // Learn the UIDLs once, so that RETR and TOP can be served by UIDL.
+        lock(&to_upstream.shared).learning_uidls = true;
+        if let Err(end) = to_upstream.send_upstream(b"UIDL".to_vec(), true, Track::Uidl { internal: true }).await {
+            debug!(?end, "could not ask for UIDLs");
+        }
+    }
 
     // As in the IMAP relay: pumps are polled in place so none is dropped mid-write.
     let mut upstream_side = Box::pin(to_client.run());
@@ -93,7 +154,10 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
         end = &mut client_side => Err(end),
     };
     let end = match first {
-        Ok(end) => end,
+        Ok(end) => {
+            drop(client_side);
+            end
+        }
         Err(end) => {
             drop(client_side);
             if end == End::ClientClosed {
@@ -105,11 +169,44 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
     };
     drop(upstream_side);
     let _ = to_client.write.shutdown().await;
-    tracing::info!(reason = ?end, "session ended");
+    tracing::info!(
+        reason = ?end,
+        cache_hits = to_upstream.cache_hits,
+        cache_misses = to_upstream.cache_misses,
+        cache_bytes = to_upstream.cache_bytes,
+        "session ended"
+    );
 }
 
 fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().expect("relay lock poisoned")
+}
+
+/// `TOP n k` from a cached RETR response: the header, the empty line and `k` body lines of
+/// the (dot-stuffed) message, then the terminating line (RFC 1939 §7).
+pub fn top_from_retr(retr: &[u8], lines: usize) -> Vec<u8> {
+    let body_start = retr.iter().position(|&b| b == b'\n').map_or(retr.len(), |i| i + 1);
+    let message = &retr[body_start..retr.len().saturating_sub(3)]; // without ".\r\n"
+    let mut out = b"+OK\r\n".to_vec();
+    let mut in_header = true;
+    let mut body_lines = 0;
+    let mut start = 0;
+    while start < message.len() {
+        let end = message[start..].iter().position(|&b| b == b'\n').map_or(message.len(), |i| start + i + 1);
+        let line = &message[start..end];
+        if !in_header {
+            if body_lines == lines {
+                break;
+            }
+            body_lines += 1;
+        } else if line == b"\r\n" || line == b"\n" {
+            in_header = false;
+        }
+        out.extend_from_slice(line);
+        start = end;
+    }
+    out.extend_from_slice(b".\r\n");
+    out
 }
 
 struct ClientPump<'a, R, W> {
@@ -121,8 +218,14 @@ struct ClientPump<'a, R, W> {
     window: usize,
     shared: Arc<Mutex<Shared>>,
     answered: Arc<Notify>,
+    queued: Arc<Notify>,
     inject: mpsc::Sender<Inject>,
+    scope: Option<CacheScope>,
     service: &'a Service,
+    /// This session's RETR/TOP answered from the cache, and not.
+    cache_hits: u64,
+    cache_misses: u64,
+    cache_bytes: u64,
 }
 
 impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> {
@@ -140,7 +243,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 };
                 let _ = self.buffer.split_to(consumed);
                 if let Some(line) = line {
-                    if let Err(end) = self.forward(line).await {
+                    if let Err(end) = self.command(line).await {
                         return end;
                     }
                 }
@@ -154,15 +257,88 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         }
     }
 
-    async fn forward(&mut self, line: Vec<u8>) -> Result<(), End> {
+    /// Answers a command from the cache when possible, else forwards it.
+    async fn command(&mut self, line: Vec<u8>) -> Result<(), End> {
         let (keyword, args) = split_command(&line);
+        let numbers: Vec<u32> =
+            String::from_utf8_lossy(args).split_whitespace().map_while(|w| w.parse().ok()).collect();
+        let track = match (keyword.as_str(), numbers.as_slice()) {
+            ("RETR", [n]) => Track::Retr(*n),
+            ("DELE", [n]) => Track::Dele(*n),
+            ("RSET", []) => Track::Rset,
+            ("UIDL", _) => Track::Uidl { internal: false },
+            _ => Track::Nothing,
+        };
+        match &track {
+            Track::Dele(n) => {
+                lock(&self.shared).deleted.insert(*n);
+            }
+            Track::Rset => lock(&self.shared).deleted.clear(),
+            _ => {}
+        }
+        if let ("RETR", [n]) | ("TOP", [n, _]) = (keyword.as_str(), numbers.as_slice()) {
+            if let Some(response) = self.cached_answer(*n, numbers.get(1).copied()).await {
+                self.cache_hits += 1;
+                self.cache_bytes += response.len() as u64;
+                self.wait_for_room().await?;
+                lock(&self.shared).pending.push_back(Pending::Cached(response));
+                self.queued.notify_one();
+                return Ok(());
+            }
+        }
+        if self.scope.is_some() && (keyword == "RETR" || keyword == "TOP") {
+            self.cache_misses += 1;
+        }
         let body = multiline_if_ok(&keyword, args);
-        // Wait for room in the window; what is written must be flushed to be answered.
-        loop {
+        self.send_upstream(line, body, track).await
+    }
+
+    /// RETR (or TOP with `top_lines`) of message `n` from the cache.
+    async fn cached_answer(&mut self, n: u32, top_lines: Option<u32>) -> Option<Bytes> {
+        self.scope.as_ref()?;
+        while lock(&self.shared).learning_uidls {
             let answered = self.answered.notified();
-            if lock(&self.shared).pending.len() < self.window {
+            if !lock(&self.shared).learning_uidls {
                 break;
             }
+            // What is written must be flushed to be answered.
+            if self.write.flush().await.is_err() {
+                return None;
+            }
+            answered.await;
+        }
+        let scope = self.scope.as_ref()?;
+        let uidl = {
+            let shared = lock(&self.shared);
+            if shared.deleted.contains(&n) {
+                return None;
+            }
+            shared.uidl.get(&n)?.clone()
+        };
+        let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl });
+        let retr = scope.cache.get(&key, Kind::Pop3).await?;
+        let response = match top_lines {
+            None => retr,
+            Some(k) => Bytes::from(top_from_retr(&retr, k as usize)),
+        };
+        scope.cache.served(response.len());
+        Some(response)
+    }
+
+    async fn wait_for_room(&mut self) -> Result<(), End> {
+        loop {
+            let answered = self.answered.notified();
+            {
+                let shared = lock(&self.shared);
+                if shared.draining {
+                    // Shutdown: no new commands (and no QUIT: deletions are not committed).
+                    return Err(End::Closed("shutdown"));
+                }
+                if shared.pending.len() < self.window {
+                    return Ok(());
+                }
+            }
+            // What is written must be flushed to be answered.
             if self.write.flush().await.is_err() {
                 return Err(End::UpstreamClosed);
             }
@@ -171,14 +347,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 return Err(self.close_with("-ERR Disconnected for inactivity.").await);
             }
         }
-        {
-            let mut shared = lock(&self.shared);
-            if shared.draining {
-                // Shutdown: no new commands (and no QUIT: deletions are not committed).
-                return Err(End::Closed("shutdown"));
-            }
-            shared.pending.push_back(body);
-        }
+    }
+
+    async fn send_upstream(&mut self, line: Vec<u8>, body: bool, track: Track) -> Result<(), End> {
+        self.wait_for_room().await?;
+        lock(&self.shared).pending.push_back(Pending::Upstream { body, track });
+        self.queued.notify_one();
         let written = async {
             self.write.write_all(&line).await?;
             self.write.write_all(b"\r\n").await
@@ -222,26 +396,36 @@ struct UpstreamPump<'a, R, W> {
     write: BufWriter<WriteHalf<W>>,
     buffer: BytesMut,
     scanner: ResponseScanner,
-    /// A response has started (its expectation was taken from `pending`).
-    answering: bool,
+    /// The response being read, once started (taken from the front of `pending`).
+    answering: Option<Track>,
+    /// The response's bytes, kept while they may be stored or learned from.
+    capture: Vec<u8>,
     shared: Arc<Mutex<Shared>>,
     answered: Arc<Notify>,
+    queued: Arc<Notify>,
     inject: mpsc::Receiver<Inject>,
+    scope: Option<CacheScope>,
     service: &'a Service,
 }
 
 impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W> {
     async fn run(&mut self) -> End {
         loop {
+            if let Err(end) = self.write_cached().await {
+                return end;
+            }
             while !self.buffer.is_empty() {
                 if let Err(end) = self.process().await {
+                    return end;
+                }
+                if let Err(end) = self.write_cached().await {
                     return end;
                 }
             }
             if self.write.flush().await.is_err() {
                 return End::ClientClosed;
             }
-            let at_boundary = !self.answering;
+            let at_boundary = self.answering.is_none();
             let shutdown_ready = {
                 let shared = lock(&self.shared);
                 shared.draining && shared.pending.is_empty()
@@ -252,6 +436,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     Ok(0) | Err(_) => return self.upstream_gone().await,
                     Ok(_) => {}
                 },
+                _ = self.queued.notified(), if at_boundary => {}
                 inject = self.inject.recv(), if at_boundary => {
                     let Some(inject) = inject else { continue };
                     let _ = self.write.write_all(inject.line.as_bytes()).await;
@@ -271,8 +456,29 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         }
     }
 
+    /// Writes the cached responses whose turn it is.
+    async fn write_cached(&mut self) -> Result<(), End> {
+        while self.answering.is_none() {
+            let cached = {
+                let mut shared = lock(&self.shared);
+                match shared.pending.front() {
+                    Some(Pending::Cached(_)) => match shared.pending.pop_front() {
+                        Some(Pending::Cached(bytes)) => bytes,
+                        _ => unreachable!("front was just seen to be cached"),
+                    },
+                    _ => return Ok(()),
+                }
+            };
+            self.answered.notify_one();
+            if self.write.write_all(&cached).await.is_err() {
+                return Err(End::ClientClosed);
+            }
+        }
+        Ok(())
+    }
+
     async fn upstream_gone(&mut self) -> End {
-        if self.answering {
+        if self.answering.is_some() {
             debug!("upstream closed mid-response: closing the client without completing it");
         } else if !lock(&self.shared).pending.is_empty() {
             let _ = self.write.write_all(b"-ERR [SYS/TEMP] Mail server closed the connection.\r\n").await;
@@ -282,11 +488,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     }
 
     async fn process(&mut self) -> Result<(), End> {
-        if !self.answering {
+        if self.answering.is_none() {
             // Unsolicited bytes (no command pending) are read as a single line.
-            let body = lock(&self.shared).pending.front().copied().unwrap_or(false);
+            let (body, track) = match lock(&self.shared).pending.front() {
+                Some(Pending::Upstream { body, track }) => (*body, track.clone()),
+                _ => (false, Track::Nothing),
+            };
             self.scanner.expect(body);
-            self.answering = true;
+            self.answering = Some(track);
+            self.capture.clear();
         }
         let step = match self.scanner.feed(&self.buffer) {
             Ok(step) => step,
@@ -296,14 +506,97 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
         };
         let bytes = self.buffer.split_to(step.consumed);
-        if self.write.write_all(&bytes).await.is_err() {
+        let track = self.answering.as_ref().expect("a response is being read");
+        if self.wants_capture(track) {
+            self.capture.extend_from_slice(&bytes);
+        }
+        if !matches!(track, Track::Uidl { internal: true }) && self.write.write_all(&bytes).await.is_err() {
             return Err(End::ClientClosed);
         }
-        if matches!(step.event, Some(Event::End) | Some(Event::Status { body: false, .. })) {
-            self.answering = false;
-            lock(&self.shared).pending.pop_front();
+        let ok = match &step.event {
+            Some(Event::End) => Some(true),
+            Some(Event::Status { ok, body: false, .. }) => Some(*ok),
+            _ => None,
+        };
+        if let Some(ok) = ok {
+            let track = self.answering.take().expect("a response is being read");
+            if ok {
+                self.learn(track.clone()).await;
+            }
+            {
+                let mut shared = lock(&self.shared);
+                shared.pending.pop_front();
+                match track {
+                    Track::Uidl { internal: true } => shared.learning_uidls = false,
+                    Track::Dele(n) if !ok => {
+                        shared.deleted.remove(&n);
+                    }
+                    _ => {}
+                }
+            }
             self.answered.notify_one();
         }
         Ok(())
+    }
+
+    fn wants_capture(&self, track: &Track) -> bool {
+        match track {
+            Track::Retr(_) => self.scope.as_ref().is_some_and(|s| self.capture.len() <= s.cache.max_entry_bytes()),
+            Track::Uidl { .. } => self.capture.len() <= MAX_UIDL_LISTING,
+            _ => false,
+        }
+    }
+
+    /// Applies what a successful answer says about the session.
+    async fn learn(&mut self, track: Track) {
+        match track {
+            Track::Nothing => {}
+            // Noted when sent (see `Shared::deleted`).
+            Track::Dele(_) | Track::Rset => {}
+            Track::Uidl { .. } => {
+                if self.capture.len() > MAX_UIDL_LISTING {
+                    return;
+                }
+                let mut shared = lock(&self.shared);
+                // "+OK n uidl" for one message, or "+OK\r\n" then "n uidl" lines and ".".
+                for line in self.capture.split(|&b| b == b'\n') {
+                    let text = String::from_utf8_lossy(line);
+                    let text = text.trim_end().trim_start_matches("+OK").trim();
+                    let mut words = text.split(' ');
+                    if let (Some(n), Some(uidl), None) = (words.next(), words.next(), words.next()) {
+                        if let Ok(n) = n.parse::<u32>() {
+                            shared.uidl.insert(n, Arc::from(uidl));
+                        }
+                    }
+                }
+            }
+            Track::Retr(n) => {
+                let Some(scope) = &self.scope else { return };
+                if self.capture.len() > scope.cache.max_entry_bytes() {
+                    return;
+                }
+                let Some(uidl) = lock(&self.shared).uidl.get(&n).cloned() else { return };
+                let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl });
+                scope.cache.insert(key, Bytes::from(std::mem::take(&mut self.capture))).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_is_cut_from_a_retr_response() {
+        let retr = b"+OK 80 octets\r\nSubject: a\r\nFrom: b\r\n\r\nline 1\r\n..dotted 2\r\nline 3\r\n.\r\n";
+        assert_eq!(top_from_retr(retr, 0), b"+OK\r\nSubject: a\r\nFrom: b\r\n\r\n.\r\n");
+        assert_eq!(top_from_retr(retr, 2), b"+OK\r\nSubject: a\r\nFrom: b\r\n\r\nline 1\r\n..dotted 2\r\n.\r\n");
+        assert_eq!(
+            top_from_retr(retr, 99),
+            b"+OK\r\nSubject: a\r\nFrom: b\r\n\r\nline 1\r\n..dotted 2\r\nline 3\r\n.\r\n"
+        );
+        let headers_only = b"+OK 20 octets\r\nSubject: a\r\n.\r\n";
+        assert_eq!(top_from_retr(headers_only, 5), b"+OK\r\nSubject: a\r\n.\r\n");
     }
 }

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::codec::{LineReader, MAX_STATUS_LINE};
 use crate::auth::{encode_plain, Credentials};
+use crate::cache::LoginProof;
 use crate::config::TlsMode;
 use crate::stream::Stream;
 use crate::upstream::{Upstream, UpstreamError};
@@ -22,6 +23,8 @@ pub struct LoggedIn {
     pub pipelining: bool,
     /// Bytes the upstream sent after its `+OK`; they belong to the relay.
     pub leftover: BytesMut,
+    /// The upstream accepted the credentials: what cache keys are built from.
+    pub proof: LoginProof,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +163,12 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<Log
         }
     };
     if answer.starts_with(b"+OK") {
-        Ok(LoggedIn { stream: reader.stream, pipelining: has(&capabilities, "PIPELINING"), leftover: reader.buffer })
+        Ok(LoggedIn {
+            stream: reader.stream,
+            pipelining: has(&capabilities, "PIPELINING"),
+            leftover: reader.buffer,
+            proof: LoginProof::upstream_accepted(),
+        })
     } else if answer.starts_with(b"-ERR") {
         Err(LoginError::Rejected { code: response_code(&answer) })
     } else {

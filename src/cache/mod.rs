@@ -1,0 +1,225 @@
+//! The message cache: immutable message data in memory, per account, weighed in bytes.
+//!
+//! Built on moka's future cache: entries are `Bytes` (cheap clones), the weight of an entry
+//! is its size, anything above `max_entry_bytes` is streamed and never stored, and an
+//! eviction listener counts why entries leave. Counters live here ([`Stats`]) so that the
+//! metrics exporter only has to read them.
+
+pub mod key;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+
+pub use key::{Account, ImapKey, Key, LoginProof, Pop3Key};
+
+use crate::config::CacheConfig;
+
+/// What kind of data a lookup was for (a bounded label for metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// IMAP body sections, RFC822*, BINARY.
+    Body,
+    /// IMAP HEADER / HEADER.FIELDS / MIME sections, RFC822.HEADER.
+    Header,
+    /// BODYSTRUCTURE, BODY, ENVELOPE, INTERNALDATE, RFC822.SIZE.
+    Structure,
+    /// A POP3 message.
+    Pop3,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Body, Kind::Header, Kind::Structure, Kind::Pop3];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Body => "body",
+            Kind::Header => "header",
+            Kind::Structure => "structure",
+            Kind::Pop3 => "pop3",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Monotonic counters; read with [`MessageCache::stats`].
+#[derive(Debug, Default)]
+pub struct Stats {
+    hits: [AtomicU64; 4],
+    misses: [AtomicU64; 4],
+    /// Bytes sent to clients from the cache: bytes the upstream did not have to send.
+    bytes_served: AtomicU64,
+    inserted: AtomicU64,
+    too_large: AtomicU64,
+    evicted_size: AtomicU64,
+    evicted_expired: AtomicU64,
+    evicted_other: AtomicU64,
+}
+
+/// A point-in-time copy of the counters and the cache's size.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub hits: [u64; 4],
+    pub misses: [u64; 4],
+    pub bytes_served: u64,
+    pub inserted: u64,
+    pub too_large: u64,
+    pub evicted_size: u64,
+    pub evicted_expired: u64,
+    pub evicted_other: u64,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+impl StatsSnapshot {
+    pub fn hits(&self, kind: Kind) -> u64 {
+        self.hits[kind.index()]
+    }
+    pub fn misses(&self, kind: Kind) -> u64 {
+        self.misses[kind.index()]
+    }
+}
+
+pub struct MessageCache {
+    entries: moka::future::Cache<Key, Bytes>,
+    max_entry_bytes: usize,
+    stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for MessageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageCache").field("max_entry_bytes", &self.max_entry_bytes).finish()
+    }
+}
+
+impl MessageCache {
+    pub fn new(config: &CacheConfig) -> MessageCache {
+        let stats = Arc::new(Stats::default());
+        let listener_stats = stats.clone();
+        let mut builder = moka::future::Cache::builder()
+            .max_capacity(config.max_bytes.0)
+            .weigher(|key: &Key, value: &Bytes| -> u32 {
+                let key_bytes = match key {
+                    Key::Imap(k) => k.mailbox.len() + k.item.len() + 64,
+                    Key::Pop3(k) => k.uidl.len() + 48,
+                };
+                u32::try_from(value.len() + key_bytes).unwrap_or(u32::MAX)
+            })
+            .eviction_listener(move |_key, _value, cause| {
+                let counter = match cause {
+                    RemovalCause::Size => &listener_stats.evicted_size,
+                    RemovalCause::Expired => &listener_stats.evicted_expired,
+                    RemovalCause::Explicit | RemovalCause::Replaced => &listener_stats.evicted_other,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            });
+        if let Some(ttl) = config.time_to_live {
+            builder = builder.time_to_live(ttl.0);
+        }
+        MessageCache { entries: builder.build(), max_entry_bytes: config.max_entry_bytes.as_usize(), stats }
+    }
+
+    pub fn max_entry_bytes(&self) -> usize {
+        self.max_entry_bytes
+    }
+
+    /// Looks `key` up, counting a hit or a miss for `kind`.
+    pub async fn get(&self, key: &Key, kind: Kind) -> Option<Bytes> {
+        let found = self.entries.get(key).await;
+        let counter = if found.is_some() { &self.stats.hits } else { &self.stats.misses };
+        counter[kind.index()].fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Records that `bytes` were sent to a client from the cache.
+    pub fn served(&self, bytes: usize) {
+        self.stats.bytes_served.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Stores a complete value; values over `max_entry_bytes` are not kept.
+    pub async fn insert(&self, key: Key, value: Bytes) {
+        if value.len() > self.max_entry_bytes {
+            self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.stats.inserted.fetch_add(1, Ordering::Relaxed);
+        self.entries.insert(key, value).await;
+    }
+
+    pub async fn stats(&self) -> StatsSnapshot {
+        self.entries.run_pending_tasks().await;
+        let load = |a: &[AtomicU64; 4]| std::array::from_fn(|i| a[i].load(Ordering::Relaxed));
+        StatsSnapshot {
+            hits: load(&self.stats.hits),
+            misses: load(&self.stats.misses),
+            bytes_served: self.stats.bytes_served.load(Ordering::Relaxed),
+            inserted: self.stats.inserted.load(Ordering::Relaxed),
+            too_large: self.stats.too_large.load(Ordering::Relaxed),
+            evicted_size: self.stats.evicted_size.load(Ordering::Relaxed),
+            evicted_expired: self.stats.evicted_expired.load(Ordering::Relaxed),
+            evicted_other: self.stats.evicted_other.load(Ordering::Relaxed),
+            entries: self.entries.entry_count(),
+            bytes: self.entries.weighted_size(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::{ByteSize, Span};
+
+    fn config(max_bytes: u64, max_entry: u64) -> CacheConfig {
+        CacheConfig {
+            enabled: true,
+            max_bytes: ByteSize(max_bytes),
+            max_entry_bytes: ByteSize(max_entry),
+            time_to_live: None,
+        }
+    }
+
+    fn pop3_key(user: &str, uidl: &str) -> Key {
+        let account = Account::new("default", user, &LoginProof::upstream_accepted());
+        Key::Pop3(Pop3Key { account, uidl: uidl.into() })
+    }
+
+    #[tokio::test]
+    async fn accounts_never_share_entries() {
+        let cache = MessageCache::new(&config(1 << 20, 1 << 16));
+        cache.insert(pop3_key("alice", "u1"), Bytes::from_static(b"alice's mail")).await;
+        assert_eq!(cache.get(&pop3_key("bob", "u1"), Kind::Pop3).await, None);
+        assert_eq!(cache.get(&pop3_key("Alice", "u1"), Kind::Pop3).await, None);
+        assert_eq!(cache.get(&pop3_key("alice", "u1"), Kind::Pop3).await.unwrap(), "alice's mail");
+        let stats = cache.stats().await;
+        assert_eq!((stats.hits(Kind::Pop3), stats.misses(Kind::Pop3)), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn oversized_values_are_not_kept_and_size_evicts() {
+        let cache = MessageCache::new(&config(10_000, 4_000));
+        cache.insert(pop3_key("a", "big"), Bytes::from(vec![0u8; 5_000])).await;
+        assert_eq!(cache.get(&pop3_key("a", "big"), Kind::Pop3).await, None);
+        for i in 0..10 {
+            cache.insert(pop3_key("a", &i.to_string()), Bytes::from(vec![0u8; 3_000])).await;
+        }
+        let stats = cache.stats().await;
+        assert_eq!(stats.too_large, 1);
+        assert!(stats.bytes <= 10_000, "{stats:?}");
+        assert!(stats.evicted_size >= 6, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn time_to_live_expires_entries() {
+        let mut c = config(1 << 20, 1 << 16);
+        c.time_to_live = Some(Span(std::time::Duration::from_millis(50)));
+        let cache = MessageCache::new(&c);
+        cache.insert(pop3_key("a", "x"), Bytes::from_static(b"x")).await;
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        assert_eq!(cache.get(&pop3_key("a", "x"), Kind::Pop3).await, None);
+    }
+}

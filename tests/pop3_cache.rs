@@ -1,0 +1,184 @@
+//! The POP3 side of the message cache, against Dovecot: RETR and TOP served from memory,
+//! identical to the upstream's answers, per account only, never for deleted messages, and
+//! never from a response that did not complete.
+
+mod support;
+
+use std::time::Duration;
+
+use support::client::Client;
+use support::fake_upstream::{FakeConn, FakeUpstream};
+use support::gateway::Gateway;
+use support::setup::*;
+use support::tls::TestPki;
+
+/// One complete multi-line (or -ERR) response, raw.
+fn response(client: &mut Client) -> Vec<u8> {
+    let status = client.line().expect("status line");
+    let mut out = format!("{status}\r\n").into_bytes();
+    if status.starts_with("+OK") {
+        loop {
+            let line = client.line().expect("body line");
+            out.extend_from_slice(format!("{line}\r\n").as_bytes());
+            if line == "." {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+fn quit(mut client: Client) {
+    client.send(b"QUIT\r\n");
+    let _ = client.rest();
+    // Dovecot releases the maildrop lock just after the session.
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// `(hits, misses)` summed over the session-end lines logged so far.
+fn cache_counts(gateway: &Gateway) -> (u64, u64) {
+    let log = gateway.log();
+    let field = |line: &str, key: &str| -> u64 {
+        line.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    log.lines()
+        .filter(|l| l.contains("session ended") && l.contains("cache_hits="))
+        .fold((0, 0), |(h, m), l| (h + field(l, "cache_hits="), m + field(l, "cache_misses=")))
+}
+
+#[test]
+fn retr_and_top_are_served_from_the_cache_identically() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 12, 21);
+    let commands = ["RETR 1", "RETR 2", "RETR 6", "RETR 4", "TOP 2 0", "TOP 2 3", "TOP 6 10"];
+
+    let mut direct = setup.pop3_direct(BOB);
+    let expected: Vec<Vec<u8>> = commands
+        .iter()
+        .map(|c| {
+            direct.send(format!("{c}\r\n").as_bytes());
+            response(&mut direct)
+        })
+        .collect();
+    quit(direct);
+
+    // Cold: RETRs fill the cache (TOPs of message 2 and 6 are already hits).
+    let mut cold = setup.pop3_login(BOB);
+    for (c, want) in commands.iter().zip(&expected) {
+        cold.send(format!("{c}\r\n").as_bytes());
+        assert!(&response(&mut cold) == want, "cold {c} differs");
+    }
+    quit(cold);
+    // Warm, in a new session: everything from the cache.
+    let mut warm = setup.pop3_login(BOB);
+    for (c, want) in commands.iter().zip(&expected) {
+        warm.send(format!("{c}\r\n").as_bytes());
+        assert!(&response(&mut warm) == want, "warm {c} differs");
+    }
+    quit(warm);
+    assert!(setup.gateway.wait_for_log("cache_hits=7", Duration::from_secs(5)), "{}", setup.gateway.log());
+    let (hits, misses) = cache_counts(&setup.gateway);
+    assert_eq!((hits, misses), (3 + 7, 4), "{}", setup.gateway.log());
+}
+
+#[test]
+fn a_deleted_message_is_not_served_from_the_cache() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 3, 2);
+    let mut client = setup.pop3_login(BOB);
+    client.send(b"RETR 1\r\n");
+    assert!(response(&mut client).starts_with(b"+OK"));
+    client.send(b"DELE 1\r\nRETR 1\r\nTOP 1 0\r\n");
+    assert!(client.line().unwrap().starts_with("+OK"));
+    assert!(client.line().unwrap().starts_with("-ERR"), "RETR of a deleted message");
+    assert!(client.line().unwrap().starts_with("-ERR"), "TOP of a deleted message");
+    client.send(b"RSET\r\nRETR 1\r\n");
+    assert!(client.line().unwrap().starts_with("+OK"));
+    assert!(response(&mut client).starts_with(b"+OK"));
+}
+
+#[test]
+fn users_with_the_same_uidls_never_see_each_others_cached_mail() {
+    let setup = Setup::start();
+    // Different contents, the same UIDLs (the harness uses UID-only UIDLs).
+    setup.dovecot.fill(ALICE.0, 5, 100);
+    setup.dovecot.fill(BOB.0, 5, 200);
+    for (first, second) in [(ALICE, BOB), (BOB, ALICE)] {
+        let mut a = setup.pop3_login(first);
+        a.send(b"UIDL 1\r\n");
+        let uidl_a = a.line().unwrap();
+        let retr_a: Vec<Vec<u8>> = (1..=5)
+            .map(|n| {
+                a.send(format!("RETR {n}\r\n").as_bytes());
+                response(&mut a)
+            })
+            .collect();
+        // Concurrently, the other user.
+        let mut b = setup.pop3_login(second);
+        b.send(b"UIDL 1\r\n");
+        assert_eq!(b.line().unwrap(), uidl_a, "the test needs equal UIDLs");
+        for (n, theirs) in (1..=5).zip(&retr_a) {
+            b.send(format!("RETR {n}\r\n").as_bytes());
+            let mine = response(&mut b);
+            assert!(&mine != theirs, "{} got {}'s message {n}", second.0, first.0);
+        }
+        quit(a);
+        quit(b);
+    }
+    // And each user's own view stays right when warm.
+    let mut direct = setup.pop3_direct(ALICE);
+    direct.send(b"RETR 3\r\n");
+    let want = response(&mut direct);
+    quit(direct);
+    let mut warm = setup.pop3_login(ALICE);
+    warm.send(b"RETR 3\r\n");
+    assert!(response(&mut warm) == want);
+}
+
+#[test]
+fn a_retr_cut_by_the_upstream_is_not_cached() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let seen = sessions.clone();
+    let fake = FakeUpstream::start(None, move |conn: &mut FakeConn| {
+        let session = seen.fetch_add(1, Ordering::SeqCst);
+        conn.send(b"+OK fake\r\n");
+        while let Some(line) = conn.line() {
+            match line.split(' ').next().unwrap_or_default() {
+                "CAPA" => conn.send(b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
+                "USER" | "PASS" => conn.send(b"+OK\r\n"),
+                "UIDL" => conn.send(b"+OK\r\n1 uid-one\r\n.\r\n"),
+                "RETR" if session == 0 => {
+                    conn.send(b"+OK 40 octets\r\nSubject: one\r\n\r\npartial");
+                    return;
+                }
+                "RETR" => conn.send(b"+OK 40 octets\r\nSubject: one\r\n\r\ncomplete body\r\n.\r\n"),
+                _ => conn.send(b"+OK\r\n"),
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let config = gateway_config_with(&pki, None, Some(&fake.addr.to_string()), "plaintext", None, "", "");
+    let gateway = Gateway::start(dir.path(), &config);
+    let login = || {
+        let mut client = Client::tls(gateway.addr("pop3s"), pki.client_config(&[]));
+        client.line().unwrap();
+        client.send(b"USER u\r\nPASS p\r\n");
+        client.line().unwrap();
+        assert_eq!(client.line().unwrap(), "+OK Logged in.");
+        client
+    };
+    let mut first = login();
+    first.send(b"RETR 1\r\n");
+    assert!(!first.rest_bytes().ends_with(b".\r\n"));
+    for _ in 0..2 {
+        let mut next = login();
+        next.send(b"RETR 1\r\n");
+        assert_eq!(response(&mut next), b"+OK 40 octets\r\nSubject: one\r\n\r\ncomplete body\r\n.\r\n");
+    }
+    // Only the first two RETRs reached the upstream: the third was served from the cache,
+    // filled by the second (complete) response and not by the first (cut) one.
+    assert_eq!(fake.received().matches("RETR 1").count(), 2, "{}", fake.received());
+}
