@@ -559,6 +559,11 @@ fn fetchmail_keep_mode_retrieves_every_message_identically_over_tls_and_stls() {
     // Keep mode: the maildrop still holds everything.
     assert_eq!(direct_stat(&setup), (COUNT, total), "maildrop after three keep runs");
     assert_eq!(files(&maildir, true).len(), COUNT);
+    // For the record: how many RETRs Dovecot itself answered in each session (direct,
+    // pop3s, STLS, the STAT above). mailgate's message cache, on by default, may answer
+    // some of the later runs' RETRs; the comparison above covers both paths alike.
+    thread::sleep(Duration::from_millis(200));
+    println!("Dovecot's account of bob's sessions:\n{}", dovecot_sessions(&setup).join("\n"));
     println!("fetchmail keep test took {:?}", started.elapsed());
 }
 
@@ -679,12 +684,10 @@ fn fetchmail_deleting_run_empties_the_maildrop_only_after_quit() {
     assert!(closed.iter().all(|l| l.contains("del=0/60")), "{closed:#?}");
     let deleting: Vec<&String> = sessions.iter().filter(|l| !l.contains(" del=0/")).collect();
     assert_eq!(deleting.len(), 2, "{sessions:#?}");
-    assert!(
-        deleting[0].contains("Logged out")
-            && deleting[0].contains(&format!("retr={COUNT}/"))
-            && deleting[0].contains("del=60/60")
-    );
-    assert!(deleting[1].contains("Logged out") && deleting[1].contains("del=12/12"));
+    // (Its retr= count may be below 60: mailgate's message cache can answer RETR of the
+    // messages the cut fetchmail session already retrieved.)
+    assert!(deleting[0].contains("Logged out") && deleting[0].contains("del=60/60"), "{deleting:#?}");
+    assert!(deleting[1].contains("Logged out") && deleting[1].contains("del=12/12"), "{deleting:#?}");
     println!("fetchmail deleting test took {:?}", started.elapsed());
 }
 
