@@ -8,6 +8,7 @@
 
 pub mod capabilities;
 pub mod command;
+pub mod fetch;
 pub mod framing;
 pub mod front;
 pub mod relay;

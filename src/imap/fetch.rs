@@ -1,0 +1,434 @@
+//! Sans-I/O understanding of FETCH for the message cache: which client FETCH commands can be
+//! split into a mutable part (asked upstream every time) and an immutable part (cacheable),
+//! and how the upstream's FETCH responses divide into items.
+//!
+//! Cached values are the upstream's own bytes for one item, name and value (for example
+//! `BODY[HEADER.FIELDS (FROM)] {23}\r\n...`), so a response assembled from the cache carries
+//! exactly what the upstream said. Anything this module does not fully understand makes the
+//! command fall back to pass-through: that is always correct, only not faster.
+
+use crate::cache::Kind;
+
+/// One requested item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// As the client wrote it (sent upstream as is).
+    pub request: String,
+    pub kind: ItemKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ItemKind {
+    /// UID, FLAGS, MODSEQ: asked upstream every time.
+    Mutable,
+    /// Immutable for a given (mailbox, UIDVALIDITY, UID).
+    Cached {
+        /// The normalized name the upstream's response item carries (`BODY.PEEK[...]<0.10>`
+        /// answers as `BODY[...]<0>`); also the cache key's item part.
+        response: String,
+        /// BODY[...] without PEEK, RFC822 and RFC822.TEXT set `\Seen` (RFC 9051 §6.4.5).
+        sets_seen: bool,
+        class: Kind,
+    },
+}
+
+/// A FETCH or UID FETCH the cache can serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    pub tag: String,
+    pub uid: bool,
+    pub set: String,
+    pub items: Vec<Item>,
+}
+
+impl FetchRequest {
+    pub fn sets_seen(&self) -> bool {
+        self.items.iter().any(|i| matches!(i.kind, ItemKind::Cached { sets_seen: true, .. }))
+    }
+
+    pub fn cached_items(&self) -> impl Iterator<Item = (&Item, &str, Kind)> {
+        self.items.iter().filter_map(|i| match &i.kind {
+            ItemKind::Cached { response, class, .. } => Some((i, response.as_str(), *class)),
+            ItemKind::Mutable => None,
+        })
+    }
+
+    /// The mutable items as the client wrote them (sent with the UID in phase one).
+    pub fn mutable_requests(&self) -> Vec<&str> {
+        self.items.iter().filter(|i| i.kind == ItemKind::Mutable).map(|i| i.request.as_str()).collect()
+    }
+}
+
+/// Parses `tag FETCH set items` / `tag UID FETCH set items` (the line without CRLF).
+/// `None` for anything the cache should not touch.
+pub fn parse_request(line: &[u8]) -> Option<FetchRequest> {
+    let line = std::str::from_utf8(line).ok()?;
+    let (tag, rest) = line.split_once(' ')?;
+    let (uid, rest) = match rest.get(..4) {
+        Some(w) if w.eq_ignore_ascii_case("UID ") => (true, &rest[4..]),
+        _ => (false, rest),
+    };
+    let (command, rest) = rest.split_once(' ')?;
+    if !command.eq_ignore_ascii_case("FETCH") {
+        return None;
+    }
+    let (set, items) = rest.split_once(' ')?;
+    if set.is_empty() || !set.bytes().all(|b| b.is_ascii_digit() || b":,*".contains(&b)) {
+        return None;
+    }
+    let items = match items.strip_prefix('(') {
+        Some(list) => split_items(list.strip_suffix(')')?)?,
+        None => vec![items.to_string()],
+    };
+    let items = items.into_iter().map(classify).collect::<Option<Vec<_>>>()?;
+    if !items.iter().any(|i| matches!(i.kind, ItemKind::Cached { .. })) {
+        return None;
+    }
+    Some(FetchRequest { tag: tag.to_string(), uid, set: set.to_string(), items })
+}
+
+/// Splits `A B[C (D E)]<1.2> F` at top-level spaces.
+fn split_items(list: &str) -> Option<Vec<String>> {
+    let mut items = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    for (i, c) in list.char_indices() {
+        match c {
+            '[' | '(' => depth += 1,
+            ']' | ')' => depth -= 1,
+            ' ' if depth == 0 => {
+                items.push(list[start..i].to_string());
+                start = i + 1;
+            }
+            '"' | '{' | '\\' => return None,
+            _ => {}
+        }
+        if depth < 0 {
+            return None;
+        }
+    }
+    items.push(list[start..].to_string());
+    (depth == 0 && items.iter().all(|i| !i.is_empty())).then_some(items)
+}
+
+fn classify(request: String) -> Option<Item> {
+    // Quoted strings and literals in item names are legal but rare: not worth parsing here.
+    if request.contains(['"', '{', '\\']) {
+        return None;
+    }
+    let upper = normalize(&request);
+    let cached = |response: &str, sets_seen: bool, class: Kind| ItemKind::Cached {
+        response: response.to_string(),
+        sets_seen,
+        class,
+    };
+    let kind = match upper.as_str() {
+        "UID" | "FLAGS" | "MODSEQ" => ItemKind::Mutable,
+        "INTERNALDATE" | "RFC822.SIZE" | "ENVELOPE" | "BODYSTRUCTURE" | "BODY" => {
+            cached(&upper, false, Kind::Structure)
+        }
+        "RFC822" => cached("RFC822", true, Kind::Body),
+        "RFC822.TEXT" => cached("RFC822.TEXT", true, Kind::Body),
+        "RFC822.HEADER" => cached("RFC822.HEADER", false, Kind::Header),
+        _ => {
+            let (peek, rest) = if let Some(rest) = upper.strip_prefix("BODY.PEEK[") {
+                (true, rest)
+            } else {
+                (false, upper.strip_prefix("BODY[")?)
+            };
+            let (section, partial) = rest.split_once(']')?;
+            if !valid_section(section) {
+                return None;
+            }
+            let partial = match partial {
+                "" => String::new(),
+                p => {
+                    let inner = p.strip_prefix('<')?.strip_suffix('>')?;
+                    let (origin, length) = inner.split_once('.')?;
+                    if origin.parse::<u32>().is_err() || length.parse::<u32>().is_err() {
+                        return None;
+                    }
+                    // The response names only the origin (RFC 9051 §7.5.2).
+                    format!("<{origin}>")
+                }
+            };
+            let class = if section.contains("HEADER") || section.ends_with("MIME") { Kind::Header } else { Kind::Body };
+            // A partial fetch is keyed apart from the whole section: the upstream cuts it, so
+            // its bytes are exactly the upstream's (slicing octets of a cached whole section
+            // would also need the upstream's rules for cutting inside a multi-byte character).
+            ItemKind::Cached { response: format!("BODY[{section}]{partial}"), sets_seen: !peek, class }
+        }
+    };
+    Some(Item { request, kind })
+}
+
+/// Section text: part numbers, HEADER, HEADER.FIELDS[.NOT] (list), TEXT, MIME.
+fn valid_section(section: &str) -> bool {
+    let (spec, fields) = match section.split_once(' ') {
+        Some((spec, fields)) => (spec, Some(fields)),
+        None => (section, None),
+    };
+    let mut parts = spec.split('.').peekable();
+    while let Some(p) = parts.peek() {
+        if p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() {
+            parts.next();
+        } else {
+            break;
+        }
+    }
+    let text: Vec<&str> = parts.collect();
+    let text = text.join(".");
+    match (text.as_str(), fields) {
+        ("" | "HEADER" | "TEXT" | "MIME", None) => true,
+        ("HEADER.FIELDS" | "HEADER.FIELDS.NOT", Some(list)) => {
+            list.starts_with('(')
+                && list.ends_with(')')
+                && list.len() > 2
+                && !list[1..list.len() - 1].contains(['(', ')'])
+        }
+        _ => false,
+    }
+}
+
+/// Upper-case, single spaces: how item names compare.
+pub fn normalize(name: &str) -> String {
+    name.split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_uppercase().replace("( ", "(").replace(" )", ")")
+}
+
+/// One item of a FETCH response: its normalized name and the byte range of `NAME SP VALUE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseItem {
+    pub name: String,
+    pub range: std::ops::Range<usize>,
+}
+
+/// `* n FETCH (items)` split into items. `response` holds the whole response as received
+/// (lines with CRLF, literal announcements and literal data).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchResponse {
+    pub seq: u32,
+    pub items: Vec<ResponseItem>,
+}
+
+impl FetchResponse {
+    pub fn item<'a>(&self, response: &'a [u8], name: &str) -> Option<&'a [u8]> {
+        self.items.iter().find(|i| i.name == name).map(|i| &response[i.range.clone()])
+    }
+
+    /// The value of the UID item.
+    pub fn uid(&self, response: &[u8]) -> Option<u32> {
+        let raw = self.item(response, "UID")?;
+        std::str::from_utf8(raw).ok()?.split(' ').nth(1)?.parse().ok()
+    }
+}
+
+pub fn parse_response(response: &[u8]) -> Option<FetchResponse> {
+    let rest = response.strip_prefix(b"* ")?;
+    let sp = rest.iter().position(|&b| b == b' ')?;
+    let seq: u32 = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+    let rest = &rest[sp + 1..];
+    if rest.len() < 7 || !rest[..7].eq_ignore_ascii_case(b"FETCH (") {
+        return None;
+    }
+    let mut p = Parser { bytes: response, pos: response.len() - rest.len() + 7 };
+    let mut items = Vec::new();
+    loop {
+        if p.peek() == Some(b')') {
+            p.pos += 1;
+            break;
+        }
+        if !items.is_empty() {
+            p.expect(b' ')?;
+        }
+        let start = p.pos;
+        let name = p.item_name()?;
+        p.expect(b' ')?;
+        p.value()?;
+        items.push(ResponseItem { name: normalize(&name), range: start..p.pos });
+    }
+    // Only the line ending may follow.
+    let tail = &response[p.pos..];
+    (tail == b"\r\n" || tail == b"\n").then_some(FetchResponse { seq, items })
+}
+
+struct Parser<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    fn expect(&mut self, b: u8) -> Option<()> {
+        (self.peek()? == b).then(|| self.pos += 1)
+    }
+
+    /// `NAME`, `NAME[section]` or `NAME[section]<origin>`.
+    fn item_name(&mut self) -> Option<String> {
+        let start = self.pos;
+        while let Some(b) = self.peek() {
+            if b == b'[' {
+                let close = self.bytes[self.pos..].iter().position(|&c| c == b']')?;
+                self.pos += close + 1;
+                if self.peek() == Some(b'<') {
+                    let close = self.bytes[self.pos..].iter().position(|&c| c == b'>')?;
+                    self.pos += close + 1;
+                }
+                break;
+            }
+            if b == b' ' || b == b')' || b == b'(' || b == b'"' || b == b'{' || b < 0x21 {
+                break;
+            }
+            self.pos += 1;
+        }
+        (self.pos > start).then(|| String::from_utf8_lossy(&self.bytes[start..self.pos]).into_owned())
+    }
+
+    /// A number, atom, NIL, quoted string, literal (or literal8), or parenthesized list.
+    fn value(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'(' => {
+                self.pos += 1;
+                loop {
+                    match self.peek()? {
+                        b')' => {
+                            self.pos += 1;
+                            return Some(());
+                        }
+                        b' ' => self.pos += 1,
+                        _ => self.value()?,
+                    }
+                }
+            }
+            b'"' => {
+                self.pos += 1;
+                loop {
+                    match self.peek()? {
+                        b'\\' => self.pos += 2,
+                        b'"' => {
+                            self.pos += 1;
+                            return Some(());
+                        }
+                        b'\r' | b'\n' => return None,
+                        _ => self.pos += 1,
+                    }
+                }
+            }
+            b'{' | b'~' => {
+                if self.peek()? == b'~' {
+                    self.pos += 1;
+                }
+                self.expect(b'{')?;
+                let close = self.bytes[self.pos..].iter().position(|&c| c == b'}')?;
+                let len: usize = std::str::from_utf8(&self.bytes[self.pos..self.pos + close]).ok()?.parse().ok()?;
+                self.pos += close + 1;
+                if self.bytes[self.pos..].starts_with(b"\r\n") {
+                    self.pos += 2;
+                } else {
+                    self.expect(b'\n')?;
+                }
+                self.pos = self.pos.checked_add(len).filter(|&end| end <= self.bytes.len())?;
+                Some(())
+            }
+            _ => {
+                let start = self.pos;
+                while let Some(b) = self.peek() {
+                    if b == b' ' || b == b')' || b == b'(' || b < 0x21 {
+                        break;
+                    }
+                    // Atoms may carry brackets (flags like \Seen never do; keywords may not).
+                    self.pos += 1;
+                }
+                (self.pos > start).then_some(())
+            }
+        }
+    }
+}
+
+/// Membership in an IMAP sequence set (`1:4,7,9:*`), `max` standing for `*`.
+pub fn set_contains(set: &str, n: u32, max: u32) -> bool {
+    let value = |s: &str| if s == "*" { Some(max) } else { s.parse::<u32>().ok() };
+    set.split(',').any(|range| match range.split_once(':') {
+        Some((a, b)) => match (value(a), value(b)) {
+            (Some(a), Some(b)) => (a.min(b)..=a.max(b)).contains(&n),
+            _ => false,
+        },
+        None => value(range) == Some(n),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_split_into_mutable_and_cacheable_items() {
+        let r = parse_request(
+            b"a1 UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (From  to)]<0.100> BODYSTRUCTURE)",
+        )
+        .unwrap();
+        assert!(r.uid);
+        assert_eq!(r.set, "1:*");
+        assert_eq!(r.mutable_requests(), ["UID", "FLAGS"]);
+        let cached: Vec<_> = r.cached_items().map(|(_, name, class)| (name.to_string(), class)).collect();
+        assert_eq!(
+            cached,
+            [
+                ("RFC822.SIZE".to_string(), Kind::Structure),
+                ("BODY[HEADER.FIELDS (FROM TO)]<0>".to_string(), Kind::Header),
+                ("BODYSTRUCTURE".to_string(), Kind::Structure)
+            ]
+        );
+        assert!(!r.sets_seen());
+        let r = parse_request(b"b fetch 3 body[1.2.MIME]").unwrap();
+        assert!(!r.uid && r.sets_seen());
+        assert!(parse_request(b"c FETCH 3 RFC822").unwrap().sets_seen());
+        assert!(parse_request(b"c FETCH 3 BODY[]").unwrap().sets_seen());
+    }
+
+    #[test]
+    fn unusual_requests_fall_back_to_pass_through() {
+        for line in [
+            &b"a FETCH 1 (FLAGS)"[..],               // nothing to cache
+            b"a FETCH 1 ALL",                        // macro
+            b"a FETCH 1 BINARY[1]",                  // BINARY
+            b"a FETCH 1:* (FLAGS) (CHANGEDSINCE 4)", // modifier
+            b"a UID FETCH 1 (BODY[] X-GM-LABELS)",   // unknown item
+            b"a FETCH $ BODY[]",                     // saved search
+            b"a FETCH 1 BODY[HEADER.FIELDS (\"X\")]",
+            b"a FETCH 1 BODY[FOO]",
+            b"a STORE 1 +FLAGS (\\Seen)",
+        ] {
+            assert_eq!(parse_request(line), None, "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn responses_are_split_into_items_with_literals_and_lists() {
+        let response: &[u8] = b"* 12 FETCH (UID 7 FLAGS (\\Seen $Junk) BODY[HEADER.FIELDS (FROM TO)] {18}\r\nFrom: a\r\nTo: b\r\n\r\n \
+ENVELOPE (\"date\" {3}\r\na)b NIL ((\"x\" NIL \"y\" \"z\")) NIL NIL NIL NIL NIL \"<id>\") RFC822.SIZE 1234 BODY[]<0> \"\")\r\n";
+        let parsed = parse_response(response).unwrap();
+        assert_eq!(parsed.seq, 12);
+        let names: Vec<&str> = parsed.items.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["UID", "FLAGS", "BODY[HEADER.FIELDS (FROM TO)]", "ENVELOPE", "RFC822.SIZE", "BODY[]<0>"]);
+        assert_eq!(parsed.uid(response), Some(7));
+        assert_eq!(parsed.item(response, "RFC822.SIZE").unwrap(), b"RFC822.SIZE 1234");
+        assert_eq!(
+            parsed.item(response, "BODY[HEADER.FIELDS (FROM TO)]").unwrap(),
+            b"BODY[HEADER.FIELDS (FROM TO)] {18}\r\nFrom: a\r\nTo: b\r\n\r\n"
+        );
+        assert!(parse_response(b"* 1 FETCH (UID 1 BODY[] {10}\r\nshort)\r\n").is_none());
+        assert!(parse_response(b"* 1 EXISTS\r\n").is_none());
+        assert!(parse_response(b"* 1 FETCH (UID 1) trailing\r\n").is_none());
+    }
+
+    #[test]
+    fn sequence_sets() {
+        assert!(set_contains("1:4,7,9:*", 3, 20));
+        assert!(set_contains("1:4,7,9:*", 20, 20));
+        assert!(!set_contains("1:4,7,9:*", 8, 20));
+        assert!(set_contains("*:5", 7, 7));
+        assert!(set_contains("*", 7, 7));
+    }
+}
