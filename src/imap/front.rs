@@ -17,10 +17,12 @@ use tracing::{debug, info, warn};
 use super::capabilities;
 use super::command::{self, Command, Part};
 use super::framing::{parse_announce, strip_eol, Event, FrameError, Framer};
+use super::intercept::CacheScope;
 use super::relay;
 use super::response::relayable_capabilities;
 use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
+use crate::cache::Account;
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -225,8 +227,16 @@ pub async fn serve(stream: Stream, service: &Service) {
                     if conn.write(ok.as_bytes()).await.is_err() {
                         return;
                     }
+                    let scope = service.cache.clone().map(|cache| CacheScope {
+                        account: Account::new(
+                            &service.upstream.identity(),
+                            credentials.authzid.as_deref().unwrap_or(&credentials.user),
+                            &session.proof,
+                        ),
+                        cache,
+                    });
                     let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                    relay::run(client, session, service).await;
+                    relay::run(client, session, service, scope).await;
                     return;
                 }
                 Err(LoginError::Rejected { code }) => {

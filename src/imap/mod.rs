@@ -11,6 +11,7 @@ pub mod command;
 pub mod fetch;
 pub mod framing;
 pub mod front;
+pub mod intercept;
 pub mod relay;
 pub mod response;
 pub mod upstream;

@@ -20,11 +20,12 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::framing::{strip_eol, Event, FrameError, Framer};
+use super::intercept::{self, CacheScope, Job, JobError, JobIo, Selected};
 use super::response::{self, Kind, Status};
 use super::upstream::LoggedIn;
 use crate::service::Service;
@@ -67,13 +68,26 @@ struct Shared {
     idling: Option<Vec<u8>>,
     /// Set by shutdown: no new commands, BYE once nothing is in flight.
     draining: bool,
+    /// The selected mailbox with its UIDVALIDITY (what cache keys need).
+    selected: Option<Selected>,
+    /// A SELECT/EXAMINE under way: its tag, the mailbox (if readable), the UIDVALIDITY seen.
+    selecting: Option<(Vec<u8>, Option<Arc<str>>, Option<u32>)>,
+    /// A FETCH is being answered through the cache.
+    job_running: bool,
 }
 
 impl Shared {
     /// Idle in the sense of shutdown: nothing in flight but (possibly) IDLE.
     fn quiet(&self) -> bool {
-        self.in_flight.iter().all(|t| Some(t) == self.idling.as_ref())
+        !self.job_running && self.in_flight.iter().all(|t| Some(t) == self.idling.as_ref())
     }
+}
+
+/// A FETCH for the upstream pump to answer through the cache; `done` when answered.
+struct JobOrder {
+    job: Job,
+    tag: String,
+    done: oneshot::Sender<()>,
 }
 
 /// A message for the client written by the upstream pump between two responses.
@@ -82,10 +96,12 @@ struct Inject {
     then_close: bool,
 }
 
-pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
+pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<CacheScope>) {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let completed = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
+    let (jobs_tx, jobs_rx) = mpsc::channel::<JobOrder>(1);
+    let (writes_tx, writes_rx) = mpsc::channel::<Vec<u8>>(4);
     let (client_read, client_write) = tokio::io::split(client.stream);
     let (upstream_read, upstream_write) = tokio::io::split(upstream.stream);
 
@@ -100,6 +116,9 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
         shared: shared.clone(),
         completed: completed.clone(),
         inject: inject_tx,
+        jobs: jobs_tx,
+        writes: writes_rx,
+        caching: scope.is_some(),
         service,
     };
     let mut to_client = UpstreamPump {
@@ -111,6 +130,12 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
         shared: shared.clone(),
         completed: completed.clone(),
         inject: inject_rx,
+        jobs: jobs_rx,
+        writes: writes_tx,
+        scope,
+        next_tag: 0,
+        cache_hits: 0,
+        cache_misses: 0,
         service,
     };
 
@@ -138,7 +163,12 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service) {
     };
     drop(upstream_side);
     let _ = to_client.write.shutdown().await;
-    tracing::info!(reason = ?end, "session ended");
+    tracing::info!(
+        reason = ?end,
+        cache_hits = to_client.cache_hits,
+        cache_misses = to_client.cache_misses,
+        "session ended"
+    );
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -165,6 +195,10 @@ struct ClientPump<'a, R, W> {
     /// Signalled by the upstream pump at each tagged completion.
     completed: Arc<Notify>,
     inject: mpsc::Sender<Inject>,
+    jobs: mpsc::Sender<JobOrder>,
+    /// mailgate's own commands from the upstream pump during a job (this pump owns the writer).
+    writes: mpsc::Receiver<Vec<u8>>,
+    caching: bool,
     service: &'a Service,
 }
 
@@ -272,6 +306,39 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         None
     }
 
+    /// Hands a FETCH to the upstream pump once nothing else is outstanding, writing
+    /// upstream what it asks until it has answered the client.
+    async fn answer_through_cache(&mut self, job: Job, tag: String) -> Option<End> {
+        loop {
+            let completed = self.completed.notified();
+            if self.lock().in_flight.is_empty() {
+                break;
+            }
+            if self.write.flush().await.is_err() {
+                return Some(End::UpstreamClosed);
+            }
+            completed.await;
+        }
+        self.lock().job_running = true;
+        let (done_tx, mut done_rx) = oneshot::channel();
+        if self.jobs.send(JobOrder { job, tag, done: done_tx }).await.is_err() {
+            return Some(End::UpstreamClosed);
+        }
+        let end = loop {
+            tokio::select! {
+                _ = &mut done_rx => break None,
+                bytes = self.writes.recv() => {
+                    let Some(bytes) = bytes else { break Some(End::UpstreamClosed) };
+                    if self.write.write_all(&bytes).await.is_err() || self.write.flush().await.is_err() {
+                        break Some(End::UpstreamClosed);
+                    }
+                }
+            }
+        };
+        self.lock().job_running = false;
+        end
+    }
+
     /// Waits until fewer than [`MAX_IN_FLIGHT`] commands are outstanding; false if none
     /// completed for a whole idle period (the client is not reading its answers).
     async fn room_for_a_command(&mut self) -> bool {
@@ -320,6 +387,22 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             }
         }
         if first_line && !idling {
+            let full_line = strip_eol(&self.line);
+            let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
+            if let Some(mailbox) = intercept::selected_mailbox(full_line) {
+                let mut shared = self.lock();
+                shared.selected = None;
+                shared.selecting = Some((tag.clone(), mailbox.map(Arc::from), None));
+            } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
+                self.lock().selected = None;
+            } else if self.caching && line.announce.is_none() {
+                let selected = self.lock().selected.clone();
+                if let Some(job) = Job::for_line(full_line, selected.as_ref()) {
+                    let tag = String::from_utf8_lossy(&tag).into_owned();
+                    self.line.clear();
+                    return self.answer_through_cache(job, tag).await;
+                }
+            }
             if !self.room_for_a_command().await {
                 return Some(self.close_with("Too many commands in flight.").await);
             }
@@ -359,6 +442,13 @@ struct UpstreamPump<'a, R, W> {
     shared: Arc<Mutex<Shared>>,
     completed: Arc<Notify>,
     inject: mpsc::Receiver<Inject>,
+    jobs: mpsc::Receiver<JobOrder>,
+    writes: mpsc::Sender<Vec<u8>>,
+    scope: Option<CacheScope>,
+    next_tag: u64,
+    /// This session's FETCH items answered from the cache, and fetched upstream.
+    cache_hits: u64,
+    cache_misses: u64,
     service: &'a Service,
 }
 
@@ -379,6 +469,22 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     Ok(0) | Err(_) => return self.upstream_gone().await,
                     Ok(_) => {}
                 },
+                order = self.jobs.recv(), if at_boundary => {
+                    let Some(order) = order else { continue };
+                    let scope = self.scope.clone().expect("jobs are sent only with a cache");
+                    let result = intercept::run(self, &order.job, &order.tag, &scope).await;
+                    let _ = order.done.send(());
+                    match result {
+                        Ok(()) => {}
+                        Err(JobError::ClientClosed) => return End::ClientClosed,
+                        Err(JobError::UpstreamClosed) => return self.upstream_gone().await,
+                        Err(JobError::TooLarge) => {
+                            let _ = self.write.write_all(b"* BYE Response too large.\r\n").await;
+                            let _ = self.write.flush().await;
+                            return End::Closed("response too large");
+                        }
+                    }
+                }
                 inject = self.inject.recv(), if at_boundary => {
                     let Some(inject) = inject else { continue };
                     if self.write.write_all(&inject.bytes).await.is_err() || self.write.flush().await.is_err() {
@@ -445,7 +551,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     *answer = Some(true);
                 }
             }
-            Kind::Tagged { tag, .. } => {
+            Kind::Tagged { tag, rest } => {
+                if shared.selecting.as_ref().is_some_and(|(t, _, _)| t == tag) {
+                    let (_, mailbox, uid_validity) = shared.selecting.take().expect("just checked");
+                    let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
+                    shared.selected = match (ok, mailbox, uid_validity) {
+                        (true, Some(mailbox), Some(uid_validity)) => Some(Selected { mailbox, uid_validity }),
+                        _ => None,
+                    };
+                }
                 if let Some(i) = shared.in_flight.iter().position(|t| t == tag) {
                     shared.in_flight.remove(i);
                     self.completed.notify_one();
@@ -459,11 +573,81 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     }
                 }
             }
-            Kind::Untagged(rest) => {
-                if response::status(rest).is_some_and(|s| s.status == Status::Bye) {
-                    self.upstream_bye = true;
+            Kind::Untagged(rest) => match response::status(rest) {
+                Some(s) if s.status == Status::Bye => self.upstream_bye = true,
+                Some(s) if s.status == Status::Ok => {
+                    if let Some(("UIDVALIDITY", value)) = s.code.as_ref().map(|(c, v)| (c.as_str(), *v)) {
+                        let value = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<u32>().ok());
+                        if let Some((_, _, seen)) = shared.selecting.as_mut() {
+                            *seen = value;
+                        } else if let (Some(selected), Some(value)) = (shared.selected.as_mut(), value) {
+                            // The mailbox changed under us (RFC 9051 §2.3.1.1): new keys.
+                            selected.uid_validity = value;
+                        }
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+/// Most one upstream response may weigh while a job assembles it.
+fn job_response_limit(service: &Service) -> usize {
+    let cache = service.config.cache.max_entry_bytes.as_usize();
+    let literal = service.config.imap.max_literal_bytes.as_usize();
+    cache.max(literal).saturating_mul(2).saturating_add(1 << 20)
+}
+
+impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPump<'_, R, W> {
+    async fn response(&mut self) -> Result<Vec<u8>, JobError> {
+        let limit = job_response_limit(self.service);
+        let mut response = Vec::new();
+        loop {
+            if self.buffer.is_empty() {
+                match read_chunk(&mut self.read, &mut self.buffer).await {
+                    Ok(0) | Err(_) => return Err(JobError::UpstreamClosed),
+                    Ok(_) => {}
                 }
             }
+            if self.framer.pending_literal().is_some() {
+                self.framer.accept_literal();
+            }
+            let step = self.framer.feed(&self.buffer).map_err(|_| JobError::UpstreamClosed)?;
+            response.extend_from_slice(&self.buffer.split_to(step.consumed));
+            if response.len() > limit {
+                return Err(JobError::TooLarge);
+            }
+            if let Some(Event::Line(line)) = step.event {
+                if line.announce.is_none() {
+                    return Ok(response);
+                }
+                self.framer.accept_literal();
+            }
         }
+    }
+
+    async fn to_upstream(&mut self, bytes: Vec<u8>) -> Result<(), JobError> {
+        self.writes.send(bytes).await.map_err(|_| JobError::UpstreamClosed)
+    }
+
+    async fn to_client(&mut self, bytes: &[u8]) -> Result<(), JobError> {
+        self.write.write_all(bytes).await.map_err(|_| JobError::ClientClosed)
+    }
+
+    async fn forward(&mut self, response: &[u8]) -> Result<(), JobError> {
+        let head_end = response.iter().position(|&b| b == b'\n').map_or(response.len(), |i| i + 1);
+        self.observe(&response[..head_end.min(super::framing::HEAD_LEN)]);
+        self.write.write_all(response).await.map_err(|_| JobError::ClientClosed)
+    }
+
+    fn tag(&mut self) -> String {
+        self.next_tag += 1;
+        format!("mg{}", self.next_tag)
+    }
+
+    fn count(&mut self, hits: usize, misses: usize) {
+        self.cache_hits += hits as u64;
+        self.cache_misses += misses as u64;
     }
 }

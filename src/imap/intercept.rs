@@ -1,0 +1,341 @@
+//! The cache's FETCH path: one client FETCH answered with the mutable part asked upstream
+//! and the immutable part taken from the cache, fetched upstream only for the misses.
+//!
+//! Phase one sends `[UID] FETCH set (UID <the client's mutable items>)`, plus the probe
+//! `BODY[]<0.1>` when the client's items set `\Seen`: the upstream then sets `\Seen` (and
+//! reports the new FLAGS) exactly as it would for the client's own command, also when every
+//! body comes from the cache. Phase one yields the sequence numbers, UIDs and mutable
+//! values. Phase two asks `UID FETCH` for the missing items only, in batches of
+//! [`BATCH`] messages; each complete item is stored. The client gets one FETCH response per
+//! message, built from the upstream's own item bytes, then its tagged completion.
+//!
+//! Anything that does not fit (a response that does not parse, an item missing from the
+//! upstream's answer, a message expunged between the phases) is relayed as the upstream
+//! sent it: a client may receive several FETCH responses for one message (RFC 9051 §7.5.2),
+//! never a wrong one. Untagged responses unrelated to the job flow through at once.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::fetch::{parse_request, parse_response, set_contains, FetchRequest, FetchResponse, ItemKind};
+use crate::cache::{Account, ImapKey, Key, MessageCache};
+
+/// Messages per phase-two command: bounds what one batch holds in memory.
+pub const BATCH: usize = 100;
+
+/// The probe that makes the upstream set `\Seen` (a partial fetch of one octet).
+const SEEN_PROBE: &str = "BODY[]<0.1>";
+const SEEN_PROBE_RESPONSE: &str = "BODY[]<0>";
+
+/// The cache and whose mail the session sees.
+#[derive(Clone)]
+pub struct CacheScope {
+    pub cache: Arc<MessageCache>,
+    pub account: Account,
+}
+
+/// The selected mailbox, once its UIDVALIDITY is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selected {
+    pub mailbox: Arc<str>,
+    pub uid_validity: u32,
+}
+
+/// A client FETCH to answer.
+#[derive(Debug)]
+pub struct Job {
+    pub request: FetchRequest,
+    pub selected: Selected,
+}
+
+impl Job {
+    /// A job for `line` if the cache can serve it in mailbox `selected`.
+    pub fn for_line(line: &[u8], selected: Option<&Selected>) -> Option<Job> {
+        let selected = selected?.clone();
+        Some(Job { request: parse_request(line)?, selected })
+    }
+}
+
+/// The I/O a job needs from the relay.
+#[allow(async_fn_in_trait)]
+pub trait JobIo {
+    /// The next complete upstream response (lines and literals).
+    async fn response(&mut self) -> Result<Vec<u8>, JobError>;
+    async fn to_upstream(&mut self, bytes: Vec<u8>) -> Result<(), JobError>;
+    async fn to_client(&mut self, bytes: &[u8]) -> Result<(), JobError>;
+    /// An unrelated response: relay it (and let the session learn from it).
+    async fn forward(&mut self, response: &[u8]) -> Result<(), JobError>;
+    /// A fresh tag for mailgate's own commands.
+    fn tag(&mut self) -> String;
+    /// Items answered from the cache and fetched upstream, for the session's totals.
+    fn count(&mut self, hits: usize, misses: usize);
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum JobError {
+    UpstreamClosed,
+    ClientClosed,
+    TooLarge,
+}
+
+/// One message as phase one reported it.
+struct Message {
+    uid: u32,
+    response: Vec<u8>,
+    parsed: FetchResponse,
+    /// Cached item bytes by position in the request's cached items; `None` = miss.
+    items: Vec<Option<Bytes>>,
+}
+
+/// The normalized mailbox name of `tag SELECT|EXAMINE name [...]` (INBOX is
+/// case-insensitive); `None` when it is not such a command or the name is a literal.
+pub fn selected_mailbox(line: &[u8]) -> Option<Option<String>> {
+    let line = std::str::from_utf8(line).ok()?;
+    let mut words = line.splitn(3, ' ');
+    let (_tag, command, rest) = (words.next()?, words.next()?, words.next().unwrap_or(""));
+    if !command.eq_ignore_ascii_case("SELECT") && !command.eq_ignore_ascii_case("EXAMINE") {
+        return None;
+    }
+    let name = if let Some(quoted) = rest.strip_prefix('"') {
+        let mut name = String::new();
+        let mut chars = quoted.chars();
+        loop {
+            match chars.next() {
+                Some('\\') => name.push(chars.next()?),
+                Some('"') => break Some(name),
+                Some(c) => name.push(c),
+                None => break None,
+            }
+        }
+    } else {
+        let atom = rest.split(' ').next().unwrap_or("");
+        (!atom.is_empty() && !atom.starts_with('{') && !atom.ends_with('}')).then(|| atom.to_string())
+    };
+    let name = name.map(|n| if n.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { n });
+    Some(name)
+}
+
+fn key(scope: &CacheScope, selected: &Selected, uid: u32, item: &str) -> Key {
+    Key::Imap(ImapKey {
+        account: scope.account.clone(),
+        mailbox: selected.mailbox.clone(),
+        uid_validity: selected.uid_validity,
+        uid,
+        item: Arc::from(item),
+    })
+}
+
+fn is_tagged(response: &[u8], tag: &str) -> bool {
+    response.starts_with(tag.as_bytes()) && response.get(tag.len()) == Some(&b' ')
+}
+
+/// The status part of a tagged line (`OK Fetch completed.`), without its line ending.
+fn status_text(response: &[u8], tag: &str) -> Vec<u8> {
+    let line = &response[tag.len() + 1..];
+    let end = line.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(line.len());
+    line[..end].to_vec()
+}
+
+/// Runs phase one and two and answers the client as `client_tag`.
+pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &CacheScope) -> Result<(), JobError> {
+    let request = &job.request;
+    let cached: Vec<(String, &str, crate::cache::Kind)> =
+        request.cached_items().map(|(item, name, class)| (item.request.clone(), name, class)).collect();
+
+    // Phase one.
+    let tag = io.tag();
+    let mut asked = vec!["UID".to_string()];
+    asked.extend(request.mutable_requests().into_iter().filter(|m| !m.eq_ignore_ascii_case("UID")).map(String::from));
+    if request.sets_seen() {
+        asked.push(SEEN_PROBE.to_string());
+    }
+    let uid = if request.uid { "UID " } else { "" };
+    io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, asked.join(" ")).into_bytes()).await?;
+    let mut messages = Vec::new();
+    let mut highest = (0u32, 0u32);
+    let status = loop {
+        let response = io.response().await?;
+        if is_tagged(&response, &tag) {
+            break status_text(&response, &tag);
+        }
+        match parse_response(&response) {
+            Some(parsed) => match parsed.uid(&response) {
+                Some(uid) => {
+                    highest = (highest.0.max(parsed.seq), highest.1.max(uid));
+                    messages.push(Message { uid, response, parsed, items: vec![None; cached.len()] });
+                }
+                None => io.forward(&response).await?,
+            },
+            None => io.forward(&response).await?,
+        }
+    };
+    if !status.starts_with(b"OK") {
+        // Relayed as the upstream said it (for example BAD for an invalid set).
+        for message in &messages {
+            io.forward(&message.response).await?;
+        }
+        return io.to_client(&[client_tag.as_bytes(), b" ", &status, b"\r\n"].concat()).await;
+    }
+    // Unsolicited FETCH responses (another session's flag change) are not ours.
+    let (mut ours, mut others) = (Vec::new(), Vec::new());
+    for message in messages {
+        let in_set = if request.uid {
+            set_contains(&request.set, message.uid, highest.1)
+        } else {
+            set_contains(&request.set, message.parsed.seq, highest.0)
+        };
+        if in_set {
+            ours.push(message);
+        } else {
+            others.push(message);
+        }
+    }
+    for message in &others {
+        io.forward(&message.response).await?;
+    }
+
+    // The cache.
+    let (mut hits, mut lookups) = (0, 0);
+    for message in &mut ours {
+        for (i, (_, name, class)) in cached.iter().enumerate() {
+            message.items[i] = scope.cache.get(&key(scope, &job.selected, message.uid, name), *class).await;
+            lookups += 1;
+            hits += usize::from(message.items[i].is_some());
+        }
+    }
+    io.count(hits, lookups - hits);
+    let mut final_status = status;
+    let mut misses = Vec::new();
+    for message in ours {
+        if message.items.iter().all(Option::is_some) {
+            let bytes = compose(
+                request,
+                &message,
+                &cached,
+                &message.items.iter().map(|b| b.clone().unwrap_or_default()).collect::<Vec<_>>(),
+            );
+            scope.cache.served(message.items.iter().flatten().map(Bytes::len).sum());
+            match bytes {
+                Some(bytes) => io.to_client(&bytes).await?,
+                None => io.forward(&message.response).await?,
+            }
+        } else {
+            misses.push(message);
+        }
+    }
+
+    // Phase two, in batches.
+    for batch in misses.chunks_mut(BATCH) {
+        let wanted: Vec<usize> = (0..cached.len()).filter(|&i| batch.iter().any(|m| m.items[i].is_none())).collect();
+        let uids: Vec<String> = batch.iter().map(|m| m.uid.to_string()).collect();
+        let items: Vec<&str> = wanted.iter().map(|&i| cached[i].0.as_str()).collect();
+        let tag = io.tag();
+        io.to_upstream(format!("{tag} UID FETCH {} ({})\r\n", uids.join(","), items.join(" ")).into_bytes()).await?;
+        let mut answered = vec![false; batch.len()];
+        let status = loop {
+            let response = io.response().await?;
+            if is_tagged(&response, &tag) {
+                break status_text(&response, &tag);
+            }
+            let parsed = parse_response(&response);
+            let position =
+                parsed.as_ref().and_then(|p| p.uid(&response)).and_then(|uid| batch.iter().position(|m| m.uid == uid));
+            let (Some(parsed), Some(at)) = (parsed, position) else {
+                io.forward(&response).await?;
+                continue;
+            };
+            let message = &mut batch[at];
+            for &i in &wanted {
+                if let Some(raw) = parsed.item(&response, cached[i].1) {
+                    let raw = Bytes::copy_from_slice(raw);
+                    if message.items[i].is_none() {
+                        scope.cache.insert(key(scope, &job.selected, message.uid, cached[i].1), raw.clone()).await;
+                    }
+                    message.items[i] = Some(raw);
+                }
+            }
+            answered[at] = true;
+            let complete: Option<Vec<Bytes>> = message.items.iter().cloned().collect();
+            match complete.and_then(|items| compose(request, message, &cached, &items)) {
+                Some(bytes) => io.to_client(&bytes).await?,
+                None => {
+                    // Relay both answers: FETCH data may come in several responses.
+                    io.forward(&message.response).await?;
+                    io.forward(&response).await?;
+                }
+            }
+        };
+        // A message the upstream no longer returned (expunged meanwhile): its phase-one
+        // answer, and the upstream's verdict.
+        for (message, _) in batch.iter().zip(&answered).filter(|(_, answered)| !**answered) {
+            io.forward(&message.response).await?;
+        }
+        if !status.starts_with(b"OK") {
+            final_status = status;
+        }
+    }
+    io.to_client(&[client_tag.as_bytes(), b" ", &final_status, b"\r\n"].concat()).await
+}
+
+/// `* seq FETCH (...)` for one message: the client's items in its order, mutable ones from
+/// phase one, cached ones from `items`; UID first for UID FETCH; FLAGS (and MODSEQ) that the
+/// upstream added on its own kept.
+fn compose(
+    request: &FetchRequest,
+    message: &Message,
+    cached: &[(String, &str, crate::cache::Kind)],
+    items: &[Bytes],
+) -> Option<Vec<u8>> {
+    let phase_one = &message.response;
+    let mut parts: Vec<&[u8]> = Vec::new();
+    let requested =
+        |name: &str| request.items.iter().any(|i| i.kind == ItemKind::Mutable && i.request.eq_ignore_ascii_case(name));
+    if request.uid && !requested("UID") {
+        parts.push(message.parsed.item(phase_one, "UID")?);
+    }
+    let mut cached_index = 0;
+    for item in &request.items {
+        match &item.kind {
+            ItemKind::Mutable => parts.push(message.parsed.item(phase_one, &super::fetch::normalize(&item.request))?),
+            ItemKind::Cached { .. } => {
+                debug_assert_eq!(cached[cached_index].0, item.request);
+                parts.push(&items[cached_index]);
+                cached_index += 1;
+            }
+        }
+    }
+    // What the upstream volunteered (FLAGS after setting \Seen, MODSEQ under CONDSTORE).
+    for extra in &message.parsed.items {
+        let name = extra.name.as_str();
+        if name != "UID"
+            && name != SEEN_PROBE_RESPONSE
+            && !request.items.iter().any(|i| i.kind == ItemKind::Mutable && super::fetch::normalize(&i.request) == name)
+        {
+            parts.push(&phase_one[extra.range.clone()]);
+        }
+    }
+    let mut out = format!("* {} FETCH (", message.parsed.seq).into_bytes();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.push(b' ');
+        }
+        out.extend_from_slice(part);
+    }
+    out.extend_from_slice(b")\r\n");
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selected_mailbox_names() {
+        assert_eq!(selected_mailbox(b"a SELECT inbox"), Some(Some("INBOX".into())));
+        assert_eq!(selected_mailbox(b"a EXAMINE \"Sent Items\""), Some(Some("Sent Items".into())));
+        assert_eq!(selected_mailbox(b"a select \"a\\\"b\" (CONDSTORE)"), Some(Some("a\"b".into())));
+        assert_eq!(selected_mailbox(b"a SELECT {5}"), Some(None));
+        assert_eq!(selected_mailbox(b"a FETCH 1 BODY[]"), None);
+    }
+}
