@@ -70,8 +70,8 @@ struct Shared {
     draining: bool,
     /// The selected mailbox with its UIDVALIDITY (what cache keys need).
     selected: Option<Selected>,
-    /// A SELECT/EXAMINE under way: its tag, the mailbox (if readable), the UIDVALIDITY seen.
-    selecting: Option<(Vec<u8>, Option<Arc<str>>, Option<u32>)>,
+    /// A SELECT/EXAMINE under way.
+    selecting: Option<Selecting>,
     /// A FETCH is being answered through the cache.
     job_running: bool,
 }
@@ -81,6 +81,14 @@ impl Shared {
     fn quiet(&self) -> bool {
         !self.job_running && self.in_flight.iter().all(|t| Some(t) == self.idling.as_ref())
     }
+}
+
+/// A SELECT or EXAMINE sent upstream and not yet completed.
+struct Selecting {
+    tag: Vec<u8>,
+    /// `None` when the name came as a literal (that mailbox is then not cached).
+    mailbox: Option<Arc<str>>,
+    uid_validity: Option<u32>,
 }
 
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
@@ -392,7 +400,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
                 let mut shared = self.lock();
                 shared.selected = None;
-                shared.selecting = Some((tag.clone(), mailbox.map(Arc::from), None));
+                shared.selecting =
+                    Some(Selecting { tag: tag.clone(), mailbox: mailbox.map(Arc::from), uid_validity: None });
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
                 self.lock().selected = None;
             } else if self.caching && line.announce.is_none() {
@@ -552,8 +561,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
             }
             Kind::Tagged { tag, rest } => {
-                if shared.selecting.as_ref().is_some_and(|(t, _, _)| t == tag) {
-                    let (_, mailbox, uid_validity) = shared.selecting.take().expect("just checked");
+                if shared.selecting.as_ref().is_some_and(|s| s.tag == tag) {
+                    let Selecting { mailbox, uid_validity, .. } = shared.selecting.take().expect("just checked");
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
                     shared.selected = match (ok, mailbox, uid_validity) {
                         (true, Some(mailbox), Some(uid_validity)) => Some(Selected { mailbox, uid_validity }),
@@ -578,8 +587,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 Some(s) if s.status == Status::Ok => {
                     if let Some(("UIDVALIDITY", value)) = s.code.as_ref().map(|(c, v)| (c.as_str(), *v)) {
                         let value = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<u32>().ok());
-                        if let Some((_, _, seen)) = shared.selecting.as_mut() {
-                            *seen = value;
+                        if let Some(selecting) = shared.selecting.as_mut() {
+                            selecting.uid_validity = value;
                         } else if let (Some(selected), Some(value)) = (shared.selected.as_mut(), value) {
                             // The mailbox changed under us (RFC 9051 §2.3.1.1): new keys.
                             selected.uid_validity = value;
