@@ -141,6 +141,44 @@ impl Client {
         }
     }
 
+    /// The next line with its line ending, raw; panics at EOF.
+    pub fn raw_line(&mut self) -> Vec<u8> {
+        loop {
+            if let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+                return self.pending.drain(..=i).collect();
+            }
+            assert!(self.fill().expect("read") > 0, "EOF inside a line");
+        }
+    }
+
+    /// Complete responses (lines with their literals, raw bytes) up to and including the
+    /// tagged completion of `tag`.
+    pub fn responses(&mut self, tag: &str) -> Vec<Vec<u8>> {
+        let mut responses = Vec::new();
+        loop {
+            let mut response = Vec::new();
+            loop {
+                let line = self.raw_line();
+                response.extend_from_slice(&line);
+                let text = String::from_utf8_lossy(&line);
+                let literal = text
+                    .trim_end()
+                    .strip_suffix('}')
+                    .and_then(|l| l.rsplit_once('{'))
+                    .and_then(|(_, n)| n.trim_end_matches('+').parse::<usize>().ok());
+                match literal {
+                    Some(n) => response.extend_from_slice(&self.bytes(n)),
+                    None => break,
+                }
+            }
+            let done = response.starts_with(format!("{tag} ").as_bytes());
+            responses.push(response);
+            if done {
+                return responses;
+            }
+        }
+    }
+
     /// Exactly `n` bytes (a literal).
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         while self.pending.len() < n {

@@ -1,0 +1,231 @@
+//! The IMAP side of the message cache against Dovecot: FETCH answers through mailgate,
+//! cold and warm, equal item by item to the same FETCH sent straight to Dovecot; `\Seen`
+//! set exactly when a direct fetch sets it; users isolated; nothing partial ever cached.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mailgate::imap::fetch::parse_response;
+use support::client::Client;
+use support::fake_upstream::{FakeConn, FakeUpstream};
+use support::gateway::Gateway;
+use support::setup::*;
+use support::tls::TestPki;
+
+/// FETCH data by sequence number: item name → raw item bytes; other untagged responses in
+/// order; and the tagged status word.
+#[derive(Debug, PartialEq, Eq, Default)]
+struct Answer {
+    fetch: BTreeMap<u32, BTreeMap<String, Vec<u8>>>,
+    other: Vec<Vec<u8>>,
+    status: String,
+}
+
+fn answer(client: &mut Client, tag: &str, command: &str) -> Answer {
+    client.send(format!("{tag} {command}\r\n").as_bytes());
+    let mut answer = Answer::default();
+    for response in client.responses(tag) {
+        if response.starts_with(format!("{tag} ").as_bytes()) {
+            answer.status = String::from_utf8_lossy(&response[tag.len() + 1..]).split(' ').next().unwrap().to_string();
+        } else if let Some(parsed) = parse_response(&response) {
+            let items = answer.fetch.entry(parsed.seq).or_default();
+            for item in &parsed.items {
+                let mut raw = response[item.range.clone()].to_vec();
+                if item.name == "FLAGS" {
+                    // \Recent belongs to whichever session saw the message first.
+                    let text = String::from_utf8_lossy(&raw)
+                        .replace("\\Recent ", "")
+                        .replace(" \\Recent", "")
+                        .replace("\\Recent", "");
+                    raw = text.into_bytes();
+                }
+                items.insert(item.name.clone(), raw);
+            }
+        } else {
+            answer.other.push(response);
+        }
+    }
+    answer
+}
+
+const SCRIPT: &[&str] = &[
+    "UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE MESSAGE-ID)])",
+    "FETCH 1:* (ENVELOPE BODYSTRUCTURE INTERNALDATE)",
+    "FETCH 1:120 (BODY.PEEK[HEADER] BODY.PEEK[TEXT])",
+    "UID FETCH 1:60 BODY.PEEK[]",
+    "UID FETCH 1:60 (FLAGS BODY.PEEK[])",
+    "FETCH 3:12 (BODY.PEEK[1] BODY.PEEK[1.MIME] BODY.PEEK[2] BODY.PEEK[2.1])",
+    "FETCH 1:40 (BODY.PEEK[]<0.100> BODY.PEEK[TEXT]<10.50>)",
+    "UID FETCH 1:30 (RFC822.SIZE RFC822.HEADER BODY)",
+    "FETCH * (UID BODY.PEEK[HEADER.FIELDS.NOT (RECEIVED)])",
+    "UID FETCH 100:120,7,1999:* (FLAGS BODY.PEEK[HEADER])",
+    "fetch 5 (body.peek[header.fields (subject)] uid)",
+    "FETCH 1:5 (BINARY.PEEK[1])",
+    "UID FETCH 5000 BODY.PEEK[]",
+    "FETCH 1:3 (BODY.PEEK[HEADER] FLAGS) (CHANGEDSINCE 1)",
+];
+
+#[test]
+fn fetch_through_the_cache_equals_direct_cold_and_warm() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 2000, 77);
+    let mut direct = setup.direct(BOB);
+    direct.command("s", "SELECT INBOX");
+    let expected: Vec<Answer> = SCRIPT.iter().map(|c| answer(&mut direct, "d", c)).collect();
+    assert!(expected[0].fetch.len() == 2000);
+    for round in ["cold", "warm"] {
+        let mut via = setup.login(BOB);
+        via.command("s", "SELECT INBOX");
+        for (command, want) in SCRIPT.iter().zip(&expected) {
+            let got = answer(&mut via, "v", command);
+            if got != *want {
+                let first = want.fetch.iter().find(|(seq, items)| got.fetch.get(seq) != Some(items));
+                panic!(
+                    "{round}: `{command}` differs (status {} vs {}, {} vs {} messages, other {:?}); first: {:?}",
+                    got.status,
+                    want.status,
+                    got.fetch.len(),
+                    want.fetch.len(),
+                    got.other.iter().map(|o| String::from_utf8_lossy(o).into_owned()).collect::<Vec<_>>(),
+                    first.map(|(seq, items)| (
+                        seq,
+                        items.keys().collect::<Vec<_>>(),
+                        got.fetch.get(seq).map(|g| g.keys().collect::<Vec<_>>())
+                    ))
+                );
+            }
+        }
+        via.send(b"z LOGOUT\r\n");
+        let _ = via.rest();
+    }
+    assert!(setup.gateway.wait_for_log("cache_hits=", Duration::from_secs(5)));
+    let log = setup.gateway.log();
+    let warm = log.lines().filter(|l| l.contains("session ended")).last().unwrap().to_string();
+    let field =
+        |key: &str| -> u64 { warm.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap().parse().unwrap() };
+    assert!(field("cache_hits=") > 10_000, "{warm}");
+    assert_eq!(field("cache_misses="), 0, "{warm}");
+}
+
+#[test]
+fn seen_is_set_exactly_when_a_direct_fetch_sets_it() {
+    let setup = Setup::start();
+    // Identical mailboxes: Alice is fetched directly, Bob through mailgate (twice, so that
+    // the second time the bodies come from the cache).
+    setup.dovecot.fill(ALICE.0, 40, 9);
+    setup.dovecot.fill(BOB.0, 40, 9);
+    let script = [
+        "FETCH 1:5 RFC822.TEXT",
+        "FETCH 6:10 BODY[TEXT]",
+        "FETCH 11:15 (FLAGS RFC822)",
+        "FETCH 16:20 BODY.PEEK[TEXT]",
+        "FETCH 21:25 (RFC822.HEADER BODY[HEADER])",
+        "FETCH 1:40 FLAGS",
+    ];
+    let mut direct = setup.direct(ALICE);
+    direct.command("s", "SELECT INBOX");
+    let expected: Vec<Answer> = script.iter().map(|c| answer(&mut direct, "d", c)).collect();
+    // Warm the cache with peeks of the same items, from another session.
+    let mut warm = setup.login(BOB);
+    warm.command("s", "EXAMINE INBOX");
+    answer(&mut warm, "w", "FETCH 1:25 (BODY.PEEK[TEXT] BODY.PEEK[] BODY.PEEK[HEADER] RFC822.HEADER)");
+    let mut via = setup.login(BOB);
+    via.command("s", "SELECT INBOX");
+    for (command, want) in script.iter().zip(&expected) {
+        let got = answer(&mut via, "v", command);
+        assert_eq!(got.status, want.status, "{command}");
+        assert_eq!(got.fetch.len(), want.fetch.len(), "{command}");
+        for (seq, items) in &want.fetch {
+            assert_eq!(got.fetch.get(seq), Some(items), "{command}: message {seq}");
+        }
+    }
+}
+
+#[test]
+fn users_never_get_each_others_cached_data() {
+    let setup = Setup::start();
+    setup.dovecot.fill(ALICE.0, 30, 1);
+    setup.dovecot.fill(BOB.0, 30, 2);
+    let command = "UID FETCH 1:30 (BODY.PEEK[] ENVELOPE BODYSTRUCTURE RFC822.SIZE)";
+    let truth = |user| {
+        let mut direct = setup.direct(user);
+        direct.command("s", "SELECT INBOX");
+        answer(&mut direct, "d", command)
+    };
+    let (alice, bob) = (truth(ALICE), truth(BOB));
+    assert_ne!(alice.fetch, bob.fetch);
+    for order in [[ALICE, BOB], [BOB, ALICE]] {
+        // Both sessions open at once, fetching in turn.
+        let mut sessions: Vec<Client> = order.iter().map(|u| setup.login(*u)).collect();
+        for round in 0..2 {
+            for (user, session) in order.iter().zip(sessions.iter_mut()) {
+                session.command("s", "SELECT INBOX");
+                let got = answer(session, "v", command);
+                let want = if user.0 == ALICE.0 { &alice } else { &bob };
+                assert!(got == *want, "{} round {round} got someone else's data", user.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_body_cut_by_the_upstream_is_never_cached() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let counter = sessions.clone();
+    let body = "Subject: whole\r\n\r\nthe complete body\r\n";
+    let fake = FakeUpstream::start(None, move |conn: &mut FakeConn| {
+        let session = counter.fetch_add(1, Ordering::SeqCst);
+        conn.send(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] fake\r\n");
+        while let Some(line) = conn.line() {
+            let tag = line.split(' ').next().unwrap_or_default().to_string();
+            let upper = line.to_ascii_uppercase();
+            if upper.contains("AUTHENTICATE") {
+                conn.send(format!("{tag} OK [CAPABILITY IMAP4rev1] in\r\n").as_bytes());
+            } else if upper.contains(" SELECT ") {
+                conn.send(
+                    format!("* 1 EXISTS\r\n* OK [UIDVALIDITY 9] ok\r\n{tag} OK [READ-WRITE] done\r\n").as_bytes(),
+                );
+            } else if upper.contains("FETCH 1 (UID)") || upper.contains("FETCH 1 (UID ") {
+                conn.send(format!("* 1 FETCH (UID 1)\r\n{tag} OK done\r\n").as_bytes());
+            } else if upper.contains("BODY.PEEK[]") {
+                conn.send(format!("* 1 FETCH (UID 1 BODY[] {{{}}}\r\n", body.len()).as_bytes());
+                if session == 0 {
+                    conn.send(&body.as_bytes()[..10]);
+                    return;
+                }
+                conn.send(format!("{body})\r\n{tag} OK done\r\n").as_bytes());
+            } else {
+                conn.send(format!("{tag} OK\r\n").as_bytes());
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let config = gateway_config(&pki, &fake.addr.to_string(), "plaintext", None, "", "");
+    let gateway = Gateway::start(dir.path(), &config);
+    let session = || {
+        let mut client = Client::tls(gateway.addr("imaps"), pki.client_config(&[]));
+        client.line().unwrap();
+        assert!(client.command("l", "LOGIN u p").last().unwrap().starts_with("l OK"));
+        assert!(client.command("s", "SELECT INBOX").last().unwrap().starts_with("s OK"));
+        client
+    };
+    let mut first = session();
+    first.send(b"f FETCH 1 BODY.PEEK[]\r\n");
+    let cut = first.rest_bytes();
+    assert!(!cut.ends_with(b"f OK done\r\n"), "{}", String::from_utf8_lossy(&cut));
+    for _ in 0..2 {
+        let mut next = session();
+        let got = answer(&mut next, "f", "FETCH 1 BODY.PEEK[]");
+        assert_eq!(got.status, "OK");
+        let item = &got.fetch[&1]["BODY[]"];
+        assert!(item.ends_with(body.as_bytes()), "{}", String::from_utf8_lossy(item));
+    }
+    // The cut body reached nobody's cache: the second session fetched it upstream, the
+    // third was served from the cache.
+    assert_eq!(fake.received().matches("BODY.PEEK[]").count(), 2, "{}", fake.received());
+}
