@@ -107,7 +107,7 @@ fn fetch_through_the_cache_equals_direct_cold_and_warm() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let log = setup.gateway.log();
-    let warm = log.lines().filter(|l| l.contains("session ended")).next_back().unwrap().to_string();
+    let warm = log.lines().rfind(|l| l.contains("session ended")).unwrap().to_string();
     let field =
         |key: &str| -> u64 { warm.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap().parse().unwrap() };
     assert!(field("cache_hits=") > 10_000, "{warm}");
