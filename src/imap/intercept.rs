@@ -10,9 +10,11 @@
 //! message, built from the upstream's own item bytes, then its tagged completion.
 //!
 //! Anything that does not fit (a response that does not parse, an item missing from the
-//! upstream's answer, a message expunged between the phases) is relayed as the upstream
-//! sent it: a client may receive several FETCH responses for one message (RFC 9051 §7.5.2),
-//! never a wrong one. Untagged responses unrelated to the job flow through at once.
+//! upstream's answer) is relayed as the upstream sent it: a client may receive several FETCH
+//! responses for one message (RFC 9051 §7.5.2), never a wrong one. A message expunged
+//! between the phases gets no FETCH response (its sequence number may already belong to
+//! another message once the EXPUNGE is relayed). Untagged responses unrelated to the job
+//! flow through at once, in order.
 
 use std::sync::Arc;
 
@@ -209,12 +211,8 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
     let mut misses = Vec::new();
     for message in ours {
         if message.items.iter().all(Option::is_some) {
-            let bytes = compose(
-                request,
-                &message,
-                &cached,
-                &message.items.iter().map(|b| b.clone().unwrap_or_default()).collect::<Vec<_>>(),
-            );
+            let items: Vec<Bytes> = message.items.iter().map(|b| b.clone().unwrap_or_default()).collect();
+            let bytes = compose(request, &message, message.parsed.seq, &cached, &items);
             scope.cache.served(message.items.iter().flatten().map(Bytes::len).sum());
             match bytes {
                 Some(bytes) => io.to_client(&bytes).await?,
@@ -257,7 +255,8 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
             }
             answered[at] = true;
             let complete: Option<Vec<Bytes>> = message.items.iter().cloned().collect();
-            match complete.and_then(|items| compose(request, message, &cached, &items)) {
+            // The sequence number as of now: an EXPUNGE relayed meanwhile may have moved it.
+            match complete.and_then(|items| compose(request, message, parsed.seq, &cached, &items)) {
                 Some(bytes) => io.to_client(&bytes).await?,
                 None => {
                     // Relay both answers: FETCH data may come in several responses.
@@ -266,10 +265,12 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
                 }
             }
         };
-        // A message the upstream no longer returned (expunged meanwhile): its phase-one
-        // answer, and the upstream's verdict.
-        for (message, _) in batch.iter().zip(&answered).filter(|(_, answered)| !**answered) {
-            io.forward(&message.response).await?;
+        // A message the upstream no longer returned was expunged meanwhile: its sequence
+        // number may already name another message, so nothing is said about it beyond the
+        // EXPUNGE the upstream reports, and the upstream's verdict.
+        let gone = answered.iter().filter(|a| !**a).count();
+        if gone > 0 {
+            tracing::debug!(gone, "messages expunged between the two FETCH phases");
         }
         if !status.starts_with(b"OK") {
             final_status = status;
@@ -284,6 +285,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
 fn compose(
     request: &FetchRequest,
     message: &Message,
+    seq: u32,
     cached: &[(String, &str, crate::cache::Kind)],
     items: &[Bytes],
 ) -> Option<Vec<u8>> {
@@ -315,7 +317,7 @@ fn compose(
             parts.push(&phase_one[extra.range.clone()]);
         }
     }
-    let mut out = format!("* {} FETCH (", message.parsed.seq).into_bytes();
+    let mut out = format!("* {seq} FETCH (").into_bytes();
     for (i, part) in parts.iter().enumerate() {
         if i > 0 {
             out.push(b' ');
