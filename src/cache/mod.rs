@@ -136,6 +136,11 @@ impl MessageCache {
         found
     }
 
+    /// Whether `key` is cached, without counting a lookup.
+    pub fn contains(&self, key: &Key) -> bool {
+        self.entries.contains_key(key)
+    }
+
     /// Records that `bytes` were sent to a client from the cache.
     pub fn served(&self, bytes: usize) {
         self.stats.bytes_served.fetch_add(bytes as u64, Ordering::Relaxed);

@@ -72,6 +72,10 @@ pub trait JobIo {
     fn tag(&mut self) -> String;
     /// Items answered from the cache and fetched upstream, for the session's totals.
     fn count(&mut self, hits: usize, misses: usize);
+    /// The sequence number of `uid` in the selected mailbox, when known for sure.
+    fn seq_of(&self, uid: u32) -> Option<u32>;
+    /// A (sequence number, UID) pair the upstream just reported.
+    fn learn_uid(&mut self, seq: u32, uid: u32);
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -139,11 +143,86 @@ fn status_text(response: &[u8], tag: &str) -> Vec<u8> {
     line[..end].to_vec()
 }
 
+/// Most UIDs a FETCH may name for the upstream-free path.
+const LOCAL_MAX_UIDS: usize = 1000;
+
+/// The UIDs of a set without `*`, ascending, or `None` when there are too many.
+fn explicit_uids(set: &str) -> Option<Vec<u32>> {
+    let mut uids = Vec::new();
+    for range in set.split(',') {
+        let (a, b) = range.split_once(':').unwrap_or((range, range));
+        let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+        let (a, b) = (a.min(b), a.max(b));
+        if uids.len() + (b - a) as usize >= LOCAL_MAX_UIDS {
+            return None;
+        }
+        uids.extend(a..=b);
+    }
+    uids.sort_unstable();
+    uids.dedup();
+    Some(uids)
+}
+
+/// A `UID FETCH` of immutable items only (UID aside), without `\Seen`, for messages whose
+/// sequence numbers are known and whose items are all cached, needs no upstream at all:
+/// the answer is what the upstream would say for a message that still exists in this
+/// session's view (cached content never changes), and pending untagged updates simply come
+/// with the next command, as servers may do.
+async fn answer_locally<Io: JobIo>(
+    io: &mut Io,
+    job: &Job,
+    client_tag: &str,
+    scope: &CacheScope,
+    cached: &[(String, &str, crate::cache::Kind)],
+) -> Result<bool, JobError> {
+    let request = &job.request;
+    let only_uid = request.mutable_requests().iter().all(|m| m.eq_ignore_ascii_case("UID"));
+    if !request.uid || !only_uid || request.sets_seen() {
+        return Ok(false);
+    }
+    let Some(uids) = explicit_uids(&request.set) else { return Ok(false) };
+    let mut known = Vec::with_capacity(uids.len());
+    for &uid in &uids {
+        let Some(seq) = io.seq_of(uid) else { return Ok(false) };
+        if !cached.iter().all(|(_, name, _)| scope.cache.contains(&key(scope, &job.selected, uid, name))) {
+            return Ok(false);
+        }
+        known.push((seq, uid));
+    }
+    let mut out = Vec::new();
+    let mut served = 0;
+    for (seq, uid) in known {
+        let mut items = Vec::with_capacity(cached.len());
+        for (_, name, class) in cached {
+            // Evicted since the check: the full path answers instead (nothing sent yet).
+            let Some(bytes) = scope.cache.get(&key(scope, &job.selected, uid, name), *class).await else {
+                return Ok(false);
+            };
+            items.push(bytes);
+        }
+        out.extend_from_slice(format!("* {seq} FETCH (UID {uid}").as_bytes());
+        for bytes in &items {
+            out.push(b' ');
+            out.extend_from_slice(bytes);
+            served += bytes.len();
+        }
+        out.extend_from_slice(b")\r\n");
+    }
+    io.count(cached.len() * uids.len(), 0);
+    scope.cache.served(served);
+    out.extend_from_slice(format!("{client_tag} OK Fetch completed.\r\n").as_bytes());
+    io.to_client(&out).await?;
+    Ok(true)
+}
+
 /// Runs phase one and two and answers the client as `client_tag`.
 pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &CacheScope) -> Result<(), JobError> {
     let request = &job.request;
     let cached: Vec<(String, &str, crate::cache::Kind)> =
         request.cached_items().map(|(item, name, class)| (item.request.clone(), name, class)).collect();
+    if answer_locally(io, job, client_tag, scope, &cached).await? {
+        return Ok(());
+    }
 
     // Phase one.
     let tag = io.tag();
@@ -164,6 +243,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
         match parse_response(&response) {
             Some(parsed) => match parsed.uid(&response) {
                 Some(uid) => {
+                    io.learn_uid(parsed.seq, uid);
                     highest = (highest.0.max(parsed.seq), highest.1.max(uid));
                     messages.push(Message { uid, response, parsed, items: vec![None; cached.len()] });
                 }

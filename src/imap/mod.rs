@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod framing;
 pub mod front;
 pub mod intercept;
+pub mod mailbox;
 pub mod relay;
 pub mod response;
 pub mod upstream;

@@ -26,6 +26,7 @@ use tracing::debug;
 
 use super::framing::{strip_eol, Event, FrameError, Framer};
 use super::intercept::{self, CacheScope, Job, JobError, JobIo, Selected};
+use super::mailbox::UidMap;
 use super::response::{self, Kind, Status};
 use super::upstream::LoggedIn;
 use crate::service::Service;
@@ -74,6 +75,8 @@ struct Shared {
     selecting: Option<Selecting>,
     /// A FETCH is being answered through the cache.
     job_running: bool,
+    /// UID → sequence number in the selected mailbox, as far as known.
+    uids: UidMap,
 }
 
 impl Shared {
@@ -400,10 +403,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
                 let mut shared = self.lock();
                 shared.selected = None;
+                shared.uids.forget();
                 shared.selecting =
                     Some(Selecting { tag: tag.clone(), mailbox: mailbox.map(Arc::from), uid_validity: None });
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
-                self.lock().selected = None;
+                let mut shared = self.lock();
+                shared.selected = None;
+                shared.uids.forget();
             } else if self.caching && line.announce.is_none() {
                 let selected = self.lock().selected.clone();
                 if let Some(job) = Job::for_line(full_line, selected.as_ref()) {
@@ -591,11 +597,26 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                             selecting.uid_validity = value;
                         } else if let (Some(selected), Some(value)) = (shared.selected.as_mut(), value) {
                             // The mailbox changed under us (RFC 9051 §2.3.1.1): new keys.
-                            selected.uid_validity = value;
+                            if selected.uid_validity != value {
+                                selected.uid_validity = value;
+                                shared.uids.forget();
+                            }
                         }
                     }
                 }
-                _ => {}
+                _ => {
+                    // `n EXPUNGE` moves the later messages down; VANISHED names UIDs we may
+                    // not know: forget everything.
+                    let mut words = rest.splitn(3, |&b| b == b' ');
+                    let (first, second) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+                    if second.eq_ignore_ascii_case(b"EXPUNGE") {
+                        if let Some(seq) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
+                            shared.uids.expunge(seq);
+                        }
+                    } else if first.eq_ignore_ascii_case(b"VANISHED") {
+                        shared.uids.forget();
+                    }
+                }
             },
         }
     }
@@ -653,6 +674,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
     fn tag(&mut self) -> String {
         self.next_tag += 1;
         format!("mg{}", self.next_tag)
+    }
+
+    fn seq_of(&self, uid: u32) -> Option<u32> {
+        self.lock().uids.seq(uid)
+    }
+
+    fn learn_uid(&mut self, seq: u32, uid: u32) {
+        self.lock().uids.learn(seq, uid);
     }
 
     fn count(&mut self, hits: usize, misses: usize) {
