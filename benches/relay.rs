@@ -1,5 +1,5 @@
 //! Relay cost against the direct upstream, measured in the same run: a real Dovecot, and
-//! mailgate (release build) in front of it over implicit TLS on both legs.
+//! mailgate (release build, message cache off) in front of it over implicit TLS on both legs.
 //!
 //! `cargo bench --bench relay` prints medians and the ratio mailgate / direct for:
 //! - login (TLS handshake + greeting + LOGIN),
@@ -61,7 +61,8 @@ fn retr_all(client: &mut Client, count: usize) -> usize {
 }
 
 fn main() {
-    let setup = Setup::start();
+    // The cache is off: this measures the relay itself (benches/sync_load.rs measures the cache).
+    let setup = Setup::start_with("", "[cache]\nenabled = false\n");
     let total = setup.dovecot.fill(BOB.0, 300, 42);
     println!("mailbox: 300 messages, {:.1} MB", total as f64 / 1e6);
 
