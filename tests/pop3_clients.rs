@@ -585,6 +585,20 @@ fn fetchmail_keep_mode_retrieves_every_message_identically_over_tls_and_stls() {
             // Without the cache, every RETR of this run reached Dovecot.
             assert!(session.contains(&format!("retr={COUNT}/")), "{name}: Dovecot says {session}");
         }
+        if name == "stls" {
+            // The second run through mailgate (keep mode, same messages) came from the cache:
+            // Dovecot served no RETR, and mailgate's session totals say so.
+            assert!(session.contains("retr=0/"), "{name}: Dovecot says {session}");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !setup.gateway.log().contains(&format!("cache_hits={COUNT} cache_misses=0")) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name}: no session served from the cache:\n{}",
+                    setup.gateway.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         println!(
             "fetchmail {name}: {COUNT} messages in {:?}, identical (compared in {:?}); Dovecot: {}",
             run.took,
