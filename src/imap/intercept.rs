@@ -233,75 +233,59 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
     }
     let uid = if request.uid { "UID " } else { "" };
     io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, asked.join(" ")).into_bytes()).await?;
-    let mut messages = Vec::new();
+    // A set whose `*` can only end a range (`n:*`) decides membership without knowing the
+    // last message: answers can then go out while phase one is still arriving, and only the
+    // misses are kept, which bounds what a warm resync holds to nothing.
+    let streaming = !request.set.split(',').any(|r| r == "*" || r.starts_with("*:"));
+    let in_set = |message: &Message, highest: (u32, u32)| {
+        if request.uid {
+            set_contains(&request.set, message.uid, highest.1)
+        } else {
+            set_contains(&request.set, message.parsed.seq, highest.0)
+        }
+    };
+    let mut held = Vec::new();
+    let mut misses = Vec::new();
     let mut highest = (0u32, 0u32);
+    let mut tally = Tally::default();
     let status = loop {
         let response = io.response().await?;
         if is_tagged(&response, &tag) {
             break status_text(&response, &tag);
         }
-        match parse_response(&response) {
-            Some(parsed) => match parsed.uid(&response) {
-                Some(uid) => {
-                    io.learn_uid(parsed.seq, uid);
-                    highest = (highest.0.max(parsed.seq), highest.1.max(uid));
-                    messages.push(Message { uid, response, parsed, items: vec![None; cached.len()] });
-                }
-                None => io.forward(&response).await?,
-            },
-            None => io.forward(&response).await?,
+        let Some((parsed, uid)) = parse_response(&response).and_then(|p| p.uid(&response).map(|uid| (p, uid))) else {
+            io.forward(&response).await?;
+            continue;
+        };
+        io.learn_uid(parsed.seq, uid);
+        highest = (highest.0.max(parsed.seq), highest.1.max(uid));
+        let message = Message { uid, response, parsed, items: vec![None; cached.len()] };
+        if !streaming {
+            held.push(message);
+        } else if !in_set(&message, (u32::MAX, u32::MAX)) {
+            // Another session's flag change, not ours.
+            io.forward(&message.response).await?;
+        } else if let Some(miss) = settle(io, job, scope, &cached, message, &mut tally).await? {
+            misses.push(miss);
         }
     };
     if !status.starts_with(b"OK") {
         // Relayed as the upstream said it (for example BAD for an invalid set).
-        for message in &messages {
+        for message in held.iter().chain(&misses) {
             io.forward(&message.response).await?;
         }
+        io.count(tally.hits, tally.misses);
         return io.to_client(&[client_tag.as_bytes(), b" ", &status, b"\r\n"].concat()).await;
     }
-    // Unsolicited FETCH responses (another session's flag change) are not ours.
-    let (mut ours, mut others) = (Vec::new(), Vec::new());
-    for message in messages {
-        let in_set = if request.uid {
-            set_contains(&request.set, message.uid, highest.1)
-        } else {
-            set_contains(&request.set, message.parsed.seq, highest.0)
-        };
-        if in_set {
-            ours.push(message);
-        } else {
-            others.push(message);
+    for message in held {
+        if !in_set(&message, highest) {
+            io.forward(&message.response).await?;
+        } else if let Some(miss) = settle(io, job, scope, &cached, message, &mut tally).await? {
+            misses.push(miss);
         }
     }
-    for message in &others {
-        io.forward(&message.response).await?;
-    }
-
-    // The cache.
-    let (mut hits, mut lookups) = (0, 0);
-    for message in &mut ours {
-        for (i, (_, name, class)) in cached.iter().enumerate() {
-            message.items[i] = scope.cache.get(&key(scope, &job.selected, message.uid, name), *class).await;
-            lookups += 1;
-            hits += usize::from(message.items[i].is_some());
-        }
-    }
-    io.count(hits, lookups - hits);
+    io.count(tally.hits, tally.misses);
     let mut final_status = status;
-    let mut misses = Vec::new();
-    for message in ours {
-        if message.items.iter().all(Option::is_some) {
-            let items: Vec<Bytes> = message.items.iter().map(|b| b.clone().unwrap_or_default()).collect();
-            let bytes = compose(request, &message, message.parsed.seq, &cached, &items);
-            scope.cache.served(message.items.iter().flatten().map(Bytes::len).sum());
-            match bytes {
-                Some(bytes) => io.to_client(&bytes).await?,
-                None => io.forward(&message.response).await?,
-            }
-        } else {
-            misses.push(message);
-        }
-    }
 
     // Phase two, in batches.
     for batch in misses.chunks_mut(BATCH) {
@@ -357,6 +341,41 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
         }
     }
     io.to_client(&[client_tag.as_bytes(), b" ", &final_status, b"\r\n"].concat()).await
+}
+
+#[derive(Default)]
+struct Tally {
+    hits: usize,
+    misses: usize,
+}
+
+/// Answers `message` from the cache when every item is there; otherwise hands it back, its
+/// cached items filled in, for phase two.
+async fn settle<Io: JobIo>(
+    io: &mut Io,
+    job: &Job,
+    scope: &CacheScope,
+    cached: &[(String, &str, crate::cache::Kind)],
+    mut message: Message,
+    tally: &mut Tally,
+) -> Result<Option<Message>, JobError> {
+    for (i, (_, name, class)) in cached.iter().enumerate() {
+        message.items[i] = scope.cache.get(&key(scope, &job.selected, message.uid, name), *class).await;
+        if message.items[i].is_some() {
+            tally.hits += 1;
+        } else {
+            tally.misses += 1;
+        }
+    }
+    let Some(items) = message.items.iter().cloned().collect::<Option<Vec<Bytes>>>() else {
+        return Ok(Some(message));
+    };
+    scope.cache.served(items.iter().map(Bytes::len).sum());
+    match compose(&job.request, &message, message.parsed.seq, cached, &items) {
+        Some(bytes) => io.to_client(&bytes).await?,
+        None => io.forward(&message.response).await?,
+    }
+    Ok(None)
 }
 
 /// `* seq FETCH (...)` for one message: the client's items in its order, mutable ones from
