@@ -194,8 +194,6 @@ fn a_body_cut_by_the_upstream_is_never_cached() {
                 conn.send(
                     format!("* 1 EXISTS\r\n* OK [UIDVALIDITY 9] ok\r\n{tag} OK [READ-WRITE] done\r\n").as_bytes(),
                 );
-            } else if upper.contains("FETCH 1 (UID)") || upper.contains("FETCH 1 (UID ") {
-                conn.send(format!("* 1 FETCH (UID 1)\r\n{tag} OK done\r\n").as_bytes());
             } else if upper.contains("BODY.PEEK[]") {
                 conn.send(format!("* 1 FETCH (UID 1 BODY[] {{{}}}\r\n", body.len()).as_bytes());
                 if session == 0 {
@@ -203,6 +201,8 @@ fn a_body_cut_by_the_upstream_is_never_cached() {
                     return;
                 }
                 conn.send(format!("{body})\r\n{tag} OK done\r\n").as_bytes());
+            } else if upper.contains("FETCH 1 (UID)") {
+                conn.send(format!("* 1 FETCH (UID 1)\r\n{tag} OK done\r\n").as_bytes());
             } else {
                 conn.send(format!("{tag} OK\r\n").as_bytes());
             }

@@ -24,12 +24,27 @@ pub enum ItemKind {
     /// Immutable for a given (mailbox, UIDVALIDITY, UID).
     Cached {
         /// The normalized name the upstream's response item carries (`BODY.PEEK[...]<0.10>`
-        /// answers as `BODY[...]<0>`); also the cache key's item part.
+        /// answers as `BODY[...]<0>`).
         response: String,
+        /// The item part of the cache key: the response name, with a partial's length
+        /// (`BODY[...]<0.10>`: `<0.10>` and `<0.20>` both answer as `<0>`).
+        key: String,
         /// BODY[...] without PEEK, RFC822 and RFC822.TEXT set `\Seen` (RFC 9051 §6.4.5).
         sets_seen: bool,
         class: Kind,
     },
+}
+
+/// A cacheable item of a request, as the cache path uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wanted<'a> {
+    /// As the client wrote it.
+    pub request: &'a str,
+    /// The name of the upstream's response item.
+    pub response: &'a str,
+    /// The item part of the cache key.
+    pub key: &'a str,
+    pub class: Kind,
 }
 
 /// A FETCH or UID FETCH the cache can serve.
@@ -46,9 +61,11 @@ impl FetchRequest {
         self.items.iter().any(|i| matches!(i.kind, ItemKind::Cached { sets_seen: true, .. }))
     }
 
-    pub fn cached_items(&self) -> impl Iterator<Item = (&Item, &str, Kind)> {
+    pub fn cached_items(&self) -> impl Iterator<Item = Wanted<'_>> {
         self.items.iter().filter_map(|i| match &i.kind {
-            ItemKind::Cached { response, class, .. } => Some((i, response.as_str(), *class)),
+            ItemKind::Cached { response, key, class, .. } => {
+                Some(Wanted { request: &i.request, response, key, class: *class })
+            }
             ItemKind::Mutable => None,
         })
     }
@@ -118,6 +135,7 @@ fn classify(request: String) -> Option<Item> {
     let upper = normalize(&request);
     let cached = |response: &str, sets_seen: bool, class: Kind| ItemKind::Cached {
         response: response.to_string(),
+        key: response.to_string(),
         sets_seen,
         class,
     };
@@ -139,23 +157,28 @@ fn classify(request: String) -> Option<Item> {
             if !valid_section(section) {
                 return None;
             }
-            let partial = match partial {
-                "" => String::new(),
+            let (partial, key_partial) = match partial {
+                "" => (String::new(), String::new()),
                 p => {
                     let inner = p.strip_prefix('<')?.strip_suffix('>')?;
                     let (origin, length) = inner.split_once('.')?;
                     if origin.parse::<u32>().is_err() || length.parse::<u32>().is_err() {
                         return None;
                     }
-                    // The response names only the origin (RFC 9051 §7.5.2).
-                    format!("<{origin}>")
+                    // The response names only the origin (RFC 9051 §7.5.2); the key keeps both.
+                    (format!("<{origin}>"), format!("<{origin}.{length}>"))
                 }
             };
             let class = if section.contains("HEADER") || section.ends_with("MIME") { Kind::Header } else { Kind::Body };
             // A partial fetch is keyed apart from the whole section: the upstream cuts it, so
             // its bytes are exactly the upstream's (slicing octets of a cached whole section
             // would also need the upstream's rules for cutting inside a multi-byte character).
-            ItemKind::Cached { response: format!("BODY[{section}]{partial}"), sets_seen: !peek, class }
+            ItemKind::Cached {
+                response: format!("BODY[{section}]{partial}"),
+                key: format!("BODY[{section}]{key_partial}"),
+                sets_seen: !peek,
+                class,
+            }
         }
     };
     Some(Item { request, kind })
@@ -346,6 +369,29 @@ impl Parser<'_> {
     }
 }
 
+/// `(seq, uid)` from the start of an untagged FETCH response (`n FETCH (... UID m ...`,
+/// the part after `* `), when the UID appears before any literal: how relayed answers
+/// teach the UID map without parsing them whole.
+pub fn seq_and_uid(rest: &[u8]) -> Option<(u32, u32)> {
+    let text = std::str::from_utf8(rest).ok()?;
+    let (seq, rest) = text.split_once(' ')?;
+    let seq: u32 = seq.parse().ok()?;
+    let items = rest.strip_prefix("FETCH (").or_else(|| rest.strip_prefix("fetch ("))?;
+    let (mut depth, mut previous_uid) = (0i32, false);
+    for word in items.split(' ') {
+        if depth == 0 && previous_uid {
+            let digits: String = word.chars().take_while(char::is_ascii_digit).collect();
+            return Some((seq, digits.parse().ok()?));
+        }
+        previous_uid = depth == 0 && word.eq_ignore_ascii_case("UID");
+        depth += word.matches(['[', '(']).count() as i32 - word.matches([']', ')']).count() as i32;
+        if word.contains('{') || word.contains('"') {
+            return None;
+        }
+    }
+    None
+}
+
 /// Membership in an IMAP sequence set (`1:4,7,9:*`), `max` standing for `*`.
 pub fn set_contains(set: &str, n: u32, max: u32) -> bool {
     let value = |s: &str| if s == "*" { Some(max) } else { s.parse::<u32>().ok() };
@@ -371,7 +417,9 @@ mod tests {
         assert!(r.uid);
         assert_eq!(r.set, "1:*");
         assert_eq!(r.mutable_requests(), ["UID", "FLAGS"]);
-        let cached: Vec<_> = r.cached_items().map(|(_, name, class)| (name.to_string(), class)).collect();
+        let cached: Vec<_> = r.cached_items().map(|w| (w.response.to_string(), w.class)).collect();
+        let keys: Vec<_> = r.cached_items().map(|w| w.key.to_string()).collect();
+        assert_eq!(keys[1], "BODY[HEADER.FIELDS (FROM TO)]<0.100>");
         assert_eq!(
             cached,
             [
@@ -421,6 +469,15 @@ ENVELOPE (\"date\" {3}\r\na)b NIL ((\"x\" NIL \"y\" \"z\")) NIL NIL NIL NIL NIL 
         assert!(parse_response(b"* 1 FETCH (UID 1 BODY[] {10}\r\nshort)\r\n").is_none());
         assert!(parse_response(b"* 1 EXISTS\r\n").is_none());
         assert!(parse_response(b"* 1 FETCH (UID 1) trailing\r\n").is_none());
+    }
+
+    #[test]
+    fn uids_are_read_from_fetch_heads() {
+        assert_eq!(seq_and_uid(b"12 FETCH (UID 345 FLAGS (\\Seen))"), Some((12, 345)));
+        assert_eq!(seq_and_uid(b"12 FETCH (FLAGS (\\Seen UID) UID 7)"), Some((12, 7)));
+        assert_eq!(seq_and_uid(b"3 FETCH (BODY[HEADER.FIELDS (UID)] {5}"), None);
+        assert_eq!(seq_and_uid(b"3 FETCH (UID 9)"), Some((3, 9)));
+        assert_eq!(seq_and_uid(b"3 EXISTS"), None);
     }
 
     #[test]

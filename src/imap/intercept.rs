@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::fetch::{parse_request, parse_response, set_contains, FetchRequest, FetchResponse, ItemKind};
+use super::fetch::{parse_request, parse_response, set_contains, FetchRequest, FetchResponse, ItemKind, Wanted};
 use crate::cache::{Account, ImapKey, Key, MessageCache};
 
 /// Messages per phase-two command: bounds what one batch holds in memory.
@@ -173,7 +173,7 @@ async fn answer_locally<Io: JobIo>(
     job: &Job,
     client_tag: &str,
     scope: &CacheScope,
-    cached: &[(String, &str, crate::cache::Kind)],
+    wanted: &[Wanted<'_>],
 ) -> Result<bool, JobError> {
     let request = &job.request;
     let only_uid = request.mutable_requests().iter().all(|m| m.eq_ignore_ascii_case("UID"));
@@ -184,7 +184,7 @@ async fn answer_locally<Io: JobIo>(
     let mut known = Vec::with_capacity(uids.len());
     for &uid in &uids {
         let Some(seq) = io.seq_of(uid) else { return Ok(false) };
-        if !cached.iter().all(|(_, name, _)| scope.cache.contains(&key(scope, &job.selected, uid, name))) {
+        if !wanted.iter().all(|w| scope.cache.contains(&key(scope, &job.selected, uid, w.key))) {
             return Ok(false);
         }
         known.push((seq, uid));
@@ -192,10 +192,10 @@ async fn answer_locally<Io: JobIo>(
     let mut out = Vec::new();
     let mut served = 0;
     for (seq, uid) in known {
-        let mut items = Vec::with_capacity(cached.len());
-        for (_, name, class) in cached {
+        let mut items = Vec::with_capacity(wanted.len());
+        for w in wanted {
             // Evicted since the check: the full path answers instead (nothing sent yet).
-            let Some(bytes) = scope.cache.get(&key(scope, &job.selected, uid, name), *class).await else {
+            let Some(bytes) = scope.cache.get(&key(scope, &job.selected, uid, w.key), w.class).await else {
                 return Ok(false);
             };
             items.push(bytes);
@@ -208,7 +208,7 @@ async fn answer_locally<Io: JobIo>(
         }
         out.extend_from_slice(b")\r\n");
     }
-    io.count(cached.len() * uids.len(), 0);
+    io.count(wanted.len() * uids.len(), 0);
     scope.cache.served(served);
     out.extend_from_slice(format!("{client_tag} OK Fetch completed.\r\n").as_bytes());
     io.to_client(&out).await?;
@@ -218,18 +218,19 @@ async fn answer_locally<Io: JobIo>(
 /// Runs phase one and two and answers the client as `client_tag`.
 pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &CacheScope) -> Result<(), JobError> {
     let request = &job.request;
-    let cached: Vec<(String, &str, crate::cache::Kind)> =
-        request.cached_items().map(|(item, name, class)| (item.request.clone(), name, class)).collect();
-    if answer_locally(io, job, client_tag, scope, &cached).await? {
+    let wanted: Vec<Wanted<'_>> = request.cached_items().collect();
+    if answer_locally(io, job, client_tag, scope, &wanted).await? {
         return Ok(());
     }
 
     // Phase one.
     let tag = io.tag();
-    let mut asked = vec!["UID".to_string()];
-    asked.extend(request.mutable_requests().into_iter().filter(|m| !m.eq_ignore_ascii_case("UID")).map(String::from));
+    let mutable: Vec<&str> =
+        request.mutable_requests().into_iter().filter(|m| !m.eq_ignore_ascii_case("UID")).collect();
+    let mut asked: Vec<&str> = vec!["UID"];
+    asked.extend(&mutable);
     if request.sets_seen() {
-        asked.push(SEEN_PROBE.to_string());
+        asked.push(SEEN_PROBE);
     }
     let uid = if request.uid { "UID " } else { "" };
     io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, asked.join(" ")).into_bytes()).await?;
@@ -259,13 +260,13 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
         };
         io.learn_uid(parsed.seq, uid);
         highest = (highest.0.max(parsed.seq), highest.1.max(uid));
-        let message = Message { uid, response, parsed, items: vec![None; cached.len()] };
+        let message = Message { uid, response, parsed, items: vec![None; wanted.len()] };
         if !streaming {
             held.push(message);
         } else if !in_set(&message, (u32::MAX, u32::MAX)) {
             // Another session's flag change, not ours.
             io.forward(&message.response).await?;
-        } else if let Some(miss) = settle(io, job, scope, &cached, message, &mut tally).await? {
+        } else if let Some(miss) = settle(io, job, scope, &wanted, message, &mut tally).await? {
             misses.push(miss);
         }
     };
@@ -280,21 +281,32 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
     for message in held {
         if !in_set(&message, highest) {
             io.forward(&message.response).await?;
-        } else if let Some(miss) = settle(io, job, scope, &cached, message, &mut tally).await? {
+        } else if let Some(miss) = settle(io, job, scope, &wanted, message, &mut tally).await? {
             misses.push(miss);
         }
     }
     io.count(tally.hits, tally.misses);
     let mut final_status = status;
 
-    // Phase two, in batches.
+    // Phase two, in batches. A plain FETCH asks by sequence number (the numbers of phase
+    // one still hold: no EXPUNGE may come during a FETCH, RFC 9051 §7.5.1), a UID FETCH by
+    // UID. The mutable items are asked again: a flag change reported meanwhile must not be
+    // undone by phase one's older values.
     for batch in misses.chunks_mut(BATCH) {
-        let wanted: Vec<usize> = (0..cached.len()).filter(|&i| batch.iter().any(|m| m.items[i].is_none())).collect();
-        let uids: Vec<String> = batch.iter().map(|m| m.uid.to_string()).collect();
-        let items: Vec<&str> = wanted.iter().map(|&i| cached[i].0.as_str()).collect();
+        let needed: Vec<usize> = (0..wanted.len()).filter(|&i| batch.iter().any(|m| m.items[i].is_none())).collect();
+        let ids: Vec<String> =
+            batch.iter().map(|m| if request.uid { m.uid } else { m.parsed.seq }.to_string()).collect();
+        let mut items: Vec<&str> = vec!["UID"];
+        items.extend(&mutable);
+        // FLAGS the upstream volunteered in phase one (it set \Seen) are asked again, so
+        // that the answer carries their current value.
+        let volunteered = batch.iter().any(|m| m.parsed.item(&m.response, "FLAGS").is_some());
+        if volunteered && !mutable.iter().any(|m| m.eq_ignore_ascii_case("FLAGS")) {
+            items.push("FLAGS");
+        }
+        items.extend(needed.iter().map(|&i| wanted[i].request));
         let tag = io.tag();
-        io.to_upstream(format!("{tag} UID FETCH {} ({})\r\n", uids.join(","), items.join(" ")).into_bytes()).await?;
-        let mut answered = vec![false; batch.len()];
+        io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", ids.join(","), items.join(" ")).into_bytes()).await?;
         let status = loop {
             let response = io.response().await?;
             if is_tagged(&response, &tag) {
@@ -308,34 +320,26 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
                 continue;
             };
             let message = &mut batch[at];
-            for &i in &wanted {
-                if let Some(raw) = parsed.item(&response, cached[i].1) {
+            for &i in &needed {
+                if let Some(raw) = parsed.item(&response, wanted[i].response) {
                     let raw = Bytes::copy_from_slice(raw);
-                    if message.items[i].is_none() {
-                        scope.cache.insert(key(scope, &job.selected, message.uid, cached[i].1), raw.clone()).await;
+                    // NIL is what a server may say of a message expunged meanwhile
+                    // (RFC 2180 §4.1.3): an answer, not content.
+                    if message.items[i].is_none() && !raw.ends_with(b" NIL") {
+                        scope.cache.insert(key(scope, &job.selected, message.uid, wanted[i].key), raw.clone()).await;
                     }
                     message.items[i] = Some(raw);
                 }
             }
-            answered[at] = true;
             let complete: Option<Vec<Bytes>> = message.items.iter().cloned().collect();
-            // The sequence number as of now: an EXPUNGE relayed meanwhile may have moved it.
-            match complete.and_then(|items| compose(request, message, parsed.seq, &cached, &items)) {
+            // The fresh answer: its sequence number and mutable items are the current ones.
+            let fresh = Message { uid: message.uid, response, parsed, items: Vec::new() };
+            match complete.and_then(|items| compose(request, message, &fresh, &wanted, &items)) {
                 Some(bytes) => io.to_client(&bytes).await?,
-                None => {
-                    // Relay both answers: FETCH data may come in several responses.
-                    io.forward(&message.response).await?;
-                    io.forward(&response).await?;
-                }
+                // FETCH data may come in several responses: relay the upstream's own.
+                None => io.forward(&fresh.response).await?,
             }
         };
-        // A message the upstream no longer returned was expunged meanwhile: its sequence
-        // number may already name another message, so nothing is said about it beyond the
-        // EXPUNGE the upstream reports, and the upstream's verdict.
-        let gone = answered.iter().filter(|a| !**a).count();
-        if gone > 0 {
-            tracing::debug!(gone, "messages expunged between the two FETCH phases");
-        }
         if !status.starts_with(b"OK") {
             final_status = status;
         }
@@ -355,12 +359,12 @@ async fn settle<Io: JobIo>(
     io: &mut Io,
     job: &Job,
     scope: &CacheScope,
-    cached: &[(String, &str, crate::cache::Kind)],
+    wanted: &[Wanted<'_>],
     mut message: Message,
     tally: &mut Tally,
 ) -> Result<Option<Message>, JobError> {
-    for (i, (_, name, class)) in cached.iter().enumerate() {
-        message.items[i] = scope.cache.get(&key(scope, &job.selected, message.uid, name), *class).await;
+    for (i, w) in wanted.iter().enumerate() {
+        message.items[i] = scope.cache.get(&key(scope, &job.selected, message.uid, w.key), w.class).await;
         if message.items[i].is_some() {
             tally.hits += 1;
         } else {
@@ -371,52 +375,53 @@ async fn settle<Io: JobIo>(
         return Ok(Some(message));
     };
     scope.cache.served(items.iter().map(Bytes::len).sum());
-    match compose(&job.request, &message, message.parsed.seq, cached, &items) {
+    match compose(&job.request, &message, &message, wanted, &items) {
         Some(bytes) => io.to_client(&bytes).await?,
         None => io.forward(&message.response).await?,
     }
     Ok(None)
 }
 
-/// `* seq FETCH (...)` for one message: the client's items in its order, mutable ones from
-/// phase one, cached ones from `items`; UID first for UID FETCH; FLAGS (and MODSEQ) that the
-/// upstream added on its own kept.
+/// `* seq FETCH (...)` for one message: the client's items in its order; the sequence
+/// number, UID and mutable items from `fresh`, the upstream's latest answer for it; cached
+/// items from `items`; and what the upstream volunteered in phase one (FLAGS after setting
+/// `\Seen`, MODSEQ under CONDSTORE), in its latest value when `fresh` has it too.
 fn compose(
     request: &FetchRequest,
-    message: &Message,
-    seq: u32,
-    cached: &[(String, &str, crate::cache::Kind)],
+    phase_one: &Message,
+    fresh: &Message,
+    wanted: &[Wanted<'_>],
     items: &[Bytes],
 ) -> Option<Vec<u8>> {
-    let phase_one = &message.response;
+    let mutable = |name: &str| {
+        request.items.iter().any(|i| i.kind == ItemKind::Mutable && super::fetch::normalize(&i.request) == name)
+    };
     let mut parts: Vec<&[u8]> = Vec::new();
-    let requested =
-        |name: &str| request.items.iter().any(|i| i.kind == ItemKind::Mutable && i.request.eq_ignore_ascii_case(name));
-    if request.uid && !requested("UID") {
-        parts.push(message.parsed.item(phase_one, "UID")?);
+    if request.uid && !mutable("UID") {
+        parts.push(fresh.parsed.item(&fresh.response, "UID")?);
     }
-    let mut cached_index = 0;
+    let mut next = 0;
     for item in &request.items {
         match &item.kind {
-            ItemKind::Mutable => parts.push(message.parsed.item(phase_one, &super::fetch::normalize(&item.request))?),
+            ItemKind::Mutable => {
+                parts.push(fresh.parsed.item(&fresh.response, &super::fetch::normalize(&item.request))?)
+            }
             ItemKind::Cached { .. } => {
-                debug_assert_eq!(cached[cached_index].0, item.request);
-                parts.push(&items[cached_index]);
-                cached_index += 1;
+                debug_assert_eq!(wanted[next].request, item.request);
+                parts.push(&items[next]);
+                next += 1;
             }
         }
     }
-    // What the upstream volunteered (FLAGS after setting \Seen, MODSEQ under CONDSTORE).
-    for extra in &message.parsed.items {
+    let cached_names: Vec<&str> = wanted.iter().map(|w| w.response).collect();
+    for extra in &phase_one.parsed.items {
         let name = extra.name.as_str();
-        if name != "UID"
-            && name != SEEN_PROBE_RESPONSE
-            && !request.items.iter().any(|i| i.kind == ItemKind::Mutable && super::fetch::normalize(&i.request) == name)
-        {
-            parts.push(&phase_one[extra.range.clone()]);
+        if name != "UID" && name != SEEN_PROBE_RESPONSE && !mutable(name) && !cached_names.contains(&name) {
+            let latest = fresh.parsed.item(&fresh.response, name);
+            parts.push(latest.unwrap_or(&phase_one.response[extra.range.clone()]));
         }
     }
-    let mut out = format!("* {seq} FETCH (").into_bytes();
+    let mut out = format!("* {} FETCH (", fresh.parsed.seq).into_bytes();
     for (i, part) in parts.iter().enumerate() {
         if i > 0 {
             out.push(b' ');

@@ -609,7 +609,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     // not know: forget everything.
                     let mut words = rest.splitn(3, |&b| b == b' ');
                     let (first, second) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
-                    if second.eq_ignore_ascii_case(b"EXPUNGE") {
+                    if let Some((seq, uid)) = super::fetch::seq_and_uid(rest) {
+                        shared.uids.learn(seq, uid);
+                    } else if second.eq_ignore_ascii_case(b"EXPUNGE") {
                         if let Some(seq) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
                             shared.uids.expunge(seq);
                         }
