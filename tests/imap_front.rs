@@ -69,6 +69,8 @@ fn credentials_before_tls_are_refused_without_reading_a_password() {
     client.starttls(setup.tls_config());
     let login = client.command("e", "LOGIN bob bob-Pass-42");
     assert!(login.last().unwrap().starts_with("e OK [CAPABILITY"), "{login:?}");
+    // The log is read by another thread: wait for the line before counting.
+    assert!(setup.gateway.wait_for_log("logged in", std::time::Duration::from_secs(5)));
     let log = setup.gateway.log();
     assert_eq!(log.matches("logged in").count(), 1, "{log}");
 }
@@ -220,8 +222,8 @@ fn authenticate_plain_with_and_without_initial_response() {
 }
 
 fn assert_no_secret_in_log(setup: &Setup) {
+    assert!(setup.gateway.wait_for_log("logged in", Duration::from_secs(5)), "trace log was not captured");
     let log = setup.gateway.log();
-    assert!(log.contains("logged in"), "trace log was not captured");
     for (user, password) in [ALICE, BOB] {
         for secret in
             [password.to_string(), STANDARD.encode(password), STANDARD.encode(format!("\0{user}\0{password}"))]
