@@ -222,6 +222,9 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
     if answer_locally(io, job, client_tag, scope, &wanted).await? {
         return Ok(());
     }
+    if looks_cold(job, scope, &wanted) {
+        return relay_and_fill(io, job, client_tag, scope, &wanted).await;
+    }
 
     // Phase one.
     let tag = io.tag();
@@ -344,7 +347,76 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
             final_status = status;
         }
     }
+    if !misses.is_empty() {
+        scope.cache.insert(key(scope, &job.selected, 0, FILLED_MARK), Bytes::new()).await;
+    }
     io.to_client(&[client_tag.as_bytes(), b" ", &final_status, b"\r\n"].concat()).await
+}
+
+/// Marks that an account's mailbox (at one UIDVALIDITY) has been filled from: without the
+/// mark a FETCH is answered the cold way. An evicted mark only costs speed.
+const FILLED_MARK: &str = "\0filled";
+
+/// Whether a FETCH is best relayed as it is while its answer fills the cache: possible
+/// when the client's answer carries UIDs (UID FETCH, or UID among the items), worth it when
+/// nothing of it is likely cached: the mailbox was never filled from, or none of its named
+/// UIDs has any of the items.
+fn looks_cold(job: &Job, scope: &CacheScope, wanted: &[Wanted<'_>]) -> bool {
+    let request = &job.request;
+    let carries_uid = request.uid || request.mutable_requests().iter().any(|m| m.eq_ignore_ascii_case("UID"));
+    if !carries_uid {
+        return false;
+    }
+    if !scope.cache.contains(&key(scope, &job.selected, 0, FILLED_MARK)) {
+        return true;
+    }
+    match (request.uid, explicit_uids(&request.set)) {
+        (true, Some(uids)) => {
+            !uids.iter().any(|&uid| wanted.iter().any(|w| scope.cache.contains(&key(scope, &job.selected, uid, w.key))))
+        }
+        _ => false,
+    }
+}
+
+/// The client's own FETCH, relayed unchanged (under mailgate's tag), its answers relayed
+/// byte for byte while their cacheable items are stored: one upstream round trip, exactly
+/// the upstream's answer.
+async fn relay_and_fill<Io: JobIo>(
+    io: &mut Io,
+    job: &Job,
+    client_tag: &str,
+    scope: &CacheScope,
+    wanted: &[Wanted<'_>],
+) -> Result<(), JobError> {
+    let request = &job.request;
+    let tag = io.tag();
+    let items: Vec<&str> = request.items.iter().map(|i| i.request.as_str()).collect();
+    let uid = if request.uid { "UID " } else { "" };
+    io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, items.join(" ")).into_bytes()).await?;
+    let mut filled = 0;
+    let status = loop {
+        let response = io.response().await?;
+        if is_tagged(&response, &tag) {
+            break status_text(&response, &tag);
+        }
+        if let Some((parsed, uid)) = parse_response(&response).and_then(|p| p.uid(&response).map(|uid| (p, uid))) {
+            io.learn_uid(parsed.seq, uid);
+            for w in wanted {
+                if let Some(raw) = parsed.item(&response, w.response) {
+                    if !raw.ends_with(b" NIL") {
+                        scope.cache.insert(key(scope, &job.selected, uid, w.key), Bytes::copy_from_slice(raw)).await;
+                        filled += 1;
+                    }
+                }
+            }
+        }
+        io.forward(&response).await?;
+    };
+    if filled > 0 {
+        scope.cache.insert(key(scope, &job.selected, 0, FILLED_MARK), Bytes::new()).await;
+    }
+    io.count(0, filled);
+    io.to_client(&[client_tag.as_bytes(), b" ", &status, b"\r\n"].concat()).await
 }
 
 #[derive(Default)]
