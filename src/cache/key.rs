@@ -3,7 +3,50 @@
 //! ([`LoginProof`]), so no code path can look up cached data for a user who has not proved
 //! their password to the upstream in this session.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+
+/// A shared string that hashes by a digest computed once: keys are built per message and
+/// item on hot paths, so hashing them must not walk their text each time.
+#[derive(Clone, Debug)]
+pub struct Name {
+    text: Arc<str>,
+    digest: u64,
+}
+
+impl Name {
+    pub fn new(text: &str) -> Name {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut hasher);
+        Name { text: Arc::from(text), digest: hasher.finish() }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        self.digest == other.digest && (Arc::ptr_eq(&self.text, &other.text) || self.text == other.text)
+    }
+}
+
+impl Eq for Name {}
+
+impl Hash for Name {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.digest);
+    }
+}
 
 /// Evidence that the upstream accepted the credentials just now. Only the upstream login
 /// code creates one (`pub(crate)`), right after the upstream's OK.
@@ -23,15 +66,16 @@ impl LoginProof {
 /// `alice` are one mailbox is the upstream's policy, and guessing wrong would serve one
 /// user's mail to another.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Account(Arc<(String, String)>);
+pub struct Account(Name);
 
 impl Account {
     pub fn new(upstream: &str, identity: &str, _proof: &LoginProof) -> Account {
-        Account(Arc::new((upstream.to_string(), identity.to_string())))
+        // NUL cannot occur in either part, so the pair is unambiguous.
+        Account(Name::new(&format!("{upstream}\0{identity}")))
     }
 
     pub fn identity(&self) -> &str {
-        &self.0 .1
+        self.0.as_str().split_once('\0').map_or("", |(_, identity)| identity)
     }
 }
 
@@ -40,10 +84,10 @@ impl Account {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ImapKey {
     pub account: Account,
-    pub mailbox: Arc<str>,
+    pub mailbox: Name,
     pub uid_validity: u32,
     pub uid: u32,
-    pub item: Arc<str>,
+    pub item: Name,
 }
 
 /// A whole POP3 message (its RETR response) by UIDL. UIDLs are unique per maildrop and never
@@ -51,7 +95,7 @@ pub struct ImapKey {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Pop3Key {
     pub account: Account,
-    pub uidl: Arc<str>,
+    pub uidl: Name,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

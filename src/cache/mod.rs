@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use moka::notification::RemovalCause;
 
-pub use key::{Account, ImapKey, Key, LoginProof, Pop3Key};
+pub use key::{Account, ImapKey, Key, LoginProof, Name, Pop3Key};
 
 use crate::config::CacheConfig;
 
@@ -190,7 +190,7 @@ mod tests {
 
     fn pop3_key(user: &str, uidl: &str) -> Key {
         let account = Account::new("default", user, &LoginProof::upstream_accepted());
-        Key::Pop3(Pop3Key { account, uidl: uidl.into() })
+        Key::Pop3(Pop3Key { account, uidl: Name::new(uidl) })
     }
 
     #[tokio::test]

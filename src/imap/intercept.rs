@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::fetch::{parse_request, parse_response, set_contains, FetchRequest, FetchResponse, ItemKind, Wanted};
-use crate::cache::{Account, ImapKey, Key, MessageCache};
+use super::fetch::{parse_request, parse_response, set_contains, FetchRequest, FetchResponse, ItemKind};
+use crate::cache::{Account, ImapKey, Key, Kind, MessageCache, Name};
 
 /// Messages per phase-two command: bounds what one batch holds in memory.
 pub const BATCH: usize = 100;
@@ -40,7 +40,7 @@ pub struct CacheScope {
 /// The selected mailbox, once its UIDVALIDITY is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Selected {
-    pub mailbox: Arc<str>,
+    pub mailbox: Name,
     pub uid_validity: u32,
 }
 
@@ -76,6 +76,10 @@ pub trait JobIo {
     fn seq_of(&self, uid: u32) -> Option<u32>;
     /// A (sequence number, UID) pair the upstream just reported.
     fn learn_uid(&mut self, seq: u32, uid: u32);
+    /// Every message's UID is known.
+    fn all_uids_known(&self) -> bool;
+    /// The answer to `UID SEARCH ALL`: the n-th UID is message n.
+    fn learn_all_uids(&mut self, uids: &[u32]);
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -122,14 +126,24 @@ pub fn selected_mailbox(line: &[u8]) -> Option<Option<String>> {
     Some(name)
 }
 
-fn key(scope: &CacheScope, selected: &Selected, uid: u32, item: &str) -> Key {
+fn key(scope: &CacheScope, selected: &Selected, uid: u32, item: &Name) -> Key {
     Key::Imap(ImapKey {
         account: scope.account.clone(),
         mailbox: selected.mailbox.clone(),
         uid_validity: selected.uid_validity,
         uid,
-        item: Arc::from(item),
+        item: item.clone(),
     })
+}
+
+/// A cacheable item of the request, with its key name built once per command.
+struct Wanted<'a> {
+    /// As the client wrote it.
+    request: &'a str,
+    /// The name of the upstream's response item.
+    response: &'a str,
+    key: Name,
+    class: Kind,
 }
 
 fn is_tagged(response: &[u8], tag: &str) -> bool {
@@ -181,12 +195,17 @@ async fn answer_locally<Io: JobIo>(
         return Ok(false);
     }
     let Some(uids) = explicit_uids(&request.set) else { return Ok(false) };
+    if !uids.iter().all(|&uid| wanted.iter().all(|w| scope.cache.contains(&key(scope, &job.selected, uid, &w.key)))) {
+        return Ok(false);
+    }
+    // Everything is cached; only the sequence numbers may be missing. One `UID SEARCH ALL`
+    // teaches all of them for the rest of the session (until new mail arrives).
+    if uids.iter().any(|&uid| io.seq_of(uid).is_none()) && !io.all_uids_known() {
+        learn_all_uids(io).await?;
+    }
     let mut known = Vec::with_capacity(uids.len());
     for &uid in &uids {
         let Some(seq) = io.seq_of(uid) else { return Ok(false) };
-        if !wanted.iter().all(|w| scope.cache.contains(&key(scope, &job.selected, uid, w.key))) {
-            return Ok(false);
-        }
         known.push((seq, uid));
     }
     let mut out = Vec::new();
@@ -195,7 +214,7 @@ async fn answer_locally<Io: JobIo>(
         let mut items = Vec::with_capacity(wanted.len());
         for w in wanted {
             // Evicted since the check: the full path answers instead (nothing sent yet).
-            let Some(bytes) = scope.cache.get(&key(scope, &job.selected, uid, w.key), w.class).await else {
+            let Some(bytes) = scope.cache.get(&key(scope, &job.selected, uid, &w.key), w.class).await else {
                 return Ok(false);
             };
             items.push(bytes);
@@ -215,16 +234,49 @@ async fn answer_locally<Io: JobIo>(
     Ok(true)
 }
 
+/// `UID SEARCH ALL`, its answer taught to the UID map; other responses relayed.
+async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<(), JobError> {
+    let tag = io.tag();
+    io.to_upstream(format!("{tag} UID SEARCH ALL\r\n").into_bytes()).await?;
+    let mut uids: Option<Vec<u32>> = None;
+    loop {
+        let response = io.response().await?;
+        if is_tagged(&response, &tag) {
+            if let (true, Some(uids)) = (status_text(&response, &tag).starts_with(b"OK"), uids) {
+                io.learn_all_uids(&uids);
+            }
+            return Ok(());
+        }
+        let line = String::from_utf8_lossy(&response);
+        match line.trim_end().strip_prefix("* SEARCH") {
+            Some(list) if uids.is_none() => {
+                uids = list.split_whitespace().map(|u| u.parse::<u32>().ok()).collect::<Option<Vec<u32>>>();
+            }
+            _ => io.forward(&response).await?,
+        }
+    }
+}
+
 /// Runs phase one and two and answers the client as `client_tag`.
 pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &CacheScope) -> Result<(), JobError> {
     let request = &job.request;
-    let wanted: Vec<Wanted<'_>> = request.cached_items().collect();
+    let wanted: Vec<Wanted<'_>> = request
+        .cached_items()
+        .map(|w| Wanted { request: w.request, response: w.response, key: Name::new(w.key), class: w.class })
+        .collect();
     if answer_locally(io, job, client_tag, scope, &wanted).await? {
         return Ok(());
     }
     if looks_cold(job, scope, &wanted) {
         return relay_and_fill(io, job, client_tag, scope, &wanted).await;
     }
+    // The mutable items' names as the upstream answers them, in request order.
+    let mutable_names: Vec<String> = request
+        .items
+        .iter()
+        .filter(|i| i.kind == ItemKind::Mutable)
+        .map(|i| super::fetch::normalize(&i.request))
+        .collect();
 
     // Phase one.
     let tag = io.tag();
@@ -269,7 +321,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
         } else if !in_set(&message, (u32::MAX, u32::MAX)) {
             // Another session's flag change, not ours.
             io.forward(&message.response).await?;
-        } else if let Some(miss) = settle(io, job, scope, &wanted, message, &mut tally).await? {
+        } else if let Some(miss) = settle(io, job, scope, &mutable_names, &wanted, message, &mut tally).await? {
             misses.push(miss);
         }
     };
@@ -284,7 +336,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
     for message in held {
         if !in_set(&message, highest) {
             io.forward(&message.response).await?;
-        } else if let Some(miss) = settle(io, job, scope, &wanted, message, &mut tally).await? {
+        } else if let Some(miss) = settle(io, job, scope, &mutable_names, &wanted, message, &mut tally).await? {
             misses.push(miss);
         }
     }
@@ -329,7 +381,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
                     // NIL is what a server may say of a message expunged meanwhile
                     // (RFC 2180 §4.1.3): an answer, not content.
                     if message.items[i].is_none() && !raw.ends_with(b" NIL") {
-                        scope.cache.insert(key(scope, &job.selected, message.uid, wanted[i].key), raw.clone()).await;
+                        scope.cache.insert(key(scope, &job.selected, message.uid, &wanted[i].key), raw.clone()).await;
                     }
                     message.items[i] = Some(raw);
                 }
@@ -337,7 +389,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
             let complete: Option<Vec<Bytes>> = message.items.iter().cloned().collect();
             // The fresh answer: its sequence number and mutable items are the current ones.
             let fresh = Message { uid: message.uid, response, parsed, items: Vec::new() };
-            match complete.and_then(|items| compose(request, message, &fresh, &wanted, &items)) {
+            match complete.and_then(|items| compose(request, &mutable_names, message, &fresh, &wanted, &items)) {
                 Some(bytes) => io.to_client(&bytes).await?,
                 // FETCH data may come in several responses: relay the upstream's own.
                 None => io.forward(&fresh.response).await?,
@@ -348,7 +400,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
         }
     }
     if !misses.is_empty() {
-        scope.cache.insert(key(scope, &job.selected, 0, FILLED_MARK), Bytes::new()).await;
+        scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;
     }
     io.to_client(&[client_tag.as_bytes(), b" ", &final_status, b"\r\n"].concat()).await
 }
@@ -367,13 +419,13 @@ fn looks_cold(job: &Job, scope: &CacheScope, wanted: &[Wanted<'_>]) -> bool {
     if !carries_uid {
         return false;
     }
-    if !scope.cache.contains(&key(scope, &job.selected, 0, FILLED_MARK)) {
+    if !scope.cache.contains(&key(scope, &job.selected, 0, &Name::new(FILLED_MARK))) {
         return true;
     }
     match (request.uid, explicit_uids(&request.set)) {
-        (true, Some(uids)) => {
-            !uids.iter().any(|&uid| wanted.iter().any(|w| scope.cache.contains(&key(scope, &job.selected, uid, w.key))))
-        }
+        (true, Some(uids)) => !uids
+            .iter()
+            .any(|&uid| wanted.iter().any(|w| scope.cache.contains(&key(scope, &job.selected, uid, &w.key)))),
         _ => false,
     }
 }
@@ -404,7 +456,7 @@ async fn relay_and_fill<Io: JobIo>(
             for w in wanted {
                 if let Some(raw) = parsed.item(&response, w.response) {
                     if !raw.ends_with(b" NIL") {
-                        scope.cache.insert(key(scope, &job.selected, uid, w.key), Bytes::copy_from_slice(raw)).await;
+                        scope.cache.insert(key(scope, &job.selected, uid, &w.key), Bytes::copy_from_slice(raw)).await;
                         filled += 1;
                     }
                 }
@@ -413,7 +465,7 @@ async fn relay_and_fill<Io: JobIo>(
         io.forward(&response).await?;
     };
     if filled > 0 {
-        scope.cache.insert(key(scope, &job.selected, 0, FILLED_MARK), Bytes::new()).await;
+        scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;
     }
     io.count(0, filled);
     io.to_client(&[client_tag.as_bytes(), b" ", &status, b"\r\n"].concat()).await
@@ -431,12 +483,13 @@ async fn settle<Io: JobIo>(
     io: &mut Io,
     job: &Job,
     scope: &CacheScope,
+    mutable_names: &[String],
     wanted: &[Wanted<'_>],
     mut message: Message,
     tally: &mut Tally,
 ) -> Result<Option<Message>, JobError> {
     for (i, w) in wanted.iter().enumerate() {
-        message.items[i] = scope.cache.get(&key(scope, &job.selected, message.uid, w.key), w.class).await;
+        message.items[i] = scope.cache.get(&key(scope, &job.selected, message.uid, &w.key), w.class).await;
         if message.items[i].is_some() {
             tally.hits += 1;
         } else {
@@ -447,7 +500,7 @@ async fn settle<Io: JobIo>(
         return Ok(Some(message));
     };
     scope.cache.served(items.iter().map(Bytes::len).sum());
-    match compose(&job.request, &message, &message, wanted, &items) {
+    match compose(&job.request, mutable_names, &message, &message, wanted, &items) {
         Some(bytes) => io.to_client(&bytes).await?,
         None => io.forward(&message.response).await?,
     }
@@ -460,23 +513,23 @@ async fn settle<Io: JobIo>(
 /// `\Seen`, MODSEQ under CONDSTORE), in its latest value when `fresh` has it too.
 fn compose(
     request: &FetchRequest,
+    mutable_names: &[String],
     phase_one: &Message,
     fresh: &Message,
     wanted: &[Wanted<'_>],
     items: &[Bytes],
 ) -> Option<Vec<u8>> {
-    let mutable = |name: &str| {
-        request.items.iter().any(|i| i.kind == ItemKind::Mutable && super::fetch::normalize(&i.request) == name)
-    };
+    let mutable = |name: &str| mutable_names.iter().any(|m| m == name);
     let mut parts: Vec<&[u8]> = Vec::new();
     if request.uid && !mutable("UID") {
         parts.push(fresh.parsed.item(&fresh.response, "UID")?);
     }
-    let mut next = 0;
+    let (mut next, mut next_mutable) = (0, 0);
     for item in &request.items {
         match &item.kind {
             ItemKind::Mutable => {
-                parts.push(fresh.parsed.item(&fresh.response, &super::fetch::normalize(&item.request))?)
+                parts.push(fresh.parsed.item(&fresh.response, &mutable_names[next_mutable])?);
+                next_mutable += 1;
             }
             ItemKind::Cached { .. } => {
                 debug_assert_eq!(wanted[next].request, item.request);

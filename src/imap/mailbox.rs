@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 #[derive(Debug, Default)]
 pub struct UidMap {
     by_uid: BTreeMap<u32, u32>,
+    /// Every message of the mailbox is known (learned from `UID SEARCH ALL`, with no new
+    /// message announced since).
+    complete: bool,
 }
 
 /// More than this many known messages are not tracked (memory stays bounded).
@@ -36,6 +39,28 @@ impl UidMap {
 
     pub fn forget(&mut self) {
         self.by_uid.clear();
+        self.complete = false;
+    }
+
+    /// All UIDs of the mailbox, ascending, as `UID SEARCH ALL` lists them: the n-th is
+    /// message n.
+    pub fn learn_all(&mut self, uids: &[u32]) {
+        self.by_uid.clear();
+        for (i, &uid) in uids.iter().take(MAX_TRACKED).enumerate() {
+            self.by_uid.insert(uid, i as u32 + 1);
+        }
+        self.complete = uids.len() <= MAX_TRACKED;
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// `* n EXISTS` may announce messages whose UIDs are not known yet.
+    pub fn exists(&mut self, count: u32) {
+        if count as usize != self.by_uid.len() {
+            self.complete = false;
+        }
     }
 }
 
@@ -53,5 +78,10 @@ mod tests {
         assert_eq!((map.seq(10), map.seq(11), map.seq(15), map.seq(20)), (Some(1), None, Some(2), Some(3)));
         map.forget();
         assert_eq!(map.seq(10), None);
+        map.learn_all(&[3, 5, 9]);
+        assert!(map.is_complete());
+        assert_eq!(map.seq(9), Some(3));
+        map.exists(4);
+        assert!(!map.is_complete());
     }
 }

@@ -29,6 +29,7 @@ use super::intercept::{self, CacheScope, Job, JobError, JobIo, Selected};
 use super::mailbox::UidMap;
 use super::response::{self, Kind, Status};
 use super::upstream::LoggedIn;
+use crate::cache::Name;
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -571,7 +572,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     let Selecting { mailbox, uid_validity, .. } = shared.selecting.take().expect("just checked");
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
                     shared.selected = match (ok, mailbox, uid_validity) {
-                        (true, Some(mailbox), Some(uid_validity)) => Some(Selected { mailbox, uid_validity }),
+                        (true, Some(mailbox), Some(uid_validity)) => {
+                            Some(Selected { mailbox: Name::new(&mailbox), uid_validity })
+                        }
                         _ => None,
                     };
                 }
@@ -614,6 +617,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     } else if second.eq_ignore_ascii_case(b"EXPUNGE") {
                         if let Some(seq) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
                             shared.uids.expunge(seq);
+                        }
+                    } else if second.eq_ignore_ascii_case(b"EXISTS") {
+                        if let Some(count) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
+                            shared.uids.exists(count);
                         }
                     } else if first.eq_ignore_ascii_case(b"VANISHED") {
                         shared.uids.forget();
@@ -684,6 +691,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
 
     fn learn_uid(&mut self, seq: u32, uid: u32) {
         self.lock().uids.learn(seq, uid);
+    }
+
+    fn all_uids_known(&self) -> bool {
+        self.lock().uids.is_complete()
+    }
+
+    fn learn_all_uids(&mut self, uids: &[u32]) {
+        self.lock().uids.learn_all(uids);
     }
 
     fn count(&mut self, hits: usize, misses: usize) {

@@ -29,7 +29,7 @@ use tracing::debug;
 
 use super::codec::{multiline_if_ok, split_command, CodecError, Event, LineReader, ResponseScanner};
 use super::upstream::LoggedIn;
-use crate::cache::{Account, Key, Kind, MessageCache, Pop3Key};
+use crate::cache::{Account, Key, Kind, MessageCache, Name, Pop3Key};
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -315,7 +315,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             }
             shared.uidl.get(&n)?.clone()
         };
-        let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl });
+        let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(&uidl) });
         let retr = scope.cache.get(&key, Kind::Pop3).await?;
         let response = match top_lines {
             None => retr,
@@ -576,7 +576,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     return;
                 }
                 let Some(uidl) = lock(&self.shared).uidl.get(&n).cloned() else { return };
-                let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl });
+                let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(&uidl) });
                 scope.cache.insert(key, Bytes::from(std::mem::take(&mut self.capture))).await;
             }
         }
