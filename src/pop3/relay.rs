@@ -508,6 +508,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         let bytes = self.buffer.split_to(step.consumed);
         let track = self.answering.as_ref().expect("a response is being read");
         if self.wants_capture(track) {
+            if let (Track::Retr(_), Some(Event::Status { line, body: true, .. })) = (track, &step.event) {
+                // "+OK 4022 octets": room for the whole response at once.
+                let octets = String::from_utf8_lossy(line).split(' ').nth(1).and_then(|n| n.parse::<usize>().ok());
+                let limit = self.scope.as_ref().map_or(0, |s| s.cache.max_entry_bytes());
+                if let Some(octets) = octets.filter(|&n| n <= limit) {
+                    self.capture.reserve(octets + octets / 32 + 64);
+                }
+            }
             self.capture.extend_from_slice(&bytes);
         }
         if !matches!(track, Track::Uidl { internal: true }) && self.write.write_all(&bytes).await.is_err() {
