@@ -64,6 +64,10 @@ impl Job {
 pub trait JobIo {
     /// The next complete upstream response (lines and literals).
     async fn response(&mut self) -> Result<Vec<u8>, JobError>;
+    /// The next upstream response streamed to the client as it arrives (nothing of a big
+    /// body is held), a copy kept when it is at most `keep` bytes; the completion tagged
+    /// `tag` is returned instead, unsent.
+    async fn relay_response(&mut self, tag: &str, keep: usize) -> Result<Relayed, JobError>;
     async fn to_upstream(&mut self, bytes: Vec<u8>) -> Result<(), JobError>;
     async fn to_client(&mut self, bytes: &[u8]) -> Result<(), JobError>;
     /// An unrelated response: relay it (and let the session learn from it).
@@ -80,6 +84,15 @@ pub trait JobIo {
     fn all_uids_known(&self) -> bool;
     /// The answer to `UID SEARCH ALL`: the n-th UID is message n.
     fn learn_all_uids(&mut self, uids: &[u32]);
+}
+
+/// What [`JobIo::relay_response`] saw.
+#[derive(Debug)]
+pub enum Relayed {
+    /// mailgate's own completion line, not sent to the client.
+    Tagged(Vec<u8>),
+    /// A response sent to the client; its bytes when small enough to keep.
+    Sent(Option<Vec<u8>>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -430,9 +443,9 @@ fn looks_cold(job: &Job, scope: &CacheScope, wanted: &[Wanted<'_>]) -> bool {
     }
 }
 
-/// The client's own FETCH, relayed unchanged (under mailgate's tag), its answers relayed
-/// byte for byte while their cacheable items are stored: one upstream round trip, exactly
-/// the upstream's answer.
+/// The client's own FETCH, relayed unchanged (under mailgate's tag), its answers streamed
+/// to the client byte for byte while their cacheable items are stored: one upstream round
+/// trip, exactly the upstream's answer, and no body held whole on its way.
 async fn relay_and_fill<Io: JobIo>(
     io: &mut Io,
     job: &Job,
@@ -446,11 +459,14 @@ async fn relay_and_fill<Io: JobIo>(
     let uid = if request.uid { "UID " } else { "" };
     io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, items.join(" ")).into_bytes()).await?;
     let mut filled = 0;
+    // A response larger than any item the cache would keep needs no copy.
+    let keep = scope.cache.max_entry_bytes().saturating_mul(2).saturating_add(4096);
     let status = loop {
-        let response = io.response().await?;
-        if is_tagged(&response, &tag) {
-            break status_text(&response, &tag);
-        }
+        let response = match io.relay_response(&tag, keep).await? {
+            Relayed::Tagged(line) => break status_text(&line, &tag),
+            Relayed::Sent(None) => continue,
+            Relayed::Sent(Some(response)) => response,
+        };
         if let Some((parsed, uid)) = parse_response(&response).and_then(|p| p.uid(&response).map(|uid| (p, uid))) {
             io.learn_uid(parsed.seq, uid);
             for w in wanted {
@@ -462,7 +478,6 @@ async fn relay_and_fill<Io: JobIo>(
                 }
             }
         }
-        io.forward(&response).await?;
     };
     if filled > 0 {
         scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;

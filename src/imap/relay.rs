@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::framing::{strip_eol, Event, FrameError, Framer};
-use super::intercept::{self, CacheScope, Job, JobError, JobIo, Selected};
+use super::intercept::{self, CacheScope, Job, JobError, JobIo, Relayed, Selected};
 use super::mailbox::UidMap;
 use super::response::{self, Kind, Status};
 use super::upstream::LoggedIn;
@@ -663,6 +663,56 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
                 }
                 self.framer.accept_literal();
             }
+        }
+    }
+
+    async fn relay_response(&mut self, tag: &str, keep: usize) -> Result<Relayed, JobError> {
+        let limit = job_response_limit(self.service);
+        let (mut line, mut kept, mut first) = (Vec::new(), Some(Vec::new()), true);
+        loop {
+            if self.buffer.is_empty() {
+                match read_chunk(&mut self.read, &mut self.buffer).await {
+                    Ok(0) | Err(_) => return Err(JobError::UpstreamClosed),
+                    Ok(_) => {}
+                }
+            }
+            if self.framer.pending_literal().is_some() {
+                self.framer.accept_literal();
+            }
+            let in_literal = self.framer.in_literal();
+            let step = self.framer.feed(&self.buffer).map_err(|_| JobError::UpstreamClosed)?;
+            let bytes = self.buffer.split_to(step.consumed);
+            if in_literal {
+                self.write.write_all(&bytes).await.map_err(|_| JobError::ClientClosed)?;
+                match kept.as_mut() {
+                    Some(copy) if copy.len() + bytes.len() <= keep => copy.extend_from_slice(&bytes),
+                    _ => kept = None,
+                }
+                continue;
+            }
+            // Lines are held until complete: the first may be mailgate's completion.
+            line.extend_from_slice(&bytes);
+            if line.len() > limit {
+                return Err(JobError::TooLarge);
+            }
+            let Some(Event::Line(parsed)) = step.event else { continue };
+            if first && line.starts_with(tag.as_bytes()) && line.get(tag.len()) == Some(&b' ') {
+                return Ok(Relayed::Tagged(line));
+            }
+            if first {
+                self.observe(&parsed.head);
+                first = false;
+            }
+            self.write.write_all(&line).await.map_err(|_| JobError::ClientClosed)?;
+            match kept.as_mut() {
+                Some(copy) if copy.len() + line.len() <= keep => copy.extend_from_slice(&line),
+                _ => kept = None,
+            }
+            line.clear();
+            if parsed.announce.is_none() {
+                return Ok(Relayed::Sent(kept));
+            }
+            self.framer.accept_literal();
         }
     }
 
