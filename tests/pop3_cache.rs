@@ -182,3 +182,43 @@ fn a_retr_cut_by_the_upstream_is_not_cached() {
     // filled by the second (complete) response and not by the first (cut) one.
     assert_eq!(fake.received().matches("RETR 1").count(), 2, "{}", fake.received());
 }
+
+#[test]
+fn concurrent_misses_of_one_message_share_one_upstream_retr() {
+    let fake = FakeUpstream::start(None, move |conn: &mut FakeConn| {
+        conn.send(b"+OK fake\r\n");
+        while let Some(line) = conn.line() {
+            match line.split(' ').next().unwrap_or_default() {
+                "CAPA" => conn.send(b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
+                "USER" | "PASS" => conn.send(b"+OK\r\n"),
+                "UIDL" => conn.send(b"+OK\r\n1 uid-one\r\n.\r\n"),
+                "RETR" => {
+                    // Slow enough for the other session's RETR to arrive meanwhile.
+                    std::thread::sleep(Duration::from_millis(800));
+                    conn.send(b"+OK 40 octets\r\nSubject: one\r\n\r\nshared body\r\n.\r\n");
+                }
+                _ => conn.send(b"+OK\r\n"),
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let config = gateway_config_with(&pki, None, Some(&fake.addr.to_string()), "plaintext", None, "", "");
+    let gateway = Gateway::start(dir.path(), &config);
+    let login = || {
+        let mut client = Client::tls(gateway.addr("pop3s"), pki.client_config(&[]));
+        client.line().unwrap();
+        client.send(b"USER u\r\nPASS p\r\n");
+        client.line().unwrap();
+        assert_eq!(client.line().unwrap(), "+OK Logged in.");
+        client
+    };
+    let (mut a, mut b) = (login(), login());
+    a.send(b"RETR 1\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    b.send(b"RETR 1\r\n");
+    let expected = b"+OK 40 octets\r\nSubject: one\r\n\r\nshared body\r\n.\r\n".to_vec();
+    assert_eq!(response(&mut a), expected);
+    assert_eq!(response(&mut b), expected);
+    assert_eq!(fake.received().matches("RETR 1").count(), 1, "{}", fake.received());
+}

@@ -7,11 +7,13 @@
 
 pub mod key;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use moka::notification::RemovalCause;
+use tokio::sync::oneshot;
 
 pub use key::{Account, ImapKey, Key, LoginProof, Name, Pop3Key};
 
@@ -89,6 +91,40 @@ pub struct MessageCache {
     entries: moka::future::Cache<Key, Bytes>,
     max_entry_bytes: usize,
     stats: Arc<Stats>,
+    /// Keys being loaded from an upstream right now, with whoever waits for them.
+    loading: Mutex<HashMap<Key, Vec<oneshot::Sender<Option<Bytes>>>>>,
+}
+
+/// The answer to [`MessageCache::claim`].
+pub enum Claim {
+    /// Nobody is loading the key: load it, and hand the value to the guard.
+    Load(LoadGuard),
+    /// Another session is loading it: its value (or `None` if that load fails) arrives here.
+    Wait(oneshot::Receiver<Option<Bytes>>),
+}
+
+/// The right and duty to load one key. Dropped without [`LoadGuard::fill`] (the upstream
+/// failed, the value was too large), it tells the waiters to load for themselves.
+pub struct LoadGuard {
+    cache: Arc<MessageCache>,
+    key: Option<Key>,
+}
+
+impl LoadGuard {
+    pub async fn fill(mut self, value: Bytes) {
+        if let Some(key) = self.key.take() {
+            self.cache.insert(key.clone(), value.clone()).await;
+            self.cache.release(&key, Some(value));
+        }
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.cache.release(&key, None);
+        }
+    }
 }
 
 impl std::fmt::Debug for MessageCache {
@@ -121,7 +157,32 @@ impl MessageCache {
         if let Some(ttl) = config.time_to_live {
             builder = builder.time_to_live(ttl.0);
         }
-        MessageCache { entries: builder.build(), max_entry_bytes: config.max_entry_bytes.as_usize(), stats }
+        MessageCache {
+            entries: builder.build(),
+            max_entry_bytes: config.max_entry_bytes.as_usize(),
+            stats,
+            loading: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Concurrent misses on one key share one upstream load: the first session to miss
+    /// loads, the others wait for its value.
+    pub fn claim(self: &Arc<Self>, key: Key) -> Claim {
+        let mut loading = self.loading.lock().expect("cache loading lock");
+        if let Some(waiters) = loading.get_mut(&key) {
+            let (tx, rx) = oneshot::channel();
+            waiters.push(tx);
+            return Claim::Wait(rx);
+        }
+        loading.insert(key.clone(), Vec::new());
+        Claim::Load(LoadGuard { cache: self.clone(), key: Some(key) })
+    }
+
+    fn release(&self, key: &Key, value: Option<Bytes>) {
+        let waiters = self.loading.lock().expect("cache loading lock").remove(key);
+        for waiter in waiters.into_iter().flatten() {
+            let _ = waiter.send(value.clone());
+        }
     }
 
     pub fn max_entry_bytes(&self) -> usize {
@@ -216,6 +277,24 @@ mod tests {
         assert_eq!(stats.too_large, 1);
         assert!(stats.bytes <= 10_000, "{stats:?}");
         assert!(stats.evicted_size >= 6, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_load() {
+        let cache = Arc::new(MessageCache::new(&config(1 << 20, 1 << 16)));
+        let Claim::Load(guard) = cache.claim(pop3_key("a", "m")) else { panic!("first claim loads") };
+        let Claim::Wait(first) = cache.claim(pop3_key("a", "m")) else { panic!("second claim waits") };
+        let Claim::Wait(second) = cache.claim(pop3_key("a", "m")) else { panic!("third claim waits") };
+        assert!(matches!(cache.claim(pop3_key("b", "m")), Claim::Load(_)), "other accounts load apart");
+        guard.fill(Bytes::from_static(b"mail")).await;
+        assert_eq!(first.await.unwrap().unwrap(), "mail");
+        assert_eq!(second.await.unwrap().unwrap(), "mail");
+        // A failed load releases the waiters with nothing, and the next miss loads again.
+        let Claim::Load(guard) = cache.claim(pop3_key("a", "n")) else { panic!() };
+        let Claim::Wait(waiter) = cache.claim(pop3_key("a", "n")) else { panic!() };
+        drop(guard);
+        assert_eq!(waiter.await.unwrap(), None);
+        assert!(matches!(cache.claim(pop3_key("a", "n")), Claim::Load(_)));
     }
 
     #[tokio::test]

@@ -29,7 +29,7 @@ use tracing::debug;
 
 use super::codec::{multiline_if_ok, split_command, CodecError, Event, LineReader, ResponseScanner};
 use super::upstream::LoggedIn;
-use crate::cache::{Account, Key, Kind, MessageCache, Name, Pop3Key};
+use crate::cache::{Account, Claim, Key, Kind, LoadGuard, MessageCache, Name, Pop3Key};
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -59,9 +59,13 @@ enum Track {
     },
 }
 
-#[derive(Debug)]
 enum Pending {
-    Upstream { body: bool, track: Track },
+    /// `load`: this session loads the message for every session that misses it meanwhile.
+    Upstream {
+        body: bool,
+        track: Track,
+        load: Option<LoadGuard>,
+    },
     Cached(Bytes),
 }
 
@@ -77,6 +81,17 @@ struct Shared {
     deleted: HashSet<u32>,
     /// mailgate's own UIDL is still unanswered: cache decisions wait for it.
     learning_uidls: bool,
+}
+
+/// How long a RETR miss waits for another session loading the same message.
+const SHARED_LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What [`ClientPump::claim_retr`] found.
+enum SharedLoad {
+    /// Another session loaded it meanwhile.
+    Value(Bytes),
+    /// Load it (for everyone, with the guard).
+    Load(Option<LoadGuard>),
 }
 
 /// The cache and whose mail this session sees.
@@ -130,6 +145,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         scanner: ResponseScanner::default(),
         answering: None,
         capture: Vec::new(),
+        load: None,
         shared,
         answered,
         queued,
@@ -286,11 +302,25 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 return Ok(());
             }
         }
+        let mut load = None;
+        if let ("RETR", [n]) = (keyword.as_str(), numbers.as_slice()) {
+            match self.claim_retr(*n).await {
+                SharedLoad::Value(response) => {
+                    self.cache_hits += 1;
+                    self.cache_bytes += response.len() as u64;
+                    self.wait_for_room().await?;
+                    lock(&self.shared).pending.push_back(Pending::Cached(response));
+                    self.queued.notify_one();
+                    return Ok(());
+                }
+                SharedLoad::Load(guard) => load = guard,
+            }
+        }
         if self.scope.is_some() && (keyword == "RETR" || keyword == "TOP") {
             self.cache_misses += 1;
         }
         let body = multiline_if_ok(&keyword, args);
-        self.send_upstream(line, body, track).await
+        self.send_upstream_loading(line, body, track, load).await
     }
 
     /// RETR (or TOP with `top_lines`) of message `n` from the cache.
@@ -325,6 +355,30 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         Some(response)
     }
 
+    /// A RETR miss: load it for everyone, or take what another session is loading.
+    async fn claim_retr(&mut self, n: u32) -> SharedLoad {
+        let Some(scope) = self.scope.clone() else { return SharedLoad::Load(None) };
+        let uidl = {
+            let shared = lock(&self.shared);
+            match shared.uidl.get(&n) {
+                Some(uidl) if !shared.deleted.contains(&n) => uidl.clone(),
+                _ => return SharedLoad::Load(None),
+            }
+        };
+        let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(&uidl) });
+        match scope.cache.claim(key) {
+            Claim::Load(guard) => SharedLoad::Load(Some(guard)),
+            Claim::Wait(value) => match tokio::time::timeout(SHARED_LOAD_WAIT, value).await {
+                Ok(Ok(Some(response))) => {
+                    scope.cache.served(response.len());
+                    SharedLoad::Value(response)
+                }
+                // That load failed or is slow: load it ourselves (without the guard).
+                _ => SharedLoad::Load(None),
+            },
+        }
+    }
+
     async fn wait_for_room(&mut self) -> Result<(), End> {
         loop {
             let answered = self.answered.notified();
@@ -350,8 +404,18 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     }
 
     async fn send_upstream(&mut self, line: Vec<u8>, body: bool, track: Track) -> Result<(), End> {
+        self.send_upstream_loading(line, body, track, None).await
+    }
+
+    async fn send_upstream_loading(
+        &mut self,
+        line: Vec<u8>,
+        body: bool,
+        track: Track,
+        load: Option<LoadGuard>,
+    ) -> Result<(), End> {
         self.wait_for_room().await?;
-        lock(&self.shared).pending.push_back(Pending::Upstream { body, track });
+        lock(&self.shared).pending.push_back(Pending::Upstream { body, track, load });
         self.queued.notify_one();
         let written = async {
             self.write.write_all(&line).await?;
@@ -400,6 +464,8 @@ struct UpstreamPump<'a, R, W> {
     answering: Option<Track>,
     /// The response's bytes, kept while they may be stored or learned from.
     capture: Vec<u8>,
+    /// This response loads a message that other sessions may be waiting for.
+    load: Option<LoadGuard>,
     shared: Arc<Mutex<Shared>>,
     answered: Arc<Notify>,
     queued: Arc<Notify>,
@@ -490,8 +556,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     async fn process(&mut self) -> Result<(), End> {
         if self.answering.is_none() {
             // Unsolicited bytes (no command pending) are read as a single line.
-            let (body, track) = match lock(&self.shared).pending.front() {
-                Some(Pending::Upstream { body, track }) => (*body, track.clone()),
+            let (body, track) = match lock(&self.shared).pending.front_mut() {
+                Some(Pending::Upstream { body, track, load }) => {
+                    self.load = load.take();
+                    (*body, track.clone())
+                }
                 _ => (false, Track::Nothing),
             };
             self.scanner.expect(body);
@@ -531,6 +600,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             if ok {
                 self.learn(track.clone()).await;
             }
+            // A load not filled by `learn` (refused, too large) releases its waiters.
+            self.load = None;
             {
                 let mut shared = lock(&self.shared);
                 shared.pending.pop_front();
@@ -584,8 +655,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     return;
                 }
                 let Some(uidl) = lock(&self.shared).uidl.get(&n).cloned() else { return };
-                let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(&uidl) });
-                scope.cache.insert(key, Bytes::from(std::mem::take(&mut self.capture))).await;
+                let value = Bytes::from(std::mem::take(&mut self.capture));
+                match self.load.take() {
+                    Some(guard) => guard.fill(value).await,
+                    None => {
+                        let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(&uidl) });
+                        scope.cache.insert(key, value).await;
+                    }
+                }
             }
         }
     }
