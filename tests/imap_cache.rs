@@ -234,3 +234,33 @@ fn a_body_cut_by_the_upstream_is_never_cached() {
     // third was served from the cache.
     assert_eq!(fake.received().matches("BODY.PEEK[]").count(), 2, "{}", fake.received());
 }
+
+#[test]
+fn concurrent_sessions_missing_the_same_items_all_get_exact_answers() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 150, 31);
+    let command = "UID FETCH 1:150 (UID BODY.PEEK[] BODYSTRUCTURE)";
+    let mut direct = setup.direct(BOB);
+    direct.command("s", "SELECT INBOX");
+    let want = answer(&mut direct, "d", command);
+    // Mark the mailbox as filled from (a few headers), so that the big fetch takes the
+    // two-phase path with misses that the concurrent sessions share.
+    let mut first = setup.login(BOB);
+    first.command("s", "SELECT INBOX");
+    answer(&mut first, "h", "UID FETCH 1:3 (UID BODY.PEEK[HEADER])");
+    let answers: Vec<Answer> = std::thread::scope(|scope| {
+        let sessions: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut client = setup.login(BOB);
+                    client.command("s", "SELECT INBOX");
+                    answer(&mut client, "v", command)
+                })
+            })
+            .collect();
+        sessions.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    for got in answers {
+        assert!(got == want, "a concurrent session got a different answer");
+    }
+}

@@ -16,12 +16,18 @@
 //! another message once the EXPUNGE is relayed). Untagged responses unrelated to the job
 //! flow through at once, in order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+use tokio::sync::oneshot;
 
 use bytes::Bytes;
 
 use super::fetch::{parse_request, parse_response, set_contains, FetchRequest, FetchResponse, ItemKind};
-use crate::cache::{Account, ImapKey, Key, Kind, MessageCache, Name};
+use crate::cache::{Account, Claim, ImapKey, Key, Kind, LoadGuard, MessageCache, Name};
+
+/// How long a miss waits for another session that is loading the same item.
+const SHARED_LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Messages per phase-two command: bounds what one batch holds in memory.
 pub const BATCH: usize = 100;
@@ -360,56 +366,53 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Ca
     // one still hold: no EXPUNGE may come during a FETCH, RFC 9051 §7.5.1), a UID FETCH by
     // UID. The mutable items are asked again: a flag change reported meanwhile must not be
     // undone by phase one's older values.
-    for batch in misses.chunks_mut(BATCH) {
-        let needed: Vec<usize> = (0..wanted.len()).filter(|&i| batch.iter().any(|m| m.items[i].is_none())).collect();
-        let ids: Vec<String> =
-            batch.iter().map(|m| if request.uid { m.uid } else { m.parsed.seq }.to_string()).collect();
-        let mut items: Vec<&str> = vec!["UID"];
-        items.extend(&mutable);
-        // FLAGS the upstream volunteered in phase one (it set \Seen) are asked again, so
-        // that the answer carries their current value.
-        let volunteered = batch.iter().any(|m| m.parsed.item(&m.response, "FLAGS").is_some());
-        if volunteered && !mutable.iter().any(|m| m.eq_ignore_ascii_case("FLAGS")) {
-            items.push("FLAGS");
-        }
-        items.extend(needed.iter().map(|&i| wanted[i].request));
-        let tag = io.tag();
-        io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", ids.join(","), items.join(" ")).into_bytes()).await?;
-        let status = loop {
-            let response = io.response().await?;
-            if is_tagged(&response, &tag) {
-                break status_text(&response, &tag);
-            }
-            let parsed = parse_response(&response);
-            let position =
-                parsed.as_ref().and_then(|p| p.uid(&response)).and_then(|uid| batch.iter().position(|m| m.uid == uid));
-            let (Some(parsed), Some(at)) = (parsed, position) else {
-                io.forward(&response).await?;
-                continue;
-            };
-            let message = &mut batch[at];
-            for &i in &needed {
-                if let Some(raw) = parsed.item(&response, wanted[i].response) {
-                    let raw = Bytes::copy_from_slice(raw);
-                    // NIL is what a server may say of a message expunged meanwhile
-                    // (RFC 2180 §4.1.3): an answer, not content.
-                    if message.items[i].is_none() && !raw.ends_with(b" NIL") {
-                        scope.cache.insert(key(scope, &job.selected, message.uid, &wanted[i].key), raw.clone()).await;
+    let phase_two = PhaseTwo { request, job, scope, wanted: &wanted, mutable: &mutable, mutable_names: &mutable_names };
+    for chunk in misses.chunks_mut(BATCH) {
+        // Concurrent misses share one load: claim what nobody is loading; a message whose
+        // every missing item another session is loading waits for that session instead.
+        // Waiting happens only after this session's own loads are done, so two sessions
+        // can never wait for each other.
+        let mut guards: HashMap<(usize, usize), LoadGuard> = HashMap::new();
+        let mut waits: Vec<(usize, usize, oneshot::Receiver<Option<Bytes>>)> = Vec::new();
+        for (m, message) in chunk.iter().enumerate() {
+            for (i, w) in wanted.iter().enumerate() {
+                if message.items[i].is_none() {
+                    match scope.cache.claim(key(scope, &job.selected, message.uid, &w.key)) {
+                        Claim::Load(guard) => drop(guards.insert((m, i), guard)),
+                        Claim::Wait(value) => waits.push((m, i, value)),
                     }
-                    message.items[i] = Some(raw);
                 }
             }
-            let complete: Option<Vec<Bytes>> = message.items.iter().cloned().collect();
-            // The fresh answer: its sequence number and mutable items are the current ones.
-            let fresh = Message { uid: message.uid, response, parsed, items: Vec::new() };
-            match complete.and_then(|items| compose(request, &mutable_names, message, &fresh, &wanted, &items)) {
-                Some(bytes) => io.to_client(&bytes).await?,
-                // FETCH data may come in several responses: relay the upstream's own.
-                None => io.forward(&fresh.response).await?,
+        }
+        let (fetch, wait): (Vec<usize>, Vec<usize>) =
+            (0..chunk.len()).partition(|&m| guards.keys().any(|&(owner, _)| owner == m));
+        let status = phase_two.fetch(io, chunk, &fetch, &mut guards).await?;
+        drop(guards);
+        for (m, i, value) in waits {
+            if chunk[m].items[i].is_some() {
+                continue; // fetched above with the rest of its message
             }
-        };
-        if !status.starts_with(b"OK") {
-            final_status = status;
+            if let Ok(Ok(Some(bytes))) = tokio::time::timeout(SHARED_LOAD_WAIT, value).await {
+                chunk[m].items[i] = Some(bytes);
+            }
+        }
+        let mut again = Vec::new();
+        for m in wait {
+            let message = &chunk[m];
+            match message.items.iter().cloned().collect::<Option<Vec<Bytes>>>() {
+                Some(items) => match compose(request, &mutable_names, message, message, &wanted, &items) {
+                    Some(bytes) => io.to_client(&bytes).await?,
+                    None => io.forward(&message.response).await?,
+                },
+                // That load failed or took too long: fetch it here after all.
+                None => again.push(m),
+            }
+        }
+        let retry = phase_two.fetch(io, chunk, &again, &mut HashMap::new()).await?;
+        for status in [status, retry].into_iter().flatten() {
+            if !status.starts_with(b"OK") {
+                final_status = status;
+            }
         }
     }
     if !misses.is_empty() {
@@ -484,6 +487,91 @@ async fn relay_and_fill<Io: JobIo>(
     }
     io.count(0, filled);
     io.to_client(&[client_tag.as_bytes(), b" ", &status, b"\r\n"].concat()).await
+}
+
+/// What a phase-two fetch needs of the job.
+struct PhaseTwo<'a> {
+    request: &'a FetchRequest,
+    job: &'a Job,
+    scope: &'a CacheScope,
+    wanted: &'a [Wanted<'a>],
+    mutable: &'a [&'a str],
+    mutable_names: &'a [String],
+}
+
+impl PhaseTwo<'_> {
+    /// Fetches the missing items of `chunk[m]` for each `m` in `which`, answers each of those
+    /// messages, and stores what it got (through the guard when this session loads it for
+    /// others). `None` when there was nothing to fetch.
+    async fn fetch<Io: JobIo>(
+        &self,
+        io: &mut Io,
+        chunk: &mut [Message],
+        which: &[usize],
+        guards: &mut HashMap<(usize, usize), LoadGuard>,
+    ) -> Result<Option<Vec<u8>>, JobError> {
+        if which.is_empty() {
+            return Ok(None);
+        }
+        let (request, scope, wanted) = (self.request, self.scope, self.wanted);
+        let needed: Vec<usize> =
+            (0..wanted.len()).filter(|&i| which.iter().any(|&m| chunk[m].items[i].is_none())).collect();
+        let ids: Vec<String> =
+            which.iter().map(|&m| if request.uid { chunk[m].uid } else { chunk[m].parsed.seq }.to_string()).collect();
+        let mut items: Vec<&str> = vec!["UID"];
+        items.extend(self.mutable);
+        // FLAGS the upstream volunteered in phase one (it set \Seen) are asked again, so
+        // that the answer carries their current value.
+        let volunteered = which.iter().any(|&m| chunk[m].parsed.item(&chunk[m].response, "FLAGS").is_some());
+        if volunteered && !self.mutable.iter().any(|m| m.eq_ignore_ascii_case("FLAGS")) {
+            items.push("FLAGS");
+        }
+        items.extend(needed.iter().map(|&i| wanted[i].request));
+        let tag = io.tag();
+        let uid = if request.uid { "UID " } else { "" };
+        io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", ids.join(","), items.join(" ")).into_bytes()).await?;
+        loop {
+            let response = io.response().await?;
+            if is_tagged(&response, &tag) {
+                return Ok(Some(status_text(&response, &tag)));
+            }
+            let parsed = parse_response(&response);
+            let position = parsed
+                .as_ref()
+                .and_then(|p| p.uid(&response))
+                .and_then(|uid| which.iter().copied().find(|&m| chunk[m].uid == uid));
+            let (Some(parsed), Some(m)) = (parsed, position) else {
+                io.forward(&response).await?;
+                continue;
+            };
+            let message = &mut chunk[m];
+            for &i in &needed {
+                if let Some(raw) = parsed.item(&response, wanted[i].response) {
+                    let raw = Bytes::copy_from_slice(raw);
+                    // NIL is what a server may say of a message expunged meanwhile
+                    // (RFC 2180 §4.1.3): an answer, not content.
+                    if message.items[i].is_none() && !raw.ends_with(b" NIL") {
+                        match guards.remove(&(m, i)) {
+                            Some(guard) => guard.fill(raw.clone()).await,
+                            None => {
+                                let key = key(scope, &self.job.selected, message.uid, &wanted[i].key);
+                                scope.cache.insert(key, raw.clone()).await;
+                            }
+                        }
+                    }
+                    message.items[i] = Some(raw);
+                }
+            }
+            let complete: Option<Vec<Bytes>> = message.items.iter().cloned().collect();
+            // The fresh answer: its sequence number and mutable items are the current ones.
+            let fresh = Message { uid: message.uid, response, parsed, items: Vec::new() };
+            match complete.and_then(|items| compose(request, self.mutable_names, message, &fresh, wanted, &items)) {
+                Some(bytes) => io.to_client(&bytes).await?,
+                // FETCH data may come in several responses: relay the upstream's own.
+                None => io.forward(&fresh.response).await?,
+            }
+        }
+    }
 }
 
 #[derive(Default)]
