@@ -9,7 +9,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::cache::MessageCache;
+use crate::auth::Credentials;
+use crate::cache::{Account, LoginProof, MessageCache, Scope};
 use crate::config::{Config, Protocol, TlsMode};
 use crate::stream::Stream;
 use crate::upstream::Upstream;
@@ -34,9 +35,26 @@ impl Service {
         self.listener_tls != TlsMode::Starttls || stream.is_tls()
     }
 
+    /// The cache scope of a session that just logged in: keys for `credentials`' identity
+    /// (the SASL authorization identity when given) at this upstream. `None` without a cache.
+    pub fn cache_scope(&self, credentials: &Credentials, proof: &LoginProof) -> Option<Scope> {
+        let cache = self.cache.clone()?;
+        let identity = credentials.authzid.as_deref().unwrap_or(&credentials.user);
+        Some(Scope { account: Account::new(&self.upstream.identity(), identity, proof), cache })
+    }
+
     /// STARTTLS/STLS may be started now.
     pub fn starttls_available(&self, stream: &Stream) -> bool {
         self.listener_tls == TlsMode::Starttls && !stream.is_tls() && self.tls.is_some()
+    }
+
+    /// STARTTLS/STLS after the `OK`: the handshake over the plain connection. `None` when
+    /// the connection is not plain or the handshake fails (the session then ends).
+    pub async fn start_tls(&self, stream: Stream) -> Option<Stream> {
+        match stream {
+            Stream::Plain(tcp) => self.accept_tls(tcp).await,
+            Stream::Tls(_) => None,
+        }
     }
 
     /// The server side of a TLS handshake within the handshake timeout; `None` (logged at

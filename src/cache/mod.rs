@@ -19,6 +19,13 @@ pub use key::{Account, ImapKey, Key, LoginProof, Name, Pop3Key};
 
 use crate::config::CacheConfig;
 
+/// The cache as one session sees it: whose mail, and the shared cache.
+#[derive(Clone)]
+pub struct Scope {
+    pub cache: Arc<MessageCache>,
+    pub account: Account,
+}
+
 /// What kind of data a lookup was for (a bounded label for metrics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

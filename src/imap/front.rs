@@ -17,12 +17,10 @@ use tracing::{debug, info, warn};
 use super::capabilities;
 use super::command::{self, Command, Part};
 use super::framing::{parse_announce, strip_eol, Event, FrameError, Framer};
-use super::intercept::CacheScope;
 use super::relay;
 use super::response::relayable_capabilities;
 use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
-use crate::cache::Account;
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -210,10 +208,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                 // Whatever the client pipelined after STARTTLS was sent in the clear: drop it.
                 conn.buffer.clear();
                 conn.framer.reset();
-                let Stream::Plain(tcp) = conn.stream else {
-                    return;
-                };
-                match service.accept_tls(tcp).await {
+                match service.start_tls(conn.stream).await {
                     Some(stream) => conn.stream = stream,
                     None => return,
                 }
@@ -227,14 +222,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                     if conn.write(ok.as_bytes()).await.is_err() {
                         return;
                     }
-                    let scope = service.cache.clone().map(|cache| CacheScope {
-                        account: Account::new(
-                            &service.upstream.identity(),
-                            credentials.authzid.as_deref().unwrap_or(&credentials.user),
-                            &session.proof,
-                        ),
-                        cache,
-                    });
+                    let scope = service.cache_scope(&credentials, &session.proof);
                     let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
                     relay::run(client, session, service, scope).await;
                     return;

@@ -17,14 +17,13 @@
 //! flow through at once, in order.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
 use bytes::Bytes;
 
 use super::fetch::{parse_request, parse_response, set_contains, FetchRequest, FetchResponse, ItemKind};
-use crate::cache::{Account, Claim, ImapKey, Key, Kind, LoadGuard, MessageCache, Name};
+use crate::cache::{Claim, ImapKey, Key, Kind, LoadGuard, Name, Scope};
 
 /// How long a miss waits for another session that is loading the same item.
 const SHARED_LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -35,13 +34,6 @@ pub const BATCH: usize = 100;
 /// The probe that makes the upstream set `\Seen` (a partial fetch of one octet).
 const SEEN_PROBE: &str = "BODY[]<0.1>";
 const SEEN_PROBE_RESPONSE: &str = "BODY[]<0>";
-
-/// The cache and whose mail the session sees.
-#[derive(Clone)]
-pub struct CacheScope {
-    pub cache: Arc<MessageCache>,
-    pub account: Account,
-}
 
 /// The selected mailbox, once its UIDVALIDITY is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,7 +137,7 @@ pub fn selected_mailbox(line: &[u8]) -> Option<Option<String>> {
     Some(name)
 }
 
-fn key(scope: &CacheScope, selected: &Selected, uid: u32, item: &Name) -> Key {
+fn key(scope: &Scope, selected: &Selected, uid: u32, item: &Name) -> Key {
     Key::Imap(ImapKey {
         account: scope.account.clone(),
         mailbox: selected.mailbox.clone(),
@@ -205,7 +197,7 @@ async fn answer_locally<Io: JobIo>(
     io: &mut Io,
     job: &Job,
     client_tag: &str,
-    scope: &CacheScope,
+    scope: &Scope,
     wanted: &[Wanted<'_>],
 ) -> Result<bool, JobError> {
     let request = &job.request;
@@ -277,7 +269,7 @@ async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<(), JobError> {
 }
 
 /// Runs phase one and two and answers the client as `client_tag`.
-pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &CacheScope) -> Result<(), JobError> {
+pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Scope) -> Result<(), JobError> {
     let request = &job.request;
     let wanted: Vec<Wanted<'_>> = request
         .cached_items()
@@ -429,7 +421,7 @@ const FILLED_MARK: &str = "\0filled";
 /// when the client's answer carries UIDs (UID FETCH, or UID among the items), worth it when
 /// nothing of it is likely cached: the mailbox was never filled from, or none of its named
 /// UIDs has any of the items.
-fn looks_cold(job: &Job, scope: &CacheScope, wanted: &[Wanted<'_>]) -> bool {
+fn looks_cold(job: &Job, scope: &Scope, wanted: &[Wanted<'_>]) -> bool {
     let request = &job.request;
     let carries_uid = request.uid || request.mutable_requests().iter().any(|m| m.eq_ignore_ascii_case("UID"));
     if !carries_uid {
@@ -453,7 +445,7 @@ async fn relay_and_fill<Io: JobIo>(
     io: &mut Io,
     job: &Job,
     client_tag: &str,
-    scope: &CacheScope,
+    scope: &Scope,
     wanted: &[Wanted<'_>],
 ) -> Result<(), JobError> {
     let request = &job.request;
@@ -493,7 +485,7 @@ async fn relay_and_fill<Io: JobIo>(
 struct PhaseTwo<'a> {
     request: &'a FetchRequest,
     job: &'a Job,
-    scope: &'a CacheScope,
+    scope: &'a Scope,
     wanted: &'a [Wanted<'a>],
     mutable: &'a [&'a str],
     mutable_names: &'a [String],
@@ -585,7 +577,7 @@ struct Tally {
 async fn settle<Io: JobIo>(
     io: &mut Io,
     job: &Job,
-    scope: &CacheScope,
+    scope: &Scope,
     mutable_names: &[String],
     wanted: &[Wanted<'_>],
     mut message: Message,

@@ -25,11 +25,11 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::framing::{strip_eol, Event, FrameError, Framer};
-use super::intercept::{self, CacheScope, Job, JobError, JobIo, Relayed, Selected};
+use super::intercept::{self, Job, JobError, JobIo, Relayed, Selected};
 use super::mailbox::UidMap;
 use super::response::{self, Kind, Status};
 use super::upstream::LoggedIn;
-use crate::cache::Name;
+use crate::cache::{Name, Scope};
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -108,7 +108,7 @@ struct Inject {
     then_close: bool,
 }
 
-pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<CacheScope>) {
+pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<Scope>) {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let completed = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
@@ -460,7 +460,7 @@ struct UpstreamPump<'a, R, W> {
     inject: mpsc::Receiver<Inject>,
     jobs: mpsc::Receiver<JobOrder>,
     writes: mpsc::Sender<Vec<u8>>,
-    scope: Option<CacheScope>,
+    scope: Option<Scope>,
     next_tag: u64,
     /// This session's FETCH items answered from the cache, and fetched upstream.
     cache_hits: u64,

@@ -16,7 +16,6 @@ use super::codec::{split_command, CodecError, LineReader};
 use super::relay;
 use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
-use crate::cache::Account;
 use crate::secret::Secret;
 use crate::service::Service;
 use crate::stream::Stream;
@@ -146,8 +145,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                 // Whatever the client pipelined after STLS was sent in the clear: drop it.
                 conn.buffer.clear();
                 conn.lines.reset();
-                let Stream::Plain(tcp) = conn.stream else { return };
-                match service.accept_tls(tcp).await {
+                match service.start_tls(conn.stream).await {
                     Some(stream) => conn.stream = stream,
                     None => return,
                 }
@@ -161,14 +159,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                         if conn.write("+OK Logged in.").await.is_err() {
                             return;
                         }
-                        let scope = service.cache.clone().map(|cache| relay::CacheScope {
-                            account: Account::new(
-                                &service.upstream.identity(),
-                                credentials.authzid.as_deref().unwrap_or(&credentials.user),
-                                &session.proof,
-                            ),
-                            cache,
-                        });
+                        let scope = service.cache_scope(&credentials, &session.proof);
                         let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
                         relay::run(client, session, service, scope).await;
                         return;

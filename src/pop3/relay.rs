@@ -29,7 +29,7 @@ use tracing::debug;
 
 use super::codec::{multiline_if_ok, split_command, CodecError, Event, LineReader, ResponseScanner};
 use super::upstream::LoggedIn;
-use crate::cache::{Account, Claim, Key, Kind, LoadGuard, MessageCache, Name, Pop3Key};
+use crate::cache::{Claim, Key, Kind, LoadGuard, Name, Pop3Key, Scope};
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -94,13 +94,6 @@ enum SharedLoad {
     Load(Option<LoadGuard>),
 }
 
-/// The cache and whose mail this session sees.
-#[derive(Clone)]
-pub struct CacheScope {
-    pub cache: Arc<MessageCache>,
-    pub account: Account,
-}
-
 struct Inject {
     line: &'static str,
     then_close: bool,
@@ -113,7 +106,7 @@ enum End {
     Closed(&'static str),
 }
 
-pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<CacheScope>) {
+pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<Scope>) {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let answered = Arc::new(Notify::new());
     let queued = Arc::new(Notify::new());
@@ -236,7 +229,7 @@ struct ClientPump<'a, R, W> {
     answered: Arc<Notify>,
     queued: Arc<Notify>,
     inject: mpsc::Sender<Inject>,
-    scope: Option<CacheScope>,
+    scope: Option<Scope>,
     service: &'a Service,
     /// This session's RETR/TOP answered from the cache, and not.
     cache_hits: u64,
@@ -470,7 +463,7 @@ struct UpstreamPump<'a, R, W> {
     answered: Arc<Notify>,
     queued: Arc<Notify>,
     inject: mpsc::Receiver<Inject>,
-    scope: Option<CacheScope>,
+    scope: Option<Scope>,
     service: &'a Service,
 }
 
