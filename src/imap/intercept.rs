@@ -336,8 +336,9 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
             misses.push(miss);
         }
     };
-    if !status.starts_with(b"OK") {
-        // Relayed as the upstream said it (for example BAD for an invalid set).
+    if status.starts_with(b"BAD") {
+        // Relayed as the upstream said it (an invalid set, say). A NO (some messages
+        // expunged meanwhile, RFC 9051 §7.4.2) still answers the messages it reported.
         for message in held.iter().chain(&misses) {
             io.forward(&message.response).await?;
         }
