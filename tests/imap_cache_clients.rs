@@ -8,10 +8,6 @@ mod support;
 // one section with different lengths.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::{Read, Seek};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -19,21 +15,13 @@ use std::time::{Duration, Instant};
 
 use support::client::Client;
 use support::gateway::Gateway;
-use support::mailgen;
+use support::mailgen::{self, lf};
+use support::mbsync::{self, contents, describe_difference, local_flags, strip_tuid, Account};
+use support::process::{show, tail};
 use support::setup::*;
-
-const MBSYNC: &str = "/usr/bin/mbsync";
-
-fn show(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    text.lines().rev().take(lines).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -373,212 +361,6 @@ fn sessions_since(gateway: &Gateway, from: usize) -> Vec<(u64, u64, String)> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Subprocesses with a bounded runtime, mbsync, Maildirs (as in tests/imap_clients.rs)
-// ---------------------------------------------------------------------------------------
-
-struct Run {
-    status: ExitStatus,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    took: Duration,
-}
-
-/// Runs `cmd` with stdout and stderr captured in temp files, polling until it exits; kills
-/// it and panics once `limit` has passed.
-fn run_bounded(mut cmd: Command, limit: Duration) -> Run {
-    let mut out = tempfile::tempfile().unwrap();
-    let mut err = tempfile::tempfile().unwrap();
-    let what = format!("{cmd:?}");
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(err.try_clone().unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let mut stderr = String::new();
-            err.rewind().unwrap();
-            let _ = err.read_to_string(&mut stderr);
-            panic!("{what} still running after {limit:?}; killed. stderr:\n{stderr}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let took = start.elapsed();
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    out.rewind().unwrap();
-    out.read_to_end(&mut stdout).unwrap();
-    err.rewind().unwrap();
-    err.read_to_end(&mut stderr).unwrap();
-    Run { status, stdout, stderr, took }
-}
-
-struct Account<'a> {
-    name: &'a str,
-    port: u16,
-    ca: &'a Path,
-}
-
-/// An mbsync config pulling mailbox `pattern` of the account into `local`. Creates `local` (mbsync wants the store's directory to exist).
-fn mbsync_config(acct: &Account, user: (&str, &str), local: &Path, pattern: &str) -> String {
-    fs::create_dir_all(local).unwrap();
-    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-    format!(
-        "IMAPAccount {name}\n\
-         Host localhost\n\
-         Port {port}\n\
-         User {user}\n\
-         Pass {pass}\n\
-         SSLType IMAPS\n\
-         CertificateFile {ca}\n\
-         AuthMechs LOGIN\n\
-         Timeout 60\n\
-         \n\
-         IMAPStore {name}-far\n\
-         Account {name}\n\
-         \n\
-         MaildirStore {name}-near\n\
-         Path {local}/\n\
-         Inbox {local}/INBOX\n\
-         \n\
-         Channel {name}\n\
-         Far :{name}-far:\n\
-         Near :{name}-near:\n\
-         Patterns {pattern}\n\
-         Sync Pull\n\
-         Create Near\n\
-         Expunge None\n\
-         SyncState *\n",
-        name = acct.name,
-        port = acct.port,
-        user = user.0,
-        pass = quote(user.1),
-        ca = quote(&acct.ca.display().to_string()),
-        local = local.display(),
-    )
-}
-
-/// Runs mbsync on a fresh config file; panics (with the mailgate log) if it fails.
-fn mbsync(dir: &Path, config: &str, channel: &str, log: &dyn Fn() -> String) -> Duration {
-    use std::sync::atomic::AtomicU64;
-    static N: AtomicU64 = AtomicU64::new(0);
-    let path = dir.join(format!("{channel}-{}.mbsyncrc", N.fetch_add(1, Ordering::Relaxed)));
-    fs::write(&path, config).unwrap();
-    let mut cmd = Command::new("timeout");
-    cmd.args(["--kill-after=5", "280", MBSYNC, "--verbose", "--config"]).arg(&path).arg(channel).env("HOME", dir);
-    let run = run_bounded(cmd, Duration::from_secs(290));
-    assert!(
-        run.status.success(),
-        "mbsync {channel} failed with {} after {:?}\n--- stdout ---\n{}\n--- stderr (tail) ---\n{}\n--- mailgate log (tail) ---\n{}",
-        run.status,
-        run.took,
-        show(&run.stdout),
-        tail(&show(&run.stderr), 40),
-        tail(&log(), 60),
-    );
-    run.took
-}
-
-fn maildir_files(maildir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for sub in ["cur", "new"] {
-        let Ok(entries) = fs::read_dir(maildir.join(sub)) else {
-            continue;
-        };
-        for entry in entries {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_file() {
-                files.push(entry.path());
-            }
-        }
-    }
-    files
-}
-
-/// Every message in the Maildir through `normalize`, sorted (a multiset).
-fn contents(maildir: &Path, normalize: fn(Vec<u8>) -> Vec<u8>) -> Vec<Vec<u8>> {
-    let mut all: Vec<Vec<u8>> = maildir_files(maildir).iter().map(|p| normalize(fs::read(p).unwrap())).collect();
-    all.sort_unstable();
-    all
-}
-
-/// Removes the `X-TUID:` header mbsync adds to every message it stores (and checks it was
-/// there).
-fn strip_tuid(msg: Vec<u8>) -> Vec<u8> {
-    let mut at = 0;
-    while at < msg.len() {
-        let end = memchr::memchr(b'\n', &msg[at..]).map_or(msg.len(), |i| at + i + 1);
-        let line = &msg[at..end];
-        if line == b"\n" || line == b"\r\n" {
-            break;
-        }
-        if line.starts_with(b"X-TUID: ") {
-            let mut out = msg[..at].to_vec();
-            out.extend_from_slice(&msg[end..]);
-            return out;
-        }
-        at = end;
-    }
-    panic!("no X-TUID header in a message mbsync stored: {}", show(&msg[..msg.len().min(500)]));
-}
-
-/// CRLF to LF (mbsync stores native line endings).
-fn lf(msg: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msg.len());
-    let mut start = 0;
-    for i in memchr::memchr_iter(b'\n', msg) {
-        let end = if i > start && msg[i - 1] == b'\r' { i - 1 } else { i };
-        out.extend_from_slice(&msg[start..end]);
-        out.push(b'\n');
-        start = i + 1;
-    }
-    out.extend_from_slice(&msg[start..]);
-    out
-}
-
-fn describe_difference(a: &[Vec<u8>], b: &[Vec<u8>]) -> String {
-    let only_a: Vec<usize> = a.iter().filter(|m| b.binary_search(m).is_err()).map(|m| m.len()).collect();
-    let only_b: Vec<usize> = b.iter().filter(|m| a.binary_search(m).is_err()).map(|m| m.len()).collect();
-    let first = |ms: &[Vec<u8>]| {
-        ms.iter()
-            .find(|m| a.binary_search(m).is_err() || b.binary_search(m).is_err())
-            .map(|m| show(&m[..m.len().min(300)]))
-            .unwrap_or_default()
-    };
-    format!(
-        "{} vs {} messages; {} only in the first (sizes {:?}), {} only in the second (sizes {:?})\nfirst unmatched in first: {}\nfirst unmatched in second: {}",
-        a.len(),
-        b.len(),
-        only_a.len(),
-        &only_a[..only_a.len().min(20)],
-        only_b.len(),
-        &only_b[..only_b.len().min(20)],
-        first(a),
-        first(b),
-    )
-}
-
-/// UID -> Maildir flags of every message mbsync stored (`...,U=<uid>:2,<flags>`).
-fn local_flags(maildir: &Path) -> BTreeMap<u32, String> {
-    maildir_files(maildir)
-        .iter()
-        .map(|p| {
-            let name = p.file_name().unwrap().to_str().unwrap();
-            let rest = &name[name.find(",U=").unwrap_or_else(|| panic!("no UID in {name}")) + 3..];
-            let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-            let uid = rest[..end].parse().unwrap();
-            (uid, name.split_once(":2,").map(|(_, f)| f.to_string()).unwrap_or_default())
-        })
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------
 // 1. mbsync, cold and warm
 // ---------------------------------------------------------------------------------------
 
@@ -599,14 +381,20 @@ fn mbsync_twice_through_the_cache_matches_a_direct_sync() {
     let dv_ca = setup.dovecot.ca_pem();
     let direct_acct = Account { name: "direct", port: setup.dovecot.imaps.port(), ca: &dv_ca };
 
-    let direct_took = mbsync(work.path(), &mbsync_config(&direct_acct, BOB, &direct, "INBOX"), "direct", &log);
+    let direct_took =
+        mbsync::run(work.path(), &mbsync::config(&direct_acct, BOB, &direct, "INBOX", "Pull", "None"), "direct", &log);
     // Through mailgate: a fresh Maildir (and so fresh sync state) each time, so the second
     // run fetches every body again.
     let mut totals = Vec::new();
     let mut took = Vec::new();
     for local in [&cold, &warm] {
         let from = log().len();
-        took.push(mbsync(work.path(), &mbsync_config(&gate_acct, BOB, local, "INBOX"), "gate", &log));
+        took.push(mbsync::run(
+            work.path(),
+            &mbsync::config(&gate_acct, BOB, local, "INBOX", "Pull", "None"),
+            "gate",
+            &log,
+        ));
         let sessions = sessions_since(&setup.gateway, from);
         for (_, _, line) in &sessions {
             println!("{}: {line}", local.file_name().unwrap().to_string_lossy());
@@ -758,7 +546,7 @@ fn a_recreated_mailbox_never_serves_old_content() {
     }
     // mbsync warms the cache with its own `UID FETCH n (BODY.PEEK[])` too.
     let a_sync = work.path().join("a-sync");
-    mbsync(work.path(), &mbsync_config(&gate_acct, ALICE, &a_sync, "Box"), "gate", &log);
+    mbsync::run(work.path(), &mbsync::config(&gate_acct, ALICE, &a_sync, "Box", "Pull", "None"), "gate", &log);
     let a_files = contents(&a_sync.join("Box"), strip_tuid);
     assert_eq!(a_files, (1..=20).map(|n| lf(&box_message("A", n))).collect::<Vec<_>>().tap_sort());
 
@@ -798,8 +586,8 @@ fn a_recreated_mailbox_never_serves_old_content() {
 
     // And mbsync into fresh Maildirs, through mailgate and directly.
     let (b_gate, b_direct) = (work.path().join("b-gate"), work.path().join("b-direct"));
-    mbsync(work.path(), &mbsync_config(&gate_acct, ALICE, &b_gate, "Box"), "gate", &log);
-    mbsync(work.path(), &mbsync_config(&direct_acct, ALICE, &b_direct, "Box"), "direct", &log);
+    mbsync::run(work.path(), &mbsync::config(&gate_acct, ALICE, &b_gate, "Box", "Pull", "None"), "gate", &log);
+    mbsync::run(work.path(), &mbsync::config(&direct_acct, ALICE, &b_direct, "Box", "Pull", "None"), "direct", &log);
     let got = contents(&b_gate.join("Box"), strip_tuid);
     let want = contents(&b_direct.join("Box"), strip_tuid);
     assert!(got == want, "mbsync of the new Box differs: {}", describe_difference(&got, &want));

@@ -3,93 +3,22 @@ mod support;
 // Real IMAP clients (curl, mbsync) as subprocesses, through mailgate and straight to
 // Dovecot, with the results compared byte for byte.
 
-use std::fs;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::mailgen;
+use support::mailgen::{self, lf};
+use support::mbsync::{self, add_local_flag, contents, describe_difference, local_flags, strip_tuid, Account, MBSYNC};
+use support::process::{curl, run_bounded, show};
 use support::setup::*;
-
-const CURL: &str = "/usr/bin/curl";
-const MBSYNC: &str = "/usr/bin/mbsync";
-
-// ---------------------------------------------------------------------------------------
-// Subprocesses with a bounded runtime
-// ---------------------------------------------------------------------------------------
-
-struct Run {
-    status: ExitStatus,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    took: Duration,
-}
-
-impl Run {
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr).into_owned()
-    }
-}
-
-/// Runs `cmd` with stdout and stderr captured in temp files (no pipe to fill up), polling
-/// until it exits; kills it and panics once `limit` has passed.
-fn run_bounded(mut cmd: Command, limit: Duration) -> Run {
-    let mut out = tempfile::tempfile().unwrap();
-    let mut err = tempfile::tempfile().unwrap();
-    let what = format!("{cmd:?}");
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(err.try_clone().unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            let mut stderr = String::new();
-            err.rewind().unwrap();
-            let _ = err.read_to_string(&mut stderr);
-            panic!("{what} still running after {limit:?}; killed. stderr:\n{stderr}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let took = start.elapsed();
-    let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
-    out.rewind().unwrap();
-    out.read_to_end(&mut stdout).unwrap();
-    err.rewind().unwrap();
-    err.read_to_end(&mut stderr).unwrap();
-    Run { status, stdout, stderr, took }
-}
 
 // ---------------------------------------------------------------------------------------
 // curl
 // ---------------------------------------------------------------------------------------
-
-/// curl against `url`, trusting `ca`, logging in as `user`; `extra` go before the URL.
-fn curl(ca: &Path, user: (&str, &str), url: &str, extra: &[&str]) -> Run {
-    let mut cmd = Command::new(CURL);
-    cmd.args(["--silent", "--show-error"])
-        .args(["--connect-timeout", "10", "--max-time", "60"])
-        .arg("--cacert")
-        .arg(ca)
-        // Passed as one argv element: no shell, so alice's password needs no quoting.
-        .arg("--user")
-        .arg(format!("{}:{}", user.0, user.1))
-        .args(extra)
-        .arg(url);
-    run_bounded(cmd, Duration::from_secs(90))
-}
 
 /// Like [`curl`] but panics unless curl succeeded; returns its output.
 fn curl_ok(ca: &Path, user: (&str, &str), url: &str, extra: &[&str], log: &dyn Fn() -> String) -> Vec<u8> {
@@ -175,10 +104,6 @@ impl Tap {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn show(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[test]
@@ -294,209 +219,6 @@ fn base64_encode(data: &[u8]) -> String {
 // mbsync
 // ---------------------------------------------------------------------------------------
 
-/// mbsync's `PipelineDepth`. `None` keeps its default, unlimited: mbsync then sends one
-/// `UID FETCH n (BODY.PEEK[])` per new message without waiting, 2,000 commands in flight
-/// here. That is what users run, so that is what is tested; `Some(100)` is the workaround
-/// for mailgate's limit of 1,000 commands in flight.
-const PIPELINE_DEPTH: Option<u32> = None;
-
-struct Account<'a> {
-    name: &'a str,
-    port: u16,
-    ca: &'a Path,
-}
-
-/// An mbsync config for one channel syncing the account's INBOX with `local`.
-fn mbsync_config(acct: &Account, user: (&str, &str), local: &Path, sync: &str, expunge: &str) -> String {
-    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-    // isync 1.4 matches only DNS names (not IP addresses) against the certificate, so
-    // the host is `localhost`, which both test certificates name (and which resolves to
-    // loopback only; should it give ::1 first, mbsync tries the next address).
-    format!(
-        "IMAPAccount {name}\n\
-         Host localhost\n\
-         Port {port}\n\
-         User {user}\n\
-         Pass {pass}\n\
-         SSLType IMAPS\n\
-         CertificateFile {ca}\n\
-         AuthMechs LOGIN\n\
-         Timeout 60\n\
-         {pipeline}\
-         \n\
-         IMAPStore {name}-far\n\
-         Account {name}\n\
-         \n\
-         MaildirStore {name}-near\n\
-         Path {local}/\n\
-         Inbox {local}/INBOX\n\
-         \n\
-         Channel {name}\n\
-         Far :{name}-far:\n\
-         Near :{name}-near:\n\
-         Patterns INBOX\n\
-         Sync {sync}\n\
-         Create Near\n\
-         Expunge {expunge}\n\
-         SyncState *\n",
-        name = acct.name,
-        port = acct.port,
-        user = user.0,
-        pass = quote(user.1),
-        ca = quote(&acct.ca.display().to_string()),
-        local = local.display(),
-        pipeline = PIPELINE_DEPTH.map(|d| format!("PipelineDepth {d}\n")).unwrap_or_default(),
-    )
-}
-
-/// Runs mbsync on a fresh config file; panics (with the mailgate log) if it fails.
-fn mbsync(dir: &Path, config: &str, channel: &str, log: &dyn Fn() -> String) -> Duration {
-    let path = dir.join(format!("{channel}-{}.mbsyncrc", rand_id()));
-    fs::write(&path, config).unwrap();
-    let mut cmd = Command::new("timeout");
-    // Belt and braces: coreutils' timeout in addition to run_bounded's polling.
-    cmd.args(["--kill-after=5", "280", MBSYNC, "--verbose", "--config"]).arg(&path).arg(channel).env("HOME", dir);
-    let run = run_bounded(cmd, Duration::from_secs(290));
-    let stderr = run.stderr();
-    let tail: String =
-        stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-    assert!(
-        run.status.success(),
-        "mbsync {channel} failed with {} after {:?}\n--- stdout ---\n{}\n--- stderr (tail) ---\n{tail}\n--- mailgate log (tail) ---\n{}",
-        run.status,
-        run.took,
-        show(&run.stdout),
-        log().lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"),
-    );
-    println!("mbsync {channel}: {:?}", run.took);
-    run.took
-}
-
-fn rand_id() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Regular files in `maildir`/cur and /new.
-fn maildir_files(maildir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for sub in ["cur", "new"] {
-        let Ok(entries) = fs::read_dir(maildir.join(sub)) else {
-            continue;
-        };
-        for entry in entries {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_file() {
-                files.push(entry.path());
-            }
-        }
-    }
-    files
-}
-
-/// The contents of every message in the Maildir, each passed through `normalize`, sorted
-/// (a multiset).
-fn contents(maildir: &Path, normalize: fn(Vec<u8>) -> Vec<u8>) -> Vec<Vec<u8>> {
-    let mut all: Vec<Vec<u8>> = maildir_files(maildir).iter().map(|p| normalize(fs::read(p).unwrap())).collect();
-    all.sort_unstable();
-    all
-}
-
-/// Removes the `X-TUID:` header mbsync adds to every message it stores (a random tag it
-/// uses to recognise its own uploads after an interruption), and checks it was there.
-fn strip_tuid(msg: Vec<u8>) -> Vec<u8> {
-    let mut at = 0;
-    while at < msg.len() {
-        let end = memchr::memchr(b'\n', &msg[at..]).map_or(msg.len(), |i| at + i + 1);
-        let line = &msg[at..end];
-        if line == b"\n" || line == b"\r\n" {
-            break; // end of the header
-        }
-        if line.starts_with(b"X-TUID: ") {
-            let mut out = msg[..at].to_vec();
-            out.extend_from_slice(&msg[end..]);
-            return out;
-        }
-        at = end;
-    }
-    panic!("no X-TUID header in a message mbsync stored: {}", show(&msg[..msg.len().min(500)]));
-}
-
-/// CRLF to LF, for comparing with a store that keeps native line endings.
-fn lf(msg: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msg.len());
-    let mut start = 0;
-    for i in memchr::memchr_iter(b'\n', msg) {
-        let end = if i > start && msg[i - 1] == b'\r' { i - 1 } else { i };
-        out.extend_from_slice(&msg[start..end]);
-        out.push(b'\n');
-        start = i + 1;
-    }
-    out.extend_from_slice(&msg[start..]);
-    out
-}
-
-fn describe_difference(a: &[Vec<u8>], b: &[Vec<u8>]) -> String {
-    let only_a: Vec<usize> = a.iter().filter(|m| b.binary_search(m).is_err()).map(|m| m.len()).collect();
-    let only_b: Vec<usize> = b.iter().filter(|m| a.binary_search(m).is_err()).map(|m| m.len()).collect();
-    let first = |ms: &[Vec<u8>]| {
-        ms.iter()
-            .find(|m| a.binary_search(m).is_err() || b.binary_search(m).is_err())
-            .map(|m| show(&m[..m.len().min(300)]))
-            .unwrap_or_default()
-    };
-    format!(
-        "{} vs {} messages; {} only in the first (sizes {:?}), {} only in the second (sizes {:?})\nfirst unmatched in first: {}\nfirst unmatched in second: {}",
-        a.len(),
-        b.len(),
-        only_a.len(),
-        &only_a[..only_a.len().min(20)],
-        only_b.len(),
-        &only_b[..only_b.len().min(20)],
-        first(a),
-        first(b),
-    )
-}
-
-/// The UID mbsync recorded in a Maildir file name (`...,U=<uid>:2,<flags>`).
-fn uid_of(path: &Path) -> Option<u32> {
-    let name = path.file_name()?.to_str()?;
-    let rest = &name[name.find(",U=")? + 3..];
-    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-/// UID -> Maildir flags of every message mbsync stored.
-fn local_flags(maildir: &Path) -> std::collections::BTreeMap<u32, String> {
-    maildir_files(maildir)
-        .iter()
-        .map(|p| {
-            let name = p.file_name().unwrap().to_str().unwrap();
-            let uid = uid_of(p).unwrap_or_else(|| panic!("no UID in {name}"));
-            (uid, name.split_once(":2,").map(|(_, f)| f.to_string()).unwrap_or_default())
-        })
-        .collect()
-}
-
-/// Adds maildir flag `flag` to the local copy of `uid` (moving it to cur/ if needed).
-fn add_local_flag(maildir: &Path, uid: u32, flag: char) {
-    let path = maildir_files(maildir)
-        .into_iter()
-        .find(|p| uid_of(p) == Some(uid))
-        .unwrap_or_else(|| panic!("no local file for UID {uid} in {}", maildir.display()));
-    let name = path.file_name().unwrap().to_str().unwrap().to_string();
-    let (base, flags) = match name.split_once(":2,") {
-        Some((base, flags)) => (base.to_string(), flags.to_string()),
-        None => (name.clone(), String::new()),
-    };
-    let mut flags: Vec<char> = flags.chars().chain([flag]).collect();
-    flags.sort_unstable();
-    flags.dedup();
-    let new_name = format!("{base}:2,{}", flags.into_iter().collect::<String>());
-    fs::rename(&path, maildir.join("cur").join(new_name)).unwrap();
-}
-
 #[test]
 fn mbsync_full_sync_matches_a_direct_sync() {
     let started = Instant::now();
@@ -521,15 +243,15 @@ fn mbsync_full_sync_matches_a_direct_sync() {
     let work = tempfile::tempdir().unwrap();
     let via_gate = work.path().join("via-mailgate");
     let direct = work.path().join("direct");
-    fs::create_dir_all(&via_gate).unwrap();
-    fs::create_dir_all(&direct).unwrap();
     let gate_acct = Account { name: "gate", port: setup.addr("imaps").port(), ca: &setup.pki.ca };
     let dv_ca = setup.dovecot.ca_pem();
     let direct_acct = Account { name: "direct", port: setup.dovecot.imaps.port(), ca: &dv_ca };
 
     // Full pull, through mailgate and directly.
-    let gate_took = mbsync(work.path(), &mbsync_config(&gate_acct, BOB, &via_gate, "Pull", "None"), "gate", &log);
-    let direct_took = mbsync(work.path(), &mbsync_config(&direct_acct, BOB, &direct, "Pull", "None"), "direct", &log);
+    let gate_took =
+        mbsync::run(work.path(), &mbsync::config(&gate_acct, BOB, &via_gate, "INBOX", "Pull", "None"), "gate", &log);
+    let direct_took =
+        mbsync::run(work.path(), &mbsync::config(&direct_acct, BOB, &direct, "INBOX", "Pull", "None"), "direct", &log);
 
     let compared = Instant::now();
     let got = contents(&via_gate.join("INBOX"), strip_tuid);
@@ -572,7 +294,8 @@ fn mbsync_full_sync_matches_a_direct_sync() {
     let inbox = via_gate.join("INBOX");
     add_local_flag(&inbox, flag_uid, 'F');
     add_local_flag(&inbox, trash_uid, 'T');
-    let push_took = mbsync(work.path(), &mbsync_config(&gate_acct, BOB, &via_gate, "Push", "Far"), "gate", &log);
+    let push_took =
+        mbsync::run(work.path(), &mbsync::config(&gate_acct, BOB, &via_gate, "INBOX", "Push", "Far"), "gate", &log);
 
     let mut c = setup.direct(BOB);
     let lines = c.command("s", "SELECT INBOX");

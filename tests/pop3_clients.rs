@@ -4,88 +4,22 @@ mod support;
 // Dovecot, with the results compared byte for byte.
 
 use std::fs;
-use std::io::{Read, Seek, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use support::client::Client;
 use support::gateway::Gateway;
-use support::mailgen;
+use support::mailgen::{self, lf};
+use support::process::{curl, read_all, run_bounded, show, tail, Run};
 use support::setup::*;
 use support::tls::client_config_trusting;
 
-const CURL: &str = "/usr/bin/curl";
 const FETCHMAIL: &str = "fetchmail";
-
-// ---------------------------------------------------------------------------------------
-// Subprocesses with a bounded runtime
-// ---------------------------------------------------------------------------------------
-
-struct Run {
-    status: ExitStatus,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    took: Duration,
-}
-
-impl Run {
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr).into_owned()
-    }
-
-    /// stdout and stderr together (fetchmail splits its report between them).
-    fn output(&self) -> String {
-        format!("{}{}", show(&self.stdout), show(&self.stderr))
-    }
-}
-
-fn read_all(file: &mut fs::File) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    file.rewind().unwrap();
-    let _ = file.read_to_end(&mut bytes);
-    bytes
-}
-
-/// Runs `cmd` with stdout and stderr captured in temp files (no pipe to fill up), polling
-/// until it exits; kills it and panics once `limit` has passed.
-fn run_bounded(mut cmd: Command, limit: Duration) -> Run {
-    let mut out = tempfile::tempfile().unwrap();
-    let mut err = tempfile::tempfile().unwrap();
-    let what = format!("{cmd:?}");
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(err.try_clone().unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} still running after {limit:?}; killed. stderr:\n{}", show(&read_all(&mut err)));
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let took = start.elapsed();
-    Run { status, stdout: read_all(&mut out), stderr: read_all(&mut err), took }
-}
-
-fn show(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
 
 // ---------------------------------------------------------------------------------------
 // fetchmail
@@ -307,22 +241,8 @@ fn files(dir: &Path, maildir: bool) -> Vec<PathBuf> {
     files
 }
 
-/// CRLF to LF: fetchmail hands messages to an MDA with LF line endings (`stripcr` is its
-/// default with `mda`).
-fn lf(msg: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(msg.len());
-    let mut start = 0;
-    for i in memchr::memchr_iter(b'\n', msg) {
-        let end = if i > start && msg[i - 1] == b'\r' { i - 1 } else { i };
-        out.extend_from_slice(&msg[start..end]);
-        out.push(b'\n');
-        start = i + 1;
-    }
-    out.extend_from_slice(&msg[start..]);
-    out
-}
-
-/// The messages on the server, as fetchmail should deliver them (LF), sorted.
+/// The messages on the server, as fetchmail should deliver them, sorted: with LF line
+/// endings, as fetchmail hands messages to an MDA (`stripcr` is its default with `mda`).
 fn maildrop_contents(maildir: &Path) -> Vec<Vec<u8>> {
     let mut all: Vec<Vec<u8>> = files(maildir, true).iter().map(|p| lf(&fs::read(p).unwrap())).collect();
     all.sort_unstable();
@@ -739,18 +659,9 @@ fn fetchmail_deleting_run_empties_the_maildrop_only_after_quit() {
     println!("fetchmail deleting test took {:?}", started.elapsed());
 }
 
-/// curl against `url`, trusting `ca`, as bob; `extra` go before the URL.
-fn curl(ca: &Path, url: &str, extra: &[&str], log: &dyn Fn() -> String) -> Vec<u8> {
-    let mut cmd = Command::new(CURL);
-    cmd.args(["--silent", "--show-error"])
-        .args(["--connect-timeout", "10", "--max-time", "60"])
-        .arg("--cacert")
-        .arg(ca)
-        .arg("--user")
-        .arg(format!("{}:{}", BOB.0, BOB.1))
-        .args(extra)
-        .arg(url);
-    let run = run_bounded(cmd, Duration::from_secs(90));
+/// [`curl`] as bob; panics unless it succeeded; returns its output.
+fn curl_ok(ca: &Path, url: &str, extra: &[&str], log: &dyn Fn() -> String) -> Vec<u8> {
+    let run = curl(ca, BOB, url, extra);
     assert!(
         run.status.success(),
         "curl {extra:?} {url} failed with {}: {}\n--- mailgate log (tail) ---\n{}",
@@ -794,9 +705,9 @@ fn curl_pop3s_list_and_retr_match_a_direct_fetch() {
     let three = |path: &str, extra: &[&str]| -> [(String, Vec<u8>); 3] {
         let with_stls: Vec<&str> = extra.iter().copied().chain(["--ssl-reqd"]).collect();
         [
-            ("direct".to_string(), curl(&dv_ca, &format!("pop3s://{dovecot}/{path}"), extra, &log)),
-            ("pop3s".to_string(), curl(&gw_ca, &format!("pop3s://{pop3s}/{path}"), extra, &log)),
-            ("stls".to_string(), curl(&gw_ca, &format!("pop3://{stls}/{path}"), &with_stls, &log)),
+            ("direct".to_string(), curl_ok(&dv_ca, &format!("pop3s://{dovecot}/{path}"), extra, &log)),
+            ("pop3s".to_string(), curl_ok(&gw_ca, &format!("pop3s://{pop3s}/{path}"), extra, &log)),
+            ("stls".to_string(), curl_ok(&gw_ca, &format!("pop3://{stls}/{path}"), &with_stls, &log)),
         ]
     };
 
@@ -813,7 +724,7 @@ fn curl_pop3s_list_and_retr_match_a_direct_fetch() {
         }
         println!("{what}: {} bytes identical direct, over pop3s and over STLS", direct.len());
     }
-    let list = curl(&dv_ca, &format!("pop3s://{dovecot}/"), &[], &log);
+    let list = curl_ok(&dv_ca, &format!("pop3s://{dovecot}/"), &[], &log);
     assert_eq!(show(&list).lines().count(), COUNT, "{}", show(&list));
 
     // RETR: plain text (1), dot-lines (2, 8; curl undoes the dot-stuffing), 200

@@ -388,6 +388,21 @@ fn write_new(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
+/// CRLF to LF, for comparing with a store that keeps native line endings (mbsync's
+/// Maildir, fetchmail's MDA).
+pub fn lf(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len());
+    let mut start = 0;
+    for i in memchr::memchr_iter(b'\n', msg) {
+        let end = if i > start && msg[i - 1] == b'\r' { i - 1 } else { i };
+        out.extend_from_slice(&msg[start..end]);
+        out.push(b'\n');
+        start = i + 1;
+    }
+    out.extend_from_slice(&msg[start..]);
+    out
+}
+
 /// True if `msg` only uses CRLF line endings and no line exceeds 998 octets.
 pub fn well_formed(msg: &[u8]) -> bool {
     let mut line_len = 0usize;

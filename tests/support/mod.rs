@@ -9,6 +9,10 @@ pub mod gateway;
 #[allow(dead_code)]
 pub mod mailgen;
 #[allow(dead_code)]
+pub mod mbsync;
+#[allow(dead_code)]
+pub mod process;
+#[allow(dead_code)]
 pub mod setup;
 #[allow(dead_code)]
 pub mod tls;
