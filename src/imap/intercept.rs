@@ -112,29 +112,36 @@ struct Message {
 /// The normalized mailbox name of `tag SELECT|EXAMINE name [...]` (INBOX is
 /// case-insensitive); `None` when it is not such a command or the name is a literal.
 pub fn selected_mailbox(line: &[u8]) -> Option<Option<String>> {
-    let line = std::str::from_utf8(line).ok()?;
-    let mut words = line.splitn(3, ' ');
-    let (_tag, command, rest) = (words.next()?, words.next()?, words.next().unwrap_or(""));
-    if !command.eq_ignore_ascii_case("SELECT") && !command.eq_ignore_ascii_case("EXAMINE") {
+    let mut words = line.splitn(3, |&b| b == b' ');
+    let (_tag, command) = (words.next()?, words.next()?);
+    if !command.eq_ignore_ascii_case(b"SELECT") && !command.eq_ignore_ascii_case(b"EXAMINE") {
         return None;
     }
+    // From here on it is a SELECT: a name that cannot be read means "not cached", never
+    // "the selection did not change".
+    Some(words.next().and_then(|rest| std::str::from_utf8(rest).ok()).and_then(mailbox_name))
+}
+
+/// An astring mailbox name (atom or quoted; not a literal), INBOX normalized.
+fn mailbox_name(rest: &str) -> Option<String> {
     let name = if let Some(quoted) = rest.strip_prefix('"') {
         let mut name = String::new();
         let mut chars = quoted.chars();
         loop {
-            match chars.next() {
-                Some('\\') => name.push(chars.next()?),
-                Some('"') => break Some(name),
-                Some(c) => name.push(c),
-                None => break None,
+            match chars.next()? {
+                '\\' => name.push(chars.next()?),
+                '"' => break name,
+                c => name.push(c),
             }
         }
     } else {
         let atom = rest.split(' ').next().unwrap_or("");
-        (!atom.is_empty() && !atom.starts_with('{') && !atom.ends_with('}')).then(|| atom.to_string())
+        if atom.is_empty() || atom.starts_with('{') || atom.ends_with('}') {
+            return None;
+        }
+        atom.to_string()
     };
-    let name = name.map(|n| if n.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { n });
-    Some(name)
+    Some(if name.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { name })
 }
 
 fn key(scope: &Scope, selected: &Selected, uid: u32, item: &Name) -> Key {
@@ -664,5 +671,9 @@ mod tests {
         assert_eq!(selected_mailbox(b"a select \"a\\\"b\" (CONDSTORE)"), Some(Some("a\"b".into())));
         assert_eq!(selected_mailbox(b"a SELECT {5}"), Some(None));
         assert_eq!(selected_mailbox(b"a FETCH 1 BODY[]"), None);
+        // Unreadable names still count as a new selection (nothing cached for it).
+        assert_eq!(selected_mailbox(b"a SELECT \"broken\\"), Some(None));
+        assert_eq!(selected_mailbox(b"a SELECT caf\xe9"), Some(None));
+        assert_eq!(selected_mailbox(b"a SELECT"), Some(None));
     }
 }
