@@ -81,13 +81,34 @@ impl Account {
 
 /// An IMAP item: one message (mailbox, UIDVALIDITY, UID) and the exact item fetched, in a
 /// normalized spelling (see `imap::fetch`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Eq)]
 pub struct ImapKey {
     pub account: Account,
     pub mailbox: Name,
     pub uid_validity: u32,
     pub uid: u32,
     pub item: Name,
+}
+
+impl Hash for ImapKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.account.hash(state);
+        self.mailbox.hash(state);
+        self.uid_validity.hash(state);
+        self.uid.hash(state);
+        self.item.hash(state);
+    }
+}
+
+impl PartialEq for ImapKey {
+    /// The numbers first: they tell most keys apart without looking at a name.
+    fn eq(&self, other: &ImapKey) -> bool {
+        self.uid == other.uid
+            && self.uid_validity == other.uid_validity
+            && self.item == other.item
+            && self.mailbox == other.mailbox
+            && self.account == other.account
+    }
 }
 
 /// A whole POP3 message (its RETR response) by UIDL. UIDLs are unique per maildrop and never

@@ -78,6 +78,8 @@ pub trait JobIo {
     fn seq_of(&self, uid: u32) -> Option<u32>;
     /// A (sequence number, UID) pair the upstream just reported.
     fn learn_uid(&mut self, seq: u32, uid: u32);
+    /// Several of them at once.
+    fn learn_uids(&mut self, pairs: &[(u32, u32)]);
     /// Every message's UID is known.
     fn all_uids_known(&self) -> bool;
     /// The answer to `UID SEARCH ALL`: the n-th UID is message n.
@@ -322,16 +324,22 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
     let mut misses = Vec::new();
     let mut highest = (0u32, 0u32);
     let mut tally = Tally::default();
+    // (seq, uid) pairs for the UID map, handed over once (one lock, not one per message).
+    let mut learned = Vec::new();
     let status = loop {
         let response = io.response().await?;
         if is_tagged(&response, &tag) {
+            io.learn_uids(&learned);
             break status_text(&response, &tag);
         }
         let Some((parsed, uid)) = parse_response(&response).and_then(|p| p.uid(&response).map(|uid| (p, uid))) else {
+            // An EXPUNGE renumbers: what was learned so far goes in first, in order.
+            io.learn_uids(&learned);
+            learned.clear();
             io.forward(&response).await?;
             continue;
         };
-        io.learn_uid(parsed.seq, uid);
+        learned.push((parsed.seq, uid));
         highest = (highest.0.max(parsed.seq), highest.1.max(uid));
         let message = Message { uid, response, parsed, items: vec![None; wanted.len()] };
         if !streaming {

@@ -744,6 +744,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
         self.lock().uids.learn(seq, uid);
     }
 
+    fn learn_uids(&mut self, pairs: &[(u32, u32)]) {
+        let mut shared = self.lock();
+        for &(seq, uid) in pairs {
+            shared.uids.learn(seq, uid);
+        }
+    }
+
     fn all_uids_known(&self) -> bool {
         self.lock().uids.is_complete()
     }
