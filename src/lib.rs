@@ -28,6 +28,7 @@ pub mod config;
 pub mod imap;
 pub mod listener;
 pub mod pop3;
+pub mod pumps;
 pub mod secret;
 pub mod service;
 pub mod shutdown;

@@ -55,9 +55,6 @@ async fn read_chunk<R: AsyncRead>(read: &mut ReadHalf<R>, buffer: &mut BytesMut)
     read.read_buf(buffer).await
 }
 
-/// How long the upstream pump may finish its work once the client side has ended.
-const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// State both pumps look at; each lock is held for a few instructions only.
 #[derive(Default)]
 struct Shared {
@@ -151,29 +148,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         service,
     };
 
-    // Both pumps are polled in place, never re-created: dropping a pump in the middle of a
-    // write would lose the bytes it had taken from its buffer.
-    let mut upstream_side = Box::pin(to_client.run());
-    let mut client_side = Box::pin(to_upstream.run());
-    let first = tokio::select! {
-        end = &mut upstream_side => Ok(end),
-        end = &mut client_side => Err(end),
-    };
-    let end = match first {
-        Ok(end) => end,
-        Err(end) => {
-            debug!(?end, "client side ended");
-            drop(client_side);
-            // Let the upstream pump deliver what is owed: the answers to commands already
-            // sent when the client half-closed, or mailgate's own BYE.
-            if end == End::ClientClosed {
-                let _ = to_upstream.write.shutdown().await;
-            }
-            let _ = tokio::time::timeout(DRAIN, &mut upstream_side).await;
-            end
-        }
-    };
-    drop(upstream_side);
+    let end = crate::pumps::drive(to_client.run(), to_upstream.run()).await;
     let _ = to_client.write.shutdown().await;
     tracing::info!(
         reason = ?end,
@@ -222,6 +197,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     }
 
     async fn run(&mut self) -> End {
+        let end = self.pump().await;
+        if end == End::ClientClosed {
+            // The upstream finishes answering what was sent, then closes its side too.
+            let _ = self.write.shutdown().await;
+        }
+        end
+    }
+
+    async fn pump(&mut self) -> End {
         loop {
             if self.buffer.is_empty() {
                 if let Err(end) = self.read_more().await {

@@ -41,7 +41,6 @@ pub struct Client {
 /// Commands waiting for their responses; more are not read until some are answered.
 const MAX_IN_FLIGHT: usize = 100;
 const IO_CHUNK: usize = 32 * 1024;
-const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 /// A UIDL listing larger than this is relayed but not learned from.
 const MAX_UIDL_LISTING: usize = 16 << 20;
 
@@ -155,28 +154,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         }
     }
 
-    // As in the IMAP relay: pumps are polled in place so none is dropped mid-write.
-    let mut upstream_side = Box::pin(to_client.run());
-    let mut client_side = Box::pin(to_upstream.run());
-    let first = tokio::select! {
-        end = &mut upstream_side => Ok(end),
-        end = &mut client_side => Err(end),
-    };
-    let end = match first {
-        Ok(end) => {
-            drop(client_side);
-            end
-        }
-        Err(end) => {
-            drop(client_side);
-            if end == End::ClientClosed {
-                let _ = to_upstream.write.shutdown().await;
-            }
-            let _ = tokio::time::timeout(DRAIN, &mut upstream_side).await;
-            end
-        }
-    };
-    drop(upstream_side);
+    let end = crate::pumps::drive(to_client.run(), to_upstream.run()).await;
     let _ = to_client.write.shutdown().await;
     tracing::info!(
         reason = ?end,
@@ -244,6 +222,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     }
 
     async fn run(&mut self) -> End {
+        let end = self.pump().await;
+        if end == End::ClientClosed {
+            // The upstream finishes answering what was sent, then closes its side too.
+            let _ = self.write.shutdown().await;
+        }
+        end
+    }
+
+    async fn pump(&mut self) -> End {
         loop {
             while !self.buffer.is_empty() {
                 let (consumed, line) = match self.lines.feed(&self.buffer) {
