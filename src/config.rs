@@ -30,6 +30,7 @@ pub struct Config {
     pub imap: ImapConfig,
     pub pop3: Pop3Config,
     pub cache: CacheConfig,
+    pub admin: AdminConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -247,6 +248,21 @@ impl Default for CacheConfig {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `false` turns the admin listener off.
+    pub enabled: bool,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served: keep it on a private address.
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { enabled: true, address: SocketAddr::from(([127, 0, 0, 1], 9090)) }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// How long in-flight commands may run after SIGTERM before sessions are cut.
     pub grace: Span,
@@ -284,7 +300,7 @@ impl fmt::Display for ConfigError {
 #[error("{} configuration error(s): {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
-const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "pop3", "cache", "shutdown"];
+const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "pop3", "cache", "admin", "shutdown"];
 
 impl Config {
     /// Defaults, then the TOML file, then `MAILGATE_SECTION__KEY` variables from the process
@@ -348,9 +364,10 @@ impl Config {
         let imap = section(&mut errors, "imap", root.get("imap")).unwrap_or_default();
         let pop3 = section(&mut errors, "pop3", root.get("pop3")).unwrap_or_default();
         let cache = section(&mut errors, "cache", root.get("cache")).unwrap_or_default();
+        let admin = section(&mut errors, "admin", root.get("admin")).unwrap_or_default();
         let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
 
-        let config = Config { listeners, tls, upstream, imap, pop3, cache, shutdown };
+        let config = Config { listeners, tls, upstream, imap, pop3, cache, admin, shutdown };
         errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)

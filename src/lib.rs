@@ -22,11 +22,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod imap;
 pub mod listener;
+pub mod metrics;
 pub mod pop3;
 pub mod pumps;
 pub mod secret;
@@ -102,6 +104,16 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
     }
 
     let cache = config.cache.enabled.then(|| Arc::new(cache::MessageCache::new(&config.cache)));
+    let metrics = Arc::new(metrics::Metrics::new(cache.clone()));
+    if config.admin.enabled {
+        let address = config.admin.address;
+        let tcp =
+            TcpListener::bind(address).await.map_err(|source| Error::Bind { name: "admin".into(), address, source })?;
+        let bound = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(listener = "admin", address = %bound, "listening");
+        let admin = admin::Admin { metrics: metrics.clone(), upstreams: upstreams.values().cloned().collect() };
+        tokio::spawn(admin::serve(tcp, Arc::new(admin), token.clone()));
+    }
 
     let accept_loops = TaskTracker::new();
     for (settings, tcp) in config.listeners.iter().zip(listeners) {
@@ -116,6 +128,8 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
             upstream: upstreams[&(settings.upstream.clone(), settings.protocol)].clone(),
             shutdown: token.clone(),
             cache: cache.clone(),
+            metrics: metrics.clone(),
+            listener: settings.name.clone(),
         });
         let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listener = %settings.name, %address, protocol = settings.protocol.name(), tls = %settings.tls, "listening");

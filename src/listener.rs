@@ -20,6 +20,14 @@ use crate::{imap, pop3};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+fn tls_label(mode: TlsMode) -> &'static str {
+    match mode {
+        TlsMode::Implicit => "implicit",
+        TlsMode::Starttls => "starttls",
+        TlsMode::Plaintext => "plaintext",
+    }
+}
+
 pub struct Listener {
     pub name: String,
     pub tcp: TcpListener,
@@ -53,8 +61,22 @@ impl Listener {
     }
 }
 
+/// Keeps `mailgate_connections_active` right however a session ends.
+struct Active(prometheus::IntGauge);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<Service>) {
     debug!(%peer, "connected");
+    let labels = [service.protocol.name(), service.listener.as_str(), tls_label(service.listener_tls)];
+    service.metrics.connections_total.with_label_values(&labels).inc();
+    let active = service.metrics.connections_active.with_label_values(&labels);
+    active.inc();
+    let _active = Active(active);
     let _ = tcp.set_nodelay(true);
     let stream = match service.listener_tls {
         TlsMode::Implicit => match service.accept_tls(tcp).await {

@@ -12,11 +12,14 @@ use tracing::debug;
 use crate::auth::Credentials;
 use crate::cache::{Account, LoginProof, MessageCache, Scope};
 use crate::config::{Config, Protocol, TlsMode};
+use crate::metrics::Metrics;
 use crate::stream::Stream;
 use crate::upstream::Upstream;
 
 pub struct Service {
     pub config: Arc<Config>,
+    /// The listener's configured name (a metric label).
+    pub listener: String,
     pub protocol: Protocol,
     pub listener_tls: TlsMode,
     /// For implicit TLS and STARTTLS; `None` on a plaintext listener.
@@ -26,6 +29,7 @@ pub struct Service {
     pub shutdown: CancellationToken,
     /// The process-wide message cache, when enabled.
     pub cache: Option<Arc<MessageCache>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Service {
@@ -43,6 +47,28 @@ impl Service {
         Some(Scope { account: Account::new(&self.upstream.identity(), identity, proof), cache })
     }
 
+    /// Counts credentials refused because TLS was not active yet.
+    pub fn plaintext_refused(&self) {
+        self.metrics.plaintext_auth_refused.with_label_values(&[self.protocol.name(), &self.listener]).inc();
+    }
+
+    /// Counts a login attempt's outcome: `ok`, `rejected` or `unavailable`.
+    pub fn login_result(&self, result: &str) {
+        self.metrics.logins.with_label_values(&[self.protocol.name(), &self.listener, result]).inc();
+    }
+
+    /// A relay stream counted into `mailgate_client_bytes_total` (`client`) or
+    /// `mailgate_upstream_bytes_total`.
+    pub fn counted(&self, stream: Stream, client: bool) -> crate::metrics::counted::Counted<Stream> {
+        let family = if client { &self.metrics.client_bytes } else { &self.metrics.upstream_bytes };
+        let protocol = self.protocol.name();
+        crate::metrics::counted::Counted::new(
+            stream,
+            family.with_label_values(&[protocol, "in"]),
+            family.with_label_values(&[protocol, "out"]),
+        )
+    }
+
     /// STARTTLS/STLS may be started now.
     pub fn starttls_available(&self, stream: &Stream) -> bool {
         self.listener_tls == TlsMode::Starttls && !stream.is_tls() && self.tls.is_some()
@@ -51,27 +77,38 @@ impl Service {
     /// STARTTLS/STLS after the `OK`: the handshake over the plain connection. `None` when
     /// the connection is not plain or the handshake fails (the session then ends).
     pub async fn start_tls(&self, stream: Stream) -> Option<Stream> {
-        match stream {
+        let upgraded = match stream {
             Stream::Plain(tcp) => self.accept_tls(tcp).await,
             Stream::Tls(_) => None,
+        };
+        if upgraded.is_some() {
+            self.metrics.starttls_upgrades.with_label_values(&[self.protocol.name(), &self.listener]).inc();
         }
+        upgraded
     }
 
     /// The server side of a TLS handshake within the handshake timeout; `None` (logged at
     /// debug: a client's failure, not ours) when it fails.
     pub async fn accept_tls(&self, tcp: TcpStream) -> Option<Stream> {
         let acceptor = self.tls.clone()?;
+        let failed = |reason: &str| {
+            self.metrics.tls_handshakes.with_label_values(&[&self.listener, "failed"]).inc();
+            self.metrics.tls_handshake_failures.with_label_values(&[&self.listener, reason]).inc();
+        };
         match tokio::time::timeout(self.config.tls.handshake_timeout.0, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => {
+                self.metrics.tls_handshakes.with_label_values(&[&self.listener, "ok"]).inc();
                 let stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
                 debug!(tls = stream.tls_summary(), "TLS established");
                 Some(stream)
             }
             Ok(Err(e)) => {
+                failed(crate::metrics::handshake_failure_reason(&e));
                 debug!(error = %e, "TLS handshake failed");
                 None
             }
             Err(_) => {
+                failed("timeout");
                 debug!("TLS handshake timed out");
                 None
             }

@@ -127,6 +127,7 @@ impl Conn {
                     if privacy_required && credentials && !announce.non_sync {
                         // Refuse before the client sends its password in the clear.
                         self.framer.reject_literal();
+                        service.plaintext_refused();
                         return Ok(Input::Refused { tag, response: privacy_refusal(), bad: false });
                     }
                     if !announce.non_sync {
@@ -215,6 +216,7 @@ pub async fn serve(stream: Stream, service: &Service) {
             }
             Outcome::Login { tag, credentials } => match login(&service.upstream, &credentials).await {
                 Ok(session) => {
+                    service.login_result("ok");
                     tracing::Span::current().record("user", credentials.user.as_str());
                     info!(upstream = %service.upstream.name, "logged in");
                     let caps = relayable_capabilities(&session.capabilities).join(" ");
@@ -228,6 +230,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                     return;
                 }
                 Err(LoginError::Rejected { code }) => {
+                    service.login_result("rejected");
                     info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
                     // RFC 5530 codes that tell the user something useful pass through.
                     const RELAYED: &[&str] =
@@ -239,6 +242,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                     }
                 }
                 Err(LoginError::Unavailable(e)) => {
+                    service.login_result("unavailable");
                     warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
                     let no = format!("{tag} NO [UNAVAILABLE] Upstream server unavailable, try again later.\r\n");
                     if conn.write(no.as_bytes()).await.is_err() {
@@ -327,6 +331,7 @@ async fn answer(
         }
         Command::Login(_) | Command::Authenticate { .. } if privacy_required => {
             info!("credentials refused before STARTTLS");
+            service.plaintext_refused();
             Answer::Respond { response: privacy_refusal(), bad: false }
         }
         Command::Login(credentials) => Answer::Done(Outcome::Login { tag: tag.to_string(), credentials }),

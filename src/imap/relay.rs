@@ -111,8 +111,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
     let (jobs_tx, jobs_rx) = mpsc::channel::<JobOrder>(1);
     let (writes_tx, writes_rx) = mpsc::channel::<Vec<u8>>(4);
-    let (client_read, client_write) = tokio::io::split(client.stream);
-    let (upstream_read, upstream_write) = tokio::io::split(upstream.stream);
+    let (client_read, client_write) = tokio::io::split(service.counted(client.stream, true));
+    let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false));
 
     let mut to_upstream = ClientPump {
         read: client_read,

@@ -154,6 +154,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                 user = None;
                 match login(&service.upstream, &credentials).await {
                     Ok(session) => {
+                        service.login_result("ok");
                         tracing::Span::current().record("user", credentials.user.as_str());
                         info!(upstream = %service.upstream.name, "logged in");
                         if conn.write("+OK Logged in.").await.is_err() {
@@ -165,6 +166,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                         return;
                     }
                     Err(LoginError::Rejected { code }) => {
+                        service.login_result("rejected");
                         info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
                         // Codes that tell the user something (RFC 2449 §8, RFC 3206) pass through.
                         const RELAYED: &[&str] = &["IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"];
@@ -177,6 +179,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                         }
                     }
                     Err(LoginError::Unavailable(e)) => {
+                        service.login_result("unavailable");
                         warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
                         if conn.write("-ERR [SYS/TEMP] Mail server unavailable, try again later.").await.is_err() {
                             return;
@@ -220,6 +223,7 @@ async fn step(conn: &mut Conn, service: &Service, user: &mut Option<String>) -> 
         // `AUTH` alone only lists mechanisms, which is fine before TLS.
         "USER" | "PASS" | "AUTH" if !(login_allowed || keyword == "AUTH" && args.is_empty()) => {
             info!("credentials refused before STLS");
+            service.plaintext_refused();
             reply(PRIVACY)
         }
         "USER" if args.is_empty() => bad("-ERR USER needs a name."),

@@ -59,6 +59,17 @@ impl Gateway {
         *self.addrs.get(listener).unwrap_or_else(|| panic!("no listener {listener}: {:?}", self.addrs))
     }
 
+    /// The admin listener's address (logged as `listener=admin`).
+    pub fn admin(&self) -> SocketAddr {
+        assert!(
+            self.wait_for_log("listener=\"admin\"", Duration::from_secs(10))
+                || self.wait_for_log("listener=admin", Duration::from_secs(1)),
+            "no admin listener:\n{}",
+            self.log()
+        );
+        *parse_listening(&self.log()).get("admin").expect("admin address")
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }

@@ -162,6 +162,9 @@ login_timeout = "15s"
 [imap]
 {imap_section}
 
+[admin]
+address = "127.0.0.1:0"
+
 [shutdown]
 grace = "10s"
 {extra}

@@ -1,0 +1,82 @@
+//! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the process is
+//! alive), `/readyz` (listeners bound, every upstream reachable). A deliberately small
+//! HTTP/1.1 server: GET only, one request per connection, the request head bounded in size
+//! and time, so that a scraper or a prober costs nothing and nobody can hold it open.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+const MAX_HEAD: usize = 8 << 10;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok((tcp, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(TIMEOUT, answer(tcp, &admin)).await;
+        });
+    }
+}
+
+async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = tcp.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_HEAD {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut words = std::str::from_utf8(line).unwrap_or("").split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", admin.metrics.render().await),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/readyz") => match unreachable_upstream(admin).await {
+            None => ("200 OK", "text/plain", "ready\n".to_string()),
+            Some(name) => ("503 Service Unavailable", "text/plain", format!("upstream {name} unreachable\n")),
+        },
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(response.as_bytes()).await?;
+    tcp.shutdown().await
+}
+
+/// The first upstream that does not accept a TCP connection within its connect timeout.
+async fn unreachable_upstream(admin: &Admin) -> Option<String> {
+    for upstream in &admin.upstreams {
+        let address = (upstream.host.as_str(), upstream.port);
+        match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect(address)).await {
+            Ok(Ok(_)) => {}
+            _ => return Some(upstream.identity()),
+        }
+    }
+    None
+}

@@ -1,0 +1,189 @@
+//! Metric families, registered once in one place, and their export in the Prometheus text
+//! format. Labels are bounded by construction (see `docs/METRICS.md`): protocol, listener
+//! and TLS mode names from the configuration, and fixed words; never a user name, an
+//! address or a mailbox name.
+
+pub mod counted;
+
+use std::sync::{Arc, Mutex};
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::cache::{Kind, MessageCache, StatsSnapshot};
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_active: IntGaugeVec,
+    pub connections_total: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_handshake_failures: IntCounterVec,
+    pub starttls_upgrades: IntCounterVec,
+    pub plaintext_auth_refused: IntCounterVec,
+    pub logins: IntCounterVec,
+    pub client_bytes: IntCounterVec,
+    pub upstream_bytes: IntCounterVec,
+    cache_requests: IntCounterVec,
+    cache_size: IntGauge,
+    cache_entries: IntGauge,
+    cache_evictions: IntCounterVec,
+    cache_saved: IntCounter,
+    cache: Option<Arc<MessageCache>>,
+    /// The cache counters as last exported: the cache keeps its own monotonic counters and
+    /// the exported ones advance by the difference.
+    exported: Mutex<StatsSnapshot>,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let family = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(family.clone())).expect("metric registered once");
+    family
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let family = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(family.clone())).expect("metric registered once");
+    family
+}
+
+impl Metrics {
+    pub fn new(cache: Option<Arc<MessageCache>>) -> Metrics {
+        let registry = Registry::new();
+        let build = gauge(&registry, "mailgate_build_info", "The running mailgate version (always 1).", &["version"]);
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let conn = &["protocol", "listener", "tls"];
+        let cache_size =
+            IntGauge::new("mailgate_cache_size_bytes", "Weight of the message cache in bytes.").expect("valid");
+        let cache_entries = IntGauge::new("mailgate_cache_entries", "Entries in the message cache.").expect("valid");
+        let cache_saved = IntCounter::new(
+            "mailgate_cache_upstream_bytes_saved_total",
+            "Bytes sent to clients from the cache instead of the upstream.",
+        )
+        .expect("valid");
+        for single in [
+            Box::new(cache_size.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_entries.clone()),
+            Box::new(cache_saved.clone()),
+        ] {
+            registry.register(single).expect("metric registered once");
+        }
+        Metrics {
+            connections_active: gauge(&registry, "mailgate_connections_active", "Client connections open now.", conn),
+            connections_total: counter(&registry, "mailgate_connections_total", "Client connections accepted.", conn),
+            tls_handshakes: counter(
+                &registry,
+                "mailgate_tls_handshakes_total",
+                "Server-side TLS handshakes by result.",
+                &["listener", "result"],
+            ),
+            tls_handshake_failures: counter(
+                &registry,
+                "mailgate_tls_handshake_failures_total",
+                "Failed server-side TLS handshakes by reason.",
+                &["listener", "reason"],
+            ),
+            starttls_upgrades: counter(
+                &registry,
+                "mailgate_starttls_upgrades_total",
+                "Completed STARTTLS/STLS upgrades.",
+                &["protocol", "listener"],
+            ),
+            plaintext_auth_refused: counter(
+                &registry,
+                "mailgate_plaintext_auth_refused_total",
+                "Credentials refused because TLS was not active yet.",
+                &["protocol", "listener"],
+            ),
+            logins: counter(
+                &registry,
+                "mailgate_logins_total",
+                "Login attempts by outcome at the upstream.",
+                &["protocol", "listener", "result"],
+            ),
+            client_bytes: counter(
+                &registry,
+                "mailgate_client_bytes_total",
+                "Bytes from (in) and to (out) clients after login.",
+                &["protocol", "direction"],
+            ),
+            upstream_bytes: counter(
+                &registry,
+                "mailgate_upstream_bytes_total",
+                "Bytes from (in) and to (out) upstreams after login.",
+                &["protocol", "direction"],
+            ),
+            cache_requests: counter(
+                &registry,
+                "mailgate_cache_requests_total",
+                "Message cache lookups by kind and result.",
+                &["kind", "result"],
+            ),
+            cache_evictions: counter(
+                &registry,
+                "mailgate_cache_evictions_total",
+                "Entries removed from the message cache, by cause.",
+                &["cause"],
+            ),
+            cache_size,
+            cache_entries,
+            cache_saved,
+            cache,
+            exported: Mutex::new(StatsSnapshot::default()),
+            registry,
+        }
+    }
+
+    /// The exposition text (`/metrics`), with the cache's counters brought up to date.
+    pub async fn render(&self) -> String {
+        if let Some(cache) = &self.cache {
+            let now = cache.stats().await;
+            let mut last = self.exported.lock().expect("metrics lock");
+            for kind in Kind::ALL {
+                let (hits, misses) = (now.hits(kind) - last.hits(kind), now.misses(kind) - last.misses(kind));
+                self.cache_requests.with_label_values(&[kind.name(), "hit"]).inc_by(hits);
+                self.cache_requests.with_label_values(&[kind.name(), "miss"]).inc_by(misses);
+            }
+            self.cache_evictions.with_label_values(&["size"]).inc_by(now.evicted_size - last.evicted_size);
+            self.cache_evictions.with_label_values(&["expired"]).inc_by(now.evicted_expired - last.evicted_expired);
+            self.cache_evictions.with_label_values(&["other"]).inc_by(now.evicted_other - last.evicted_other);
+            self.cache_saved.inc_by(now.bytes_served - last.bytes_served);
+            self.cache_size.set(i64::try_from(now.bytes).unwrap_or(i64::MAX));
+            self.cache_entries.set(i64::try_from(now.entries).unwrap_or(i64::MAX));
+            *last = now;
+        }
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding never fails");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// Why a server-side TLS handshake failed, as a bounded label.
+pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
+    let text = error.to_string().to_ascii_lowercase();
+    // rustls: "peer doesn't support any known protocol" (no common ALPN id).
+    if text.contains("known protocol") || text.contains("application protocol") {
+        "alpn"
+    } else if text.contains("version") {
+        // rustls: "peer is incompatible: ...Version..." for TLS 1.1 and older.
+        "version"
+    } else {
+        "other"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_exported_with_their_labels() {
+        let metrics = Metrics::new(None);
+        metrics.logins.with_label_values(&["imap", "imaps", "ok"]).inc();
+        let text = futures_render(&metrics);
+        assert!(text.contains("mailgate_logins_total{listener=\"imaps\",protocol=\"imap\",result=\"ok\"} 1"), "{text}");
+        assert!(text.contains(&format!("mailgate_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+    }
+
+    fn futures_render(metrics: &Metrics) -> String {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(metrics.render())
+    }
+}

@@ -1,0 +1,87 @@
+//! The admin listener against real traffic: `/metrics` counts what happened (logins,
+//! plaintext refusals, TLS failures, cache hits, bytes) with bounded labels only;
+//! `/healthz` and `/readyz` tell a prober the truth.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use support::client::{handshake, Client};
+use support::setup::*;
+
+fn get(admin: SocketAddr, path: &str) -> (String, String) {
+    let mut tcp = TcpStream::connect(admin).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no series {series} in:\n{metrics}"))
+}
+
+#[test]
+fn metrics_count_known_traffic_with_bounded_labels() {
+    let setup = Setup::start();
+    setup.dovecot.fill(ALICE.0, 5, 3);
+    let admin = setup.gateway.admin();
+
+    for _ in 0..3 {
+        let mut client = setup.login(ALICE);
+        client.command("s", "SELECT INBOX");
+        client.command("f", "UID FETCH 1:5 (UID BODY.PEEK[HEADER])");
+    }
+    let mut plain = Client::plain(setup.addr("imap"));
+    plain.line().unwrap();
+    assert!(plain.command("a", "LOGIN alice x")[0].contains("PRIVACYREQUIRED"));
+    let mut wrong = setup.imaps();
+    assert!(wrong.command("a", "LOGIN alice not-the-password")[0].contains("AUTHENTICATIONFAILED"));
+    let tcp = TcpStream::connect(setup.addr("imaps")).unwrap();
+    assert!(handshake(tcp, setup.pki.client_config(&[b"http/1.1"]), "localhost").is_err());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (status, metrics) = get(admin, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(value(&metrics, "mailgate_logins_total{listener=\"imaps\",protocol=\"imap\",result=\"ok\"}"), 3.0);
+    assert_eq!(value(&metrics, "mailgate_logins_total{listener=\"imaps\",protocol=\"imap\",result=\"rejected\"}"), 1.0);
+    assert_eq!(value(&metrics, "mailgate_plaintext_auth_refused_total{listener=\"imap\",protocol=\"imap\"}"), 1.0);
+    assert_eq!(value(&metrics, "mailgate_tls_handshake_failures_total{listener=\"imaps\",reason=\"alpn\"}"), 1.0);
+    assert!(
+        value(&metrics, "mailgate_connections_total{listener=\"imaps\",protocol=\"imap\",tls=\"implicit\"}") >= 5.0
+    );
+    // The first session filled the cache, the next two were served from it.
+    assert_eq!(value(&metrics, "mailgate_cache_requests_total{kind=\"header\",result=\"hit\"}"), 10.0);
+    assert!(value(&metrics, "mailgate_cache_upstream_bytes_saved_total") > 0.0);
+    assert!(value(&metrics, "mailgate_client_bytes_total{direction=\"out\",protocol=\"imap\"}") > 1000.0);
+    assert!(value(&metrics, "mailgate_upstream_bytes_total{direction=\"in\",protocol=\"imap\"}") > 1000.0);
+    assert!(value(&metrics, "mailgate_cache_entries") >= 5.0);
+
+    // No user name, address or mailbox name is a label value.
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let labels = line.split_once('{').map(|(_, l)| l.split_once('}').unwrap().0).unwrap_or("");
+        for secret in ["alice", "127.0.0.1", "INBOX", "not-the-password"] {
+            assert!(!labels.contains(secret), "{secret} in labels of {line}");
+        }
+    }
+}
+
+#[test]
+fn health_and_readiness_tell_the_truth() {
+    let mut setup = Setup::start();
+    let admin = setup.gateway.admin();
+    assert_eq!(get(admin, "/healthz"), ("HTTP/1.1 200 OK".to_string(), "ok\n".to_string()));
+    assert_eq!(get(admin, "/readyz").0, "HTTP/1.1 200 OK");
+    assert_eq!(get(admin, "/nothing").0, "HTTP/1.1 404 Not Found");
+    setup.dovecot.stop();
+    let (status, body) = get(admin, "/readyz");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+    assert_eq!(get(admin, "/healthz").0, "HTTP/1.1 200 OK");
+}
