@@ -52,6 +52,15 @@ impl Service {
         self.metrics.plaintext_auth_refused.with_label_values(&[self.protocol.name(), &self.listener]).inc();
     }
 
+    /// Times the upstream connect and login; counts why an upstream could not be used.
+    pub fn upstream_attempt(&self, started: std::time::Instant, error: Option<&crate::upstream::UpstreamError>) {
+        let protocol = self.protocol.name();
+        self.metrics.upstream_connect_duration.with_label_values(&[protocol]).observe(started.elapsed().as_secs_f64());
+        if let Some(error) = error {
+            self.metrics.upstream_errors.with_label_values(&[protocol, error.kind()]).inc();
+        }
+    }
+
     /// Counts a login attempt's outcome: `ok`, `rejected` or `unavailable`.
     pub fn login_result(&self, result: &str) {
         self.metrics.logins.with_label_values(&[self.protocol.name(), &self.listener, result]).inc();

@@ -45,6 +45,20 @@ pub enum UpstreamError {
     Protocol(String),
 }
 
+impl UpstreamError {
+    /// A bounded label for `mailgate_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Tls(_) => "tls",
+            UpstreamError::Closed => "closed",
+            UpstreamError::NoStartTls | UpstreamError::StartTlsInjection => "starttls",
+            UpstreamError::Io(_) | UpstreamError::Protocol(_) => "protocol",
+        }
+    }
+}
+
 impl Upstream {
     /// `address` is the configured `host:port` for this protocol; `alpn` its ALPN id.
     pub fn new(name: &str, config: &UpstreamConfig, address: &str, alpn: &[u8]) -> Result<Upstream, TlsError> {

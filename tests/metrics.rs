@@ -64,6 +64,20 @@ fn metrics_count_known_traffic_with_bounded_labels() {
     assert!(value(&metrics, "mailgate_upstream_bytes_total{direction=\"in\",protocol=\"imap\"}") > 1000.0);
     assert!(value(&metrics, "mailgate_cache_entries") >= 5.0);
 
+    // Commands: three SELECTs and three FETCHes through the cache, with durations.
+    assert_eq!(value(&metrics, "mailgate_commands_total{command=\"select\",protocol=\"imap\"}"), 3.0);
+    assert_eq!(value(&metrics, "mailgate_commands_total{command=\"uid_fetch\",protocol=\"imap\"}"), 3.0);
+    assert_eq!(
+        value(&metrics, "mailgate_command_duration_seconds_count{command=\"uid_fetch\",protocol=\"imap\"}"),
+        3.0
+    );
+    assert_eq!(value(&metrics, "mailgate_fetch_messages_sum"), 15.0);
+    assert_eq!(value(&metrics, "mailgate_mailbox_messages_count"), 3.0);
+    assert_eq!(value(&metrics, "mailgate_mailbox_messages_sum"), 15.0);
+    // Four logins reached the upstream (three accepted, one refused).
+    assert_eq!(value(&metrics, "mailgate_upstream_connect_duration_seconds_count{protocol=\"imap\"}"), 4.0);
+    assert_eq!(value(&metrics, "mailgate_limit_rejections_total{kind=\"connections\"}"), 0.0);
+
     // No user name, address or mailbox name is a label value.
     for line in metrics.lines().filter(|l| !l.starts_with('#')) {
         let labels = line.split_once('{').map(|(_, l)| l.split_once('}').unwrap().0).unwrap_or("");
@@ -71,6 +85,34 @@ fn metrics_count_known_traffic_with_bounded_labels() {
             assert!(!labels.contains(secret), "{secret} in labels of {line}");
         }
     }
+}
+
+#[test]
+fn pop3_commands_and_unreachable_upstreams_are_counted() {
+    let mut setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 3, 8);
+    let admin = setup.gateway.admin();
+    let mut client = setup.pop3_login(BOB);
+    client.send(b"STAT\r\nRETR 1\r\n");
+    client.line().unwrap();
+    while client.line().unwrap() != "." {}
+    client.send(b"QUIT\r\n");
+    let _ = client.rest();
+    setup.dovecot.stop();
+    let mut refused = setup.pop3s();
+    refused.send(b"USER bob\r\nPASS bob-Pass-42\r\n");
+    refused.line().unwrap();
+    assert!(refused.line().unwrap().starts_with("-ERR [SYS/TEMP]"));
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, metrics) = get(admin, "/metrics");
+    assert_eq!(value(&metrics, "mailgate_commands_total{command=\"retr\",protocol=\"pop3\"}"), 1.0);
+    assert_eq!(value(&metrics, "mailgate_commands_total{command=\"stat\",protocol=\"pop3\"}"), 1.0);
+    assert_eq!(value(&metrics, "mailgate_command_duration_seconds_count{command=\"retr\",protocol=\"pop3\"}"), 1.0);
+    assert_eq!(value(&metrics, "mailgate_upstream_errors_total{kind=\"connect\",protocol=\"pop3\"}"), 1.0);
+    assert_eq!(
+        value(&metrics, "mailgate_logins_total{listener=\"pop3s\",protocol=\"pop3\",result=\"unavailable\"}"),
+        1.0
+    );
 }
 
 #[test]

@@ -300,6 +300,64 @@ impl Args<'_> {
     }
 }
 
+/// Commands with a metric label of their own; anything else is `other`.
+const LABELS: &[&str] = &[
+    "append",
+    "authenticate",
+    "capability",
+    "check",
+    "close",
+    "copy",
+    "create",
+    "delete",
+    "enable",
+    "examine",
+    "expunge",
+    "fetch",
+    "getquota",
+    "getquotaroot",
+    "id",
+    "idle",
+    "list",
+    "login",
+    "logout",
+    "lsub",
+    "move",
+    "namespace",
+    "noop",
+    "rename",
+    "search",
+    "select",
+    "setquota",
+    "status",
+    "store",
+    "subscribe",
+    "unselect",
+    "unsubscribe",
+];
+
+/// The bounded metric label of a command line (`tag CMD ...`, `tag UID CMD ...`).
+pub fn metric_label(head: &[u8]) -> &'static str {
+    let mut words = head.split(|&b| b == b' ').skip(1);
+    let command = words.next().unwrap_or_default();
+    if command.eq_ignore_ascii_case(b"UID") {
+        let sub = words.next().unwrap_or_default();
+        const UID: &[(&str, &str)] = &[
+            ("fetch", "uid_fetch"),
+            ("search", "uid_search"),
+            ("store", "uid_store"),
+            ("copy", "uid_copy"),
+            ("move", "uid_move"),
+            ("expunge", "uid_expunge"),
+        ];
+        return UID
+            .iter()
+            .find(|(name, _)| sub.eq_ignore_ascii_case(name.as_bytes()))
+            .map_or("other", |(_, label)| label);
+    }
+    LABELS.iter().find(|name| command.eq_ignore_ascii_case(name.as_bytes())).copied().unwrap_or("other")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,6 +438,15 @@ mod tests {
             parse(&[line(r#"a ID ("name" "Thunderbird" "version" NIL)"#, false)]).unwrap().command,
             Command::Id
         ));
+    }
+
+    #[test]
+    fn metric_labels_are_bounded() {
+        assert_eq!(metric_label(b"a1 UID FETCH 1:* (FLAGS)"), "uid_fetch");
+        assert_eq!(metric_label(b"a1 fetch 1 body[]"), "fetch");
+        assert_eq!(metric_label(b"a1 XFROB alice"), "other");
+        assert_eq!(metric_label(b"a1 UID XMOVE 1"), "other");
+        assert_eq!(metric_label(b"DONE"), "other");
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub trait JobIo {
     fn tag(&mut self) -> String;
     /// Items answered from the cache and fetched upstream, for the session's totals.
     fn count(&mut self, hits: usize, misses: usize);
+    /// Messages answered with a FETCH response mailgate composed (the metrics count the
+    /// relayed ones themselves).
+    fn answered(&mut self, messages: usize);
     /// The sequence number of `uid` in the selected mailbox, when known for sure.
     fn seq_of(&self, uid: u32) -> Option<u32>;
     /// A (sequence number, UID) pair the upstream just reported.
@@ -248,6 +251,7 @@ async fn answer_locally<Io: JobIo>(
         out.extend_from_slice(b")\r\n");
     }
     io.count(wanted.len() * uids.len(), 0);
+    io.answered(uids.len());
     scope.cache.served(served);
     out.extend_from_slice(format!("{client_tag} OK Fetch completed.\r\n").as_bytes());
     io.to_client(&out).await?;
@@ -409,7 +413,10 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
             let message = &chunk[m];
             match message.items.iter().cloned().collect::<Option<Vec<Bytes>>>() {
                 Some(items) => match compose(request, &mutable_names, message, message, &wanted, &items) {
-                    Some(bytes) => io.to_client(&bytes).await?,
+                    Some(bytes) => {
+                        io.answered(1);
+                        io.to_client(&bytes).await?
+                    }
                     None => io.forward(&message.response).await?,
                 },
                 // That load failed or took too long: fetch it here after all.
@@ -574,7 +581,10 @@ impl PhaseTwo<'_> {
             // The fresh answer: its sequence number and mutable items are the current ones.
             let fresh = Message { uid: message.uid, response, parsed, items: Vec::new() };
             match complete.and_then(|items| compose(request, self.mutable_names, message, &fresh, wanted, &items)) {
-                Some(bytes) => io.to_client(&bytes).await?,
+                Some(bytes) => {
+                    io.answered(1);
+                    io.to_client(&bytes).await?
+                }
                 // FETCH data may come in several responses: relay the upstream's own.
                 None => io.forward(&fresh.response).await?,
             }
@@ -612,7 +622,10 @@ async fn settle<Io: JobIo>(
     };
     scope.cache.served(items.iter().map(Bytes::len).sum());
     match compose(&job.request, mutable_names, &message, &message, wanted, &items) {
-        Some(bytes) => io.to_client(&bytes).await?,
+        Some(bytes) => {
+            io.answered(1);
+            io.to_client(&bytes).await?
+        }
         None => io.forward(&message.response).await?,
     }
     Ok(None)

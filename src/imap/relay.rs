@@ -59,7 +59,11 @@ async fn read_chunk<R: AsyncRead>(read: &mut ReadHalf<R>, buffer: &mut BytesMut)
 #[derive(Default)]
 struct Shared {
     /// Tags of forwarded commands not yet completed, oldest first.
-    in_flight: VecDeque<Vec<u8>>,
+    in_flight: VecDeque<InFlight>,
+    /// The mailbox's message count (EXISTS, less EXPUNGEs), for the resync metrics.
+    exists: Option<u32>,
+    /// FETCH responses relayed since the last FETCH completed.
+    fetched: u32,
     /// The tag of a command whose synchronizing literal awaits the upstream's answer, and
     /// that answer once seen (`Some(true)` = `+`, `Some(false)` = refused).
     literal_wait: Option<(Vec<u8>, Option<bool>)>,
@@ -80,7 +84,31 @@ struct Shared {
 impl Shared {
     /// Idle in the sense of shutdown: nothing in flight but (possibly) IDLE.
     fn quiet(&self) -> bool {
-        !self.job_running && self.in_flight.iter().all(|t| Some(t) == self.idling.as_ref())
+        !self.job_running && self.in_flight.iter().all(|t| Some(&t.tag) == self.idling.as_ref())
+    }
+}
+
+/// A command forwarded upstream and not yet completed.
+struct InFlight {
+    tag: Vec<u8>,
+    /// Its metric label (`command::metric_label`).
+    label: &'static str,
+    started: Instant,
+}
+
+/// Records a completed command; a FETCH also records how many messages it answered and
+/// whether it was a full resync (at least 90 % of a mailbox of at least 1,000 messages).
+fn completed_command(service: &Service, shared: &mut Shared, label: &'static str, started: Instant) {
+    let metrics = &service.metrics;
+    metrics.command_duration.with_label_values(&["imap", label]).observe(started.elapsed().as_secs_f64());
+    if label == "fetch" || label == "uid_fetch" {
+        let fetched = std::mem::take(&mut shared.fetched);
+        metrics.fetch_messages.observe(f64::from(fetched));
+        if let Some(exists) = shared.exists.filter(|&e| e >= 1000) {
+            if u64::from(fetched) * 10 >= u64::from(exists) * 9 {
+                metrics.full_resyncs.with_label_values(&["imap"]).inc();
+            }
+        }
     }
 }
 
@@ -316,6 +344,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             completed.await;
         }
         self.lock().job_running = true;
+        let label = if job.request.uid { "uid_fetch" } else { "fetch" };
+        self.service.metrics.commands.with_label_values(&["imap", label]).inc();
+        let started = Instant::now();
         let (done_tx, mut done_rx) = oneshot::channel();
         if self.jobs.send(JobOrder { job, tag, done: done_tx }).await.is_err() {
             return Some(End::UpstreamClosed);
@@ -331,7 +362,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 }
             }
         };
-        self.lock().job_running = false;
+        let mut shared = self.lock();
+        shared.job_running = false;
+        completed_command(self.service, &mut shared, label, started);
+        drop(shared);
         end
     }
 
@@ -412,7 +446,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 if command.eq_ignore_ascii_case(b"IDLE") {
                     shared.idling = Some(tag.clone());
                 }
-                shared.in_flight.push_back(tag.clone());
+                let label = super::command::metric_label(head);
+                self.service.metrics.commands.with_label_values(&["imap", label]).inc();
+                shared.in_flight.push_back(InFlight { tag: tag.clone(), label, started: Instant::now() });
             }
         }
         if let Some(announce) = line.announce {
@@ -556,6 +592,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 if shared.selecting.as_ref().is_some_and(|s| s.tag == tag) {
                     let Selecting { mailbox, uid_validity, .. } = shared.selecting.take().expect("just checked");
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
+                    if let (true, Some(exists)) = (ok, shared.exists) {
+                        self.service.metrics.mailbox_messages.observe(f64::from(exists));
+                    }
                     shared.selected = match (ok, mailbox, uid_validity) {
                         (true, Some(mailbox), Some(uid_validity)) => {
                             Some(Selected { mailbox: Name::new(&mailbox), uid_validity })
@@ -563,8 +602,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         _ => None,
                     };
                 }
-                if let Some(i) = shared.in_flight.iter().position(|t| t == tag) {
-                    shared.in_flight.remove(i);
+                if let Some(i) = shared.in_flight.iter().position(|t| t.tag == tag) {
+                    let done = shared.in_flight.remove(i).expect("position is in range");
+                    completed_command(self.service, &mut shared, done.label, done.started);
                     self.completed.notify_one();
                 }
                 if shared.idling.as_deref() == Some(tag) {
@@ -597,15 +637,20 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     // not know: forget everything.
                     let mut words = rest.splitn(3, |&b| b == b' ');
                     let (first, second) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+                    if second.eq_ignore_ascii_case(b"FETCH") {
+                        shared.fetched += 1;
+                    }
                     if let Some((seq, uid)) = super::fetch::seq_and_uid(rest) {
                         shared.uids.learn(seq, uid);
                     } else if second.eq_ignore_ascii_case(b"EXPUNGE") {
                         if let Some(seq) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
                             shared.uids.expunge(seq);
+                            shared.exists = shared.exists.map(|e| e.saturating_sub(1));
                         }
                     } else if second.eq_ignore_ascii_case(b"EXISTS") {
                         if let Some(count) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
                             shared.uids.exists(count);
+                            shared.exists = Some(count);
                         }
                     } else if first.eq_ignore_ascii_case(b"VANISHED") {
                         shared.uids.forget();
@@ -741,6 +786,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
 
     fn learn_all_uids(&mut self, uids: &[u32]) {
         self.lock().uids.learn_all(uids);
+    }
+
+    fn answered(&mut self, messages: usize) {
+        self.lock().fetched += messages as u32;
     }
 
     fn count(&mut self, hits: usize, misses: usize) {

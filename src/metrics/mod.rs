@@ -7,7 +7,10 @@ pub mod counted;
 
 use std::sync::{Arc, Mutex};
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::cache::{Kind, MessageCache, StatsSnapshot};
 
@@ -22,6 +25,14 @@ pub struct Metrics {
     pub logins: IntCounterVec,
     pub client_bytes: IntCounterVec,
     pub upstream_bytes: IntCounterVec,
+    pub commands: IntCounterVec,
+    pub command_duration: HistogramVec,
+    pub upstream_connect_duration: HistogramVec,
+    pub upstream_errors: IntCounterVec,
+    pub mailbox_messages: Histogram,
+    pub fetch_messages: Histogram,
+    pub full_resyncs: IntCounterVec,
+    pub limit_rejections: IntCounterVec,
     cache_requests: IntCounterVec,
     cache_size: IntGauge,
     cache_entries: IntGauge,
@@ -38,6 +49,25 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     registry.register(Box::new(family.clone())).expect("metric registered once");
     family
 }
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let family = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
+    registry.register(Box::new(family.clone())).expect("metric registered once");
+    family
+}
+
+/// Seconds, from a fast local command to a long download or an IDLE.
+fn duration_buckets() -> Vec<f64> {
+    vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]
+}
+
+/// Message counts, from a single message to a very large mailbox.
+fn count_buckets() -> Vec<f64> {
+    vec![1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0]
+}
+
+/// What `mailgate_limit_rejections_total` counts (the limits of docs/CONFIG.md).
+pub const LIMIT_KINDS: &[&str] = &["connections", "rate", "auth", "bandwidth", "append_size"];
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let family = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -66,7 +96,54 @@ impl Metrics {
         ] {
             registry.register(single).expect("metric registered once");
         }
+        let single = |name: &str, help: &str| {
+            let family = Histogram::with_opts(HistogramOpts::new(name, help).buckets(count_buckets())).expect("valid");
+            registry.register(Box::new(family.clone())).expect("metric registered once");
+            family
+        };
+        let mailbox_messages = single("mailgate_mailbox_messages", "Mailbox size (EXISTS) at SELECT or EXAMINE.");
+        let fetch_messages = single("mailgate_fetch_messages", "Messages answered per FETCH.");
+        let limit_rejections =
+            counter(&registry, "mailgate_limit_rejections_total", "Requests refused by a limit or quota.", &["kind"]);
+        for kind in LIMIT_KINDS {
+            limit_rejections.with_label_values(&[kind]);
+        }
         Metrics {
+            commands: counter(
+                &registry,
+                "mailgate_commands_total",
+                "Client commands after login.",
+                &["protocol", "command"],
+            ),
+            command_duration: histogram(
+                &registry,
+                "mailgate_command_duration_seconds",
+                "From a command to its completion by the upstream (or the cache).",
+                &["protocol", "command"],
+                duration_buckets(),
+            ),
+            upstream_connect_duration: histogram(
+                &registry,
+                "mailgate_upstream_connect_duration_seconds",
+                "Upstream connect, TLS and login.",
+                &["protocol"],
+                duration_buckets(),
+            ),
+            upstream_errors: counter(
+                &registry,
+                "mailgate_upstream_errors_total",
+                "Upstreams that could not be used, by kind.",
+                &["protocol", "kind"],
+            ),
+            mailbox_messages,
+            fetch_messages,
+            full_resyncs: counter(
+                &registry,
+                "mailgate_full_resyncs_total",
+                "FETCHes covering at least 90% of a mailbox of at least 1,000 messages.",
+                &["protocol"],
+            ),
+            limit_rejections,
             connections_active: gauge(&registry, "mailgate_connections_active", "Client connections open now.", conn),
             connections_total: counter(&registry, "mailgate_connections_total", "Client connections accepted.", conn),
             tls_handshakes: counter(

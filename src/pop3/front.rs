@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::codec::{split_command, CodecError, LineReader};
 use super::relay;
-use super::upstream::{login, LoginError};
+use super::upstream::{login, LoggedIn, LoginError};
 use crate::auth::{decode_plain, Credentials};
 use crate::secret::Secret;
 use crate::service::Service;
@@ -152,7 +152,7 @@ pub async fn serve(stream: Stream, service: &Service) {
             }
             Outcome::Login(credentials) => {
                 user = None;
-                match login(&service.upstream, &credentials).await {
+                match timed_login(service, &credentials).await {
                     Ok(session) => {
                         service.login_result("ok");
                         tracing::Span::current().record("user", credentials.user.as_str());
@@ -280,4 +280,16 @@ async fn auth(conn: &mut Conn, service: &Service, args: &str) -> Result<(Outcome
         Ok(credentials) => (Outcome::Login(credentials), None),
         Err(e) => (Outcome::Continue, Some(bad(&format!("-ERR [AUTH] Invalid SASL PLAIN response: {e}.")))),
     })
+}
+
+/// The upstream login, timed and its failures classified for the metrics.
+async fn timed_login(service: &Service, credentials: &Credentials) -> Result<LoggedIn, LoginError> {
+    let started = std::time::Instant::now();
+    let result = login(&service.upstream, credentials).await;
+    let error = match &result {
+        Err(LoginError::Unavailable(e)) => Some(e),
+        _ => None,
+    };
+    service.upstream_attempt(started, error);
+    result
 }

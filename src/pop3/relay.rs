@@ -64,6 +64,9 @@ enum Pending {
         body: bool,
         track: Track,
         load: Option<LoadGuard>,
+        /// The metric label and when the command arrived.
+        label: &'static str,
+        started: Instant,
     },
     Cached(Bytes),
 }
@@ -80,6 +83,13 @@ struct Shared {
     deleted: HashSet<u32>,
     /// mailgate's own UIDL is still unanswered: cache decisions wait for it.
     learning_uidls: bool,
+}
+
+/// The bounded metric label of a POP3 command keyword.
+fn metric_label(keyword: &str) -> &'static str {
+    const LABELS: &[&str] =
+        &["stat", "list", "uidl", "retr", "top", "dele", "rset", "noop", "quit", "capa", "auth", "user", "pass"];
+    LABELS.iter().find(|l| keyword.eq_ignore_ascii_case(l)).copied().unwrap_or("other")
 }
 
 /// How long a RETR miss waits for another session loading the same message.
@@ -126,6 +136,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         inject: inject_tx,
         scope: scope.clone(),
         service,
+        label: "other",
+        started: Instant::now(),
         cache_hits: 0,
         cache_misses: 0,
         cache_bytes: 0,
@@ -138,6 +150,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         answering: None,
         capture: Vec::new(),
         load: None,
+        timing: None,
         shared,
         answered,
         queued,
@@ -209,6 +222,10 @@ struct ClientPump<'a, R, W> {
     inject: mpsc::Sender<Inject>,
     scope: Option<Scope>,
     service: &'a Service,
+    /// The command being handled: its metric label and arrival (answers from the cache are
+    /// timed here, the others when the upstream's answer ends).
+    label: &'static str,
+    started: Instant,
     /// This session's RETR/TOP answered from the cache, and not.
     cache_hits: u64,
     cache_misses: u64,
@@ -256,6 +273,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     /// Answers a command from the cache when possible, else forwards it.
     async fn command(&mut self, line: Vec<u8>) -> Result<(), End> {
         let (keyword, args) = split_command(&line);
+        let label = metric_label(&keyword);
+        self.service.metrics.commands.with_label_values(&["pop3", label]).inc();
+        self.label = label;
+        self.started = Instant::now();
         let numbers: Vec<u32> =
             String::from_utf8_lossy(args).split_whitespace().map_while(|w| w.parse().ok()).collect();
         let track = match (keyword.as_str(), numbers.as_slice()) {
@@ -278,6 +299,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 self.cache_bytes += response.len() as u64;
                 self.wait_for_room().await?;
                 lock(&self.shared).pending.push_back(Pending::Cached(response));
+                self.timed_from_cache();
                 self.queued.notify_one();
                 return Ok(());
             }
@@ -290,6 +312,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     self.cache_bytes += response.len() as u64;
                     self.wait_for_room().await?;
                     lock(&self.shared).pending.push_back(Pending::Cached(response));
+                    self.timed_from_cache();
+                    self.timed_from_cache();
                     self.queued.notify_one();
                     return Ok(());
                 }
@@ -333,6 +357,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         };
         scope.cache.served(response.len());
         Some(response)
+    }
+
+    fn timed_from_cache(&self) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.service.metrics.command_duration.with_label_values(&["pop3", self.label]).observe(seconds);
     }
 
     /// A RETR miss: load it for everyone, or take what another session is loading.
@@ -395,7 +424,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         load: Option<LoadGuard>,
     ) -> Result<(), End> {
         self.wait_for_room().await?;
-        lock(&self.shared).pending.push_back(Pending::Upstream { body, track, load });
+        let (label, started) = (self.label, self.started);
+        lock(&self.shared).pending.push_back(Pending::Upstream { body, track, load, label, started });
         self.queued.notify_one();
         let written = async {
             self.write.write_all(&line).await?;
@@ -446,6 +476,8 @@ struct UpstreamPump<'a, R, W> {
     capture: Vec<u8>,
     /// This response loads a message that other sessions may be waiting for.
     load: Option<LoadGuard>,
+    /// The metric label and start of the command being answered.
+    timing: Option<(&'static str, Instant)>,
     shared: Arc<Mutex<Shared>>,
     answered: Arc<Notify>,
     queued: Arc<Notify>,
@@ -537,8 +569,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         if self.answering.is_none() {
             // Unsolicited bytes (no command pending) are read as a single line.
             let (body, track) = match lock(&self.shared).pending.front_mut() {
-                Some(Pending::Upstream { body, track, load }) => {
+                Some(Pending::Upstream { body, track, load, label, started }) => {
                     self.load = load.take();
+                    self.timing = Some((*label, *started));
                     (*body, track.clone())
                 }
                 _ => (false, Track::Nothing),
@@ -577,6 +610,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         };
         if let Some(ok) = ok {
             let track = self.answering.take().expect("a response is being read");
+            // mailgate's own UIDL is not a client command.
+            if let Some((label, started)) = self.timing.take().filter(|_| track != Track::Uidl { internal: true }) {
+                let seconds = started.elapsed().as_secs_f64();
+                self.service.metrics.command_duration.with_label_values(&["pop3", label]).observe(seconds);
+            }
             if ok {
                 self.learn(track.clone()).await;
             }
