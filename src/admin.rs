@@ -54,6 +54,10 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let (status, content_type, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", admin.metrics.render().await),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/debug/top-accounts") => {
+            let top = admin.metrics.top_accounts.top(admin.metrics.top_accounts_shown, std::time::Instant::now());
+            ("200 OK", "application/json", serde_json::to_string_pretty(&top).unwrap_or_default() + "\n")
+        }
         ("GET", "/readyz") => match unreachable_upstream(admin).await {
             None => ("200 OK", "text/plain", "ready\n".to_string()),
             Some(name) => ("503 Service Unavailable", "text/plain", format!("upstream {name} unreachable\n")),

@@ -253,11 +253,21 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// Where `/metrics`, `/healthz` and `/readyz` are served: keep it on a private address.
     pub address: SocketAddr,
+    /// How many heaviest accounts `/debug/top-accounts` lists (and, ×10, how many each
+    /// time slice of the window tracks).
+    pub top_accounts: usize,
+    /// The sliding window of `/debug/top-accounts`.
+    pub top_accounts_window: Span,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { enabled: true, address: SocketAddr::from(([127, 0, 0, 1], 9090)) }
+        AdminConfig {
+            enabled: true,
+            address: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            top_accounts: 20,
+            top_accounts_window: Span(std::time::Duration::from_secs(3600)),
+        }
     }
 }
 

@@ -104,7 +104,7 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
     }
 
     let cache = config.cache.enabled.then(|| Arc::new(cache::MessageCache::new(&config.cache)));
-    let metrics = Arc::new(metrics::Metrics::new(cache.clone()));
+    let metrics = Arc::new(metrics::Metrics::new(cache.clone(), &config.admin));
     if config.admin.enabled {
         let address = config.admin.address;
         let tcp =

@@ -68,14 +68,40 @@ impl Service {
 
     /// A relay stream counted into `mailgate_client_bytes_total` (`client`) or
     /// `mailgate_upstream_bytes_total`.
-    pub fn counted(&self, stream: Stream, client: bool) -> crate::metrics::counted::Counted<Stream> {
+    pub fn counted(
+        &self,
+        stream: Stream,
+        client: bool,
+        session: &crate::metrics::SessionBytes,
+    ) -> crate::metrics::counted::Counted<Stream> {
         let family = if client { &self.metrics.client_bytes } else { &self.metrics.upstream_bytes };
         let protocol = self.protocol.name();
         crate::metrics::counted::Counted::new(
             stream,
             family.with_label_values(&[protocol, "in"]),
             family.with_label_values(&[protocol, "out"]),
+            if client { session.client.clone() } else { session.upstream.clone() },
         )
+    }
+
+    /// The session-end line with the account's sync cost, and its share in the top-K.
+    pub fn session_cost(&self, account: &str, bytes: &crate::metrics::SessionBytes, commands: u64, messages: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cost = crate::metrics::topk::Cost {
+            client_bytes: bytes.client.1.load(Relaxed),
+            upstream_bytes: bytes.upstream.0.load(Relaxed),
+            commands,
+            messages,
+        };
+        tracing::info!(
+            account,
+            client_bytes = cost.client_bytes,
+            upstream_bytes = cost.upstream_bytes,
+            commands,
+            messages,
+            "sync cost"
+        );
+        self.metrics.top_accounts.record(account, cost, std::time::Instant::now());
     }
 
     /// STARTTLS/STLS may be started now.

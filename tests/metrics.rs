@@ -78,6 +78,19 @@ fn metrics_count_known_traffic_with_bounded_labels() {
     assert_eq!(value(&metrics, "mailgate_upstream_connect_duration_seconds_count{protocol=\"imap\"}"), 4.0);
     assert_eq!(value(&metrics, "mailgate_limit_rejections_total{kind=\"connections\"}"), 0.0);
 
+    // Per-account cost goes to the session-end log and the top-K, never to labels.
+    assert!(setup.gateway.wait_for_log("sync cost", Duration::from_secs(5)));
+    let (status, top) = get(admin, "/debug/top-accounts");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let top: serde_json::Value = serde_json::from_str(&top).unwrap();
+    let alice = &top.as_array().unwrap()[0];
+    assert_eq!(alice["account"], "alice", "{top}");
+    assert!(alice["cost"]["client_bytes"].as_u64().unwrap() > 1000, "{top}");
+    assert_eq!(alice["cost"]["messages"].as_u64().unwrap(), 15, "{top}");
+    let log = setup.gateway.log();
+    let line = log.lines().find(|l| l.contains("sync cost")).unwrap();
+    assert!(line.contains("account=\"alice\"") && line.contains("messages=5"), "{line}");
+
     // No user name, address or mailbox name is a label value.
     for line in metrics.lines().filter(|l| !l.starts_with('#')) {
         let labels = line.split_once('{').map(|(_, l)| l.split_once('}').unwrap().0).unwrap_or("");

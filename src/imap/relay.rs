@@ -64,6 +64,9 @@ struct Shared {
     exists: Option<u32>,
     /// FETCH responses relayed since the last FETCH completed.
     fetched: u32,
+    /// Commands and messages fetched in this session (its sync cost).
+    commands: u64,
+    messages: u64,
     /// The tag of a command whose synchronizing literal awaits the upstream's answer, and
     /// that answer once seen (`Some(true)` = `+`, `Some(false)` = refused).
     literal_wait: Option<(Vec<u8>, Option<bool>)>,
@@ -100,9 +103,11 @@ struct InFlight {
 /// whether it was a full resync (at least 90 % of a mailbox of at least 1,000 messages).
 fn completed_command(service: &Service, shared: &mut Shared, label: &'static str, started: Instant) {
     let metrics = &service.metrics;
+    shared.commands += 1;
     metrics.command_duration.with_label_values(&["imap", label]).observe(started.elapsed().as_secs_f64());
     if label == "fetch" || label == "uid_fetch" {
         let fetched = std::mem::take(&mut shared.fetched);
+        shared.messages += u64::from(fetched);
         metrics.fetch_messages.observe(f64::from(fetched));
         if let Some(exists) = shared.exists.filter(|&e| e >= 1000) {
             if u64::from(fetched) * 10 >= u64::from(exists) * 9 {
@@ -133,14 +138,16 @@ struct Inject {
     then_close: bool,
 }
 
-pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<Scope>) {
+pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<Scope>, account: &str) {
+    let bytes = crate::metrics::SessionBytes::default();
     let shared = Arc::new(Mutex::new(Shared::default()));
+    let shared_end = shared.clone();
     let completed = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
     let (jobs_tx, jobs_rx) = mpsc::channel::<JobOrder>(1);
     let (writes_tx, writes_rx) = mpsc::channel::<Vec<u8>>(4);
-    let (client_read, client_write) = tokio::io::split(service.counted(client.stream, true));
-    let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false));
+    let (client_read, client_write) = tokio::io::split(service.counted(client.stream, true, &bytes));
+    let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false, &bytes));
 
     let mut to_upstream = ClientPump {
         read: client_read,
@@ -184,6 +191,11 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         cache_misses = to_client.cache_misses,
         "session ended"
     );
+    let (commands, messages) = {
+        let shared = shared_end.lock().expect("relay lock poisoned");
+        (shared.commands, shared.messages)
+    };
+    service.session_cost(account, &bytes, commands, messages);
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -3,6 +3,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use prometheus::IntCounter;
@@ -12,11 +14,13 @@ pub struct Counted<S> {
     inner: S,
     read: IntCounter,
     written: IntCounter,
+    /// This session's share: (read, written).
+    session: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl<S> Counted<S> {
-    pub fn new(inner: S, read: IntCounter, written: IntCounter) -> Self {
-        Counted { inner, read, written }
+    pub fn new(inner: S, read: IntCounter, written: IntCounter, session: Arc<(AtomicU64, AtomicU64)>) -> Self {
+        Counted { inner, read, written, session }
     }
 }
 
@@ -25,7 +29,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            self.read.inc_by((buf.filled().len() - before) as u64);
+            let n = (buf.filled().len() - before) as u64;
+            self.read.inc_by(n);
+            self.session.0.fetch_add(n, Ordering::Relaxed);
         }
         result
     }
@@ -36,6 +42,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let result = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = result {
             self.written.inc_by(n as u64);
+            self.session.1.fetch_add(n as u64, Ordering::Relaxed);
         }
         result
     }

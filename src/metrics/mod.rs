@@ -4,6 +4,7 @@
 //! address or a mailbox name.
 
 pub mod counted;
+pub mod topk;
 
 use std::sync::{Arc, Mutex};
 
@@ -14,8 +15,19 @@ use prometheus::{
 
 use crate::cache::{Kind, MessageCache, StatsSnapshot};
 
+/// A session's bytes: (from, to) the client, and (from, to) the upstream.
+#[derive(Default)]
+pub struct SessionBytes {
+    pub client: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
+    pub upstream: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// The heaviest accounts by sync cost over a sliding window (names never go to labels).
+    pub top_accounts: topk::TopAccounts,
+    /// How many of them `/debug/top-accounts` lists.
+    pub top_accounts_shown: usize,
     pub connections_active: IntGaugeVec,
     pub connections_total: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
@@ -76,7 +88,7 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
 }
 
 impl Metrics {
-    pub fn new(cache: Option<Arc<MessageCache>>) -> Metrics {
+    pub fn new(cache: Option<Arc<MessageCache>>, admin: &crate::config::AdminConfig) -> Metrics {
         let registry = Registry::new();
         let build = gauge(&registry, "mailgate_build_info", "The running mailgate version (always 1).", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -205,6 +217,8 @@ impl Metrics {
             cache_saved,
             cache,
             exported: Mutex::new(StatsSnapshot::default()),
+            top_accounts: topk::TopAccounts::new(admin.top_accounts.max(1) * 10, admin.top_accounts_window.0, 6),
+            top_accounts_shown: admin.top_accounts,
             registry,
         }
     }
@@ -253,7 +267,7 @@ mod tests {
 
     #[test]
     fn families_are_exported_with_their_labels() {
-        let metrics = Metrics::new(None);
+        let metrics = Metrics::new(None, &Default::default());
         metrics.logins.with_label_values(&["imap", "imaps", "ok"]).inc();
         let text = futures_render(&metrics);
         assert!(text.contains("mailgate_logins_total{listener=\"imaps\",protocol=\"imap\",result=\"ok\"} 1"), "{text}");

@@ -162,7 +162,8 @@ pub async fn serve(stream: Stream, service: &Service) {
                         }
                         let scope = service.cache_scope(&credentials, &session.proof);
                         let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                        relay::run(client, session, service, scope).await;
+                        let account = credentials.authzid.as_deref().unwrap_or(&credentials.user);
+                        relay::run(client, session, service, scope, account).await;
                         return;
                     }
                     Err(LoginError::Rejected { code }) => {

@@ -115,13 +115,14 @@ enum End {
     Closed(&'static str),
 }
 
-pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<Scope>) {
+pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<Scope>, account: &str) {
+    let bytes = crate::metrics::SessionBytes::default();
     let shared = Arc::new(Mutex::new(Shared::default()));
     let answered = Arc::new(Notify::new());
     let queued = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel(4);
-    let (client_read, client_write) = tokio::io::split(service.counted(client.stream, true));
-    let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false));
+    let (client_read, client_write) = tokio::io::split(service.counted(client.stream, true, &bytes));
+    let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false, &bytes));
     let limits = &service.config.pop3;
 
     let mut to_upstream = ClientPump {
@@ -138,6 +139,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         service,
         label: "other",
         started: Instant::now(),
+        commands: 0,
+        messages: 0,
         cache_hits: 0,
         cache_misses: 0,
         cache_bytes: 0,
@@ -176,6 +179,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         cache_bytes = to_upstream.cache_bytes,
         "session ended"
     );
+    service.session_cost(account, &bytes, to_upstream.commands, to_upstream.messages);
 }
 
 fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -226,6 +230,9 @@ struct ClientPump<'a, R, W> {
     /// timed here, the others when the upstream's answer ends).
     label: &'static str,
     started: Instant,
+    /// This session's commands and retrieved messages (its sync cost).
+    commands: u64,
+    messages: u64,
     /// This session's RETR/TOP answered from the cache, and not.
     cache_hits: u64,
     cache_misses: u64,
@@ -275,6 +282,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         let (keyword, args) = split_command(&line);
         let label = metric_label(&keyword);
         self.service.metrics.commands.with_label_values(&["pop3", label]).inc();
+        self.commands += 1;
+        if label == "retr" {
+            self.messages += 1;
+        }
         self.label = label;
         self.started = Instant::now();
         let numbers: Vec<u32> =
