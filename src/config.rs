@@ -70,13 +70,20 @@ pub enum TlsMode {
     Plaintext,
 }
 
-impl fmt::Display for TlsMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl TlsMode {
+    /// The configuration word, also the `tls` metric label.
+    pub fn name(self) -> &'static str {
+        match self {
             TlsMode::Implicit => "implicit",
             TlsMode::Starttls => "starttls",
             TlsMode::Plaintext => "plaintext",
-        })
+        }
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -120,6 +120,7 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
         if settings.tls == TlsMode::Plaintext {
             tracing::warn!(listener = %settings.name, "plaintext listener: clients may send credentials unencrypted");
         }
+        metrics.prepare_listener(settings.protocol.name(), &settings.name, settings.tls.name());
         let service = Arc::new(Service {
             config: config.clone(),
             protocol: settings.protocol,

@@ -20,14 +20,6 @@ use crate::{imap, pop3};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
-fn tls_label(mode: TlsMode) -> &'static str {
-    match mode {
-        TlsMode::Implicit => "implicit",
-        TlsMode::Starttls => "starttls",
-        TlsMode::Plaintext => "plaintext",
-    }
-}
-
 pub struct Listener {
     pub name: String,
     pub tcp: TcpListener,
@@ -72,7 +64,7 @@ impl Drop for Active {
 
 async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<Service>) {
     debug!(%peer, "connected");
-    let labels = [service.protocol.name(), service.listener.as_str(), tls_label(service.listener_tls)];
+    let labels = [service.protocol.name(), service.listener.as_str(), service.listener_tls.name()];
     service.metrics.connections_total.with_label_values(&labels).inc();
     let active = service.metrics.connections_active.with_label_values(&labels);
     active.inc();

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs mailgate's whole test suite on Debian/Ubuntu, installing the test peers when missing:
-# Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl, python3.
+# Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl, python3,
+# and Prometheus (with promtool) to scrape mailgate's metrics.
 #
 #   tests/run.sh              # everything: format check, clippy, unit + integration tests
 #   tests/run.sh -E 'test(starttls)'   # extra arguments go to cargo nextest (filters etc.)
@@ -18,6 +19,7 @@ have fetchmail || missing+=(fetchmail)
 have curl || missing+=(curl)
 have openssl || missing+=(openssl)
 have python3 || missing+=(python3)
+have prometheus || missing+=(prometheus)
 have useradd || missing+=(passwd)
 
 if [ ${#missing[@]} -gt 0 ]; then
@@ -32,7 +34,7 @@ fi
 for tool in /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/sbin/dovecot; do
   [ -x "$tool" ] || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
-for tool in mbsync fetchmail curl openssl python3; do
+for tool in mbsync fetchmail curl openssl python3 prometheus promtool; do
   have "$tool" || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
 

@@ -223,6 +223,35 @@ impl Metrics {
         }
     }
 
+    /// Creates the series of a listener's fixed label sets at zero, so that every family is
+    /// present from the start (dashboards and alerts need no special case for "absent").
+    pub fn prepare_listener(&self, protocol: &str, listener: &str, tls: &str) {
+        self.connections_active.with_label_values(&[protocol, listener, tls]);
+        self.connections_total.with_label_values(&[protocol, listener, tls]);
+        self.starttls_upgrades.with_label_values(&[protocol, listener]);
+        self.plaintext_auth_refused.with_label_values(&[protocol, listener]);
+        for result in ["ok", "rejected", "unavailable"] {
+            self.logins.with_label_values(&[protocol, listener, result]);
+        }
+        if tls != "plaintext" {
+            for result in ["ok", "failed"] {
+                self.tls_handshakes.with_label_values(&[listener, result]);
+            }
+            for reason in ["timeout", "alpn", "version", "other"] {
+                self.tls_handshake_failures.with_label_values(&[listener, reason]);
+            }
+        }
+        for kind in ["connect", "tls", "timeout", "closed", "starttls", "protocol"] {
+            self.upstream_errors.with_label_values(&[protocol, kind]);
+        }
+        self.full_resyncs.with_label_values(&[protocol]);
+        for direction in ["in", "out"] {
+            self.client_bytes.with_label_values(&[protocol, direction]);
+            self.upstream_bytes.with_label_values(&[protocol, direction]);
+        }
+        self.upstream_connect_duration.with_label_values(&[protocol]);
+    }
+
     /// The exposition text (`/metrics`), with the cache's counters brought up to date.
     pub async fn render(&self) -> String {
         if let Some(cache) = &self.cache {
@@ -253,8 +282,9 @@ pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
     // rustls: "peer doesn't support any known protocol" (no common ALPN id).
     if text.contains("known protocol") || text.contains("application protocol") {
         "alpn"
-    } else if text.contains("version") {
-        // rustls: "peer is incompatible: ...Version..." for TLS 1.1 and older.
+    } else if text.contains("version") || text.contains("incompatible") {
+        // rustls: "peer is incompatible: ..." for TLS 1.1 and older clients (they lack what
+        // TLS 1.2+ requires, e.g. SignatureAlgorithmsExtensionRequired).
         "version"
     } else {
         "other"
