@@ -140,3 +140,37 @@ fn health_and_readiness_tell_the_truth() {
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
     assert_eq!(get(admin, "/healthz").0, "HTTP/1.1 200 OK");
 }
+
+#[test]
+fn distinctive_names_addresses_and_mailboxes_never_become_labels() {
+    let setup = Setup::start();
+    let admin = setup.gateway.admin();
+    setup.dovecot.fill(BOB.0, 3, 4);
+    // A distinctive client address: one login comes from 127.0.0.77 (curl binds it).
+    let curl = std::process::Command::new("timeout")
+        .args(["30", "curl", "-s", "--interface", "127.0.0.77", "--cacert"])
+        .arg(&setup.pki.ca)
+        .args(["-u", &format!("{}:{}", BOB.0, BOB.1)])
+        .arg(format!("imaps://localhost:{}/INBOX;UID=1", setup.addr("imaps").port()))
+        .output()
+        .unwrap();
+    assert!(curl.status.success(), "{}", String::from_utf8_lossy(&curl.stderr));
+    assert!(setup.gateway.wait_for_log("client=127.0.0.77", Duration::from_secs(5)));
+    let mut client = setup.login(BOB);
+    assert!(client.command("c", "CREATE Zanzibar-Quarterly-77").last().unwrap().contains("OK"));
+    client.command("s", "SELECT Zanzibar-Quarterly-77");
+    client.command("u", "SELECT INBOX");
+    client.command("f", "UID FETCH 1:* (UID BODY.PEEK[HEADER])");
+    client.send(b"z LOGOUT\r\n");
+    let _ = client.rest();
+    let mut wrong = setup.imaps();
+    wrong.command("a", "LOGIN Xerxes-Distinctive-User guess");
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, metrics) = get(admin, "/metrics");
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        for secret in ["bob", "Zanzibar", "Xerxes", "127.0.0", "INBOX", "guess"] {
+            // (127.0.0.77 and 127.0.0.1 both contain "127.0.0".)
+            assert!(!line.contains(secret), "{secret} in {line}");
+        }
+    }
+}
