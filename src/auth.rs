@@ -17,6 +17,13 @@ pub struct Credentials {
     pub authzid: Option<String>,
 }
 
+impl Credentials {
+    /// Whose mailboxes the session sees: the authorization identity when one was given.
+    pub fn identity(&self) -> &str {
+        self.authzid.as_deref().unwrap_or(&self.user)
+    }
+}
+
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SaslError {
     #[error("invalid base64")]

@@ -43,8 +43,7 @@ impl Service {
     /// (the SASL authorization identity when given) at this upstream. `None` without a cache.
     pub fn cache_scope(&self, credentials: &Credentials, proof: &LoginProof) -> Option<Scope> {
         let cache = self.cache.clone()?;
-        let identity = credentials.authzid.as_deref().unwrap_or(&credentials.user);
-        Some(Scope { account: Account::new(&self.upstream.identity(), identity, proof), cache })
+        Some(Scope { account: Account::new(&self.upstream.identity(), credentials.identity(), proof), cache })
     }
 
     /// Counts credentials refused because TLS was not active yet.
@@ -59,6 +58,13 @@ impl Service {
         if let Some(error) = error {
             self.metrics.upstream_errors.with_label_values(&[protocol, error.kind()]).inc();
         }
+    }
+
+    /// A successful login: counted, the session's span gets the user, one log line.
+    pub fn logged_in(&self, credentials: &Credentials) {
+        self.login_result("ok");
+        tracing::Span::current().record("user", credentials.user.as_str());
+        tracing::info!(upstream = %self.upstream.name, "logged in");
     }
 
     /// Counts a login attempt's outcome: `ok`, `rejected` or `unavailable`.

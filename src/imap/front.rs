@@ -216,9 +216,7 @@ pub async fn serve(stream: Stream, service: &Service) {
             }
             Outcome::Login { tag, credentials } => match timed_login(service, &credentials).await {
                 Ok(session) => {
-                    service.login_result("ok");
-                    tracing::Span::current().record("user", credentials.user.as_str());
-                    info!(upstream = %service.upstream.name, "logged in");
+                    service.logged_in(&credentials);
                     let caps = relayable_capabilities(&session.capabilities).join(" ");
                     let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
                     if conn.write(ok.as_bytes()).await.is_err() {
@@ -226,8 +224,7 @@ pub async fn serve(stream: Stream, service: &Service) {
                     }
                     let scope = service.cache_scope(&credentials, &session.proof);
                     let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                    let account = credentials.authzid.as_deref().unwrap_or(&credentials.user);
-                    relay::run(client, session, service, scope, account).await;
+                    relay::run(client, session, service, scope, credentials.identity()).await;
                     return;
                 }
                 Err(LoginError::Rejected { code }) => {

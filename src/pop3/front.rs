@@ -154,16 +154,13 @@ pub async fn serve(stream: Stream, service: &Service) {
                 user = None;
                 match timed_login(service, &credentials).await {
                     Ok(session) => {
-                        service.login_result("ok");
-                        tracing::Span::current().record("user", credentials.user.as_str());
-                        info!(upstream = %service.upstream.name, "logged in");
+                        service.logged_in(&credentials);
                         if conn.write("+OK Logged in.").await.is_err() {
                             return;
                         }
                         let scope = service.cache_scope(&credentials, &session.proof);
                         let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                        let account = credentials.authzid.as_deref().unwrap_or(&credentials.user);
-                        relay::run(client, session, service, scope, account).await;
+                        relay::run(client, session, service, scope, credentials.identity()).await;
                         return;
                     }
                     Err(LoginError::Rejected { code }) => {
