@@ -28,6 +28,7 @@
 #   QUICKSTART_IMAP_PORT           mailgate, STARTTLS         (default 1143)
 #   QUICKSTART_POP3S_PORT          mailgate, POP3 implicit TLS (default 1995)
 #   QUICKSTART_POP3_PORT           mailgate, POP3 STLS        (default 1110)
+#   QUICKSTART_ADMIN_PORT          mailgate, /metrics etc.    (default 19090)
 #   QUICKSTART_DOVECOT_IMAPS_PORT  demo Dovecot, IMAPS        (default 10993)
 #   QUICKSTART_DOVECOT_IMAP_PORT   demo Dovecot, IMAP         (default 10143)
 #   QUICKSTART_DOVECOT_POP3S_PORT  demo Dovecot, POP3S        (default 10995)
@@ -75,6 +76,7 @@ MG_IMAPS_PORT=${QUICKSTART_IMAPS_PORT:-${MAILGATE_IMAPS_PORT:-1993}}
 MG_IMAP_PORT=${QUICKSTART_IMAP_PORT:-${MAILGATE_IMAP_PORT:-1143}}
 MG_POP3S_PORT=${QUICKSTART_POP3S_PORT:-1995}
 MG_POP3_PORT=${QUICKSTART_POP3_PORT:-1110}
+MG_ADMIN_PORT=${QUICKSTART_ADMIN_PORT:-19090}
 DC_IMAPS_PORT=${QUICKSTART_DOVECOT_IMAPS_PORT:-10993}
 DC_IMAP_PORT=${QUICKSTART_DOVECOT_IMAP_PORT:-10143}
 DC_POP3S_PORT=${QUICKSTART_DOVECOT_POP3S_PORT:-10995}
@@ -177,13 +179,14 @@ check_port QUICKSTART_IMAPS_PORT "$MG_IMAPS_PORT"
 check_port QUICKSTART_IMAP_PORT "$MG_IMAP_PORT"
 check_port QUICKSTART_POP3S_PORT "$MG_POP3S_PORT"
 check_port QUICKSTART_POP3_PORT "$MG_POP3_PORT"
+check_port QUICKSTART_ADMIN_PORT "$MG_ADMIN_PORT"
 check_port QUICKSTART_DOVECOT_IMAPS_PORT "$DC_IMAPS_PORT"
 check_port QUICKSTART_DOVECOT_IMAP_PORT "$DC_IMAP_PORT"
 check_port QUICKSTART_DOVECOT_POP3S_PORT "$DC_POP3S_PORT"
 check_port QUICKSTART_DOVECOT_POP3_PORT "$DC_POP3_PORT"
-ALL_PORTS=("$MG_IMAPS_PORT" "$MG_IMAP_PORT" "$MG_POP3S_PORT" "$MG_POP3_PORT" "$DC_IMAPS_PORT" "$DC_IMAP_PORT" "$DC_POP3S_PORT" "$DC_POP3_PORT")
+ALL_PORTS=("$MG_IMAPS_PORT" "$MG_IMAP_PORT" "$MG_POP3S_PORT" "$MG_POP3_PORT" "$MG_ADMIN_PORT" "$DC_IMAPS_PORT" "$DC_IMAP_PORT" "$DC_POP3S_PORT" "$DC_POP3_PORT")
 if [[ $(printf '%s\n' "${ALL_PORTS[@]}" | sort -u | wc -l) -ne ${#ALL_PORTS[@]} ]]; then
-	die "the eight ports must differ: ${ALL_PORTS[*]}"
+	die "the nine ports must differ: ${ALL_PORTS[*]}"
 fi
 
 [[ $WORK == /* ]] || WORK="$PWD/$WORK"
@@ -782,6 +785,10 @@ configure_mailgate() {
 		tls = "implicit"
 		ca_file = "$DC/tls/ca.pem"
 
+		# Prometheus metrics, /healthz, /readyz and /debug/top-accounts.
+		[admin]
+		address = "127.0.0.1:$MG_ADMIN_PORT"
+
 		[shutdown]
 		# Ctrl-C should not keep you waiting: open sessions get 5s to finish.
 		grace = "5s"
@@ -871,6 +878,11 @@ print_instructions() {
 		  Trust the CA first: Settings > Privacy & Security > Certificates > Manage Certificates
 		  > Authorities > Import $w/ca.pem, tick "Trust this CA to identify websites".
 		  The CA can only vouch for localhost and 127.0.0.0/8 (X.509 name constraints).
+
+		Metrics (Prometheus text format) and the heaviest accounts:
+
+		  curl -s http://127.0.0.1:$MG_ADMIN_PORT/metrics | grep mailgate_logins_total
+		  curl -s http://127.0.0.1:$MG_ADMIN_PORT/debug/top-accounts
 
 		Files: $MG_CONF (mailgate), $DC/dovecot.log (Dovecot)
 	EOF
@@ -963,6 +975,10 @@ run_checks() {
 		"${curl[@]}" "pop3s://127.0.0.1:$MG_POP3S_PORT/1"
 	check "STLS: curl --ssl-reqd retrieves message 1" "Subject: Welcome to mailgate" \
 		"${curl[@]}" --ssl-reqd "pop3://127.0.0.1:$MG_POP3_PORT/1"
+	check "admin: /metrics counts the logins" 'mailgate_logins_total{listener="imaps",protocol="imap",result="ok"}' \
+		curl --silent --show-error --max-time 20 "http://127.0.0.1:$MG_ADMIN_PORT/metrics"
+	check "admin: /readyz says ready" "ready" \
+		curl --silent --show-error --max-time 20 "http://127.0.0.1:$MG_ADMIN_PORT/readyz"
 
 	if ((CHECK_FAILED)); then
 		echo
