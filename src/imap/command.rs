@@ -441,6 +441,48 @@ mod tests {
     }
 
     #[test]
+    fn random_commands_never_panic() {
+        let mut seed = 0x1234_5678_9abc_def1_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        const WORDS: &[&str] = &[
+            "a",
+            " ",
+            "LOGIN",
+            "AUTHENTICATE",
+            "PLAIN",
+            "ID",
+            "(",
+            ")",
+            "\"",
+            "\\",
+            "NIL",
+            "=",
+            "x y",
+            "\0",
+            "{",
+            "}",
+            "]",
+        ];
+        for _ in 0..5000 {
+            let text: String = (0..(next() % 12)).map(|_| WORDS[(next() % WORDS.len() as u64) as usize]).collect();
+            let literal_follows = next() % 3 == 0;
+            let mut parts = vec![line(&text, literal_follows)];
+            if literal_follows {
+                parts.push(Part::Literal(b"lit".to_vec()));
+                parts.push(line(")", false));
+            }
+            let _ = parse(&parts);
+            let _ = peek_name(text.as_bytes());
+            let _ = metric_label(text.as_bytes());
+        }
+    }
+
+    #[test]
     fn metric_labels_are_bounded() {
         assert_eq!(metric_label(b"a1 UID FETCH 1:* (FLAGS)"), "uid_fetch");
         assert_eq!(metric_label(b"a1 fetch 1 body[]"), "fetch");

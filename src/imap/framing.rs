@@ -322,6 +322,47 @@ mod tests {
         assert_eq!(step.event, Some(Event::Line(Line { head: b"b NOOP".to_vec(), len: 8, announce: None })));
     }
 
+    /// Random bytes (weighted towards the characters that matter: CR, LF, braces, digits,
+    /// `+`, `~`) in random chunks never panic, always make progress and stay bounded.
+    #[test]
+    fn random_input_never_panics_and_always_progresses() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        const ALPHABET: &[u8] = b"\r\n{}+~0123456789 aA*()[]\"\\\0\xff";
+        for _ in 0..2000 {
+            let mut framer = Framer::new(64);
+            let len = (next() % 300) as usize;
+            let input: Vec<u8> = (0..len).map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize]).collect();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                if framer.pending_literal().is_some() {
+                    if next() % 2 == 0 {
+                        framer.accept_literal();
+                    } else {
+                        framer.reject_literal();
+                    }
+                }
+                let chunk = 1 + (next() % 17) as usize;
+                let piece = &rest[..chunk.min(rest.len())];
+                match framer.feed(piece) {
+                    Ok(step) => {
+                        assert!(step.consumed <= piece.len());
+                        assert!(step.consumed > 0 || framer.pending_literal().is_some(), "no progress");
+                        rest = &rest[step.consumed..];
+                    }
+                    Err(FrameError::LineTooLong(_)) => break,
+                    Err(FrameError::LiteralUndecided) => unreachable!("decided above"),
+                }
+                assert!(framer.capacity_is_bounded());
+            }
+        }
+    }
+
     impl Framer {
         fn capacity_is_bounded(&self) -> bool {
             self.head.capacity() <= HEAD_LEN * 2 && self.tail.capacity() <= TAIL_LEN * 4

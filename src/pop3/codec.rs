@@ -307,6 +307,41 @@ mod tests {
         assert_eq!(split_command(b"top 1 5"), ("TOP".to_string(), &b"1 5"[..]));
     }
 
+    /// Random responses in random chunks never panic, always make progress, and a body
+    /// ends only at a lone dot line.
+    #[test]
+    fn random_responses_never_panic() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        const ALPHABET: &[u8] = b"\r\n..+-OKER x";
+        for _ in 0..2000 {
+            let mut scanner = ResponseScanner::default();
+            scanner.expect(next() % 2 == 0);
+            let len = (next() % 400) as usize;
+            let input: Vec<u8> = (0..len).map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize]).collect();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let chunk = 1 + (next() % 13) as usize;
+                let piece = &rest[..chunk.min(rest.len())];
+                match scanner.feed(piece) {
+                    Ok(step) => {
+                        assert!(step.consumed > 0 && step.consumed <= piece.len());
+                        rest = &rest[step.consumed..];
+                        if step.event.is_some() && scanner.at_boundary() {
+                            scanner.expect(next() % 2 == 0);
+                        }
+                    }
+                    Err(CodecError::LineTooLong(_)) => break,
+                }
+            }
+        }
+    }
+
     #[test]
     fn unstuffing_removes_one_leading_dot() {
         assert_eq!(unstuff(b"..a\r\nb..\r\n...\r\n"), b".a\r\nb..\r\n..\r\n");
