@@ -31,6 +31,7 @@ pub struct Config {
     pub pop3: Pop3Config,
     pub cache: CacheConfig,
     pub admin: AdminConfig,
+    pub limits: LimitsConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -280,6 +281,33 @@ impl Default for AdminConfig {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Client connections open at once, in all.
+    pub max_connections: u32,
+    /// Client connections open at once from one address (IPv6: one prefix).
+    pub max_connections_per_ip: u32,
+    /// Logged-in sessions of one user, IMAP and POP3 together.
+    pub max_connections_per_user: u32,
+    /// Logged-in sessions of one user from one address (Dovecot's mail_max_userip_connections).
+    pub max_connections_per_user_ip: u32,
+    /// IPv6 addresses sharing this many leading bits count as one client (a subscriber's prefix).
+    pub ipv6_prefix: u8,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 20_000,
+            max_connections_per_ip: 100,
+            max_connections_per_user: 50,
+            max_connections_per_user_ip: 20,
+            ipv6_prefix: 64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// How long in-flight commands may run after SIGTERM before sessions are cut.
     pub grace: Span,
@@ -317,7 +345,7 @@ impl fmt::Display for ConfigError {
 #[error("{} configuration error(s): {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
-const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "pop3", "cache", "admin", "shutdown"];
+const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "pop3", "cache", "admin", "limits", "shutdown"];
 
 impl Config {
     /// Defaults, then the TOML file, then `MAILGATE_SECTION__KEY` variables from the process
@@ -382,9 +410,10 @@ impl Config {
         let pop3 = section(&mut errors, "pop3", root.get("pop3")).unwrap_or_default();
         let cache = section(&mut errors, "cache", root.get("cache")).unwrap_or_default();
         let admin = section(&mut errors, "admin", root.get("admin")).unwrap_or_default();
+        let limits = section(&mut errors, "limits", root.get("limits")).unwrap_or_default();
         let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
 
-        let config = Config { listeners, tls, upstream, imap, pop3, cache, admin, shutdown };
+        let config = Config { listeners, tls, upstream, imap, pop3, cache, admin, limits, shutdown };
         errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
@@ -469,6 +498,9 @@ impl Config {
         }
         if self.cache.max_entry_bytes > self.cache.max_bytes {
             errors.push(error("cache.max_entry_bytes", "must not exceed cache.max_bytes"));
+        }
+        if self.limits.ipv6_prefix > 128 {
+            errors.push(error("limits.ipv6_prefix", "must be at most 128"));
         }
         let p = &self.pop3;
         if p.max_bad_commands == 0 {

@@ -27,6 +27,7 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod imap;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod pop3;
@@ -105,6 +106,7 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
 
     let cache = config.cache.enabled.then(|| Arc::new(cache::MessageCache::new(&config.cache)));
     let metrics = Arc::new(metrics::Metrics::new(cache.clone(), &config.admin));
+    let limits = limits::Limits::new(&config.limits);
     if config.admin.enabled {
         let address = config.admin.address;
         let tcp =
@@ -130,6 +132,7 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
             shutdown: token.clone(),
             cache: cache.clone(),
             metrics: metrics.clone(),
+            limits: limits.clone(),
             listener: settings.name.clone(),
         });
         let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, field, info_span, warn, Instrument};
+use tracing::{debug, field, info, info_span, warn, Instrument};
 
 use crate::config::Protocol;
 use crate::config::TlsMode;
@@ -77,9 +77,25 @@ async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<Service>) {
         },
         TlsMode::Starttls | TlsMode::Plaintext => Stream::Plain(tcp),
     };
+    let _lease = match service.limits.connect(peer.ip()) {
+        Ok(lease) => lease,
+        Err(refused) => {
+            info!(?refused, "connection refused by a limit");
+            service.limited("connections");
+            let mut stream = stream;
+            let refusal: &[u8] = match service.protocol {
+                Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
+                Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n",
+            };
+            if tokio::io::AsyncWriteExt::write_all(&mut stream, refusal).await.is_ok() {
+                stream.linger_close().await;
+            }
+            return;
+        }
+    };
     match service.protocol {
-        Protocol::Imap => imap::front::serve(stream, &service).await,
-        Protocol::Pop3 => pop3::front::serve(stream, &service).await,
+        Protocol::Imap => imap::front::serve(stream, &service, peer).await,
+        Protocol::Pop3 => pop3::front::serve(stream, &service, peer).await,
     }
     debug!("disconnected");
 }

@@ -30,6 +30,8 @@ pub struct Service {
     /// The process-wide message cache, when enabled.
     pub cache: Option<Arc<MessageCache>>,
     pub metrics: Arc<Metrics>,
+    /// The process-wide connection caps.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 impl Service {
@@ -44,6 +46,11 @@ impl Service {
     pub fn cache_scope(&self, credentials: &Credentials, proof: &LoginProof) -> Option<Scope> {
         let cache = self.cache.clone()?;
         Some(Scope { account: Account::new(&self.upstream.identity(), credentials.identity(), proof), cache })
+    }
+
+    /// Counts a request refused by a limit (`kind` from `metrics::LIMIT_KINDS`).
+    pub fn limited(&self, kind: &'static str) {
+        self.metrics.limit_rejections.with_label_values(&[kind]).inc();
     }
 
     /// Counts credentials refused because TLS was not active yet.

@@ -176,7 +176,7 @@ enum Outcome {
 }
 
 /// Serves the not-authenticated state; on a successful login hands over to the relay.
-pub async fn serve(stream: Stream, service: &Service) {
+pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr) {
     let limits = &service.config.imap;
     let mut conn = Conn {
         stream,
@@ -214,39 +214,49 @@ pub async fn serve(stream: Stream, service: &Service) {
                     None => return,
                 }
             }
-            Outcome::Login { tag, credentials } => match timed_login(service, &credentials).await {
-                Ok(session) => {
-                    service.logged_in(&credentials);
-                    let caps = relayable_capabilities(&session.capabilities).join(" ");
-                    let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
-                    if conn.write(ok.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let scope = service.cache_scope(&credentials, &session.proof);
-                    let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                    relay::run(client, session, service, scope, credentials.identity()).await;
-                    return;
-                }
-                Err(LoginError::Rejected { code }) => {
-                    service.login_result("rejected");
-                    info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
-                    // RFC 5530 codes that tell the user something useful pass through.
-                    const RELAYED: &[&str] =
-                        &["AUTHORIZATIONFAILED", "EXPIRED", "CONTACTADMIN", "UNAVAILABLE", "LIMIT"];
-                    let code = code.as_deref().filter(|c| RELAYED.contains(c)).unwrap_or("AUTHENTICATIONFAILED");
-                    let no = format!("{tag} NO [{code}] Authentication failed.\r\n");
+            Outcome::Login { tag, credentials } => match service.limits.login(credentials.identity(), peer.ip()) {
+                Err(refused) => {
+                    info!(user = %credentials.user, ?refused, "login refused by a limit");
+                    service.limited("connections");
+                    let no = format!("{tag} NO [LIMIT] Too many sessions for this user, try again later.\r\n");
                     if conn.write(no.as_bytes()).await.is_err() {
                         return;
                     }
                 }
-                Err(LoginError::Unavailable(e)) => {
-                    service.login_result("unavailable");
-                    warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
-                    let no = format!("{tag} NO [UNAVAILABLE] Upstream server unavailable, try again later.\r\n");
-                    if conn.write(no.as_bytes()).await.is_err() {
+                Ok(_lease) => match timed_login(service, &credentials).await {
+                    Ok(session) => {
+                        service.logged_in(&credentials);
+                        let caps = relayable_capabilities(&session.capabilities).join(" ");
+                        let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
+                        if conn.write(ok.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let scope = service.cache_scope(&credentials, &session.proof);
+                        let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
+                        relay::run(client, session, service, scope, credentials.identity()).await;
                         return;
                     }
-                }
+                    Err(LoginError::Rejected { code }) => {
+                        service.login_result("rejected");
+                        info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
+                        // RFC 5530 codes that tell the user something useful pass through.
+                        const RELAYED: &[&str] =
+                            &["AUTHORIZATIONFAILED", "EXPIRED", "CONTACTADMIN", "UNAVAILABLE", "LIMIT"];
+                        let code = code.as_deref().filter(|c| RELAYED.contains(c)).unwrap_or("AUTHENTICATIONFAILED");
+                        let no = format!("{tag} NO [{code}] Authentication failed.\r\n");
+                        if conn.write(no.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(LoginError::Unavailable(e)) => {
+                        service.login_result("unavailable");
+                        warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
+                        let no = format!("{tag} NO [UNAVAILABLE] Upstream server unavailable, try again later.\r\n");
+                        if conn.write(no.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                },
             },
         }
     }

@@ -99,7 +99,7 @@ fn bad(text: &str) -> Reply {
     Reply { text: text.to_string(), bad: true }
 }
 
-pub async fn serve(stream: Stream, service: &Service) {
+pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr) {
     let limits = &service.config.pop3;
     let mut conn = Conn {
         stream,
@@ -152,6 +152,18 @@ pub async fn serve(stream: Stream, service: &Service) {
             }
             Outcome::Login(credentials) => {
                 user = None;
+                let _lease = match service.limits.login(credentials.identity(), peer.ip()) {
+                    Ok(lease) => lease,
+                    Err(refused) => {
+                        info!(user = %credentials.user, ?refused, "login refused by a limit");
+                        service.limited("connections");
+                        if conn.write("-ERR [IN-USE] Too many sessions for this user, try again later.").await.is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
+                };
                 match timed_login(service, &credentials).await {
                     Ok(session) => {
                         service.logged_in(&credentials);

@@ -1,0 +1,207 @@
+//! Limits on what one client address, one user or the whole gateway may hold at once.
+//!
+//! This module owns the connection caps: global, per client address (IPv6 grouped by a
+//! prefix, /64 by default, since one subscriber gets a whole prefix), per user across IMAP
+//! and POP3, and per user and address (Dovecot's `mail_max_userip_connections`). A connection
+//! or a logged-in session holds a *lease*; dropping the lease gives the slot back, however
+//! the session ends. Counts live in maps pruned to the keys in use, so memory follows the
+//! number of open connections, not the number of addresses ever seen.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use crate::config::LimitsConfig;
+
+/// A client address as limits see it: IPv4 as is, IPv6 cut to the configured prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey(IpAddr);
+
+impl ClientKey {
+    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> ClientKey {
+        match ip {
+            IpAddr::V4(_) => ClientKey(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey(IpAddr::V4(v4)),
+                None => {
+                    let bits = u128::from(v6);
+                    let prefix = u32::from(ipv6_prefix.min(128));
+                    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
+                    ClientKey(IpAddr::V6((bits & mask).into()))
+                }
+            },
+        }
+    }
+}
+
+/// Which cap refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    Global,
+    PerAddress,
+    PerUser,
+    PerUserAddress,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: u32,
+    per_address: HashMap<ClientKey, u32>,
+    per_user: HashMap<String, u32>,
+    per_user_address: HashMap<(String, ClientKey), u32>,
+}
+
+fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: &K) {
+    if let Some(count) = map.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            map.remove(key);
+        }
+    }
+}
+
+pub struct Limits {
+    config: LimitsConfig,
+    counts: Mutex<Counts>,
+}
+
+impl Limits {
+    pub fn new(config: &LimitsConfig) -> Arc<Limits> {
+        Arc::new(Limits { config: config.clone(), counts: Mutex::new(Counts::default()) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn client_key(&self, ip: IpAddr) -> ClientKey {
+        ClientKey::new(ip, self.config.ipv6_prefix)
+    }
+
+    /// A new connection from `ip`, or which cap refuses it.
+    pub fn connect(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionLease, Refused> {
+        let key = self.client_key(ip);
+        let mut counts = self.lock();
+        if counts.total >= self.config.max_connections {
+            return Err(Refused::Global);
+        }
+        let from_here = counts.per_address.get(&key).copied().unwrap_or(0);
+        if from_here >= self.config.max_connections_per_ip {
+            return Err(Refused::PerAddress);
+        }
+        counts.total += 1;
+        *counts.per_address.entry(key).or_default() += 1;
+        Ok(ConnectionLease { limits: self.clone(), key })
+    }
+
+    /// A login of `user` from `ip`, or which cap refuses it.
+    pub fn login(self: &Arc<Self>, user: &str, ip: IpAddr) -> Result<UserLease, Refused> {
+        let key = self.client_key(ip);
+        let mut counts = self.lock();
+        if counts.per_user.get(user).copied().unwrap_or(0) >= self.config.max_connections_per_user {
+            return Err(Refused::PerUser);
+        }
+        let pair = (user.to_string(), key);
+        if counts.per_user_address.get(&pair).copied().unwrap_or(0) >= self.config.max_connections_per_user_ip {
+            return Err(Refused::PerUserAddress);
+        }
+        *counts.per_user.entry(user.to_string()).or_default() += 1;
+        *counts.per_user_address.entry(pair).or_default() += 1;
+        Ok(UserLease { limits: self.clone(), user: user.to_string(), key })
+    }
+
+    /// Keys held right now (for tests of the memory bound).
+    pub fn tracked(&self) -> usize {
+        let counts = self.lock();
+        counts.per_address.len() + counts.per_user.len() + counts.per_user_address.len()
+    }
+}
+
+/// A connection slot; given back on drop.
+pub struct ConnectionLease {
+    limits: Arc<Limits>,
+    key: ClientKey,
+}
+
+impl Drop for ConnectionLease {
+    fn drop(&mut self) {
+        let mut counts = self.limits.lock();
+        counts.total -= 1;
+        release(&mut counts.per_address, &self.key);
+    }
+}
+
+/// A logged-in session's slot for its user; given back on drop.
+pub struct UserLease {
+    limits: Arc<Limits>,
+    user: String,
+    key: ClientKey,
+}
+
+impl Drop for UserLease {
+    fn drop(&mut self) {
+        let mut counts = self.limits.lock();
+        release(&mut counts.per_user, &self.user);
+        release(&mut counts.per_user_address, &(std::mem::take(&mut self.user), self.key));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(global: u32, per_ip: u32, per_user: u32, per_user_ip: u32) -> Arc<Limits> {
+        Limits::new(&LimitsConfig {
+            max_connections: global,
+            max_connections_per_ip: per_ip,
+            max_connections_per_user: per_user,
+            max_connections_per_user_ip: per_user_ip,
+            ipv6_prefix: 64,
+        })
+    }
+
+    #[test]
+    fn caps_hold_and_leases_give_slots_back() {
+        let limits = limits(3, 2, 2, 1);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = limits.connect(a).unwrap();
+        let _second = limits.connect(a).unwrap();
+        assert!(matches!(limits.connect(a), Err(Refused::PerAddress)));
+        let _third = limits.connect(b).unwrap();
+        assert!(matches!(limits.connect(b), Err(Refused::Global)));
+        drop(first);
+        let _again = limits.connect(b).unwrap();
+
+        let alice = limits.login("alice", a).unwrap();
+        assert!(matches!(limits.login("alice", a), Err(Refused::PerUserAddress)));
+        let _elsewhere = limits.login("alice", b).unwrap();
+        assert!(matches!(limits.login("alice", "192.0.2.3".parse().unwrap()), Err(Refused::PerUser)));
+        drop(alice);
+        let _back = limits.login("alice", a).unwrap();
+    }
+
+    #[test]
+    fn ipv6_addresses_group_by_prefix() {
+        let limits = limits(100, 1, 10, 10);
+        let _one = limits.connect("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(limits.connect("2001:db8:1:2:ffff::9".parse().unwrap()).is_err(), "same /64");
+        assert!(limits.connect("2001:db8:1:3::1".parse().unwrap()).is_ok(), "another /64");
+        assert_eq!(
+            ClientKey::new("::ffff:192.0.2.1".parse().unwrap(), 64),
+            ClientKey::new("192.0.2.1".parse().unwrap(), 64)
+        );
+    }
+
+    #[test]
+    fn memory_follows_open_connections_not_addresses_seen() {
+        let limits = limits(u32::MAX, 10, 10, 10);
+        for i in 0..100_000u32 {
+            let ip = IpAddr::from(i.to_be_bytes());
+            let lease = limits.connect(ip).unwrap();
+            let user = limits.login(&format!("user{i}"), ip).unwrap();
+            drop((lease, user));
+        }
+        assert_eq!(limits.tracked(), 0);
+    }
+}

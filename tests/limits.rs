@@ -1,0 +1,74 @@
+//! Connection caps with the exact answers clients see, against Dovecot: per client address
+//! (before the greeting: `* BYE` / `-ERR [SYS/TEMP]`), per user across IMAP and POP3 (at
+//! login: `NO [LIMIT]` / `-ERR [IN-USE]`), global; slots come back when sessions end.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::client::Client;
+use support::setup::*;
+
+fn refused_imap(setup: &Setup) -> Vec<String> {
+    let mut client = Client::tls(setup.addr("imaps"), setup.tls_config());
+    client.rest()
+}
+
+fn metric(setup: &Setup, series: &str) -> String {
+    let mut tcp = TcpStream::connect(setup.gateway.admin()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = tcp.read_to_string(&mut text);
+    text.lines().find(|l| l.starts_with(series)).unwrap_or_default().to_string()
+}
+
+#[test]
+fn per_address_cap_answers_before_the_greeting_and_frees_slots() {
+    let setup = Setup::start_with("", "[limits]\nmax_connections_per_ip = 2\n");
+    let first = setup.imaps();
+    let mut second = Client::plain(setup.addr("pop3"));
+    assert!(second.line().unwrap().starts_with("+OK"));
+    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    let mut pop3 = Client::tls(setup.addr("pop3s"), setup.tls_config());
+    assert_eq!(pop3.rest(), ["-ERR [SYS/TEMP] Too many connections, try again later."]);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = setup.imaps();
+    assert!(again.command("n", "NOOP")[0].starts_with("n OK"));
+    assert_eq!(
+        metric(&setup, "mailgate_limit_rejections_total{kind=\"connections\"}"),
+        "mailgate_limit_rejections_total{kind=\"connections\"} 2"
+    );
+}
+
+#[test]
+fn per_user_cap_spans_imap_and_pop3() {
+    let setup = Setup::start_with("", "[limits]\nmax_connections_per_user = 1\n");
+    let mut first = setup.login(BOB);
+    let mut second = setup.imaps();
+    let lines = second.command("a", "LOGIN bob bob-Pass-42");
+    assert_eq!(lines, ["a NO [LIMIT] Too many sessions for this user, try again later."]);
+    let mut pop3 = setup.pop3s();
+    pop3.send(b"USER bob\r\nPASS bob-Pass-42\r\n");
+    assert!(pop3.line().unwrap().starts_with("+OK"));
+    assert_eq!(pop3.line().unwrap(), "-ERR [IN-USE] Too many sessions for this user, try again later.");
+    // Another user is not affected.
+    let _alice = setup.login(ALICE);
+    // The slot comes back when the first session ends.
+    first.send(b"z LOGOUT\r\n");
+    let _ = first.rest();
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = second.command("b", "LOGIN bob bob-Pass-42");
+    assert!(lines.last().unwrap().starts_with("b OK"), "{lines:?}");
+}
+
+#[test]
+fn global_cap_holds() {
+    let setup = Setup::start_with("", "[limits]\nmax_connections = 2\n");
+    let _a = setup.imaps();
+    let _b = setup.pop3s();
+    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+}
