@@ -292,6 +292,9 @@ pub struct LimitsConfig {
     pub max_connections_per_user_ip: u32,
     /// IPv6 addresses sharing this many leading bits count as one client (a subscriber's prefix).
     pub ipv6_prefix: u8,
+    /// The largest message a client may APPEND (`NO [TOOBIG]` above it). Upstream QUOTA
+    /// answers pass through untouched.
+    pub max_append_bytes: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -302,6 +305,7 @@ impl Default for LimitsConfig {
             max_connections_per_user: 50,
             max_connections_per_user_ip: 20,
             ipv6_prefix: 64,
+            max_append_bytes: ByteSize(50 << 20),
         }
     }
 }

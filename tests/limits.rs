@@ -72,3 +72,18 @@ fn global_cap_holds() {
     let _b = setup.pop3s();
     assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
 }
+
+#[test]
+fn append_over_the_size_cap_is_refused_with_toobig_and_the_session_goes_on() {
+    let setup = Setup::start_with("", "[limits]\nmax_append_bytes = \"1MiB\"\n");
+    let mut client = setup.login(BOB);
+    client.send(b"a APPEND INBOX {2000000}\r\n");
+    assert_eq!(client.line().unwrap(), "a NO [TOOBIG] Message too large.");
+    let message = b"From: a@example.org\r\nSubject: small\r\n\r\nfits\r\n";
+    client.send(format!("b APPEND INBOX {{{}}}\r\n", message.len()).as_bytes());
+    assert!(client.line().unwrap().starts_with("+ "));
+    client.send(message);
+    client.send(b"\r\n");
+    assert!(client.until_tagged("b").last().unwrap().starts_with("b OK"));
+    assert!(metric(&setup, "mailgate_limit_rejections_total{kind=\"append_size\"}").ends_with(" 1"));
+}

@@ -416,14 +416,26 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         // the upstream completes the IDLE (its tag stays in flight until then).
         let idling = first_line && self.lock().idling.take().is_some();
         if let Some(announce) = line.announce {
-            if announce.len > self.service.config.imap.max_literal_bytes.0 {
+            // A message to APPEND has its own cap (`limits.max_append_bytes`, answered with
+            // NO: the command is valid, the message too big); any other literal the line cap.
+            let appending = first_line && super::command::metric_label(head) == "append";
+            let append_cap = self.service.config.limits.max_append_bytes.0;
+            let refusal = if appending && announce.len > append_cap {
+                self.service.limited("append_size");
+                Some("NO [TOOBIG] Message too large.")
+            } else if announce.len > self.service.config.imap.max_literal_bytes.0 {
+                Some("BAD [TOOBIG] Literal too large.")
+            } else {
+                None
+            };
+            if let Some(refusal) = refusal {
                 if announce.non_sync || !first_line {
+                    // Its bytes are already on their way: the session cannot go on.
                     return Some(self.close_with("Literal too large.").await);
                 }
                 self.framer.reject_literal();
                 self.line.clear();
-                let bytes =
-                    format!("{} BAD [TOOBIG] Literal too large.\r\n", String::from_utf8_lossy(&tag)).into_bytes();
+                let bytes = format!("{} {refusal}\r\n", String::from_utf8_lossy(&tag)).into_bytes();
                 let _ = self.inject.send(Inject { bytes, then_close: false }).await;
                 return None;
             }

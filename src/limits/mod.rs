@@ -157,6 +157,7 @@ mod tests {
             max_connections_per_user: per_user,
             max_connections_per_user_ip: per_user_ip,
             ipv6_prefix: 64,
+            max_append_bytes: crate::units::ByteSize(1 << 20),
         })
     }
 
