@@ -295,6 +295,15 @@ pub struct LimitsConfig {
     /// The largest message a client may APPEND (`NO [TOOBIG]` above it). Upstream QUOTA
     /// answers pass through untouched.
     pub max_append_bytes: ByteSize,
+    /// The delay before answering a failed login from an address; doubles per failure.
+    pub auth_base_delay: Span,
+    pub auth_max_delay: Span,
+    /// Distinct failed logins of a user from an address that lock that pair out.
+    pub auth_lockout_failures: u32,
+    /// How long failures are remembered (and a lockout lasts).
+    pub auth_window: Span,
+    /// Networks exempt from the authentication penalties (`10.0.0.0/8`, `2001:db8::/32`).
+    pub trusted_networks: Vec<String>,
 }
 
 impl Default for LimitsConfig {
@@ -306,6 +315,11 @@ impl Default for LimitsConfig {
             max_connections_per_user_ip: 20,
             ipv6_prefix: 64,
             max_append_bytes: ByteSize(50 << 20),
+            auth_base_delay: secs(2),
+            auth_max_delay: secs(15),
+            auth_lockout_failures: 10,
+            auth_window: Span(std::time::Duration::from_secs(600)),
+            trusted_networks: Vec::new(),
         }
     }
 }
@@ -505,6 +519,14 @@ impl Config {
         }
         if self.limits.ipv6_prefix > 128 {
             errors.push(error("limits.ipv6_prefix", "must be at most 128"));
+        }
+        for (i, network) in self.limits.trusted_networks.iter().enumerate() {
+            if let Err(message) = crate::limits::Network::parse(network) {
+                errors.push(error(&format!("limits.trusted_networks[{i}]"), &message));
+            }
+        }
+        if self.limits.auth_lockout_failures == 0 {
+            errors.push(error("limits.auth_lockout_failures", "must be at least 1"));
         }
         let p = &self.pop3;
         if p.max_bad_commands == 0 {

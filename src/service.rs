@@ -48,6 +48,30 @@ impl Service {
         Some(Scope { account: Account::new(&self.upstream.identity(), credentials.identity(), proof), cache })
     }
 
+    /// Whether `credentials` from `ip` are locked out after too many failures (counted).
+    pub fn locked_out(&self, credentials: &Credentials, ip: std::net::IpAddr) -> bool {
+        let limits = &self.limits;
+        let locked = !limits.trusted(ip)
+            && limits.penalties.locked_out(credentials.identity(), limits.client_key(ip), std::time::Instant::now());
+        if locked {
+            tracing::info!(user = %credentials.user, "login refused: locked out after failed logins");
+            self.limited("auth");
+        }
+        locked
+    }
+
+    /// A failed login: waits the address's penalty (a timer in this session's task only).
+    pub async fn penalize(&self, credentials: &Credentials, ip: std::net::IpAddr) {
+        let limits = &self.limits;
+        if limits.trusted(ip) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let key = limits.client_key(ip);
+        let delay = limits.penalties.failed(credentials.identity(), key, credentials.password.expose(), now);
+        tokio::time::sleep(delay).await;
+    }
+
     /// Counts a request refused by a limit (`kind` from `metrics::LIMIT_KINDS`).
     pub fn limited(&self, kind: &'static str) {
         self.metrics.limit_rejections.with_label_values(&[kind]).inc();
@@ -67,8 +91,10 @@ impl Service {
         }
     }
 
-    /// A successful login: counted, the session's span gets the user, one log line.
-    pub fn logged_in(&self, credentials: &Credentials) {
+    /// A successful login: counted, penalties cleared, the session's span gets the user,
+    /// one log line.
+    pub fn logged_in(&self, credentials: &Credentials, ip: std::net::IpAddr) {
+        self.limits.penalties.succeeded(credentials.identity(), self.limits.client_key(ip));
         self.login_result("ok");
         tracing::Span::current().record("user", credentials.user.as_str());
         tracing::info!(upstream = %self.upstream.name, "logged in");

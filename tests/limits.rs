@@ -87,3 +87,65 @@ fn append_over_the_size_cap_is_refused_with_toobig_and_the_session_goes_on() {
     assert!(client.until_tagged("b").last().unwrap().starts_with("b OK"));
     assert!(metric(&setup, "mailgate_limit_rejections_total{kind=\"append_size\"}").ends_with(" 1"));
 }
+
+fn timed_login(client: &mut Client, tag: &str, password: &str) -> (String, Duration) {
+    let started = std::time::Instant::now();
+    let lines = client.command(tag, &format!("LOGIN bob {password}"));
+    (lines.last().unwrap().clone(), started.elapsed())
+}
+
+#[test]
+fn failed_logins_are_delayed_escalating_then_locked_out_without_blocking_others() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"300ms\"\nauth_max_delay = \"1s\"\nauth_lockout_failures = 3\n",
+    );
+    let mut client = setup.imaps();
+    let (answer, first) = timed_login(&mut client, "a", "wrong-1");
+    assert!(answer.starts_with("a NO [AUTHENTICATIONFAILED]"), "{answer}");
+    // The same wrong password again does not escalate.
+    let (_, again) = timed_login(&mut client, "b", "wrong-1");
+    // While this session waits, another is served at once.
+    let waiting = std::thread::spawn({
+        let addr = setup.addr("imaps");
+        let config = setup.tls_config();
+        move || {
+            let mut other = Client::tls(addr, config);
+            other.line().unwrap();
+            let started = std::time::Instant::now();
+            other.command("n", "NOOP");
+            started.elapsed()
+        }
+    });
+    let (_, second) = timed_login(&mut client, "c", "wrong-2");
+    assert!(waiting.join().unwrap() < Duration::from_millis(300), "a delay blocked another session");
+    let (_, third) = timed_login(&mut client, "d", "wrong-3");
+    assert!(first >= Duration::from_millis(300) && again < Duration::from_millis(600 + 500), "{first:?} {again:?}");
+    assert!(second >= Duration::from_millis(600), "{second:?}");
+    assert!(third >= Duration::from_millis(1000), "{third:?}");
+    // Three distinct failures: bob is locked out at this address, even with the right password.
+    let (answer, _) = timed_login(&mut client, "e", "bob-Pass-42");
+    assert_eq!(answer, "e NO [LIMIT] Too many failed logins, try again later.");
+    let mut pop3 = setup.pop3s();
+    pop3.send(b"USER bob\r\nPASS bob-Pass-42\r\n");
+    pop3.line().unwrap();
+    assert_eq!(pop3.line().unwrap(), "-ERR [SYS/TEMP] Too many failed logins, try again later.");
+    // Another user is not locked out.
+    let _alice = setup.login(ALICE);
+    assert!(metric(&setup, "mailgate_limit_rejections_total{kind=\"auth\"}").ends_with(" 2"));
+}
+
+#[test]
+fn trusted_networks_are_exempt_from_penalties() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"2s\"\nauth_lockout_failures = 1\ntrusted_networks = [\"127.0.0.0/8\"]\n",
+    );
+    let mut client = setup.imaps();
+    for tag in ["a", "b", "c"] {
+        let (answer, took) = timed_login(&mut client, tag, &format!("wrong-{tag}"));
+        assert!(answer.contains("AUTHENTICATIONFAILED") && took < Duration::from_millis(1900), "{answer} {took:?}");
+    }
+    let (answer, _) = timed_login(&mut client, "d", "bob-Pass-42");
+    assert!(answer.starts_with("d OK"), "{answer}");
+}

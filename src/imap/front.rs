@@ -214,6 +214,12 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                     None => return,
                 }
             }
+            Outcome::Login { tag, credentials } if service.locked_out(&credentials, peer.ip()) => {
+                let no = format!("{tag} NO [LIMIT] Too many failed logins, try again later.\r\n");
+                if conn.write(no.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
             Outcome::Login { tag, credentials } => match service.limits.login(credentials.identity(), peer.ip()) {
                 Err(refused) => {
                     info!(user = %credentials.user, ?refused, "login refused by a limit");
@@ -225,7 +231,7 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                 }
                 Ok(_lease) => match timed_login(service, &credentials).await {
                     Ok(session) => {
-                        service.logged_in(&credentials);
+                        service.logged_in(&credentials, peer.ip());
                         let caps = relayable_capabilities(&session.capabilities).join(" ");
                         let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
                         if conn.write(ok.as_bytes()).await.is_err() {
@@ -238,6 +244,7 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                     }
                     Err(LoginError::Rejected { code }) => {
                         service.login_result("rejected");
+                        service.penalize(&credentials, peer.ip()).await;
                         info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
                         // RFC 5530 codes that tell the user something useful pass through.
                         const RELAYED: &[&str] =

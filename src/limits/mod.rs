@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::LimitsConfig;
 
+pub mod penalty;
+
 /// A client address as limits see it: IPv4 as is, IPv6 cut to the configured prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClientKey(IpAddr);
@@ -60,14 +62,68 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u32>, key: &K) {
     }
 }
 
+/// A network in CIDR notation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    address: IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    pub fn parse(text: &str) -> Result<Network, String> {
+        let (address, prefix) = text.split_once('/').unwrap_or((text, ""));
+        let address: IpAddr = address.trim().parse().map_err(|_| format!("`{text}` is not an address or network"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix =
+            if prefix.is_empty() { max } else { prefix.parse::<u8>().map_err(|_| format!("`{text}`: bad prefix"))? };
+        if prefix > max {
+            return Err(format!("`{text}`: the prefix is longer than the address"));
+        }
+        Ok(Network { address, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.address, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix)) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 pub struct Limits {
     config: LimitsConfig,
     counts: Mutex<Counts>,
+    pub penalties: penalty::Penalties,
+    trusted: Vec<Network>,
 }
 
 impl Limits {
     pub fn new(config: &LimitsConfig) -> Arc<Limits> {
-        Arc::new(Limits { config: config.clone(), counts: Mutex::new(Counts::default()) })
+        let penalties = penalty::Penalties::new(penalty::PenaltyConfig {
+            base_delay: config.auth_base_delay.0,
+            max_delay: config.auth_max_delay.0,
+            lockout_failures: config.auth_lockout_failures,
+            window: config.auth_window.0,
+        });
+        // Validated with the configuration: unparsable entries were refused there.
+        let trusted = config.trusted_networks.iter().filter_map(|n| Network::parse(n).ok()).collect();
+        Arc::new(Limits { config: config.clone(), counts: Mutex::new(Counts::default()), penalties, trusted })
+    }
+
+    /// Trusted networks are exempt from authentication penalties.
+    pub fn trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(ip))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
@@ -157,7 +213,7 @@ mod tests {
             max_connections_per_user: per_user,
             max_connections_per_user_ip: per_user_ip,
             ipv6_prefix: 64,
-            max_append_bytes: crate::units::ByteSize(1 << 20),
+            ..Default::default()
         })
     }
 
@@ -180,6 +236,18 @@ mod tests {
         assert!(matches!(limits.login("alice", "192.0.2.3".parse().unwrap()), Err(Refused::PerUser)));
         drop(alice);
         let _back = limits.login("alice", a).unwrap();
+    }
+
+    #[test]
+    fn networks_parse_and_match() {
+        let net = Network::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(Network::parse("2001:db8::/32").unwrap().contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(Network::parse("127.0.0.1").unwrap().contains("127.0.0.1".parse().unwrap()));
+        assert!(Network::parse("10.0.0.0/33").is_err());
+        assert!(Network::parse("nonsense").is_err());
     }
 
     #[test]

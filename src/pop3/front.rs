@@ -152,6 +152,12 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
             }
             Outcome::Login(credentials) => {
                 user = None;
+                if service.locked_out(&credentials, peer.ip()) {
+                    if conn.write("-ERR [SYS/TEMP] Too many failed logins, try again later.").await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let _lease = match service.limits.login(credentials.identity(), peer.ip()) {
                     Ok(lease) => lease,
                     Err(refused) => {
@@ -166,7 +172,7 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                 };
                 match timed_login(service, &credentials).await {
                     Ok(session) => {
-                        service.logged_in(&credentials);
+                        service.logged_in(&credentials, peer.ip());
                         if conn.write("+OK Logged in.").await.is_err() {
                             return;
                         }
@@ -177,6 +183,7 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                     }
                     Err(LoginError::Rejected { code }) => {
                         service.login_result("rejected");
+                        service.penalize(&credentials, peer.ip()).await;
                         info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
                         // Codes that tell the user something (RFC 2449 §8, RFC 3206) pass through.
                         const RELAYED: &[&str] = &["IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"];
