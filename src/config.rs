@@ -302,8 +302,14 @@ pub struct LimitsConfig {
     pub auth_lockout_failures: u32,
     /// How long failures are remembered (and a lockout lasts).
     pub auth_window: Span,
-    /// Networks exempt from the authentication penalties (`10.0.0.0/8`, `2001:db8::/32`).
+    /// Networks exempt from the authentication penalties and the login rate (`10.0.0.0/8`).
     pub trusted_networks: Vec<String>,
+    /// New connections per client address per minute (0: no limit).
+    pub connections_per_ip_per_minute: u32,
+    /// Login attempts per client address per minute (0: no limit).
+    pub logins_per_ip_per_minute: u32,
+    /// Commands per user per second after login; faster ones wait (0: no limit).
+    pub commands_per_user_per_second: u32,
 }
 
 impl Default for LimitsConfig {
@@ -320,6 +326,10 @@ impl Default for LimitsConfig {
             auth_lockout_failures: 10,
             auth_window: Span(std::time::Duration::from_secs(600)),
             trusted_networks: Vec::new(),
+            connections_per_ip_per_minute: 1200,
+            logins_per_ip_per_minute: 300,
+            // Off by default: a resync legitimately sends thousands of commands in seconds.
+            commands_per_user_per_second: 0,
         }
     }
 }

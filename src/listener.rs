@@ -77,11 +77,14 @@ async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<Service>) {
         },
         TlsMode::Starttls | TlsMode::Plaintext => Stream::Plain(tcp),
     };
-    let _lease = match service.limits.connect(peer.ip()) {
+    let key = service.limits.client_key(peer.ip());
+    let within_rate = service.limits.rates.connection(key);
+    let admitted = if within_rate { service.limits.connect(peer.ip()) } else { Err(crate::limits::Refused::Rate) };
+    let _lease = match admitted {
         Ok(lease) => lease,
         Err(refused) => {
             info!(?refused, "connection refused by a limit");
-            service.limited("connections");
+            service.limited(if refused == crate::limits::Refused::Rate { "rate" } else { "connections" });
             let mut stream = stream;
             let refusal: &[u8] = match service.protocol {
                 Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",

@@ -48,6 +48,24 @@ impl Service {
         Some(Scope { account: Account::new(&self.upstream.identity(), credentials.identity(), proof), cache })
     }
 
+    /// Whether a login attempt from `ip` is over its rate (counted; trusted networks exempt).
+    pub fn login_rate_exceeded(&self, ip: std::net::IpAddr) -> bool {
+        let limits = &self.limits;
+        let exceeded = !limits.trusted(ip) && !limits.rates.login(limits.client_key(ip));
+        if exceeded {
+            tracing::info!("login refused: too many logins from this address");
+            self.limited("rate");
+        }
+        exceeded
+    }
+
+    /// Waits while `user` sends commands faster than allowed (counted when it waits).
+    pub async fn command_rate(&self, user: &str) {
+        if self.limits.rates.command(user).await {
+            self.limited("rate");
+        }
+    }
+
     /// Whether `credentials` from `ip` are locked out after too many failures (counted).
     pub fn locked_out(&self, credentials: &Credentials, ip: std::net::IpAddr) -> bool {
         let limits = &self.limits;

@@ -149,3 +149,31 @@ fn trusted_networks_are_exempt_from_penalties() {
     let (answer, _) = timed_login(&mut client, "d", "bob-Pass-42");
     assert!(answer.starts_with("d OK"), "{answer}");
 }
+
+#[test]
+fn rates_refuse_bursts_of_connections_and_logins_and_slow_commands() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nconnections_per_ip_per_minute = 4\nlogins_per_ip_per_minute = 2\ncommands_per_user_per_second = 20\n",
+    );
+    // Logins: two per minute from this address.
+    let mut first = setup.login(BOB);
+    let mut client = setup.imaps();
+    assert!(client.command("a", "LOGIN bob wrong-x")[0].contains("AUTHENTICATIONFAILED"));
+    let lines = client.command("b", "LOGIN bob bob-Pass-42");
+    assert_eq!(lines, ["b NO [LIMIT] Too many logins from your address, slow down."]);
+    // Connections: the fourth this minute was the last.
+    let _third = setup.imaps();
+    let _fourth = setup.imaps();
+    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(metric(&setup, "mailgate_limit_rejections_total{kind=\"rate\"}").ends_with(" 2"));
+    // Commands: 60 pipelined NOOPs at 20 per second take about 2 seconds, all answered.
+    let started = std::time::Instant::now();
+    let batch: String = (0..60).map(|i| format!("n{i} NOOP\r\n")).collect();
+    first.send(batch.as_bytes());
+    for i in 0..60 {
+        let lines = first.until_tagged(&format!("n{i}"));
+        assert!(lines.last().unwrap().starts_with(&format!("n{i} OK")));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500), "{:?}", started.elapsed());
+}

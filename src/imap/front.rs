@@ -214,6 +214,12 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                     None => return,
                 }
             }
+            Outcome::Login { tag, .. } if service.login_rate_exceeded(peer.ip()) => {
+                let no = format!("{tag} NO [LIMIT] Too many logins from your address, slow down.\r\n");
+                if conn.write(no.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
             Outcome::Login { tag, credentials } if service.locked_out(&credentials, peer.ip()) => {
                 let no = format!("{tag} NO [LIMIT] Too many failed logins, try again later.\r\n");
                 if conn.write(no.as_bytes()).await.is_err() {

@@ -161,6 +161,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         completed: completed.clone(),
         inject: inject_tx,
         jobs: jobs_tx,
+        account: account.to_string(),
         writes: writes_rx,
         caching: scope.is_some(),
         service,
@@ -223,6 +224,8 @@ struct ClientPump<'a, R, W> {
     completed: Arc<Notify>,
     inject: mpsc::Sender<Inject>,
     jobs: mpsc::Sender<JobOrder>,
+    /// Whose session this is (the per-user command rate).
+    account: String,
     /// mailgate's own commands from the upstream pump during a job (this pump owns the writer).
     writes: mpsc::Receiver<Vec<u8>>,
     caching: bool,
@@ -441,6 +444,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             }
         }
         if first_line && !idling {
+            self.service.command_rate(&self.account).await;
             let full_line = strip_eol(&self.line);
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {

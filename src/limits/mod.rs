@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::LimitsConfig;
 
 pub mod penalty;
+pub mod rate;
 
 /// A client address as limits see it: IPv4 as is, IPv6 cut to the configured prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,6 +40,8 @@ impl ClientKey {
 /// Which cap refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
+    /// Too many new connections from the address in the last minute.
+    Rate,
     Global,
     PerAddress,
     PerUser,
@@ -105,6 +108,7 @@ pub struct Limits {
     config: LimitsConfig,
     counts: Mutex<Counts>,
     pub penalties: penalty::Penalties,
+    pub rates: rate::Rates,
     trusted: Vec<Network>,
 }
 
@@ -118,7 +122,13 @@ impl Limits {
         });
         // Validated with the configuration: unparsable entries were refused there.
         let trusted = config.trusted_networks.iter().filter_map(|n| Network::parse(n).ok()).collect();
-        Arc::new(Limits { config: config.clone(), counts: Mutex::new(Counts::default()), penalties, trusted })
+        Arc::new(Limits {
+            config: config.clone(),
+            counts: Mutex::new(Counts::default()),
+            penalties,
+            rates: rate::Rates::new(config),
+            trusted,
+        })
     }
 
     /// Trusted networks are exempt from authentication penalties.

@@ -152,6 +152,12 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
             }
             Outcome::Login(credentials) => {
                 user = None;
+                if service.login_rate_exceeded(peer.ip()) {
+                    if conn.write("-ERR [SYS/TEMP] Too many logins from your address, slow down.").await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 if service.locked_out(&credentials, peer.ip()) {
                     if conn.write("-ERR [SYS/TEMP] Too many failed logins, try again later.").await.is_err() {
                         return;

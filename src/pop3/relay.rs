@@ -139,6 +139,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         service,
         label: "other",
         started: Instant::now(),
+        account: account.to_string(),
         commands: 0,
         messages: 0,
         cache_hits: 0,
@@ -230,6 +231,8 @@ struct ClientPump<'a, R, W> {
     /// timed here, the others when the upstream's answer ends).
     label: &'static str,
     started: Instant,
+    /// Whose session this is (the per-user command rate).
+    account: String,
     /// This session's commands and retrieved messages (its sync cost).
     commands: u64,
     messages: u64,
@@ -280,6 +283,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     /// Answers a command from the cache when possible, else forwards it.
     async fn command(&mut self, line: Vec<u8>) -> Result<(), End> {
         let (keyword, args) = split_command(&line);
+        self.service.command_rate(&self.account).await;
         let label = metric_label(&keyword);
         self.service.metrics.commands.with_label_values(&["pop3", label]).inc();
         self.commands += 1;
