@@ -310,6 +310,9 @@ pub struct LimitsConfig {
     pub logins_per_ip_per_minute: u32,
     /// Commands per user per second after login; faster ones wait (0: no limit).
     pub commands_per_user_per_second: u32,
+    /// What one user's sessions together may download per second; faster writes wait, the
+    /// session is slowed, never cut (0: no limit). One second's worth may go out at once.
+    pub download_bytes_per_user_per_second: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -330,6 +333,8 @@ impl Default for LimitsConfig {
             logins_per_ip_per_minute: 300,
             // Off by default: a resync legitimately sends thousands of commands in seconds.
             commands_per_user_per_second: 0,
+            // Off by default: the right figure depends on the ISP's plans and its upstream.
+            download_bytes_per_user_per_second: ByteSize(0),
         }
     }
 }
@@ -535,6 +540,10 @@ impl Config {
                 errors.push(error(&format!("limits.trusted_networks[{i}]"), &message));
             }
         }
+        let download = self.limits.download_bytes_per_user_per_second.0;
+        if download != 0 && !(1024..=u64::from(u32::MAX)).contains(&download) {
+            errors.push(error("limits.download_bytes_per_user_per_second", "must be 0 (off) or between 1KiB and 4GiB"));
+        }
         if self.limits.auth_lockout_failures == 0 {
             errors.push(error("limits.auth_lockout_failures", "must be at least 1"));
         }
@@ -714,6 +723,11 @@ mod tests {
         let bad = format!("{MINIMAL}\n[imap]\nmax_bad_commands = 0\n");
         let errors = Config::from_toml(&bad).unwrap_err().0;
         assert!(errors.iter().any(|e| e.path == "imap.max_bad_commands"), "{errors:?}");
+        let slow = format!("{MINIMAL}\n[limits]\ndownload_bytes_per_user_per_second = 100\n");
+        let errors = Config::from_toml(&slow).unwrap_err().0;
+        assert!(errors.iter().any(|e| e.path == "limits.download_bytes_per_user_per_second"), "{errors:?}");
+        let fine = format!("{MINIMAL}\n[limits]\ndownload_bytes_per_user_per_second = \"2MiB\"\n");
+        assert_eq!(Config::from_toml(&fine).unwrap().limits.download_bytes_per_user_per_second.0, 2 << 20);
     }
 
     #[test]

@@ -141,6 +141,12 @@ impl Service {
         )
     }
 
+    /// The client side of a logged-in session, its downloads held to `account`'s bandwidth.
+    pub fn throttled<S>(&self, stream: S, account: &str) -> crate::limits::bandwidth::Throttled<S> {
+        let delayed = self.metrics.limit_rejections.with_label_values(&["bandwidth"]);
+        self.limits.bandwidth.throttle(stream, account, delayed)
+    }
+
     /// The session-end line with the account's sync cost, and its share in the top-K.
     pub fn session_cost(&self, account: &str, bytes: &crate::metrics::SessionBytes, commands: u64, messages: u64) {
         use std::sync::atomic::Ordering::Relaxed;

@@ -177,3 +177,52 @@ fn rates_refuse_bursts_of_connections_and_logins_and_slow_commands() {
     }
     assert!(started.elapsed() >= Duration::from_millis(1500), "{:?}", started.elapsed());
 }
+
+#[test]
+fn downloads_over_the_user_bandwidth_are_slowed_across_imap_and_pop3_and_arrive_whole() {
+    let setup = Setup::start_with("", "[limits]\ndownload_bytes_per_user_per_second = \"64KiB\"\n");
+    // A 256 KiB message, appended straight to Dovecot.
+    let body: String =
+        (0..4096).map(|i| format!("line {i:05} {:<51}\r\n", "of a large message, 64 bytes a line")).collect();
+    let message = format!("From: a@example.org\r\nSubject: large\r\n\r\n{body}");
+    assert_eq!(body.len(), 256 * 1024);
+    let mut direct = setup.direct(BOB);
+    direct.send(format!("a APPEND INBOX {{{}}}\r\n", message.len()).as_bytes());
+    assert!(direct.line().unwrap().starts_with("+ "));
+    direct.send(message.as_bytes());
+    direct.send(b"\r\n");
+    assert!(direct.until_tagged("a").last().unwrap().starts_with("a OK"));
+
+    // IMAP: one second's budget goes at once, the rest at 64 KiB/s: at least ~3 seconds.
+    let mut client = setup.login(BOB);
+    client.command("s", "SELECT INBOX");
+    let started = std::time::Instant::now();
+    client.send(b"f FETCH * BODY.PEEK[]\r\n");
+    let responses = client.responses("f");
+    let took = started.elapsed();
+    assert!(responses.last().unwrap().starts_with(b"f OK"));
+    let fetched = &responses[0];
+    assert!(fetched.windows(message.len()).any(|w| w == message.as_bytes()), "the message arrives whole");
+    assert!(took >= Duration::from_millis(2500), "{took:?}");
+
+    // POP3 for the same user shares the budget, now spent: the RETR is slowed from the start.
+    let mut pop3 = setup.pop3_login(BOB);
+    pop3.send(b"STAT\r\n");
+    let count: usize = pop3.line().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let started = std::time::Instant::now();
+    pop3.send(format!("RETR {count}\r\n").as_bytes());
+    assert!(pop3.line().unwrap().starts_with("+OK"));
+    let mut received = 0;
+    loop {
+        let line = pop3.line().expect("the message to its end");
+        if line == "." {
+            break;
+        }
+        received += line.len() + 2;
+    }
+    assert!(received >= message.len(), "{received}");
+    assert!(started.elapsed() >= Duration::from_millis(2500), "{:?}", started.elapsed());
+    let delayed = metric(&setup, "mailgate_limit_rejections_total{kind=\"bandwidth\"}");
+    let delayed: u64 = delayed.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(delayed > 0);
+}

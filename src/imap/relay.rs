@@ -146,7 +146,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
     let (jobs_tx, jobs_rx) = mpsc::channel::<JobOrder>(1);
     let (writes_tx, writes_rx) = mpsc::channel::<Vec<u8>>(4);
-    let (client_read, client_write) = tokio::io::split(service.counted(client.stream, true, &bytes));
+    let (client_read, client_write) =
+        tokio::io::split(service.throttled(service.counted(client.stream, true, &bytes), account));
     let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false, &bytes));
 
     let mut to_upstream = ClientPump {

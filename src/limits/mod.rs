@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::LimitsConfig;
 
+pub mod bandwidth;
 pub mod penalty;
 pub mod rate;
 
@@ -109,6 +110,7 @@ pub struct Limits {
     counts: Mutex<Counts>,
     pub penalties: penalty::Penalties,
     pub rates: rate::Rates,
+    pub bandwidth: Arc<bandwidth::Bandwidth>,
     trusted: Vec<Network>,
 }
 
@@ -127,6 +129,7 @@ impl Limits {
             counts: Mutex::new(Counts::default()),
             penalties,
             rates: rate::Rates::new(config),
+            bandwidth: Arc::new(bandwidth::Bandwidth::new(config.download_bytes_per_user_per_second.0)),
             trusted,
         })
     }

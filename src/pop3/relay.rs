@@ -121,7 +121,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     let answered = Arc::new(Notify::new());
     let queued = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel(4);
-    let (client_read, client_write) = tokio::io::split(service.counted(client.stream, true, &bytes));
+    let (client_read, client_write) =
+        tokio::io::split(service.throttled(service.counted(client.stream, true, &bytes), account));
     let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false, &bytes));
     let limits = &service.config.pop3;
 
