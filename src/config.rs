@@ -313,6 +313,21 @@ pub struct LimitsConfig {
     /// What one user's sessions together may download per second; faster writes wait, the
     /// session is slowed, never cut (0: no limit). One second's worth may go out at once.
     pub download_bytes_per_user_per_second: ByteSize,
+    /// Bytes one user may download per `download_quota_window` (0: no quota).
+    pub download_quota: ByteSize,
+    /// The quota's window; it starts at the user's first download and rolls over after this.
+    pub download_quota_window: Span,
+    /// Over the quota: `throttle` (slow the user to `over_quota_bytes_per_second`) or
+    /// `reject` (refuse message downloads until the window rolls over).
+    pub download_quota_action: QuotaAction,
+    pub over_quota_bytes_per_second: ByteSize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaAction {
+    Throttle,
+    Reject,
 }
 
 impl Default for LimitsConfig {
@@ -335,6 +350,10 @@ impl Default for LimitsConfig {
             commands_per_user_per_second: 0,
             // Off by default: the right figure depends on the ISP's plans and its upstream.
             download_bytes_per_user_per_second: ByteSize(0),
+            download_quota: ByteSize(0),
+            download_quota_window: Span(std::time::Duration::from_secs(86_400)),
+            download_quota_action: QuotaAction::Throttle,
+            over_quota_bytes_per_second: ByteSize(64 << 10),
         }
     }
 }
@@ -543,6 +562,13 @@ impl Config {
         let download = self.limits.download_bytes_per_user_per_second.0;
         if download != 0 && !(1024..=u64::from(u32::MAX)).contains(&download) {
             errors.push(error("limits.download_bytes_per_user_per_second", "must be 0 (off) or between 1KiB and 4GiB"));
+        }
+        let over = self.limits.over_quota_bytes_per_second.0;
+        if !(1024..=u64::from(u32::MAX)).contains(&over) {
+            errors.push(error("limits.over_quota_bytes_per_second", "must be between 1KiB and 4GiB"));
+        }
+        if self.limits.download_quota_window.0.is_zero() {
+            errors.push(error("limits.download_quota_window", "must be longer than 0s"));
         }
         if self.limits.auth_lockout_failures == 0 {
             errors.push(error("limits.auth_lockout_failures", "must be at least 1"));

@@ -141,6 +141,18 @@ impl Service {
         )
     }
 
+    /// Whether `account`'s message downloads are refused now: past its download quota with
+    /// the `reject` action (counted; logged at info).
+    pub fn download_refused(&self, account: &str) -> bool {
+        let refused = self.config.limits.download_quota_action == crate::config::QuotaAction::Reject
+            && self.limits.bandwidth.over_quota(account);
+        if refused {
+            tracing::info!("download refused: download quota used up");
+            self.limited("quota");
+        }
+        refused
+    }
+
     /// The client side of a logged-in session, its downloads held to `account`'s bandwidth.
     pub fn throttled<S>(&self, stream: S, account: &str) -> crate::limits::bandwidth::Throttled<S> {
         let delayed = self.metrics.limit_rejections.with_label_values(&["bandwidth"]);

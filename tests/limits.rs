@@ -181,28 +181,12 @@ fn rates_refuse_bursts_of_connections_and_logins_and_slow_commands() {
 #[test]
 fn downloads_over_the_user_bandwidth_are_slowed_across_imap_and_pop3_and_arrive_whole() {
     let setup = Setup::start_with("", "[limits]\ndownload_bytes_per_user_per_second = \"64KiB\"\n");
-    // A 256 KiB message, appended straight to Dovecot.
-    let body: String =
-        (0..4096).map(|i| format!("line {i:05} {:<51}\r\n", "of a large message, 64 bytes a line")).collect();
-    let message = format!("From: a@example.org\r\nSubject: large\r\n\r\n{body}");
-    assert_eq!(body.len(), 256 * 1024);
-    let mut direct = setup.direct(BOB);
-    direct.send(format!("a APPEND INBOX {{{}}}\r\n", message.len()).as_bytes());
-    assert!(direct.line().unwrap().starts_with("+ "));
-    direct.send(message.as_bytes());
-    direct.send(b"\r\n");
-    assert!(direct.until_tagged("a").last().unwrap().starts_with("a OK"));
+    let message = append_large_message(&setup);
 
     // IMAP: one second's budget goes at once, the rest at 64 KiB/s: at least ~3 seconds.
     let mut client = setup.login(BOB);
     client.command("s", "SELECT INBOX");
-    let started = std::time::Instant::now();
-    client.send(b"f FETCH * BODY.PEEK[]\r\n");
-    let responses = client.responses("f");
-    let took = started.elapsed();
-    assert!(responses.last().unwrap().starts_with(b"f OK"));
-    let fetched = &responses[0];
-    assert!(fetched.windows(message.len()).any(|w| w == message.as_bytes()), "the message arrives whole");
+    let took = fetch_last(&mut client, "f", &message);
     assert!(took >= Duration::from_millis(2500), "{took:?}");
 
     // POP3 for the same user shares the budget, now spent: the RETR is slowed from the start.
@@ -225,4 +209,82 @@ fn downloads_over_the_user_bandwidth_are_slowed_across_imap_and_pop3_and_arrive_
     let delayed = metric(&setup, "mailgate_limit_rejections_total{kind=\"bandwidth\"}");
     let delayed: u64 = delayed.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(delayed > 0);
+}
+
+/// Appends a 256 KiB message straight to Dovecot (bob's INBOX); the message.
+fn append_large_message(setup: &Setup) -> String {
+    let body: String =
+        (0..4096).map(|i| format!("line {i:05} {:<51}\r\n", "of a large message, 64 bytes a line")).collect();
+    assert_eq!(body.len(), 256 * 1024);
+    let message = format!("From: a@example.org\r\nSubject: large\r\n\r\n{body}");
+    let mut direct = setup.direct(BOB);
+    direct.send(format!("a APPEND INBOX {{{}}}\r\n", message.len()).as_bytes());
+    assert!(direct.line().unwrap().starts_with("+ "));
+    direct.send(message.as_bytes());
+    direct.send(b"\r\n");
+    assert!(direct.until_tagged("a").last().unwrap().starts_with("a OK"));
+    message
+}
+
+/// FETCHes the last message's full text through `client` and checks it arrives whole; how
+/// long that took.
+fn fetch_last(client: &mut Client, tag: &str, message: &str) -> Duration {
+    let started = std::time::Instant::now();
+    client.send(format!("{tag} FETCH * BODY.PEEK[]\r\n").as_bytes());
+    let responses = client.responses(tag);
+    let took = started.elapsed();
+    assert!(responses.last().unwrap().starts_with(format!("{tag} OK").as_bytes()));
+    let fetched = &responses[0];
+    assert!(fetched.windows(message.len()).any(|w| w == message.as_bytes()), "the message arrives whole");
+    took
+}
+
+fn counter(setup: &Setup, series: &str) -> u64 {
+    metric(setup, series).rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn past_a_throttle_download_quota_a_session_is_held_near_the_over_quota_rate() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\ndownload_quota = \"16KiB\"\ndownload_quota_window = \"1h\"\ndownload_quota_action = \"throttle\"\nover_quota_bytes_per_second = \"32KiB\"\n",
+    );
+    let message = append_large_message(&setup);
+    let mut client = setup.login(BOB);
+    client.command("s", "SELECT INBOX");
+    // 16 KiB free, then one second's worth (32 KiB) at once, the other 208 KiB at 32 KiB/s:
+    // 6.5 s. Generous bounds: the machine may be slow, the rate must hold.
+    let took = fetch_last(&mut client, "f", &message);
+    assert!(took >= Duration::from_millis(5200) && took <= Duration::from_secs(20), "{took:?}");
+    assert!(counter(&setup, "mailgate_limit_rejections_total{kind=\"bandwidth\"}") > 0);
+    // Another user is not slowed.
+    let mut alice = setup.login(ALICE);
+    assert!(alice.command("n", "NOOP").last().unwrap().starts_with("n OK"));
+}
+
+#[test]
+fn past_a_reject_download_quota_fetch_and_retr_are_refused_until_the_window_rolls_over() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\ndownload_quota = \"64KiB\"\ndownload_quota_window = \"4s\"\ndownload_quota_action = \"reject\"\n",
+    );
+    let message = append_large_message(&setup);
+    let mut client = setup.login(BOB);
+    client.command("s", "SELECT INBOX");
+    let window = std::time::Instant::now();
+    // The download that crosses the quota is never cut.
+    fetch_last(&mut client, "f", &message);
+    assert_eq!(client.command("g", "FETCH * BODY.PEEK[]"), ["g NO [LIMIT] Download quota used up, try again later."]);
+    assert_eq!(client.command("u", "UID FETCH 1:* RFC822"), ["u NO [LIMIT] Download quota used up, try again later."]);
+    // Flags and sizes still sync; the session goes on.
+    assert!(client.command("h", "FETCH * (FLAGS RFC822.SIZE)").last().unwrap().starts_with("h OK"));
+    let mut pop3 = setup.pop3_login(BOB);
+    pop3.send(b"RETR 1\r\n");
+    assert_eq!(pop3.line().unwrap(), "-ERR [SYS/TEMP] Download quota used up, try again later.");
+    pop3.send(b"STAT\r\n");
+    assert!(pop3.line().unwrap().starts_with("+OK "));
+    assert_eq!(counter(&setup, "mailgate_limit_rejections_total{kind=\"quota\"}"), 3);
+    // A new window: downloads again.
+    std::thread::sleep(Duration::from_millis(4300).saturating_sub(window.elapsed()));
+    fetch_last(&mut client, "i", &message);
 }

@@ -14,13 +14,18 @@ use support::client::Client;
 use support::setup::*;
 
 fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    try_http_get(addr, path).expect("HTTP GET")
+}
+
+/// The body of a GET, or the error (a server still starting refuses the connection).
+fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut response = Vec::new();
     let _ = tcp.read_to_end(&mut response);
     let response = String::from_utf8_lossy(&response).to_string();
-    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+    Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
 }
 
 /// Known traffic: three logins with cache hits on the second and third, one plaintext login
@@ -111,7 +116,9 @@ fn query(prometheus: &Prometheus, promql: &str, want: f64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = String::new();
     while Instant::now() < deadline {
-        last = http_get(prometheus.addr, &format!("/api/v1/query?query={encoded}"));
+        // Prometheus may still be starting (connection refused): wait and ask again.
+        last =
+            try_http_get(prometheus.addr, &format!("/api/v1/query?query={encoded}")).unwrap_or_else(|e| e.to_string());
         if let Ok(json) = serde_json::from_str::<serde_json::Value>(&last) {
             if let Some(value) = json["data"]["result"][0]["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) {
                 if value == want {

@@ -358,9 +358,46 @@ pub fn metric_label(head: &[u8]) -> &'static str {
     LABELS.iter().find(|name| command.eq_ignore_ascii_case(name.as_bytes())).copied().unwrap_or("other")
 }
 
+/// Whether a FETCH line (`tag FETCH ...`, `tag UID FETCH ...`) asks for message data
+/// (bodies, sections, full messages) rather than only flags, sizes and envelopes: what a
+/// download quota refuses.
+pub fn fetches_message_data(line: &[u8]) -> bool {
+    if !matches!(metric_label(line), "fetch" | "uid_fetch") {
+        return false;
+    }
+    let upper = line.to_ascii_uppercase();
+    let has = |needle: &[u8]| upper.windows(needle.len()).any(|w| w == needle);
+    has(b"BODY[")
+        || has(b"BODY.PEEK[")
+        || has(b"BINARY[")
+        || has(b"BINARY.PEEK[")
+        || upper.windows(6).enumerate().any(|(i, w)| w == b"RFC822" && !upper[i + 6..].starts_with(b".SIZE"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_data_fetches_are_told_from_flag_fetches() {
+        for data in [
+            &b"a FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])"[..],
+            b"a uid fetch 5 body[]",
+            b"a FETCH 1 RFC822",
+            b"a FETCH 1 (RFC822.SIZE RFC822.HEADER)",
+            b"a UID FETCH 1 BINARY.PEEK[1]",
+        ] {
+            assert!(fetches_message_data(data), "{}", String::from_utf8_lossy(data));
+        }
+        for flags in [
+            &b"a FETCH 1:* (FLAGS UID)"[..],
+            b"a UID FETCH 1:* (RFC822.SIZE ENVELOPE BODYSTRUCTURE)",
+            b"a STORE 1 +FLAGS (BODY[])",
+            b"a SEARCH BODY hello",
+        ] {
+            assert!(!fetches_message_data(flags), "{}", String::from_utf8_lossy(flags));
+        }
+    }
 
     fn line(text: &str, literal_follows: bool) -> Part {
         Part::Line { text: text.as_bytes().to_vec(), literal_follows }

@@ -447,6 +447,19 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         if first_line && !idling {
             self.service.command_rate(&self.account).await;
             let full_line = strip_eol(&self.line);
+            if line.announce.is_none()
+                && super::command::fetches_message_data(full_line)
+                && self.service.download_refused(&self.account)
+            {
+                self.line.clear();
+                let bytes = format!(
+                    "{} NO [LIMIT] Download quota used up, try again later.\r\n",
+                    String::from_utf8_lossy(&tag)
+                )
+                .into_bytes();
+                let _ = self.inject.send(Inject { bytes, then_close: false }).await;
+                return None;
+            }
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
                 let mut shared = self.lock();

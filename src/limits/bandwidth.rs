@@ -3,14 +3,22 @@
 //! over the rate is slowed, never cut: its writes wait until the user's budget allows them,
 //! which TCP turns into back-pressure on the upstream read. One second of the rate may go
 //! out at once, so small answers and short bursts are never delayed.
+//!
+//! A download quota counts the same bytes per user over a window (an hour, a day) that
+//! starts at the user's first download. Past it, the user is either slowed to a second,
+//! lower rate (`throttle`) or refused message downloads (`reject`: the relays ask
+//! [`Bandwidth::over_quota`] before a FETCH of message data or a RETR/TOP) until the window
+//! rolls over. A download already running is never cut: nothing is lost mid-message.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -24,33 +32,107 @@ const CHUNK: u32 = 16 * 1024;
 /// Sessions throttled between two prunings of recovered users.
 const PRUNE_EVERY: u64 = 1024;
 
-pub struct Bandwidth {
-    limiter: Option<DefaultKeyedRateLimiter<String>>,
+/// A per-user download quota.
+#[derive(Clone, Copy, Debug)]
+pub struct DownloadQuota {
+    pub bytes: u64,
+    pub window: Duration,
+    /// Refuse downloads past the quota; otherwise slow them to `over_rate`.
+    pub reject: bool,
+    pub over_rate: u64,
+}
+
+/// A user's downloads in the current window.
+struct Usage {
+    since: Instant,
+    bytes: u64,
+}
+
+struct QuotaState {
+    quota: DownloadQuota,
+    /// Users past their quota are slowed with this limiter (`throttle`).
+    over: Rate,
+    usage: Mutex<HashMap<String, Usage>>,
+}
+
+/// A keyed byte rate and the largest amount asked of it at once.
+struct Rate {
+    limiter: DefaultKeyedRateLimiter<String>,
     chunk: NonZeroU32,
+}
+
+impl Rate {
+    fn new(bytes_per_second: u64) -> Option<Rate> {
+        let rate = NonZeroU32::new(bytes_per_second.min(u64::from(u32::MAX)) as u32)?;
+        Some(Rate {
+            limiter: RateLimiter::keyed(Quota::per_second(rate)),
+            chunk: rate.min(NonZeroU32::new(CHUNK).expect("nonzero")),
+        })
+    }
+}
+
+pub struct Bandwidth {
+    rate: Option<Rate>,
+    quota: Option<QuotaState>,
     sessions: AtomicU64,
 }
 
 impl Bandwidth {
-    /// A rate of 0 bytes per second turns the limit off.
-    pub fn new(bytes_per_second: u64) -> Bandwidth {
-        let rate = NonZeroU32::new(bytes_per_second.min(u64::from(u32::MAX)) as u32);
-        Bandwidth {
-            limiter: rate.map(|rate| RateLimiter::keyed(Quota::per_second(rate))),
-            chunk: rate.map_or(NonZeroU32::MIN, |rate| rate.min(NonZeroU32::new(CHUNK).expect("nonzero"))),
-            sessions: AtomicU64::new(0),
-        }
+    /// A rate of 0 bytes per second turns the rate off; `None` the quota.
+    pub fn new(bytes_per_second: u64, quota: Option<DownloadQuota>) -> Bandwidth {
+        let quota = quota.filter(|q| q.bytes > 0).map(|quota| QuotaState {
+            quota,
+            over: Rate::new(quota.over_rate.max(1)).expect("nonzero"),
+            usage: Mutex::new(HashMap::new()),
+        });
+        Bandwidth { rate: Rate::new(bytes_per_second), quota, sessions: AtomicU64::new(0) }
     }
 
     /// Users held (pruned with [`Bandwidth::prune`]).
     pub fn tracked(&self) -> usize {
-        self.limiter.as_ref().map_or(0, |l| l.len())
+        self.rate.as_ref().map_or(0, |r| r.limiter.len())
+            + self.quota.as_ref().map_or(0, |q| q.over.limiter.len() + lock(&q.usage).len())
     }
 
-    /// Drops users whose budget has fully recovered.
+    /// Drops users whose budget has fully recovered and quota windows that have ended.
     pub fn prune(&self) {
-        if let Some(l) = &self.limiter {
-            l.retain_recent();
-            l.shrink_to_fit();
+        if let Some(r) = &self.rate {
+            r.limiter.retain_recent();
+            r.limiter.shrink_to_fit();
+        }
+        if let Some(q) = &self.quota {
+            q.over.limiter.retain_recent();
+            q.over.limiter.shrink_to_fit();
+            let now = Instant::now();
+            lock(&q.usage).retain(|_, usage| now.duration_since(usage.since) < q.quota.window);
+        }
+    }
+
+    /// Whether `user` has used up this window's download quota.
+    pub fn over_quota(&self, user: &str) -> bool {
+        let Some(q) = &self.quota else { return false };
+        let usage = lock(&q.usage);
+        usage.get(user).is_some_and(|u| u.since.elapsed() < q.quota.window && u.bytes >= q.quota.bytes)
+    }
+
+    /// Adds `n` downloaded bytes to `user`'s window.
+    fn downloaded(&self, user: &str, n: usize) {
+        let Some(q) = &self.quota else { return };
+        let now = Instant::now();
+        let mut usage = lock(&q.usage);
+        let entry = usage.entry(user.to_string()).or_insert(Usage { since: now, bytes: 0 });
+        if now.duration_since(entry.since) >= q.quota.window {
+            *entry = Usage { since: now, bytes: 0 };
+        }
+        entry.bytes += n as u64;
+    }
+
+    /// The rate `user`'s writes are held to now: the over-quota rate past a `throttle`
+    /// quota, else the plain rate (if any).
+    fn rate_for(&self, user: &str) -> Option<&Rate> {
+        match &self.quota {
+            Some(q) if !q.quota.reject && self.over_quota(user) => Some(&q.over),
+            _ => self.rate.as_ref(),
         }
     }
 
@@ -77,17 +159,20 @@ pub struct Throttled<S> {
 impl<S> Throttled<S> {
     /// Takes up to `wanted` bytes from the budget, or arms the timer for when it allows them.
     fn poll_credit(&mut self, cx: &mut Context<'_>, wanted: usize) -> Poll<()> {
-        let Some(limiter) = &self.bandwidth.limiter else {
-            self.credit = wanted;
-            return Poll::Ready(());
-        };
         loop {
             if let Some(wait) = &mut self.wait {
                 ready!(wait.as_mut().poll(cx));
                 self.wait = None;
             }
-            let n = NonZeroU32::new(wanted.min(self.bandwidth.chunk.get() as usize) as u32).unwrap_or(NonZeroU32::MIN);
-            match limiter.check_key_n(&self.user, n) {
+            let Some(rate) = self.bandwidth.rate_for(&self.user) else {
+                // Unlimited for now; under a quota, looked at again every chunk so that
+                // crossing it takes effect within the write.
+                let quota = self.bandwidth.quota.is_some();
+                self.credit = if quota { wanted.min(CHUNK as usize) } else { wanted };
+                return Poll::Ready(());
+            };
+            let n = NonZeroU32::new(wanted.min(rate.chunk.get() as usize) as u32).unwrap_or(NonZeroU32::MIN);
+            match rate.limiter.check_key_n(&self.user, n) {
                 Ok(Ok(())) => {
                     self.credit = n.get() as usize;
                     return Poll::Ready(());
@@ -126,6 +211,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
         let result = Pin::new(&mut self.inner).poll_write(cx, &data[..allowed]);
         if let Poll::Ready(Ok(n)) = result {
             self.credit -= n;
+            self.bandwidth.downloaded(&self.user, n);
         }
         result
     }
@@ -139,10 +225,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Throttled<S> {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn counter() -> IntCounter {
@@ -168,7 +257,7 @@ mod tests {
     #[tokio::test]
     async fn writes_over_the_rate_wait_and_nothing_is_lost() {
         // 64 KiB/s with a one-second burst: 192 KiB needs at least two seconds.
-        let bandwidth = Arc::new(Bandwidth::new(64 * 1024));
+        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, None));
         let delayed = counter();
         let took = send(&bandwidth, "alice", 192 * 1024, &delayed).await;
         assert!(took >= Duration::from_millis(1900), "{took:?}");
@@ -177,7 +266,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_budget_is_per_user_and_a_burst_goes_through_at_once() {
-        let bandwidth = Arc::new(Bandwidth::new(64 * 1024));
+        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, None));
         let delayed = counter();
         send(&bandwidth, "alice", 64 * 1024, &delayed).await;
         let before = delayed.get();
@@ -189,16 +278,47 @@ mod tests {
 
     #[tokio::test]
     async fn off_means_no_delay_and_no_state() {
-        let bandwidth = Arc::new(Bandwidth::new(0));
+        let bandwidth = Arc::new(Bandwidth::new(0, None));
         let delayed = counter();
         send(&bandwidth, "alice", 1 << 20, &delayed).await;
         assert_eq!((delayed.get(), bandwidth.tracked()), (0, 0));
     }
 
+    fn quota(bytes: u64, window: Duration, reject: bool) -> Option<DownloadQuota> {
+        Some(DownloadQuota { bytes, window, reject, over_rate: 32 * 1024 })
+    }
+
+    #[tokio::test]
+    async fn past_a_throttle_quota_the_user_is_slowed_to_the_over_quota_rate() {
+        let bandwidth = Arc::new(Bandwidth::new(0, quota(16 * 1024, Duration::from_secs(3600), false)));
+        let delayed = counter();
+        send(&bandwidth, "alice", 16 * 1024, &delayed).await;
+        assert!(bandwidth.over_quota("alice") && !bandwidth.over_quota("bob"));
+        assert_eq!(delayed.get(), 0, "within the quota nothing waits");
+        // 32 KiB/s with a one-second burst: 96 KiB more needs at least two seconds.
+        let took = send(&bandwidth, "alice", 96 * 1024, &delayed).await;
+        assert!(took >= Duration::from_millis(1900), "{took:?}");
+        let took = send(&bandwidth, "bob", 16 * 1024, &delayed).await;
+        assert!(took < Duration::from_millis(1900), "bob has his own quota: {took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reject_quota_never_cuts_a_download_and_rolls_over_with_its_window() {
+        let bandwidth = Arc::new(Bandwidth::new(0, quota(8 * 1024, Duration::from_millis(300), true)));
+        let delayed = counter();
+        send(&bandwidth, "alice", 100 * 1024, &delayed).await;
+        assert!(bandwidth.over_quota("alice"));
+        assert_eq!(delayed.get(), 0, "reject refuses new downloads, it does not slow");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(!bandwidth.over_quota("alice"), "a new window");
+        bandwidth.prune();
+        assert_eq!(bandwidth.tracked(), 0);
+    }
+
     #[tokio::test]
     async fn recovered_users_are_pruned() {
         // 1 MiB/s: a 1 KiB send recovers within a millisecond or two.
-        let bandwidth = Arc::new(Bandwidth::new(1 << 20));
+        let bandwidth = Arc::new(Bandwidth::new(1 << 20, None));
         let delayed = counter();
         for i in 0..100 {
             send(&bandwidth, &format!("user{i}"), 1024, &delayed).await;

@@ -129,7 +129,15 @@ impl Limits {
             counts: Mutex::new(Counts::default()),
             penalties,
             rates: rate::Rates::new(config),
-            bandwidth: Arc::new(bandwidth::Bandwidth::new(config.download_bytes_per_user_per_second.0)),
+            bandwidth: Arc::new(bandwidth::Bandwidth::new(
+                config.download_bytes_per_user_per_second.0,
+                Some(bandwidth::DownloadQuota {
+                    bytes: config.download_quota.0,
+                    window: config.download_quota_window.0,
+                    reject: config.download_quota_action == crate::config::QuotaAction::Reject,
+                    over_rate: config.over_quota_bytes_per_second.0,
+                }),
+            )),
             trusted,
         })
     }

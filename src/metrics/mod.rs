@@ -79,7 +79,7 @@ fn count_buckets() -> Vec<f64> {
 }
 
 /// What `mailgate_limit_rejections_total` counts (the limits of docs/CONFIG.md).
-pub const LIMIT_KINDS: &[&str] = &["connections", "rate", "auth", "bandwidth", "append_size"];
+pub const LIMIT_KINDS: &[&str] = &["connections", "rate", "auth", "bandwidth", "quota", "append_size"];
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let family = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");

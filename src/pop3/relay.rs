@@ -309,6 +309,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             Track::Rset => lock(&self.shared).deleted.clear(),
             _ => {}
         }
+        if (keyword == "RETR" || keyword == "TOP") && self.service.download_refused(&self.account) {
+            self.wait_for_room().await?;
+            let refusal = Bytes::from_static(b"-ERR [SYS/TEMP] Download quota used up, try again later.\r\n");
+            lock(&self.shared).pending.push_back(Pending::Cached(refusal));
+            self.queued.notify_one();
+            return Ok(());
+        }
         if let ("RETR", [n]) | ("TOP", [n, _]) = (keyword.as_str(), numbers.as_slice()) {
             if let Some(response) = self.cached_answer(*n, numbers.get(1).copied()).await {
                 self.cache_hits += 1;
