@@ -313,6 +313,9 @@ pub struct LimitsConfig {
     /// What one user's sessions together may download per second; faster writes wait, the
     /// session is slowed, never cut (0: no limit). One second's worth may go out at once.
     pub download_bytes_per_user_per_second: ByteSize,
+    /// What one session may download per second, so that one sync cannot take a user's
+    /// (or the link's) whole bandwidth (0: no limit).
+    pub download_bytes_per_session_per_second: ByteSize,
     /// Bytes one user may download per `download_quota_window` (0: no quota).
     pub download_quota: ByteSize,
     /// The quota's window; it starts at the user's first download and rolls over after this.
@@ -350,6 +353,7 @@ impl Default for LimitsConfig {
             commands_per_user_per_second: 0,
             // Off by default: the right figure depends on the ISP's plans and its upstream.
             download_bytes_per_user_per_second: ByteSize(0),
+            download_bytes_per_session_per_second: ByteSize(0),
             download_quota: ByteSize(0),
             download_quota_window: Span(std::time::Duration::from_secs(86_400)),
             download_quota_action: QuotaAction::Throttle,
@@ -559,9 +563,13 @@ impl Config {
                 errors.push(error(&format!("limits.trusted_networks[{i}]"), &message));
             }
         }
-        let download = self.limits.download_bytes_per_user_per_second.0;
-        if download != 0 && !(1024..=u64::from(u32::MAX)).contains(&download) {
-            errors.push(error("limits.download_bytes_per_user_per_second", "must be 0 (off) or between 1KiB and 4GiB"));
+        for (key, rate) in [
+            ("limits.download_bytes_per_user_per_second", self.limits.download_bytes_per_user_per_second.0),
+            ("limits.download_bytes_per_session_per_second", self.limits.download_bytes_per_session_per_second.0),
+        ] {
+            if rate != 0 && !(1024..=u64::from(u32::MAX)).contains(&rate) {
+                errors.push(error(key, "must be 0 (off) or between 1KiB and 4GiB"));
+            }
         }
         let over = self.limits.over_quota_bytes_per_second.0;
         if !(1024..=u64::from(u32::MAX)).contains(&over) {

@@ -288,3 +288,31 @@ fn past_a_reject_download_quota_fetch_and_retr_are_refused_until_the_window_roll
     std::thread::sleep(Duration::from_millis(4300).saturating_sub(window.elapsed()));
     fetch_last(&mut client, "i", &message);
 }
+
+#[test]
+fn a_pop3_session_is_held_near_the_session_rate() {
+    let setup = Setup::start_with("", "[limits]\ndownload_bytes_per_session_per_second = \"40KiB\"\n");
+    let message = append_large_message(&setup);
+    let mut pop3 = setup.pop3_login(BOB);
+    pop3.send(b"STAT\r\n");
+    let count: usize = pop3.line().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    // One second's worth (40 KiB) at once, the other 216 KiB at 40 KiB/s: 5.4 s.
+    let started = std::time::Instant::now();
+    pop3.send(format!("RETR {count}\r\n").as_bytes());
+    assert!(pop3.line().unwrap().starts_with("+OK"));
+    let mut received = String::new();
+    loop {
+        let line = pop3.line().expect("the message to its end");
+        if line == "." {
+            break;
+        }
+        received.push_str(&line);
+        received.push_str("\r\n");
+    }
+    let took = started.elapsed();
+    assert_eq!(received, message, "the message arrives whole");
+    assert!(took >= Duration::from_millis(4300) && took <= Duration::from_secs(16), "{took:?}");
+    // The session goes on.
+    pop3.send(b"NOOP\r\n");
+    assert_eq!(pop3.line().unwrap(), "+OK");
+}

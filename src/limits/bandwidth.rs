@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::clock::{Clock, DefaultClock, QuantaInstant};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, InsufficientCapacity, NotUntil, Quota, RateLimiter};
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -73,19 +73,21 @@ impl Rate {
 
 pub struct Bandwidth {
     rate: Option<Rate>,
+    /// Bytes per second of one session (0: no limit).
+    session_rate: u64,
     quota: Option<QuotaState>,
     sessions: AtomicU64,
 }
 
 impl Bandwidth {
     /// A rate of 0 bytes per second turns the rate off; `None` the quota.
-    pub fn new(bytes_per_second: u64, quota: Option<DownloadQuota>) -> Bandwidth {
+    pub fn new(bytes_per_second: u64, session_rate: u64, quota: Option<DownloadQuota>) -> Bandwidth {
         let quota = quota.filter(|q| q.bytes > 0).map(|quota| QuotaState {
             quota,
             over: Rate::new(quota.over_rate.max(1)).expect("nonzero"),
             usage: Mutex::new(HashMap::new()),
         });
-        Bandwidth { rate: Rate::new(bytes_per_second), quota, sessions: AtomicU64::new(0) }
+        Bandwidth { rate: Rate::new(bytes_per_second), session_rate, quota, sessions: AtomicU64::new(0) }
     }
 
     /// Users held (pruned with [`Bandwidth::prune`]).
@@ -141,7 +143,20 @@ impl Bandwidth {
         if self.sessions.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             self.prune();
         }
-        Throttled { inner: stream, bandwidth: self.clone(), user: user.to_string(), credit: 0, wait: None, delayed }
+        let session = NonZeroU32::new(self.session_rate.min(u64::from(u32::MAX)) as u32).map(|rate| SessionRate {
+            limiter: RateLimiter::direct(Quota::per_second(rate)),
+            chunk: rate.min(NonZeroU32::new(CHUNK).expect("nonzero")),
+        });
+        Throttled {
+            inner: stream,
+            bandwidth: self.clone(),
+            user: user.to_string(),
+            credit: 0,
+            session,
+            session_granted: 0,
+            wait: None,
+            delayed,
+        }
     }
 }
 
@@ -152,45 +167,75 @@ pub struct Throttled<S> {
     /// Bytes taken from the budget and not written yet (a write the stream did not accept
     /// in full is not charged twice).
     credit: usize,
+    /// This session's own rate (`download_bytes_per_session_per_second`).
+    session: Option<SessionRate>,
+    /// Bytes the session's rate has granted for the chunk the user's rate holds back.
+    session_granted: usize,
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
     delayed: IntCounter,
 }
 
 impl<S> Throttled<S> {
-    /// Takes up to `wanted` bytes from the budget, or arms the timer for when it allows them.
+    /// Takes up to `wanted` bytes from the budgets (the session's, then the user's), or arms
+    /// the timer for when they allow them.
     fn poll_credit(&mut self, cx: &mut Context<'_>, wanted: usize) -> Poll<()> {
         loop {
             if let Some(wait) = &mut self.wait {
                 ready!(wait.as_mut().poll(cx));
                 self.wait = None;
             }
-            let Some(rate) = self.bandwidth.rate_for(&self.user) else {
-                // Unlimited for now; under a quota, looked at again every chunk so that
-                // crossing it takes effect within the write.
-                let quota = self.bandwidth.quota.is_some();
-                self.credit = if quota { wanted.min(CHUNK as usize) } else { wanted };
-                return Poll::Ready(());
-            };
-            let n = NonZeroU32::new(wanted.min(rate.chunk.get() as usize) as u32).unwrap_or(NonZeroU32::MIN);
-            match rate.limiter.check_key_n(&self.user, n) {
-                Ok(Ok(())) => {
-                    self.credit = n.get() as usize;
-                    return Poll::Ready(());
-                }
-                Ok(Err(not_until)) => {
-                    self.delayed.inc();
-                    let pause = not_until.wait_time_from(DefaultClock::default().now());
-                    self.wait = Some(Box::pin(tokio::time::sleep(pause.max(std::time::Duration::from_millis(1)))));
-                }
-                // `n` never exceeds the burst (one second of the rate, at least one chunk's
-                // worth or the whole rate); should it, write unthrottled rather than stall.
-                Err(_) => {
-                    self.credit = wanted;
-                    return Poll::Ready(());
-                }
+            let rate = self.bandwidth.rate_for(&self.user);
+            let mut n = wanted;
+            if self.session.is_some() || rate.is_some() || self.bandwidth.quota.is_some() {
+                // Under a quota, looked at again every chunk so that crossing it takes
+                // effect within a long write.
+                n = n.min(CHUNK as usize);
             }
+            if let Some(session) = &self.session {
+                n = n.min(session.chunk.get() as usize);
+            }
+            if let Some(rate) = rate {
+                n = n.min(rate.chunk.get() as usize);
+            }
+            let cells = NonZeroU32::new(n as u32).unwrap_or(NonZeroU32::MIN);
+            // The session's share is taken once, even if the user's budget makes us wait.
+            if let Some(session) = self.session.as_ref().filter(|_| self.session_granted < n) {
+                if let Some(pause) = pause(session.limiter.check_n(cells)) {
+                    self.pause(pause);
+                    continue;
+                }
+                self.session_granted = n;
+            }
+            if let Some(pause) = rate.and_then(|rate| pause(rate.limiter.check_key_n(&self.user, cells))) {
+                self.pause(pause);
+                continue;
+            }
+            self.session_granted = 0;
+            self.credit = n;
+            return Poll::Ready(());
         }
     }
+
+    fn pause(&mut self, pause: Duration) {
+        self.delayed.inc();
+        self.wait = Some(Box::pin(tokio::time::sleep(pause.max(Duration::from_millis(1)))));
+    }
+}
+
+/// How long a limiter says to wait for its cells; `None`: granted. A request larger than
+/// the burst (never made: chunks are at most one second of the rate) is let through rather
+/// than stalled.
+fn pause(verdict: Result<Result<(), NotUntil<QuantaInstant>>, InsufficientCapacity>) -> Option<Duration> {
+    match verdict {
+        Ok(Ok(())) | Err(_) => None,
+        Ok(Err(not_until)) => Some(not_until.wait_time_from(DefaultClock::default().now())),
+    }
+}
+
+/// A per-session byte rate.
+struct SessionRate {
+    limiter: DefaultDirectRateLimiter,
+    chunk: NonZeroU32,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Throttled<S> {
@@ -232,6 +277,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn counter() -> IntCounter {
@@ -257,7 +303,7 @@ mod tests {
     #[tokio::test]
     async fn writes_over_the_rate_wait_and_nothing_is_lost() {
         // 64 KiB/s with a one-second burst: 192 KiB needs at least two seconds.
-        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, None));
+        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, 0, None));
         let delayed = counter();
         let took = send(&bandwidth, "alice", 192 * 1024, &delayed).await;
         assert!(took >= Duration::from_millis(1900), "{took:?}");
@@ -266,7 +312,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_budget_is_per_user_and_a_burst_goes_through_at_once() {
-        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, None));
+        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, 0, None));
         let delayed = counter();
         send(&bandwidth, "alice", 64 * 1024, &delayed).await;
         let before = delayed.get();
@@ -278,7 +324,7 @@ mod tests {
 
     #[tokio::test]
     async fn off_means_no_delay_and_no_state() {
-        let bandwidth = Arc::new(Bandwidth::new(0, None));
+        let bandwidth = Arc::new(Bandwidth::new(0, 0, None));
         let delayed = counter();
         send(&bandwidth, "alice", 1 << 20, &delayed).await;
         assert_eq!((delayed.get(), bandwidth.tracked()), (0, 0));
@@ -290,7 +336,7 @@ mod tests {
 
     #[tokio::test]
     async fn past_a_throttle_quota_the_user_is_slowed_to_the_over_quota_rate() {
-        let bandwidth = Arc::new(Bandwidth::new(0, quota(16 * 1024, Duration::from_secs(3600), false)));
+        let bandwidth = Arc::new(Bandwidth::new(0, 0, quota(16 * 1024, Duration::from_secs(3600), false)));
         let delayed = counter();
         send(&bandwidth, "alice", 16 * 1024, &delayed).await;
         assert!(bandwidth.over_quota("alice") && !bandwidth.over_quota("bob"));
@@ -304,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reject_quota_never_cuts_a_download_and_rolls_over_with_its_window() {
-        let bandwidth = Arc::new(Bandwidth::new(0, quota(8 * 1024, Duration::from_millis(300), true)));
+        let bandwidth = Arc::new(Bandwidth::new(0, 0, quota(8 * 1024, Duration::from_millis(300), true)));
         let delayed = counter();
         send(&bandwidth, "alice", 100 * 1024, &delayed).await;
         assert!(bandwidth.over_quota("alice"));
@@ -316,9 +362,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_session_has_its_own_rate_under_the_users() {
+        // Sessions at 32 KiB/s each, the user at 1 MiB/s: two sessions of one user side by
+        // side each need at least two seconds for 96 KiB, together not four.
+        let bandwidth = Arc::new(Bandwidth::new(1 << 20, 32 * 1024, None));
+        let delayed = counter();
+        let started = Instant::now();
+        let (a, b) = tokio::join!(
+            send(&bandwidth, "alice", 96 * 1024, &delayed),
+            send(&bandwidth, "alice", 96 * 1024, &delayed)
+        );
+        assert!(a >= Duration::from_millis(1900) && b >= Duration::from_millis(1900), "{a:?} {b:?}");
+        assert!(started.elapsed() < Duration::from_millis(3900), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
     async fn recovered_users_are_pruned() {
         // 1 MiB/s: a 1 KiB send recovers within a millisecond or two.
-        let bandwidth = Arc::new(Bandwidth::new(1 << 20, None));
+        let bandwidth = Arc::new(Bandwidth::new(1 << 20, 0, None));
         let delayed = counter();
         for i in 0..100 {
             send(&bandwidth, &format!("user{i}"), 1024, &delayed).await;

@@ -131,6 +131,7 @@ impl Limits {
             rates: rate::Rates::new(config),
             bandwidth: Arc::new(bandwidth::Bandwidth::new(
                 config.download_bytes_per_user_per_second.0,
+                config.download_bytes_per_session_per_second.0,
                 Some(bandwidth::DownloadQuota {
                     bytes: config.download_quota.0,
                     window: config.download_quota_window.0,
