@@ -324,6 +324,29 @@ pub struct LimitsConfig {
     /// `reject` (refuse message downloads until the window rolls over).
     pub download_quota_action: QuotaAction,
     pub over_quota_bytes_per_second: ByteSize,
+    /// A TOML file with more trusted networks and per-user overrides (read at start).
+    pub overrides_file: Option<std::path::PathBuf>,
+    /// What `overrides_file` says; filled in when the configuration is loaded.
+    #[serde(skip)]
+    pub overrides: Overrides,
+}
+
+/// The overrides file: `trusted_networks = [...]` and `[users."name"]` tables.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Overrides {
+    pub trusted_networks: Vec<String>,
+    pub users: BTreeMap<String, UserOverride>,
+}
+
+/// One user's limits where they differ from `[limits]`.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserOverride {
+    pub max_connections_per_user: Option<u32>,
+    pub max_connections_per_user_ip: Option<u32>,
+    /// 0: no quota for this user.
+    pub download_quota: Option<ByteSize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -358,6 +381,8 @@ impl Default for LimitsConfig {
             download_quota_window: Span(std::time::Duration::from_secs(86_400)),
             download_quota_action: QuotaAction::Throttle,
             over_quota_bytes_per_second: ByteSize(64 << 10),
+            overrides_file: None,
+            overrides: Overrides::default(),
         }
     }
 }
@@ -466,7 +491,16 @@ impl Config {
         let pop3 = section(&mut errors, "pop3", root.get("pop3")).unwrap_or_default();
         let cache = section(&mut errors, "cache", root.get("cache")).unwrap_or_default();
         let admin = section(&mut errors, "admin", root.get("admin")).unwrap_or_default();
-        let limits = section(&mut errors, "limits", root.get("limits")).unwrap_or_default();
+        let mut limits: LimitsConfig = section(&mut errors, "limits", root.get("limits")).unwrap_or_default();
+        if let Some(path) = &limits.overrides_file {
+            match std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| toml::from_str::<Overrides>(&text).map_err(|e| e.message().to_string()))
+            {
+                Ok(overrides) => limits.overrides = overrides,
+                Err(message) => errors.push(error("limits.overrides_file", &format!("{}: {message}", path.display()))),
+            }
+        }
         let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
 
         let config = Config { listeners, tls, upstream, imap, pop3, cache, admin, limits, shutdown };
@@ -561,6 +595,11 @@ impl Config {
         for (i, network) in self.limits.trusted_networks.iter().enumerate() {
             if let Err(message) = crate::limits::Network::parse(network) {
                 errors.push(error(&format!("limits.trusted_networks[{i}]"), &message));
+            }
+        }
+        for (i, network) in self.limits.overrides.trusted_networks.iter().enumerate() {
+            if let Err(message) = crate::limits::Network::parse(network) {
+                errors.push(error(&format!("limits.overrides_file: trusted_networks[{i}]"), &message));
             }
         }
         for (key, rate) in [
@@ -762,6 +801,35 @@ mod tests {
         assert!(errors.iter().any(|e| e.path == "limits.download_bytes_per_user_per_second"), "{errors:?}");
         let fine = format!("{MINIMAL}\n[limits]\ndownload_bytes_per_user_per_second = \"2MiB\"\n");
         assert_eq!(Config::from_toml(&fine).unwrap().limits.download_bytes_per_user_per_second.0, 2 << 20);
+    }
+
+    #[test]
+    fn the_overrides_file_is_read_and_its_errors_name_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("overrides.toml");
+        std::fs::write(
+            &good,
+            "trusted_networks = [\"10.0.0.0/8\"]\n[users.\"bob@example.org\"]\ndownload_quota = \"1GiB\"\n",
+        )
+        .unwrap();
+        let text = format!("{MINIMAL}\n[limits]\noverrides_file = {:?}\n", good.display().to_string());
+        let config = Config::from_toml(&text).unwrap();
+        let bob = config.limits.overrides.users["bob@example.org"];
+        assert_eq!(bob.download_quota.map(|b| b.0), Some(1 << 30));
+        assert_eq!(bob.max_connections_per_user, None);
+        assert_eq!(config.limits.overrides.trusted_networks, ["10.0.0.0/8"]);
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "trusted_networks = [\"10.0.0.0/99\"]\n[users.bob]\nmax_sessions = 3\n").unwrap();
+        let text = format!("{MINIMAL}\n[limits]\noverrides_file = {:?}\n", bad.display().to_string());
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        assert!(
+            errors.iter().any(|e| e.path == "limits.overrides_file" && e.message.contains("max_sessions")),
+            "{errors:?}"
+        );
+        let missing = format!("{MINIMAL}\n[limits]\noverrides_file = \"/nonexistent/overrides.toml\"\n");
+        let errors = Config::from_toml(&missing).unwrap_err().0;
+        assert!(errors.iter().any(|e| e.path == "limits.overrides_file"), "{errors:?}");
     }
 
     #[test]

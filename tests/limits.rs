@@ -307,3 +307,25 @@ fn retr_last(pop3: &mut Client) -> (String, Duration) {
     }
     (received, started.elapsed())
 }
+
+#[test]
+fn the_overrides_file_gives_one_user_other_caps() {
+    let dir = tempfile::tempdir().unwrap();
+    let overrides = dir.path().join("overrides.toml");
+    std::fs::write(&overrides, "[users.bob]\nmax_connections_per_user = 1\n").unwrap();
+    let setup = Setup::start_with("", &format!("[limits]\noverrides_file = {:?}\n", overrides.display().to_string()));
+    let _first = setup.login(BOB);
+    let mut second = setup.imaps();
+    assert_eq!(
+        second.command("a", "LOGIN bob bob-Pass-42"),
+        ["a NO [LIMIT] Too many sessions for this user, try again later."]
+    );
+    let mut pop3 = setup.pop3s();
+    pop3.send(b"USER bob\r\nPASS bob-Pass-42\r\n");
+    assert!(pop3.line().unwrap().starts_with("+OK"));
+    assert_eq!(pop3.line().unwrap(), "-ERR [IN-USE] Too many sessions for this user, try again later.");
+    // Everyone else keeps the default (50).
+    let _alice = setup.login(ALICE);
+    let mut alice = setup.login(ALICE);
+    assert!(alice.command("n", "NOOP").last().unwrap().starts_with("n OK"));
+}

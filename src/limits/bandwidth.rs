@@ -33,9 +33,12 @@ const CHUNK: u32 = 16 * 1024;
 const PRUNE_EVERY: u64 = 1024;
 
 /// A per-user download quota.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct DownloadQuota {
+    /// 0: no quota.
     pub bytes: u64,
+    /// Users whose quota differs (the overrides file); 0: none for them.
+    pub per_user: HashMap<String, u64>,
     pub window: Duration,
     /// Refuse downloads past the quota; otherwise slow them to `over_rate`.
     pub reject: bool,
@@ -53,6 +56,13 @@ struct QuotaState {
     /// Users past their quota are slowed with this limiter (`throttle`).
     over: Rate,
     usage: Mutex<HashMap<String, Usage>>,
+}
+
+impl QuotaState {
+    /// `user`'s quota in bytes (0: none).
+    fn limit(&self, user: &str) -> u64 {
+        self.quota.per_user.get(user).copied().unwrap_or(self.quota.bytes)
+    }
 }
 
 /// A keyed byte rate and the largest amount asked of it at once.
@@ -82,9 +92,9 @@ pub struct Bandwidth {
 impl Bandwidth {
     /// A rate of 0 bytes per second turns the rate off; `None` the quota.
     pub fn new(bytes_per_second: u64, session_rate: u64, quota: Option<DownloadQuota>) -> Bandwidth {
-        let quota = quota.filter(|q| q.bytes > 0).map(|quota| QuotaState {
-            quota,
+        let quota = quota.filter(|q| q.bytes > 0 || q.per_user.values().any(|&b| b > 0)).map(|quota| QuotaState {
             over: Rate::new(quota.over_rate.max(1)).expect("nonzero"),
+            quota,
             usage: Mutex::new(HashMap::new()),
         });
         Bandwidth { rate: Rate::new(bytes_per_second), session_rate, quota, sessions: AtomicU64::new(0) }
@@ -113,13 +123,14 @@ impl Bandwidth {
     /// Whether `user` has used up this window's download quota.
     pub fn over_quota(&self, user: &str) -> bool {
         let Some(q) = &self.quota else { return false };
+        let limit = q.limit(user);
         let usage = lock(&q.usage);
-        usage.get(user).is_some_and(|u| u.since.elapsed() < q.quota.window && u.bytes >= q.quota.bytes)
+        limit > 0 && usage.get(user).is_some_and(|u| u.since.elapsed() < q.quota.window && u.bytes >= limit)
     }
 
     /// Adds `n` downloaded bytes to `user`'s window.
     fn downloaded(&self, user: &str, n: usize) {
-        let Some(q) = &self.quota else { return };
+        let Some(q) = self.quota.as_ref().filter(|q| q.limit(user) > 0) else { return };
         let now = Instant::now();
         let mut usage = lock(&q.usage);
         let entry = usage.entry(user.to_string()).or_insert(Usage { since: now, bytes: 0 });
@@ -331,7 +342,7 @@ mod tests {
     }
 
     fn quota(bytes: u64, window: Duration, reject: bool) -> Option<DownloadQuota> {
-        Some(DownloadQuota { bytes, window, reject, over_rate: 32 * 1024 })
+        Some(DownloadQuota { bytes, per_user: HashMap::new(), window, reject, over_rate: 32 * 1024 })
     }
 
     #[tokio::test]
@@ -374,6 +385,21 @@ mod tests {
         );
         assert!(a >= Duration::from_millis(1900) && b >= Duration::from_millis(1900), "{a:?} {b:?}");
         assert!(started.elapsed() < Duration::from_millis(3900), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_users_own_quota_overrides_the_default() {
+        let mut quota = quota(8 * 1024, Duration::from_secs(3600), true).unwrap();
+        quota.per_user = HashMap::from([("vip".to_string(), 0), ("small".to_string(), 1024)]);
+        let bandwidth = Arc::new(Bandwidth::new(0, 0, Some(quota)));
+        let delayed = counter();
+        for user in ["vip", "small", "alice"] {
+            send(&bandwidth, user, 4 * 1024, &delayed).await;
+        }
+        assert!(!bandwidth.over_quota("vip") && bandwidth.over_quota("small") && !bandwidth.over_quota("alice"));
+        send(&bandwidth, "alice", 4 * 1024, &delayed).await;
+        assert!(bandwidth.over_quota("alice"));
+        assert_eq!(bandwidth.tracked(), 2, "no usage is kept for users without a quota");
     }
 
     #[tokio::test]

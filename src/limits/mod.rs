@@ -123,7 +123,9 @@ impl Limits {
             window: config.auth_window.0,
         });
         // Validated with the configuration: unparsable entries were refused there.
-        let trusted = config.trusted_networks.iter().filter_map(|n| Network::parse(n).ok()).collect();
+        let trusted = (config.trusted_networks.iter().chain(&config.overrides.trusted_networks))
+            .filter_map(|n| Network::parse(n).ok())
+            .collect();
         Arc::new(Limits {
             config: config.clone(),
             counts: Mutex::new(Counts::default()),
@@ -134,6 +136,9 @@ impl Limits {
                 config.download_bytes_per_session_per_second.0,
                 Some(bandwidth::DownloadQuota {
                     bytes: config.download_quota.0,
+                    per_user: (config.overrides.users.iter())
+                        .filter_map(|(user, o)| Some((user.clone(), o.download_quota?.0)))
+                        .collect(),
                     window: config.download_quota_window.0,
                     reject: config.download_quota_action == crate::config::QuotaAction::Reject,
                     over_rate: config.over_quota_bytes_per_second.0,
@@ -176,11 +181,15 @@ impl Limits {
     pub fn login(self: &Arc<Self>, user: &str, ip: IpAddr) -> Result<UserLease, Refused> {
         let key = self.client_key(ip);
         let mut counts = self.lock();
-        if counts.per_user.get(user).copied().unwrap_or(0) >= self.config.max_connections_per_user {
+        let special = self.config.overrides.users.get(user);
+        let per_user = special.and_then(|o| o.max_connections_per_user).unwrap_or(self.config.max_connections_per_user);
+        let per_user_ip =
+            special.and_then(|o| o.max_connections_per_user_ip).unwrap_or(self.config.max_connections_per_user_ip);
+        if counts.per_user.get(user).copied().unwrap_or(0) >= per_user {
             return Err(Refused::PerUser);
         }
         let pair = (user.to_string(), key);
-        if counts.per_user_address.get(&pair).copied().unwrap_or(0) >= self.config.max_connections_per_user_ip {
+        if counts.per_user_address.get(&pair).copied().unwrap_or(0) >= per_user_ip {
             return Err(Refused::PerUserAddress);
         }
         *counts.per_user.entry(user.to_string()).or_default() += 1;
@@ -258,6 +267,30 @@ mod tests {
         assert!(matches!(limits.login("alice", "192.0.2.3".parse().unwrap()), Err(Refused::PerUser)));
         drop(alice);
         let _back = limits.login("alice", a).unwrap();
+    }
+
+    #[test]
+    fn overrides_raise_or_lower_one_users_caps_and_add_trusted_networks() {
+        let overrides: crate::config::Overrides = toml::from_str(
+            "trusted_networks = [\"10.9.0.0/16\"]\n[users.bigcorp]\nmax_connections_per_user = 3\nmax_connections_per_user_ip = 3\n[users.abuser]\nmax_connections_per_user = 0\n",
+        )
+        .unwrap();
+        let limits = Limits::new(&LimitsConfig {
+            max_connections_per_user: 1,
+            max_connections_per_user_ip: 1,
+            trusted_networks: vec!["192.0.2.0/24".into()],
+            overrides,
+            ..Default::default()
+        });
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let leases: Vec<_> = (0..3).map(|_| limits.login("bigcorp", a).unwrap()).collect();
+        assert!(matches!(limits.login("bigcorp", a), Err(Refused::PerUser)));
+        let _alice = limits.login("alice", a).unwrap();
+        assert!(matches!(limits.login("alice", a), Err(Refused::PerUser)), "the default for everyone else");
+        assert!(matches!(limits.login("abuser", a), Err(Refused::PerUser)));
+        assert!(limits.trusted("10.9.3.4".parse().unwrap()) && limits.trusted("192.0.2.9".parse().unwrap()));
+        assert!(!limits.trusted(a));
+        drop(leases);
     }
 
     #[test]
