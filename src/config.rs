@@ -493,10 +493,12 @@ impl Config {
         let admin = section(&mut errors, "admin", root.get("admin")).unwrap_or_default();
         let mut limits: LimitsConfig = section(&mut errors, "limits", root.get("limits")).unwrap_or_default();
         if let Some(path) = &limits.overrides_file {
-            match std::fs::read_to_string(path)
-                .map_err(|e| e.to_string())
-                .and_then(|text| toml::from_str::<Overrides>(&text).map_err(|e| e.message().to_string()))
-            {
+            match std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|text| {
+                toml::from_str::<Overrides>(&text).map_err(|e| {
+                    let line = e.span().map(|span| text[..span.start].matches('\n').count() + 1);
+                    line.map_or_else(|| e.message().to_string(), |line| format!("line {line}: {}", e.message()))
+                })
+            }) {
                 Ok(overrides) => limits.overrides = overrides,
                 Err(message) => errors.push(error("limits.overrides_file", &format!("{}: {message}", path.display()))),
             }
@@ -824,7 +826,9 @@ mod tests {
         let text = format!("{MINIMAL}\n[limits]\noverrides_file = {:?}\n", bad.display().to_string());
         let errors = Config::from_toml(&text).unwrap_err().0;
         assert!(
-            errors.iter().any(|e| e.path == "limits.overrides_file" && e.message.contains("max_sessions")),
+            errors.iter().any(
+                |e| e.path == "limits.overrides_file" && e.message.contains("line 3: unknown field `max_sessions`")
+            ),
             "{errors:?}"
         );
         let missing = format!("{MINIMAL}\n[limits]\noverrides_file = \"/nonexistent/overrides.toml\"\n");
