@@ -100,13 +100,20 @@ impl Service {
         self.metrics.plaintext_auth_refused.with_label_values(&[self.protocol.name(), &self.listener]).inc();
     }
 
-    /// Times the upstream connect and login; counts why an upstream could not be used.
-    pub fn upstream_attempt(&self, started: std::time::Instant, error: Option<&crate::upstream::UpstreamError>) {
+    /// Runs an upstream login (IMAP or POP3), timed, counting why an upstream could not be
+    /// used.
+    pub async fn timed_login<T>(
+        &self,
+        login: impl std::future::Future<Output = Result<T, crate::upstream::LoginError>>,
+    ) -> Result<T, crate::upstream::LoginError> {
+        let started = std::time::Instant::now();
+        let result = login.await;
         let protocol = self.protocol.name();
         self.metrics.upstream_connect_duration.with_label_values(&[protocol]).observe(started.elapsed().as_secs_f64());
-        if let Some(error) = error {
+        if let Err(crate::upstream::LoginError::Unavailable(error)) = &result {
             self.metrics.upstream_errors.with_label_values(&[protocol, error.kind()]).inc();
         }
+        result
     }
 
     /// A successful login: counted, penalties cleared, the session's span gets the user,

@@ -25,6 +25,18 @@ pub struct Upstream {
 }
 
 /// Why the upstream could not be used; the client sees `NO [UNAVAILABLE]` for all of these.
+/// Why an upstream login did not give a session (IMAP and POP3 alike).
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The client gets `NO [UNAVAILABLE]` / `-ERR [SYS/TEMP]`.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(#[from] UpstreamError),
+    /// The upstream refused the credentials; `code` is its response code, if any (RFC 5530
+    /// for IMAP; RFC 2449/3206 for POP3: `IN-USE`, `LOGIN-DELAY`, `AUTH`...).
+    #[error("upstream refused the credentials ({code:?})")]
+    Rejected { code: Option<String> },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connect to {address}: {source}")]

@@ -19,7 +19,7 @@ use super::command::{self, Command, Part};
 use super::framing::{parse_announce, strip_eol, Event, FrameError, Framer};
 use super::relay;
 use super::response::relayable_capabilities;
-use super::upstream::{login, LoggedIn, LoginError};
+use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
 use crate::service::Service;
 use crate::stream::Stream;
@@ -235,7 +235,7 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                         return;
                     }
                 }
-                Ok(_lease) => match timed_login(service, &credentials).await {
+                Ok(_lease) => match service.timed_login(login(&service.upstream, &credentials)).await {
                     Ok(session) => {
                         service.logged_in(&credentials, peer.ip());
                         let caps = relayable_capabilities(&session.capabilities).join(" ");
@@ -380,16 +380,4 @@ async fn answer(
             }
         }
     })
-}
-
-/// The upstream login, timed and its failures classified for the metrics.
-async fn timed_login(service: &Service, credentials: &Credentials) -> Result<LoggedIn, LoginError> {
-    let started = std::time::Instant::now();
-    let result = login(&service.upstream, credentials).await;
-    let error = match &result {
-        Err(LoginError::Unavailable(e)) => Some(e),
-        _ => None,
-    };
-    service.upstream_attempt(started, error);
-    result
 }

@@ -32,15 +32,7 @@ pub struct LoggedIn {
     pub proof: LoginProof,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum LoginError {
-    /// The client gets `NO [UNAVAILABLE]`.
-    #[error("upstream unavailable: {0}")]
-    Unavailable(#[from] UpstreamError),
-    /// The upstream refused the credentials; `code` is its RFC 5530 code, if any.
-    #[error("upstream refused the credentials ({code:?})")]
-    Rejected { code: Option<String> },
-}
+pub use crate::upstream::LoginError;
 
 const MAX_LINE: usize = 64 << 10;
 const MAX_LITERAL: u64 = 1 << 20;

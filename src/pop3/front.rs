@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::codec::{split_command, CodecError, LineReader};
 use super::relay;
-use super::upstream::{login, LoggedIn, LoginError};
+use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
 use crate::secret::Secret;
 use crate::service::Service;
@@ -176,7 +176,7 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                         continue;
                     }
                 };
-                match timed_login(service, &credentials).await {
+                match service.timed_login(login(&service.upstream, &credentials)).await {
                     Ok(session) => {
                         service.logged_in(&credentials, peer.ip());
                         if conn.write("+OK Logged in.").await.is_err() {
@@ -303,16 +303,4 @@ async fn auth(conn: &mut Conn, service: &Service, args: &str) -> Result<(Outcome
         Ok(credentials) => (Outcome::Login(credentials), None),
         Err(e) => (Outcome::Continue, Some(bad(&format!("-ERR [AUTH] Invalid SASL PLAIN response: {e}.")))),
     })
-}
-
-/// The upstream login, timed and its failures classified for the metrics.
-async fn timed_login(service: &Service, credentials: &Credentials) -> Result<LoggedIn, LoginError> {
-    let started = std::time::Instant::now();
-    let result = login(&service.upstream, credentials).await;
-    let error = match &result {
-        Err(LoginError::Unavailable(e)) => Some(e),
-        _ => None,
-    };
-    service.upstream_attempt(started, error);
-    result
 }

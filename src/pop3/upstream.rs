@@ -27,14 +27,7 @@ pub struct LoggedIn {
     pub proof: LoginProof,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum LoginError {
-    #[error("upstream unavailable: {0}")]
-    Unavailable(#[from] UpstreamError),
-    /// `code` is the RFC 2449/3206 response code, if any (`IN-USE`, `LOGIN-DELAY`, `AUTH`...).
-    #[error("upstream refused the credentials ({code:?})")]
-    Rejected { code: Option<String> },
-}
+pub use crate::upstream::LoginError;
 
 /// Most CAPA lines an upstream may send.
 const MAX_CAPA_LINES: usize = 100;
