@@ -211,13 +211,15 @@ impl<S> Throttled<S> {
             let cells = NonZeroU32::new(n as u32).unwrap_or(NonZeroU32::MIN);
             // The session's share is taken once, even if the user's budget makes us wait.
             if let Some(session) = self.session.as_ref().filter(|_| self.session_granted < n) {
-                if let Some(pause) = pause(session.limiter.check_n(cells)) {
+                if let Some(pause) = pause(session.limiter.check_n(cells), session.limiter.clock()) {
                     self.pause(pause);
                     continue;
                 }
                 self.session_granted = n;
             }
-            if let Some(pause) = rate.and_then(|rate| pause(rate.limiter.check_key_n(&self.user, cells))) {
+            if let Some(pause) =
+                rate.and_then(|rate| pause(rate.limiter.check_key_n(&self.user, cells), rate.limiter.clock()))
+            {
                 self.pause(pause);
                 continue;
             }
@@ -236,10 +238,13 @@ impl<S> Throttled<S> {
 /// How long a limiter says to wait for its cells; `None`: granted. A request larger than
 /// the burst (never made: chunks are at most one second of the rate) is let through rather
 /// than stalled.
-fn pause(verdict: Result<Result<(), NotUntil<QuantaInstant>>, InsufficientCapacity>) -> Option<Duration> {
+fn pause(
+    verdict: Result<Result<(), NotUntil<QuantaInstant>>, InsufficientCapacity>,
+    clock: &DefaultClock,
+) -> Option<Duration> {
     match verdict {
         Ok(Ok(())) | Err(_) => None,
-        Ok(Err(not_until)) => Some(not_until.wait_time_from(DefaultClock::default().now())),
+        Ok(Err(not_until)) => Some(not_until.wait_time_from(clock.now())),
     }
 }
 
