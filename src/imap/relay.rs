@@ -703,6 +703,26 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     }
 }
 
+impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W> {
+    /// The next framed piece of the upstream's answer for a job: whether it is literal data,
+    /// its bytes, and the event it completed. Announced literals are always accepted (the
+    /// job's own size limit applies instead).
+    async fn next_fragment(&mut self) -> Result<(bool, BytesMut, Option<Event>), JobError> {
+        if self.buffer.is_empty() {
+            match read_chunk(&mut self.read, &mut self.buffer).await {
+                Ok(0) | Err(_) => return Err(JobError::UpstreamClosed),
+                Ok(_) => {}
+            }
+        }
+        if self.framer.pending_literal().is_some() {
+            self.framer.accept_literal();
+        }
+        let in_literal = self.framer.in_literal();
+        let step = self.framer.feed(&self.buffer).map_err(|_| JobError::UpstreamClosed)?;
+        Ok((in_literal, self.buffer.split_to(step.consumed), step.event))
+    }
+}
+
 /// Most one upstream response may weigh while a job assembles it.
 fn job_response_limit(service: &Service) -> usize {
     let cache = service.config.cache.max_entry_bytes.as_usize();
@@ -715,21 +735,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
         let limit = job_response_limit(self.service);
         let mut response = Vec::new();
         loop {
-            if self.buffer.is_empty() {
-                match read_chunk(&mut self.read, &mut self.buffer).await {
-                    Ok(0) | Err(_) => return Err(JobError::UpstreamClosed),
-                    Ok(_) => {}
-                }
-            }
-            if self.framer.pending_literal().is_some() {
-                self.framer.accept_literal();
-            }
-            let step = self.framer.feed(&self.buffer).map_err(|_| JobError::UpstreamClosed)?;
-            response.extend_from_slice(&self.buffer.split_to(step.consumed));
+            let (_, bytes, event) = self.next_fragment().await?;
+            response.extend_from_slice(&bytes);
             if response.len() > limit {
                 return Err(JobError::TooLarge);
             }
-            if let Some(Event::Line(line)) = step.event {
+            if let Some(Event::Line(line)) = event {
                 if line.announce.is_none() {
                     return Ok(response);
                 }
@@ -742,18 +753,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
         let limit = job_response_limit(self.service);
         let (mut line, mut kept, mut first) = (Vec::new(), Some(Vec::new()), true);
         loop {
-            if self.buffer.is_empty() {
-                match read_chunk(&mut self.read, &mut self.buffer).await {
-                    Ok(0) | Err(_) => return Err(JobError::UpstreamClosed),
-                    Ok(_) => {}
-                }
-            }
-            if self.framer.pending_literal().is_some() {
-                self.framer.accept_literal();
-            }
-            let in_literal = self.framer.in_literal();
-            let step = self.framer.feed(&self.buffer).map_err(|_| JobError::UpstreamClosed)?;
-            let bytes = self.buffer.split_to(step.consumed);
+            let (in_literal, bytes, event) = self.next_fragment().await?;
             if in_literal {
                 self.write.write_all(&bytes).await.map_err(|_| JobError::ClientClosed)?;
                 match kept.as_mut() {
@@ -767,7 +767,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
             if line.len() > limit {
                 return Err(JobError::TooLarge);
             }
-            let Some(Event::Line(parsed)) = step.event else { continue };
+            let Some(Event::Line(parsed)) = event else { continue };
             if first && line.starts_with(tag.as_bytes()) && line.get(tag.len()) == Some(&b' ') {
                 return Ok(Relayed::Tagged(line));
             }
