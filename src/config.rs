@@ -329,6 +329,54 @@ pub struct LimitsConfig {
     /// What `overrides_file` says; filled in when the configuration is loaded.
     #[serde(skip)]
     pub overrides: Overrides,
+    /// Where counters live: `local` (this process) or `redis` (shared by every instance
+    /// pointing at the same Redis, see `[limits.redis]`).
+    pub store: LimitStore,
+    pub redis: RedisConfig,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitStore {
+    Local,
+    Redis,
+}
+
+/// What a check does when Redis cannot answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreFailure {
+    /// Allow (no lease is taken): mail keeps flowing while the limits are blind.
+    Open,
+    /// Refuse with "try again later".
+    Closed,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db` or `unix:///path/to/socket`.
+    pub url: String,
+    /// Prepended to every key, so that several fleets can share one Redis.
+    pub key_prefix: String,
+    /// How long a connection's lease outlives its instance's last refresh (refreshed every
+    /// third of it): a crashed instance's connections stop counting within this.
+    pub lease_ttl: Span,
+    /// The longest a check waits for Redis before `on_error` decides.
+    pub timeout: Span,
+    pub on_error: StoreFailure,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/0".into(),
+            key_prefix: "mailgate:".into(),
+            lease_ttl: secs(30),
+            timeout: Span(std::time::Duration::from_millis(500)),
+            on_error: StoreFailure::Open,
+        }
+    }
 }
 
 /// The overrides file: `trusted_networks = [...]` and `[users."name"]` tables.
@@ -383,6 +431,8 @@ impl Default for LimitsConfig {
             over_quota_bytes_per_second: ByteSize(64 << 10),
             overrides_file: None,
             overrides: Overrides::default(),
+            store: LimitStore::Local,
+            redis: RedisConfig::default(),
         }
     }
 }
@@ -618,6 +668,20 @@ impl Config {
         }
         if self.limits.download_quota_window.0.is_zero() {
             errors.push(error("limits.download_quota_window", "must be longer than 0s"));
+        }
+        let redis = &self.limits.redis;
+        if self.limits.store == LimitStore::Redis {
+            if !["redis://", "unix://", "redis+unix://"].iter().any(|scheme| redis.url.starts_with(scheme)) {
+                errors.push(error("limits.redis.url", "must be a redis:// or unix:// URL"));
+            } else if let Err(e) = redis::Client::open(redis.url.as_str()) {
+                errors.push(error("limits.redis.url", &e.to_string()));
+            }
+        }
+        if redis.lease_ttl.0 < std::time::Duration::from_secs(1) {
+            errors.push(error("limits.redis.lease_ttl", "must be at least 1s"));
+        }
+        if redis.timeout.0.is_zero() || redis.timeout.0 * 3 > redis.lease_ttl.0 {
+            errors.push(error("limits.redis.timeout", "must be longer than 0s and at most a third of lease_ttl"));
         }
         if self.limits.auth_lockout_failures == 0 {
             errors.push(error("limits.auth_lockout_failures", "must be at least 1"));

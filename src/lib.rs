@@ -61,6 +61,8 @@ pub enum Error {
     Tls(#[from] tls::TlsError),
     #[error("listener `{name}` cannot bind {address}: {source}")]
     Bind { name: String, address: std::net::SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    LimitStore(#[from] limits::fleet::StoreError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -106,7 +108,15 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
 
     let cache = config.cache.enabled.then(|| Arc::new(cache::MessageCache::new(&config.cache)));
     let metrics = Arc::new(metrics::Metrics::new(cache.clone(), &config.admin));
-    let limits = limits::Limits::new(&config.limits);
+    let fleet = match config.limits.store {
+        config::LimitStore::Local => None,
+        config::LimitStore::Redis => {
+            let fleet = limits::fleet::Fleet::new(&config.limits.redis, metrics.limit_store_errors.clone())?;
+            tracing::info!(on_error = ?config.limits.redis.on_error, "limits shared through Redis");
+            Some(fleet)
+        }
+    };
+    let limits = limits::Limits::shared(&config.limits, fleet);
     if config.admin.enabled {
         let address = config.admin.address;
         let tcp =
@@ -145,5 +155,6 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
     accept_loops.close();
     accept_loops.wait().await;
     shutdown::drain(&tracker, config.shutdown.grace.0).await;
+    limits.close().await;
     Ok(())
 }

@@ -77,20 +77,26 @@ async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<Service>) {
         },
         TlsMode::Starttls | TlsMode::Plaintext => Stream::Plain(tcp),
     };
-    let key = service.limits.client_key(peer.ip());
-    let within_rate = service.limits.rates.connection(key);
-    let admitted = if within_rate { service.limits.connect(peer.ip()) } else { Err(crate::limits::Refused::Rate) };
-    let _lease = match admitted {
+    let _lease = match service.limits.connect(peer.ip()).await {
         Ok(lease) => lease,
         Err(refused) => {
             info!(?refused, "connection refused by a limit");
-            service.limited(if refused == crate::limits::Refused::Rate { "rate" } else { "connections" });
+            match refused {
+                crate::limits::Refused::Rate => service.limited("rate"),
+                // Counted in mailgate_limit_store_errors_total.
+                crate::limits::Refused::Unavailable => {}
+                _ => service.limited("connections"),
+            }
             let mut stream = stream;
-            let refusal: &[u8] = match service.protocol {
-                Protocol::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later.\r\n",
-                Protocol::Pop3 => b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n",
+            let why = match refused {
+                crate::limits::Refused::Unavailable => "Service temporarily unavailable",
+                _ => "Too many connections",
             };
-            if tokio::io::AsyncWriteExt::write_all(&mut stream, refusal).await.is_ok() {
+            let refusal = match service.protocol {
+                Protocol::Imap => format!("* BYE [UNAVAILABLE] {why}, try again later.\r\n"),
+                Protocol::Pop3 => format!("-ERR [SYS/TEMP] {why}, try again later.\r\n"),
+            };
+            if tokio::io::AsyncWriteExt::write_all(&mut stream, refusal.as_bytes()).await.is_ok() {
                 stream.linger_close().await;
             }
             return;

@@ -16,6 +16,19 @@ use crate::metrics::Metrics;
 use crate::stream::Stream;
 use crate::upstream::Upstream;
 
+/// Why a login was refused before it reached the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoginRefusal {
+    /// Too many login attempts from the address.
+    Rate,
+    /// Too many failed logins of this user from this address.
+    LockedOut,
+    /// The user's session caps are reached.
+    Sessions,
+    /// The shared limits store cannot answer and fails closed.
+    Unavailable,
+}
+
 pub struct Service {
     pub config: Arc<Config>,
     /// The listener's configured name (a metric label).
@@ -48,15 +61,42 @@ impl Service {
         Some(Scope { account: Account::new(&self.upstream.identity(), credentials.identity(), proof), cache })
     }
 
-    /// Whether a login attempt from `ip` is over its rate (counted; trusted networks exempt).
-    pub fn login_rate_exceeded(&self, ip: std::net::IpAddr) -> bool {
+    /// Whether `credentials` from `ip` may try to log in now: within the address's login
+    /// rate, not locked out after failures, and within the user's session caps. Refusals are
+    /// logged and counted; the lease holds the user's session slot.
+    pub async fn admit_login(
+        &self,
+        credentials: &Credentials,
+        ip: std::net::IpAddr,
+    ) -> Result<crate::limits::UserLease, LoginRefusal> {
+        use crate::limits::Refused;
         let limits = &self.limits;
-        let exceeded = !limits.trusted(ip) && !limits.rates.login(limits.client_key(ip));
-        if exceeded {
-            tracing::info!("login refused: too many logins from this address");
-            self.limited("rate");
+        let user = credentials.identity();
+        let refusal = match limits.login_rate(ip).await {
+            Err(Refused::Unavailable) => LoginRefusal::Unavailable,
+            Err(_) => LoginRefusal::Rate,
+            Ok(()) => match limits.locked_out(user, ip).await {
+                Err(_) => LoginRefusal::Unavailable,
+                Ok(true) => LoginRefusal::LockedOut,
+                Ok(false) => match limits.login(user, ip).await {
+                    Ok(lease) => return Ok(lease),
+                    Err(Refused::Unavailable) => LoginRefusal::Unavailable,
+                    Err(_) => LoginRefusal::Sessions,
+                },
+            },
+        };
+        let (kind, why) = match refusal {
+            LoginRefusal::Rate => (Some("rate"), "too many logins from this address"),
+            LoginRefusal::LockedOut => (Some("auth"), "locked out after failed logins"),
+            LoginRefusal::Sessions => (Some("connections"), "too many sessions for this user"),
+            // Counted in mailgate_limit_store_errors_total.
+            LoginRefusal::Unavailable => (None, "shared limits unavailable"),
+        };
+        tracing::info!(user = %credentials.user, "login refused: {why}");
+        if let Some(kind) = kind {
+            self.limited(kind);
         }
-        exceeded
+        Err(refusal)
     }
 
     /// Waits while `user` sends commands faster than allowed (counted when it waits).
@@ -66,27 +106,9 @@ impl Service {
         }
     }
 
-    /// Whether `credentials` from `ip` are locked out after too many failures (counted).
-    pub fn locked_out(&self, credentials: &Credentials, ip: std::net::IpAddr) -> bool {
-        let limits = &self.limits;
-        let locked = !limits.trusted(ip)
-            && limits.penalties.locked_out(credentials.identity(), limits.client_key(ip), std::time::Instant::now());
-        if locked {
-            tracing::info!(user = %credentials.user, "login refused: locked out after failed logins");
-            self.limited("auth");
-        }
-        locked
-    }
-
     /// A failed login: waits the address's penalty (a timer in this session's task only).
     pub async fn penalize(&self, credentials: &Credentials, ip: std::net::IpAddr) {
-        let limits = &self.limits;
-        if limits.trusted(ip) {
-            return;
-        }
-        let now = std::time::Instant::now();
-        let key = limits.client_key(ip);
-        let delay = limits.penalties.failed(credentials.identity(), key, credentials.password.expose(), now);
+        let delay = self.limits.failed_login(credentials.identity(), ip, credentials.password.expose()).await;
         tokio::time::sleep(delay).await;
     }
 
@@ -119,7 +141,7 @@ impl Service {
     /// A successful login: counted, penalties cleared, the session's span gets the user,
     /// one log line.
     pub fn logged_in(&self, credentials: &Credentials, ip: std::net::IpAddr) {
-        self.limits.penalties.succeeded(credentials.identity(), self.limits.client_key(ip));
+        self.limits.succeeded(credentials.identity(), ip);
         self.login_result("ok");
         tracing::Span::current().record("user", credentials.user.as_str());
         tracing::info!(upstream = %self.upstream.name, "logged in");

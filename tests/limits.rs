@@ -9,6 +9,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use support::client::Client;
+use support::gateway::Gateway;
+use support::redis::Redis;
 use support::setup::*;
 
 fn refused_imap(setup: &Setup) -> Vec<String> {
@@ -17,7 +19,11 @@ fn refused_imap(setup: &Setup) -> Vec<String> {
 }
 
 fn metric(setup: &Setup, series: &str) -> String {
-    let mut tcp = TcpStream::connect(setup.gateway.admin()).unwrap();
+    gateway_metric(&setup.gateway, series)
+}
+
+fn gateway_metric(gateway: &Gateway, series: &str) -> String {
+    let mut tcp = TcpStream::connect(gateway.admin()).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     tcp.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
     let mut text = String::new();
@@ -328,4 +334,221 @@ fn the_overrides_file_gives_one_user_other_caps() {
     let _alice = setup.login(ALICE);
     let mut alice = setup.login(ALICE);
     assert!(alice.command("n", "NOOP").last().unwrap().starts_with("n OK"));
+}
+
+// Limits shared by a fleet: two mailgate processes in front of one Dovecot, sharing one
+// real redis-server.
+
+/// Redis, Dovecot and mailgate A (`setup.gateway`), then mailgate B with the same
+/// configuration: `[limits]` with `limits` and the shared store (2 s lease TTL).
+fn fleet(limits: &str) -> (Redis, Setup, Gateway) {
+    let redis = Redis::start();
+    let config = format!(
+        "[limits]\nstore = \"redis\"\n{limits}\n[limits.redis]\nurl = \"{}\"\nlease_ttl = \"2s\"\ntimeout = \"300ms\"\n",
+        redis.url()
+    );
+    let setup = Setup::start_with("", &config);
+    let text = std::fs::read_to_string(&setup.gateway.config_path).unwrap();
+    let b = Gateway::start(setup.dir.path(), &text);
+    (redis, setup, b)
+}
+
+/// A client on `gateway`'s implicit-TLS `listener`, greeting read.
+fn connect(setup: &Setup, gateway: &Gateway, listener: &str) -> (Client, String) {
+    let mut client = Client::tls(gateway.addr(listener), setup.tls_config());
+    let greeting = client.line().unwrap_or_default();
+    (client, greeting)
+}
+
+/// IMAP LOGIN as bob through `gateway`: the tagged answer, and the client.
+fn imap_login(setup: &Setup, gateway: &Gateway, password: &str) -> (String, Client) {
+    let (mut client, greeting) = connect(setup, gateway, "imaps");
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let answer = client.command("a", &format!("LOGIN bob {password}")).pop().unwrap();
+    (answer, client)
+}
+
+const TOO_MANY_SESSIONS: &str = "a NO [LIMIT] Too many sessions for this user, try again later.";
+
+#[test]
+fn a_per_user_cap_holds_across_two_instances_and_a_killed_instance_releases_its_leases() {
+    let (redis, setup, b) = fleet("max_connections_per_user = 2\n");
+    let (ok, _a1) = imap_login(&setup, &setup.gateway, BOB.1);
+    assert!(ok.starts_with("a OK"), "{ok}");
+    let (mut pop3_b, greeting) = connect(&setup, &b, "pop3s");
+    assert!(greeting.starts_with("+OK"));
+    pop3_b.send(b"USER bob\r\nPASS bob-Pass-42\r\n");
+    assert!(pop3_b.line().unwrap().starts_with("+OK"));
+    assert_eq!(pop3_b.line().unwrap(), "+OK Logged in.");
+    assert_eq!(redis.integer(&["ZCARD", "mailgate:conn:user:bob"]), 2);
+
+    // The third session is refused on either instance, in either protocol.
+    assert_eq!(imap_login(&setup, &b, BOB.1).0, TOO_MANY_SESSIONS);
+    let (mut pop3_a, _) = connect(&setup, &setup.gateway, "pop3s");
+    pop3_a.send(b"USER bob\r\nPASS bob-Pass-42\r\n");
+    assert!(pop3_a.line().unwrap().starts_with("+OK"));
+    assert_eq!(pop3_a.line().unwrap(), "-ERR [IN-USE] Too many sessions for this user, try again later.");
+    assert_eq!(counter(&setup, "mailgate_limit_rejections_total{kind=\"connections\"}"), 1);
+    assert_eq!(
+        gateway_metric(&b, "mailgate_limit_rejections_total{kind=\"connections\"}"),
+        "mailgate_limit_rejections_total{kind=\"connections\"} 1"
+    );
+
+    // A session that ends gives its slot back to the fleet at once.
+    pop3_b.send(b"QUIT\r\n");
+    assert!(pop3_b.line().unwrap().starts_with("+OK"));
+    let (ok, _a2) = retry_login(&setup, &setup.gateway, Duration::from_secs(2));
+    assert!(ok.starts_with("a OK"), "{ok}");
+
+    // Mailgate A dies holding both of bob's sessions: its leases still count on B until
+    // their TTL (2 s) runs out, then B lets bob in.
+    let _ = std::process::Command::new("kill").arg("-KILL").arg(setup.gateway.pid().to_string()).status();
+    let killed = std::time::Instant::now();
+    assert_eq!(imap_login(&setup, &b, BOB.1).0, TOO_MANY_SESSIONS, "the dead instance's leases still count");
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let (ok, client) = retry_login(&setup, &b, Duration::from_secs(6));
+        assert!(ok.starts_with("a OK"), "{ok}");
+        sessions.push(client);
+    }
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_millis(3500), "both released after {took:?}, TTL 2 s");
+    assert_eq!(redis.integer(&["ZCARD", "mailgate:conn:user:bob"]), 2, "B's two sessions");
+    assert_eq!(imap_login(&setup, &b, BOB.1).0, TOO_MANY_SESSIONS);
+    eprintln!("a killed instance's leases were released after {took:?} (TTL 2 s)");
+
+    // A graceful stop gives the leases back before the process exits.
+    let mut b = b;
+    assert!(b.terminate(Duration::from_secs(15)).is_some_and(|status| status.success()));
+    assert_eq!(redis.integer(&["ZCARD", "mailgate:conn:user:bob"]), 0);
+    assert_eq!(redis.integer(&["EXISTS", "mailgate:conn"]), 0, "no connection lease left either");
+}
+
+/// Logs bob in through `gateway`, retrying while the cap refuses, for at most `limit`.
+fn retry_login(setup: &Setup, gateway: &Gateway, limit: Duration) -> (String, Client) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let (answer, client) = imap_login(setup, gateway, BOB.1);
+        if answer != TOO_MANY_SESSIONS || std::time::Instant::now() >= deadline {
+            return (answer, client);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn connection_caps_per_address_and_in_all_hold_across_instances() {
+    let (_redis, setup, b) = fleet("max_connections_per_ip = 2\nmax_connections = 3\n");
+    let (_one, greeting) = connect(&setup, &setup.gateway, "imaps");
+    assert!(greeting.starts_with("* OK"));
+    let (_two, greeting) = connect(&setup, &b, "pop3s");
+    assert!(greeting.starts_with("+OK"));
+    let (mut three, greeting) = connect(&setup, &b, "imaps");
+    assert_eq!(greeting, "* BYE [UNAVAILABLE] Too many connections, try again later.");
+    assert!(three.closed());
+    let (_, greeting) = connect(&setup, &setup.gateway, "pop3s");
+    assert_eq!(greeting, "-ERR [SYS/TEMP] Too many connections, try again later.");
+}
+
+#[test]
+fn failed_logins_lock_a_user_out_across_instances_and_a_repeated_password_does_not_count() {
+    let (redis, setup, b) =
+        fleet("auth_base_delay = \"50ms\"\nauth_max_delay = \"100ms\"\nauth_lockout_failures = 3\n");
+    let failed = "a NO [AUTHENTICATIONFAILED] Authentication failed.";
+    assert_eq!(imap_login(&setup, &setup.gateway, "wrong-1").0, failed);
+    assert_eq!(imap_login(&setup, &setup.gateway, "wrong-1").0, failed, "a repeat");
+    assert_eq!(imap_login(&setup, &b, "wrong-2").0, failed);
+    assert_eq!(redis.command(&["GET", "mailgate:authfail:user:127.0.0.1:bob"]), "2");
+    assert_eq!(imap_login(&setup, &setup.gateway, "wrong-3").0, failed);
+    // Three distinct failures, on two instances: locked out on both, even with the right
+    // password.
+    assert_eq!(imap_login(&setup, &b, BOB.1).0, "a NO [LIMIT] Too many failed logins, try again later.");
+    assert_eq!(imap_login(&setup, &setup.gateway, BOB.1).0, "a NO [LIMIT] Too many failed logins, try again later.");
+    // Another user at the same address is not locked out.
+    let (mut alice, greeting) = connect(&setup, &b, "imaps");
+    assert!(greeting.starts_with("* OK"));
+    alice.login(ALICE);
+    assert!(!setup.gateway.log().contains("wrong-1") && !b.log().contains("wrong-2"), "no password in a log");
+}
+
+#[test]
+fn the_login_rate_per_address_is_shared_by_the_fleet() {
+    let (_redis, setup, b) = fleet("logins_per_ip_per_minute = 4\n");
+    for gateway in [&setup.gateway, &b, &setup.gateway, &b] {
+        assert!(imap_login(&setup, gateway, BOB.1).0.starts_with("a OK"));
+    }
+    assert_eq!(imap_login(&setup, &b, BOB.1).0, "a NO [LIMIT] Too many logins from your address, slow down.");
+    assert_eq!(
+        imap_login(&setup, &setup.gateway, BOB.1).0,
+        "a NO [LIMIT] Too many logins from your address, slow down."
+    );
+}
+
+#[test]
+fn a_download_quota_counts_the_whole_fleet_and_rolls_over() {
+    let (_redis, setup, b) =
+        fleet("download_quota = \"400KiB\"\ndownload_quota_window = \"5s\"\ndownload_quota_action = \"reject\"\n");
+    let message = append_large_message(&setup);
+    let (ok, mut imap_a) = imap_login(&setup, &setup.gateway, BOB.1);
+    assert!(ok.starts_with("a OK"));
+    imap_a.command("s", "SELECT INBOX");
+    let window = std::time::Instant::now();
+    fetch_last(&mut imap_a, "f", &message);
+    let (mut pop3_b, _) = connect(&setup, &b, "pop3s");
+    pop3_b.send(b"USER bob\r\nPASS bob-Pass-42\r\n");
+    assert!(pop3_b.line().unwrap().starts_with("+OK"));
+    assert!(pop3_b.line().unwrap().starts_with("+OK"));
+    // 256 KiB on each instance: neither is over 400 KiB alone.
+    assert_eq!(retr_last(&mut pop3_b).0, message);
+    // Each instance adds its bytes to the fleet's count about once a second.
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(imap_a.command("g", "FETCH * BODY.PEEK[]"), ["g NO [LIMIT] Download quota used up, try again later."]);
+    pop3_b.send(b"RETR 1\r\n");
+    assert_eq!(pop3_b.line().unwrap(), "-ERR [SYS/TEMP] Download quota used up, try again later.");
+    // The window (5 s from the first byte) rolls over for the whole fleet.
+    std::thread::sleep(Duration::from_millis(6500).saturating_sub(window.elapsed()));
+    fetch_last(&mut imap_a, "i", &message);
+    assert_eq!(retr_last(&mut pop3_b).0, message);
+}
+
+#[test]
+fn redis_unreachable_fails_open_or_closed_as_configured_and_recovers() {
+    let (mut redis, setup, _) = fleet("max_connections_per_user = 1\n");
+    let open = &setup.gateway;
+    let text = std::fs::read_to_string(&open.config_path).unwrap();
+    let closed = Gateway::start(setup.dir.path(), &format!("{text}on_error = \"closed\"\n"));
+    redis.stop();
+
+    // Open: the limits are blind, mail flows (two sessions over a cap of one).
+    let (ok, _first) = imap_login(&setup, open, BOB.1);
+    assert!(ok.starts_with("a OK"), "{ok}");
+    let (ok, _second) = imap_login(&setup, open, BOB.1);
+    assert!(ok.starts_with("a OK"), "{ok}");
+    assert!(counter(&setup, "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"allowed\"}") >= 2);
+    assert!(open.wait_for_log("shared limits unavailable", Duration::from_secs(5)));
+
+    // Closed: clients are told to come back later, in both protocols.
+    let (_, greeting) = connect(&setup, &closed, "imaps");
+    assert_eq!(greeting, "* BYE [UNAVAILABLE] Service temporarily unavailable, try again later.");
+    let (_, greeting) = connect(&setup, &closed, "pop3s");
+    assert_eq!(greeting, "-ERR [SYS/TEMP] Service temporarily unavailable, try again later.");
+    assert_eq!(
+        gateway_metric(&closed, "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"refused\"}"),
+        "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"refused\"} 2"
+    );
+
+    // Redis back: the closed instance serves again, and the cap holds again.
+    redis.run();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut answer = String::new();
+    while std::time::Instant::now() < deadline {
+        let (client, greeting) = connect(&setup, &closed, "imaps");
+        if greeting.starts_with("* OK") {
+            drop(client);
+            answer = imap_login(&setup, &closed, BOB.1).0;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(answer.starts_with("a OK"), "{answer}: {}", closed.log());
 }

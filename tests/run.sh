@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs mailgate's whole test suite on Debian/Ubuntu, installing the test peers when missing:
 # Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl, python3,
-# and Prometheus (with promtool) to scrape mailgate's metrics.
+# Prometheus (with promtool) to scrape mailgate's metrics, and redis-server for the limits a
+# fleet of mailgate instances shares.
 #
 #   tests/run.sh              # everything: format check, clippy, unit + integration tests
 #   tests/run.sh -E 'test(starttls)'   # extra arguments go to cargo nextest (filters etc.)
@@ -20,6 +21,7 @@ have curl || missing+=(curl)
 have openssl || missing+=(openssl)
 have python3 || missing+=(python3)
 have prometheus || missing+=(prometheus)
+have redis-server || missing+=(redis-server)
 have useradd || missing+=(passwd)
 
 if [ ${#missing[@]} -gt 0 ]; then
@@ -34,7 +36,7 @@ fi
 for tool in /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/sbin/dovecot; do
   [ -x "$tool" ] || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
-for tool in mbsync fetchmail curl openssl python3 prometheus promtool; do
+for tool in mbsync fetchmail curl openssl python3 prometheus promtool redis-server; do
   have "$tool" || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
 

@@ -21,7 +21,7 @@ use super::relay;
 use super::response::relayable_capabilities;
 use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
-use crate::service::Service;
+use crate::service::{LoginRefusal, Service};
 use crate::stream::Stream;
 
 /// The client connection before login: the stream and the bytes read but not yet used.
@@ -214,24 +214,15 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                     None => return,
                 }
             }
-            Outcome::Login { tag, .. } if service.login_rate_exceeded(peer.ip()) => {
-                let no = format!("{tag} NO [LIMIT] Too many logins from your address, slow down.\r\n");
-                if conn.write(no.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-            Outcome::Login { tag, credentials } if service.locked_out(&credentials, peer.ip()) => {
-                let no = format!("{tag} NO [LIMIT] Too many failed logins, try again later.\r\n");
-                if conn.write(no.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-            Outcome::Login { tag, credentials } => match service.limits.login(credentials.identity(), peer.ip()) {
-                Err(refused) => {
-                    info!(user = %credentials.user, ?refused, "login refused by a limit");
-                    service.limited("connections");
-                    let no = format!("{tag} NO [LIMIT] Too many sessions for this user, try again later.\r\n");
-                    if conn.write(no.as_bytes()).await.is_err() {
+            Outcome::Login { tag, credentials } => match service.admit_login(&credentials, peer.ip()).await {
+                Err(refusal) => {
+                    let text = match refusal {
+                        LoginRefusal::Rate => "NO [LIMIT] Too many logins from your address, slow down.",
+                        LoginRefusal::LockedOut => "NO [LIMIT] Too many failed logins, try again later.",
+                        LoginRefusal::Sessions => "NO [LIMIT] Too many sessions for this user, try again later.",
+                        LoginRefusal::Unavailable => "NO [UNAVAILABLE] Login temporarily unavailable, try again later.",
+                    };
+                    if conn.write(format!("{tag} {text}\r\n").as_bytes()).await.is_err() {
                         return;
                     }
                 }

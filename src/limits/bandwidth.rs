@@ -9,6 +9,8 @@
 //! lower rate (`throttle`) or refused message downloads (`reject`: the relays ask
 //! [`Bandwidth::over_quota`] before a FETCH of message data or a RETR/TOP) until the window
 //! rolls over. A download already running is never cut: nothing is lost mid-message.
+//! With a shared store the quota counts the whole fleet's downloads (see [`super::fleet`]);
+//! the per-second rates always shape this instance's own sockets.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -87,17 +89,24 @@ pub struct Bandwidth {
     session_rate: u64,
     quota: Option<QuotaState>,
     sessions: AtomicU64,
+    /// Counts downloads against the fleet's quota instead of this process's.
+    fleet: Option<Arc<super::fleet::Fleet>>,
 }
 
 impl Bandwidth {
     /// A rate of 0 bytes per second turns the rate off; `None` the quota.
-    pub fn new(bytes_per_second: u64, session_rate: u64, quota: Option<DownloadQuota>) -> Bandwidth {
+    pub fn new(
+        bytes_per_second: u64,
+        session_rate: u64,
+        quota: Option<DownloadQuota>,
+        fleet: Option<Arc<super::fleet::Fleet>>,
+    ) -> Bandwidth {
         let quota = quota.filter(|q| q.bytes > 0 || q.per_user.values().any(|&b| b > 0)).map(|quota| QuotaState {
             over: Rate::new(quota.over_rate.max(1)).expect("nonzero"),
             quota,
             usage: Mutex::new(HashMap::new()),
         });
-        Bandwidth { rate: Rate::new(bytes_per_second), session_rate, quota, sessions: AtomicU64::new(0) }
+        Bandwidth { rate: Rate::new(bytes_per_second), session_rate, quota, sessions: AtomicU64::new(0), fleet }
     }
 
     /// Users held (pruned with [`Bandwidth::prune`]).
@@ -124,6 +133,9 @@ impl Bandwidth {
     pub fn over_quota(&self, user: &str) -> bool {
         let Some(q) = &self.quota else { return false };
         let limit = q.limit(user);
+        if let Some(fleet) = &self.fleet {
+            return limit > 0 && fleet.downloads(user) >= limit;
+        }
         let usage = lock(&q.usage);
         limit > 0 && usage.get(user).is_some_and(|u| u.since.elapsed() < q.quota.window && u.bytes >= limit)
     }
@@ -131,6 +143,10 @@ impl Bandwidth {
     /// Adds `n` downloaded bytes to `user`'s window.
     fn downloaded(&self, user: &str, n: usize) {
         let Some(q) = self.quota.as_ref().filter(|q| q.limit(user) > 0) else { return };
+        if let Some(fleet) = &self.fleet {
+            fleet.downloaded(user, n as u64, q.quota.window);
+            return;
+        }
         let now = Instant::now();
         let mut usage = lock(&q.usage);
         let entry = usage.entry(user.to_string()).or_insert(Usage { since: now, bytes: 0 });
@@ -319,7 +335,7 @@ mod tests {
     #[tokio::test]
     async fn writes_over_the_rate_wait_and_nothing_is_lost() {
         // 64 KiB/s with a one-second burst: 192 KiB needs at least two seconds.
-        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, 0, None));
+        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, 0, None, None));
         let delayed = counter();
         let took = send(&bandwidth, "alice", 192 * 1024, &delayed).await;
         assert!(took >= Duration::from_millis(1900), "{took:?}");
@@ -328,7 +344,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_budget_is_per_user_and_a_burst_goes_through_at_once() {
-        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, 0, None));
+        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, 0, None, None));
         let delayed = counter();
         send(&bandwidth, "alice", 64 * 1024, &delayed).await;
         let before = delayed.get();
@@ -340,7 +356,7 @@ mod tests {
 
     #[tokio::test]
     async fn off_means_no_delay_and_no_state() {
-        let bandwidth = Arc::new(Bandwidth::new(0, 0, None));
+        let bandwidth = Arc::new(Bandwidth::new(0, 0, None, None));
         let delayed = counter();
         send(&bandwidth, "alice", 1 << 20, &delayed).await;
         assert_eq!((delayed.get(), bandwidth.tracked()), (0, 0));
@@ -352,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn past_a_throttle_quota_the_user_is_slowed_to_the_over_quota_rate() {
-        let bandwidth = Arc::new(Bandwidth::new(0, 0, quota(16 * 1024, Duration::from_secs(3600), false)));
+        let bandwidth = Arc::new(Bandwidth::new(0, 0, quota(16 * 1024, Duration::from_secs(3600), false), None));
         let delayed = counter();
         send(&bandwidth, "alice", 16 * 1024, &delayed).await;
         assert!(bandwidth.over_quota("alice") && !bandwidth.over_quota("bob"));
@@ -366,7 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reject_quota_never_cuts_a_download_and_rolls_over_with_its_window() {
-        let bandwidth = Arc::new(Bandwidth::new(0, 0, quota(8 * 1024, Duration::from_millis(300), true)));
+        let bandwidth = Arc::new(Bandwidth::new(0, 0, quota(8 * 1024, Duration::from_millis(300), true), None));
         let delayed = counter();
         send(&bandwidth, "alice", 100 * 1024, &delayed).await;
         assert!(bandwidth.over_quota("alice"));
@@ -381,7 +397,7 @@ mod tests {
     async fn each_session_has_its_own_rate_under_the_users() {
         // Sessions at 32 KiB/s each, the user at 1 MiB/s: two sessions of one user side by
         // side each need at least two seconds for 96 KiB, together not four.
-        let bandwidth = Arc::new(Bandwidth::new(1 << 20, 32 * 1024, None));
+        let bandwidth = Arc::new(Bandwidth::new(1 << 20, 32 * 1024, None, None));
         let delayed = counter();
         let started = Instant::now();
         let (a, b) = tokio::join!(
@@ -396,7 +412,7 @@ mod tests {
     async fn a_users_own_quota_overrides_the_default() {
         let mut quota = quota(8 * 1024, Duration::from_secs(3600), true).unwrap();
         quota.per_user = HashMap::from([("vip".to_string(), 0), ("small".to_string(), 1024)]);
-        let bandwidth = Arc::new(Bandwidth::new(0, 0, Some(quota)));
+        let bandwidth = Arc::new(Bandwidth::new(0, 0, Some(quota), None));
         let delayed = counter();
         for user in ["vip", "small", "alice"] {
             send(&bandwidth, user, 4 * 1024, &delayed).await;
@@ -410,7 +426,7 @@ mod tests {
     #[tokio::test]
     async fn recovered_users_are_pruned() {
         // 1 MiB/s: a 1 KiB send recovers within a millisecond or two.
-        let bandwidth = Arc::new(Bandwidth::new(1 << 20, 0, None));
+        let bandwidth = Arc::new(Bandwidth::new(1 << 20, 0, None, None));
         let delayed = counter();
         for i in 0..100 {
             send(&bandwidth, &format!("user{i}"), 1024, &delayed).await;

@@ -6,6 +6,10 @@
 //! or a logged-in session holds a *lease*; dropping the lease gives the slot back, however
 //! the session ends. Counts live in maps pruned to the keys in use, so memory follows the
 //! number of open connections, not the number of addresses ever seen.
+//!
+//! [`Limits`] is the one entry point for the sessions: with `store = "redis"` the caps, the
+//! connection and login rates, the failed-login counts and the download quotas go to the
+//! fleet's shared store ([`fleet`]) instead of this process's maps.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -14,8 +18,11 @@ use std::sync::{Arc, Mutex};
 use crate::config::LimitsConfig;
 
 pub mod bandwidth;
+pub mod fleet;
 pub mod penalty;
 pub mod rate;
+
+use fleet::{Fleet, Verdict};
 
 /// A client address as limits see it: IPv4 as is, IPv6 cut to the configured prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,15 +45,23 @@ impl ClientKey {
     }
 }
 
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Which cap refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
-    /// Too many new connections from the address in the last minute.
+    /// Too many new connections or logins from the address in the last minute.
     Rate,
     Global,
     PerAddress,
     PerUser,
     PerUserAddress,
+    /// The shared store could not answer and is configured to fail closed.
+    Unavailable,
 }
 
 #[derive(Default)]
@@ -112,10 +127,17 @@ pub struct Limits {
     pub rates: rate::Rates,
     pub bandwidth: Arc<bandwidth::Bandwidth>,
     trusted: Vec<Network>,
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Limits {
+    /// Limits kept in this process.
     pub fn new(config: &LimitsConfig) -> Arc<Limits> {
+        Limits::shared(config, None)
+    }
+
+    /// Limits kept in `fleet`'s store when given, else in this process.
+    pub fn shared(config: &LimitsConfig, fleet: Option<Arc<Fleet>>) -> Arc<Limits> {
         let penalties = penalty::Penalties::new(penalty::PenaltyConfig {
             base_delay: config.auth_base_delay.0,
             max_delay: config.auth_max_delay.0,
@@ -143,8 +165,10 @@ impl Limits {
                     reject: config.download_quota_action == crate::config::QuotaAction::Reject,
                     over_rate: config.over_quota_bytes_per_second.0,
                 }),
+                fleet.clone(),
             )),
             trusted,
+            fleet,
         })
     }
 
@@ -161,9 +185,36 @@ impl Limits {
         ClientKey::new(ip, self.config.ipv6_prefix)
     }
 
-    /// A new connection from `ip`, or which cap refuses it.
-    pub fn connect(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionLease, Refused> {
+    /// A new connection from `ip` (within its rate and the caps), or what refuses it.
+    pub async fn connect(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionLease, Refused> {
         let key = self.client_key(ip);
+        let Some(fleet) = &self.fleet else {
+            if !self.rates.connection(key) {
+                return Err(Refused::Rate);
+            }
+            return self.connect_here(key);
+        };
+        let per_minute = self.config.connections_per_ip_per_minute;
+        if per_minute > 0 {
+            fleet_verdict(fleet.rate("connect", &fleet.key(&format!("rate:connect:{key}")), per_minute).await, |_| {
+                Refused::Rate
+            })?;
+        }
+        let sets = [
+            (fleet.key("conn"), self.config.max_connections),
+            (fleet.key(&format!("conn:ip:{key}")), self.config.max_connections_per_ip),
+        ];
+        let lease = fleet_verdict(fleet.acquire("connect", &sets).await, |full| {
+            if full == 0 {
+                Refused::Global
+            } else {
+                Refused::PerAddress
+            }
+        })?;
+        Ok(ConnectionLease { _held: Held::Fleet { _lease: lease } })
+    }
+
+    fn connect_here(self: &Arc<Self>, key: ClientKey) -> Result<ConnectionLease, Refused> {
         let mut counts = self.lock();
         if counts.total >= self.config.max_connections {
             return Err(Refused::Global);
@@ -174,17 +225,44 @@ impl Limits {
         }
         counts.total += 1;
         *counts.per_address.entry(key).or_default() += 1;
-        Ok(ConnectionLease { limits: self.clone(), key })
+        Ok(ConnectionLease { _held: Held::Local { limits: self.clone(), key } })
     }
 
-    /// A login of `user` from `ip`, or which cap refuses it.
-    pub fn login(self: &Arc<Self>, user: &str, ip: IpAddr) -> Result<UserLease, Refused> {
-        let key = self.client_key(ip);
-        let mut counts = self.lock();
+    /// `user`'s session caps: the overrides file's, else `[limits]`'.
+    fn user_caps(&self, user: &str) -> (u32, u32) {
         let special = self.config.overrides.users.get(user);
         let per_user = special.and_then(|o| o.max_connections_per_user).unwrap_or(self.config.max_connections_per_user);
         let per_user_ip =
             special.and_then(|o| o.max_connections_per_user_ip).unwrap_or(self.config.max_connections_per_user_ip);
+        (per_user, per_user_ip)
+    }
+
+    /// At shutdown, once sessions have ended: gives their shared leases back.
+    pub async fn close(&self) {
+        if let Some(fleet) = &self.fleet {
+            fleet.close().await;
+        }
+    }
+
+    /// A login of `user` from `ip`, or which cap refuses it.
+    pub async fn login(self: &Arc<Self>, user: &str, ip: IpAddr) -> Result<UserLease, Refused> {
+        let key = self.client_key(ip);
+        let (per_user, per_user_ip) = self.user_caps(user);
+        if let Some(fleet) = &self.fleet {
+            let sets = [
+                (fleet.key(&format!("conn:user:{user}")), per_user),
+                (fleet.key(&format!("conn:userip:{key}:{user}")), per_user_ip),
+            ];
+            let lease = fleet_verdict(fleet.acquire("login", &sets).await, |full| {
+                if full == 0 {
+                    Refused::PerUser
+                } else {
+                    Refused::PerUserAddress
+                }
+            })?;
+            return Ok(UserLease { _held: Held::Fleet { _lease: lease } });
+        }
+        let mut counts = self.lock();
         if counts.per_user.get(user).copied().unwrap_or(0) >= per_user {
             return Err(Refused::PerUser);
         }
@@ -194,7 +272,73 @@ impl Limits {
         }
         *counts.per_user.entry(user.to_string()).or_default() += 1;
         *counts.per_user_address.entry(pair).or_default() += 1;
-        Ok(UserLease { limits: self.clone(), user: user.to_string(), key })
+        Ok(UserLease { _held: Held::User { limits: self.clone(), user: user.to_string(), key } })
+    }
+
+    /// Whether a login attempt from `ip` is within its rate (trusted networks are exempt).
+    pub async fn login_rate(&self, ip: IpAddr) -> Result<(), Refused> {
+        if self.trusted(ip) {
+            return Ok(());
+        }
+        let key = self.client_key(ip);
+        let per_minute = self.config.logins_per_ip_per_minute;
+        match &self.fleet {
+            None if self.rates.login(key) => Ok(()),
+            None => Err(Refused::Rate),
+            Some(_) if per_minute == 0 => Ok(()),
+            Some(fleet) => {
+                fleet_verdict(fleet.rate("login", &fleet.key(&format!("rate:login:{key}")), per_minute).await, |_| {
+                    Refused::Rate
+                })
+            }
+        }
+    }
+
+    /// Whether `user` at `ip` is locked out after too many failed logins.
+    pub async fn locked_out(&self, user: &str, ip: IpAddr) -> Result<bool, Refused> {
+        if self.trusted(ip) {
+            return Ok(false);
+        }
+        let key = self.client_key(ip);
+        match &self.fleet {
+            None => Ok(self.penalties.locked_out(user, key, std::time::Instant::now())),
+            Some(fleet) => {
+                let failures = fleet_verdict(fleet.failures(&self.failure_keys(fleet, user, key)[1]).await, |_| {
+                    Refused::Unavailable
+                })?;
+                Ok(failures >= self.config.auth_lockout_failures)
+            }
+        }
+    }
+
+    /// The shared failed-login counters: the address's, then the user and address's.
+    fn failure_keys(&self, fleet: &Fleet, user: &str, key: ClientKey) -> [String; 2] {
+        [fleet.key(&format!("authfail:ip:{key}")), fleet.key(&format!("authfail:user:{key}:{user}"))]
+    }
+
+    /// Records a failed login of `user` from `ip`; how long to wait before answering it.
+    pub async fn failed_login(&self, user: &str, ip: IpAddr, password: &str) -> std::time::Duration {
+        if self.trusted(ip) {
+            return std::time::Duration::ZERO;
+        }
+        let key = self.client_key(ip);
+        let failure = self.penalties.failed(user, key, password, std::time::Instant::now());
+        let Some(fleet) = &self.fleet else { return failure.delay };
+        let [address, user_key] = self.failure_keys(fleet, user, key);
+        match fleet.record_failure(&address, &user_key, failure.counted, self.config.auth_window.0).await {
+            Some(failures) => self.penalties.delay(failures).max(failure.delay),
+            None => failure.delay,
+        }
+    }
+
+    /// A successful login clears the address's failures.
+    pub fn succeeded(&self, user: &str, ip: IpAddr) {
+        let key = self.client_key(ip);
+        self.penalties.succeeded(user, key);
+        if let Some(fleet) = &self.fleet {
+            let (fleet, keys) = (fleet.clone(), self.failure_keys(fleet, user, key));
+            tokio::spawn(async move { fleet.clear(&keys).await });
+        }
     }
 
     /// Keys held right now (for tests of the memory bound).
@@ -204,32 +348,49 @@ impl Limits {
     }
 }
 
-/// A connection slot; given back on drop.
-pub struct ConnectionLease {
-    limits: Arc<Limits>,
-    key: ClientKey,
+/// The answer of the shared store as a limit's result: `refused` names the cap from the
+/// index of the set that was full.
+fn fleet_verdict<T>(verdict: Verdict<T>, refused: impl FnOnce(usize) -> Refused) -> Result<T, Refused> {
+    match verdict {
+        Verdict::Allowed(value) => Ok(value),
+        Verdict::Refused(full) => Err(refused(full)),
+        Verdict::Unavailable => Err(Refused::Unavailable),
+    }
 }
 
-impl Drop for ConnectionLease {
-    fn drop(&mut self) {
-        let mut counts = self.limits.lock();
-        counts.total -= 1;
-        release(&mut counts.per_address, &self.key);
-    }
+/// What a lease holds: counts in this process, or a lease in the shared store (`None` when
+/// the store failed open).
+enum Held {
+    Local { limits: Arc<Limits>, key: ClientKey },
+    User { limits: Arc<Limits>, user: String, key: ClientKey },
+    Fleet { _lease: Option<fleet::Lease> },
+}
+
+/// A connection slot; given back on drop.
+pub struct ConnectionLease {
+    _held: Held,
 }
 
 /// A logged-in session's slot for its user; given back on drop.
 pub struct UserLease {
-    limits: Arc<Limits>,
-    user: String,
-    key: ClientKey,
+    _held: Held,
 }
 
-impl Drop for UserLease {
+impl Drop for Held {
     fn drop(&mut self) {
-        let mut counts = self.limits.lock();
-        release(&mut counts.per_user, &self.user);
-        release(&mut counts.per_user_address, &(std::mem::take(&mut self.user), self.key));
+        match self {
+            Held::Local { limits, key } => {
+                let mut counts = limits.lock();
+                counts.total -= 1;
+                release(&mut counts.per_address, key);
+            }
+            Held::User { limits, user, key } => {
+                let mut counts = limits.lock();
+                release(&mut counts.per_user, user);
+                release(&mut counts.per_user_address, &(std::mem::take(user), *key));
+            }
+            Held::Fleet { .. } => {}
+        }
     }
 }
 
@@ -248,29 +409,29 @@ mod tests {
         })
     }
 
-    #[test]
-    fn caps_hold_and_leases_give_slots_back() {
+    #[tokio::test]
+    async fn caps_hold_and_leases_give_slots_back() {
         let limits = limits(3, 2, 2, 1);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let first = limits.connect(a).unwrap();
-        let _second = limits.connect(a).unwrap();
-        assert!(matches!(limits.connect(a), Err(Refused::PerAddress)));
-        let _third = limits.connect(b).unwrap();
-        assert!(matches!(limits.connect(b), Err(Refused::Global)));
+        let first = limits.connect(a).await.unwrap();
+        let _second = limits.connect(a).await.unwrap();
+        assert!(matches!(limits.connect(a).await, Err(Refused::PerAddress)));
+        let _third = limits.connect(b).await.unwrap();
+        assert!(matches!(limits.connect(b).await, Err(Refused::Global)));
         drop(first);
-        let _again = limits.connect(b).unwrap();
+        let _again = limits.connect(b).await.unwrap();
 
-        let alice = limits.login("alice", a).unwrap();
-        assert!(matches!(limits.login("alice", a), Err(Refused::PerUserAddress)));
-        let _elsewhere = limits.login("alice", b).unwrap();
-        assert!(matches!(limits.login("alice", "192.0.2.3".parse().unwrap()), Err(Refused::PerUser)));
+        let alice = limits.login("alice", a).await.unwrap();
+        assert!(matches!(limits.login("alice", a).await, Err(Refused::PerUserAddress)));
+        let _elsewhere = limits.login("alice", b).await.unwrap();
+        assert!(matches!(limits.login("alice", "192.0.2.3".parse().unwrap()).await, Err(Refused::PerUser)));
         drop(alice);
-        let _back = limits.login("alice", a).unwrap();
+        let _back = limits.login("alice", a).await.unwrap();
     }
 
-    #[test]
-    fn overrides_raise_or_lower_one_users_caps_and_add_trusted_networks() {
+    #[tokio::test]
+    async fn overrides_raise_or_lower_one_users_caps_and_add_trusted_networks() {
         let overrides: crate::config::Overrides = toml::from_str(
             "trusted_networks = [\"10.9.0.0/16\"]\n[users.bigcorp]\nmax_connections_per_user = 3\nmax_connections_per_user_ip = 3\n[users.abuser]\nmax_connections_per_user = 0\n",
         )
@@ -283,11 +444,14 @@ mod tests {
             ..Default::default()
         });
         let a: IpAddr = "198.51.100.1".parse().unwrap();
-        let leases: Vec<_> = (0..3).map(|_| limits.login("bigcorp", a).unwrap()).collect();
-        assert!(matches!(limits.login("bigcorp", a), Err(Refused::PerUser)));
-        let _alice = limits.login("alice", a).unwrap();
-        assert!(matches!(limits.login("alice", a), Err(Refused::PerUser)), "the default for everyone else");
-        assert!(matches!(limits.login("abuser", a), Err(Refused::PerUser)));
+        let mut leases = Vec::new();
+        for _ in 0..3 {
+            leases.push(limits.login("bigcorp", a).await.unwrap());
+        }
+        assert!(matches!(limits.login("bigcorp", a).await, Err(Refused::PerUser)));
+        let _alice = limits.login("alice", a).await.unwrap();
+        assert!(matches!(limits.login("alice", a).await, Err(Refused::PerUser)), "the default for everyone else");
+        assert!(matches!(limits.login("abuser", a).await, Err(Refused::PerUser)));
         assert!(limits.trusted("10.9.3.4".parse().unwrap()) && limits.trusted("192.0.2.9".parse().unwrap()));
         assert!(!limits.trusted(a));
         drop(leases);
@@ -305,25 +469,25 @@ mod tests {
         assert!(Network::parse("nonsense").is_err());
     }
 
-    #[test]
-    fn ipv6_addresses_group_by_prefix() {
+    #[tokio::test]
+    async fn ipv6_addresses_group_by_prefix() {
         let limits = limits(100, 1, 10, 10);
-        let _one = limits.connect("2001:db8:1:2::1".parse().unwrap()).unwrap();
-        assert!(limits.connect("2001:db8:1:2:ffff::9".parse().unwrap()).is_err(), "same /64");
-        assert!(limits.connect("2001:db8:1:3::1".parse().unwrap()).is_ok(), "another /64");
+        let _one = limits.connect("2001:db8:1:2::1".parse().unwrap()).await.unwrap();
+        assert!(limits.connect("2001:db8:1:2:ffff::9".parse().unwrap()).await.is_err(), "same /64");
+        assert!(limits.connect("2001:db8:1:3::1".parse().unwrap()).await.is_ok(), "another /64");
         assert_eq!(
             ClientKey::new("::ffff:192.0.2.1".parse().unwrap(), 64),
             ClientKey::new("192.0.2.1".parse().unwrap(), 64)
         );
     }
 
-    #[test]
-    fn memory_follows_open_connections_not_addresses_seen() {
+    #[tokio::test]
+    async fn memory_follows_open_connections_not_addresses_seen() {
         let limits = limits(u32::MAX, 10, 10, 10);
         for i in 0..100_000u32 {
             let ip = IpAddr::from(i.to_be_bytes());
-            let lease = limits.connect(ip).unwrap();
-            let user = limits.login(&format!("user{i}"), ip).unwrap();
+            let lease = limits.connect(ip).await.unwrap();
+            let user = limits.login(&format!("user{i}"), ip).await.unwrap();
             drop((lease, user));
         }
         assert_eq!(limits.tracked(), 0);

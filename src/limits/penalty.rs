@@ -31,6 +31,12 @@ pub struct PenaltyConfig {
     pub window: Duration,
 }
 
+/// What a failed login came to.
+pub struct Failure {
+    pub delay: Duration,
+    pub counted: bool,
+}
+
 struct Record {
     failures: u32,
     last: Instant,
@@ -62,8 +68,9 @@ impl Penalties {
         })
     }
 
-    /// Records a failed login; returns how long to wait before answering it.
-    pub fn failed(&self, user: &str, address: ClientKey, password: &str, now: Instant) -> Duration {
+    /// Records a failed login: how long to wait before answering it, and whether it counted
+    /// (a repeated wrong password does not).
+    pub fn failed(&self, user: &str, address: ClientKey, password: &str, now: Instant) -> Failure {
         let digest = self.key.hash_one(password);
         let mut records = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
         prune(&mut records, now, self.config.window, |r| r.last);
@@ -88,7 +95,12 @@ impl Penalties {
             entry.1 = now;
         }
         record.last = now;
-        let doublings = record.failures.saturating_sub(1).min(16);
+        Failure { delay: self.delay(record.failures), counted: !repeated }
+    }
+
+    /// The delay after `failures` failures from one address: doubling, capped.
+    pub fn delay(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
         (self.config.base_delay * 2u32.pow(doublings)).min(self.config.max_delay)
     }
 
@@ -146,10 +158,10 @@ mod tests {
         let p = penalties();
         let now = Instant::now();
         let delays: Vec<u64> =
-            (0..6).map(|i| p.failed("alice", address(1), &format!("guess{i}"), now).as_secs()).collect();
+            (0..6).map(|i| p.failed("alice", address(1), &format!("guess{i}"), now).delay.as_secs()).collect();
         assert_eq!(delays, [2, 4, 8, 15, 15, 15]);
         // Another address starts from the base.
-        assert_eq!(p.failed("alice", address(2), "x", now).as_secs(), 2);
+        assert_eq!(p.failed("alice", address(2), "x", now).delay.as_secs(), 2);
     }
 
     #[test]
@@ -157,7 +169,7 @@ mod tests {
         let p = penalties();
         let now = Instant::now();
         for _ in 0..10 {
-            assert_eq!(p.failed("alice", address(1), "old-password", now).as_secs(), 2);
+            assert_eq!(p.failed("alice", address(1), "old-password", now).delay.as_secs(), 2);
         }
         assert!(!p.locked_out("alice", address(1), now));
     }
@@ -175,7 +187,7 @@ mod tests {
         assert!(!p.locked_out("alice", address(1), now + Duration::from_secs(601)), "the window passed");
         p.succeeded("alice", address(1));
         assert!(!p.locked_out("alice", address(1), now));
-        assert_eq!(p.failed("alice", address(1), "new", now).as_secs(), 2, "a success clears the record");
+        assert_eq!(p.failed("alice", address(1), "new", now).delay.as_secs(), 2, "a success clears the record");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub fetch_messages: Histogram,
     pub full_resyncs: IntCounterVec,
     pub limit_rejections: IntCounterVec,
+    /// Failed calls to the shared limits store, by operation and what the check decided.
+    pub limit_store_errors: IntCounterVec,
     cache_requests: IntCounterVec,
     cache_size: IntGauge,
     cache_entries: IntGauge,
@@ -120,7 +122,14 @@ impl Metrics {
         for kind in LIMIT_KINDS {
             limit_rejections.with_label_values(&[kind]);
         }
+        let limit_store_errors = counter(
+            &registry,
+            "mailgate_limit_store_errors_total",
+            "Calls to the shared limits store (Redis) that failed or timed out, by operation and outcome (allowed: failed open, refused: failed closed, none: background work).",
+            &["operation", "outcome"],
+        );
         Metrics {
+            limit_store_errors,
             commands: counter(
                 &registry,
                 "mailgate_commands_total",

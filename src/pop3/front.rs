@@ -17,7 +17,7 @@ use super::relay;
 use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
 use crate::secret::Secret;
-use crate::service::Service;
+use crate::service::{LoginRefusal, Service};
 use crate::stream::Stream;
 
 /// Before TLS on an STLS listener: no USER, no SASL (RFC 2595 §4).
@@ -152,25 +152,18 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
             }
             Outcome::Login(credentials) => {
                 user = None;
-                if service.login_rate_exceeded(peer.ip()) {
-                    if conn.write("-ERR [SYS/TEMP] Too many logins from your address, slow down.").await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                if service.locked_out(&credentials, peer.ip()) {
-                    if conn.write("-ERR [SYS/TEMP] Too many failed logins, try again later.").await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                let _lease = match service.limits.login(credentials.identity(), peer.ip()) {
+                let _lease = match service.admit_login(&credentials, peer.ip()).await {
                     Ok(lease) => lease,
-                    Err(refused) => {
-                        info!(user = %credentials.user, ?refused, "login refused by a limit");
-                        service.limited("connections");
-                        if conn.write("-ERR [IN-USE] Too many sessions for this user, try again later.").await.is_err()
-                        {
+                    Err(refusal) => {
+                        let text = match refusal {
+                            LoginRefusal::Rate => "-ERR [SYS/TEMP] Too many logins from your address, slow down.",
+                            LoginRefusal::LockedOut => "-ERR [SYS/TEMP] Too many failed logins, try again later.",
+                            LoginRefusal::Sessions => "-ERR [IN-USE] Too many sessions for this user, try again later.",
+                            LoginRefusal::Unavailable => {
+                                "-ERR [SYS/TEMP] Login temporarily unavailable, try again later."
+                            }
+                        };
+                        if conn.write(text).await.is_err() {
                             return;
                         }
                         continue;

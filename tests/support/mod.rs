@@ -13,6 +13,8 @@ pub mod mbsync;
 #[allow(dead_code)]
 pub mod process;
 #[allow(dead_code)]
+pub mod redis;
+#[allow(dead_code)]
 pub mod setup;
 #[allow(dead_code)]
 pub mod tls;
