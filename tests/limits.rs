@@ -452,14 +452,16 @@ fn connection_caps_per_address_and_in_all_hold_across_instances() {
 
 #[test]
 fn failed_logins_lock_a_user_out_across_instances_and_a_repeated_password_does_not_count() {
-    let (redis, setup, b) =
-        fleet("auth_base_delay = \"50ms\"\nauth_max_delay = \"100ms\"\nauth_lockout_failures = 3\n");
+    let (redis, setup, b) = fleet(
+        "auth_base_delay = \"50ms\"\nauth_max_delay = \"100ms\"\nauth_lockout_failures = 3\nauth_window = \"3s\"\n",
+    );
     let failed = "a NO [AUTHENTICATIONFAILED] Authentication failed.";
     assert_eq!(imap_login(&setup, &setup.gateway, "wrong-1").0, failed);
     assert_eq!(imap_login(&setup, &setup.gateway, "wrong-1").0, failed, "a repeat");
     assert_eq!(imap_login(&setup, &b, "wrong-2").0, failed);
     assert_eq!(redis.command(&["GET", "mailgate:authfail:user:127.0.0.1:bob"]), "2");
     assert_eq!(imap_login(&setup, &setup.gateway, "wrong-3").0, failed);
+    let last_failure = std::time::Instant::now();
     // Three distinct failures, on two instances: locked out on both, even with the right
     // password.
     assert_eq!(imap_login(&setup, &b, BOB.1).0, "a NO [LIMIT] Too many failed logins, try again later.");
@@ -469,6 +471,10 @@ fn failed_logins_lock_a_user_out_across_instances_and_a_repeated_password_does_n
     assert!(greeting.starts_with("* OK"));
     alice.login(ALICE);
     assert!(!setup.gateway.log().contains("wrong-1") && !b.log().contains("wrong-2"), "no password in a log");
+    // The window (3 s after the last failure) ends the lockout on every instance.
+    std::thread::sleep(Duration::from_millis(3300).saturating_sub(last_failure.elapsed()));
+    assert!(imap_login(&setup, &b, BOB.1).0.starts_with("a OK"));
+    assert_eq!(redis.command(&["EXISTS", "mailgate:authfail:user:127.0.0.1:bob"]), ":0", "a success clears it");
 }
 
 #[test]
