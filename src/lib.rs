@@ -31,6 +31,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod pop3;
+pub mod proxy_header;
 pub mod pumps;
 pub mod secret;
 pub mod service;
