@@ -99,6 +99,38 @@ pub struct ListenerConfig {
     /// The `[upstream.NAME]` this listener's sessions go to.
     #[serde(default = "default_upstream_name")]
     pub upstream: String,
+    /// Connections carry a PROXY protocol (v1 or v2) header from a load balancer, which must
+    /// come first; its client address replaces the socket's in logs, limits and what the
+    /// upstream is told.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The balancers allowed to send that header (CIDRs); any other peer is closed before
+    /// the greeting. Required with `proxy_protocol`.
+    #[serde(default)]
+    pub proxy_trusted: Vec<String>,
+    /// How long a balancer has to send the header.
+    #[serde(default = "default_proxy_timeout")]
+    pub proxy_timeout: Span,
+}
+
+fn default_proxy_timeout() -> Span {
+    secs(3)
+}
+
+/// How an upstream learns the real client's address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardClient {
+    /// It does not: it sees mailgate's address.
+    #[default]
+    None,
+    /// IMAP `ID` with Dovecot's `x-originating-ip`/`x-connected-ip`/`x-session-id`/...
+    /// fields, POP3 `XCLIENT ADDR= PORT= SESSION= TTL=`, before the login. Honoured by
+    /// Dovecot when mailgate is in its `login_trusted_networks`.
+    Commands,
+    /// A PROXY protocol v2 header (with the SSL and ALPN TLVs) first on every upstream
+    /// connection: for a listener with `haproxy = yes` (Dovecot) or `send-proxy-v2` peers.
+    ProxyV2,
 }
 
 fn default_upstream_name() -> String {
@@ -149,6 +181,9 @@ pub struct UpstreamConfig {
     /// Greeting, CAPABILITY, STARTTLS and the login exchange together.
     #[serde(default = "default_upstream_login_timeout")]
     pub login_timeout: Span,
+    /// How this upstream learns the client's real address.
+    #[serde(default)]
+    pub forward_client: ForwardClient,
 }
 
 impl UpstreamConfig {
@@ -589,6 +624,20 @@ impl Config {
                     &format!("listener `{}` uses TLS ({}) but no certificate is configured", l.name, l.tls),
                 ));
             }
+            if l.proxy_protocol && l.proxy_trusted.is_empty() {
+                errors.push(error(
+                    &at("proxy_trusted"),
+                    "proxy_protocol needs the balancers' networks: anyone else could claim any address",
+                ));
+            }
+            for (j, network) in l.proxy_trusted.iter().enumerate() {
+                if let Err(message) = crate::limits::Network::parse(network) {
+                    errors.push(error(&at(&format!("proxy_trusted[{j}]")), &message));
+                }
+            }
+            if l.proxy_timeout.0.is_zero() {
+                errors.push(error(&at("proxy_timeout"), "must be longer than zero"));
+            }
             match self.upstream.get(&l.upstream) {
                 None => errors.push(error(&at("upstream"), &format!("no [upstream.{}] is configured", l.upstream))),
                 Some(u) if u.address(l.protocol).is_none() => errors.push(error(
@@ -770,6 +819,9 @@ impl Default for ListenerConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: TlsMode::Implicit,
             upstream: default_upstream_name(),
+            proxy_protocol: false,
+            proxy_trusted: Vec::new(),
+            proxy_timeout: default_proxy_timeout(),
         }
     }
 }
@@ -786,6 +838,7 @@ impl Default for UpstreamConfig {
             connect_timeout: default_connect_timeout(),
             tls_timeout: default_connect_timeout(),
             login_timeout: default_upstream_login_timeout(),
+            forward_client: ForwardClient::None,
         }
     }
 }

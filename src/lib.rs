@@ -30,6 +30,7 @@ pub mod imap;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
+pub mod origin;
 pub mod pop3;
 pub mod proxy_header;
 pub mod pumps;
@@ -144,6 +145,11 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
             cache: cache.clone(),
             metrics: metrics.clone(),
             limits: limits.clone(),
+            proxy: settings.proxy_protocol.then(|| listener::ProxyPolicy {
+                // Validated with the configuration.
+                trusted: settings.proxy_trusted.iter().filter_map(|n| limits::Network::parse(n).ok()).collect(),
+                timeout: settings.proxy_timeout.0,
+            }),
             listener: settings.name.clone(),
         });
         let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();

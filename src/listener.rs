@@ -2,9 +2,14 @@
 //! with a tracing span that carries the listener, the client address and a session id.
 //! Implicit TLS is completed here, within the handshake timeout, before any greeting: a
 //! plaintext client on an implicit-TLS port gets nothing but a closed connection.
+//!
+//! On a listener behind a load balancer (`proxy_protocol`), the PROXY header is read first,
+//! within `proxy_timeout`, and only from `proxy_trusted` peers: anyone else, or a
+//! connection without a valid header, is closed before any greeting. From then on the
+//! header's client address is the session's: in the span, the limits and what the upstream
+//! is told.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,11 +19,18 @@ use tracing::{debug, field, info, info_span, warn, Instrument};
 
 use crate::config::Protocol;
 use crate::config::TlsMode;
+use crate::limits::Network;
+use crate::origin::{session_id, Origin};
+use crate::proxy_header::{self, Header, Parsed, ProxyError};
 use crate::service::Service;
 use crate::stream::Stream;
 use crate::{imap, pop3};
 
-static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+/// Who may put a PROXY header in front of a connection, and how long it has to.
+pub struct ProxyPolicy {
+    pub trusted: Vec<Network>,
+    pub timeout: Duration,
+}
 
 pub struct Listener {
     pub name: String,
@@ -38,10 +50,10 @@ impl Listener {
             };
             match accepted {
                 Ok((tcp, peer)) => {
-                    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-                    let span = info_span!("session", listener = %self.name, protocol = self.service.protocol.name(), client = %peer, session = id, user = field::Empty);
+                    let id = session_id();
+                    let span = info_span!("session", listener = %self.name, protocol = self.service.protocol.name(), client = %peer, session = %id, user = field::Empty);
                     let service = self.service.clone();
-                    tracker.spawn(session(tcp, peer, service).instrument(span));
+                    tracker.spawn(session(tcp, peer, id, service).instrument(span));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -62,8 +74,52 @@ impl Drop for Active {
     }
 }
 
-async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<Service>) {
-    debug!(%peer, "connected");
+/// Reads a PROXY header from a trusted balancer, exactly (the client's first bytes stay
+/// in the socket): `None` for `LOCAL` (a health check) or an unknown client.
+async fn proxy_header(tcp: &mut TcpStream) -> Result<Option<(SocketAddr, SocketAddr)>, ProxyError> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(64);
+    loop {
+        match proxy_header::parse(&buf)? {
+            Parsed::Done(Header::Local, _) => return Ok(None),
+            Parsed::Done(Header::Proxied { source, destination }, _) => return Ok(Some((source, destination))),
+            Parsed::Incomplete(more) => {
+                let start = buf.len();
+                buf.resize(start + more, 0);
+                if tcp.read_exact(&mut buf[start..]).await.is_err() {
+                    return Err(ProxyError::Malformed("connection closed within the header"));
+                }
+            }
+        }
+    }
+}
+
+async fn session(mut tcp: TcpStream, socket_peer: SocketAddr, id: String, service: Arc<Service>) {
+    debug!(peer = %socket_peer, "connected");
+    let mut peer = socket_peer;
+    let mut local = tcp.local_addr().unwrap_or(socket_peer);
+    if let Some(policy) = &service.proxy {
+        if !policy.trusted.iter().any(|n| n.contains(socket_peer.ip())) {
+            info!(peer = %socket_peer, "closed: not a trusted PROXY protocol sender");
+            return;
+        }
+        match tokio::time::timeout(policy.timeout, proxy_header(&mut tcp)).await {
+            Ok(Ok(Some((source, destination)))) => {
+                tracing::Span::current().record("client", field::display(source));
+                debug!(balancer = %socket_peer, client = %source, "PROXY header");
+                (peer, local) = (source, destination);
+            }
+            Ok(Ok(None)) => debug!("PROXY LOCAL: the balancer's own connection"),
+            Ok(Err(error)) => {
+                info!(%error, "closed: bad PROXY header");
+                return;
+            }
+            Err(_) => {
+                info!("closed: no PROXY header in time");
+                return;
+            }
+        }
+    }
     let labels = [service.protocol.name(), service.listener.as_str(), service.listener_tls.name()];
     service.metrics.connections_total.with_label_values(&labels).inc();
     let active = service.metrics.connections_active.with_label_values(&labels);
@@ -102,9 +158,10 @@ async fn session(tcp: TcpStream, peer: SocketAddr, service: Arc<Service>) {
             return;
         }
     };
+    let origin = Origin { client: peer, local, session: id, tls: None };
     match service.protocol {
-        Protocol::Imap => imap::front::serve(stream, &service, peer).await,
-        Protocol::Pop3 => pop3::front::serve(stream, &service, peer).await,
+        Protocol::Imap => imap::front::serve(stream, &service, origin).await,
+        Protocol::Pop3 => pop3::front::serve(stream, &service, origin).await,
     }
     debug!("disconnected");
 }

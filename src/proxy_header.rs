@@ -209,6 +209,13 @@ pub fn encode_v2(source: SocketAddr, destination: SocketAddr, tls: Option<&TlsFa
     out
 }
 
+/// A v2 `LOCAL` header: the connection is mailgate's own (a health check), not a client's.
+pub fn encode_v2_local() -> Vec<u8> {
+    let mut out = SIGNATURE.to_vec();
+    out.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    out
+}
+
 fn tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
     out.push(kind);
     out.extend_from_slice(&(value.len() as u16).to_be_bytes());
@@ -244,7 +251,10 @@ mod tests {
         stream.extend_from_slice(b"\x16\x03\x01 ClientHello");
         assert_eq!(
             feed(&stream),
-            Ok((Header::Proxied { source: addr("192.0.2.7:56324"), destination: addr("198.51.100.1:993") }, line.len()))
+            Ok((
+                Header::Proxied { source: addr("192.0.2.7:56324"), destination: addr("198.51.100.1:993") },
+                line.len()
+            ))
         );
         assert_eq!(
             feed(b"PROXY TCP6 2001:db8::1 2001:db8::2 4000 143\r\n").unwrap().0,
@@ -310,8 +320,7 @@ mod tests {
 
     #[test]
     fn v2_local_unspecified_and_broken_headers() {
-        let local = [&SIGNATURE[..], &[0x20, 0x00, 0x00, 0x00]].concat();
-        assert_eq!(feed(&local), Ok((Header::Local, 16)));
+        assert_eq!(feed(&encode_v2_local()), Ok((Header::Local, 16)));
         let unix = [&SIGNATURE[..], &[0x21, 0x31, 0x00, 0x04], b"abcd"].concat();
         assert_eq!(feed(&unix).unwrap().0, Header::Local);
         let short = [&SIGNATURE[..], &[0x21, 0x11, 0x00, 0x04], b"abcd"].concat();

@@ -45,6 +45,8 @@ pub struct Service {
     pub metrics: Arc<Metrics>,
     /// The process-wide connection caps.
     pub limits: Arc<crate::limits::Limits>,
+    /// Set when the listener expects a PROXY protocol header.
+    pub proxy: Option<crate::listener::ProxyPolicy>,
 }
 
 impl Service {

@@ -36,6 +36,26 @@ impl Stream {
         .await;
     }
 
+    /// What an upstream may be told about the client's TLS (PROXY v2 TLVs).
+    pub fn tls_facts(&self) -> Option<crate::proxy_header::TlsFacts> {
+        let Stream::Tls(tls) = self else { return None };
+        let (_, conn) = tls.get_ref();
+        let version = match conn.protocol_version() {
+            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLS",
+        };
+        let server_name = match tls.as_ref() {
+            tokio_rustls::TlsStream::Server(server) => server.get_ref().1.server_name().map(str::to_string),
+            tokio_rustls::TlsStream::Client(_) => None,
+        };
+        Some(crate::proxy_header::TlsFacts {
+            version: version.to_string(),
+            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+            server_name,
+        })
+    }
+
     /// The negotiated TLS version and cipher suite, for logs.
     pub fn tls_summary(&self) -> Option<String> {
         let Stream::Tls(tls) = self else { return None };

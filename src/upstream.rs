@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::config::{split_host_port, TlsMode, UpstreamConfig};
+use crate::config::{split_host_port, ForwardClient, TlsMode, UpstreamConfig};
+use crate::origin::Origin;
 use crate::stream::Stream;
 use crate::tls::{self, TlsError, UpstreamTls};
 
@@ -22,6 +23,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub tls_timeout: Duration,
     pub login_timeout: Duration,
+    /// How the upstream learns the client's address.
+    pub forward: ForwardClient,
 }
 
 /// Why the upstream could not be used; the client sees `NO [UNAVAILABLE]` for all of these.
@@ -95,6 +98,7 @@ impl Upstream {
             connect_timeout: config.connect_timeout.0,
             tls_timeout: config.tls_timeout.0,
             login_timeout: config.login_timeout.0,
+            forward: config.forward_client,
         })
     }
 
@@ -104,14 +108,22 @@ impl Upstream {
         format!("{}@{}:{}", self.name, self.host, self.port)
     }
 
-    /// Opens the TCP connection, with the TLS handshake first when TLS is implicit.
-    pub async fn connect(&self) -> Result<Stream, UpstreamError> {
+    /// Opens the TCP connection for `origin`'s session (`None`: mailgate's own, such as a
+    /// health check): a PROXY v2 header first when `forward_client = "proxy_v2"`, then the
+    /// TLS handshake when TLS is implicit.
+    pub async fn connect(&self, origin: Option<&Origin>) -> Result<Stream, UpstreamError> {
         let address = format!("{}:{}", self.host, self.port);
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port)))
+        let mut tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port)))
             .await
             .map_err(|_| UpstreamError::Timeout("upstream connect"))?
             .map_err(|source| UpstreamError::Connect { address, source })?;
         tcp.set_nodelay(true)?;
+        if self.forward == ForwardClient::ProxyV2 {
+            let header = origin.map_or_else(crate::proxy_header::encode_v2_local, Origin::proxy_v2);
+            tokio::time::timeout(self.connect_timeout, tokio::io::AsyncWriteExt::write_all(&mut tcp, &header))
+                .await
+                .map_err(|_| UpstreamError::Timeout("upstream PROXY header"))??;
+        }
         match self.tls_mode {
             TlsMode::Implicit => self.handshake(tcp).await,
             TlsMode::Starttls | TlsMode::Plaintext => Ok(Stream::Plain(tcp)),

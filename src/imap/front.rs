@@ -21,6 +21,7 @@ use super::relay;
 use super::response::relayable_capabilities;
 use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
+use crate::origin::Origin;
 use crate::service::{LoginRefusal, Service};
 use crate::stream::Stream;
 
@@ -176,7 +177,8 @@ enum Outcome {
 }
 
 /// Serves the not-authenticated state; on a successful login hands over to the relay.
-pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr) {
+pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
+    let peer = origin.client;
     let limits = &service.config.imap;
     let mut conn = Conn {
         stream,
@@ -210,7 +212,10 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                 conn.buffer.clear();
                 conn.framer.reset();
                 match service.start_tls(conn.stream).await {
-                    Some(stream) => conn.stream = stream,
+                    Some(stream) => {
+                        origin.tls = stream.tls_facts();
+                        conn.stream = stream;
+                    }
                     None => return,
                 }
             }
@@ -226,7 +231,7 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                         return;
                     }
                 }
-                Ok(_lease) => match service.timed_login(login(&service.upstream, &credentials)).await {
+                Ok(_lease) => match service.timed_login(login(&service.upstream, &credentials, &origin)).await {
                     Ok(session) => {
                         service.logged_in(&credentials, peer.ip());
                         let caps = relayable_capabilities(&session.capabilities).join(" ");

@@ -17,7 +17,8 @@ use super::framing::{strip_eol, Event, Framer};
 use super::response::{self, has_capability, Kind, Status};
 use crate::auth::{encode_plain, Credentials};
 use crate::cache::LoginProof;
-use crate::config::TlsMode;
+use crate::config::{ForwardClient, TlsMode};
+use crate::origin::Origin;
 use crate::stream::Stream;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -127,9 +128,27 @@ impl Reader {
     }
 }
 
-pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<LoggedIn, LoginError> {
+/// Tells the upstream who the client is with `ID` (Dovecot's `x-originating-ip` and
+/// friends), before the login. An upstream that does not trust mailgate just records them
+/// as the client's ID; one without ID is logged in without them.
+async fn forward_client(reader: &mut Reader, capabilities: &[String], origin: &Origin) -> Result<(), UpstreamError> {
+    if !has_capability(capabilities, "ID") {
+        tracing::debug!("upstream has no ID capability: the client's address is not forwarded");
+        return Ok(());
+    }
+    reader.send(format!("M0 ID {}\r\n", origin.imap_id()).as_bytes()).await?;
+    let mut ignored = None;
+    let (status, _) = reader.complete("M0", &mut ignored).await?;
+    if status != Status::Ok {
+        tracing::warn!(?status, "upstream refused the forwarded client identity (ID)");
+    }
+    Ok(())
+}
+
+/// Logs `credentials` in at `upstream` for a session from `origin`.
+pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Origin) -> Result<LoggedIn, LoginError> {
     let deadline = Instant::now() + upstream.login_timeout;
-    let stream = upstream.connect().await?;
+    let stream = upstream.connect(Some(origin)).await?;
     let mut reader = Reader { stream, buffer: BytesMut::with_capacity(4096), framer: Framer::new(MAX_LINE), deadline };
 
     let greeting = reader.line().await?;
@@ -176,6 +195,9 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<Log
         Some(caps) => caps,
         None => reader.capability().await?,
     };
+    if upstream.forward == ForwardClient::Commands {
+        forward_client(&mut reader, &capabilities, origin).await?;
+    }
     let mut after = None;
     let (status, code) = if has_capability(&capabilities, "AUTH=PLAIN") {
         authenticate_plain(&mut reader, &capabilities, credentials, &mut after).await?

@@ -16,6 +16,7 @@ use super::codec::{split_command, CodecError, LineReader};
 use super::relay;
 use super::upstream::{login, LoginError};
 use crate::auth::{decode_plain, Credentials};
+use crate::origin::Origin;
 use crate::secret::Secret;
 use crate::service::{LoginRefusal, Service};
 use crate::stream::Stream;
@@ -99,7 +100,8 @@ fn bad(text: &str) -> Reply {
     Reply { text: text.to_string(), bad: true }
 }
 
-pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr) {
+pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
+    let peer = origin.client;
     let limits = &service.config.pop3;
     let mut conn = Conn {
         stream,
@@ -146,7 +148,10 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                 conn.buffer.clear();
                 conn.lines.reset();
                 match service.start_tls(conn.stream).await {
-                    Some(stream) => conn.stream = stream,
+                    Some(stream) => {
+                        origin.tls = stream.tls_facts();
+                        conn.stream = stream;
+                    }
                     None => return,
                 }
             }
@@ -169,7 +174,7 @@ pub async fn serve(stream: Stream, service: &Service, peer: std::net::SocketAddr
                         continue;
                     }
                 };
-                match service.timed_login(login(&service.upstream, &credentials)).await {
+                match service.timed_login(login(&service.upstream, &credentials, &origin)).await {
                     Ok(session) => {
                         service.logged_in(&credentials, peer.ip());
                         if conn.write("+OK Logged in.").await.is_err() {

@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use super::codec::{LineReader, MAX_STATUS_LINE};
 use crate::auth::{encode_plain, Credentials};
 use crate::cache::LoginProof;
-use crate::config::TlsMode;
+use crate::config::{ForwardClient, TlsMode};
+use crate::origin::Origin;
 use crate::stream::Stream;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -105,9 +106,10 @@ fn offers_sasl_plain(capabilities: &[String]) -> bool {
     capabilities.iter().any(|c| c.strip_prefix("SASL ").is_some_and(|m| m.split(' ').any(|m| m == "PLAIN")))
 }
 
-pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<LoggedIn, LoginError> {
+/// Logs `credentials` in at `upstream` for a session from `origin`.
+pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Origin) -> Result<LoggedIn, LoginError> {
     let deadline = Instant::now() + upstream.login_timeout;
-    let stream = upstream.connect().await?;
+    let stream = upstream.connect(Some(origin)).await?;
     let mut reader =
         Reader { stream, buffer: BytesMut::with_capacity(4096), lines: LineReader::new(MAX_STATUS_LINE), deadline };
 
@@ -134,6 +136,19 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials) -> Result<Log
         reader.lines.reset();
     }
     let capabilities = reader.capa().await?;
+    if upstream.forward == ForwardClient::Commands {
+        // Dovecot offers XCLIENT to the networks it trusts, with `[XCLIENT]` in its
+        // greeting; an upstream that does not just sees mailgate's address.
+        if greeting.windows(9).any(|w| w == b"[XCLIENT]") || has(&capabilities, "XCLIENT") {
+            reader.send(&origin.pop3_xclient()).await?;
+            let answer = reader.line().await?;
+            if !answer.starts_with(b"+OK") {
+                tracing::warn!("upstream refused the forwarded client identity (XCLIENT)");
+            }
+        } else {
+            tracing::debug!("upstream offers no XCLIENT: the client's address is not forwarded");
+        }
+    }
 
     let answer = if offers_sasl_plain(&capabilities) {
         reader.send(&format!("AUTH PLAIN {}", encode_plain(credentials).expose())).await?;

@@ -54,6 +54,25 @@ pub struct Client {
     pending: Vec<u8>,
 }
 
+/// A TCP connection to `addr` from the loopback address `source` (127.x.y.z), so that a
+/// test can tell its client apart from mailgate's own connections in the upstream's logs.
+pub fn tcp_from(addr: SocketAddr, source: std::net::IpAddr) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().unwrap();
+    let tcp = runtime
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(source, 0))?;
+            tokio::time::timeout(TIMEOUT, socket.connect(addr)).await.map_err(io::Error::other)?
+        })
+        .expect("connect");
+    let tcp = tcp.into_std().unwrap();
+    tcp.set_nonblocking(false).unwrap();
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    tcp.set_write_timeout(Some(TIMEOUT)).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp
+}
+
 fn tcp(addr: SocketAddr) -> TcpStream {
     let tcp = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
     tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -79,11 +98,22 @@ pub fn handshake(
 
 impl Client {
     pub fn plain(addr: SocketAddr) -> Client {
-        Client { conn: Conn::Plain(tcp(addr)), pending: Vec::new() }
+        Client::plain_over(tcp(addr))
+    }
+
+    /// A plaintext client over a connection the test opened itself.
+    pub fn plain_over(tcp: TcpStream) -> Client {
+        Client { conn: Conn::Plain(tcp), pending: Vec::new() }
     }
 
     pub fn tls(addr: SocketAddr, config: Arc<ClientConfig>) -> Client {
-        let stream = handshake(tcp(addr), config, "localhost").expect("TLS handshake");
+        Client::tls_over(tcp(addr), config)
+    }
+
+    /// TLS over a connection the test opened itself (from another address, or after a
+    /// PROXY header it wrote).
+    pub fn tls_over(tcp: TcpStream, config: Arc<ClientConfig>) -> Client {
+        let stream = handshake(tcp, config, "localhost").expect("TLS handshake");
         Client { conn: Conn::Tls(Box::new(stream)), pending: Vec::new() }
     }
 

@@ -49,6 +49,11 @@ pub struct Dovecot {
     pub imaps: SocketAddr,
     /// POP3 over implicit TLS.
     pub pop3s: SocketAddr,
+    /// IMAP over implicit TLS behind `haproxy = yes` (PROXY header required), with
+    /// [`Options::haproxy`].
+    pub imaps_haproxy: Option<SocketAddr>,
+    /// POP3 over implicit TLS behind `haproxy = yes`.
+    pub pop3s_haproxy: Option<SocketAddr>,
     child: Option<Child>,
     dir: tempfile::TempDir,
     users: Vec<String>,
@@ -73,11 +78,27 @@ enum StartError {
     Fatal(String),
 }
 
+/// Settings beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Dovecot's `login_trusted_networks`: clients there may forward the real client's
+    /// address (IMAP `ID x-originating-ip`, POP3 `XCLIENT`). Empty: nobody.
+    pub login_trusted_networks: String,
+    /// Two more listeners (`imaps_haproxy`, `pop3s_haproxy`) that require a PROXY header
+    /// from 127.0.0.0/8.
+    pub haproxy: bool,
+}
+
 impl Dovecot {
     /// Starts a fresh Dovecot serving `users` (name, password), each with an
     /// empty Maildir INBOX. Panics with Dovecot's log if it does not come up
     /// within 10 s.
     pub fn start(users: &[(&str, &str)]) -> Dovecot {
+        Dovecot::start_with(users, &Options::default())
+    }
+
+    /// As [`Dovecot::start`], with `options`.
+    pub fn start_with(users: &[(&str, &str)], options: &Options) -> Dovecot {
         for (user, pass) in users {
             // Names become path components and passwd-file fields.
             assert!(
@@ -89,7 +110,7 @@ impl Dovecot {
         let ident = identity();
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
-            match Dovecot::try_start(users, ident) {
+            match Dovecot::try_start(users, ident, options) {
                 Ok(dovecot) => return dovecot,
                 Err(StartError::PortTaken(report)) => last = report,
                 Err(StartError::Fatal(report)) => panic!("dovecot failed to start\n{report}"),
@@ -98,7 +119,7 @@ impl Dovecot {
         panic!("dovecot failed to bind its ports {START_ATTEMPTS} times; last attempt:\n{last}");
     }
 
-    fn try_start(users: &[(&str, &str)], ident: &'static Identity) -> Result<Dovecot, StartError> {
+    fn try_start(users: &[(&str, &str)], ident: &'static Identity, options: &Options) -> Result<Dovecot, StartError> {
         let dir = tempfile::Builder::new()
             .prefix("mailgate-dovecot.")
             .tempdir()
@@ -109,7 +130,7 @@ impl Dovecot {
             .map_err(|e| StartError::Fatal(format!("chmod temp dir: {e}")))?;
         let root = dir.path();
 
-        let [imap, pop3, imaps, pop3s] = free_ports();
+        let [imap, pop3, imaps, pop3s, imaps_haproxy, pop3s_haproxy] = free_ports();
         let instance = format!("mailgate-test-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
 
         make_tls(&root.join("tls")).map_err(StartError::Fatal)?;
@@ -133,7 +154,18 @@ impl Dovecot {
         }
         write_file(&root.join("passwd"), passwd.as_bytes(), 0o644).map_err(StartError::Fatal)?;
 
-        let config = config(root, &instance, ident, [imap, pop3, imaps, pop3s]);
+        let mut config = config(root, &instance, ident, [imap, pop3, imaps, pop3s]);
+        config = config.replace(
+            "login_trusted_networks =\n",
+            &format!("login_trusted_networks = {}\n", options.login_trusted_networks),
+        );
+        if options.haproxy {
+            config.push_str(&format!(
+                "haproxy_trusted_networks = 127.0.0.0/8\n\
+                 service imap-login {{\n  inet_listener imaps_haproxy {{\n    port = {imaps_haproxy}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n\
+                 service pop3-login {{\n  inet_listener pop3s_haproxy {{\n    port = {pop3s_haproxy}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n"
+            ));
+        }
         let config_path = root.join("dovecot.conf");
         write_file(&config_path, config.as_bytes(), 0o644).map_err(StartError::Fatal)?;
 
@@ -158,6 +190,8 @@ impl Dovecot {
             pop3: SocketAddr::from((Ipv4Addr::LOCALHOST, pop3)),
             imaps: SocketAddr::from((Ipv4Addr::LOCALHOST, imaps)),
             pop3s: SocketAddr::from((Ipv4Addr::LOCALHOST, pop3s)),
+            imaps_haproxy: options.haproxy.then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, imaps_haproxy))),
+            pop3s_haproxy: options.haproxy.then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, pop3s_haproxy))),
             child: Some(child),
             dir,
             users: users.iter().map(|(u, _)| u.to_string()).collect(),
@@ -476,12 +510,11 @@ fn dovecot_binary() -> &'static str {
 
 /// Distinct free loopback ports. They are only free when we look, so the
 /// caller retries if Dovecot then fails to bind one.
-fn free_ports() -> [u16; 4] {
+fn free_ports() -> [u16; 6] {
     // Hold all listeners at once so the kernel can't hand out a port twice.
     let listeners: Vec<TcpListener> =
-        (0..4).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0")).collect();
-    let port = |i: usize| listeners[i].local_addr().unwrap().port();
-    [port(0), port(1), port(2), port(3)]
+        (0..6).map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1:0")).collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
 /// First line the server sends, or None if it doesn't (yet).
