@@ -18,7 +18,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    pub upstreams: Vec<Arc<Upstream>>,
+    /// Probed by `/readyz`; replaced when a reload changes them.
+    pub upstreams: std::sync::RwLock<Vec<Arc<Upstream>>>,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
@@ -75,7 +76,8 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
 
 /// The first upstream that does not accept a TCP connection within its connect timeout.
 async fn unreachable_upstream(admin: &Admin) -> Option<String> {
-    for upstream in &admin.upstreams {
+    let upstreams = admin.upstreams.read().unwrap_or_else(|p| p.into_inner()).clone();
+    for upstream in &upstreams {
         let address = (upstream.host.as_str(), upstream.port);
         match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect(address)).await {
             Ok(Ok(_)) => {}

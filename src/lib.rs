@@ -34,6 +34,7 @@ pub mod origin;
 pub mod pop3;
 pub mod proxy_header;
 pub mod pumps;
+pub mod reload;
 pub mod secret;
 pub mod service;
 pub mod shutdown;
@@ -83,15 +84,27 @@ pub async fn bind(config: &Config) -> Result<Vec<TcpListener>> {
     Ok(bound)
 }
 
-/// Serves on already-bound listeners (one per `config.listeners` entry) until `shutdown`
-/// resolves, then drains sessions for up to `config.shutdown.grace`.
-pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let config = Arc::new(config);
-    let token = CancellationToken::new();
-    let tracker = TaskTracker::new();
+/// What every generation of services shares and a reload leaves alone: the shutdown
+/// signal, the message cache, the metrics and the limits (with their open leases).
+pub struct Shared {
+    pub token: CancellationToken,
+    pub cache: Option<Arc<cache::MessageCache>>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub limits: Arc<limits::Limits>,
+}
 
-    // One upstream (with its TLS client settings) per name and protocol, and one TLS
-    // acceptor per protocol (each announces its own ALPN id), all built once here.
+/// One configuration's services, one per listener in configuration order, and the
+/// upstreams they use.
+pub struct Generation {
+    pub services: Vec<Arc<Service>>,
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+/// The services of one configuration, with the upstreams (and their TLS client settings)
+/// and the TLS acceptors built from it.
+pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
+    // One upstream per name and protocol, and one TLS acceptor per protocol (each announces
+    // its own ALPN id) over the same certificates.
     let mut upstreams = BTreeMap::new();
     for (name, u) in &config.upstream {
         for protocol in [Protocol::Imap, Protocol::Pop3] {
@@ -102,12 +115,49 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
         }
     }
     let mut acceptors = BTreeMap::new();
-    for l in config.listeners.iter().filter(|l| l.tls != TlsMode::Plaintext) {
-        if let std::collections::btree_map::Entry::Vacant(slot) = acceptors.entry(l.protocol) {
-            slot.insert(tls::acceptor(&config.tls.certificates, l.protocol.alpn())?);
+    if config.listeners.iter().any(|l| l.tls != TlsMode::Plaintext) {
+        let certificates = tls::load_certificates(&config.tls.certificates)?;
+        for l in config.listeners.iter().filter(|l| l.tls != TlsMode::Plaintext) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = acceptors.entry(l.protocol) {
+                slot.insert(tls::acceptor(certificates.clone(), l.protocol.alpn())?);
+            }
         }
     }
+    let services = (config.listeners.iter())
+        .map(|settings| {
+            Arc::new(Service {
+                config: config.clone(),
+                protocol: settings.protocol,
+                listener_tls: settings.tls,
+                tls: if settings.tls == TlsMode::Plaintext { None } else { acceptors.get(&settings.protocol).cloned() },
+                upstream: upstreams[&(settings.upstream.clone(), settings.protocol)].clone(),
+                shutdown: shared.token.clone(),
+                cache: shared.cache.clone(),
+                metrics: shared.metrics.clone(),
+                limits: shared.limits.clone(),
+                proxy: settings.proxy_protocol.then(|| listener::ProxyPolicy {
+                    // Validated with the configuration.
+                    trusted: settings.proxy_trusted.iter().filter_map(|n| limits::Network::parse(n).ok()).collect(),
+                    timeout: settings.proxy_timeout.0,
+                }),
+                listener: settings.name.clone(),
+            })
+        })
+        .collect();
+    Ok(Generation { services, upstreams: upstreams.into_values().collect() })
+}
 
+/// Serves on already-bound listeners (one per `config.listeners` entry) until `shutdown`
+/// resolves, then drains sessions for up to `config.shutdown.grace`. With `reload_from`,
+/// SIGHUP reloads the configuration from that file (see [`reload`]).
+pub async fn run(
+    config: Config,
+    listeners: Vec<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+    reload_from: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let config = Arc::new(config);
+    let tracker = TaskTracker::new();
     let cache = config.cache.enabled.then(|| Arc::new(cache::MessageCache::new(&config.cache)));
     let metrics = Arc::new(metrics::Metrics::new(cache.clone(), &config.admin));
     let fleet = match config.limits.store {
@@ -119,42 +169,35 @@ pub async fn run(config: Config, listeners: Vec<TcpListener>, shutdown: impl Fut
         }
     };
     let limits = limits::Limits::shared(&config.limits, fleet);
+    let shared = Shared { token: CancellationToken::new(), cache, metrics: metrics.clone(), limits: limits.clone() };
+    let Generation { services, upstreams } = services(&config, &shared)?;
+    let admin = Arc::new(admin::Admin { metrics: metrics.clone(), upstreams: std::sync::RwLock::new(upstreams) });
     if config.admin.enabled {
         let address = config.admin.address;
         let tcp =
             TcpListener::bind(address).await.map_err(|source| Error::Bind { name: "admin".into(), address, source })?;
         let bound = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listener = "admin", address = %bound, "listening");
-        let admin = admin::Admin { metrics: metrics.clone(), upstreams: upstreams.values().cloned().collect() };
-        tokio::spawn(admin::serve(tcp, Arc::new(admin), token.clone()));
+        tokio::spawn(admin::serve(tcp, admin.clone(), shared.token.clone()));
     }
 
     let accept_loops = TaskTracker::new();
-    for (settings, tcp) in config.listeners.iter().zip(listeners) {
+    let mut current = Vec::new();
+    for ((settings, tcp), service) in config.listeners.iter().zip(listeners).zip(services) {
         if settings.tls == TlsMode::Plaintext {
             tracing::warn!(listener = %settings.name, "plaintext listener: clients may send credentials unencrypted");
         }
         metrics.prepare_listener(settings.protocol.name(), &settings.name, settings.tls.name());
-        let service = Arc::new(Service {
-            config: config.clone(),
-            protocol: settings.protocol,
-            listener_tls: settings.tls,
-            tls: if settings.tls == TlsMode::Plaintext { None } else { acceptors.get(&settings.protocol).cloned() },
-            upstream: upstreams[&(settings.upstream.clone(), settings.protocol)].clone(),
-            shutdown: token.clone(),
-            cache: cache.clone(),
-            metrics: metrics.clone(),
-            limits: limits.clone(),
-            proxy: settings.proxy_protocol.then(|| listener::ProxyPolicy {
-                // Validated with the configuration.
-                trusted: settings.proxy_trusted.iter().filter_map(|n| limits::Network::parse(n).ok()).collect(),
-                timeout: settings.proxy_timeout.0,
-            }),
-            listener: settings.name.clone(),
-        });
         let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listener = %settings.name, %address, protocol = settings.protocol.name(), tls = %settings.tls, "listening");
+        let service = Arc::new(std::sync::RwLock::new(service));
+        current.push(service.clone());
         accept_loops.spawn(Listener { name: settings.name.clone(), tcp, service }.serve(tracker.clone()));
+    }
+    let token = shared.token.clone();
+    if let Some(path) = reload_from {
+        let reloader = reload::Reloader { path, config: config.clone(), shared, listeners: current, admin };
+        tokio::spawn(reloader.on_hangup());
     }
 
     shutdown.await;

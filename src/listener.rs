@@ -35,14 +35,16 @@ pub struct ProxyPolicy {
 pub struct Listener {
     pub name: String,
     pub tcp: TcpListener,
-    pub service: Arc<Service>,
+    /// The settings new connections get; a reload replaces them, sessions keep theirs.
+    pub service: Arc<std::sync::RwLock<Arc<Service>>>,
 }
 
 impl Listener {
     /// Accepts until shutdown; sessions are spawned on `tracker` so that shutdown can wait
     /// for them.
     pub async fn serve(self, tracker: TaskTracker) {
-        let shutdown = self.service.shutdown.clone();
+        let current = || self.service.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let shutdown = current().shutdown.clone();
         loop {
             let accepted = tokio::select! {
                 accepted = self.tcp.accept() => accepted,
@@ -51,8 +53,8 @@ impl Listener {
             match accepted {
                 Ok((tcp, peer)) => {
                     let id = session_id();
-                    let span = info_span!("session", listener = %self.name, protocol = self.service.protocol.name(), client = %peer, session = %id, user = field::Empty);
-                    let service = self.service.clone();
+                    let service = current();
+                    let span = info_span!("session", listener = %self.name, protocol = service.protocol.name(), client = %peer, session = %id, user = field::Empty);
                     tracker.spawn(session(tcp, peer, id, service).instrument(span));
                 }
                 Err(e) => {

@@ -44,7 +44,8 @@ fn main() -> ExitCode {
         },
         Commands::Run { config } => {
             init_tracing();
-            let config = match Config::load(&config) {
+            let path = config;
+            let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(errors) => {
                     for e in &errors.0 {
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             let result = runtime.block_on(async {
                 let listeners = mailgate::bind(&config).await?;
-                mailgate::run(config, listeners, mailgate::shutdown::signal()).await
+                mailgate::run(config, listeners, mailgate::shutdown::signal(), Some(path)).await
             });
             match result {
                 Ok(()) => {

@@ -5,6 +5,8 @@
 //! - ALPN: a listener announces its own protocol (`imap`) only. A client that offers ALPN
 //!   without it is refused by rustls with `no_application_protocol` (RFC 7301), which defeats
 //!   cross-protocol (ALPACA) redirection; a client that offers no ALPN is served.
+//! - Several certificates: the one whose names cover the client's SNI (wildcards included,
+//!   checked by `rustls-webpki` exactly as a client would), else the first.
 //! - PEM is read with `rustls-pki-types`' `PemObject`, the maintained successor of the
 //!   archived `rustls-pemfile`.
 
@@ -54,17 +56,59 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(chain)
 }
 
+/// The configured certificates, read and checked (each key matches its certificate).
+pub fn load_certificates(certificates: &[CertificatePair]) -> Result<Arc<Certificates>, TlsError> {
+    if certificates.is_empty() {
+        return Err(TlsError::NoCertificates);
+    }
+    let provider = provider();
+    let mut keys = Vec::new();
+    for pair in certificates {
+        let chain = read_chain(&pair.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&pair.key)
+            .map_err(|source| TlsError::Pem { path: pair.key.clone(), source })?;
+        let mismatch = |source| TlsError::KeyMismatch { cert: pair.cert.clone(), key: pair.key.clone(), source };
+        let certified = rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(mismatch)?;
+        certified.keys_match().map_err(mismatch)?;
+        webpki::EndEntityCert::try_from(&certified.cert[0])
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(format!("{}: {e}", pair.cert.display()))))?;
+        keys.push(Arc::new(certified));
+    }
+    Ok(Arc::new(Certificates { keys }))
+}
+
+/// The server's certificates, chosen by SNI.
+#[derive(Debug)]
+pub struct Certificates {
+    keys: Vec<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl Certificates {
+    /// The certificate for `server_name`: the first whose names cover it, else the first.
+    pub fn for_name(&self, server_name: Option<&str>) -> Arc<rustls::sign::CertifiedKey> {
+        let wanted = server_name.and_then(|name| ServerName::try_from(name).ok());
+        let covering = wanted.and_then(|name| {
+            self.keys.iter().find(|key| {
+                webpki::EndEntityCert::try_from(&key.cert[0])
+                    .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
+            })
+        });
+        covering.unwrap_or(&self.keys[0]).clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.for_name(hello.server_name()))
+    }
+}
+
 /// Builds the acceptor for one listener protocol; `alpn` is that protocol's ALPN id.
-pub fn acceptor(certificates: &[CertificatePair], alpn: &[u8]) -> Result<TlsAcceptor, TlsError> {
-    let pair = certificates.first().ok_or(TlsError::NoCertificates)?;
-    let chain = read_chain(&pair.cert)?;
-    let key =
-        PrivateKeyDer::from_pem_file(&pair.key).map_err(|source| TlsError::Pem { path: pair.key.clone(), source })?;
+pub fn acceptor(certificates: Arc<Certificates>, alpn: &[u8]) -> Result<TlsAcceptor, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|source| TlsError::KeyMismatch { cert: pair.cert.clone(), key: pair.key.clone(), source })?;
+        .with_cert_resolver(certificates);
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

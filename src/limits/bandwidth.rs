@@ -55,6 +55,8 @@ struct Usage {
 
 struct QuotaState {
     quota: DownloadQuota,
+    /// `quota.per_user`, replaceable on reload.
+    per_user: std::sync::RwLock<Arc<HashMap<String, u64>>>,
     /// Users past their quota are slowed with this limiter (`throttle`).
     over: Rate,
     usage: Mutex<HashMap<String, Usage>>,
@@ -63,7 +65,8 @@ struct QuotaState {
 impl QuotaState {
     /// `user`'s quota in bytes (0: none).
     fn limit(&self, user: &str) -> u64 {
-        self.quota.per_user.get(user).copied().unwrap_or(self.quota.bytes)
+        let per_user = self.per_user.read().unwrap_or_else(|p| p.into_inner()).clone();
+        per_user.get(user).copied().unwrap_or(self.quota.bytes)
     }
 }
 
@@ -101,12 +104,22 @@ impl Bandwidth {
         quota: Option<DownloadQuota>,
         fleet: Option<Arc<super::fleet::Fleet>>,
     ) -> Bandwidth {
-        let quota = quota.filter(|q| q.bytes > 0 || q.per_user.values().any(|&b| b > 0)).map(|quota| QuotaState {
+        // Kept when only overrides set quotas: a reload may change them.
+        let quota = quota.filter(|q| q.bytes > 0 || !q.per_user.is_empty()).map(|quota| QuotaState {
             over: Rate::new(quota.over_rate.max(1)).expect("nonzero"),
+            per_user: std::sync::RwLock::new(Arc::new(quota.per_user.clone())),
             quota,
             usage: Mutex::new(HashMap::new()),
         });
         Bandwidth { rate: Rate::new(bytes_per_second), session_rate, quota, sessions: AtomicU64::new(0), fleet }
+    }
+
+    /// New per-user quotas (the overrides file, on reload). Without any quota configured at
+    /// start there is no quota to adjust: that takes a restart.
+    pub fn set_quota_overrides(&self, per_user: HashMap<String, u64>) {
+        if let Some(q) = &self.quota {
+            *q.per_user.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(per_user);
+        }
     }
 
     /// Users held (pruned with [`Bandwidth::prune`]).

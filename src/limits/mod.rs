@@ -126,7 +126,10 @@ pub struct Limits {
     pub penalties: penalty::Penalties,
     pub rates: rate::Rates,
     pub bandwidth: Arc<bandwidth::Bandwidth>,
-    trusted: Vec<Network>,
+    /// `trusted_networks` with the overrides file's; replaced on reload.
+    trusted: std::sync::RwLock<Vec<Network>>,
+    /// The overrides file's users; replaced on reload.
+    users: std::sync::RwLock<Arc<std::collections::BTreeMap<String, crate::config::UserOverride>>>,
     fleet: Option<Arc<Fleet>>,
 }
 
@@ -144,10 +147,7 @@ impl Limits {
             lockout_failures: config.auth_lockout_failures,
             window: config.auth_window.0,
         });
-        // Validated with the configuration: unparsable entries were refused there.
-        let trusted = (config.trusted_networks.iter().chain(&config.overrides.trusted_networks))
-            .filter_map(|n| Network::parse(n).ok())
-            .collect();
+        let trusted = trusted_networks(config, &config.overrides);
         Arc::new(Limits {
             config: config.clone(),
             counts: Mutex::new(Counts::default()),
@@ -158,23 +158,30 @@ impl Limits {
                 config.download_bytes_per_session_per_second.0,
                 Some(bandwidth::DownloadQuota {
                     bytes: config.download_quota.0,
-                    per_user: (config.overrides.users.iter())
-                        .filter_map(|(user, o)| Some((user.clone(), o.download_quota?.0)))
-                        .collect(),
+                    per_user: quota_overrides(&config.overrides),
                     window: config.download_quota_window.0,
                     reject: config.download_quota_action == crate::config::QuotaAction::Reject,
                     over_rate: config.over_quota_bytes_per_second.0,
                 }),
                 fleet.clone(),
             )),
-            trusted,
+            trusted: std::sync::RwLock::new(trusted),
+            users: std::sync::RwLock::new(Arc::new(config.overrides.users.clone())),
             fleet,
         })
     }
 
+    /// Applies a new overrides file (on reload): trusted networks, per-user caps and
+    /// download quotas. Sessions already open keep the slots they hold.
+    pub fn set_overrides(&self, overrides: &crate::config::Overrides) {
+        *self.trusted.write().unwrap_or_else(|p| p.into_inner()) = trusted_networks(&self.config, overrides);
+        *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(overrides.users.clone());
+        self.bandwidth.set_quota_overrides(quota_overrides(overrides));
+    }
+
     /// Trusted networks are exempt from authentication penalties.
     pub fn trusted(&self, ip: IpAddr) -> bool {
-        self.trusted.iter().any(|n| n.contains(ip))
+        self.trusted.read().unwrap_or_else(|p| p.into_inner()).iter().any(|n| n.contains(ip))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
@@ -230,7 +237,8 @@ impl Limits {
 
     /// `user`'s session caps: the overrides file's, else `[limits]`'.
     fn user_caps(&self, user: &str) -> (u32, u32) {
-        let special = self.config.overrides.users.get(user);
+        let users = self.users.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let special = users.get(user);
         let per_user = special.and_then(|o| o.max_connections_per_user).unwrap_or(self.config.max_connections_per_user);
         let per_user_ip =
             special.and_then(|o| o.max_connections_per_user_ip).unwrap_or(self.config.max_connections_per_user_ip);
@@ -346,6 +354,17 @@ impl Limits {
         let counts = self.lock();
         counts.per_address.len() + counts.per_user.len() + counts.per_user_address.len()
     }
+}
+
+/// `[limits] trusted_networks` and the overrides file's. Both were validated with the
+/// configuration: unparsable entries were refused there.
+fn trusted_networks(config: &LimitsConfig, overrides: &crate::config::Overrides) -> Vec<Network> {
+    (config.trusted_networks.iter().chain(&overrides.trusted_networks)).filter_map(|n| Network::parse(n).ok()).collect()
+}
+
+/// The overrides file's per-user download quotas.
+fn quota_overrides(overrides: &crate::config::Overrides) -> HashMap<String, u64> {
+    overrides.users.iter().filter_map(|(user, o)| Some((user.clone(), o.download_quota?.0))).collect()
 }
 
 /// The answer of the shared store as a limit's result: `refused` names the cap from the

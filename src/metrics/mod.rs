@@ -45,6 +45,8 @@ pub struct Metrics {
     pub fetch_messages: Histogram,
     pub full_resyncs: IntCounterVec,
     pub limit_rejections: IntCounterVec,
+    /// Configuration reloads (SIGHUP) by result.
+    pub config_reloads: IntCounterVec,
     /// Failed calls to the shared limits store, by operation and what the check decided.
     pub limit_store_errors: IntCounterVec,
     cache_requests: IntCounterVec,
@@ -128,7 +130,17 @@ impl Metrics {
             "Calls to the shared limits store (Redis) that failed or timed out, by operation and outcome (allowed: failed open, refused: failed closed, none: background work).",
             &["operation", "outcome"],
         );
+        let config_reloads = counter(
+            &registry,
+            "mailgate_config_reloads_total",
+            "Configuration reloads on SIGHUP, by result (ok, failed: the running configuration stays).",
+            &["result"],
+        );
+        for result in ["ok", "failed"] {
+            config_reloads.with_label_values(&[result]);
+        }
         Metrics {
+            config_reloads,
             limit_store_errors,
             commands: counter(
                 &registry,

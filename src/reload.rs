@@ -1,0 +1,101 @@
+//! Reloading the configuration on SIGHUP without dropping a session.
+//!
+//! The file is read and validated again and a new generation of services (upstreams,
+//! certificates, TLS acceptors, listener settings) is built from it; only when all of that
+//! succeeded does each listener switch to its new service. New connections get the new
+//! settings; sessions already open keep the service they started with, to their end.
+//!
+//! Some things cannot change under a running process, and a configuration that changes
+//! them is refused as a whole: the set of listeners (their names, protocols and addresses:
+//! sockets are bound once). Others keep their running values, with a warning, until a
+//! restart: `[cache]`, `[admin]`, `[shutdown]` and `[limits]` (counts and leases live
+//! there), except the overrides file, which is read again and applied.
+//!
+//! A refused reload changes nothing; it is logged with every error and counted in
+//! `mailgate_config_reloads_total{result="failed"}`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::service::Service;
+use crate::Shared;
+
+pub struct Reloader {
+    pub path: PathBuf,
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    pub shared: Shared,
+    /// Each listener's current service, in configuration order.
+    pub listeners: Vec<Arc<RwLock<Arc<Service>>>>,
+    pub admin: Arc<Admin>,
+}
+
+impl Reloader {
+    /// Reloads on every SIGHUP until shutdown.
+    pub async fn on_hangup(mut self) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("no SIGHUP handler: reloading is off");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hangups.recv() => {}
+                _ = self.shared.token.cancelled() => return,
+            }
+            tracing::info!(path = %self.path.display(), "SIGHUP: reloading the configuration");
+            let result = match self.reload() {
+                Ok(()) => {
+                    tracing::info!("configuration reloaded: new connections use it");
+                    "ok"
+                }
+                Err(errors) => {
+                    for error in &errors {
+                        tracing::error!("reload refused, the running configuration stays: {error}");
+                    }
+                    "failed"
+                }
+            };
+            self.shared.metrics.config_reloads.with_label_values(&[result]).inc();
+        }
+    }
+
+    /// Builds and installs the new generation, or says why not.
+    pub fn reload(&mut self) -> Result<(), Vec<String>> {
+        let new = Config::load(&self.path).map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+        let old = &self.config;
+        let listener_key =
+            |c: &Config| -> Vec<_> { c.listeners.iter().map(|l| (l.name.clone(), l.protocol, l.address)).collect() };
+        if listener_key(&new) != listener_key(old) {
+            return Err(vec![
+                "[[listener]] names, protocols or addresses changed: sockets are bound once, restart to apply".into(),
+            ]);
+        }
+        let new = Arc::new(new);
+        let crate::Generation { services, upstreams } =
+            crate::services(&new, &self.shared).map_err(|e| vec![e.to_string()])?;
+        for (section, changed) in [
+            ("[cache]", toml_of(&new.cache) != toml_of(&old.cache)),
+            ("[admin]", toml_of(&new.admin) != toml_of(&old.admin)),
+            ("[shutdown]", toml_of(&new.shutdown) != toml_of(&old.shutdown)),
+            ("[limits]", toml_of(&new.limits) != toml_of(&old.limits)),
+        ] {
+            if changed {
+                tracing::warn!(section, "changes here take effect at the next restart");
+            }
+        }
+        self.shared.limits.set_overrides(&new.limits.overrides);
+        for (slot, service) in self.listeners.iter().zip(services) {
+            *slot.write().unwrap_or_else(|p| p.into_inner()) = service;
+        }
+        *self.admin.upstreams.write().unwrap_or_else(|p| p.into_inner()) = upstreams;
+        self.config = new;
+        Ok(())
+    }
+}
+
+fn toml_of<T: serde::Serialize>(section: &T) -> String {
+    toml::to_string(section).unwrap_or_default()
+}
