@@ -511,8 +511,15 @@ fn a_download_quota_counts_the_whole_fleet_and_rolls_over() {
     assert_eq!(imap_a.command("g", "FETCH * BODY.PEEK[]"), ["g NO [LIMIT] Download quota used up, try again later."]);
     pop3_b.send(b"RETR 1\r\n");
     assert_eq!(pop3_b.line().unwrap(), "-ERR [SYS/TEMP] Download quota used up, try again later.");
-    // The window (5 s from the first byte) rolls over for the whole fleet.
-    std::thread::sleep(Duration::from_millis(6500).saturating_sub(window.elapsed()));
+    // The window (5 s from the counter's first bytes, which reach Redis within a second)
+    // rolls over for the whole fleet; each instance reads the total back every second.
+    std::thread::sleep(Duration::from_millis(5000).saturating_sub(window.elapsed()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while imap_a.command("p", "FETCH * BODY.PEEK[]<0.10>").last().unwrap().starts_with("p NO [LIMIT]") {
+        assert!(std::time::Instant::now() < deadline, "the window never rolled over");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(window.elapsed() >= Duration::from_secs(5), "{:?}", window.elapsed());
     fetch_last(&mut imap_a, "i", &message);
     assert_eq!(retr_last(&mut pop3_b).0, message);
 }

@@ -3,6 +3,8 @@
 # Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl, python3,
 # Prometheus (with promtool) to scrape mailgate's metrics, and redis-server for the limits a
 # fleet of mailgate instances shares.
+# Also systemd-analyze (package systemd) and, in the venv target/deploy-venv, the validators
+# of the files in deploy/ (tests/deploy.rs, tests/deploy/requirements.txt).
 #
 #   tests/run.sh              # everything: format check, clippy, unit + integration tests
 #   tests/run.sh -E 'test(starttls)'   # extra arguments go to cargo nextest (filters etc.)
@@ -23,6 +25,8 @@ have python3 || missing+=(python3)
 have prometheus || missing+=(prometheus)
 have redis-server || missing+=(redis-server)
 have useradd || missing+=(passwd)
+have systemd-analyze || missing+=(systemd)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}" >&2
@@ -36,8 +40,22 @@ fi
 for tool in /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/sbin/dovecot; do
   [ -x "$tool" ] || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
-for tool in mbsync fetchmail curl openssl python3 prometheus promtool redis-server; do
+for tool in mbsync fetchmail curl openssl python3 prometheus promtool redis-server systemd-analyze; do
   have "$tool" || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
+done
+
+# Validators for deploy/ (tests/deploy.rs): Kubernetes JSON schemas and the compose-spec,
+# pinned in tests/deploy/requirements.txt, in a venv rebuilt when that file changes.
+deploy_venv=target/deploy-venv
+if ! cmp -s tests/deploy/requirements.txt "$deploy_venv/requirements.txt"; then
+  echo "tests/run.sh: installing the deploy validators into $deploy_venv" >&2
+  rm -rf "$deploy_venv"
+  python3 -m venv "$deploy_venv"
+  "$deploy_venv/bin/pip" install -q --disable-pip-version-check -r tests/deploy/requirements.txt
+  cp tests/deploy/requirements.txt "$deploy_venv/requirements.txt"
+fi
+for tool in python kubernetes-validate check-jsonschema; do
+  [ -x "$deploy_venv/bin/$tool" ] || { echo "tests/run.sh: $deploy_venv/bin/$tool is missing after install" >&2; exit 1; }
 done
 
 cargo fmt --all -- --check
