@@ -74,14 +74,13 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
     tcp.shutdown().await
 }
 
-/// The first upstream that does not accept a TCP connection within its connect timeout.
+/// The first upstream none of whose hosts accepts a TCP connection within its connect
+/// timeout.
 async fn unreachable_upstream(admin: &Admin) -> Option<String> {
     let upstreams = admin.upstreams.read().unwrap_or_else(|p| p.into_inner()).clone();
     for upstream in &upstreams {
-        let address = (upstream.host.as_str(), upstream.port);
-        match tokio::time::timeout(upstream.connect_timeout, TcpStream::connect(address)).await {
-            Ok(Ok(_)) => {}
-            _ => return Some(upstream.identity()),
+        if !upstream.reachable().await {
+            return Some(upstream.identity());
         }
     }
     None

@@ -32,6 +32,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub admin: AdminConfig,
     pub limits: LimitsConfig,
+    pub routing: RoutingConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -162,10 +163,11 @@ impl Default for TlsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `host:port` of the upstream IMAP server.
-    pub imap: Option<String>,
-    /// `host:port` of the upstream POP3 server.
-    pub pop3: Option<String>,
+    /// `host:port` of the upstream IMAP server, or a list: a pool whose hosts serve the
+    /// same mailboxes, tried in turn, with health checks and failover.
+    pub imap: Option<Hosts>,
+    /// The same for POP3.
+    pub pop3: Option<Hosts>,
     pub tls: TlsMode,
     /// PEM file of CA certificates that sign the upstream's certificate; the system roots otherwise.
     pub ca_file: Option<PathBuf>,
@@ -184,15 +186,93 @@ pub struct UpstreamConfig {
     /// How this upstream learns the client's real address.
     #[serde(default)]
     pub forward_client: ForwardClient,
+    /// How often each host of a pool of several is checked (a TCP connect); a host that
+    /// fails is skipped until it answers again.
+    #[serde(default = "default_health_check_interval")]
+    pub health_check_interval: Span,
+}
+
+fn default_health_check_interval() -> Span {
+    secs(5)
+}
+
+/// One `host:port`, or several.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Hosts {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Hosts {
+    pub fn list(&self) -> Vec<&str> {
+        match self {
+            Hosts::One(one) => vec![one.as_str()],
+            Hosts::Many(many) => many.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// Which upstream a user's session goes to, beyond the listener's own `upstream`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// A TOML file of `[domains]` and `[users]` tables mapping to `[upstream.NAME]`s, read
+    /// with the configuration (and again on reload).
+    pub rules_file: Option<PathBuf>,
+    /// What `rules_file` says; filled in when the configuration is loaded.
+    #[serde(skip)]
+    pub rules: RoutingRules,
+    /// An HTTP service asked for users no rule covers: `GET URL?user=&protocol=&client=`
+    /// answered with `{"upstream": "NAME"}` or `{"host": "host:port"}` (404: no route).
+    pub lookup_url: Option<String>,
+    pub lookup_timeout: Span,
+    /// How long an answer of the lookup service is reused.
+    pub lookup_cache_ttl: Span,
+    /// The lookup service down or answering nonsense: `default` (the listener's upstream)
+    /// or `refuse` (the login gets NO [UNAVAILABLE] / -ERR [SYS/TEMP]).
+    pub on_lookup_error: LookupFailure,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            rules_file: None,
+            rules: RoutingRules::default(),
+            lookup_url: None,
+            lookup_timeout: secs(2),
+            lookup_cache_ttl: secs(60),
+            on_lookup_error: LookupFailure::Default,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LookupFailure {
+    #[default]
+    Default,
+    Refuse,
+}
+
+/// The routing rules file.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingRules {
+    /// Domain (the part after the last `@`, any case) to upstream name.
+    pub domains: BTreeMap<String, String>,
+    /// User (the login name, any case) to upstream name; wins over its domain.
+    pub users: BTreeMap<String, String>,
 }
 
 impl UpstreamConfig {
-    /// The configured `host:port` for `protocol`.
-    pub fn address(&self, protocol: Protocol) -> Option<&str> {
-        match protocol {
-            Protocol::Imap => self.imap.as_deref(),
-            Protocol::Pop3 => self.pop3.as_deref(),
-        }
+    /// The configured `host:port`s for `protocol` (empty: none).
+    pub fn addresses(&self, protocol: Protocol) -> Vec<&str> {
+        let hosts = match protocol {
+            Protocol::Imap => self.imap.as_ref(),
+            Protocol::Pop3 => self.pop3.as_ref(),
+        };
+        hosts.map(Hosts::list).unwrap_or_default()
     }
 }
 
@@ -511,7 +591,8 @@ impl fmt::Display for ConfigError {
 #[error("{} configuration error(s): {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
-const SECTIONS: &[&str] = &["listener", "tls", "upstream", "imap", "pop3", "cache", "admin", "limits", "shutdown"];
+const SECTIONS: &[&str] =
+    &["listener", "tls", "upstream", "imap", "pop3", "cache", "admin", "limits", "routing", "shutdown"];
 
 impl Config {
     /// Defaults, then the TOML file, then `MAILGATE_SECTION__KEY` variables from the process
@@ -578,19 +659,21 @@ impl Config {
         let admin = section(&mut errors, "admin", root.get("admin")).unwrap_or_default();
         let mut limits: LimitsConfig = section(&mut errors, "limits", root.get("limits")).unwrap_or_default();
         if let Some(path) = &limits.overrides_file {
-            match std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|text| {
-                toml::from_str::<Overrides>(&text).map_err(|e| {
-                    let line = e.span().map(|span| text[..span.start].matches('\n').count() + 1);
-                    line.map_or_else(|| e.message().to_string(), |line| format!("line {line}: {}", e.message()))
-                })
-            }) {
+            match read_toml_file(path) {
                 Ok(overrides) => limits.overrides = overrides,
-                Err(message) => errors.push(error("limits.overrides_file", &format!("{}: {message}", path.display()))),
+                Err(message) => errors.push(error("limits.overrides_file", &message)),
+            }
+        }
+        let mut routing: RoutingConfig = section(&mut errors, "routing", root.get("routing")).unwrap_or_default();
+        if let Some(path) = &routing.rules_file {
+            match read_toml_file(path) {
+                Ok(rules) => routing.rules = rules,
+                Err(message) => errors.push(error("routing.rules_file", &message)),
             }
         }
         let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
 
-        let config = Config { listeners, tls, upstream, imap, pop3, cache, admin, limits, shutdown };
+        let config = Config { listeners, tls, upstream, imap, pop3, cache, admin, limits, routing, shutdown };
         errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
@@ -640,7 +723,7 @@ impl Config {
             }
             match self.upstream.get(&l.upstream) {
                 None => errors.push(error(&at("upstream"), &format!("no [upstream.{}] is configured", l.upstream))),
-                Some(u) if u.address(l.protocol).is_none() => errors.push(error(
+                Some(u) if u.addresses(l.protocol).is_empty() => errors.push(error(
                     &format!("upstream.{}.{}", l.upstream, l.protocol.name()),
                     &format!("listener `{}` speaks {} but this upstream has no {0} address", l.name, l.protocol.name()),
                 )),
@@ -649,10 +732,15 @@ impl Config {
         }
         for (name, u) in &self.upstream {
             for protocol in [Protocol::Imap, Protocol::Pop3] {
-                if let Some(address) = u.address(protocol) {
+                for address in u.addresses(protocol) {
                     if let Err(message) = split_host_port(address) {
                         errors.push(error(&format!("upstream.{name}.{}", protocol.name()), &message));
                     }
+                }
+                if u.imap.as_ref().is_some_and(|h| h.list().is_empty())
+                    || u.pop3.as_ref().is_some_and(|h| h.list().is_empty())
+                {
+                    errors.push(error(&format!("upstream.{name}"), "an empty list of hosts"));
                 }
             }
             if let Some(ca) = &u.ca_file {
@@ -718,6 +806,25 @@ impl Config {
         if self.limits.download_quota_window.0.is_zero() {
             errors.push(error("limits.download_quota_window", "must be longer than 0s"));
         }
+        let routing = &self.routing;
+        for (kind, rules) in [("domains", &routing.rules.domains), ("users", &routing.rules.users)] {
+            for (key, target) in rules {
+                if !self.upstream.contains_key(target) {
+                    errors.push(error(
+                        "routing.rules_file",
+                        &format!("{kind}.\"{key}\" = \"{target}\": no [upstream.{target}] is configured"),
+                    ));
+                }
+            }
+        }
+        if let Some(url) = &routing.lookup_url {
+            if let Err(message) = crate::routing::lookup::HttpUrl::parse(url) {
+                errors.push(error("routing.lookup_url", &message));
+            }
+        }
+        if routing.lookup_timeout.0.is_zero() {
+            errors.push(error("routing.lookup_timeout", "must be longer than zero"));
+        }
         let redis = &self.limits.redis;
         if self.limits.store == LimitStore::Redis {
             if !["redis://", "unix://", "redis+unix://"].iter().any(|scheme| redis.url.starts_with(scheme)) {
@@ -771,6 +878,17 @@ pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
         return Err(format!("`{address}` has no host"));
     }
     Ok((host.to_string(), port))
+}
+
+/// A side file of the configuration (overrides, routing rules), its errors naming the file
+/// and the line.
+fn read_toml_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str::<T>(&text).map_err(|e| {
+        let line = e.span().map(|span| text[..span.start].matches('\n').count() + 1);
+        let message = line.map_or_else(|| e.message().to_string(), |line| format!("line {line}: {}", e.message()));
+        format!("{}: {message}", path.display())
+    })
 }
 
 fn error(path: &str, message: &str) -> ConfigError {
@@ -839,6 +957,7 @@ impl Default for UpstreamConfig {
             tls_timeout: default_connect_timeout(),
             login_timeout: default_upstream_login_timeout(),
             forward_client: ForwardClient::None,
+            health_check_interval: default_health_check_interval(),
         }
     }
 }

@@ -35,6 +35,7 @@ pub mod pop3;
 pub mod proxy_header;
 pub mod pumps;
 pub mod reload;
+pub mod routing;
 pub mod secret;
 pub mod service;
 pub mod shutdown;
@@ -108,12 +109,24 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
     let mut upstreams = BTreeMap::new();
     for (name, u) in &config.upstream {
         for protocol in [Protocol::Imap, Protocol::Pop3] {
-            if let Some(address) = u.address(protocol) {
-                let upstream = Upstream::new(name, u, address, protocol.alpn())?;
-                upstreams.insert((name.clone(), protocol), Arc::new(upstream));
+            let addresses = u.addresses(protocol);
+            if !addresses.is_empty() {
+                let upstream = Arc::new(Upstream::new(name, u, &addresses, protocol.alpn())?);
+                upstream.watch(shared.metrics.upstream_host_up.clone(), protocol.name());
+                upstreams.insert((name.clone(), protocol), upstream);
             }
         }
     }
+    let routers: BTreeMap<Protocol, Arc<routing::Router>> = [Protocol::Imap, Protocol::Pop3]
+        .into_iter()
+        .map(|protocol| {
+            let pools = (upstreams.iter())
+                .filter(|((_, p), _)| *p == protocol)
+                .map(|((name, _), upstream)| (name.clone(), upstream.clone()))
+                .collect();
+            (protocol, Arc::new(routing::Router::new(config, protocol, pools, shared.metrics.routes.clone())))
+        })
+        .collect();
     let mut acceptors = BTreeMap::new();
     if config.listeners.iter().any(|l| l.tls != TlsMode::Plaintext) {
         let certificates = tls::load_certificates(&config.tls.certificates)?;
@@ -140,6 +153,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
                     trusted: settings.proxy_trusted.iter().filter_map(|n| limits::Network::parse(n).ok()).collect(),
                     timeout: settings.proxy_timeout.0,
                 }),
+                router: routers[&settings.protocol].clone(),
                 listener: settings.name.clone(),
             })
         })

@@ -47,6 +47,8 @@ pub struct Service {
     pub limits: Arc<crate::limits::Limits>,
     /// Set when the listener expects a PROXY protocol header.
     pub proxy: Option<crate::listener::ProxyPolicy>,
+    /// Chooses the upstream of each login (`upstream` when nothing else does).
+    pub router: Arc<crate::routing::Router>,
 }
 
 impl Service {
@@ -56,11 +58,26 @@ impl Service {
         self.listener_tls != TlsMode::Starttls || stream.is_tls()
     }
 
-    /// The cache scope of a session that just logged in: keys for `credentials`' identity
-    /// (the SASL authorization identity when given) at this upstream. `None` without a cache.
-    pub fn cache_scope(&self, credentials: &Credentials, proof: &LoginProof) -> Option<Scope> {
+    /// The cache scope of a session that just logged in at `upstream`: keys for
+    /// `credentials`' identity (the SASL authorization identity when given) there. `None`
+    /// without a cache.
+    pub fn cache_scope(&self, upstream: &Upstream, credentials: &Credentials, proof: &LoginProof) -> Option<Scope> {
         let cache = self.cache.clone()?;
-        Some(Scope { account: Account::new(&self.upstream.identity(), credentials.identity(), proof), cache })
+        Some(Scope { account: Account::new(&upstream.identity(), credentials.identity(), proof), cache })
+    }
+
+    /// Routes `credentials` from `origin` to an upstream and runs `login` there: its
+    /// session and the upstream. A routing failure is an unavailable upstream.
+    pub async fn routed_login<T>(
+        &self,
+        credentials: &Credentials,
+        origin: &crate::origin::Origin,
+        login: impl AsyncFnOnce(&Arc<Upstream>) -> Result<T, crate::upstream::LoginError>,
+    ) -> Result<(T, Arc<Upstream>), crate::upstream::LoginError> {
+        let upstream = (self.router.route(&self.upstream, credentials.identity(), origin.client.ip()).await)
+            .map_err(crate::upstream::UpstreamError::from)?;
+        let session = login(&upstream).await?;
+        Ok((session, upstream))
     }
 
     /// Whether `credentials` from `ip` may try to log in now: within the address's login
@@ -140,13 +157,13 @@ impl Service {
         result
     }
 
-    /// A successful login: counted, penalties cleared, the session's span gets the user,
-    /// one log line.
-    pub fn logged_in(&self, credentials: &Credentials, ip: std::net::IpAddr) {
+    /// A successful login at `upstream`: counted, penalties cleared, the session's span
+    /// gets the user, one log line.
+    pub fn logged_in(&self, credentials: &Credentials, ip: std::net::IpAddr, upstream: &Upstream) {
         self.limits.succeeded(credentials.identity(), ip);
         self.login_result("ok");
         tracing::Span::current().record("user", credentials.user.as_str());
-        tracing::info!(upstream = %self.upstream.name, "logged in");
+        tracing::info!(upstream = %upstream.name, "logged in");
     }
 
     /// Counts a login attempt's outcome: `ok`, `rejected` or `unavailable`.

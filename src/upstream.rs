@@ -3,6 +3,8 @@
 //! their protocol (`imap::upstream`); this module knows nothing of IMAP.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -12,19 +14,47 @@ use crate::origin::Origin;
 use crate::stream::Stream;
 use crate::tls::{self, TlsError, UpstreamTls};
 
-/// One upstream endpoint for one protocol, with its TLS client settings built once.
+/// One upstream for one protocol: a pool of one or more hosts serving the same
+/// mailboxes, with its TLS client settings built once. Sessions go to the healthy hosts in
+/// turn; a host that refuses a connection is marked down at once and the next one is
+/// tried; a health check every `health_check_interval` brings hosts back (pools of two or
+/// more hosts only).
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
-    pub host: String,
-    pub port: u16,
+    pub hosts: Vec<Host>,
     pub tls_mode: TlsMode,
-    tls: Option<UpstreamTls>,
     pub connect_timeout: Duration,
     pub tls_timeout: Duration,
     pub login_timeout: Duration,
     /// How the upstream learns the client's address.
     pub forward: ForwardClient,
+    pub health_check_interval: Duration,
+    /// Where the next session starts looking, so that sessions spread over the pool.
+    next: AtomicUsize,
+}
+
+/// One host of a pool.
+#[derive(Debug)]
+pub struct Host {
+    pub host: String,
+    pub port: u16,
+    tls: Option<UpstreamTls>,
+    healthy: AtomicBool,
+}
+
+impl Host {
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
 }
 
 /// Why the upstream could not be used; the client sees `NO [UNAVAILABLE]` for all of these.
@@ -58,6 +88,10 @@ pub enum UpstreamError {
     StartTlsInjection,
     #[error("upstream protocol: {0}")]
     Protocol(String),
+    #[error("no healthy host in the upstream pool")]
+    NoHealthyHost,
+    #[error("{0}")]
+    NoRoute(#[from] crate::routing::RouteError),
 }
 
 impl UpstreamError {
@@ -70,19 +104,25 @@ impl UpstreamError {
             UpstreamError::Closed => "closed",
             UpstreamError::NoStartTls | UpstreamError::StartTlsInjection => "starttls",
             UpstreamError::Io(_) | UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::NoHealthyHost => "no_healthy_host",
+            UpstreamError::NoRoute(_) => "no_route",
         }
     }
 }
 
 impl Upstream {
-    /// `address` is the configured `host:port` for this protocol; `alpn` its ALPN id.
-    pub fn new(name: &str, config: &UpstreamConfig, address: &str, alpn: &[u8]) -> Result<Upstream, TlsError> {
-        let (host, port) =
-            split_host_port(address).map_err(|e| TlsError::Rustls(tokio_rustls::rustls::Error::General(e)))?;
-        let tls = match config.tls {
-            TlsMode::Plaintext => None,
-            TlsMode::Implicit | TlsMode::Starttls => Some(tls::upstream_connector(config, &host, alpn)?),
-        };
+    /// `addresses` are the configured `host:port`s for this protocol; `alpn` its ALPN id.
+    pub fn new(name: &str, config: &UpstreamConfig, addresses: &[&str], alpn: &[u8]) -> Result<Upstream, TlsError> {
+        let mut hosts = Vec::new();
+        for address in addresses {
+            let (host, port) =
+                split_host_port(address).map_err(|e| TlsError::Rustls(tokio_rustls::rustls::Error::General(e)))?;
+            let tls = match config.tls {
+                TlsMode::Plaintext => None,
+                TlsMode::Implicit | TlsMode::Starttls => Some(tls::upstream_connector(config, &host, alpn)?),
+            };
+            hosts.push(Host { host, port, tls, healthy: AtomicBool::new(true) });
+        }
         if config.insecure_skip_verify {
             tracing::warn!(upstream = name, "insecure_skip_verify is set: the upstream's certificate is NOT verified");
         }
@@ -91,33 +131,52 @@ impl Upstream {
         }
         Ok(Upstream {
             name: name.to_string(),
-            host,
-            port,
+            hosts,
             tls_mode: config.tls,
-            tls,
             connect_timeout: config.connect_timeout.0,
             tls_timeout: config.tls_timeout.0,
             login_timeout: config.login_timeout.0,
             forward: config.forward_client,
+            health_check_interval: config.health_check_interval.0,
+            next: AtomicUsize::new(0),
         })
     }
 
-    /// Names the upstream server for cache keys: the configured name and its address, so
-    /// that two upstreams never share cached mail even if they share user names.
+    /// Names the upstream for cache keys: the configured name and its hosts, so that two
+    /// upstreams never share cached mail even if they share user names, while the hosts of
+    /// one pool (which serve the same mailboxes) do.
     pub fn identity(&self) -> String {
-        format!("{}@{}:{}", self.name, self.host, self.port)
+        let hosts: Vec<String> = self.hosts.iter().map(Host::address).collect();
+        format!("{}@{}", self.name, hosts.join(","))
     }
 
-    /// Opens the TCP connection for `origin`'s session (`None`: mailgate's own, such as a
-    /// health check): a PROXY v2 header first when `forward_client = "proxy_v2"`, then the
-    /// TLS handshake when TLS is implicit.
-    pub async fn connect(&self, origin: Option<&Origin>) -> Result<Stream, UpstreamError> {
-        let address = format!("{}:{}", self.host, self.port);
-        let mut tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port)))
-            .await
-            .map_err(|_| UpstreamError::Timeout("upstream connect"))?
-            .map_err(|source| UpstreamError::Connect { address, source })?;
-        tcp.set_nodelay(true)?;
+    /// Opens a connection for `origin`'s session (`None`: mailgate's own, such as a probe)
+    /// to the next healthy host: a PROXY v2 header first when `forward_client = "proxy_v2"`,
+    /// then the TLS handshake when TLS is implicit. A host that cannot be reached is marked
+    /// down and the next one tried; no healthy host left is an error.
+    pub async fn connect(&self, origin: Option<&Origin>) -> Result<(Stream, &Host), UpstreamError> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..self.hosts.len() {
+            let host = &self.hosts[(start + i) % self.hosts.len()];
+            if !host.healthy() {
+                continue;
+            }
+            match self.connect_to(host, origin).await {
+                Ok(stream) => return Ok((stream, host)),
+                Err(e @ (UpstreamError::Connect { .. } | UpstreamError::Timeout(_))) if self.hosts.len() > 1 => {
+                    tracing::warn!(upstream = %self.name, host = %host.address(), error = %e, "upstream host down; trying the next");
+                    host.healthy.store(false, Ordering::Relaxed);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(UpstreamError::NoHealthyHost))
+    }
+
+    async fn connect_to(&self, host: &Host, origin: Option<&Origin>) -> Result<Stream, UpstreamError> {
+        let mut tcp = self.tcp(host).await?;
         if self.forward == ForwardClient::ProxyV2 {
             let header = origin.map_or_else(crate::proxy_header::encode_v2_local, Origin::proxy_v2);
             tokio::time::timeout(self.connect_timeout, tokio::io::AsyncWriteExt::write_all(&mut tcp, &header))
@@ -125,18 +184,82 @@ impl Upstream {
                 .map_err(|_| UpstreamError::Timeout("upstream PROXY header"))??;
         }
         match self.tls_mode {
-            TlsMode::Implicit => self.handshake(tcp).await,
+            TlsMode::Implicit => self.handshake(host, tcp).await,
             TlsMode::Starttls | TlsMode::Plaintext => Ok(Stream::Plain(tcp)),
         }
     }
 
-    /// The TLS handshake over an established connection (implicit TLS or after STARTTLS).
-    pub async fn handshake(&self, tcp: TcpStream) -> Result<Stream, UpstreamError> {
-        let tls = self.tls.as_ref().ok_or(UpstreamError::Protocol("TLS is not configured for this upstream".into()))?;
+    async fn tcp(&self, host: &Host) -> Result<TcpStream, UpstreamError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect((host.host.as_str(), host.port)))
+            .await
+            .map_err(|_| UpstreamError::Timeout("upstream connect"))?
+            .map_err(|source| UpstreamError::Connect { address: host.address(), source })?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+
+    /// The TLS handshake with `host` over an established connection (implicit TLS or after
+    /// STARTTLS).
+    pub async fn handshake(&self, host: &Host, tcp: TcpStream) -> Result<Stream, UpstreamError> {
+        let tls = host.tls.as_ref().ok_or(UpstreamError::Protocol("TLS is not configured for this upstream".into()))?;
         let stream = tokio::time::timeout(self.tls_timeout, tls.connector.connect(tls.server_name.clone(), tcp))
             .await
             .map_err(|_| UpstreamError::Timeout("upstream TLS handshake"))?
             .map_err(UpstreamError::Tls)?;
         Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(stream))))
+    }
+
+    /// Whether any host accepts a TCP connection now (for `/readyz`).
+    pub async fn reachable(&self) -> bool {
+        for host in &self.hosts {
+            if self.tcp(host).await.is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Checks every host of a pool of two or more every `health_check_interval`, until the
+    /// upstream is dropped (a reload replaced it and its last session ended). A check is a
+    /// TCP connect (with a PROXY `LOCAL` header where one is expected); `up` shows each
+    /// host's state.
+    pub fn watch(self: &Arc<Self>, up: prometheus::IntGaugeVec, protocol: &'static str) {
+        for host in &self.hosts {
+            up.with_label_values(&[&self.name, protocol, &host.address()]).set(1);
+        }
+        if self.hosts.len() < 2 {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(interval) = pool.upgrade().map(|p| p.health_check_interval) else { return };
+                tokio::time::sleep(interval).await;
+                let Some(pool) = pool.upgrade() else { return };
+                for host in &pool.hosts {
+                    let ok = pool.connect_probe(host).await;
+                    let was = host.healthy.swap(ok, Ordering::Relaxed);
+                    match (was, ok) {
+                        (true, false) => {
+                            tracing::warn!(upstream = %pool.name, host = %host.address(), "upstream host down")
+                        }
+                        (false, true) => {
+                            tracing::info!(upstream = %pool.name, host = %host.address(), "upstream host up")
+                        }
+                        _ => {}
+                    }
+                    up.with_label_values(&[&pool.name, protocol, &host.address()]).set(i64::from(ok));
+                }
+            }
+        });
+    }
+
+    async fn connect_probe(&self, host: &Host) -> bool {
+        let Ok(mut tcp) = self.tcp(host).await else { return false };
+        if self.forward == ForwardClient::ProxyV2 {
+            let header = crate::proxy_header::encode_v2_local();
+            return tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await.is_ok();
+        }
+        true
     }
 }

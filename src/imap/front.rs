@@ -231,15 +231,20 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                         return;
                     }
                 }
-                Ok(_lease) => match service.timed_login(login(&service.upstream, &credentials, &origin)).await {
-                    Ok(session) => {
-                        service.logged_in(&credentials, peer.ip());
+                Ok(_lease) => match service
+                    .timed_login(service.routed_login(&credentials, &origin, async |upstream| {
+                        login(upstream, &credentials, &origin).await
+                    }))
+                    .await
+                {
+                    Ok((session, upstream)) => {
+                        service.logged_in(&credentials, peer.ip(), &upstream);
                         let caps = relayable_capabilities(&session.capabilities).join(" ");
                         let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
                         if conn.write(ok.as_bytes()).await.is_err() {
                             return;
                         }
-                        let scope = service.cache_scope(&credentials, &session.proof);
+                        let scope = service.cache_scope(&upstream, &credentials, &session.proof);
                         let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
                         relay::run(client, session, service, scope, credentials.identity()).await;
                         return;
@@ -259,7 +264,7 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                     }
                     Err(LoginError::Unavailable(e)) => {
                         service.login_result("unavailable");
-                        warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
+                        warn!(user = %credentials.user, error = %e, "upstream unavailable");
                         let no = format!("{tag} NO [UNAVAILABLE] Upstream server unavailable, try again later.\r\n");
                         if conn.write(no.as_bytes()).await.is_err() {
                             return;

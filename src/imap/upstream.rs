@@ -148,7 +148,7 @@ async fn forward_client(reader: &mut Reader, capabilities: &[String], origin: &O
 /// Logs `credentials` in at `upstream` for a session from `origin`.
 pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Origin) -> Result<LoggedIn, LoginError> {
     let deadline = Instant::now() + upstream.login_timeout;
-    let stream = upstream.connect(Some(origin)).await?;
+    let (stream, host) = upstream.connect(Some(origin)).await?;
     let mut reader = Reader { stream, buffer: BytesMut::with_capacity(4096), framer: Framer::new(MAX_LINE), deadline };
 
     let greeting = reader.line().await?;
@@ -187,7 +187,7 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
         let Stream::Plain(tcp) = reader.stream else {
             return Err(UpstreamError::Protocol("STARTTLS on a TLS stream".into()).into());
         };
-        reader.stream = upstream.handshake(tcp).await?;
+        reader.stream = upstream.handshake(host, tcp).await?;
         reader.framer.reset();
     }
 

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub fetch_messages: Histogram,
     pub full_resyncs: IntCounterVec,
     pub limit_rejections: IntCounterVec,
+    /// Routing decisions by protocol and source (`routing::SOURCES`).
+    pub routes: IntCounterVec,
+    /// Each upstream host's health (1 up, 0 down), by upstream, protocol and host.
+    pub upstream_host_up: IntGaugeVec,
     /// Configuration reloads (SIGHUP) by result.
     pub config_reloads: IntCounterVec,
     /// Failed calls to the shared limits store, by operation and what the check decided.
@@ -139,7 +143,26 @@ impl Metrics {
         for result in ["ok", "failed"] {
             config_reloads.with_label_values(&[result]);
         }
+        let upstream_host_up = gauge(
+            &registry,
+            "mailgate_upstream_host_up",
+            "Whether an upstream host answers its health check (1) or not (0); pools of one host are always 1.",
+            &["upstream", "protocol", "host"],
+        );
+        let routes = counter(
+            &registry,
+            "mailgate_routes_total",
+            "Logins routed, by protocol and what chose the upstream (user_rule, domain_rule, lookup, lookup_cached, default, lookup_failed).",
+            &["protocol", "source"],
+        );
+        for protocol in ["imap", "pop3"] {
+            for source in crate::routing::SOURCES {
+                routes.with_label_values(&[protocol, source]);
+            }
+        }
         Metrics {
+            routes,
+            upstream_host_up,
             config_reloads,
             limit_store_errors,
             commands: counter(
@@ -262,7 +285,7 @@ impl Metrics {
                 self.tls_handshake_failures.with_label_values(&[listener, reason]);
             }
         }
-        for kind in ["connect", "tls", "timeout", "closed", "starttls", "protocol"] {
+        for kind in ["connect", "tls", "timeout", "closed", "starttls", "protocol", "no_healthy_host", "no_route"] {
             self.upstream_errors.with_label_values(&[protocol, kind]);
         }
         self.full_resyncs.with_label_values(&[protocol]);

@@ -174,13 +174,18 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                         continue;
                     }
                 };
-                match service.timed_login(login(&service.upstream, &credentials, &origin)).await {
-                    Ok(session) => {
-                        service.logged_in(&credentials, peer.ip());
+                match service
+                    .timed_login(service.routed_login(&credentials, &origin, async |upstream| {
+                        login(upstream, &credentials, &origin).await
+                    }))
+                    .await
+                {
+                    Ok((session, upstream)) => {
+                        service.logged_in(&credentials, peer.ip(), &upstream);
                         if conn.write("+OK Logged in.").await.is_err() {
                             return;
                         }
-                        let scope = service.cache_scope(&credentials, &session.proof);
+                        let scope = service.cache_scope(&upstream, &credentials, &session.proof);
                         let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
                         relay::run(client, session, service, scope, credentials.identity()).await;
                         return;
@@ -201,7 +206,7 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                     }
                     Err(LoginError::Unavailable(e)) => {
                         service.login_result("unavailable");
-                        warn!(user = %credentials.user, upstream = %service.upstream.name, error = %e, "upstream unavailable");
+                        warn!(user = %credentials.user, error = %e, "upstream unavailable");
                         if conn.write("-ERR [SYS/TEMP] Mail server unavailable, try again later.").await.is_err() {
                             return;
                         }

@@ -109,7 +109,7 @@ fn offers_sasl_plain(capabilities: &[String]) -> bool {
 /// Logs `credentials` in at `upstream` for a session from `origin`.
 pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Origin) -> Result<LoggedIn, LoginError> {
     let deadline = Instant::now() + upstream.login_timeout;
-    let stream = upstream.connect(Some(origin)).await?;
+    let (stream, host) = upstream.connect(Some(origin)).await?;
     let mut reader =
         Reader { stream, buffer: BytesMut::with_capacity(4096), lines: LineReader::new(MAX_STATUS_LINE), deadline };
 
@@ -132,7 +132,7 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
         let Stream::Plain(tcp) = reader.stream else {
             return Err(UpstreamError::Protocol("STLS on a TLS stream".into()).into());
         };
-        reader.stream = upstream.handshake(tcp).await?;
+        reader.stream = upstream.handshake(host, tcp).await?;
         reader.lines.reset();
     }
     let capabilities = reader.capa().await?;
