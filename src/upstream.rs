@@ -222,13 +222,13 @@ impl Upstream {
     /// Checks every host of a pool of two or more every `health_check_interval`, until the
     /// upstream is dropped (a reload replaced it and its last session ended). A check is a
     /// TCP connect (with a PROXY `LOCAL` header where one is expected); `up` shows each
-    /// host's state.
+    /// host's state (configured addresses, so the label set is bounded by the configuration).
     pub fn watch(self: &Arc<Self>, up: prometheus::IntGaugeVec, protocol: &'static str) {
-        for host in &self.hosts {
-            up.with_label_values(&[&self.name, protocol, &host.address()]).set(1);
-        }
         if self.hosts.len() < 2 {
             return;
+        }
+        for host in &self.hosts {
+            up.with_label_values(&[&self.name, protocol, &host.address()]).set(1);
         }
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {

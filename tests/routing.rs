@@ -28,17 +28,27 @@ struct Fleet {
     gateway: Gateway,
 }
 
-/// Dovecot A (bob, shared) and B (carol, shared); mailgate with upstreams `a`, `b` and
-/// `pool` (both), `default` as the listeners' upstream, and `extra` appended.
-fn fleet(default: &str, extra: &str) -> Fleet {
+/// Dovecot A (bob, shared) and B (carol, shared), test certificates, and a file trusting
+/// both backends' CAs.
+fn backends() -> (tempfile::TempDir, TestPki, Dovecot, Dovecot) {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::generate(dir.path());
     let a = Dovecot::start(&[BOB, SHARED]);
     let b = Dovecot::start(&[CAROL, SHARED]);
-    let bundle = dir.path().join("backends-ca.pem");
-    std::fs::write(&bundle, [std::fs::read(a.ca_pem()).unwrap(), std::fs::read(b.ca_pem()).unwrap()].concat()).unwrap();
-    let config = config(&pki, &a, &b, &bundle, default, extra);
-    let gateway = Gateway::start(dir.path(), &config);
+    let bundle = [std::fs::read(a.ca_pem()).unwrap(), std::fs::read(b.ca_pem()).unwrap()].concat();
+    std::fs::write(bundle_in(&dir), bundle).unwrap();
+    (dir, pki, a, b)
+}
+
+fn bundle_in(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("backends-ca.pem")
+}
+
+/// The backends, and mailgate with upstreams `a`, `b` and `pool` (both), `default` as
+/// the listeners' upstream, and `extra` appended.
+fn fleet(default: &str, extra: &str) -> Fleet {
+    let (dir, pki, a, b) = backends();
+    let gateway = Gateway::start(dir.path(), &config(&pki, &a, &b, &bundle_in(&dir), default, extra));
     Fleet { dir, pki, a, b, gateway }
 }
 
@@ -220,12 +230,8 @@ impl LookupService {
 
 #[test]
 fn the_lookup_service_routes_by_upstream_or_host_and_its_outage_follows_on_lookup_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::generate(dir.path());
-    let a = Dovecot::start(&[BOB, SHARED]);
-    let b = Dovecot::start(&[CAROL, SHARED]);
-    let bundle = dir.path().join("backends-ca.pem");
-    std::fs::write(&bundle, [std::fs::read(a.ca_pem()).unwrap(), std::fs::read(b.ca_pem()).unwrap()].concat()).unwrap();
+    let (dir, pki, a, b) = backends();
+    let bundle = bundle_in(&dir);
     let lookup = LookupService::start(vec![
         ("shared", "{\"upstream\": \"b\"}".to_string()),
         ("carol@b.test", format!("{{\"host\": \"{}\"}}", b.imaps)),
@@ -270,14 +276,8 @@ fn the_lookup_service_routes_by_upstream_or_host_and_its_outage_follows_on_looku
     assert!(fleet.metric("mailgate_routes_total{protocol=\"imap\",source=\"lookup_failed\"}") >= 1);
 
     // With on_lookup_error = "default" the same outage sends users to the listener's upstream.
-    let fallback = Gateway::start(
-        fleet.dir.path(),
-        &config(&fleet.pki, &fleet.a, &fleet.b, &bundle_of(&fleet), "a", &routing("default")),
-    );
+    let fallback =
+        Gateway::start(fleet.dir.path(), &config(&fleet.pki, &fleet.a, &fleet.b, &bundle, "a", &routing("default")));
     let fleet = Fleet { gateway: fallback, ..fleet };
     assert!(fleet.imap_login(BOB).0.starts_with("a OK"));
-}
-
-fn bundle_of(fleet: &Fleet) -> std::path::PathBuf {
-    fleet.dir.path().join("backends-ca.pem")
 }

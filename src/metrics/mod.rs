@@ -146,7 +146,7 @@ impl Metrics {
         let upstream_host_up = gauge(
             &registry,
             "mailgate_upstream_host_up",
-            "Whether an upstream host answers its health check (1) or not (0); pools of one host are always 1.",
+            "Whether a host of an upstream pool (two or more hosts) answers its health check (1) or not (0).",
             &["upstream", "protocol", "host"],
         );
         let routes = counter(
