@@ -20,6 +20,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Probed by `/readyz`; replaced when a reload changes them.
     pub upstreams: std::sync::RwLock<Vec<Arc<Upstream>>>,
+    /// The shared limits store when it fails closed: while it cannot answer, every client
+    /// is refused, so the instance is not ready.
+    pub required_store: Option<Arc<crate::limits::fleet::Fleet>>,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
@@ -60,8 +63,15 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
             ("200 OK", "application/json", serde_json::to_string_pretty(&top).unwrap_or_default() + "\n")
         }
         ("GET", "/readyz") => match unreachable_upstream(admin).await {
-            None => ("200 OK", "text/plain", "ready\n".to_string()),
             Some(name) => ("503 Service Unavailable", "text/plain", format!("upstream {name} unreachable\n")),
+            None => match &admin.required_store {
+                Some(store) if !store.ping().await => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "limits store (Redis) unreachable and on_error = closed\n".to_string(),
+                ),
+                _ => ("200 OK", "text/plain", "ready\n".to_string()),
+            },
         },
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),

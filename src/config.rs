@@ -439,7 +439,8 @@ pub struct LimitsConfig {
     /// `reject` (refuse message downloads until the window rolls over).
     pub download_quota_action: QuotaAction,
     pub over_quota_bytes_per_second: ByteSize,
-    /// A TOML file with more trusted networks and per-user overrides (read at start).
+    /// A TOML file with more trusted networks and per-user overrides (read at start and on
+    /// every reload).
     pub overrides_file: Option<std::path::PathBuf>,
     /// What `overrides_file` says; filled in when the configuration is loaded.
     #[serde(skip)]

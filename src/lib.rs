@@ -182,10 +182,15 @@ pub async fn run(
             Some(fleet)
         }
     };
+    let required_store = fleet.clone().filter(|_| config.limits.redis.on_error == config::StoreFailure::Closed);
     let limits = limits::Limits::shared(&config.limits, fleet);
     let shared = Shared { token: CancellationToken::new(), cache, metrics: metrics.clone(), limits: limits.clone() };
     let Generation { services, upstreams } = services(&config, &shared)?;
-    let admin = Arc::new(admin::Admin { metrics: metrics.clone(), upstreams: std::sync::RwLock::new(upstreams) });
+    let admin = Arc::new(admin::Admin {
+        metrics: metrics.clone(),
+        upstreams: std::sync::RwLock::new(upstreams),
+        required_store,
+    });
     if config.admin.enabled {
         let address = config.admin.address;
         let tcp =

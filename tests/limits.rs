@@ -23,11 +23,7 @@ fn metric(setup: &Setup, series: &str) -> String {
 }
 
 fn gateway_metric(gateway: &Gateway, series: &str) -> String {
-    let mut tcp = TcpStream::connect(gateway.admin()).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = tcp.read_to_string(&mut text);
+    let text = http_get(gateway, "/metrics");
     text.lines().find(|l| l.starts_with(series)).unwrap_or_default().to_string()
 }
 
@@ -550,6 +546,10 @@ fn redis_unreachable_fails_open_or_closed_as_configured_and_recovers() {
         "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"refused\"} 2"
     );
 
+    // Not ready while it refuses everyone; the open instance stays ready.
+    assert!(http_get(&closed, "/readyz").starts_with("HTTP/1.1 503"), "{}", http_get(&closed, "/readyz"));
+    assert!(http_get(open, "/readyz").starts_with("HTTP/1.1 200"));
+
     // Redis back: the closed instance serves again, and the cap holds again.
     redis.run();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -564,4 +564,15 @@ fn redis_unreachable_fails_open_or_closed_as_configured_and_recovers() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(answer.starts_with("a OK"), "{answer}: {}", closed.log());
+    assert!(http_get(&closed, "/readyz").starts_with("HTTP/1.1 200"));
+}
+
+/// The whole answer of the admin listener to `GET path`.
+fn http_get(gateway: &Gateway, path: &str) -> String {
+    let mut tcp = TcpStream::connect(gateway.admin()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    let mut text = String::new();
+    let _ = tcp.read_to_string(&mut text);
+    text
 }

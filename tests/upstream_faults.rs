@@ -293,3 +293,29 @@ fn upstream_without_auth_plain_gets_login_with_a_synchronizing_literal() {
     assert_eq!(client.until_tagged("a"), ["a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"]);
     assert_eq!(client.command("b", "NOOP"), ["b OK fine"]);
 }
+
+#[test]
+fn a_temporary_upstream_refusal_is_relayed_as_such_and_never_penalized() {
+    // Dovecot answers NO [UNAVAILABLE] when its passdb is down: the password may be right.
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.send(b"* OK [CAPABILITY IMAP4rev1] fake\r\n");
+        while let Some(line) = conn.line() {
+            let tag = line.split(' ').next().unwrap_or_default().to_string();
+            if line.contains("LOGIN") {
+                conn.send(format!("{tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n").as_bytes());
+            } else {
+                conn.send(format!("* CAPABILITY IMAP4rev1\r\n{tag} OK\r\n").as_bytes());
+            }
+        }
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    for tag in ["a", "b", "c"] {
+        // The default penalty would wait 2 s, then 4 s: none here.
+        let started = Instant::now();
+        let lines = client.command(tag, "LOGIN user secret-pw");
+        assert_eq!(lines, [format!("{tag} NO [UNAVAILABLE] Login temporarily unavailable, try again later.")]);
+        assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    }
+}

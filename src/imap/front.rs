@@ -250,14 +250,27 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                         return;
                     }
                     Err(LoginError::Rejected { code }) => {
-                        service.login_result("rejected");
-                        service.penalize(&credentials, peer.ip()).await;
                         info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
+                        // Only wrong credentials are penalized: a server that is busy or
+                        // broken (UNAVAILABLE, SERVERBUG), an expired password or an account
+                        // to see the admin about are no guessing.
+                        match code.as_deref() {
+                            None | Some("AUTHENTICATIONFAILED" | "AUTHORIZATIONFAILED") => {
+                                service.login_result("rejected");
+                                service.penalize(&credentials, peer.ip()).await;
+                            }
+                            Some("UNAVAILABLE" | "SERVERBUG") => service.login_result("unavailable"),
+                            Some(_) => service.login_result("rejected"),
+                        }
                         // RFC 5530 codes that tell the user something useful pass through.
                         const RELAYED: &[&str] =
                             &["AUTHORIZATIONFAILED", "EXPIRED", "CONTACTADMIN", "UNAVAILABLE", "LIMIT"];
                         let code = code.as_deref().filter(|c| RELAYED.contains(c)).unwrap_or("AUTHENTICATIONFAILED");
-                        let no = format!("{tag} NO [{code}] Authentication failed.\r\n");
+                        let text = match code {
+                            "UNAVAILABLE" => "Login temporarily unavailable, try again later.",
+                            _ => "Authentication failed.",
+                        };
+                        let no = format!("{tag} NO [{code}] {text}\r\n");
                         if conn.write(no.as_bytes()).await.is_err() {
                             return;
                         }

@@ -465,6 +465,13 @@ impl Fleet {
         }
     }
 
+    /// Whether Redis answers a PING within the timeout (for `/readyz`).
+    pub async fn ping(&self) -> bool {
+        let mut redis = self.redis.clone();
+        let ping = redis::cmd("PING");
+        self.call(ping.query_async::<String>(&mut redis)).await.is_ok()
+    }
+
     /// Leases held (for tests).
     pub fn held(&self) -> usize {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).len()

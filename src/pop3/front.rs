@@ -191,9 +191,17 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                         return;
                     }
                     Err(LoginError::Rejected { code }) => {
-                        service.login_result("rejected");
-                        service.penalize(&credentials, peer.ip()).await;
                         info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
+                        // Only wrong credentials are penalized: a locked maildrop (IN-USE),
+                        // a login delay or a server problem (SYS/*) are no guessing.
+                        match code.as_deref() {
+                            None | Some("AUTH") => {
+                                service.login_result("rejected");
+                                service.penalize(&credentials, peer.ip()).await;
+                            }
+                            Some("SYS/TEMP") => service.login_result("unavailable"),
+                            Some(_) => service.login_result("rejected"),
+                        }
                         // Codes that tell the user something (RFC 2449 §8, RFC 3206) pass through.
                         const RELAYED: &[&str] = &["IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"];
                         let text = match code.as_deref().filter(|c| RELAYED.contains(c)) {
