@@ -141,6 +141,15 @@ fn users_of_two_domains_land_on_their_own_backend_and_a_user_rule_wins() {
     assert_eq!(logins(&fleet.a, "imap-login", "shared"), 0, "the user rule beats the default");
     assert_eq!(fleet.metric("mailgate_routes_total{protocol=\"imap\",source=\"domain_rule\"}"), 2);
     assert_eq!(fleet.metric("mailgate_routes_total{protocol=\"imap\",source=\"user_rule\"}"), 1);
+
+    // The rules file is read again on SIGHUP: shared moves to A for new sessions.
+    std::fs::write(&rules, "[domains]\n\"a.test\" = \"a\"\n\"b.test\" = \"b\"\n\n[users]\n\"shared\" = \"a\"\n")
+        .unwrap();
+    let pid = fleet.gateway.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(fleet.gateway.wait_for_log("configuration reloaded", Duration::from_secs(10)));
+    assert!(fleet.imap_login(SHARED).0.starts_with("a OK"));
+    wait_logins(&fleet.a, "imap-login", "shared", 1);
 }
 
 #[test]
