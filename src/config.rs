@@ -471,7 +471,10 @@ pub enum StoreFailure {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port/db` or `unix:///path/to/socket`.
+    /// `redis://[user:password@]host:port/db` or `unix:///path/to/socket`. The password is
+    /// never printed (`check-config` shows `<redacted>`); keep it out of the file with
+    /// `MAILGATE_LIMITS__REDIS__URL`.
+    #[serde(serialize_with = "redacted_url")]
     pub url: String,
     /// Prepended to every key, so that several fleets can share one Redis.
     pub key_prefix: String,
@@ -481,6 +484,20 @@ pub struct RedisConfig {
     /// The longest a check waits for Redis before `on_error` decides.
     pub timeout: Span,
     pub on_error: StoreFailure,
+}
+
+/// A URL with the password of its user part replaced by `<redacted>`.
+fn redacted_url<S: serde::Serializer>(url: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redact_url(url))
+}
+
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_string() };
+    // `user:password`, or a lone part that some clients read as the password.
+    let shown = userinfo.split_once(':').map_or("<redacted>".to_string(), |(user, _)| format!("{user}:<redacted>"));
+    format!("{scheme}://{shown}@{host}{}", &rest[authority.len()..])
 }
 
 impl Default for RedisConfig {
@@ -1078,6 +1095,19 @@ mod tests {
         let config = Config::from_toml(MINIMAL).unwrap();
         let again = Config::from_toml(&config.to_toml()).unwrap();
         assert_eq!(again.to_toml(), config.to_toml());
+    }
+
+    #[test]
+    fn redis_passwords_never_print() {
+        assert_eq!(redact_url("redis://user:S3cret@10.0.0.1:6379/2"), "redis://user:<redacted>@10.0.0.1:6379/2");
+        assert_eq!(redact_url("redis://:S3cret@redis:6379"), "redis://:<redacted>@redis:6379");
+        assert_eq!(redact_url("redis://redis:6379/0"), "redis://redis:6379/0");
+        assert_eq!(redact_url("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        let text = format!(
+            "{MINIMAL}\n[limits]\nstore = \"redis\"\n[limits.redis]\nurl = \"redis://u:S3cret@127.0.0.1:6379/0\"\n"
+        );
+        let shown = Config::from_toml(&text).unwrap().to_toml();
+        assert!(!shown.contains("S3cret") && shown.contains("redis://u:<redacted>@127.0.0.1:6379/0"), "{shown}");
     }
 
     #[test]
