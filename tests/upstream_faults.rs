@@ -217,19 +217,24 @@ fn preauth_greeting_is_refused() {
     assert!(rig.gateway.wait_for_log("PREAUTH", Duration::from_secs(5)));
 }
 
-#[test]
-fn upstream_refusal_is_authenticationfailed_and_unreachable_is_unavailable() {
-    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+/// A fake upstream that answers every LOGIN with `refusal` (after the tag).
+fn refusing_upstream(refusal: &'static str) -> FakeUpstream {
+    FakeUpstream::start(None, move |conn: &mut FakeConn| {
         conn.send(b"* OK [CAPABILITY IMAP4rev1] fake\r\n");
         while let Some(line) = conn.line() {
             let tag = line.split(' ').next().unwrap_or_default().to_string();
             if line.contains("LOGIN") {
-                conn.send(format!("{tag} NO [AUTHENTICATIONFAILED] nope\r\n").as_bytes());
+                conn.send(format!("{tag} {refusal}\r\n").as_bytes());
             } else {
                 conn.send(format!("* CAPABILITY IMAP4rev1\r\n{tag} OK\r\n").as_bytes());
             }
         }
-    });
+    })
+}
+
+#[test]
+fn upstream_refusal_is_authenticationfailed_and_unreachable_is_unavailable() {
+    let fake = refusing_upstream("NO [AUTHENTICATIONFAILED] nope");
     let (dir, pki) = new_pki();
     let rig = start_rig(&fake, "plaintext", dir, pki);
     let lines = rig.login();
@@ -297,17 +302,7 @@ fn upstream_without_auth_plain_gets_login_with_a_synchronizing_literal() {
 #[test]
 fn a_temporary_upstream_refusal_is_relayed_as_such_and_never_penalized() {
     // Dovecot answers NO [UNAVAILABLE] when its passdb is down: the password may be right.
-    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
-        conn.send(b"* OK [CAPABILITY IMAP4rev1] fake\r\n");
-        while let Some(line) = conn.line() {
-            let tag = line.split(' ').next().unwrap_or_default().to_string();
-            if line.contains("LOGIN") {
-                conn.send(format!("{tag} NO [UNAVAILABLE] Temporary authentication failure.\r\n").as_bytes());
-            } else {
-                conn.send(format!("* CAPABILITY IMAP4rev1\r\n{tag} OK\r\n").as_bytes());
-            }
-        }
-    });
+    let fake = refusing_upstream("NO [UNAVAILABLE] Temporary authentication failure.");
     let (dir, pki) = new_pki();
     let rig = start_rig(&fake, "plaintext", dir, pki);
     let mut client = rig.client();
