@@ -220,8 +220,8 @@ impl Upstream {
     }
 
     /// Checks every host of a pool of two or more every `health_check_interval`, until the
-    /// upstream is dropped (a reload replaced it and its last session ended). A check is a
-    /// TCP connect (with a PROXY `LOCAL` header where one is expected); `up` shows each
+    /// upstream is dropped (a reload replaced it and its last session ended). A check waits
+    /// for the host's greeting (see `connect_probe`); `up` shows each
     /// host's state (configured addresses, so the label set is bounded by the configuration).
     pub fn watch(self: &Arc<Self>, up: prometheus::IntGaugeVec, protocol: &'static str) {
         if self.hosts.len() < 2 {
@@ -254,12 +254,23 @@ impl Upstream {
         });
     }
 
+    /// A health check: the host must greet (`* OK` / `+OK`, over TLS when TLS is implicit,
+    /// after a PROXY `LOCAL` header when one is expected) within the connect timeout. A
+    /// host that accepts connections but hangs is as down as one that refuses them.
     async fn connect_probe(&self, host: &Host) -> bool {
-        let Ok(mut tcp) = self.tcp(host).await else { return false };
-        if self.forward == ForwardClient::ProxyV2 {
-            let header = crate::proxy_header::encode_v2_local();
-            return tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await.is_ok();
-        }
-        true
+        let probe = async {
+            let mut stream = self.connect_to(host, None).await.ok()?;
+            let mut greeting = Vec::with_capacity(128);
+            let mut byte = [0u8; 1];
+            while !greeting.ends_with(b"\n") && greeting.len() < 1024 {
+                match tokio::io::AsyncReadExt::read(&mut stream, &mut byte).await {
+                    Ok(1) => greeting.push(byte[0]),
+                    _ => return None,
+                }
+            }
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+            Some(greeting.starts_with(b"* OK") || greeting.starts_with(b"+OK"))
+        };
+        tokio::time::timeout(self.connect_timeout + self.tls_timeout, probe).await.ok().flatten().unwrap_or(false)
     }
 }

@@ -290,3 +290,44 @@ fn the_lookup_service_routes_by_upstream_or_host_and_its_outage_follows_on_looku
     let fleet = Fleet { gateway: fallback, ..fleet };
     assert!(fleet.imap_login(BOB).0.starts_with("a OK"));
 }
+
+#[test]
+fn a_host_that_accepts_connections_but_never_greets_is_taken_out_of_its_pool() {
+    use support::fake_upstream::{server_tls, FakeConn, FakeUpstream};
+    let (dir, pki, a, b) = backends();
+    // A backend that hangs: it accepts TCP, then says nothing (not even TLS).
+    let hung = FakeUpstream::start(Some(server_tls(&pki.cert, &pki.key)), |_: &mut FakeConn| {
+        std::thread::sleep(Duration::from_secs(15));
+    });
+    let mut bundle = std::fs::read(bundle_in(&dir)).unwrap();
+    bundle.extend(std::fs::read(&pki.ca).unwrap());
+    std::fs::write(bundle_in(&dir), bundle).unwrap();
+    let text = config(&pki, &a, &b, &bundle_in(&dir), "pool", "")
+        .replace(&format!("\"{}\"]", b.imaps), &format!("\"{}\"]", hung.addr))
+        .replace("connect_timeout = \"2s\"", "connect_timeout = \"1s\"\ntls_timeout = \"1s\"");
+    let gateway = Gateway::start(dir.path(), &text);
+    let fleet = Fleet { dir, pki, a, b, gateway };
+
+    // The health check (every 500 ms) sees no greeting within its timeouts.
+    let hung_up = format!("mailgate_upstream_host_up{{host=\"{}\",protocol=\"imap\",upstream=\"pool\"}}", hung.addr);
+    let started = Instant::now();
+    while fleet.metric(&hung_up) != 0 {
+        assert!(started.elapsed() < Duration::from_secs(8), "the hung host is still in the pool");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // From then on every session goes to the healthy host without waiting.
+    for _ in 0..4 {
+        let started = Instant::now();
+        let (answer, _client) = fleet.imap_login(SHARED);
+        assert!(answer.starts_with("a OK"), "{answer}");
+        assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+    }
+    wait_logins(&fleet.a, "imap-login", "shared", 4);
+    assert_eq!(
+        fleet.metric(&format!(
+            "mailgate_upstream_host_up{{host=\"{}\",protocol=\"imap\",upstream=\"pool\"}}",
+            fleet.a.imaps
+        )),
+        1
+    );
+}
