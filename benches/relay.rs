@@ -5,7 +5,9 @@
 //! - login (TLS handshake + greeting + LOGIN),
 //! - a NOOP round trip on an open session,
 //! - a full-mailbox `UID FETCH 1:* BODY.PEEK[]` (throughput),
-//! - POP3: login (TLS + USER/PASS) and `RETR` of every message (throughput).
+//! - POP3: login (TLS + USER/PASS) and `RETR` of every message (throughput);
+//! - login through a second mailgate whose limits live in a real redis-server
+//!   (`limits.store = "redis"`): what the shared leases, rates and lockout check cost.
 //!
 //! Machines are noisy: each figure is the median of several rounds, direct and mailgate
 //! interleaved so that drift hits both alike.
@@ -16,6 +18,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::client::Client;
+use support::gateway::Gateway;
+use support::redis::Redis;
 use support::setup::{Setup, BOB};
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -66,15 +70,35 @@ fn main() {
     let total = setup.dovecot.fill(BOB.0, 300, 42);
     println!("mailbox: 300 messages, {:.1} MB", total as f64 / 1e6);
 
+    // The same gateway with its limits in Redis.
+    let redis = Redis::start();
+    let text = std::fs::read_to_string(&setup.gateway.config_path).unwrap();
+    let shared = Gateway::start(
+        setup.dir.path(),
+        &format!("{text}\n[limits]\nstore = \"redis\"\n[limits.redis]\nurl = \"{}\"\n", redis.url()),
+    );
+    let shared_login = || {
+        let mut client = Client::tls(shared.addr("imaps"), setup.tls_config());
+        client.line().unwrap();
+        client.login(BOB);
+        client
+    };
+
     let rounds = 15;
     let mut login = (Vec::new(), Vec::new());
+    let mut redis_login = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
         drop(setup.direct(BOB));
-        login.0.push(t.elapsed());
+        let direct = t.elapsed();
+        login.0.push(direct);
+        redis_login.0.push(direct);
         let t = Instant::now();
         drop(setup.login(BOB));
         login.1.push(t.elapsed());
+        let t = Instant::now();
+        drop(shared_login());
+        redis_login.1.push(t.elapsed());
     }
 
     let mut direct = setup.direct(BOB);
@@ -139,6 +163,7 @@ fn main() {
     println!("{:<28} {:>12} {:>12} {:>8}", "median", "direct", "mailgate", "ratio");
     for (name, (d, m)) in [
         ("IMAP login (TLS + LOGIN)", login),
+        ("IMAP login, limits in Redis", redis_login),
         ("IMAP NOOP round trip", noop),
         ("IMAP UID FETCH 1:* BODY[]", fetch),
         ("POP3 login (TLS + USER/PASS)", pop3_login),
