@@ -33,6 +33,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub limits: LimitsConfig,
     pub routing: RoutingConfig,
+    pub reload: ReloadConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -570,6 +571,24 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Reloading without a signal: when a watched file changes (a renewed certificate written
+/// by an ACME client, a Kubernetes Secret or ConfigMap update), as if SIGHUP had come.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Watch the configuration file and every file it names (certificates, keys, CA files,
+    /// the overrides and routing rules files).
+    pub watch_files: bool,
+    /// How often they are looked at.
+    pub watch_interval: Span,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig { watch_files: false, watch_interval: secs(10) }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -610,7 +629,7 @@ impl fmt::Display for ConfigError {
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 const SECTIONS: &[&str] =
-    &["listener", "tls", "upstream", "imap", "pop3", "cache", "admin", "limits", "routing", "shutdown"];
+    &["listener", "tls", "upstream", "imap", "pop3", "cache", "admin", "limits", "routing", "reload", "shutdown"];
 
 impl Config {
     /// Defaults, then the TOML file, then `MAILGATE_SECTION__KEY` variables from the process
@@ -689,9 +708,10 @@ impl Config {
                 Err(message) => errors.push(error("routing.rules_file", &message)),
             }
         }
+        let reload = section(&mut errors, "reload", root.get("reload")).unwrap_or_default();
         let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
 
-        let config = Config { listeners, tls, upstream, imap, pop3, cache, admin, limits, routing, shutdown };
+        let config = Config { listeners, tls, upstream, imap, pop3, cache, admin, limits, routing, reload, shutdown };
         errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
@@ -824,6 +844,9 @@ impl Config {
         if self.limits.download_quota_window.0.is_zero() {
             errors.push(error("limits.download_quota_window", "must be longer than 0s"));
         }
+        if self.reload.watch_interval.0 < std::time::Duration::from_secs(1) {
+            errors.push(error("reload.watch_interval", "must be at least 1s"));
+        }
         let routing = &self.routing;
         for (kind, rules) in [("domains", &routing.rules.domains), ("users", &routing.rules.users)] {
             for (key, target) in rules {
@@ -879,6 +902,17 @@ impl Config {
             ));
         }
         errors
+    }
+
+    /// The files this configuration reads besides itself: certificates and keys, upstream
+    /// CA files, the overrides and routing rules files.
+    pub fn side_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> =
+            self.tls.certificates.iter().flat_map(|c| [c.cert.clone(), c.key.clone()]).collect();
+        files.extend(self.upstream.values().filter_map(|u| u.ca_file.clone()));
+        files.extend(self.limits.overrides_file.clone());
+        files.extend(self.routing.rules_file.clone());
+        files
     }
 
     /// The effective configuration as TOML; secrets (if any) print as `<redacted>`.

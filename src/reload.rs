@@ -1,4 +1,5 @@
-//! Reloading the configuration on SIGHUP without dropping a session.
+//! Reloading the configuration on SIGHUP, or when a watched file changes
+//! (`[reload] watch_files`), without dropping a session.
 //!
 //! The file is read and validated again and a new generation of services (upstreams,
 //! certificates, TLS acceptors, listener settings) is built from it; only when all of that
@@ -32,20 +33,59 @@ pub struct Reloader {
     pub admin: Arc<Admin>,
 }
 
+/// What a watched file looked like: modification time, size and inode (a Kubernetes
+/// volume update swaps a symlink; an ACME client may rewrite in place).
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamp(path: &std::path::Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
 impl Reloader {
-    /// Reloads on every SIGHUP until shutdown.
+    /// The configuration file and the files it names, with their current stamps.
+    fn watched(&self) -> Vec<(PathBuf, Stamp)> {
+        std::iter::once(self.path.clone())
+            .chain(self.config.side_files())
+            .map(|path| {
+                let now = stamp(&path);
+                (path, now)
+            })
+            .collect()
+    }
+
+    /// Reloads on every SIGHUP, and when a watched file changes if `[reload] watch_files`,
+    /// until shutdown.
     pub async fn on_hangup(mut self) {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hangups) = signal(SignalKind::hangup()) else {
             tracing::warn!("no SIGHUP handler: reloading is off");
             return;
         };
+        let mut watched = self.watched();
+        let mut tick = tokio::time::interval(self.config.reload.watch_interval.0);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = hangups.recv() => {}
+                _ = hangups.recv() => {
+                    tracing::info!(path = %self.path.display(), "SIGHUP: reloading the configuration");
+                }
+                _ = tick.tick(), if self.config.reload.watch_files => {
+                    let changed: Vec<String> = (watched.iter())
+                        .filter(|(path, was)| stamp(path) != *was)
+                        .map(|(path, _)| path.display().to_string())
+                        .collect();
+                    if changed.is_empty() {
+                        continue;
+                    }
+                    // Writers replace files one by one (a certificate, then its key): let
+                    // them finish before reading.
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    tracing::info!(files = ?changed, "watched files changed: reloading the configuration");
+                }
                 _ = self.shared.token.cancelled() => return,
             }
-            tracing::info!(path = %self.path.display(), "SIGHUP: reloading the configuration");
             let result = match self.reload() {
                 Ok(()) => {
                     tracing::info!("configuration reloaded: new connections use it");
@@ -59,6 +99,8 @@ impl Reloader {
                 }
             };
             self.shared.metrics.config_reloads.with_label_values(&[result]).inc();
+            // A refused change is not retried until something changes again.
+            watched = self.watched();
         }
     }
 
@@ -80,6 +122,7 @@ impl Reloader {
             ("[cache]", toml_of(&new.cache) != toml_of(&old.cache)),
             ("[admin]", toml_of(&new.admin) != toml_of(&old.admin)),
             ("[shutdown]", toml_of(&new.shutdown) != toml_of(&old.shutdown)),
+            ("[reload] watch_interval", new.reload.watch_interval != old.reload.watch_interval),
             ("[limits]", toml_of(&new.limits) != toml_of(&old.limits)),
         ] {
             if changed {

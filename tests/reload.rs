@@ -156,3 +156,20 @@ fn sighup_applies_a_new_configuration_and_refuses_a_broken_one() {
     let mut alice = setup.login(ALICE);
     assert!(alice.command("n", "NOOP").last().unwrap().starts_with("n OK"));
 }
+
+#[test]
+fn a_renewed_certificate_is_picked_up_without_a_signal_when_files_are_watched() {
+    let setup = Setup::start_with("", "[reload]\nwatch_files = true\nwatch_interval = \"1s\"\n");
+    let mut open = setup.login(BOB);
+    // As an ACME client or a Kubernetes Secret update would: new files, no SIGHUP.
+    let (renewed_cert, renewed_key) = setup.pki.leaf("renewed", &["localhost", "127.0.0.1"]);
+    std::fs::copy(&renewed_key, &setup.pki.key).unwrap();
+    std::fs::copy(&renewed_cert, &setup.pki.cert).unwrap();
+    wait_for_count(&setup, "configuration reloaded", 1);
+    assert!(setup.gateway.log().contains("watched files changed"));
+    assert_eq!(served_certificate(&setup, setup.addr("imaps"), "localhost"), der(&renewed_cert));
+    assert!(open.command("n", "NOOP").last().unwrap().starts_with("n OK"));
+    // Nothing changes: no further reload.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(setup.gateway.log().matches("configuration reloaded").count(), 1);
+}
