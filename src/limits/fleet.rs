@@ -21,8 +21,9 @@
 //! every write or command, where a Redis round trip would cost more than the limit saves;
 //! an instance shapes the sockets it owns.
 //!
-//! Redis unreachable or slower than `timeout`: each check fails open (allowed, no lease) or
-//! closed (refused, the client is told to come back later) as configured; every failure is
+//! Redis unreachable or slower than `timeout`: each check fails open (allowed; its lease is
+//! added by the first refresh that reaches Redis again) or closed (refused, the client is
+//! told to come back later) as configured; every failure is
 //! counted in `mailgate_limit_store_errors_total` and logged, at most once per ten seconds.
 
 use std::collections::HashMap;
@@ -273,7 +274,7 @@ impl Fleet {
     }
 
     /// Takes a lease in each of `sets` (key, cap), or reports the first one that is full.
-    pub async fn acquire(self: &Arc<Self>, operation: &str, sets: &[(String, u32)]) -> Verdict<Option<Lease>> {
+    pub async fn acquire(self: &Arc<Self>, operation: &str, sets: &[(String, u32)]) -> Verdict<Lease> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let member = self.member(id);
         let mut invocation = self.scripts.acquire.prepare_invoke();
@@ -287,18 +288,21 @@ impl Fleet {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(id, keys);
         let lease = Lease { fleet: self.clone(), id };
         match self.call(invocation.invoke_async::<usize>(&mut redis)).await {
-            Ok(0) => Verdict::Allowed(Some(lease)),
+            Ok(0) => Verdict::Allowed(lease),
             Ok(full) => {
                 // Nothing was added; forget the lease without a release round trip.
                 self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
                 Verdict::Refused(full - 1)
             }
             Err(error) => {
-                // The script may or may not have run: the release cleans up either way.
-                drop(lease);
                 if self.failed(operation, &error, true) {
-                    Verdict::Allowed(None)
+                    // Let in uncounted for now, but the lease stays registered: the first
+                    // refresh that reaches Redis again adds it, so the caps count every
+                    // session that is still open.
+                    Verdict::Allowed(lease)
                 } else {
+                    // The script may or may not have run: the release cleans up either way.
+                    drop(lease);
                     Verdict::Unavailable
                 }
             }

@@ -377,12 +377,11 @@ fn fleet_verdict<T>(verdict: Verdict<T>, refused: impl FnOnce(usize) -> Refused)
     }
 }
 
-/// What a lease holds: counts in this process, or a lease in the shared store (`None` when
-/// the store failed open).
+/// What a lease holds: counts in this process, or a lease in the shared store.
 enum Held {
     Local { limits: Arc<Limits>, key: ClientKey },
     User { limits: Arc<Limits>, user: String, key: ClientKey },
-    Fleet { _lease: Option<fleet::Lease> },
+    Fleet { _lease: fleet::Lease },
 }
 
 /// A connection slot; given back on drop.
