@@ -529,6 +529,10 @@ pub struct UserOverride {
     pub max_connections_per_user_ip: Option<u32>,
     /// 0: no quota for this user.
     pub download_quota: Option<ByteSize>,
+    /// 0: no rate for this user.
+    pub download_bytes_per_user_per_second: Option<ByteSize>,
+    /// 0: no command rate for this user.
+    pub commands_per_user_per_second: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -827,6 +831,16 @@ impl Config {
         for (i, network) in self.limits.overrides.trusted_networks.iter().enumerate() {
             if let Err(message) = crate::limits::Network::parse(network) {
                 errors.push(error(&format!("limits.overrides_file: trusted_networks[{i}]"), &message));
+            }
+        }
+        for (user, o) in &self.limits.overrides.users {
+            if let Some(rate) = o.download_bytes_per_user_per_second.map(|r| r.0) {
+                if rate != 0 && !(1024..=u64::from(u32::MAX)).contains(&rate) {
+                    errors.push(error(
+                        &format!("limits.overrides_file: users.\"{user}\".download_bytes_per_user_per_second"),
+                        "must be 0 (no limit) or between 1KiB and 4GiB",
+                    ));
+                }
             }
         }
         for (key, rate) in [

@@ -58,7 +58,7 @@ struct QuotaState {
     /// `quota.per_user`, replaceable on reload.
     per_user: std::sync::RwLock<Arc<HashMap<String, u64>>>,
     /// Users past their quota are slowed with this limiter (`throttle`).
-    over: Rate,
+    over: Arc<Rate>,
     usage: Mutex<HashMap<String, Usage>>,
 }
 
@@ -86,8 +86,13 @@ impl Rate {
     }
 }
 
+/// Users whose byte rate differs from the default (the overrides file): `None`, no limit.
+type UserRates = HashMap<String, Option<Arc<Rate>>>;
+
 pub struct Bandwidth {
-    rate: Option<Rate>,
+    rate: Option<Arc<Rate>>,
+    /// Replaced on reload.
+    user_rates: std::sync::RwLock<Arc<UserRates>>,
     /// Bytes per second of one session (0: no limit).
     session_rate: u64,
     quota: Option<QuotaState>,
@@ -106,12 +111,29 @@ impl Bandwidth {
     ) -> Bandwidth {
         // Kept when only overrides set quotas: a reload may change them.
         let quota = quota.filter(|q| q.bytes > 0 || !q.per_user.is_empty()).map(|quota| QuotaState {
-            over: Rate::new(quota.over_rate.max(1)).expect("nonzero"),
+            over: Arc::new(Rate::new(quota.over_rate.max(1)).expect("nonzero")),
             per_user: std::sync::RwLock::new(Arc::new(quota.per_user.clone())),
             quota,
             usage: Mutex::new(HashMap::new()),
         });
-        Bandwidth { rate: Rate::new(bytes_per_second), session_rate, quota, sessions: AtomicU64::new(0), fleet }
+        Bandwidth {
+            rate: Rate::new(bytes_per_second).map(Arc::new),
+            user_rates: std::sync::RwLock::new(Arc::new(HashMap::new())),
+            session_rate,
+            quota,
+            sessions: AtomicU64::new(0),
+            fleet,
+        }
+    }
+
+    /// Users' own byte rates (the overrides file; 0: no limit), replacing the previous ones.
+    pub fn set_rate_overrides(&self, per_user: HashMap<String, u64>) {
+        let rates = per_user.into_iter().map(|(user, rate)| (user, Rate::new(rate).map(Arc::new))).collect();
+        *self.user_rates.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rates);
+    }
+
+    fn user_rates(&self) -> Arc<UserRates> {
+        self.user_rates.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// New per-user quotas (the overrides file, on reload). Without any quota configured at
@@ -125,12 +147,13 @@ impl Bandwidth {
     /// Users held (pruned with [`Bandwidth::prune`]).
     pub fn tracked(&self) -> usize {
         self.rate.as_ref().map_or(0, |r| r.limiter.len())
+            + self.user_rates().values().flatten().map(|r| r.limiter.len()).sum::<usize>()
             + self.quota.as_ref().map_or(0, |q| q.over.limiter.len() + lock(&q.usage).len())
     }
 
     /// Drops users whose budget has fully recovered and quota windows that have ended.
     pub fn prune(&self) {
-        if let Some(r) = &self.rate {
+        for r in self.rate.iter().chain(self.user_rates().values().flatten()) {
             r.limiter.retain_recent();
             r.limiter.shrink_to_fit();
         }
@@ -170,11 +193,15 @@ impl Bandwidth {
     }
 
     /// The rate `user`'s writes are held to now: the over-quota rate past a `throttle`
-    /// quota, else the plain rate (if any).
-    fn rate_for(&self, user: &str) -> Option<&Rate> {
+    /// quota, else the user's own rate from the overrides file, else the plain rate (if
+    /// any).
+    fn rate_for(&self, user: &str) -> Option<Arc<Rate>> {
         match &self.quota {
-            Some(q) if !q.quota.reject && self.over_quota(user) => Some(&q.over),
-            _ => self.rate.as_ref(),
+            Some(q) if !q.quota.reject && self.over_quota(user) => Some(q.over.clone()),
+            _ => match self.user_rates().get(user) {
+                Some(own) => own.clone(),
+                None => self.rate.clone(),
+            },
         }
     }
 
@@ -234,7 +261,7 @@ impl<S> Throttled<S> {
             if let Some(session) = &self.session {
                 n = n.min(session.chunk.get() as usize);
             }
-            if let Some(rate) = rate {
+            if let Some(rate) = &rate {
                 n = n.min(rate.chunk.get() as usize);
             }
             let cells = NonZeroU32::new(n as u32).unwrap_or(NonZeroU32::MIN);
@@ -434,6 +461,21 @@ mod tests {
         send(&bandwidth, "alice", 4 * 1024, &delayed).await;
         assert!(bandwidth.over_quota("alice"));
         assert_eq!(bandwidth.tracked(), 2, "no usage is kept for users without a quota");
+    }
+
+    #[tokio::test]
+    async fn a_users_own_rate_overrides_the_default() {
+        let bandwidth = Arc::new(Bandwidth::new(64 * 1024, 0, None, None));
+        bandwidth.set_rate_overrides(HashMap::from([("vip".to_string(), 0), ("slow".to_string(), 8 * 1024)]));
+        let delayed = counter();
+        // No limit for vip: 256 KiB at once.
+        assert!(send(&bandwidth, "vip", 256 * 1024, &delayed).await < Duration::from_millis(300));
+        assert_eq!(delayed.get(), 0);
+        // 8 KiB/s for slow: one second's worth at once, the next 8 KiB after a second.
+        let took = send(&bandwidth, "slow", 16 * 1024, &delayed).await;
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+        // Everyone else keeps the default.
+        assert!(send(&bandwidth, "alice", 32 * 1024, &delayed).await < Duration::from_millis(300));
     }
 
     #[tokio::test]

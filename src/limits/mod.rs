@@ -148,7 +148,7 @@ impl Limits {
             window: config.auth_window.0,
         });
         let trusted = trusted_networks(config, &config.overrides);
-        Arc::new(Limits {
+        let limits = Arc::new(Limits {
             config: config.clone(),
             counts: Mutex::new(Counts::default()),
             penalties,
@@ -168,15 +168,28 @@ impl Limits {
             trusted: std::sync::RwLock::new(trusted),
             users: std::sync::RwLock::new(Arc::new(config.overrides.users.clone())),
             fleet,
-        })
+        });
+        limits.apply_rate_overrides(&config.overrides);
+        limits
     }
 
-    /// Applies a new overrides file (on reload): trusted networks, per-user caps and
-    /// download quotas. Sessions already open keep the slots they hold.
+    /// Applies a new overrides file (on reload): trusted networks, per-user caps, download
+    /// quotas and rates, command rates. Sessions already open keep the slots they hold.
     pub fn set_overrides(&self, overrides: &crate::config::Overrides) {
         *self.trusted.write().unwrap_or_else(|p| p.into_inner()) = trusted_networks(&self.config, overrides);
         *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(overrides.users.clone());
         self.bandwidth.set_quota_overrides(quota_overrides(overrides));
+        self.apply_rate_overrides(overrides);
+    }
+
+    fn apply_rate_overrides(&self, overrides: &crate::config::Overrides) {
+        let users = &overrides.users;
+        self.bandwidth.set_rate_overrides(
+            users.iter().filter_map(|(u, o)| Some((u.clone(), o.download_bytes_per_user_per_second?.0))).collect(),
+        );
+        self.rates.set_command_overrides(
+            users.iter().filter_map(|(u, o)| Some((u.clone(), o.commands_per_user_per_second?))).collect(),
+        );
     }
 
     /// Trusted networks are exempt from authentication penalties.

@@ -6,7 +6,10 @@
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::ClientKey;
 use crate::config::LimitsConfig;
@@ -18,6 +21,9 @@ pub struct Rates {
     connections: Option<DefaultKeyedRateLimiter<ClientKey>>,
     logins: Option<DefaultKeyedRateLimiter<ClientKey>>,
     commands: Option<DefaultKeyedRateLimiter<String>>,
+    /// Users whose command rate differs (the overrides file): `None`, no limit. Replaced on
+    /// reload.
+    user_commands: RwLock<Arc<HashMap<String, Option<Arc<DefaultDirectRateLimiter>>>>>,
     checks: AtomicU64,
 }
 
@@ -34,8 +40,19 @@ impl Rates {
             connections: keyed(per_minute(config.connections_per_ip_per_minute)),
             logins: keyed(per_minute(config.logins_per_ip_per_minute)),
             commands: keyed(per_second(config.commands_per_user_per_second)),
+            user_commands: RwLock::new(Arc::new(HashMap::new())),
             checks: AtomicU64::new(0),
         }
+    }
+
+    /// Users' own command rates per second (0: no limit), replacing the previous ones.
+    pub fn set_command_overrides(&self, per_user: HashMap<String, u32>) {
+        let limiters = (per_user.into_iter())
+            .map(|(user, rate)| {
+                (user, NonZeroU32::new(rate).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r)))))
+            })
+            .collect();
+        *self.user_commands.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(limiters);
     }
 
     fn checked(&self) {
@@ -73,6 +90,15 @@ impl Rates {
 
     /// Waits until `user` may send another command; true if it had to wait.
     pub async fn command(&self, user: &str) -> bool {
+        let own = self.user_commands.read().unwrap_or_else(|p| p.into_inner()).get(user).cloned();
+        if let Some(own) = own {
+            let Some(limiter) = own else { return false };
+            if limiter.check().is_ok() {
+                return false;
+            }
+            limiter.until_ready().await;
+            return true;
+        }
         let Some(limiter) = &self.commands else { return false };
         self.checked();
         let key = user.to_string();
@@ -129,6 +155,20 @@ mod tests {
         assert!(waited >= 9, "{waited}");
         assert!(started.elapsed() >= std::time::Duration::from_millis(400), "{:?}", started.elapsed());
         assert!(!rates.command("bob").await, "another user has its own rate");
+    }
+
+    #[tokio::test]
+    async fn a_users_own_command_rate_overrides_the_default() {
+        let rates = rates(0, 0, 1000);
+        rates.set_command_overrides(HashMap::from([("slow".to_string(), 10), ("free".to_string(), 0)]));
+        let mut waited = 0;
+        for _ in 0..15 {
+            waited += usize::from(rates.command("slow").await);
+        }
+        assert!(waited >= 4, "{waited}");
+        for _ in 0..2000 {
+            assert!(!rates.command("free").await, "no limit for this user");
+        }
     }
 
     #[test]
