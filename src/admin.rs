@@ -84,13 +84,17 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
     tcp.shutdown().await
 }
 
-/// The first upstream none of whose hosts accepts a TCP connection within its connect
-/// timeout.
+/// The first upstream that cannot take sessions, all checked at once (each within a
+/// second: see [`Upstream::ready`]).
 async fn unreachable_upstream(admin: &Admin) -> Option<String> {
     let upstreams = admin.upstreams.read().unwrap_or_else(|p| p.into_inner()).clone();
-    for upstream in &upstreams {
-        if !upstream.reachable().await {
-            return Some(upstream.identity());
+    let mut checks = tokio::task::JoinSet::new();
+    for upstream in upstreams {
+        checks.spawn(async move { (upstream.ready().await, upstream.identity()) });
+    }
+    while let Some(done) = checks.join_next().await {
+        if let Ok((false, identity)) = done {
+            return Some(identity);
         }
     }
     None

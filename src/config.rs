@@ -494,11 +494,33 @@ fn redacted_url<S: serde::Serializer>(url: &str, serializer: S) -> Result<S::Ok,
 
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_string() };
-    // `user:password`, or a lone part that some clients read as the password.
-    let shown = userinfo.split_once(':').map_or("<redacted>".to_string(), |(user, _)| format!("{user}:<redacted>"));
-    format!("{scheme}://{shown}@{host}{}", &rest[authority.len()..])
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let after = &rest[authority.len()..];
+    let authority = match authority.rsplit_once('@') {
+        // `user:password`, or a lone part that some clients read as the password.
+        Some((userinfo, host)) => {
+            let shown =
+                userinfo.split_once(':').map_or("<redacted>".to_string(), |(user, _)| format!("{user}:<redacted>"));
+            format!("{shown}@{host}")
+        }
+        None => authority.to_string(),
+    };
+    // `?pass=` / `?password=` (unix:// URLs carry their credentials there).
+    let after = match after.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = (query.split('&'))
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if ["pass", "password"].contains(&key.to_ascii_lowercase().as_str()) => {
+                        format!("{key}=<redacted>")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => after.to_string(),
+    };
+    format!("{scheme}://{authority}{after}")
 }
 
 impl Default for RedisConfig {
@@ -773,6 +795,9 @@ impl Config {
             }
         }
         for (name, u) in &self.upstream {
+            if u.health_check_interval.0 < std::time::Duration::from_millis(100) {
+                errors.push(error(&format!("upstream.{name}.health_check_interval"), "must be at least 100ms"));
+            }
             for protocol in [Protocol::Imap, Protocol::Pop3] {
                 for address in u.addresses(protocol) {
                     if let Err(message) = split_host_port(address) {
@@ -926,6 +951,27 @@ impl Config {
         files.extend(self.upstream.values().filter_map(|u| u.ca_file.clone()));
         files.extend(self.limits.overrides_file.clone());
         files.extend(self.routing.rules_file.clone());
+        files
+    }
+
+    /// The files the configuration file at `path` names, read leniently (for watching: the
+    /// file may be one that does not load yet).
+    pub fn referenced_files(path: &Path) -> Vec<PathBuf> {
+        let Ok(table) = std::fs::read_to_string(path).unwrap_or_default().parse::<toml::Table>() else {
+            return Vec::new();
+        };
+        let text = |v: Option<&toml::Value>| v.and_then(toml::Value::as_str).map(PathBuf::from);
+        let mut files = Vec::new();
+        let certificates = table.get("tls").and_then(|t| t.get("certificates")).and_then(toml::Value::as_array);
+        for pair in certificates.into_iter().flatten() {
+            files.extend(text(pair.get("cert")));
+            files.extend(text(pair.get("key")));
+        }
+        for upstream in table.get("upstream").and_then(toml::Value::as_table).into_iter().flat_map(|t| t.values()) {
+            files.extend(text(upstream.get("ca_file")));
+        }
+        files.extend(text(table.get("limits").and_then(|t| t.get("overrides_file"))));
+        files.extend(text(table.get("routing").and_then(|t| t.get("rules_file"))));
         files
     }
 
@@ -1151,6 +1197,11 @@ mod tests {
         assert_eq!(redact_url("redis://:S3cret@redis:6379"), "redis://:<redacted>@redis:6379");
         assert_eq!(redact_url("redis://redis:6379/0"), "redis://redis:6379/0");
         assert_eq!(redact_url("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        assert_eq!(
+            redact_url("unix:///run/redis.sock?db=2&pass=S3cret"),
+            "unix:///run/redis.sock?db=2&pass=<redacted>"
+        );
+        assert_eq!(redact_url("redis://h:1/0?user=u&password=S3cret"), "redis://h:1/0?user=u&password=<redacted>");
         let text = format!(
             "{MINIMAL}\n[limits]\nstore = \"redis\"\n[limits.redis]\nurl = \"redis://u:S3cret@127.0.0.1:6379/0\"\n"
         );

@@ -95,10 +95,29 @@ pub struct Shared {
 }
 
 /// One configuration's services, one per listener in configuration order, and the
-/// upstreams they use.
+/// upstreams they use, with the switch that ends their health checks.
 pub struct Generation {
     pub services: Vec<Arc<Service>>,
-    pub upstreams: Vec<Arc<Upstream>>,
+    pub upstreams: Vec<(Arc<Upstream>, Protocol)>,
+    pub health: CancellationToken,
+}
+
+impl Generation {
+    /// Starts the pools' health checks: only once this generation is the one in use (a
+    /// refused reload never starts them).
+    pub fn check_health(&self, metrics: &metrics::Metrics) {
+        for (upstream, protocol) in &self.upstreams {
+            upstream.watch(metrics.upstream_host_up.clone(), protocol.name(), self.health.clone());
+        }
+    }
+
+    /// The `mailgate_upstream_host_up` label sets of this generation's pools.
+    pub fn host_labels(&self) -> std::collections::BTreeSet<[String; 3]> {
+        (self.upstreams.iter())
+            .filter(|(u, _)| u.hosts.len() >= 2)
+            .flat_map(|(u, p)| u.hosts.iter().map(|h| [u.name.clone(), p.name().to_string(), h.address()]))
+            .collect()
+    }
 }
 
 /// The services of one configuration, with the upstreams (and their TLS client settings)
@@ -112,7 +131,6 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
             let addresses = u.addresses(protocol);
             if !addresses.is_empty() {
                 let upstream = Arc::new(Upstream::new(name, u, &addresses, protocol.alpn())?);
-                upstream.watch(shared.metrics.upstream_host_up.clone(), protocol.name());
                 upstreams.insert((name.clone(), protocol), upstream);
             }
         }
@@ -158,7 +176,8 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
             })
         })
         .collect();
-    Ok(Generation { services, upstreams: upstreams.into_values().collect() })
+    let upstreams = upstreams.into_iter().map(|((_, protocol), upstream)| (upstream, protocol)).collect();
+    Ok(Generation { services, upstreams, health: shared.token.child_token() })
 }
 
 /// Serves on already-bound listeners (one per `config.listeners` entry) until `shutdown`
@@ -185,7 +204,11 @@ pub async fn run(
     let required_store = fleet.clone().filter(|_| config.limits.redis.on_error == config::StoreFailure::Closed);
     let limits = limits::Limits::shared(&config.limits, fleet);
     let shared = Shared { token: CancellationToken::new(), cache, metrics: metrics.clone(), limits: limits.clone() };
-    let Generation { services, upstreams } = services(&config, &shared)?;
+    let generation = services(&config, &shared)?;
+    generation.check_health(&metrics);
+    let (health, host_labels) = (generation.health.clone(), generation.host_labels());
+    let upstreams = generation.upstreams.iter().map(|(u, _)| u.clone()).collect();
+    let services = generation.services;
     let admin = Arc::new(admin::Admin {
         metrics: metrics.clone(),
         upstreams: std::sync::RwLock::new(upstreams),
@@ -215,7 +238,8 @@ pub async fn run(
     }
     let token = shared.token.clone();
     if let Some(path) = reload_from {
-        let reloader = reload::Reloader { path, config: config.clone(), shared, listeners: current, admin };
+        let reloader =
+            reload::Reloader { path, config: config.clone(), shared, listeners: current, admin, health, host_labels };
         tokio::spawn(reloader.on_hangup());
     }
 

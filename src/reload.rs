@@ -31,6 +31,10 @@ pub struct Reloader {
     /// Each listener's current service, in configuration order.
     pub listeners: Vec<Arc<RwLock<Arc<Service>>>>,
     pub admin: Arc<Admin>,
+    /// Ends the health checks of the generation in force.
+    pub health: tokio_util::sync::CancellationToken,
+    /// Its pools' `mailgate_upstream_host_up` label sets.
+    pub host_labels: std::collections::BTreeSet<[String; 3]>,
 }
 
 /// What a watched file looked like: modification time, size and inode (a Kubernetes
@@ -44,15 +48,17 @@ fn stamp(path: &std::path::Path) -> Stamp {
 }
 
 impl Reloader {
-    /// The configuration file and the files it names, with their current stamps.
+    /// The configuration file, the files the configuration in force names, and the files
+    /// the file names now even if it does not load (a certificate that does not exist
+    /// yet), with their current stamps.
     fn watched(&self) -> Vec<(PathBuf, Stamp)> {
-        std::iter::once(self.path.clone())
+        let mut paths: Vec<PathBuf> = std::iter::once(self.path.clone())
             .chain(self.config.side_files())
-            .map(|path| {
-                let now = stamp(&path);
-                (path, now)
-            })
-            .collect()
+            .chain(Config::referenced_files(&self.path))
+            .collect();
+        paths.sort();
+        paths.dedup();
+        paths.into_iter().map(|path| (stamp(&path), path)).map(|(stamped, path)| (path, stamped)).collect()
     }
 
     /// Reloads on every SIGHUP, and when a watched file changes if `[reload] watch_files`,
@@ -86,6 +92,8 @@ impl Reloader {
                 }
                 _ = self.shared.token.cancelled() => return,
             }
+            // Stamped before reading: a file written during the reload is seen next time.
+            let before = self.watched();
             let result = match self.reload() {
                 Ok(()) => {
                     tracing::info!("configuration reloaded: new connections use it");
@@ -99,8 +107,11 @@ impl Reloader {
                 }
             };
             self.shared.metrics.config_reloads.with_label_values(&[result]).inc();
-            // A refused change is not retried until something changes again.
-            watched = self.watched();
+            // A refused change is not retried until something changes again; files the
+            // new configuration names are watched from now on.
+            let known: Vec<PathBuf> = before.iter().map(|(path, _)| path.clone()).collect();
+            watched = before;
+            watched.extend(self.watched().into_iter().filter(|(path, _)| !known.contains(path)));
         }
     }
 
@@ -116,8 +127,7 @@ impl Reloader {
             ]);
         }
         let new = Arc::new(new);
-        let crate::Generation { services, upstreams } =
-            crate::services(&new, &self.shared).map_err(|e| vec![e.to_string()])?;
+        let generation = crate::services(&new, &self.shared).map_err(|e| vec![e.to_string()])?;
         for (section, changed) in [
             ("[cache]", toml_of(&new.cache) != toml_of(&old.cache)),
             ("[admin]", toml_of(&new.admin) != toml_of(&old.admin)),
@@ -130,10 +140,20 @@ impl Reloader {
             }
         }
         self.shared.limits.set_overrides(&new.limits.overrides);
-        for (slot, service) in self.listeners.iter().zip(services) {
+        // The old pools stop checking (their sessions go on); hosts that are gone leave
+        // the host gauge; the new pools start.
+        self.health.cancel();
+        let labels = generation.host_labels();
+        for gone in self.host_labels.difference(&labels) {
+            let _ = self.shared.metrics.upstream_host_up.remove_label_values(&[&gone[0], &gone[1], &gone[2]]);
+        }
+        generation.check_health(&self.shared.metrics);
+        (self.health, self.host_labels) = (generation.health.clone(), labels);
+        *self.admin.upstreams.write().unwrap_or_else(|p| p.into_inner()) =
+            generation.upstreams.iter().map(|(u, _)| u.clone()).collect();
+        for (slot, service) in self.listeners.iter().zip(generation.services) {
             *slot.write().unwrap_or_else(|p| p.into_inner()) = service;
         }
-        *self.admin.upstreams.write().unwrap_or_else(|p| p.into_inner()) = upstreams;
         self.config = new;
         Ok(())
     }

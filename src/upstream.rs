@@ -156,10 +156,13 @@ impl Upstream {
     /// down and the next one tried; no healthy host left is an error.
     pub async fn connect(&self, origin: Option<&Origin>) -> Result<(Stream, &Host), UpstreamError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // With every host marked down (a network blip can do that between two checks),
+        // try them all rather than refuse on stale news.
+        let all_down = !self.hosts.iter().any(Host::healthy);
         let mut last = None;
         for i in 0..self.hosts.len() {
             let host = &self.hosts[(start + i) % self.hosts.len()];
-            if !host.healthy() {
+            if !host.healthy() && !all_down {
                 continue;
             }
             match self.connect_to(host, origin).await {
@@ -209,32 +212,46 @@ impl Upstream {
         Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(stream))))
     }
 
-    /// Whether any host accepts a TCP connection now (for `/readyz`).
-    pub async fn reachable(&self) -> bool {
-        for host in &self.hosts {
-            if self.tcp(host).await.is_ok() {
-                return true;
-            }
+    /// Whether this upstream can take sessions now (for `/readyz`): for a pool, what its
+    /// health checks last found (any host up); for a single host, a TCP connect within a
+    /// second, so that a probe answers well within a load balancer's timeout even when a
+    /// host drops packets.
+    pub async fn ready(&self) -> bool {
+        if self.hosts.len() >= 2 {
+            return self.hosts.iter().any(Host::healthy);
         }
-        false
+        let Some(host) = self.hosts.first() else { return false };
+        let budget = self.connect_timeout.min(Duration::from_secs(1));
+        tokio::time::timeout(budget, TcpStream::connect((host.host.as_str(), host.port)))
+            .await
+            .is_ok_and(|connected| connected.is_ok())
     }
 
-    /// Checks every host of a pool of two or more every `health_check_interval`, until the
-    /// upstream is dropped (a reload replaced it and its last session ended). A check waits
+    /// Checks every host of a pool of two or more every `health_check_interval`, until
+    /// `stop` (or the upstream is dropped). A check waits
     /// for the host's greeting (see `connect_probe`); `up` shows each
     /// host's state (configured addresses, so the label set is bounded by the configuration).
-    pub fn watch(self: &Arc<Self>, up: prometheus::IntGaugeVec, protocol: &'static str) {
+    /// The checks stop when `stop` is cancelled (a reload replaced this configuration).
+    pub fn watch(
+        self: &Arc<Self>,
+        up: prometheus::IntGaugeVec,
+        protocol: &'static str,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         if self.hosts.len() < 2 {
             return;
         }
         for host in &self.hosts {
-            up.with_label_values(&[&self.name, protocol, &host.address()]).set(1);
+            up.with_label_values(&[&self.name, protocol, &host.address()]).set(i64::from(host.healthy()));
         }
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 let Some(interval) = pool.upgrade().map(|p| p.health_check_interval) else { return };
-                tokio::time::sleep(interval).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.cancelled() => return,
+                }
                 let Some(pool) = pool.upgrade() else { return };
                 for host in &pool.hosts {
                     let ok = pool.connect_probe(host).await;

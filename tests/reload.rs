@@ -172,4 +172,21 @@ fn a_renewed_certificate_is_picked_up_without_a_signal_when_files_are_watched() 
     // Nothing changes: no further reload.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(setup.gateway.log().matches("configuration reloaded").count(), 1);
+
+    // The configuration names a certificate that is not there yet: refused, and loaded as
+    // soon as the files appear.
+    let later = (setup.dir.path().join("later.pem"), setup.dir.path().join("later.key"));
+    let text = std::fs::read_to_string(&setup.gateway.config_path).unwrap();
+    let line = text.lines().find(|l| l.starts_with("certificates = ")).unwrap();
+    let moved = format!(
+        "certificates = [{{ cert = {:?}, key = {:?} }}]",
+        later.0.display().to_string(),
+        later.1.display().to_string()
+    );
+    std::fs::write(&setup.gateway.config_path, text.replace(line, &moved)).unwrap();
+    wait_for_count(&setup, "reload refused", 1);
+    let (cert, key) = setup.pki.leaf("later", &["localhost", "127.0.0.1"]);
+    assert_eq!((cert.clone(), key), later);
+    wait_for_count(&setup, "configuration reloaded", 2);
+    assert_eq!(served_certificate(&setup, setup.addr("imaps"), "localhost"), der(&cert));
 }

@@ -330,4 +330,13 @@ fn a_host_that_accepts_connections_but_never_greets_is_taken_out_of_its_pool() {
         )),
         1
     );
+    // The instance is ready: the pool has a healthy host, whatever the hung one does.
+    let started = Instant::now();
+    let mut tcp = TcpStream::connect(fleet.gateway.admin()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = tcp.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
 }

@@ -179,6 +179,8 @@ enum Outcome {
 /// Serves the not-authenticated state; on a successful login hands over to the relay.
 pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
     let peer = origin.client;
+    // Implicit TLS is done by now; STARTTLS updates this below.
+    origin.tls = stream.tls_facts();
     let limits = &service.config.imap;
     let mut conn = Conn {
         stream,

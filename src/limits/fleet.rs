@@ -97,8 +97,10 @@ return tonumber(redis.call('GET', KEYS[1])) or 1
 ";
 
 /// Adds bytes to a download counter whose window starts at its first byte. ARGV: bytes,
-/// window in ms. Returns the total.
+/// window in ms. Returns the total. Adding nothing only reads: it neither creates the
+/// counter nor starts a window.
 const DOWNLOADED: &str = r"
+if ARGV[1] == '0' then return tonumber(redis.call('GET', KEYS[1])) or 0 end
 local total = redis.call('INCRBY', KEYS[1], ARGV[1])
 if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return total
@@ -129,9 +131,11 @@ pub struct Fleet {
     ttl: Duration,
     timeout: Duration,
     fail_open: bool,
-    held: Mutex<HashMap<u64, Vec<String>>>,
+    /// This instance's leases: their sets, and whether they count (the acquire succeeded,
+    /// or failed open). Only those are refreshed: a refused or undecided one never is.
+    held: Mutex<HashMap<u64, (Vec<String>, bool)>>,
     next: AtomicU64,
-    released: mpsc::UnboundedSender<(Vec<String>, String)>,
+    released: mpsc::UnboundedSender<Release>,
     /// Releases sent to the background task and not done yet.
     releasing: AtomicU64,
     errors: IntCounterVec,
@@ -166,6 +170,10 @@ struct Known {
 /// How long a user's fleet total is kept up to date after this instance last looked.
 const WATCH: Duration = Duration::from_secs(30);
 
+/// A lease to remove from Redis: its sets, its member, and when it was given back (a
+/// release older than the TTL is moot: the lease has expired).
+type Release = (Vec<String>, String, Instant);
+
 /// A lease on one or more sets; removed from Redis when dropped.
 pub struct Lease {
     fleet: Arc<Fleet>,
@@ -175,9 +183,9 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let keys = self.fleet.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
-        if let Some(keys) = keys {
+        if let Some((keys, _)) = keys {
             self.fleet.releasing.fetch_add(1, Ordering::Relaxed);
-            if self.fleet.released.send((keys, self.fleet.member(self.id))).is_err() {
+            if self.fleet.released.send((keys, self.fleet.member(self.id), Instant::now())).is_err() {
                 self.fleet.releasing.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -283,12 +291,21 @@ impl Fleet {
             invocation.key(key).arg(*cap);
         }
         let mut redis = self.redis.clone();
-        // Registered first: a refresh running meanwhile keeps the lease rather than lose it.
+        // Registered first, unconfirmed: a refresh running meanwhile leaves it alone, and a
+        // cancelled acquire still releases it.
         let keys: Vec<String> = sets.iter().map(|(k, _)| k.clone()).collect();
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(id, keys);
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (keys, false));
         let lease = Lease { fleet: self.clone(), id };
+        let confirm = || {
+            if let Some(entry) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&id) {
+                entry.1 = true;
+            }
+        };
         match self.call(invocation.invoke_async::<usize>(&mut redis)).await {
-            Ok(0) => Verdict::Allowed(lease),
+            Ok(0) => {
+                confirm();
+                Verdict::Allowed(lease)
+            }
             Ok(full) => {
                 // Nothing was added; forget the lease without a release round trip.
                 self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -296,9 +313,10 @@ impl Fleet {
             }
             Err(error) => {
                 if self.failed(operation, &error, true) {
-                    // Let in uncounted for now, but the lease stays registered: the first
+                    // Let in uncounted for now, but the lease is confirmed: the first
                     // refresh that reaches Redis again adds it, so the caps count every
                     // session that is still open.
+                    confirm();
                     Verdict::Allowed(lease)
                 } else {
                     // The script may or may not have run: the release cleans up either way.
@@ -431,7 +449,9 @@ impl Fleet {
     async fn refresh(&self) {
         let held: Vec<(String, String)> = {
             let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            held.iter().flat_map(|(id, keys)| keys.iter().map(|k| (k.clone(), self.member(*id)))).collect()
+            (held.iter().filter(|(_, (_, confirmed))| *confirmed))
+                .flat_map(|(id, (keys, _))| keys.iter().map(|k| (k.clone(), self.member(*id))))
+                .collect()
         };
         for batch in held.chunks(REFRESH_BATCH) {
             let mut invocation = self.scripts.refresh.prepare_invoke();
@@ -447,14 +467,21 @@ impl Fleet {
         }
     }
 
-    async fn release(&self, keys: &[String], member: &str) {
+    /// Removes given-back leases, all in one round trip; releases older than the TTL are
+    /// skipped (those leases have expired already).
+    async fn release(&self, batch: &[Release]) {
         let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("ZREM").arg(key).arg(member).ignore();
+        for (keys, member, _) in batch.iter().filter(|(_, _, at)| at.elapsed() < self.ttl) {
+            for key in keys {
+                pipe.cmd("ZREM").arg(key).arg(member).ignore();
+            }
+        }
+        if pipe.cmd_iter().next().is_none() {
+            return;
         }
         let mut redis = self.redis.clone();
         if let Err(error) = self.call(pipe.query_async::<()>(&mut redis)).await {
-            // The lease expires by itself within its TTL.
+            // The leases expire by themselves within their TTL.
             self.failed("release", &error, false);
         }
     }
@@ -484,7 +511,7 @@ impl Fleet {
 
 /// The fleet's background work: releases as sessions end, lease refreshes every third of
 /// the TTL, download counts every second. Ends when the [`Fleet`] is dropped.
-async fn keep(fleet: std::sync::Weak<Fleet>, mut releases: mpsc::UnboundedReceiver<(Vec<String>, String)>) {
+async fn keep(fleet: std::sync::Weak<Fleet>, mut releases: mpsc::UnboundedReceiver<Release>) {
     let (mut refresh, mut quota) = {
         let Some(fleet) = fleet.upgrade() else { return };
         (tokio::time::interval(fleet.ttl / 3), tokio::time::interval(QUOTA_SYNC))
@@ -494,10 +521,16 @@ async fn keep(fleet: std::sync::Weak<Fleet>, mut releases: mpsc::UnboundedReceiv
     loop {
         tokio::select! {
             released = releases.recv() => {
-                let Some((keys, member)) = released else { return };
+                let Some(first) = released else { return };
                 let Some(fleet) = fleet.upgrade() else { return };
-                fleet.release(&keys, &member).await;
-                fleet.releasing.fetch_sub(1, Ordering::Relaxed);
+                // Everything queued goes in one round trip: while Redis is slow or away,
+                // the queue drains a whole batch per timeout instead of one release.
+                let mut batch = vec![first];
+                while let Ok(more) = releases.try_recv() {
+                    batch.push(more);
+                }
+                fleet.release(&batch).await;
+                fleet.releasing.fetch_sub(batch.len() as u64, Ordering::Relaxed);
             }
             _ = refresh.tick() => {
                 let Some(fleet) = fleet.upgrade() else { return };

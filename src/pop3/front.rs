@@ -102,6 +102,8 @@ fn bad(text: &str) -> Reply {
 
 pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
     let peer = origin.client;
+    // Implicit TLS is done by now; STARTTLS updates this below.
+    origin.tls = stream.tls_facts();
     let limits = &service.config.pop3;
     let mut conn = Conn {
         stream,

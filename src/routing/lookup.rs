@@ -121,7 +121,8 @@ fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
         if size == 0 {
             return Some(out);
         }
-        if body.len() < size + 2 {
+        // A chunk larger than any whole answer may be never completes (and cannot overflow).
+        if size > MAX_RESPONSE || body.len() < size + 2 {
             return None;
         }
         out.extend_from_slice(&body[..size]);
@@ -187,5 +188,8 @@ mod tests {
         assert_eq!(complete(closed), None);
         assert_eq!(parse(closed, true), Ok((404, b"nothing".to_vec())));
         assert!(parse(b"SSH-2.0-OpenSSH\r\n\r\n", true).is_err());
+        let huge = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nx";
+        assert_eq!(complete(huge), None);
+        assert!(parse(huge, true).is_err());
     }
 }

@@ -51,7 +51,8 @@ pub struct Router {
     domains: HashMap<String, String>,
     lookup: Option<lookup::HttpUrl>,
     answers: Mutex<HashMap<String, (Instant, Answer)>>,
-    hosts: Mutex<HashMap<String, Arc<Upstream>>>,
+    /// By the listener's upstream (whose settings they use) and address.
+    hosts: Mutex<HashMap<(String, String), Arc<Upstream>>>,
     routes: IntCounterVec,
 }
 
@@ -192,11 +193,12 @@ impl Router {
     }
 
     /// An upstream for a `host:port` the lookup service named, with the settings of the
-    /// listener's upstream; built once per address.
+    /// listener's upstream (TLS, CA, timeouts, identity forwarding); built once per
+    /// listener upstream and address, outside the lock (it reads CA files).
     fn host(&self, default: &Arc<Upstream>, address: &str) -> Result<Arc<Upstream>, RouteError> {
         crate::config::split_host_port(address).map_err(|e| RouteError(format!("lookup service: {e}")))?;
-        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(upstream) = hosts.get(address) {
+        let key = (default.name.clone(), address.to_string());
+        if let Some(upstream) = self.hosts.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(upstream.clone());
         }
         let settings = self
@@ -206,11 +208,11 @@ impl Router {
             .ok_or_else(|| RouteError(format!("no settings for upstream `{}`", default.name)))?;
         let upstream = Upstream::new(&format!("{}+lookup", default.name), settings, &[address], self.protocol.alpn())
             .map_err(|e| RouteError(format!("lookup service host {address}: {e}")))?;
+        let upstream = Arc::new(upstream);
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         if hosts.len() >= MAX_HOSTS {
             hosts.clear();
         }
-        let upstream = Arc::new(upstream);
-        hosts.insert(address.to_string(), upstream.clone());
-        Ok(upstream)
+        Ok(hosts.entry(key).or_insert(upstream).clone())
     }
 }
