@@ -175,7 +175,20 @@ fn exprs(value: &serde_json::Value, out: &mut Vec<String>) {
 
 #[test]
 fn dashboard_expressions_name_only_exported_metrics() {
+    // Every family the dashboard shows must be exported: the fleet ones only exist with
+    // limits in Redis and an upstream pool, so this gateway has both.
     let setup = Setup::start();
+    let redis = support::redis::Redis::start();
+    let port = setup.dovecot.imaps.port();
+    let text = std::fs::read_to_string(&setup.gateway.config_path).unwrap().replace(
+        &format!("imap = \"127.0.0.1:{port}\""),
+        &format!("imap = [\"127.0.0.1:{port}\", \"localhost:{port}\"]"),
+    );
+    let fleet = format!("{text}\n[limits]\nstore = \"redis\"\n[limits.redis]\nurl = \"{}\"\n", redis.url());
+    let gateway = support::gateway::Gateway::start(setup.dir.path(), &fleet);
+    let Setup { dir, pki, dovecot, gateway: first } = setup;
+    drop(first);
+    let setup = Setup { dir, pki, dovecot, gateway };
     traffic(&setup);
     let metrics = http_get(setup.gateway.admin(), "/metrics");
     let exported: Vec<&str> =
