@@ -319,6 +319,48 @@ mod tests {
     }
 
     #[test]
+    fn random_input_never_panics_nor_reads_past_its_bound() {
+        // A deterministic generator; inputs start like a header often, so that the deeper
+        // paths are reached, not only the first-bytes refusal.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..50_000 {
+            let mut bytes = match next() % 3 {
+                0 => SIGNATURE.to_vec(),
+                1 => b"PROXY ".to_vec(),
+                _ => Vec::new(),
+            };
+            let extra = (next() % 120) as usize;
+            bytes.extend((0..extra).map(|_| match next() % 4 {
+                0 => b"0123456789.: TCP46\r\n"[(next() % 20) as usize],
+                _ => next() as u8,
+            }));
+            let mut have = 0;
+            loop {
+                match parse(&bytes[..have]) {
+                    Ok(Parsed::Done(_, len)) => {
+                        assert!(len <= have);
+                        break;
+                    }
+                    Ok(Parsed::Incomplete(more)) => {
+                        assert!(more > 0 && have + more <= V2_MAX.max(V1_MAX));
+                        if have + more > bytes.len() {
+                            break;
+                        }
+                        have += more;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    #[test]
     fn v2_local_unspecified_and_broken_headers() {
         assert_eq!(feed(&encode_v2_local()), Ok((Header::Local, 16)));
         let unix = [&SIGNATURE[..], &[0x21, 0x31, 0x00, 0x04], b"abcd"].concat();
