@@ -29,6 +29,32 @@ pub enum LoginRefusal {
     Unavailable,
 }
 
+/// How the upstream's refusal of a login is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamRefusal {
+    /// Wrong credentials: counted as `rejected` and penalized (a delay, towards lockout).
+    WrongCredentials,
+    /// The upstream cannot log anyone in now (its password database is down...): counted
+    /// as `unavailable`, no penalty.
+    Temporary,
+    /// Anything else (an expired password, a locked maildrop, a login delay): `rejected`,
+    /// no penalty, since the password may be right.
+    Other,
+}
+
+/// What a login came to.
+pub enum LoginOutcome<T> {
+    /// Logged in: the upstream session, its upstream, and the user's session slot (held
+    /// as long as the session lasts).
+    LoggedIn { session: T, upstream: Arc<Upstream>, lease: crate::limits::UserLease },
+    /// Refused by a limit before any upstream was asked.
+    Refused(LoginRefusal),
+    /// The upstream refused, with its response code if any.
+    Rejected { code: Option<String> },
+    /// No upstream could be used.
+    Unavailable,
+}
+
 pub struct Service {
     pub config: Arc<Config>,
     /// The listener's configured name (a metric label).
@@ -64,6 +90,48 @@ impl Service {
     pub fn cache_scope(&self, upstream: &Upstream, credentials: &Credentials, proof: &LoginProof) -> Option<Scope> {
         let cache = self.cache.clone()?;
         Some(Scope { account: Account::new(&upstream.identity(), credentials.identity(), proof), cache })
+    }
+
+    /// The whole login of `credentials` from `origin`, the same for both protocols: the
+    /// limits (rate, lockout, session caps), routing, the upstream `login`, and their
+    /// accounting (metrics, penalties, log lines). `classify` says how the protocol's
+    /// upstream refusal codes are taken: only wrong credentials are penalized.
+    pub async fn log_in<T>(
+        &self,
+        credentials: &Credentials,
+        origin: &crate::origin::Origin,
+        classify: fn(Option<&str>) -> UpstreamRefusal,
+        login: impl AsyncFnOnce(&Arc<Upstream>) -> Result<T, crate::upstream::LoginError>,
+    ) -> LoginOutcome<T> {
+        use crate::upstream::LoginError;
+        let ip = origin.client.ip();
+        let lease = match self.admit_login(credentials, ip).await {
+            Ok(lease) => lease,
+            Err(refusal) => return LoginOutcome::Refused(refusal),
+        };
+        match self.timed_login(self.routed_login(credentials, origin, login)).await {
+            Ok((session, upstream)) => {
+                self.logged_in(credentials, ip, &upstream);
+                LoginOutcome::LoggedIn { session, upstream, lease }
+            }
+            Err(LoginError::Rejected { code }) => {
+                tracing::info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
+                match classify(code.as_deref()) {
+                    UpstreamRefusal::WrongCredentials => {
+                        self.login_result("rejected");
+                        self.penalize(credentials, ip).await;
+                    }
+                    UpstreamRefusal::Temporary => self.login_result("unavailable"),
+                    UpstreamRefusal::Other => self.login_result("rejected"),
+                }
+                LoginOutcome::Rejected { code }
+            }
+            Err(LoginError::Unavailable(e)) => {
+                self.login_result("unavailable");
+                tracing::warn!(user = %credentials.user, error = %e, "upstream unavailable");
+                LoginOutcome::Unavailable
+            }
+        }
     }
 
     /// Routes `credentials` from `origin` to an upstream and runs `login` there: its

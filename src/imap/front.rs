@@ -12,17 +12,17 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::capabilities;
 use super::command::{self, Command, Part};
 use super::framing::{parse_announce, strip_eol, Event, FrameError, Framer};
 use super::relay;
 use super::response::relayable_capabilities;
-use super::upstream::{login, LoginError};
+use super::upstream::login;
 use crate::auth::{decode_plain, Credentials};
 use crate::origin::Origin;
-use crate::service::{LoginRefusal, Service};
+use crate::service::{LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
 use crate::stream::Stream;
 
 /// The client connection before login: the stream and the bytes read but not yet used.
@@ -178,7 +178,6 @@ enum Outcome {
 
 /// Serves the not-authenticated state; on a successful login hands over to the relay.
 pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
-    let peer = origin.client;
     // Implicit TLS is done by now; STARTTLS updates this below.
     origin.tls = stream.tls_facts();
     let limits = &service.config.imap;
@@ -221,26 +220,12 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                     None => return,
                 }
             }
-            Outcome::Login { tag, credentials } => match service.admit_login(&credentials, peer.ip()).await {
-                Err(refusal) => {
-                    let text = match refusal {
-                        LoginRefusal::Rate => "NO [LIMIT] Too many logins from your address, slow down.",
-                        LoginRefusal::LockedOut => "NO [LIMIT] Too many failed logins, try again later.",
-                        LoginRefusal::Sessions => "NO [LIMIT] Too many sessions for this user, try again later.",
-                        LoginRefusal::Unavailable => "NO [UNAVAILABLE] Login temporarily unavailable, try again later.",
-                    };
-                    if conn.write(format!("{tag} {text}\r\n").as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_lease) => match service
-                    .timed_login(service.routed_login(&credentials, &origin, async |upstream| {
-                        login(upstream, &credentials, &origin).await
-                    }))
-                    .await
-                {
-                    Ok((session, upstream)) => {
-                        service.logged_in(&credentials, peer.ip(), &upstream);
+            Outcome::Login { tag, credentials } => {
+                let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
+                    login(upstream, &credentials, &origin).await
+                };
+                let text = match service.log_in(&credentials, &origin, refusal_kind, login).await {
+                    LoginOutcome::LoggedIn { session, upstream, lease: _lease } => {
                         let caps = relayable_capabilities(&session.capabilities).join(" ");
                         let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
                         if conn.write(ok.as_bytes()).await.is_err() {
@@ -251,43 +236,44 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                         relay::run(client, session, service, scope, credentials.identity()).await;
                         return;
                     }
-                    Err(LoginError::Rejected { code }) => {
-                        info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
-                        // Only wrong credentials are penalized: a server that is busy or
-                        // broken (UNAVAILABLE, SERVERBUG), an expired password or an account
-                        // to see the admin about are no guessing.
-                        match code.as_deref() {
-                            None | Some("AUTHENTICATIONFAILED" | "AUTHORIZATIONFAILED") => {
-                                service.login_result("rejected");
-                                service.penalize(&credentials, peer.ip()).await;
-                            }
-                            Some("UNAVAILABLE" | "SERVERBUG") => service.login_result("unavailable"),
-                            Some(_) => service.login_result("rejected"),
+                    LoginOutcome::Refused(refusal) => match refusal {
+                        LoginRefusal::Rate => "NO [LIMIT] Too many logins from your address, slow down.".to_string(),
+                        LoginRefusal::LockedOut => "NO [LIMIT] Too many failed logins, try again later.".to_string(),
+                        LoginRefusal::Sessions => "NO [LIMIT] Too many sessions for this user, try again later.".into(),
+                        LoginRefusal::Unavailable => {
+                            "NO [UNAVAILABLE] Login temporarily unavailable, try again later.".to_string()
                         }
+                    },
+                    LoginOutcome::Rejected { code } => {
                         // RFC 5530 codes that tell the user something useful pass through.
                         const RELAYED: &[&str] =
                             &["AUTHORIZATIONFAILED", "EXPIRED", "CONTACTADMIN", "UNAVAILABLE", "LIMIT"];
                         let code = code.as_deref().filter(|c| RELAYED.contains(c)).unwrap_or("AUTHENTICATIONFAILED");
-                        let text = match code {
-                            "UNAVAILABLE" => "Login temporarily unavailable, try again later.",
-                            _ => "Authentication failed.",
-                        };
-                        let no = format!("{tag} NO [{code}] {text}\r\n");
-                        if conn.write(no.as_bytes()).await.is_err() {
-                            return;
+                        match code {
+                            "UNAVAILABLE" => format!("NO [{code}] Login temporarily unavailable, try again later."),
+                            _ => format!("NO [{code}] Authentication failed."),
                         }
                     }
-                    Err(LoginError::Unavailable(e)) => {
-                        service.login_result("unavailable");
-                        warn!(user = %credentials.user, error = %e, "upstream unavailable");
-                        let no = format!("{tag} NO [UNAVAILABLE] Upstream server unavailable, try again later.\r\n");
-                        if conn.write(no.as_bytes()).await.is_err() {
-                            return;
-                        }
+                    LoginOutcome::Unavailable => {
+                        "NO [UNAVAILABLE] Upstream server unavailable, try again later.".into()
                     }
-                },
-            },
+                };
+                if conn.write(format!("{tag} {text}\r\n").as_bytes()).await.is_err() {
+                    return;
+                }
+            }
         }
+    }
+}
+
+/// How an upstream's refusal code (RFC 5530) is taken: only wrong credentials are
+/// penalized; a server that is busy or broken, an expired password or an account to see
+/// the admin about are no guessing.
+fn refusal_kind(code: Option<&str>) -> UpstreamRefusal {
+    match code {
+        None | Some("AUTHENTICATIONFAILED" | "AUTHORIZATIONFAILED") => UpstreamRefusal::WrongCredentials,
+        Some("UNAVAILABLE" | "SERVERBUG") => UpstreamRefusal::Temporary,
+        Some(_) => UpstreamRefusal::Other,
     }
 }
 

@@ -10,15 +10,15 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::codec::{split_command, CodecError, LineReader};
 use super::relay;
-use super::upstream::{login, LoginError};
+use super::upstream::login;
 use crate::auth::{decode_plain, Credentials};
 use crate::origin::Origin;
 use crate::secret::Secret;
-use crate::service::{LoginRefusal, Service};
+use crate::service::{LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
 use crate::stream::Stream;
 
 /// Before TLS on an STLS listener: no USER, no SASL (RFC 2595 §4).
@@ -101,7 +101,6 @@ fn bad(text: &str) -> Reply {
 }
 
 pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
-    let peer = origin.client;
     // Implicit TLS is done by now; STARTTLS updates this below.
     origin.tls = stream.tls_facts();
     let limits = &service.config.pop3;
@@ -159,31 +158,11 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
             }
             Outcome::Login(credentials) => {
                 user = None;
-                let _lease = match service.admit_login(&credentials, peer.ip()).await {
-                    Ok(lease) => lease,
-                    Err(refusal) => {
-                        let text = match refusal {
-                            LoginRefusal::Rate => "-ERR [SYS/TEMP] Too many logins from your address, slow down.",
-                            LoginRefusal::LockedOut => "-ERR [SYS/TEMP] Too many failed logins, try again later.",
-                            LoginRefusal::Sessions => "-ERR [IN-USE] Too many sessions for this user, try again later.",
-                            LoginRefusal::Unavailable => {
-                                "-ERR [SYS/TEMP] Login temporarily unavailable, try again later."
-                            }
-                        };
-                        if conn.write(text).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
+                let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
+                    login(upstream, &credentials, &origin).await
                 };
-                match service
-                    .timed_login(service.routed_login(&credentials, &origin, async |upstream| {
-                        login(upstream, &credentials, &origin).await
-                    }))
-                    .await
-                {
-                    Ok((session, upstream)) => {
-                        service.logged_in(&credentials, peer.ip(), &upstream);
+                let text = match service.log_in(&credentials, &origin, refusal_kind, login).await {
+                    LoginOutcome::LoggedIn { session, upstream, lease: _lease } => {
                         if conn.write("+OK Logged in.").await.is_err() {
                             return;
                         }
@@ -192,38 +171,42 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                         relay::run(client, session, service, scope, credentials.identity()).await;
                         return;
                     }
-                    Err(LoginError::Rejected { code }) => {
-                        info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
-                        // Only wrong credentials are penalized: a locked maildrop (IN-USE),
-                        // a login delay or a server problem (SYS/*) are no guessing.
-                        match code.as_deref() {
-                            None | Some("AUTH") => {
-                                service.login_result("rejected");
-                                service.penalize(&credentials, peer.ip()).await;
-                            }
-                            Some("SYS/TEMP") => service.login_result("unavailable"),
-                            Some(_) => service.login_result("rejected"),
+                    LoginOutcome::Refused(refusal) => match refusal {
+                        LoginRefusal::Rate => "-ERR [SYS/TEMP] Too many logins from your address, slow down.".into(),
+                        LoginRefusal::LockedOut => "-ERR [SYS/TEMP] Too many failed logins, try again later.".into(),
+                        LoginRefusal::Sessions => {
+                            "-ERR [IN-USE] Too many sessions for this user, try again later.".into()
                         }
+                        LoginRefusal::Unavailable => {
+                            "-ERR [SYS/TEMP] Login temporarily unavailable, try again later.".into()
+                        }
+                    },
+                    LoginOutcome::Rejected { code } => {
                         // Codes that tell the user something (RFC 2449 §8, RFC 3206) pass through.
                         const RELAYED: &[&str] = &["IN-USE", "LOGIN-DELAY", "SYS/TEMP", "SYS/PERM"];
-                        let text = match code.as_deref().filter(|c| RELAYED.contains(c)) {
+                        match code.as_deref().filter(|c| RELAYED.contains(c)) {
                             Some(code) => format!("-ERR [{code}] Login refused by the mail server."),
                             None => "-ERR [AUTH] Authentication failed.".to_string(),
-                        };
-                        if conn.write(&text).await.is_err() {
-                            return;
                         }
                     }
-                    Err(LoginError::Unavailable(e)) => {
-                        service.login_result("unavailable");
-                        warn!(user = %credentials.user, error = %e, "upstream unavailable");
-                        if conn.write("-ERR [SYS/TEMP] Mail server unavailable, try again later.").await.is_err() {
-                            return;
-                        }
-                    }
+                    LoginOutcome::Unavailable => "-ERR [SYS/TEMP] Mail server unavailable, try again later.".into(),
+                };
+                if conn.write(&text).await.is_err() {
+                    return;
                 }
             }
         }
+    }
+}
+
+/// How an upstream's refusal code (RFC 2449, RFC 3206) is taken: only wrong credentials
+/// are penalized; a locked maildrop (IN-USE), a login delay or a server problem are no
+/// guessing.
+fn refusal_kind(code: Option<&str>) -> UpstreamRefusal {
+    match code {
+        None | Some("AUTH") => UpstreamRefusal::WrongCredentials,
+        Some("SYS/TEMP") => UpstreamRefusal::Temporary,
+        Some(_) => UpstreamRefusal::Other,
     }
 }
 
