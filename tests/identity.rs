@@ -225,3 +225,26 @@ fn without_a_valid_header_from_a_trusted_peer_the_connection_closes_before_any_g
     let mut fine = Client::plain_over(with_header(imap, &v2("198.51.100.3:9", imap)));
     assert!(fine.line().unwrap().starts_with("* OK"));
 }
+
+#[test]
+fn an_ipv6_client_is_served_logged_limited_and_forwarded_as_itself() {
+    let options = Options { login_trusted_networks: "127.0.0.1/32".into(), ..Options::default() };
+    let setup = start(options, "commands", "[limits]\nmax_connections_per_ip = 1\n");
+    let text = std::fs::read_to_string(&setup.gateway.config_path).unwrap();
+    let gateway = Gateway::start(setup.dir.path(), &text.replace("address = \"127.0.0.1:0\"", "address = \"[::1]:0\""));
+    let Setup { dir, pki, dovecot, gateway: first } = setup;
+    drop(first);
+    let setup = Setup { dir, pki, dovecot, gateway };
+    let imaps = setup.addr("imaps");
+    assert_eq!(imaps.ip(), ip("::1"));
+
+    let mut client = Client::tls(imaps, setup.tls_config());
+    assert!(client.line().unwrap().starts_with("* OK"));
+    client.login(BOB);
+    assert!(setup.gateway.wait_for_log("client=[::1]:", Duration::from_secs(5)));
+    dovecot_login_line(&setup.dovecot, "imap-login", "bob", "rip=::1,");
+    // The per-address cap counts ::1 (its /64) as one client.
+    let mut second = Client::tls(imaps, setup.tls_config());
+    assert_eq!(second.rest(), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(client.command("n", "NOOP").last().unwrap().starts_with("n OK"));
+}
