@@ -158,18 +158,8 @@ fn a_retr_cut_by_the_upstream_is_not_cached() {
             }
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::generate(dir.path());
-    let config = gateway_config_with(&pki, None, Some(&fake.addr.to_string()), "plaintext", None, "", "");
-    let gateway = Gateway::start(dir.path(), &config);
-    let login = || {
-        let mut client = Client::tls(gateway.addr("pop3s"), pki.client_config(&[]));
-        client.line().unwrap();
-        client.send(b"USER u\r\nPASS p\r\n");
-        client.line().unwrap();
-        assert_eq!(client.line().unwrap(), "+OK Logged in.");
-        client
-    };
+    let rig = FakeRig::start(&fake);
+    let login = || rig.login();
     let mut first = login();
     first.send(b"RETR 1\r\n");
     assert!(!first.rest_bytes().ends_with(b".\r\n"));
@@ -201,18 +191,8 @@ fn concurrent_misses_of_one_message_share_one_upstream_retr() {
             }
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::generate(dir.path());
-    let config = gateway_config_with(&pki, None, Some(&fake.addr.to_string()), "plaintext", None, "", "");
-    let gateway = Gateway::start(dir.path(), &config);
-    let login = || {
-        let mut client = Client::tls(gateway.addr("pop3s"), pki.client_config(&[]));
-        client.line().unwrap();
-        client.send(b"USER u\r\nPASS p\r\n");
-        client.line().unwrap();
-        assert_eq!(client.line().unwrap(), "+OK Logged in.");
-        client
-    };
+    let rig = FakeRig::start(&fake);
+    let login = || rig.login();
     let (mut a, mut b) = (login(), login());
     a.send(b"RETR 1\r\n");
     std::thread::sleep(Duration::from_millis(200));
@@ -221,4 +201,31 @@ fn concurrent_misses_of_one_message_share_one_upstream_retr() {
     assert_eq!(response(&mut a), expected);
     assert_eq!(response(&mut b), expected);
     assert_eq!(fake.received().matches("RETR 1").count(), 1, "{}", fake.received());
+}
+
+/// mailgate's POP3 listeners in front of a scripted fake upstream (plaintext).
+struct FakeRig {
+    _dir: tempfile::TempDir,
+    pki: TestPki,
+    gateway: Gateway,
+}
+
+impl FakeRig {
+    fn start(fake: &FakeUpstream) -> FakeRig {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = TestPki::generate(dir.path());
+        let config = gateway_config_with(&pki, None, Some(&fake.addr.to_string()), "plaintext", None, "", "");
+        let gateway = Gateway::start(dir.path(), &config);
+        FakeRig { _dir: dir, pki, gateway }
+    }
+
+    /// A session logged in over implicit TLS (the fake accepts any USER/PASS).
+    fn login(&self) -> Client {
+        let mut client = Client::tls(self.gateway.addr("pop3s"), self.pki.client_config(&[]));
+        client.line().unwrap();
+        client.send(b"USER u\r\nPASS p\r\n");
+        client.line().unwrap();
+        assert_eq!(client.line().unwrap(), "+OK Logged in.");
+        client
+    }
 }
