@@ -177,9 +177,7 @@ enum Outcome {
 }
 
 /// Serves the not-authenticated state; on a successful login hands over to the relay.
-pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
-    // Implicit TLS is done by now; STARTTLS updates this below.
-    origin.tls = stream.tls_facts();
+pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
     let limits = &service.config.imap;
     let mut conn = Conn {
         stream,
@@ -213,14 +211,13 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                 conn.buffer.clear();
                 conn.framer.reset();
                 match service.start_tls(conn.stream).await {
-                    Some(stream) => {
-                        origin.tls = stream.tls_facts();
-                        conn.stream = stream;
-                    }
+                    Some(stream) => conn.stream = stream,
                     None => return,
                 }
             }
             Outcome::Login { tag, credentials } => {
+                // The client\'s TLS as it is now (implicit, or after STARTTLS), for the upstream.
+                let origin = Origin { tls: conn.stream.tls_facts(), ..origin.clone() };
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
                     login(upstream, &credentials, &origin).await
                 };

@@ -100,9 +100,7 @@ fn bad(text: &str) -> Reply {
     Reply { text: text.to_string(), bad: true }
 }
 
-pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
-    // Implicit TLS is done by now; STARTTLS updates this below.
-    origin.tls = stream.tls_facts();
+pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
     let limits = &service.config.pop3;
     let mut conn = Conn {
         stream,
@@ -149,15 +147,14 @@ pub async fn serve(stream: Stream, service: &Service, mut origin: Origin) {
                 conn.buffer.clear();
                 conn.lines.reset();
                 match service.start_tls(conn.stream).await {
-                    Some(stream) => {
-                        origin.tls = stream.tls_facts();
-                        conn.stream = stream;
-                    }
+                    Some(stream) => conn.stream = stream,
                     None => return,
                 }
             }
             Outcome::Login(credentials) => {
                 user = None;
+                // The client\'s TLS as it is now (implicit, or after STARTTLS), for the upstream.
+                let origin = Origin { tls: conn.stream.tls_facts(), ..origin.clone() };
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
                     login(upstream, &credentials, &origin).await
                 };
