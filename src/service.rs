@@ -136,7 +136,7 @@ impl Service {
 
     /// Routes `credentials` from `origin` to an upstream and runs `login` there: its
     /// session and the upstream. A routing failure is an unavailable upstream.
-    pub async fn routed_login<T>(
+    async fn routed_login<T>(
         &self,
         credentials: &Credentials,
         origin: &crate::origin::Origin,
@@ -151,7 +151,7 @@ impl Service {
     /// Whether `credentials` from `ip` may try to log in now: within the address's login
     /// rate, not locked out after failures, and within the user's session caps. Refusals are
     /// logged and counted; the lease holds the user's session slot.
-    pub async fn admit_login(
+    async fn admit_login(
         &self,
         credentials: &Credentials,
         ip: std::net::IpAddr,
@@ -194,7 +194,7 @@ impl Service {
     }
 
     /// A failed login: waits the address's penalty (a timer in this session's task only).
-    pub async fn penalize(&self, credentials: &Credentials, ip: std::net::IpAddr) {
+    async fn penalize(&self, credentials: &Credentials, ip: std::net::IpAddr) {
         let delay = self.limits.failed_login(credentials.identity(), ip, credentials.password.expose()).await;
         tokio::time::sleep(delay).await;
     }
@@ -211,7 +211,7 @@ impl Service {
 
     /// Runs an upstream login (IMAP or POP3), timed, counting why an upstream could not be
     /// used.
-    pub async fn timed_login<T>(
+    async fn timed_login<T>(
         &self,
         login: impl std::future::Future<Output = Result<T, crate::upstream::LoginError>>,
     ) -> Result<T, crate::upstream::LoginError> {
@@ -227,7 +227,7 @@ impl Service {
 
     /// A successful login at `upstream`: counted, penalties cleared, the session's span
     /// gets the user, one log line.
-    pub fn logged_in(&self, credentials: &Credentials, ip: std::net::IpAddr, upstream: &Upstream) {
+    fn logged_in(&self, credentials: &Credentials, ip: std::net::IpAddr, upstream: &Upstream) {
         self.limits.succeeded(credentials.identity(), ip);
         self.login_result("ok");
         tracing::Span::current().record("user", credentials.user.as_str());
@@ -235,7 +235,7 @@ impl Service {
     }
 
     /// Counts a login attempt's outcome: `ok`, `rejected` or `unavailable`.
-    pub fn login_result(&self, result: &str) {
+    fn login_result(&self, result: &str) {
         self.metrics.logins.with_label_values(&[self.protocol.name(), &self.listener, result]).inc();
     }
 

@@ -502,11 +502,6 @@ impl Fleet {
         let ping = redis::cmd("PING");
         self.call(ping.query_async::<String>(&mut redis)).await.is_ok()
     }
-
-    /// Leases held (for tests).
-    pub fn held(&self) -> usize {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
 }
 
 /// The fleet's background work: releases as sessions end, lease refreshes every third of
