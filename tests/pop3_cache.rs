@@ -82,6 +82,26 @@ fn retr_and_top_are_served_from_the_cache_identically() {
 }
 
 #[test]
+fn the_same_message_retrieved_twice_in_one_pipelined_write_is_answered_at_once() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 3, 5);
+    let mut direct = setup.pop3_direct(BOB);
+    direct.send(b"RETR 2\r\n");
+    let expected = response(&mut direct);
+    quit(direct);
+    // Cold: the first RETR loads message 2, the second waits for that load, which is this
+    // session's own command and must reach Dovecot (it did not for 30 s before).
+    let mut client = setup.pop3_login(BOB);
+    let started = std::time::Instant::now();
+    client.send(b"RETR 2\r\nRETR 2\r\nNOOP\r\n");
+    assert_eq!(response(&mut client), expected);
+    assert_eq!(response(&mut client), expected);
+    assert_eq!(client.line().unwrap(), "+OK");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    quit(client);
+}
+
+#[test]
 fn a_deleted_message_is_not_served_from_the_cache() {
     let setup = Setup::start();
     setup.dovecot.fill(BOB.0, 3, 2);

@@ -154,6 +154,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         scanner: ResponseScanner::default(),
         answering: None,
         capture: Vec::new(),
+        skip_capture: false,
+        prompted: false,
         load: None,
         timing: None,
         shared,
@@ -318,28 +320,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         }
         if let ("RETR", [n]) | ("TOP", [n, _]) = (keyword.as_str(), numbers.as_slice()) {
             if let Some(response) = self.cached_answer(*n, numbers.get(1).copied()).await {
-                self.cache_hits += 1;
-                self.cache_bytes += response.len() as u64;
-                self.wait_for_room().await?;
-                lock(&self.shared).pending.push_back(Pending::Cached(response));
-                self.timed_from_cache();
-                self.queued.notify_one();
-                return Ok(());
+                return self.answer_cached(response).await;
             }
         }
         let mut load = None;
         if let ("RETR", [n]) = (keyword.as_str(), numbers.as_slice()) {
             match self.claim_retr(*n).await {
-                SharedLoad::Value(response) => {
-                    self.cache_hits += 1;
-                    self.cache_bytes += response.len() as u64;
-                    self.wait_for_room().await?;
-                    lock(&self.shared).pending.push_back(Pending::Cached(response));
-                    self.timed_from_cache();
-                    self.timed_from_cache();
-                    self.queued.notify_one();
-                    return Ok(());
-                }
+                SharedLoad::Value(response) => return self.answer_cached(response).await,
                 SharedLoad::Load(guard) => load = guard,
             }
         }
@@ -362,7 +349,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             if self.write.flush().await.is_err() {
                 return None;
             }
-            answered.await;
+            // An upstream that never answers: relay the command instead (and let the idle
+            // timeout of the ordinary path end the session).
+            if tokio::time::timeout(self.service.config.pop3.idle_timeout.0, answered).await.is_err() {
+                return None;
+            }
         }
         let scope = self.scope.as_ref()?;
         let uidl = {
@@ -382,9 +373,17 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         Some(response)
     }
 
-    fn timed_from_cache(&self) {
+    /// Queues a response from the cache (or another session's load) in the command's
+    /// turn: counted as a hit and timed once.
+    async fn answer_cached(&mut self, response: Bytes) -> Result<(), End> {
+        self.cache_hits += 1;
+        self.cache_bytes += response.len() as u64;
+        self.wait_for_room().await?;
+        lock(&self.shared).pending.push_back(Pending::Cached(response));
         let seconds = self.started.elapsed().as_secs_f64();
         self.service.metrics.command_duration.with_label_values(&["pop3", self.label]).observe(seconds);
+        self.queued.notify_one();
+        Ok(())
     }
 
     /// A RETR miss: load it for everyone, or take what another session is loading.
@@ -400,14 +399,21 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(&uidl) });
         match scope.cache.claim(key) {
             Claim::Load(guard) => SharedLoad::Load(Some(guard)),
-            Claim::Wait(value) => match tokio::time::timeout(SHARED_LOAD_WAIT, value).await {
-                Ok(Ok(Some(response))) => {
-                    scope.cache.served(response.len());
-                    SharedLoad::Value(response)
+            Claim::Wait(value) => {
+                // The load may be this session's own earlier command, still in the write
+                // buffer: it must reach the upstream to be answered.
+                if self.write.flush().await.is_err() {
+                    return SharedLoad::Load(None);
                 }
-                // That load failed or is slow: load it ourselves (without the guard).
-                _ => SharedLoad::Load(None),
-            },
+                match tokio::time::timeout(SHARED_LOAD_WAIT, value).await {
+                    Ok(Ok(Some(response))) => {
+                        scope.cache.served(response.len());
+                        SharedLoad::Value(response)
+                    }
+                    // That load failed or is slow: load it ourselves (without the guard).
+                    _ => SharedLoad::Load(None),
+                }
+            }
         }
     }
 
@@ -497,6 +503,12 @@ struct UpstreamPump<'a, R, W> {
     answering: Option<Track>,
     /// The response's bytes, kept while they may be stored or learned from.
     capture: Vec<u8>,
+    /// This response is not worth capturing (larger than a cache entry, or a RETR of a
+    /// message whose UIDL is unknown).
+    skip_capture: bool,
+    /// The response being read answers the command at the front of `pending` (and not
+    /// bytes the upstream sent unprompted).
+    prompted: bool,
     /// This response loads a message that other sessions may be waiting for.
     load: Option<LoadGuard>,
     /// The metric label and start of the command being answered.
@@ -591,16 +603,26 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     async fn process(&mut self) -> Result<(), End> {
         if self.answering.is_none() {
             // Unsolicited bytes (no command pending) are read as a single line.
-            let (body, track) = match lock(&self.shared).pending.front_mut() {
-                Some(Pending::Upstream { body, track, load, label, started }) => {
+            let (body, track, prompted, known) = {
+                let mut shared = lock(&self.shared);
+                let known = |n: &u32| shared.uidl.contains_key(n);
+                let start = match shared.pending.front() {
+                    Some(Pending::Upstream { body, track, .. }) => {
+                        let known = !matches!(track, Track::Retr(n) if !known(n));
+                        (*body, track.clone(), true, known)
+                    }
+                    _ => (false, Track::Nothing, false, true),
+                };
+                if let Some(Pending::Upstream { load, label, started, .. }) = shared.pending.front_mut() {
                     self.load = load.take();
                     self.timing = Some((*label, *started));
-                    (*body, track.clone())
                 }
-                _ => (false, Track::Nothing),
+                start
             };
             self.scanner.expect(body);
             self.answering = Some(track);
+            self.prompted = prompted;
+            self.skip_capture = !known;
             self.capture.clear();
         }
         let step = match self.scanner.feed(&self.buffer) {
@@ -617,8 +639,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 // "+OK 4022 octets": room for the whole response at once.
                 let octets = String::from_utf8_lossy(line).split(' ').nth(1).and_then(|n| n.parse::<usize>().ok());
                 let limit = self.scope.as_ref().map_or(0, |s| s.cache.max_entry_bytes());
-                if let Some(octets) = octets.filter(|&n| n <= limit) {
-                    self.capture.reserve(octets + octets / 32 + 64);
+                match octets {
+                    Some(octets) if octets <= limit => self.capture.reserve(octets + octets / 32 + 64),
+                    // Too large to be cached: not copied at all.
+                    Some(_) => self.skip_capture = true,
+                    None => {}
                 }
             }
             self.capture.extend_from_slice(&bytes);
@@ -643,9 +668,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             // A load not filled by `learn` (refused, too large) releases its waiters.
             self.load = None;
+            // A large capture is not kept for the rest of the session.
+            if self.capture.capacity() > 64 << 10 {
+                self.capture = Vec::new();
+            }
             {
                 let mut shared = lock(&self.shared);
-                shared.pending.pop_front();
+                if std::mem::take(&mut self.prompted) {
+                    shared.pending.pop_front();
+                }
                 match track {
                     Track::Uidl { internal: true } => shared.learning_uidls = false,
                     Track::Dele(n) if !ok => {
@@ -660,6 +691,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     }
 
     fn wants_capture(&self, track: &Track) -> bool {
+        if self.skip_capture {
+            return false;
+        }
         match track {
             Track::Retr(_) => self.scope.as_ref().is_some_and(|s| self.capture.len() <= s.cache.max_entry_bytes()),
             Track::Uidl { .. } => self.capture.len() <= MAX_UIDL_LISTING,
@@ -692,7 +726,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             Track::Retr(n) => {
                 let Some(scope) = &self.scope else { return };
-                if self.capture.len() > scope.cache.max_entry_bytes() {
+                // Not captured (too large, or an unknown message), or only partly.
+                if self.skip_capture || self.capture.len() > scope.cache.max_entry_bytes() {
                     return;
                 }
                 let Some(uidl) = lock(&self.shared).uidl.get(&n).cloned() else { return };
