@@ -77,6 +77,8 @@ pub struct Framer {
     head: Vec<u8>,
     tail: Vec<u8>,
     pending: Option<Announce>,
+    /// A literal was accepted: the line goes on after it, up to a line without one.
+    continued: bool,
 }
 
 impl Framer {
@@ -88,16 +90,15 @@ impl Framer {
             head: Vec::with_capacity(HEAD_LEN),
             tail: Vec::with_capacity(TAIL_LEN * 2),
             pending: None,
+            continued: false,
         }
     }
 
-    pub fn set_max_line(&mut self, max_line: usize) {
-        self.max_line = max_line;
-    }
-
-    /// True between fragments: nothing of a line or literal has been seen yet.
+    /// True between commands or responses: nothing of one has been seen yet, or the last
+    /// one is complete. Not right after a literal: the line it sits in goes on after it
+    /// (`)\r\n` at least).
     pub fn at_boundary(&self) -> bool {
-        self.state == State::Line && self.line_len == 0
+        self.state == State::Line && self.line_len == 0 && !self.continued
     }
 
     pub fn in_literal(&self) -> bool {
@@ -113,6 +114,7 @@ impl Framer {
     pub fn accept_literal(&mut self) {
         if let Some(announce) = self.pending.take() {
             self.state = if announce.len == 0 { State::Line } else { State::Literal { remaining: announce.len } };
+            self.continued = true;
         }
     }
 
@@ -120,6 +122,7 @@ impl Framer {
     pub fn reject_literal(&mut self) {
         self.pending = None;
         self.state = State::Line;
+        self.continued = false;
     }
 
     /// Forgets everything, e.g. after STARTTLS.
@@ -169,6 +172,8 @@ impl Framer {
                 if announce.is_some() {
                     self.pending = announce;
                     self.state = State::Undecided;
+                } else {
+                    self.continued = false;
                 }
                 Ok(Step { consumed, event: Some(Event::Line(line)) })
             }
@@ -268,6 +273,29 @@ mod tests {
         for chunk in 1..=512 {
             assert_eq!(fragments(input, chunk), whole, "chunk size {chunk}");
         }
+    }
+
+    #[test]
+    fn a_response_ends_at_its_last_line_not_at_a_literals_end() {
+        let mut framer = Framer::new(1 << 20);
+        assert!(framer.at_boundary());
+        let head = b"* 1 FETCH (BODY[] {3}\r\n";
+        assert_eq!(framer.feed(head).unwrap().consumed, head.len());
+        framer.accept_literal();
+        assert!(!framer.at_boundary());
+        assert_eq!(framer.feed(b"abc").unwrap().event, Some(Event::LiteralEnd));
+        assert!(!framer.at_boundary(), "`)\\r\\n` is still to come");
+        framer.feed(b")\r\n").unwrap();
+        assert!(framer.at_boundary());
+        // The same with an empty literal, and a refused one ends the command.
+        framer.feed(b"a APPEND x {0}\r\n").unwrap();
+        framer.accept_literal();
+        assert!(!framer.at_boundary());
+        framer.feed(b"\r\n").unwrap();
+        assert!(framer.at_boundary());
+        framer.feed(b"b APPEND x {9}\r\n").unwrap();
+        framer.reject_literal();
+        assert!(framer.at_boundary());
     }
 
     #[test]
