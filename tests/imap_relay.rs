@@ -51,6 +51,24 @@ fn a_literal_refused_by_the_upstream_is_not_read_as_data() {
 }
 
 #[test]
+fn a_literal_sent_before_the_continuation_cannot_smuggle_commands_past_mailgate() {
+    let setup = Setup::start();
+    let mut client = setup.login(BOB);
+    // The client does not wait for `+`. Dovecot refuses the APPEND without one, so what
+    // follows is commands, and mailgate must see them as such: the APPEND hidden in the
+    // "literal" is over mailgate's cap and gets mailgate's own refusal, not Dovecot's.
+    let hidden = b"z2 APPEND INBOX {999999999}\r\n";
+    let mut burst = format!("a APPEND NoSuchBox {{{}}}\r\n", hidden.len()).into_bytes();
+    burst.extend_from_slice(hidden);
+    client.send(&burst);
+    let refused = client.line().unwrap();
+    assert!(refused.starts_with("a NO [TRYCREATE]"), "{refused}");
+    assert_eq!(client.line().unwrap(), "z2 NO [TOOBIG] Message too large.");
+    let lines = client.command("b", "NOOP");
+    assert!(lines[0].starts_with("b OK NOOP completed"), "{lines:?}");
+}
+
+#[test]
 fn literals_over_the_limit_are_refused_before_the_upstream_sees_them() {
     let setup = Setup::start_with("max_literal_bytes = \"1MiB\"", "");
     let mut client = setup.login(BOB);

@@ -157,6 +157,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         framer: Framer::new(service.config.imap.max_line_bytes.as_usize()),
         line: Vec::new(),
         continuing: false,
+        command_tag: Vec::new(),
         refusing: false,
         shared: shared.clone(),
         completed: completed.clone(),
@@ -218,10 +219,13 @@ struct ClientPump<'a, R, W> {
     line: Vec<u8>,
     /// The next line continues the current command (it follows a literal).
     continuing: bool,
+    /// The tag of the command being read (continuation lines carry none).
+    command_tag: Vec<u8>,
     /// Shutdown began and the client started a new command: its bytes are dropped.
     refusing: bool,
     shared: Arc<Mutex<Shared>>,
-    /// Signalled by the upstream pump at each tagged completion.
+    /// Signalled by the upstream pump at each tagged completion, and when it answers an
+    /// announced literal.
     completed: Arc<Notify>,
     inject: mpsc::Sender<Inject>,
     jobs: mpsc::Sender<JobOrder>,
@@ -308,13 +312,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     async fn process(&mut self) -> Option<End> {
         while !self.buffer.is_empty() {
             if self.framer.pending_literal().is_some() {
-                let answer = {
-                    let mut shared = self.lock();
-                    shared.literal_wait.take().and_then(|(_, answer)| answer)
+                let answer = match self.literal_answer().await {
+                    Ok(answer) => answer,
+                    Err(end) => return Some(end),
                 };
                 // The upstream refused the command: the client will not send the literal.
-                // Without an answer yet the client did not wait: treat it as data, as the
-                // upstream will.
                 if answer == Some(false) {
                     self.framer.reject_literal();
                     self.continuing = false;
@@ -404,6 +406,32 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         }
     }
 
+    /// The upstream's answer to the synchronizing literal just announced: `+`
+    /// (`Some(true)`) or a refusal (`Some(false)`); `None` for a non-synchronizing one.
+    /// A client that sends the literal before the `+` is not trusted to be right: what
+    /// follows is data only if the upstream agrees, else it would reach the upstream as
+    /// commands mailgate never looked at.
+    async fn literal_answer(&mut self) -> Result<Option<bool>, End> {
+        let idle = self.service.config.imap.idle_timeout.0;
+        loop {
+            let answered = self.completed.notified();
+            {
+                let mut shared = self.lock();
+                match shared.literal_wait {
+                    None => return Ok(None),
+                    Some((_, Some(answer))) => {
+                        shared.literal_wait = None;
+                        return Ok(Some(answer));
+                    }
+                    Some((_, None)) => {}
+                }
+            }
+            if tokio::time::timeout(idle, answered).await.is_err() {
+                return Err(self.close_with("Autologout; idle for too long.").await);
+            }
+        }
+    }
+
     async fn forward_line(&mut self, line: super::framing::Line) -> Option<End> {
         let first_line = !self.continuing;
         if first_line && self.lock().draining {
@@ -415,7 +443,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             return None;
         }
         let head = strip_eol(&line.head);
-        let tag = head.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
+        // A line after a literal continues its command: it has the command's tag.
+        let tag = if first_line {
+            self.command_tag = head.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
+            self.command_tag.clone()
+        } else {
+            self.command_tag.clone()
+        };
         // A line during IDLE is its DONE: the lines after it are commands again, even before
         // the upstream completes the IDLE (its tag stays in flight until then).
         let idling = first_line && self.lock().idling.take().is_some();
@@ -622,12 +656,16 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
 
     /// Keeps the shared view of the session in step with the upstream's answers.
     fn observe(&mut self, head: &[u8]) {
+        // Callers pass a line head with or without its line end (`7 EXPUNGE\r\n` must
+        // still be an EXPUNGE).
+        let head = super::framing::strip_eol(head);
         let shared = self.shared.clone();
         let mut shared = shared.lock().expect("relay lock poisoned");
         match response::kind(head) {
             Kind::Continuation => {
                 if let Some((_, answer @ None)) = shared.literal_wait.as_mut() {
                     *answer = Some(true);
+                    self.completed.notify_one();
                 }
             }
             Kind::Tagged { tag, rest } => {
@@ -655,6 +693,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 if let Some((waiting, answer @ None)) = shared.literal_wait.as_mut() {
                     if waiting == tag {
                         *answer = Some(false);
+                        self.completed.notify_one();
                     }
                 }
             }
