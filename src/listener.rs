@@ -128,6 +128,10 @@ async fn session(mut tcp: TcpStream, socket_peer: SocketAddr, id: String, servic
     active.inc();
     let _active = Active(active);
     let _ = tcp.set_nodelay(true);
+    // The caps and the connection rate count a connection from its first byte: a client
+    // stalling its TLS handshake holds a slot like any other (and is refused like any
+    // other; the refusal still goes over TLS on an implicit-TLS port).
+    let admitted = service.limits.connect(peer.ip()).await;
     let stream = match service.listener_tls {
         TlsMode::Implicit => match service.accept_tls(tcp).await {
             Some(stream) => stream,
@@ -135,30 +139,9 @@ async fn session(mut tcp: TcpStream, socket_peer: SocketAddr, id: String, servic
         },
         TlsMode::Starttls | TlsMode::Plaintext => Stream::Plain(tcp),
     };
-    let _lease = match service.limits.connect(peer.ip()).await {
+    let _lease = match admitted {
         Ok(lease) => lease,
-        Err(refused) => {
-            info!(?refused, "connection refused by a limit");
-            match refused {
-                crate::limits::Refused::Rate => service.limited("rate"),
-                // Counted in mailgate_limit_store_errors_total.
-                crate::limits::Refused::Unavailable => {}
-                _ => service.limited("connections"),
-            }
-            let mut stream = stream;
-            let why = match refused {
-                crate::limits::Refused::Unavailable => "Service temporarily unavailable",
-                _ => "Too many connections",
-            };
-            let refusal = match service.protocol {
-                Protocol::Imap => format!("* BYE [UNAVAILABLE] {why}, try again later.\r\n"),
-                Protocol::Pop3 => format!("-ERR [SYS/TEMP] {why}, try again later.\r\n"),
-            };
-            if tokio::io::AsyncWriteExt::write_all(&mut stream, refusal.as_bytes()).await.is_ok() {
-                stream.linger_close().await;
-            }
-            return;
-        }
+        Err(refused) => return refuse(&service, stream, refused).await,
     };
     let origin = Origin { client: peer, local, session: id, tls: None };
     match service.protocol {
@@ -166,4 +149,27 @@ async fn session(mut tcp: TcpStream, socket_peer: SocketAddr, id: String, servic
         Protocol::Pop3 => pop3::front::serve(stream, &service, origin).await,
     }
     debug!("disconnected");
+}
+
+/// Answers a connection a limit refused, and closes it.
+async fn refuse(service: &Service, mut stream: Stream, refused: crate::limits::Refused) {
+    use crate::limits::Refused;
+    info!(?refused, "connection refused by a limit");
+    match refused {
+        Refused::Rate => service.limited("rate"),
+        // Counted in mailgate_limit_store_errors_total.
+        Refused::Unavailable => {}
+        _ => service.limited("connections"),
+    }
+    let why = match refused {
+        Refused::Unavailable => "Service temporarily unavailable",
+        _ => "Too many connections",
+    };
+    let refusal = match service.protocol {
+        Protocol::Imap => format!("* BYE [UNAVAILABLE] {why}, try again later.\r\n"),
+        Protocol::Pop3 => format!("-ERR [SYS/TEMP] {why}, try again later.\r\n"),
+    };
+    if tokio::io::AsyncWriteExt::write_all(&mut stream, refusal.as_bytes()).await.is_ok() {
+        stream.linger_close().await;
+    }
 }

@@ -47,6 +47,19 @@ fn per_address_cap_answers_before_the_greeting_and_frees_slots() {
 }
 
 #[test]
+fn a_connection_stalling_its_tls_handshake_holds_its_slot() {
+    let setup = Setup::start_with("", "[limits]\nmax_connections_per_ip = 1\n");
+    // TCP to the implicit-TLS port, and not a byte of TLS.
+    let stalled = TcpStream::connect(setup.addr("imaps")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    drop(stalled);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = setup.imaps();
+    assert!(again.command("n", "NOOP")[0].starts_with("n OK"));
+}
+
+#[test]
 fn per_user_cap_spans_imap_and_pop3() {
     let setup = Setup::start_with("", "[limits]\nmax_connections_per_user = 1\n");
     let mut first = setup.login(BOB);
