@@ -16,6 +16,9 @@ pub struct UidMap {
 /// More than this many known messages are not tracked (memory stays bounded).
 const MAX_TRACKED: usize = 1 << 20;
 
+/// Up to this many known messages, an EXPUNGE is followed; beyond, the map is forgotten.
+const FOLLOW_EXPUNGES_UP_TO: usize = 10_000;
+
 impl UidMap {
     pub fn learn(&mut self, seq: u32, uid: u32) {
         if self.by_uid.len() < MAX_TRACKED || self.by_uid.contains_key(&uid) {
@@ -27,14 +30,23 @@ impl UidMap {
         self.by_uid.get(&uid).copied()
     }
 
-    /// `* seq EXPUNGE`: that message goes, the later ones move down by one.
+    /// `* seq EXPUNGE`: that message goes, the later ones move down by one. Following it
+    /// costs a pass over the map, so a large map is dropped instead (a mass expunge would
+    /// cost a pass per message; relearning costs one `UID SEARCH ALL`).
     pub fn expunge(&mut self, seq: u32) {
-        self.by_uid.retain(|_, s| *s != seq);
-        for s in self.by_uid.values_mut() {
+        if self.by_uid.len() > FOLLOW_EXPUNGES_UP_TO {
+            self.forget();
+            return;
+        }
+        self.by_uid.retain(|_, s| {
+            if *s == seq {
+                return false;
+            }
             if *s > seq {
                 *s -= 1;
             }
-        }
+            true
+        });
     }
 
     pub fn forget(&mut self) {
@@ -83,5 +95,18 @@ mod tests {
         assert_eq!(map.seq(9), Some(3));
         map.exists(4);
         assert!(!map.is_complete());
+    }
+
+    #[test]
+    fn a_mass_expunge_of_a_large_mailbox_stays_cheap() {
+        let mut map = UidMap::default();
+        let uids: Vec<u32> = (1..=50_000).collect();
+        map.learn_all(&uids);
+        // The first expunge drops the map (no pass per message follows): forgotten, not
+        // wrong, and lookups go upstream again.
+        map.expunge(1);
+        assert!(!map.is_complete());
+        assert_eq!(map.seq(50_000), None);
+        assert_eq!(map.by_uid.len(), 0);
     }
 }
