@@ -169,7 +169,7 @@ struct Wanted<'a> {
     class: Kind,
 }
 
-fn is_tagged(response: &[u8], tag: &str) -> bool {
+pub(super) fn is_tagged(response: &[u8], tag: &str) -> bool {
     response.starts_with(tag.as_bytes()) && response.get(tag.len()) == Some(&b' ')
 }
 
@@ -400,11 +400,13 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
             (0..chunk.len()).partition(|&m| guards.keys().any(|&(owner, _)| owner == m));
         let status = phase_two.fetch(io, chunk, &fetch, &mut guards).await?;
         drop(guards);
+        // One bound for the whole batch: a slow loader elsewhere costs at most that once.
+        let deadline = tokio::time::Instant::now() + SHARED_LOAD_WAIT;
         for (m, i, value) in waits {
             if chunk[m].items[i].is_some() {
                 continue; // fetched above with the rest of its message
             }
-            if let Ok(Ok(Some(bytes))) = tokio::time::timeout(SHARED_LOAD_WAIT, value).await {
+            if let Ok(Ok(Some(bytes))) = tokio::time::timeout_at(deadline, value).await {
                 chunk[m].items[i] = Some(bytes);
             }
         }
