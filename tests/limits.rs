@@ -277,6 +277,9 @@ fn past_a_reject_download_quota_fetch_and_retr_are_refused_until_the_window_roll
     fetch_last(&mut client, "f", &message);
     assert_eq!(client.command("g", "FETCH * BODY.PEEK[]"), ["g NO [LIMIT] Download quota used up, try again later."]);
     assert_eq!(client.command("u", "UID FETCH 1:* RFC822"), ["u NO [LIMIT] Download quota used up, try again later."]);
+    // A FETCH whose header list carries a literal is judged on the line before it.
+    client.send(b"v FETCH * (BODY.PEEK[HEADER.FIELDS ({7}\r\n");
+    assert_eq!(client.line().unwrap(), "v NO [LIMIT] Download quota used up, try again later.");
     // Flags and sizes still sync; the session goes on.
     assert!(client.command("h", "FETCH * (FLAGS RFC822.SIZE)").last().unwrap().starts_with("h OK"));
     let mut pop3 = setup.pop3_login(BOB);
@@ -284,7 +287,7 @@ fn past_a_reject_download_quota_fetch_and_retr_are_refused_until_the_window_roll
     assert_eq!(pop3.line().unwrap(), "-ERR [SYS/TEMP] Download quota used up, try again later.");
     pop3.send(b"STAT\r\n");
     assert!(pop3.line().unwrap().starts_with("+OK "));
-    assert_eq!(counter(&setup, "mailgate_limit_rejections_total{kind=\"quota\"}"), 3);
+    assert_eq!(counter(&setup, "mailgate_limit_rejections_total{kind=\"quota\"}"), 4);
     // A new window: downloads again.
     std::thread::sleep(Duration::from_millis(4300).saturating_sub(window.elapsed()));
     fetch_last(&mut client, "i", &message);

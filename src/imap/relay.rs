@@ -432,6 +432,30 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         }
     }
 
+    /// Answers the command being read with `text` (tagged) instead of forwarding it. A
+    /// synchronizing literal it announced is refused with it; one whose bytes are already
+    /// on their way (non-synchronizing, or in a line that continues a command already
+    /// partly forwarded) leaves no way to go on: the session ends with `* BYE bye`.
+    async fn refuse(
+        &mut self,
+        tag: &[u8],
+        text: &str,
+        announce: Option<super::framing::Announce>,
+        first_line: bool,
+        bye: &'static str,
+    ) -> Option<End> {
+        if let Some(announce) = announce {
+            if announce.non_sync || !first_line {
+                return Some(self.close_with(bye).await);
+            }
+            self.framer.reject_literal();
+        }
+        self.line.clear();
+        let bytes = format!("{} {text}\r\n", String::from_utf8_lossy(tag)).into_bytes();
+        let _ = self.inject.send(Inject { bytes, then_close: false }).await;
+        None
+    }
+
     async fn forward_line(&mut self, line: super::framing::Line) -> Option<End> {
         let first_line = !self.continuing;
         if first_line && self.lock().draining {
@@ -467,32 +491,17 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 None
             };
             if let Some(refusal) = refusal {
-                if announce.non_sync || !first_line {
-                    // Its bytes are already on their way: the session cannot go on.
-                    return Some(self.close_with("Literal too large.").await);
-                }
-                self.framer.reject_literal();
-                self.line.clear();
-                let bytes = format!("{} {refusal}\r\n", String::from_utf8_lossy(&tag)).into_bytes();
-                let _ = self.inject.send(Inject { bytes, then_close: false }).await;
-                return None;
+                return self.refuse(&tag, refusal, Some(announce), first_line, "Literal too large.").await;
             }
         }
         if first_line && !idling {
             self.service.command_rate(&self.account).await;
             let full_line = strip_eol(&self.line);
-            if line.announce.is_none()
-                && super::command::fetches_message_data(full_line)
-                && self.service.download_refused(&self.account)
-            {
-                self.line.clear();
-                let bytes = format!(
-                    "{} NO [LIMIT] Download quota used up, try again later.\r\n",
-                    String::from_utf8_lossy(&tag)
-                )
-                .into_bytes();
-                let _ = self.inject.send(Inject { bytes, then_close: false }).await;
-                return None;
+            // A FETCH line announcing a literal (in a HEADER.FIELDS list) has asked for its
+            // sections before the literal: it is judged on what it has said so far.
+            if super::command::fetches_message_data(full_line) && self.service.download_refused(&self.account) {
+                let text = "NO [LIMIT] Download quota used up, try again later.";
+                return self.refuse(&tag, text, line.announce, true, "Download quota used up.").await;
             }
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
@@ -640,7 +649,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         if self.framer.pending_literal().is_some() {
             self.framer.accept_literal();
         }
-        let step = self.framer.feed(&self.buffer).ok()?;
+        let step = match self.framer.feed(&self.buffer) {
+            Ok(step) => step,
+            // Nothing was consumed: the session cannot go on (and must not spin).
+            Err(_) => return Some(End::Io),
+        };
         let bytes = self.buffer.split_to(step.consumed);
         if self.write.write_all(&bytes).await.is_err() {
             return Some(End::ClientClosed);
@@ -807,7 +820,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
                 return Err(JobError::TooLarge);
             }
             let Some(Event::Line(parsed)) = event else { continue };
-            if first && line.starts_with(tag.as_bytes()) && line.get(tag.len()) == Some(&b' ') {
+            if first && intercept::is_tagged(&line, tag) {
                 return Ok(Relayed::Tagged(line));
             }
             if first {
