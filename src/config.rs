@@ -931,7 +931,8 @@ impl Config {
                 errors.push(error(key, "must be longer than zero"));
             }
         }
-        if p.max_line_bytes.0 < 255 || p.max_sasl_line_bytes.0 < 255 {
+        let rfc_line = crate::pop3::codec::MAX_COMMAND_LINE as u64;
+        if p.max_line_bytes.0 < rfc_line || p.max_sasl_line_bytes.0 < rfc_line {
             errors.push(error("pop3.max_line_bytes", "POP3 line limits must be at least 255 octets (RFC 2449)"));
         }
         if i.preauth_max_line_bytes.0 < 512 || i.max_line_bytes.0 < 1024 {

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use mailgate::config::Config;
 
 #[derive(Parser)]
-#[command(name = "mailgate", version, about = "TLS-terminating IMAP gateway")]
+#[command(name = "mailgate", version, about = "TLS-terminating IMAP and POP3 gateway")]
 struct Cli {
     #[command(subcommand)]
     command: Commands,

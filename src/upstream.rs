@@ -57,7 +57,6 @@ impl Host {
     }
 }
 
-/// Why the upstream could not be used; the client sees `NO [UNAVAILABLE]` for all of these.
 /// Why an upstream login did not give a session (IMAP and POP3 alike).
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
@@ -70,6 +69,7 @@ pub enum LoginError {
     Rejected { code: Option<String> },
 }
 
+/// Why the upstream could not be used; the client sees `NO [UNAVAILABLE]` for all of these.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connect to {address}: {source}")]

@@ -73,10 +73,6 @@ impl Account {
         // NUL cannot occur in either part, so the pair is unambiguous.
         Account(Name::new(&format!("{upstream}\0{identity}")))
     }
-
-    pub fn identity(&self) -> &str {
-        self.0.as_str().split_once('\0').map_or("", |(_, identity)| identity)
-    }
 }
 
 /// An IMAP item: one message (mailbox, UIDVALIDITY, UID) and the exact item fetched, in a

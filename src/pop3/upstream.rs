@@ -158,7 +158,11 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
     } else {
         let (user, password) = (&credentials.user, credentials.password.expose());
         // Both must fit a command line, and neither may carry a line break.
-        if user.len() + 7 > 255 || password.len() + 7 > 255 || (user.to_owned() + password).contains(['\r', '\n']) {
+        if user.len() + 7 > 255
+            || password.len() + 7 > 255
+            || user.contains(['\r', '\n'])
+            || password.contains(['\r', '\n'])
+        {
             return Err(LoginError::Rejected { code: Some("AUTH".into()) });
         }
         reader.send(&format!("USER {user}")).await?;
