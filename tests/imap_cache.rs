@@ -264,3 +264,33 @@ fn concurrent_sessions_missing_the_same_items_all_get_exact_answers() {
         assert!(got == want, "a concurrent session got a different answer");
     }
 }
+
+#[test]
+fn opening_a_large_message_whose_size_is_cached_streams_it() {
+    // Small job limits (a cache job may hold 2 × 1 MiB + 1 MiB): a 4 MiB message merged
+    // with its cached RFC822.SIZE would not fit, streamed it does.
+    let setup = Setup::start_with("max_literal_bytes = \"1MiB\"", "[cache]\nmax_entry_bytes = \"256KiB\"\n");
+    let body: String =
+        (0..72_000).map(|i| format!("line {i:06} of a four megabyte message, 64 bytes long.....\r\n")).collect();
+    let message = format!("From: a@example.org\r\nSubject: large\r\n\r\n{body}");
+    assert!(message.len() > 4 << 20);
+    let mut direct = setup.direct(BOB);
+    direct.send(format!("a APPEND INBOX {{{}}}\r\n", message.len()).as_bytes());
+    assert!(direct.line().unwrap().starts_with("+ "));
+    direct.send(message.as_bytes());
+    direct.send(b"\r\n");
+    assert!(direct.until_tagged("a").last().unwrap().starts_with("a OK"));
+    direct.command("s", "SELECT INBOX");
+
+    let mut client = setup.login(BOB);
+    client.command("s", "SELECT INBOX");
+    // The header sync fills the cache (RFC822.SIZE among it).
+    let sync = "UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])";
+    assert_eq!(answer(&mut client, "h", sync), answer(&mut direct, "h", sync));
+    // Then the client opens the message, asking for its size again with the body.
+    let open = "UID FETCH 1 (UID RFC822.SIZE BODY.PEEK[])";
+    let through = answer(&mut client, "o", open);
+    assert_eq!(through.status, "OK");
+    assert_eq!(through, answer(&mut direct, "o", open));
+    assert!(client.command("n", "NOOP").last().unwrap().starts_with("n OK"), "the session goes on");
+}

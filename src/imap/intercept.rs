@@ -444,8 +444,8 @@ const FILLED_MARK: &str = "\0filled";
 
 /// Whether a FETCH is best relayed as it is while its answer fills the cache: possible
 /// when the client's answer carries UIDs (UID FETCH, or UID among the items), worth it when
-/// nothing of it is likely cached: the mailbox was never filled from, or none of its named
-/// UIDs has any of the items.
+/// nothing of it is likely cached (the mailbox was never filled from, or none of its named
+/// UIDs has any of the items), and right when a body section of a named UID is missing.
 fn looks_cold(job: &Job, scope: &Scope, wanted: &[Wanted<'_>]) -> bool {
     let request = &job.request;
     let carries_uid = request.uid || request.mutable_requests().iter().any(|m| m.eq_ignore_ascii_case("UID"));
@@ -455,10 +455,15 @@ fn looks_cold(job: &Job, scope: &Scope, wanted: &[Wanted<'_>]) -> bool {
     if !scope.cache.contains(&key(scope, &job.selected, 0, &Name::new(FILLED_MARK))) {
         return true;
     }
+    let cached = |uid: u32, w: &Wanted<'_>| scope.cache.contains(&key(scope, &job.selected, uid, &w.key));
     match (request.uid, explicit_uids(&request.set)) {
-        (true, Some(uids)) => !uids
-            .iter()
-            .any(|&uid| wanted.iter().any(|w| scope.cache.contains(&key(scope, &job.selected, uid, &w.key)))),
+        // A body section still to come from the upstream (a client opening a message it has
+        // the size or structure of) is relayed as it is too: merged with cached items it
+        // would be held whole, however large, where the relay streams it.
+        (true, Some(uids)) => {
+            let missing_body = uids.iter().any(|&uid| wanted.iter().any(|w| w.class == Kind::Body && !cached(uid, w)));
+            missing_body || !uids.iter().any(|&uid| wanted.iter().any(|w| cached(uid, w)))
+        }
         _ => false,
     }
 }
