@@ -362,7 +362,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
             io.forward(&message.response).await?;
         }
         io.count(tally.hits, tally.misses);
-        return io.to_client(&[client_tag.as_bytes(), b" ", &status, b"\r\n"].concat()).await;
+        return finish(io, client_tag, &status).await;
     }
     for message in held {
         if !in_set(&message, highest) {
@@ -414,13 +414,10 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         for m in wait {
             let message = &chunk[m];
             match message.items.iter().cloned().collect::<Option<Vec<Bytes>>>() {
-                Some(items) => match compose(request, &mutable_names, message, message, &wanted, &items) {
-                    Some(bytes) => {
-                        io.answered(1);
-                        io.to_client(&bytes).await?
-                    }
-                    None => io.forward(&message.response).await?,
-                },
+                Some(items) => {
+                    let composed = compose(request, &mutable_names, message, message, &wanted, &items);
+                    answer_message(io, composed, &message.response).await?
+                }
                 // That load failed or took too long: fetch it here after all.
                 None => again.push(m),
             }
@@ -435,7 +432,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
     if !misses.is_empty() {
         scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;
     }
-    io.to_client(&[client_tag.as_bytes(), b" ", &final_status, b"\r\n"].concat()).await
+    finish(io, client_tag, &final_status).await
 }
 
 /// Marks that an account's mailbox (at one UIDVALIDITY) has been filled from: without the
@@ -508,7 +505,7 @@ async fn relay_and_fill<Io: JobIo>(
         scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;
     }
     io.count(0, filled);
-    io.to_client(&[client_tag.as_bytes(), b" ", &status, b"\r\n"].concat()).await
+    finish(io, client_tag, &status).await
 }
 
 /// What a phase-two fetch needs of the job.
@@ -587,14 +584,9 @@ impl PhaseTwo<'_> {
             let complete: Option<Vec<Bytes>> = message.items.iter().cloned().collect();
             // The fresh answer: its sequence number and mutable items are the current ones.
             let fresh = Message { uid: message.uid, response, parsed, items: Vec::new() };
-            match complete.and_then(|items| compose(request, self.mutable_names, message, &fresh, wanted, &items)) {
-                Some(bytes) => {
-                    io.answered(1);
-                    io.to_client(&bytes).await?
-                }
-                // FETCH data may come in several responses: relay the upstream's own.
-                None => io.forward(&fresh.response).await?,
-            }
+            let composed =
+                complete.and_then(|items| compose(request, self.mutable_names, message, &fresh, wanted, &items));
+            answer_message(io, composed, &fresh.response).await?;
         }
     }
 }
@@ -628,14 +620,26 @@ async fn settle<Io: JobIo>(
         return Ok(Some(message));
     };
     scope.cache.served(items.iter().map(Bytes::len).sum());
-    match compose(&job.request, mutable_names, &message, &message, wanted, &items) {
+    let composed = compose(&job.request, mutable_names, &message, &message, wanted, &items);
+    answer_message(io, composed, &message.response).await?;
+    Ok(None)
+}
+
+/// Sends one message's answer: `composed` when it could be built, else the upstream's own
+/// `response` (FETCH data may come in several responses; it is relayed as it came).
+async fn answer_message<Io: JobIo>(io: &mut Io, composed: Option<Vec<u8>>, response: &[u8]) -> Result<(), JobError> {
+    match composed {
         Some(bytes) => {
             io.answered(1);
-            io.to_client(&bytes).await?
+            io.to_client(&bytes).await
         }
-        None => io.forward(&message.response).await?,
+        None => io.forward(response).await,
     }
-    Ok(None)
+}
+
+/// The client's tagged completion of its FETCH.
+async fn finish<Io: JobIo>(io: &mut Io, client_tag: &str, status: &[u8]) -> Result<(), JobError> {
+    io.to_client(&[client_tag.as_bytes(), b" ", status, b"\r\n"].concat()).await
 }
 
 /// `* seq FETCH (...)` for one message: the client's items in its order; the sequence
