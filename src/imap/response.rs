@@ -48,14 +48,15 @@ pub fn status(rest: &[u8]) -> Option<StatusLine<'_>> {
         Some(sp) => (&rest[..sp], &rest[sp + 1..]),
         None => (rest, &b""[..]),
     };
-    let status = match word.to_ascii_uppercase().as_slice() {
-        b"OK" => Status::Ok,
-        b"NO" => Status::No,
-        b"BAD" => Status::Bad,
-        b"BYE" => Status::Bye,
-        b"PREAUTH" => Status::Preauth,
-        _ => return None,
-    };
+    // Called on every response line (`1 FETCH ...` included): no allocation.
+    const CONDITIONS: [(&[u8], Status); 5] = [
+        (b"OK", Status::Ok),
+        (b"NO", Status::No),
+        (b"BAD", Status::Bad),
+        (b"BYE", Status::Bye),
+        (b"PREAUTH", Status::Preauth),
+    ];
+    let status = CONDITIONS.iter().find(|(name, _)| word.eq_ignore_ascii_case(name))?.1;
     let mut code = None;
     let mut text = after;
     if let Some(inner) = after.strip_prefix(b"[") {
