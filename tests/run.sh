@@ -2,7 +2,8 @@
 # Runs mailgate's whole test suite on Debian/Ubuntu, installing the test peers when missing:
 # Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl, python3,
 # Prometheus (with promtool) to scrape mailgate's metrics, and redis-server for the limits a
-# fleet of mailgate instances shares.
+# fleet of mailgate instances shares; Courier IMAP/POP3 as a second upstream
+# (tests/install-courier.sh).
 # Also systemd-analyze (package systemd) and, in the venv target/deploy-venv, the validators
 # of the files in deploy/ (tests/deploy.rs, tests/deploy/requirements.txt).
 #
@@ -37,6 +38,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Dovecot's package scripts try to start the system service; there may be no init system.
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" ca-certificates >/dev/null
 fi
+# --- Courier IMAP/POP3 (tests/courier.rs) ---------------------------------------------------
+# The second real upstream. Debian's courier-imap/courier-pop conflict with dovecot-imapd/
+# dovecot-pop3d (installing one removes the other), so tests/install-courier.sh unpacks
+# them next to Dovecot instead (idempotent; see there). Dovecot is checked after it below.
+if ! tests/install-courier.sh --check; then
+  if ! tests/install-courier.sh; then
+    if [ "${CI:-}" = "true" ]; then
+      echo "tests/run.sh: Courier IMAP/POP3 could not be installed" >&2
+      exit 1
+    fi
+    echo "tests/run.sh: WARNING: Courier IMAP/POP3 could not be installed; tests/courier.rs will fail" >&2
+  fi
+fi
+# --- end Courier -----------------------------------------------------------------------------
 for tool in /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/sbin/dovecot; do
   [ -x "$tool" ] || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done

@@ -1,6 +1,8 @@
 #[allow(dead_code)]
 pub mod client;
 #[allow(dead_code)]
+pub mod courier;
+#[allow(dead_code)]
 pub mod dovecot;
 #[allow(dead_code)]
 pub mod fake_upstream;
