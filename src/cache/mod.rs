@@ -68,6 +68,9 @@ pub struct Stats {
     evicted_size: AtomicU64,
     evicted_expired: AtomicU64,
     evicted_other: AtomicU64,
+    /// Cached data found to differ from the upstream's (a mailbox or maildrop rebuilt
+    /// without a new UIDVALIDITY or UIDL).
+    stale: AtomicU64,
 }
 
 /// A point-in-time copy of the counters and the cache's size.
@@ -81,6 +84,7 @@ pub struct StatsSnapshot {
     pub evicted_size: u64,
     pub evicted_expired: u64,
     pub evicted_other: u64,
+    pub stale: u64,
     pub entries: u64,
     pub bytes: u64,
 }
@@ -146,6 +150,7 @@ impl MessageCache {
         let listener_stats = stats.clone();
         let mut builder = moka::future::Cache::builder()
             .max_capacity(config.max_bytes.0)
+            .support_invalidation_closures()
             .weigher(|key: &Key, value: &Bytes| -> u32 {
                 let key_bytes = match key {
                     Key::Imap(k) => k.mailbox.len() + k.item.len() + 64,
@@ -209,6 +214,42 @@ impl MessageCache {
         self.entries.contains_key(key)
     }
 
+    /// The value of `key`, without counting a lookup (to compare, not to serve).
+    pub async fn peek(&self, key: &Key) -> Option<Bytes> {
+        self.entries.get(key).await
+    }
+
+    /// Counts a miss that needed no lookup (an item relayed the cold way and stored).
+    pub fn missed(&self, kind: Kind) {
+        self.stats.misses[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes back a value stored in error (a placeholder for an expunged message).
+    pub async fn invalidate(&self, key: &Key) {
+        self.entries.invalidate(key).await;
+    }
+
+    /// Forgets everything of one mailbox at one UIDVALIDITY of an account: its upstream
+    /// changed an immutable item without a new UIDVALIDITY (a rebuilt mailbox).
+    pub fn forget_mailbox(&self, account: &Account, mailbox: &Name, uid_validity: u32) {
+        let (account, mailbox) = (account.clone(), mailbox.clone());
+        self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        let forgotten = self.entries.invalidate_entries_if(move |key, _| match key {
+            Key::Imap(k) => k.uid_validity == uid_validity && k.mailbox == mailbox && k.account == account,
+            Key::Pop3(_) => false,
+        });
+        if let Err(e) = forgotten {
+            tracing::error!(error = %e, "could not forget a stale mailbox");
+        }
+    }
+
+    /// Forgets one POP3 message of an account whose cached copy no longer matches the
+    /// upstream's.
+    pub async fn forget_pop3(&self, key: &Key) {
+        self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        self.entries.invalidate(key).await;
+    }
+
     /// Records that `bytes` were sent to a client from the cache.
     pub fn served(&self, bytes: usize) {
         self.stats.bytes_served.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -236,6 +277,7 @@ impl MessageCache {
             evicted_size: self.stats.evicted_size.load(Ordering::Relaxed),
             evicted_expired: self.stats.evicted_expired.load(Ordering::Relaxed),
             evicted_other: self.stats.evicted_other.load(Ordering::Relaxed),
+            stale: self.stats.stale.load(Ordering::Relaxed),
             entries: self.entries.entry_count(),
             bytes: self.entries.weighted_size(),
         }

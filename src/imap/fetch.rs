@@ -17,6 +17,16 @@ pub struct Item {
     pub kind: ItemKind,
 }
 
+impl Item {
+    /// The name the upstream's answer carries for this item.
+    fn response_name(&self) -> String {
+        match &self.kind {
+            ItemKind::Mutable => normalize(&self.request),
+            ItemKind::Cached { response, .. } => response.clone(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ItemKind {
     /// UID, FLAGS, MODSEQ: asked upstream every time.
@@ -99,6 +109,15 @@ pub fn parse_request(line: &[u8]) -> Option<FetchRequest> {
     };
     let items = items.into_iter().map(classify).collect::<Option<Vec<_>>>()?;
     if !items.iter().any(|i| matches!(i.kind, ItemKind::Cached { .. })) {
+        return None;
+    }
+    // Answers are matched to requests by the name the upstream echoes. Two requests that
+    // answer under one name (`BODY[]<0.10>` and `BODY[]<0.20>` both answer as `BODY[]<0>`,
+    // `BODY[]` and `BODY.PEEK[]`, an item named twice) cannot be told apart in the answer:
+    // such a command is relayed as it is, so the upstream decides what it says.
+    let mut names: Vec<String> = items.iter().map(Item::response_name).collect();
+    names.sort_unstable();
+    if names.windows(2).any(|pair| pair[0] == pair[1]) {
         return None;
     }
     Some(FetchRequest { tag: tag.to_string(), uid, set: set.to_string(), items })
@@ -212,12 +231,15 @@ fn valid_section(section: &str) -> bool {
     }
 }
 
-/// Upper-case, single spaces: how item names compare.
+/// Upper-case, single spaces, header field names unquoted: how item names compare. Names
+/// are compared by meaning, not spelling: a server may echo `BODY[HEADER.FIELDS ("From")]`
+/// for `BODY[HEADER.FIELDS (FROM)]` (Courier does; field names are astrings, RFC 9051 §9).
 pub fn normalize(name: &str) -> String {
     // One pass, one allocation: this runs for every item of every FETCH response.
     let mut out = String::with_capacity(name.len());
     let mut space = false;
-    for c in name.chars() {
+    let mut chars = name.chars();
+    while let Some(c) = chars.next() {
         if c.is_whitespace() {
             space = !out.is_empty();
             continue;
@@ -226,9 +248,43 @@ pub fn normalize(name: &str) -> String {
             out.push(' ');
         }
         space = false;
-        out.push(c.to_ascii_uppercase());
+        if c == '"' {
+            push_unquoted(&mut out, &mut chars);
+        } else {
+            out.push(c.to_ascii_uppercase());
+        }
     }
     out
+}
+
+/// The rest of a quoted string (after its opening quote) as the atom it stands for, when it
+/// is one; otherwise kept quoted (upper-cased) so that it never equals an atom spelling.
+fn push_unquoted(out: &mut String, chars: &mut std::str::Chars<'_>) {
+    let mut text = String::new();
+    let mut escaped = false;
+    for c in chars.by_ref() {
+        match (escaped, c) {
+            (false, '\\') => escaped = true,
+            (false, '"') => break,
+            _ => {
+                escaped = false;
+                text.push(c.to_ascii_uppercase());
+            }
+        }
+    }
+    let atom = !text.is_empty() && text.chars().all(|c| c.is_ascii_graphic() && !"()[]{}\"%*\\".contains(c));
+    if atom {
+        out.push_str(&text);
+    } else {
+        out.push('"');
+        for c in text.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
 }
 
 /// One item of a FETCH response: its normalized name and the byte range of `NAME SP VALUE`.
@@ -483,6 +539,34 @@ ENVELOPE (\"date\" {3}\r\na)b NIL ((\"x\" NIL \"y\" \"z\")) NIL NIL NIL NIL NIL 
         assert!(parse_response(b"* 1 FETCH (UID 1 BODY[] {10}\r\nshort)\r\n").is_none());
         assert!(parse_response(b"* 1 EXISTS\r\n").is_none());
         assert!(parse_response(b"* 1 FETCH (UID 1) trailing\r\n").is_none());
+    }
+
+    #[test]
+    fn requests_whose_answers_share_a_name_are_relayed() {
+        for line in [
+            &b"a UID FETCH 5 (UID BODY.PEEK[]<0.10> BODY.PEEK[]<0.20>)"[..],
+            b"a FETCH 2 (RFC822.SIZE RFC822.SIZE)",
+            b"a FETCH 2 (BODY[TEXT] BODY.PEEK[TEXT])",
+            b"a FETCH 2 (FLAGS BODY[] flags)",
+        ] {
+            assert_eq!(parse_request(line), None, "{}", String::from_utf8_lossy(line));
+        }
+        assert!(parse_request(b"a FETCH 2 (BODY.PEEK[]<0.10> BODY.PEEK[]<10.20>)").is_some());
+    }
+
+    #[test]
+    fn names_compare_by_meaning_not_spelling() {
+        // Courier echoes header field names quoted.
+        assert_eq!(normalize("BODY[HEADER.FIELDS (\"From\" \"TO\")]"), "BODY[HEADER.FIELDS (FROM TO)]");
+        assert_eq!(normalize("BODY[HEADER.FIELDS.NOT (\"x-a\")]<0>"), "BODY[HEADER.FIELDS.NOT (X-A)]<0>");
+        // A quoted string that is not an atom stays quoted and never equals an atom.
+        assert_eq!(normalize("BODY[HEADER.FIELDS (\"a b\")]"), "BODY[HEADER.FIELDS (\"A B\")]");
+        let response: &[u8] = b"* 1 FETCH (UID 1 BODY[HEADER.FIELDS (\"FROM\")] {9}\r\nFrom: a\r\n RFC822.SIZE 7)\r\n";
+        let parsed = parse_response(response).unwrap();
+        let request = parse_request(b"a UID FETCH 1 (UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM)])").unwrap();
+        for wanted in request.cached_items() {
+            assert!(parsed.item(response, wanted.response).is_some(), "{}", wanted.response);
+        }
     }
 
     #[test]

@@ -16,13 +16,14 @@
 //! another message once the EXPUNGE is relayed). Untagged responses unrelated to the job
 //! flow through at once, in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio::sync::oneshot;
 
 use bytes::Bytes;
 
 use super::fetch::{parse_request, parse_response, set_contains, FetchRequest, FetchResponse, ItemKind};
+use super::renumber::{Mark, Renumber};
 use crate::cache::{Claim, ImapKey, Key, Kind, LoadGuard, Name, Scope};
 
 /// How long a miss waits for another session that is loading the same item.
@@ -34,6 +35,10 @@ pub const BATCH: usize = 100;
 /// The probe that makes the upstream set `\Seen` (a partial fetch of one octet).
 const SEEN_PROBE: &str = "BODY[]<0.1>";
 const SEEN_PROBE_RESPONSE: &str = "BODY[]<0>";
+
+/// Asked in phase one to check the cache against the upstream: a message's size never
+/// changes, so another size under the same UIDVALIDITY shows a rebuilt mailbox.
+const VALIDATOR: &str = "RFC822.SIZE";
 
 /// The selected mailbox, once its UIDVALIDITY is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,13 +52,15 @@ pub struct Selected {
 pub struct Job {
     pub request: FetchRequest,
     pub selected: Selected,
+    /// The session enabled QRESYNC: every FETCH response carries UID (RFC 7162 §3.2.4).
+    pub qresync: bool,
 }
 
 impl Job {
     /// A job for `line` if the cache can serve it in mailbox `selected`.
-    pub fn for_line(line: &[u8], selected: Option<&Selected>) -> Option<Job> {
+    pub fn for_line(line: &[u8], selected: Option<&Selected>, qresync: bool) -> Option<Job> {
         let selected = selected?.clone();
-        Some(Job { request: parse_request(line)?, selected })
+        Some(Job { request: parse_request(line)?, selected, qresync })
     }
 }
 
@@ -112,6 +119,8 @@ struct Message {
     parsed: FetchResponse,
     /// Cached item bytes by position in the request's cached items; `None` = miss.
     items: Vec<Option<Bytes>>,
+    /// When its sequence number was current.
+    mark: Mark,
 }
 
 /// The normalized mailbox name of `tag SELECT|EXAMINE name [...]` (INBOX is
@@ -301,6 +310,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         .filter(|i| i.kind == ItemKind::Mutable)
         .map(|i| super::fetch::normalize(&i.request))
         .collect();
+    let mut renumber = Renumber::default();
 
     // Phase one.
     let tag = io.tag();
@@ -308,8 +318,15 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         request.mutable_requests().into_iter().filter(|m| !m.eq_ignore_ascii_case("UID")).collect();
     let mut asked: Vec<&str> = vec!["UID"];
     asked.extend(&mutable);
+    // What mailgate adds to the client's items, never shown to the client.
+    let mut added = Vec::new();
     if request.sets_seen() {
         asked.push(SEEN_PROBE);
+        added.push(SEEN_PROBE_RESPONSE);
+    }
+    asked.push(VALIDATOR);
+    if !wanted.iter().any(|w| w.response == VALIDATOR) {
+        added.push(VALIDATOR);
     }
     let uid = if request.uid { "UID " } else { "" };
     io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, asked.join(" ")).into_bytes()).await?;
@@ -317,19 +334,24 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
     // last message: answers can then go out while phase one is still arriving, and only the
     // misses are kept, which bounds what a warm resync holds to nothing.
     let streaming = !request.set.split(',').any(|r| r == "*" || r.starts_with("*:"));
+    let id = |message: &Message| if request.uid { message.uid } else { message.parsed.seq };
     let in_set = |message: &Message, highest: (u32, u32)| {
-        if request.uid {
-            set_contains(&request.set, message.uid, highest.1)
-        } else {
-            set_contains(&request.set, message.parsed.seq, highest.0)
-        }
+        let last = if request.uid { highest.1 } else { highest.0 };
+        set_contains(&request.set, id(message), last)
     };
     let mut held = Vec::new();
+    // Streaming, the message with the highest number outside the set as far as known: `n:*`
+    // still names the last message when every number is below `n` (RFC 9051 §9,
+    // "seq-range"), so it may be an answer after all; known only at the end.
+    let mut beyond: Option<Message> = None;
     let mut misses = Vec::new();
     let mut highest = (0u32, 0u32);
     let mut tally = Tally::default();
     // (seq, uid) pairs for the UID map, handed over once (one lock, not one per message).
     let mut learned = Vec::new();
+    // Messages phase one already reported: a second response for one (a flag change the
+    // upstream reports apart, MODSEQ under CONDSTORE) is relayed as it is, never composed.
+    let mut reported = HashSet::new();
     let status = loop {
         let response = io.response().await?;
         if is_tagged(&response, &tag) {
@@ -340,45 +362,63 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
             // An EXPUNGE renumbers: what was learned so far goes in first, in order.
             io.learn_uids(&learned);
             learned.clear();
-            io.forward(&response).await?;
+            relay_other(io, &mut renumber, &response).await?;
             continue;
         };
         learned.push((parsed.seq, uid));
         highest = (highest.0.max(parsed.seq), highest.1.max(uid));
-        let message = Message { uid, response, parsed, items: vec![None; wanted.len()] };
-        if !streaming {
+        let message = Message { uid, response, parsed, items: vec![None; wanted.len()], mark: renumber.mark() };
+        if !reported.insert(uid) {
+            relay_phase_one(io, &mut renumber, &message, &added).await?;
+        } else if !streaming {
             held.push(message);
-        } else if !in_set(&message, (u32::MAX, u32::MAX)) {
-            // Another session's flag change, not ours.
-            io.forward(&message.response).await?;
-        } else if let Some(miss) = settle(io, job, scope, &mutable_names, &wanted, message, &mut tally).await? {
-            misses.push(miss);
+        } else if in_set(&message, (u32::MAX, u32::MAX)) {
+            if let Some(miss) = settle(io, job, scope, &mutable_names, &wanted, message, &mut tally, &renumber).await? {
+                misses.push(miss);
+            }
+        } else {
+            // Another session's flag change, or the last message standing for `*`: only
+            // the highest of them can be that, the others are relayed at once.
+            let other = match beyond.take() {
+                Some(kept) if id(&kept) > id(&message) => {
+                    beyond = Some(kept);
+                    message
+                }
+                kept => {
+                    beyond = Some(message);
+                    let Some(kept) = kept else { continue };
+                    kept
+                }
+            };
+            relay_phase_one(io, &mut renumber, &other, &added).await?;
         }
     };
+    held.extend(beyond);
     if status.starts_with(b"BAD") {
         // Relayed as the upstream said it (an invalid set, say). A NO (some messages
         // expunged meanwhile, RFC 9051 §7.4.2) still answers the messages it reported.
         for message in held.iter().chain(&misses) {
-            io.forward(&message.response).await?;
+            relay_phase_one(io, &mut renumber, message, &added).await?;
         }
         io.count(tally.hits, tally.misses);
         return finish(io, client_tag, &status).await;
     }
     for message in held {
         if !in_set(&message, highest) {
-            io.forward(&message.response).await?;
-        } else if let Some(miss) = settle(io, job, scope, &mutable_names, &wanted, message, &mut tally).await? {
+            relay_phase_one(io, &mut renumber, &message, &added).await?;
+        } else if let Some(miss) =
+            settle(io, job, scope, &mutable_names, &wanted, message, &mut tally, &renumber).await?
+        {
             misses.push(miss);
         }
     }
     io.count(tally.hits, tally.misses);
     let mut final_status = status;
 
-    // Phase two, in batches. A plain FETCH asks by sequence number (the numbers of phase
-    // one still hold: no EXPUNGE may come during a FETCH, RFC 9051 §7.5.1), a UID FETCH by
-    // UID. The mutable items are asked again: a flag change reported meanwhile must not be
-    // undone by phase one's older values.
-    let phase_two = PhaseTwo { request, job, scope, wanted: &wanted, mutable: &mutable, mutable_names: &mutable_names };
+    // Phase two, in batches, by UID: the mutable items are asked again, so that a flag
+    // change reported meanwhile is not undone by phase one's older values, and the answers
+    // carry the sequence numbers of the moment (a UID FETCH may bring EXPUNGEs).
+    let phase_two = PhaseTwo { job, scope, wanted: &wanted, mutable: &mutable, mutable_names: &mutable_names };
     for chunk in misses.chunks_mut(BATCH) {
         // Concurrent misses share one load: claim what nobody is loading; a message whose
         // every missing item another session is loading waits for that session instead.
@@ -396,9 +436,10 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
                 }
             }
         }
-        let (fetch, wait): (Vec<usize>, Vec<usize>) =
-            (0..chunk.len()).partition(|&m| guards.keys().any(|&(owner, _)| owner == m));
-        let status = phase_two.fetch(io, chunk, &fetch, &mut guards).await?;
+        // Messages with nothing missing are here for a fresh sequence number only.
+        let (fetch, wait): (Vec<usize>, Vec<usize>) = (0..chunk.len())
+            .partition(|&m| guards.keys().any(|&(owner, _)| owner == m) || chunk[m].items.iter().all(Option::is_some));
+        let status = phase_two.fetch(io, &mut renumber, chunk, &fetch, &mut guards).await?;
         drop(guards);
         // One bound for the whole batch: a slow loader elsewhere costs at most that once.
         let deadline = tokio::time::Instant::now() + SHARED_LOAD_WAIT;
@@ -413,16 +454,17 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         let mut again = Vec::new();
         for m in wait {
             let message = &chunk[m];
-            match message.items.iter().cloned().collect::<Option<Vec<Bytes>>>() {
-                Some(items) => {
-                    let composed = compose(request, &mutable_names, message, message, &wanted, &items);
-                    answer_message(io, composed, &message.response).await?
+            match (message.items.iter().all(Option::is_some), renumber.current(message.parsed.seq, message.mark)) {
+                (true, Some(seq)) => {
+                    let composed = compose(job, &mutable_names, message, message, seq, &wanted, &message.items);
+                    answer_message(io, composed).await?
                 }
-                // That load failed or took too long: fetch it here after all.
-                None => again.push(m),
+                // That load failed or took too long, or the number moved out of reach: fetch
+                // it here after all.
+                _ => again.push(m),
             }
         }
-        let retry = phase_two.fetch(io, chunk, &again, &mut HashMap::new()).await?;
+        let retry = phase_two.fetch(io, &mut renumber, chunk, &again, &mut HashMap::new()).await?;
         for status in [status, retry].into_iter().flatten() {
             if !status.starts_with(b"OK") {
                 final_status = status;
@@ -433,6 +475,53 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;
     }
     finish(io, client_tag, &final_status).await
+}
+
+/// Relays a response that is not an answer of the job, noting what it renumbers.
+async fn relay_other<Io: JobIo>(io: &mut Io, renumber: &mut Renumber, response: &[u8]) -> Result<(), JobError> {
+    if let Some(rest) = response.strip_prefix(b"* ") {
+        renumber.relayed(&rest[..rest.len().min(super::framing::HEAD_LEN)]);
+    }
+    io.forward(response).await
+}
+
+/// Relays a phase-one response as the upstream sent it, but for the items mailgate `added`
+/// (the `\Seen` probe, the size it checks), which the client did not ask for.
+async fn relay_phase_one<Io: JobIo>(
+    io: &mut Io,
+    renumber: &mut Renumber,
+    message: &Message,
+    added: &[&str],
+) -> Result<(), JobError> {
+    let response = &message.response;
+    let mut ranges: Vec<std::ops::Range<usize>> = message
+        .parsed
+        .items
+        .iter()
+        .filter(|i| added.contains(&i.name.as_str()))
+        .map(|item| {
+            // The item and the space that separates it from its neighbour.
+            let mut range = item.range.clone();
+            if response.get(range.end) == Some(&b' ') {
+                range.end += 1;
+            } else if range.start > 0 && response[range.start - 1] == b' ' {
+                range.start -= 1;
+            }
+            range
+        })
+        .collect();
+    if ranges.is_empty() {
+        return relay_other(io, renumber, response).await;
+    }
+    ranges.sort_by_key(|r| r.start);
+    let mut stripped = Vec::with_capacity(response.len());
+    let mut at = 0;
+    for range in ranges {
+        stripped.extend_from_slice(&response[at..range.start.max(at)]);
+        at = at.max(range.end);
+    }
+    stripped.extend_from_slice(&response[at..]);
+    relay_other(io, renumber, &stripped).await
 }
 
 /// Marks that an account's mailbox (at one UIDVALIDITY) has been filled from: without the
@@ -465,6 +554,79 @@ fn looks_cold(job: &Job, scope: &Scope, wanted: &[Wanted<'_>]) -> bool {
     }
 }
 
+/// What a command's items stored, to be taken back when its completion says that some
+/// messages were expunged under the session: their answers are placeholders, not content.
+#[derive(Default)]
+struct Stored {
+    keys: Vec<Key>,
+}
+
+impl Stored {
+    /// Stores `raw` as the value of `key` when it is content, directly or through `guard`.
+    async fn store(&mut self, scope: &Scope, job: &Job, key: Key, raw: &Bytes, guard: Option<LoadGuard>) -> bool {
+        if !is_content(raw) {
+            return false;
+        }
+        if let Some(stale) = stale_validator(scope, &key, raw).await {
+            tracing::warn!(
+                item = stale,
+                mailbox = job.selected.mailbox.as_str(),
+                uid_validity = job.selected.uid_validity,
+                "the upstream changed an immutable item without a new UIDVALIDITY; forgetting what is cached of the mailbox"
+            );
+            scope.cache.forget_mailbox(&scope.account, &job.selected.mailbox, job.selected.uid_validity);
+        }
+        match guard {
+            Some(guard) => guard.fill(raw.clone()).await,
+            None => scope.cache.insert(key.clone(), raw.clone()).await,
+        }
+        self.keys.push(key);
+        true
+    }
+
+    /// At the command's completion: keep what it stored only after a plain OK.
+    async fn settle(self, scope: &Scope, status: &[u8]) {
+        if !status_is_clean(status) {
+            for key in self.keys {
+                scope.cache.invalidate(&key).await;
+            }
+        }
+    }
+}
+
+/// A completion after which the answers are content: OK, without `[EXPUNGEISSUED]`
+/// (RFC 5530: some messages were expunged and answered with placeholders).
+fn status_is_clean(status: &[u8]) -> bool {
+    status.starts_with(b"OK") && !status.windows(14).any(|w| w.eq_ignore_ascii_case(b"[EXPUNGEISSUED"))
+}
+
+/// Whether an item's bytes are the message's content rather than what a server says of a
+/// message that is gone: `NIL` (RFC 2180 §4.1.3), or Dovecot's placeholders (`RFC822.SIZE
+/// 0`, the 1970 INTERNALDATE, an ENVELOPE of NILs, an empty text/plain structure). A real
+/// message that looks like one is merely not cached. (The command's `[EXPUNGEISSUED]`
+/// completion takes back whatever else it stored: see [`Stored::settle`].)
+fn is_content(raw: &[u8]) -> bool {
+    let Some(space) = raw.iter().position(|&b| b == b' ') else { return false };
+    let (name, value) = (&raw[..space], &raw[space + 1..]);
+    let placeholder = match name {
+        b"RFC822.SIZE" => value == b"0",
+        b"INTERNALDATE" => value.starts_with(b"\"01-Jan-1970 00:00:00"),
+        b"ENVELOPE" => value.split(|&b| b == b' ' || b == b'(' || b == b')').all(|w| w.is_empty() || w == b"NIL"),
+        b"BODYSTRUCTURE" | b"BODY" => value.starts_with(b"(\"text\" \"plain\" NIL NIL NIL \"7bit\" 0 0"),
+        _ => false,
+    };
+    value != b"NIL" && !placeholder
+}
+
+/// For the items a server reports the same for a message forever and that show a rebuilt
+/// mailbox (RFC822.SIZE, INTERNALDATE): the item's name when the cache holds another value.
+async fn stale_validator(scope: &Scope, key: &Key, raw: &[u8]) -> Option<&'static str> {
+    let Key::Imap(imap) = key else { return None };
+    let name = ["RFC822.SIZE", "INTERNALDATE"].into_iter().find(|n| imap.item.as_str() == *n)?;
+    let cached = scope.cache.peek(key).await?;
+    (cached != raw).then_some(name)
+}
+
 /// The client's own FETCH, relayed unchanged (under mailgate's tag), its answers streamed
 /// to the client byte for byte while their cacheable items are stored: one upstream round
 /// trip, exactly the upstream's answer, and no body held whole on its way.
@@ -480,7 +642,7 @@ async fn relay_and_fill<Io: JobIo>(
     let items: Vec<&str> = request.items.iter().map(|i| i.request.as_str()).collect();
     let uid = if request.uid { "UID " } else { "" };
     io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, items.join(" ")).into_bytes()).await?;
-    let mut filled = 0;
+    let mut stored = Stored::default();
     // A response larger than any item the cache would keep needs no copy.
     let keep = scope.cache.max_entry_bytes().saturating_mul(2).saturating_add(4096);
     let status = loop {
@@ -493,15 +655,16 @@ async fn relay_and_fill<Io: JobIo>(
             io.learn_uid(parsed.seq, uid);
             for w in wanted {
                 if let Some(raw) = parsed.item(&response, w.response) {
-                    if !raw.ends_with(b" NIL") {
-                        scope.cache.insert(key(scope, &job.selected, uid, &w.key), Bytes::copy_from_slice(raw)).await;
-                        filled += 1;
-                    }
+                    scope.cache.missed(w.class);
+                    let key = key(scope, &job.selected, uid, &w.key);
+                    stored.store(scope, job, key, &Bytes::copy_from_slice(raw), None).await;
                 }
             }
         }
     };
-    if filled > 0 {
+    let filled = stored.keys.len();
+    stored.settle(scope, &status).await;
+    if filled > 0 && status_is_clean(&status) {
         scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;
     }
     io.count(0, filled);
@@ -510,7 +673,6 @@ async fn relay_and_fill<Io: JobIo>(
 
 /// What a phase-two fetch needs of the job.
 struct PhaseTwo<'a> {
-    request: &'a FetchRequest,
     job: &'a Job,
     scope: &'a Scope,
     wanted: &'a [Wanted<'a>],
@@ -519,12 +681,13 @@ struct PhaseTwo<'a> {
 }
 
 impl PhaseTwo<'_> {
-    /// Fetches the missing items of `chunk[m]` for each `m` in `which`, answers each of those
-    /// messages, and stores what it got (through the guard when this session loads it for
-    /// others). `None` when there was nothing to fetch.
+    /// Fetches the missing items of `chunk[m]` for each `m` in `which` (by UID), answers
+    /// each of those messages, and stores what it got (through the guard when this session
+    /// loads it for others). `None` when there was nothing to fetch.
     async fn fetch<Io: JobIo>(
         &self,
         io: &mut Io,
+        renumber: &mut Renumber,
         chunk: &mut [Message],
         which: &[usize],
         guards: &mut HashMap<(usize, usize), LoadGuard>,
@@ -532,11 +695,10 @@ impl PhaseTwo<'_> {
         if which.is_empty() {
             return Ok(None);
         }
-        let (request, scope, wanted) = (self.request, self.scope, self.wanted);
+        let (job, scope, wanted) = (self.job, self.scope, self.wanted);
         let needed: Vec<usize> =
             (0..wanted.len()).filter(|&i| which.iter().any(|&m| chunk[m].items[i].is_none())).collect();
-        let ids: Vec<String> =
-            which.iter().map(|&m| if request.uid { chunk[m].uid } else { chunk[m].parsed.seq }.to_string()).collect();
+        let ids: Vec<String> = which.iter().map(|&m| chunk[m].uid.to_string()).collect();
         let mut items: Vec<&str> = vec!["UID"];
         items.extend(self.mutable);
         // FLAGS the upstream volunteered in phase one (it set \Seen) are asked again, so
@@ -547,12 +709,19 @@ impl PhaseTwo<'_> {
         }
         items.extend(needed.iter().map(|&i| wanted[i].request));
         let tag = io.tag();
-        let uid = if request.uid { "UID " } else { "" };
-        io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", ids.join(","), items.join(" ")).into_bytes()).await?;
+        io.to_upstream(format!("{tag} UID FETCH {} ({})\r\n", ids.join(","), items.join(" ")).into_bytes()).await?;
+        let mut stored = Stored::default();
+        let mut answered = HashSet::new();
         loop {
             let response = io.response().await?;
             if is_tagged(&response, &tag) {
-                return Ok(Some(status_text(&response, &tag)));
+                let status = status_text(&response, &tag);
+                stored.settle(scope, &status).await;
+                let unanswered = which.len() - answered.len();
+                if unanswered > 0 && status_is_clean(&status) {
+                    tracing::warn!(unanswered, "the upstream left messages of a FETCH unanswered");
+                }
+                return Ok(Some(status));
             }
             let parsed = parse_response(&response);
             let position = parsed
@@ -560,33 +729,29 @@ impl PhaseTwo<'_> {
                 .and_then(|p| p.uid(&response))
                 .and_then(|uid| which.iter().copied().find(|&m| chunk[m].uid == uid));
             let (Some(parsed), Some(m)) = (parsed, position) else {
-                io.forward(&response).await?;
+                relay_other(io, renumber, &response).await?;
                 continue;
             };
+            if !answered.insert(m) {
+                // A second response for one message: relayed as it came.
+                relay_other(io, renumber, &response).await?;
+                continue;
+            }
             let message = &mut chunk[m];
             for &i in &needed {
                 if let Some(raw) = parsed.item(&response, wanted[i].response) {
                     let raw = Bytes::copy_from_slice(raw);
-                    // NIL is what a server may say of a message expunged meanwhile
-                    // (RFC 2180 §4.1.3): an answer, not content.
-                    if message.items[i].is_none() && !raw.ends_with(b" NIL") {
-                        match guards.remove(&(m, i)) {
-                            Some(guard) => guard.fill(raw.clone()).await,
-                            None => {
-                                let key = key(scope, &self.job.selected, message.uid, &wanted[i].key);
-                                scope.cache.insert(key, raw.clone()).await;
-                            }
-                        }
+                    if message.items[i].is_none() {
+                        let key = key(scope, &job.selected, message.uid, &wanted[i].key);
+                        stored.store(scope, job, key, &raw, guards.remove(&(m, i))).await;
                     }
                     message.items[i] = Some(raw);
                 }
             }
-            let complete: Option<Vec<Bytes>> = message.items.iter().cloned().collect();
             // The fresh answer: its sequence number and mutable items are the current ones.
-            let fresh = Message { uid: message.uid, response, parsed, items: Vec::new() };
-            let composed =
-                complete.and_then(|items| compose(request, self.mutable_names, message, &fresh, wanted, &items));
-            answer_message(io, composed, &fresh.response).await?;
+            let fresh = Message { uid: message.uid, response, parsed, items: Vec::new(), mark: renumber.mark() };
+            let composed = compose(job, self.mutable_names, message, &fresh, fresh.parsed.seq, wanted, &message.items);
+            answer_message(io, composed).await?;
         }
     }
 }
@@ -597,8 +762,9 @@ struct Tally {
     misses: usize,
 }
 
-/// Answers `message` from the cache when every item is there; otherwise hands it back, its
-/// cached items filled in, for phase two.
+/// Answers `message` from the cache when every item is there and its number is still
+/// known; otherwise hands it back, its cached items filled in, for phase two.
+#[allow(clippy::too_many_arguments)]
 async fn settle<Io: JobIo>(
     io: &mut Io,
     job: &Job,
@@ -607,6 +773,7 @@ async fn settle<Io: JobIo>(
     wanted: &[Wanted<'_>],
     mut message: Message,
     tally: &mut Tally,
+    renumber: &Renumber,
 ) -> Result<Option<Message>, JobError> {
     for (i, w) in wanted.iter().enumerate() {
         message.items[i] = scope.cache.get(&key(scope, &job.selected, message.uid, &w.key), w.class).await;
@@ -616,25 +783,36 @@ async fn settle<Io: JobIo>(
             tally.misses += 1;
         }
     }
-    let Some(items) = message.items.iter().cloned().collect::<Option<Vec<Bytes>>>() else {
+    if let Some(size) = message.parsed.item(&message.response, VALIDATOR) {
+        let cached = match wanted.iter().position(|w| w.response == VALIDATOR) {
+            Some(i) => message.items[i].clone(),
+            None => scope.cache.peek(&key(scope, &job.selected, message.uid, &Name::new(VALIDATOR))).await,
+        };
+        if cached.is_some_and(|cached| cached != size) {
+            tracing::warn!(
+                uid = message.uid,
+                mailbox = job.selected.mailbox.as_str(),
+                uid_validity = job.selected.uid_validity,
+                "a message's size changed without a new UIDVALIDITY; forgetting what is cached of the mailbox"
+            );
+            scope.cache.forget_mailbox(&scope.account, &job.selected.mailbox, job.selected.uid_validity);
+            message.items.iter_mut().for_each(|item| *item = None);
+        }
+    }
+    let seq = renumber.current(message.parsed.seq, message.mark);
+    let (true, Some(seq)) = (message.items.iter().all(Option::is_some), seq) else {
         return Ok(Some(message));
     };
-    scope.cache.served(items.iter().map(Bytes::len).sum());
-    let composed = compose(&job.request, mutable_names, &message, &message, wanted, &items);
-    answer_message(io, composed, &message.response).await?;
+    scope.cache.served(message.items.iter().flatten().map(Bytes::len).sum());
+    let composed = compose(job, mutable_names, &message, &message, seq, wanted, &message.items);
+    answer_message(io, composed).await?;
     Ok(None)
 }
 
-/// Sends one message's answer: `composed` when it could be built, else the upstream's own
-/// `response` (FETCH data may come in several responses; it is relayed as it came).
-async fn answer_message<Io: JobIo>(io: &mut Io, composed: Option<Vec<u8>>, response: &[u8]) -> Result<(), JobError> {
-    match composed {
-        Some(bytes) => {
-            io.answered(1);
-            io.to_client(&bytes).await
-        }
-        None => io.forward(response).await,
-    }
+/// Sends one message's composed answer.
+async fn answer_message<Io: JobIo>(io: &mut Io, composed: Vec<u8>) -> Result<(), JobError> {
+    io.answered(1);
+    io.to_client(&composed).await
 }
 
 /// The client's tagged completion of its FETCH.
@@ -642,54 +820,79 @@ async fn finish<Io: JobIo>(io: &mut Io, client_tag: &str, status: &[u8]) -> Resu
     io.to_client(&[client_tag.as_bytes(), b" ", status, b"\r\n"].concat()).await
 }
 
-/// `* seq FETCH (...)` for one message: the client's items in its order; the sequence
-/// number, UID and mutable items from `fresh`, the upstream's latest answer for it; cached
-/// items from `items`; and what the upstream volunteered in phase one (FLAGS after setting
-/// `\Seen`, MODSEQ under CONDSTORE), in its latest value when `fresh` has it too.
+/// `* seq FETCH (...)` for one message: the client's items in its order; the UID and
+/// mutable items from `fresh`, the upstream's latest answer for it; cached items from
+/// `items` (else from `fresh`); and what the upstream volunteered in phase one (FLAGS after
+/// setting `\Seen`, MODSEQ under CONDSTORE), in its latest value when `fresh` has it too.
+/// UID comes first for a UID FETCH and, under QRESYNC, for every FETCH (RFC 7162 §3.2.4).
+///
+/// An item found nowhere is a bug (of mailgate, or an upstream answering what it was not
+/// asked): the answer goes out without it, and says so in the log.
 fn compose(
-    request: &FetchRequest,
+    job: &Job,
     mutable_names: &[String],
     phase_one: &Message,
     fresh: &Message,
+    seq: u32,
     wanted: &[Wanted<'_>],
-    items: &[Bytes],
-) -> Option<Vec<u8>> {
+    items: &[Option<Bytes>],
+) -> Vec<u8> {
+    let request = &job.request;
     let mutable = |name: &str| mutable_names.iter().any(|m| m == name);
+    let from_fresh = |name: &str| fresh.parsed.item(&fresh.response, name);
     let mut parts: Vec<&[u8]> = Vec::new();
-    if request.uid && !mutable("UID") {
-        parts.push(fresh.parsed.item(&fresh.response, "UID")?);
+    let mut missing: Vec<&str> = Vec::new();
+    // Under QRESYNC a server reports a change it made (the \Seen of this FETCH) with the
+    // message's UID and MODSEQ (RFC 7162 §3.2.4); phase one caused the same change.
+    let volunteered_modseq = !mutable("MODSEQ") && phase_one.parsed.item(&phase_one.response, "MODSEQ").is_some();
+    if (request.uid || (job.qresync && volunteered_modseq)) && !mutable("UID") {
+        parts.push(from_fresh("UID").unwrap_or(b""));
     }
     let (mut next, mut next_mutable) = (0, 0);
     for item in &request.items {
-        match &item.kind {
+        let (name, found) = match &item.kind {
             ItemKind::Mutable => {
-                parts.push(fresh.parsed.item(&fresh.response, &mutable_names[next_mutable])?);
+                let name = mutable_names[next_mutable].as_str();
                 next_mutable += 1;
+                (name, from_fresh(name))
             }
             ItemKind::Cached { .. } => {
                 debug_assert_eq!(wanted[next].request, item.request);
-                parts.push(&items[next]);
+                let name = wanted[next].response;
+                let found = items[next].as_deref().or_else(|| from_fresh(name));
                 next += 1;
+                (name, found)
             }
+        };
+        match found {
+            Some(bytes) => parts.push(bytes),
+            None => missing.push(name),
         }
     }
     let cached_names: Vec<&str> = wanted.iter().map(|w| w.response).collect();
     for extra in &phase_one.parsed.items {
         let name = extra.name.as_str();
-        if name != "UID" && name != SEEN_PROBE_RESPONSE && !mutable(name) && !cached_names.contains(&name) {
-            let latest = fresh.parsed.item(&fresh.response, name);
-            parts.push(latest.unwrap_or(&phase_one.response[extra.range.clone()]));
+        let added = name == "UID" || name == SEEN_PROBE_RESPONSE || name == VALIDATOR;
+        if !added && !mutable(name) && !cached_names.contains(&name) {
+            parts.push(from_fresh(name).unwrap_or(&phase_one.response[extra.range.clone()]));
         }
     }
-    let mut out = format!("* {} FETCH (", fresh.parsed.seq).into_bytes();
-    for (i, part) in parts.iter().enumerate() {
+    if !missing.is_empty() {
+        tracing::warn!(
+            ?missing,
+            uid = fresh.uid,
+            "FETCH items missing from the upstream's answer; answered without them"
+        );
+    }
+    let mut out = format!("* {seq} FETCH (").into_bytes();
+    for (i, part) in parts.iter().filter(|p| !p.is_empty()).enumerate() {
         if i > 0 {
             out.push(b' ');
         }
         out.extend_from_slice(part);
     }
     out.extend_from_slice(b")\r\n");
-    Some(out)
+    out
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod front;
 pub mod intercept;
 pub mod mailbox;
 pub mod relay;
+pub mod renumber;
 pub mod response;
 pub mod upstream;
 

@@ -82,9 +82,25 @@ struct Shared {
     job_running: bool,
     /// UID → sequence number in the selected mailbox, as far as known.
     uids: UidMap,
+    /// The upstream confirmed `ENABLE QRESYNC`: every FETCH response carries UID.
+    qresync: bool,
 }
 
 impl Shared {
+    /// A command that changes the selected mailbox (SELECT, EXAMINE, CLOSE, UNSELECT) takes
+    /// effect upstream once every command sent before it has completed: the answers to
+    /// those still describe the old mailbox, everything after belongs to the new one (or
+    /// none). Called whenever the oldest command in flight may have changed.
+    fn begin_reselect(&mut self) {
+        if let Some(front) = self.in_flight.front_mut() {
+            if front.reselect == Reselect::Pending {
+                front.reselect = Reselect::Started;
+                self.uids.forget();
+                self.exists = None;
+            }
+        }
+    }
+
     /// Idle in the sense of shutdown: nothing in flight but (possibly) IDLE.
     fn quiet(&self) -> bool {
         !self.job_running && self.in_flight.iter().all(|t| Some(&t.tag) == self.idling.as_ref())
@@ -97,6 +113,16 @@ struct InFlight {
     /// Its metric label (`command::metric_label`).
     label: &'static str,
     started: Instant,
+    reselect: Reselect,
+}
+
+/// Whether a command in flight changes the selected mailbox, and whether the upstream has
+/// begun it (see [`Shared::begin_reselect`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reselect {
+    No,
+    Pending,
+    Started,
 }
 
 /// Records a completed command; a FETCH also records how many messages it answered and
@@ -504,19 +530,24 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 return self.refuse(&tag, text, line.announce, true, "Download quota used up.").await;
             }
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
+            // No job is built for any mailbox until the upstream has completed a change of
+            // mailbox; what the session knows of the old one goes when the upstream begins it.
+            let mut reselect = Reselect::No;
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
                 let mut shared = self.lock();
                 shared.selected = None;
-                shared.uids.forget();
                 shared.selecting =
                     Some(Selecting { tag: tag.clone(), mailbox: mailbox.map(Arc::from), uid_validity: None });
+                reselect = Reselect::Pending;
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
-                let mut shared = self.lock();
-                shared.selected = None;
-                shared.uids.forget();
+                self.lock().selected = None;
+                reselect = Reselect::Pending;
             } else if self.caching && line.announce.is_none() {
-                let selected = self.lock().selected.clone();
-                if let Some(job) = Job::for_line(full_line, selected.as_ref()) {
+                let (selected, qresync) = {
+                    let shared = self.lock();
+                    (shared.selected.clone(), shared.qresync)
+                };
+                if let Some(job) = Job::for_line(full_line, selected.as_ref(), qresync) {
                     let tag = String::from_utf8_lossy(&tag).into_owned();
                     self.line.clear();
                     return self.answer_through_cache(job, tag).await;
@@ -533,7 +564,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 }
                 let label = super::command::metric_label(head);
                 self.service.metrics.commands.with_label_values(&["imap", label]).inc();
-                shared.in_flight.push_back(InFlight { tag: tag.clone(), label, started: Instant::now() });
+                shared.in_flight.push_back(InFlight { tag: tag.clone(), label, started: Instant::now(), reselect });
+                shared.begin_reselect();
             }
         }
         if let Some(announce) = line.announce {
@@ -698,6 +730,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 if let Some(i) = shared.in_flight.iter().position(|t| t.tag == tag) {
                     let done = shared.in_flight.remove(i).expect("position is in range");
                     completed_command(self.service, &mut shared, done.label, done.started);
+                    shared.begin_reselect();
                     self.completed.notify_one();
                 }
                 if shared.idling.as_deref() == Some(tag) {
@@ -712,6 +745,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             Kind::Untagged(rest) => match response::status(rest) {
                 Some(s) if s.status == Status::Bye => self.upstream_bye = true,
+                None if rest.len() > 8 && rest[..8].eq_ignore_ascii_case(b"ENABLED ") => {
+                    if rest[8..].split(|&b| b == b' ').any(|w| w.eq_ignore_ascii_case(b"QRESYNC")) {
+                        shared.qresync = true;
+                    }
+                }
                 Some(s) if s.status == Status::Ok => {
                     if let Some(("UIDVALIDITY", value)) = s.code.as_ref().map(|(c, v)| (c.as_str(), *v)) {
                         let value = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<u32>().ok());

@@ -58,6 +58,7 @@ pub struct Metrics {
     cache_entries: IntGauge,
     cache_evictions: IntCounterVec,
     cache_saved: IntCounter,
+    cache_stale: IntCounter,
     cache: Option<Arc<MessageCache>>,
     /// The cache counters as last exported: the cache keeps its own monotonic counters and
     /// the exported ones advance by the difference.
@@ -109,10 +110,16 @@ impl Metrics {
             "Bytes sent to clients from the cache instead of the upstream.",
         )
         .expect("valid");
+        let cache_stale = IntCounter::new(
+            "mailgate_cache_stale_total",
+            "Cached mailboxes or POP3 messages forgotten because the upstream changed them without a new UIDVALIDITY or UIDL.",
+        )
+        .expect("valid");
         for single in [
             Box::new(cache_size.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cache_entries.clone()),
             Box::new(cache_saved.clone()),
+            Box::new(cache_stale.clone()),
         ] {
             registry.register(single).expect("metric registered once");
         }
@@ -259,6 +266,7 @@ impl Metrics {
             cache_size,
             cache_entries,
             cache_saved,
+            cache_stale,
             cache,
             exported: Mutex::new(StatsSnapshot::default()),
             top_accounts: topk::TopAccounts::new(admin.top_accounts.max(1) * 10, admin.top_accounts_window.0, 6),
@@ -310,6 +318,7 @@ impl Metrics {
             self.cache_evictions.with_label_values(&["expired"]).inc_by(now.evicted_expired - last.evicted_expired);
             self.cache_evictions.with_label_values(&["other"]).inc_by(now.evicted_other - last.evicted_other);
             self.cache_saved.inc_by(now.bytes_served - last.bytes_served);
+            self.cache_stale.inc_by(now.stale - last.stale);
             self.cache_size.set(i64::try_from(now.bytes).unwrap_or(i64::MAX));
             self.cache_entries.set(i64::try_from(now.entries).unwrap_or(i64::MAX));
             *last = now;

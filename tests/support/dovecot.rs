@@ -302,6 +302,36 @@ impl Dovecot {
         total
     }
 
+    /// Replaces the user's INBOX with `count` other messages under the same UIDVALIDITY,
+    /// their UIDs starting again at 1: what a restore or a rebuilt store does (a server-side
+    /// violation of RFC 9051 §2.3.1.1 that legacy servers commit). Returns the UIDVALIDITY.
+    pub fn rebuild_keeping_uid_validity(&self, user: &str, count: usize, seed: u64) -> u32 {
+        let maildir = self.maildir(user);
+        let uidlist = fs::read_to_string(maildir.join("dovecot-uidlist")).expect("dovecot-uidlist");
+        let header = uidlist.lines().next().unwrap_or_default();
+        let uid_validity: u32 = header
+            .split(' ')
+            .find_map(|w| w.strip_prefix('V'))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no UIDVALIDITY in {header:?}"));
+        for entry in fs::read_dir(&maildir).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("dovecot") {
+                fs::remove_file(entry.path()).unwrap();
+            }
+        }
+        for sub in ["cur", "new", "tmp"] {
+            let _ = fs::remove_dir_all(maildir.join(sub));
+        }
+        let total = self.fill(user, count, seed);
+        assert!(total > 0);
+        write_file(&maildir.join("dovecot-uidlist"), format!("3 V{uid_validity} N1\n").as_bytes(), 0o600)
+            .unwrap_or_else(|e| panic!("{e}"));
+        chown_tree(&maildir, self.ident.mail_uid, self.ident.mail_gid)
+            .unwrap_or_else(|e| panic!("chown {}: {e}", maildir.display()));
+        uid_validity
+    }
+
     /// Stops Dovecot (idempotent). The temp dir, log included, stays until
     /// the value is dropped. Takes about 1.1 s: the 2.3 master always
     /// sleeps a second after telling its children to close their listeners.

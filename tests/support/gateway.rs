@@ -74,6 +74,17 @@ impl Gateway {
         self.log.lock().unwrap().clone()
     }
 
+    /// The admin listener's answer to `GET /metrics` (headers and body).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(self.admin()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = tcp.read_to_string(&mut text);
+        text
+    }
+
     /// Waits (bounded) until the log contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

@@ -1,4 +1,6 @@
 #[allow(dead_code)]
+pub mod answers;
+#[allow(dead_code)]
 pub mod client;
 #[allow(dead_code)]
 pub mod courier;

@@ -1,0 +1,217 @@
+//! The cache never changes an answer: the defects found from outside by a differential
+//! tester, each replayed against a real Dovecot, through mailgate (cache on) and straight to
+//! Dovecot, and the answers compared item by item.
+
+mod support;
+
+use support::answers::{answer, Answer};
+use support::client::Client;
+use support::setup::*;
+
+/// `command` through mailgate (`via`) and directly (`direct`) gives the same answer.
+fn same(via: &mut Client, direct: &mut Client, command: &str) -> Answer {
+    let got = answer(via, "v", command);
+    let want = answer(direct, "d", command);
+    assert!(got == want, "`{command}` through mailgate differs from Dovecot's answer:\n{}", got.diff(&want));
+    got
+}
+
+#[test]
+fn two_partials_of_one_section_never_poison_the_cache() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 10, 5);
+    let mut direct = setup.direct(BOB);
+    direct.command("s", "SELECT INBOX");
+    for round in ["cold", "warm"] {
+        let mut via = setup.login(BOB);
+        via.command("s", "SELECT INBOX");
+        for command in [
+            "UID FETCH 1:* (UID RFC822.SIZE)",
+            "UID FETCH 5 (UID BODY.PEEK[]<0.10> BODY.PEEK[]<0.20>)",
+            "UID FETCH 5 (BODY.PEEK[]<0.20>)",
+            "UID FETCH 5 (BODY.PEEK[]<0.10>)",
+            "UID FETCH 6 (BODY.PEEK[TEXT]<0.20> BODY.PEEK[TEXT]<0.20>)",
+            "UID FETCH 6 (BODY.PEEK[TEXT]<0.20>)",
+            "FETCH 2 (RFC822.SIZE RFC822.SIZE)",
+            "UID FETCH 3 (UID BODY.PEEK[HEADER] BODY.PEEK[HEADER])",
+        ] {
+            let got = same(&mut via, &mut direct, command);
+            assert_eq!(got.status, "OK", "{round}: {command}");
+        }
+    }
+    let mut fresh = setup.login(BOB);
+    fresh.command("s", "SELECT INBOX");
+    let answer = answer(&mut fresh, "n", "UID FETCH 5 (BODY.PEEK[]<0.20>)");
+    let body = answer.fetch.values().next().unwrap().get("BODY[]<0>").unwrap();
+    assert!(body.starts_with(b"BODY[]<0> {20}\r\n"), "{}", String::from_utf8_lossy(body));
+}
+
+#[test]
+fn answers_to_an_old_mailbox_are_never_learned_into_the_new_one() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 12, 21);
+    let mut direct = setup.direct(BOB);
+    // Sent holds UIDs 1..=10; INBOX loses UIDs 1..=3, so UID 5 is message 2 there.
+    direct.command("c", "CREATE Sent");
+    direct.command("p", "UID COPY 1:10 Sent");
+    direct.command("s", "SELECT INBOX");
+    direct.command("x", "UID STORE 1:3 +FLAGS.SILENT (\\Deleted)");
+    direct.command("e", "EXPUNGE");
+    let mut via = setup.login(BOB);
+    // The cache learns Sent's headers, then Sent loses UID 5 (by another session).
+    via.command("x", "EXAMINE Sent");
+    via.command("f", "UID FETCH 1:* (UID BODY.PEEK[HEADER])");
+    direct.command("s", "SELECT Sent");
+    direct.command("x", "UID STORE 5 +FLAGS.SILENT (\\Deleted)");
+    direct.command("e", "EXPUNGE");
+    via.command("s", "SELECT INBOX");
+    // One write: INBOX's answers arrive after the EXAMINE was forwarded.
+    via.send(b"a UID FETCH 1:* (FLAGS)\r\nb EXAMINE Sent\r\n");
+    via.until_tagged("a");
+    via.until_tagged("b");
+    direct.command("b", "EXAMINE Sent");
+    for command in ["UID FETCH 5 (BODY.PEEK[HEADER])", "UID FETCH 6:7 (BODY.PEEK[HEADER])", "UID FETCH 4,8 (UID)"] {
+        same(&mut via, &mut direct, command);
+    }
+}
+
+#[test]
+fn a_uid_range_beyond_the_highest_uid_still_answers_the_last_message() {
+    let setup = Setup::start();
+    // Twins: Alice straight to Dovecot, Bob through mailgate (\Seen must match too).
+    setup.dovecot.fill(ALICE.0, 30, 8);
+    setup.dovecot.fill(BOB.0, 30, 8);
+    let mut direct = setup.direct(ALICE);
+    direct.command("s", "SELECT INBOX");
+    let mut via = setup.login(BOB);
+    via.command("s", "SELECT INBOX");
+    for command in [
+        "UID FETCH 1:* (UID RFC822.SIZE BODY.PEEK[HEADER])",
+        "UID FETCH 400:* (UID RFC822.SIZE)",
+        "UID FETCH 400:* (RFC822.SIZE BODY.PEEK[HEADER])",
+        "UID FETCH 31:* (FLAGS RFC822.SIZE)",
+        "UID FETCH 400:* (FLAGS BODY[HEADER])",
+        "UID FETCH 400:*,2 (FLAGS BODY[HEADER])",
+        "FETCH 29:* (FLAGS RFC822.SIZE)",
+        "FETCH 400:* (RFC822.SIZE)",
+        "UID FETCH 1:* (FLAGS)",
+    ] {
+        same(&mut via, &mut direct, command);
+    }
+}
+
+#[test]
+fn under_qresync_every_fetch_response_carries_its_uid_and_a_body_is_sent_once() {
+    let setup = Setup::start();
+    setup.dovecot.fill(ALICE.0, 20, 12);
+    setup.dovecot.fill(BOB.0, 20, 12);
+    let mut direct = setup.direct(ALICE);
+    let mut via = setup.login(BOB);
+    for command in [
+        "ENABLE QRESYNC",
+        "SELECT INBOX",
+        "UID FETCH 1:* (BODY.PEEK[] BODY.PEEK[HEADER])",
+        "FETCH 3 BODY[]",
+        "FETCH 4:6 (BODY[HEADER] FLAGS)",
+        "FETCH 7 (RFC822)",
+        "UID FETCH 8 (BODY[])",
+        "FETCH 1:10 (FLAGS MODSEQ)",
+    ] {
+        same(&mut via, &mut direct, command);
+    }
+    // Response by response (not only merged per message), the same items as Dovecot's:
+    // the body once, UID where Dovecot puts it.
+    let shapes = |client: &mut Client, tag: &str| -> Vec<Vec<String>> {
+        client.send(format!("{tag} FETCH 9:10 (BODY[] BODY[HEADER])\r\n").as_bytes());
+        let responses = client.responses(tag);
+        responses[..responses.len() - 1]
+            .iter()
+            .map(|r| {
+                let parsed = mailgate::imap::fetch::parse_response(r).expect("a FETCH response");
+                let mut names: Vec<String> = parsed.items.iter().map(|i| i.name.clone()).collect();
+                names.sort();
+                names.insert(0, parsed.seq.to_string());
+                names
+            })
+            .collect()
+    };
+    let (mut got, mut want) = (shapes(&mut via, "r"), shapes(&mut direct, "r"));
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn answers_for_messages_expunged_under_the_session_are_not_cached() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 10, 3);
+    let items = "(RFC822.SIZE INTERNALDATE ENVELOPE BODYSTRUCTURE BODY.PEEK[HEADER] BODY.PEEK[TEXT])";
+    // Two sessions that still have message 7 in their view when another session expunges it.
+    let mut first = setup.login(BOB);
+    first.command("s", "SELECT INBOX");
+    first.command("w", "UID FETCH 1:5 (UID RFC822.SIZE)");
+    let mut second = setup.direct(BOB);
+    second.command("s", "SELECT INBOX");
+    let mut other = setup.direct(BOB);
+    other.command("s", "SELECT INBOX");
+    other.command("x", "UID STORE 7 +FLAGS.SILENT (\\Deleted)");
+    other.command("e", "EXPUNGE");
+    same(&mut first, &mut second, &format!("UID FETCH 7 {items}"));
+    // Whatever Dovecot says of a message that is gone, none of it was stored: a new
+    // session, and the metrics, show no entry for UID 7.
+    let metrics = setup.gateway.metrics();
+    let entries: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mailgate_cache_entries "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    // Five RFC822.SIZE items and the mailbox's fill mark.
+    assert_eq!(entries, 6, "{metrics}");
+}
+
+#[test]
+fn cold_syncs_count_their_misses_in_the_metrics() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 50, 4);
+    let mut via = setup.login(BOB);
+    via.command("s", "SELECT INBOX");
+    let got = answer(&mut via, "f", "UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])");
+    assert_eq!(got.fetch.len(), 50);
+    answer(&mut via, "g", "UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])");
+    let metrics = setup.gateway.metrics();
+    let value = |line: &str| -> u64 {
+        metrics.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    assert_eq!(value("mailgate_cache_requests_total{kind=\"structure\",result=\"miss\"} "), 50, "{metrics}");
+    assert_eq!(value("mailgate_cache_requests_total{kind=\"header\",result=\"miss\"} "), 50, "{metrics}");
+    assert_eq!(value("mailgate_cache_requests_total{kind=\"header\",result=\"hit\"} "), 50, "{metrics}");
+}
+
+#[test]
+fn a_mailbox_rebuilt_with_the_same_uidvalidity_is_not_served_stale() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 10, 31);
+    let mut via = setup.login(BOB);
+    via.command("s", "SELECT INBOX");
+    let first = answer(&mut via, "f", "UID FETCH 1:* (UID RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER])");
+    assert_eq!(first.fetch.len(), 10);
+    via.send(b"z LOGOUT\r\n");
+    let _ = via.rest();
+    // A restore: the same UIDVALIDITY, the same UIDs, other messages.
+    let uid_validity = setup.dovecot.rebuild_keeping_uid_validity(BOB.0, 10, 32);
+    let mut direct = setup.direct(BOB);
+    let mut via = setup.login(BOB);
+    for client in [&mut direct, &mut via] {
+        let lines = client.command("s", "SELECT INBOX");
+        assert!(lines.iter().any(|l| l.contains(&format!("[UIDVALIDITY {uid_validity}]"))), "{lines:?}");
+    }
+    for command in [
+        "UID FETCH 1:* (UID RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER])",
+        "UID FETCH 3 (BODY.PEEK[HEADER])",
+        "UID FETCH 1:* (UID RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER])",
+    ] {
+        same(&mut via, &mut direct, command);
+    }
+    let stale = setup.gateway.metrics();
+    assert!(stale.lines().any(|l| l.starts_with("mailgate_cache_stale_total ") && !l.ends_with(" 0")), "{stale}");
+}
