@@ -353,10 +353,17 @@ pub struct CacheConfig {
     pub max_bytes: ByteSize,
     /// Larger items are streamed to the client and not stored.
     pub max_entry_bytes: ByteSize,
-    /// Optional time-to-live of an entry (immutable data never goes stale; this only bounds
-    /// how long a user's mail stays in memory).
+    /// Time-to-live of an entry. Immutable data never goes stale on a server that keeps its
+    /// promises; this bounds how long a copy outlives a server that does not (a mailbox
+    /// rebuilt under its old UIDVALIDITY, a maildrop numbered again) where no cheaper check
+    /// notices, and how long a user's mail stays in memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_to_live: Option<Span>,
+    /// A POP3 RETR answered from the cache is also sent upstream (its answer unseen by the
+    /// client, and checked against the cached copy), because a RETR has effects there:
+    /// Dovecot and most servers mark the message `\Seen` for IMAP clients of the account.
+    /// Off saves the upstream that read, for stores where POP3 sets no state.
+    pub pop3_mark_seen: bool,
 }
 
 impl Default for CacheConfig {
@@ -365,7 +372,8 @@ impl Default for CacheConfig {
             enabled: true,
             max_bytes: ByteSize(512 << 20),
             max_entry_bytes: ByteSize(8 << 20),
-            time_to_live: None,
+            time_to_live: Some(Span(std::time::Duration::from_secs(7 * 86_400))),
+            pop3_mark_seen: true,
         }
     }
 }

@@ -53,8 +53,8 @@ fn answers_to_an_old_mailbox_are_never_learned_into_the_new_one() {
     let mut direct = setup.direct(BOB);
     // Sent holds UIDs 1..=10; INBOX loses UIDs 1..=3, so UID 5 is message 2 there.
     direct.command("c", "CREATE Sent");
-    direct.command("p", "UID COPY 1:10 Sent");
     direct.command("s", "SELECT INBOX");
+    assert!(direct.command("p", "UID COPY 1:10 Sent").last().unwrap().starts_with("p OK"));
     direct.command("x", "UID STORE 1:3 +FLAGS.SILENT (\\Deleted)");
     direct.command("e", "EXPUNGE");
     let mut via = setup.login(BOB);

@@ -9,31 +9,9 @@ use std::time::Duration;
 use support::client::Client;
 use support::fake_upstream::{FakeConn, FakeUpstream};
 use support::gateway::Gateway;
+use support::pop3::{quit, response};
 use support::setup::*;
 use support::tls::TestPki;
-
-/// One complete multi-line (or -ERR) response, raw.
-fn response(client: &mut Client) -> Vec<u8> {
-    let status = client.line().expect("status line");
-    let mut out = format!("{status}\r\n").into_bytes();
-    if status.starts_with("+OK") {
-        loop {
-            let line = client.line().expect("body line");
-            out.extend_from_slice(format!("{line}\r\n").as_bytes());
-            if line == "." {
-                return out;
-            }
-        }
-    }
-    out
-}
-
-fn quit(mut client: Client) {
-    client.send(b"QUIT\r\n");
-    let _ = client.rest();
-    // Dovecot releases the maildrop lock just after the session.
-    std::thread::sleep(Duration::from_millis(100));
-}
 
 /// `(hits, misses)` summed over the session-end lines logged so far.
 fn cache_counts(gateway: &Gateway) -> (u64, u64) {
@@ -169,6 +147,7 @@ fn a_retr_cut_by_the_upstream_is_not_cached() {
                 "CAPA" => conn.send(b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
                 "USER" | "PASS" => conn.send(b"+OK\r\n"),
                 "UIDL" => conn.send(b"+OK\r\n1 uid-one\r\n.\r\n"),
+                "LIST" => conn.send(b"+OK\r\n1 40\r\n.\r\n"),
                 "RETR" if session == 0 => {
                     conn.send(b"+OK 40 octets\r\nSubject: one\r\n\r\npartial");
                     return;
@@ -202,6 +181,7 @@ fn concurrent_misses_of_one_message_share_one_upstream_retr() {
                 "CAPA" => conn.send(b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
                 "USER" | "PASS" => conn.send(b"+OK\r\n"),
                 "UIDL" => conn.send(b"+OK\r\n1 uid-one\r\n.\r\n"),
+                "LIST" => conn.send(b"+OK\r\n1 40\r\n.\r\n"),
                 "RETR" => {
                     // Slow enough for the other session's RETR to arrive meanwhile.
                     std::thread::sleep(Duration::from_millis(800));
@@ -234,7 +214,9 @@ impl FakeRig {
     fn start(fake: &FakeUpstream) -> FakeRig {
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::generate(dir.path());
-        let config = gateway_config_with(&pki, None, Some(&fake.addr.to_string()), "plaintext", None, "", "");
+        // These tests count the upstream's loads: no RETR from mailgate for \Seen.
+        let extra = "[cache]\npop3_mark_seen = false\n";
+        let config = gateway_config_with(&pki, None, Some(&fake.addr.to_string()), "plaintext", None, "", extra);
         let gateway = Gateway::start(dir.path(), &config);
         FakeRig { _dir: dir, pki, gateway }
     }

@@ -107,12 +107,16 @@ impl PartialEq for ImapKey {
     }
 }
 
-/// A whole POP3 message (its RETR response) by UIDL. UIDLs are unique per maildrop and never
-/// reused for other content (RFC 1939 §7).
+/// A whole POP3 message (its RETR response) by UIDL and size. UIDLs are unique per
+/// maildrop and never reused for other content (RFC 1939 §7); the size (from `LIST`) is
+/// there for the servers that break that promise (a maildrop rebuilt or restored that
+/// numbers its messages again): another message under an old UIDL almost always has
+/// another size, and then another key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Pop3Key {
     pub account: Account,
     pub uidl: Name,
+    pub size: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -295,12 +295,13 @@ mod tests {
             max_bytes: ByteSize(max_bytes),
             max_entry_bytes: ByteSize(max_entry),
             time_to_live: None,
+            pop3_mark_seen: true,
         }
     }
 
     fn pop3_key(user: &str, uidl: &str) -> Key {
         let account = Account::new("default", user, &LoginProof::upstream_accepted());
-        Key::Pop3(Pop3Key { account, uidl: Name::new(uidl) })
+        Key::Pop3(Pop3Key { account, uidl: Name::new(uidl), size: 100 })
     }
 
     #[tokio::test]

@@ -50,12 +50,50 @@ enum Track {
     Nothing,
     /// RETR of this message number: store the response in the cache.
     Retr(u32),
-    Dele(u32),
+    /// mailgate's own RETR of a message the client got from the cache, for the effect a
+    /// RETR has upstream (Dovecot sets `\Seen`); the answer only checks the cached copy.
+    Seen(u32),
+    /// DELE of this message number; `None`: of an argument mailgate does not read the way
+    /// the upstream may.
+    Dele(Option<u32>),
     Rset,
     /// A UIDL listing or single UIDL line; `internal`: mailgate asked, the client did not.
     Uidl {
         internal: bool,
     },
+    /// A LIST listing or single LIST line (message sizes).
+    List {
+        internal: bool,
+    },
+}
+
+impl Track {
+    /// mailgate's own command: its answer is not the client's.
+    fn internal(&self) -> bool {
+        matches!(self, Track::Seen(_) | Track::Uidl { internal: true } | Track::List { internal: true })
+    }
+}
+
+/// A message number as the cache path reads it: digits only, no sign, no leading zero.
+/// Anything else (`+1`, `01`, trailing junk) is the upstream's to judge.
+fn message_number(word: &[u8]) -> Option<u32> {
+    let canonical = !word.is_empty() && word[0] != b'0' && word.iter().all(u8::is_ascii_digit);
+    canonical.then(|| std::str::from_utf8(word).ok()?.parse().ok()).flatten()
+}
+
+/// The arguments of `RETR n` / `TOP n k` / `DELE n` when they are exactly that: single
+/// spaces, canonical numbers, nothing after.
+fn numbers<const N: usize>(args: &[u8]) -> Option<[u32; N]> {
+    let mut words = args.split(|&b| b == b' ');
+    let mut out = [0; N];
+    for slot in &mut out {
+        *slot = match words.next()? {
+            // TOP's line count may be 0.
+            b"0" => 0,
+            word => message_number(word)?,
+        };
+    }
+    words.next().is_none().then_some(out)
 }
 
 enum Pending {
@@ -77,12 +115,38 @@ struct Shared {
     draining: bool,
     /// Message number → UIDL, as the upstream reported them.
     uidl: HashMap<u32, Arc<str>>,
-    /// Messages that are or will be marked deleted in this session: noted when DELE is sent
-    /// (so that a RETR pipelined behind it is not answered from the cache), forgotten on
-    /// RSET and when the DELE is refused.
+    /// Message number → size in octets, from the upstream's LIST.
+    sizes: HashMap<u32, u64>,
+    /// Messages the upstream marked deleted in this session (its `+OK` to DELE); cleared by
+    /// its `+OK` to RSET. Only the upstream's answers change it.
     deleted: HashSet<u32>,
-    /// mailgate's own UIDL is still unanswered: cache decisions wait for it.
-    learning_uidls: bool,
+    /// DELEs sent and not yet answered (a RETR behind one is not answered from the cache),
+    /// and RSETs likewise.
+    deleting: Vec<u32>,
+    resetting: usize,
+    /// The upstream accepted a DELE whose argument mailgate did not read: which message it
+    /// deleted is unknown, so nothing more is answered from the cache.
+    cache_off: bool,
+    /// mailgate's own UIDL and LIST still unanswered: cache decisions wait for them.
+    learning: usize,
+}
+
+impl Shared {
+    /// The cache key of message `n` when the session may answer it from the cache: its
+    /// UIDL and size are known, and no DELE or RSET of this session makes its state unsure.
+    fn key(&self, scope: &Scope, n: u32) -> Option<Key> {
+        let unsure = self.cache_off || self.resetting > 0 || self.deleted.contains(&n) || self.deleting.contains(&n);
+        if unsure {
+            return None;
+        }
+        self.content_key(scope, n)
+    }
+
+    /// The key message `n`'s content is stored under (a deletion does not change it).
+    fn content_key(&self, scope: &Scope, n: u32) -> Option<Key> {
+        let (uidl, size) = (self.uidl.get(&n)?, *self.sizes.get(&n)?);
+        Some(Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(uidl), size }))
+    }
 }
 
 /// The bounded metric label of a POP3 command keyword.
@@ -167,10 +231,12 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     };
 
     if to_upstream.scope.is_some() {
-        // Learn the UIDLs once, so that RETR and TOP can be served by UIDL.
-        lock(&to_upstream.shared).learning_uidls = true;
-        if let Err(end) = to_upstream.send_upstream(b"UIDL".to_vec(), true, Track::Uidl { internal: true }).await {
-            debug!(?end, "could not ask for UIDLs");
+        // Learn the UIDLs and sizes once, so that RETR and TOP can be served by UIDL.
+        lock(&to_upstream.shared).learning = 2;
+        for (command, track) in [("UIDL", Track::Uidl { internal: true }), ("LIST", Track::List { internal: true })] {
+            if let Err(end) = to_upstream.send_upstream(command.as_bytes().to_vec(), true, track).await {
+                debug!(?end, "could not ask for UIDLs and sizes");
+            }
         }
     }
 
@@ -295,20 +361,17 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         }
         self.label = label;
         self.started = Instant::now();
-        let numbers: Vec<u32> =
-            String::from_utf8_lossy(args).split_whitespace().map_while(|w| w.parse().ok()).collect();
-        let track = match (keyword.as_str(), numbers.as_slice()) {
-            ("RETR", [n]) => Track::Retr(*n),
-            ("DELE", [n]) => Track::Dele(*n),
-            ("RSET", []) => Track::Rset,
-            ("UIDL", _) => Track::Uidl { internal: false },
+        let track = match keyword.as_str() {
+            "RETR" => numbers::<1>(args).map_or(Track::Nothing, |[n]| Track::Retr(n)),
+            "DELE" => Track::Dele(numbers::<1>(args).map(|[n]| n)),
+            "RSET" => Track::Rset,
+            "UIDL" => Track::Uidl { internal: false },
+            "LIST" => Track::List { internal: false },
             _ => Track::Nothing,
         };
         match &track {
-            Track::Dele(n) => {
-                lock(&self.shared).deleted.insert(*n);
-            }
-            Track::Rset => lock(&self.shared).deleted.clear(),
+            Track::Dele(Some(n)) => lock(&self.shared).deleting.push(*n),
+            Track::Rset => lock(&self.shared).resetting += 1,
             _ => {}
         }
         if (keyword == "RETR" || keyword == "TOP") && self.service.download_refused(&self.account) {
@@ -318,15 +381,22 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             self.queued.notify_one();
             return Ok(());
         }
-        if let ("RETR", [n]) | ("TOP", [n, _]) = (keyword.as_str(), numbers.as_slice()) {
-            if let Some(response) = self.cached_answer(*n, numbers.get(1).copied()).await {
-                return self.answer_cached(response).await;
+        // Only exactly spelled RETR/TOP are answered from the cache; whatever else the
+        // upstream makes of them (`RETR +1`, `TOP 1 0 junk`) it says itself.
+        let cacheable = match keyword.as_str() {
+            "RETR" => numbers::<1>(args).map(|[n]| (n, None)),
+            "TOP" => numbers::<2>(args).filter(|[n, _]| *n > 0).map(|[n, k]| (n, Some(k))),
+            _ => None,
+        };
+        if let Some((n, top)) = cacheable {
+            if let Some(response) = self.cached_answer(n, top).await {
+                return self.answer_cached(response, top.is_none().then_some(n)).await;
             }
         }
         let mut load = None;
-        if let ("RETR", [n]) = (keyword.as_str(), numbers.as_slice()) {
-            match self.claim_retr(*n).await {
-                SharedLoad::Value(response) => return self.answer_cached(response).await,
+        if let Track::Retr(n) = track {
+            match self.claim_retr(n).await {
+                SharedLoad::Value(response) => return self.answer_cached(response, Some(n)).await,
                 SharedLoad::Load(guard) => load = guard,
             }
         }
@@ -340,9 +410,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     /// RETR (or TOP with `top_lines`) of message `n` from the cache.
     async fn cached_answer(&mut self, n: u32, top_lines: Option<u32>) -> Option<Bytes> {
         self.scope.as_ref()?;
-        while lock(&self.shared).learning_uidls {
+        while lock(&self.shared).learning > 0 {
             let answered = self.answered.notified();
-            if !lock(&self.shared).learning_uidls {
+            if lock(&self.shared).learning == 0 {
                 break;
             }
             // What is written must be flushed to be answered.
@@ -356,14 +426,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             }
         }
         let scope = self.scope.as_ref()?;
-        let uidl = {
-            let shared = lock(&self.shared);
-            if shared.deleted.contains(&n) {
-                return None;
-            }
-            shared.uidl.get(&n)?.clone()
-        };
-        let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(&uidl) });
+        let key = lock(&self.shared).key(scope, n)?;
         let retr = scope.cache.get(&key, Kind::Pop3).await?;
         let response = match top_lines {
             None => retr,
@@ -374,8 +437,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     }
 
     /// Queues a response from the cache (or another session's load) in the command's
-    /// turn: counted as a hit and timed once.
-    async fn answer_cached(&mut self, response: Bytes) -> Result<(), End> {
+    /// turn: counted as a hit and timed once. For a RETR (`retr` is its message number) the
+    /// upstream is sent the same RETR, its answer not shown to the client, when
+    /// `cache.pop3_mark_seen` says so: a RETR has effects upstream (Dovecot marks the
+    /// message `\Seen` at the end of the session) that the client must not lose.
+    async fn answer_cached(&mut self, response: Bytes, retr: Option<u32>) -> Result<(), End> {
         self.cache_hits += 1;
         self.cache_bytes += response.len() as u64;
         self.wait_for_room().await?;
@@ -383,20 +449,16 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         let seconds = self.started.elapsed().as_secs_f64();
         self.service.metrics.command_duration.with_label_values(&["pop3", self.label]).observe(seconds);
         self.queued.notify_one();
+        if let Some(n) = retr.filter(|_| self.service.config.cache.pop3_mark_seen) {
+            self.send_upstream(format!("RETR {n}").into_bytes(), true, Track::Seen(n)).await?;
+        }
         Ok(())
     }
 
     /// A RETR miss: load it for everyone, or take what another session is loading.
     async fn claim_retr(&mut self, n: u32) -> SharedLoad {
         let Some(scope) = self.scope.clone() else { return SharedLoad::Load(None) };
-        let uidl = {
-            let shared = lock(&self.shared);
-            match shared.uidl.get(&n) {
-                Some(uidl) if !shared.deleted.contains(&n) => uidl.clone(),
-                _ => return SharedLoad::Load(None),
-            }
-        };
-        let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(&uidl) });
+        let Some(key) = lock(&self.shared).key(&scope, n) else { return SharedLoad::Load(None) };
         match scope.cache.claim(key) {
             Claim::Load(guard) => SharedLoad::Load(Some(guard)),
             Claim::Wait(value) => {
@@ -569,15 +631,24 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         }
     }
 
-    /// Writes the cached responses whose turn it is.
+    /// Writes the cached responses whose turn it is: after every answer the client will
+    /// see that was queued before them. mailgate's own commands (whose answers the client
+    /// never sees) do not hold them back.
     async fn write_cached(&mut self) -> Result<(), End> {
-        while self.answering.is_none() {
+        if self.answering.as_ref().is_some_and(|track| !track.internal()) {
+            return Ok(());
+        }
+        loop {
             let cached = {
                 let mut shared = lock(&self.shared);
-                match shared.pending.front() {
-                    Some(Pending::Cached(_)) => match shared.pending.pop_front() {
+                let next = shared.pending.iter().position(|p| match p {
+                    Pending::Cached(_) => true,
+                    Pending::Upstream { track, .. } => !track.internal(),
+                });
+                match next.map(|i| (i, &shared.pending[i])) {
+                    Some((i, Pending::Cached(_))) => match shared.pending.remove(i) {
                         Some(Pending::Cached(bytes)) => bytes,
-                        _ => unreachable!("front was just seen to be cached"),
+                        _ => unreachable!("the entry was just seen to be cached"),
                     },
                     _ => return Ok(()),
                 }
@@ -587,7 +658,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 return Err(End::ClientClosed);
             }
         }
-        Ok(())
     }
 
     async fn upstream_gone(&mut self) -> End {
@@ -605,10 +675,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             // Unsolicited bytes (no command pending) are read as a single line.
             let (body, track, prompted, known) = {
                 let mut shared = lock(&self.shared);
-                let known = |n: &u32| shared.uidl.contains_key(n);
                 let start = match shared.pending.front() {
                     Some(Pending::Upstream { body, track, .. }) => {
-                        let known = !matches!(track, Track::Retr(n) if !known(n));
+                        let known = match (track, &self.scope) {
+                            (Track::Retr(n) | Track::Seen(n), Some(scope)) => shared.content_key(scope, *n).is_some(),
+                            _ => true,
+                        };
                         (*body, track.clone(), true, known)
                     }
                     _ => (false, Track::Nothing, false, true),
@@ -635,7 +707,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         let bytes = self.buffer.split_to(step.consumed);
         let track = self.answering.as_ref().expect("a response is being read");
         if self.wants_capture(track) {
-            if let (Track::Retr(_), Some(Event::Status { line, body: true, .. })) = (track, &step.event) {
+            if let (Track::Retr(_) | Track::Seen(_), Some(Event::Status { line, body: true, .. })) =
+                (track, &step.event)
+            {
                 // "+OK 4022 octets": room for the whole response at once.
                 let octets = String::from_utf8_lossy(line).split(' ').nth(1).and_then(|n| n.parse::<usize>().ok());
                 let limit = self.scope.as_ref().map_or(0, |s| s.cache.max_entry_bytes());
@@ -648,7 +722,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             self.capture.extend_from_slice(&bytes);
         }
-        if !matches!(track, Track::Uidl { internal: true }) && self.write.write_all(&bytes).await.is_err() {
+        if !track.internal() && self.write.write_all(&bytes).await.is_err() {
             return Err(End::ClientClosed);
         }
         let ok = match &step.event {
@@ -658,8 +732,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         };
         if let Some(ok) = ok {
             let track = self.answering.take().expect("a response is being read");
-            // mailgate's own UIDL is not a client command.
-            if let Some((label, started)) = self.timing.take().filter(|_| track != Track::Uidl { internal: true }) {
+            // mailgate's own commands are not the client's.
+            if let Some((label, started)) = self.timing.take().filter(|_| !track.internal()) {
                 let seconds = started.elapsed().as_secs_f64();
                 self.service.metrics.command_duration.with_label_values(&["pop3", label]).observe(seconds);
             }
@@ -677,10 +751,26 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 if std::mem::take(&mut self.prompted) {
                     shared.pending.pop_front();
                 }
+                // Only the upstream's answers change what the session knows is deleted.
                 match track {
-                    Track::Uidl { internal: true } => shared.learning_uidls = false,
-                    Track::Dele(n) if !ok => {
-                        shared.deleted.remove(&n);
+                    Track::Uidl { internal: true } | Track::List { internal: true } => {
+                        shared.learning = shared.learning.saturating_sub(1);
+                    }
+                    Track::Dele(n) => {
+                        if let Some(i) = n.and_then(|n| shared.deleting.iter().position(|&d| d == n)) {
+                            shared.deleting.swap_remove(i);
+                        }
+                        match (ok, n) {
+                            (true, Some(n)) => drop(shared.deleted.insert(n)),
+                            (true, None) => shared.cache_off = true,
+                            (false, _) => {}
+                        }
+                    }
+                    Track::Rset => {
+                        shared.resetting = shared.resetting.saturating_sub(1);
+                        if ok {
+                            shared.deleted.clear();
+                        }
                     }
                     _ => {}
                 }
@@ -695,8 +785,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             return false;
         }
         match track {
-            Track::Retr(_) => self.scope.as_ref().is_some_and(|s| self.capture.len() <= s.cache.max_entry_bytes()),
-            Track::Uidl { .. } => self.capture.len() <= MAX_UIDL_LISTING,
+            Track::Retr(_) | Track::Seen(_) => {
+                self.scope.as_ref().is_some_and(|s| self.capture.len() <= s.cache.max_entry_bytes())
+            }
+            Track::Uidl { .. } | Track::List { .. } => self.capture.len() <= MAX_UIDL_LISTING,
             _ => false,
         }
     }
@@ -704,49 +796,93 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     /// Applies what a successful answer says about the session.
     async fn learn(&mut self, track: Track) {
         match track {
-            Track::Nothing => {}
-            // Noted when sent (see `Shared::deleted`).
-            Track::Dele(_) | Track::Rset => {}
-            Track::Uidl { .. } => {
+            // Applied when the answer ends (see `process`).
+            Track::Nothing | Track::Dele(_) | Track::Rset => {}
+            Track::Uidl { .. } | Track::List { .. } => {
                 if self.capture.len() > MAX_UIDL_LISTING {
                     return;
                 }
                 let mut shared = lock(&self.shared);
-                // "+OK n uidl" for one message, or "+OK\r\n" then "n uidl" lines and ".".
-                for line in self.capture.split(|&b| b == b'\n') {
-                    let text = String::from_utf8_lossy(line);
-                    let text = text.trim_end().trim_start_matches("+OK").trim();
-                    let mut words = text.split(' ');
-                    if let (Some(n), Some(uidl), None) = (words.next(), words.next(), words.next()) {
-                        if let Ok(n) = n.parse::<u32>() {
-                            shared.uidl.insert(n, Arc::from(uidl));
-                        }
+                for (n, value) in listing(&self.capture) {
+                    if matches!(track, Track::Uidl { .. }) {
+                        shared.uidl.insert(n, Arc::from(value));
+                    } else if let Ok(size) = value.parse() {
+                        shared.sizes.insert(n, size);
                     }
                 }
             }
-            Track::Retr(n) => {
+            Track::Retr(n) | Track::Seen(n) => {
                 let Some(scope) = &self.scope else { return };
                 // Not captured (too large, or an unknown message), or only partly.
                 if self.skip_capture || self.capture.len() > scope.cache.max_entry_bytes() {
                     return;
                 }
-                let Some(uidl) = lock(&self.shared).uidl.get(&n).cloned() else { return };
+                let Some(key) = lock(&self.shared).content_key(scope, n) else { return };
                 let value = Bytes::from(std::mem::take(&mut self.capture));
-                match self.load.take() {
-                    Some(guard) => guard.fill(value).await,
-                    None => {
-                        let key = Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new(&uidl) });
+                if let Track::Seen(_) = track {
+                    // The client was answered from the cache: the upstream's answer checks it.
+                    if scope.cache.peek(&key).await.is_some_and(|cached| cached != value) {
+                        tracing::warn!(
+                            message = n,
+                            "a POP3 message changed under its UIDL and size; replacing the cached copy"
+                        );
+                        scope.cache.forget_pop3(&key).await;
                         scope.cache.insert(key, value).await;
                     }
+                    return;
+                }
+                match self.load.take() {
+                    Some(guard) => guard.fill(value).await,
+                    None => scope.cache.insert(key, value).await,
                 }
             }
         }
     }
 }
 
+/// `(n, value)` pairs of a UIDL or LIST answer: the listing's lines (`n value`) after its
+/// status line, or the single `+OK n value` of one message.
+fn listing(response: &[u8]) -> Vec<(u32, &str)> {
+    let text = std::str::from_utf8(response).unwrap_or_default();
+    let mut lines = text.split('\n').map(str::trim_end).filter(|l| !l.is_empty());
+    let status = lines.next().unwrap_or_default();
+    let rest: Vec<&str> = lines.collect();
+    let pairs: Vec<&str> = if rest.is_empty() { vec![status.trim_start_matches("+OK").trim()] } else { rest };
+    pairs
+        .into_iter()
+        .filter_map(|line| {
+            let mut words = line.split(' ');
+            match (words.next(), words.next(), words.next()) {
+                (Some(n), Some(value), None) => Some((n.parse().ok()?, value)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_exactly_spelled_numbers_are_read() {
+        assert_eq!(numbers::<1>(b"12"), Some([12]));
+        assert_eq!(numbers::<2>(b"3 0"), Some([3, 0]));
+        for args in [&b"+1"[..], b"1 ", b" 1", b"01", b"1x", b"", b"4294967296"] {
+            assert_eq!(numbers::<1>(args), None, "{}", String::from_utf8_lossy(args));
+        }
+        for args in [&b"1 0 junk"[..], b"1  0", b"1 -1", b"1"] {
+            assert_eq!(numbers::<2>(args), None, "{}", String::from_utf8_lossy(args));
+        }
+    }
+
+    #[test]
+    fn listings_give_numbers_and_values() {
+        assert_eq!(listing(b"+OK 2 messages:\r\n1 120\r\n2 7\r\n.\r\n"), [(1, "120"), (2, "7")]);
+        assert_eq!(listing(b"+OK\r\n1 000000a1\r\n.\r\n"), [(1, "000000a1")]);
+        assert_eq!(listing(b"+OK 3 abc\r\n"), [(3, "abc")]);
+        assert_eq!(listing(b"+OK 0 messages:\r\n.\r\n"), []);
+    }
 
     #[test]
     fn top_is_cut_from_a_retr_response() {

@@ -307,13 +307,11 @@ impl Dovecot {
     /// violation of RFC 9051 §2.3.1.1 that legacy servers commit). Returns the UIDVALIDITY.
     pub fn rebuild_keeping_uid_validity(&self, user: &str, count: usize, seed: u64) -> u32 {
         let maildir = self.maildir(user);
-        let uidlist = fs::read_to_string(maildir.join("dovecot-uidlist")).expect("dovecot-uidlist");
+        // A maildrop only ever read over POP3 may have no UIDVALIDITY yet (then 0).
+        let uidlist = fs::read_to_string(maildir.join("dovecot-uidlist")).unwrap_or_default();
         let header = uidlist.lines().next().unwrap_or_default();
-        let uid_validity: u32 = header
-            .split(' ')
-            .find_map(|w| w.strip_prefix('V'))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no UIDVALIDITY in {header:?}"));
+        let uid_validity: u32 =
+            header.split(' ').find_map(|w| w.strip_prefix('V')).and_then(|v| v.parse().ok()).unwrap_or(0);
         for entry in fs::read_dir(&maildir).unwrap().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("dovecot") {
@@ -325,8 +323,10 @@ impl Dovecot {
         }
         let total = self.fill(user, count, seed);
         assert!(total > 0);
-        write_file(&maildir.join("dovecot-uidlist"), format!("3 V{uid_validity} N1\n").as_bytes(), 0o600)
-            .unwrap_or_else(|e| panic!("{e}"));
+        if uid_validity != 0 {
+            write_file(&maildir.join("dovecot-uidlist"), format!("3 V{uid_validity} N1\n").as_bytes(), 0o600)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
         chown_tree(&maildir, self.ident.mail_uid, self.ident.mail_gid)
             .unwrap_or_else(|e| panic!("chown {}: {e}", maildir.display()));
         uid_validity
