@@ -292,7 +292,8 @@ impl Courier {
     }
 
     /// Adds `count` generated messages to the user's INBOX (in `cur/`, some `\Seen` or
-    /// `\Flagged \Seen`, as [`mailgen::fill_maildir`] does, but with LF line ends) and
+    /// `\Flagged \Seen`, as [`mailgen::fill_maildir`] does, but with LF line ends; message
+    /// i's INTERNALDATE is 1,600,000,000 + i seconds after the epoch) and
     /// returns their total size as Courier reports it (CRLF). Then logs in once and selects
     /// INBOX, so that Courier assigns the UIDs (in file name order) before any test
     /// session: UID n of a fresh INBOX holds `mailgen::message(seed, n - 1,
@@ -323,6 +324,12 @@ impl Courier {
             );
             let path = cur.join(name);
             write_file(&path, &data, 0o600).unwrap_or_else(|e| panic!("{e}"));
+            // Courier's INTERNALDATE is the file's mtime: the same for every fill.
+            fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(UNIX_EPOCH + Duration::from_secs(1_600_000_000 + index as u64)))
+                .unwrap_or_else(|e| panic!("setting the mtime of {}: {e}", path.display()));
             chown(&path, Some(u.uid), Some(u.gid)).unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
             total += msg.len() as u64;
         }
