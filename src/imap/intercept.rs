@@ -415,9 +415,12 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
     io.count(tally.hits, tally.misses);
     let mut final_status = status;
 
-    // Phase two, in batches, by UID: the mutable items are asked again, so that a flag
-    // change reported meanwhile is not undone by phase one's older values, and the answers
-    // carry the sequence numbers of the moment (a UID FETCH may bring EXPUNGEs).
+    // Phase two, in batches. A plain FETCH asks by sequence number (the numbers of phase
+    // one still hold: no EXPUNGE may come during a FETCH, RFC 9051 §7.5.1, and the client
+    // must not be sent one while its FETCH is answered), a UID FETCH by UID (whose answers
+    // may bring EXPUNGEs: the fresh answers carry the numbers of the moment). The mutable
+    // items are asked again: a flag change reported meanwhile must not be undone by phase
+    // one's older values.
     let phase_two = PhaseTwo { job, scope, wanted: &wanted, mutable: &mutable, mutable_names: &mutable_names };
     for chunk in misses.chunks_mut(BATCH) {
         // Concurrent misses share one load: claim what nobody is loading; a message whose
@@ -681,7 +684,7 @@ struct PhaseTwo<'a> {
 }
 
 impl PhaseTwo<'_> {
-    /// Fetches the missing items of `chunk[m]` for each `m` in `which` (by UID), answers
+    /// Fetches the missing items of `chunk[m]` for each `m` in `which`, answers
     /// each of those messages, and stores what it got (through the guard when this session
     /// loads it for others). `None` when there was nothing to fetch.
     async fn fetch<Io: JobIo>(
@@ -698,7 +701,9 @@ impl PhaseTwo<'_> {
         let (job, scope, wanted) = (self.job, self.scope, self.wanted);
         let needed: Vec<usize> =
             (0..wanted.len()).filter(|&i| which.iter().any(|&m| chunk[m].items[i].is_none())).collect();
-        let ids: Vec<String> = which.iter().map(|&m| chunk[m].uid.to_string()).collect();
+        let request = &job.request;
+        let ids: Vec<String> =
+            which.iter().map(|&m| if request.uid { chunk[m].uid } else { chunk[m].parsed.seq }.to_string()).collect();
         let mut items: Vec<&str> = vec!["UID"];
         items.extend(self.mutable);
         // FLAGS the upstream volunteered in phase one (it set \Seen) are asked again, so
@@ -709,7 +714,8 @@ impl PhaseTwo<'_> {
         }
         items.extend(needed.iter().map(|&i| wanted[i].request));
         let tag = io.tag();
-        io.to_upstream(format!("{tag} UID FETCH {} ({})\r\n", ids.join(","), items.join(" ")).into_bytes()).await?;
+        let uid = if request.uid { "UID " } else { "" };
+        io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", ids.join(","), items.join(" ")).into_bytes()).await?;
         let mut stored = Stored::default();
         let mut answered = HashSet::new();
         loop {
