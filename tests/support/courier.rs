@@ -23,6 +23,19 @@
 //! Courier stores messages with the system's line ends (LF) and adds the CR when it sends
 //! them, so [`Courier::fill`] and [`Courier::deliver`] write LF files: a CRLF file would come
 //! back with CR CR LF line ends.
+//!
+//! Courier's ways a test meets (Dovecot's differ):
+//! - FETCH echoes header field names quoted and as spelled: `BODY[HEADER.FIELDS ("From")]`.
+//! - No LITERAL+ (a `{n+}` literal is taken for the next command), no BINARY; folders live
+//!   below `INBOX.` (`CREATE INBOX.Archive`).
+//! - Commands pipelined behind LOGIN are lost: `imaplogin` reads them and then executes
+//!   `imapd`. Send the next command after LOGIN's OK.
+//! - Responses leave in several writes without TCP_NODELAY, so a lone command waiting for
+//!   its answer (e.g. `UID FETCH n BODY.PEEK[]`, one at a time) takes about 40 ms (Nagle and
+//!   delayed ACK); pipelined commands do not pay it.
+//! - A login takes about 100 ms (authdaemond, PAM, yescrypt).
+//! - POP3: `+OK headers follow.` for TOP, `+OK POP3 clients that break here, they violate
+//!   STD53.` for LIST of an empty maildrop, `LOGIN-DELAY 10` in CAPA.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
