@@ -32,6 +32,8 @@
 //! - `SYNC_LOAD_MESSAGES` (default 10000): mailbox size,
 //! - `SYNC_LOAD_ONLY` (e.g. `a,c`; default `a,b,b1,b2,c,d,f`): run only these workloads,
 //! - `SYNC_LOAD_REPS` (default `9,5,5,5`): repetitions for a, b, c, d,
+//! - `SYNC_LOAD_POP3_MARK_SEEN=false`: mailgate does not send a RETR answered from the cache
+//!   upstream for its `\Seen` (what `cache.pop3_mark_seen` costs, with (c)),
 //! - `SYNC_LOAD_PERF` (a directory): record `perf record -e cpu-clock -g` of mailgate during
 //!   each cold and warm run into `DIR/<workload>-<cold|warm>.data` (see docs/PERFORMANCE.md).
 
@@ -664,7 +666,10 @@ impl Bench {
             "plaintext",
             None,
             "",
-            "\n[cache]\nenabled = true\nmax_bytes = \"512MiB\"\nmax_entry_bytes = \"8MiB\"\n",
+            &format!(
+                "\n[cache]\nenabled = true\nmax_bytes = \"512MiB\"\nmax_entry_bytes = \"8MiB\"\npop3_mark_seen = {}\n",
+                std::env::var("SYNC_LOAD_POP3_MARK_SEEN").map_or(true, |v| v != "false")
+            ),
         );
         Gateway::start(self.dir.path(), &config)
     }
