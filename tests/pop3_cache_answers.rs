@@ -34,7 +34,7 @@ fn flags(setup: &Setup, user: (&str, &str)) -> Vec<String> {
         .collect()
 }
 
-/// Every message RETRieved once through mailgate, then the session reset (RSET clears
+/// Every message RETRieved once through mailgate (and a TOP), then the session reset (RSET clears
 /// Dovecot's \Seen marks too): the cache holds them, the maildrop is as it was.
 fn warm_up(setup: &Setup, user: (&str, &str), count: usize) {
     let mut via = setup.pop3_login(user);
@@ -42,6 +42,9 @@ fn warm_up(setup: &Setup, user: (&str, &str), count: usize) {
         via.send(format!("RETR {n}\r\n").as_bytes());
         assert!(response(&mut via).starts_with(b"+OK"));
     }
+    // And one TOP: a TOP from the cache says what the upstream's own TOP says.
+    via.send(b"TOP 1 0\r\n");
+    assert!(response(&mut via).starts_with(b"+OK"));
     via.send(b"RSET\r\n");
     assert!(via.line().unwrap().starts_with("+OK"));
     quit(via);

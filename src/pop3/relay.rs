@@ -65,6 +65,8 @@ enum Track {
     List {
         internal: bool,
     },
+    /// A TOP relayed: its status line is what a TOP from the cache says.
+    Top,
 }
 
 impl Track {
@@ -72,6 +74,12 @@ impl Track {
     fn internal(&self) -> bool {
         matches!(self, Track::Seen(_) | Track::Uidl { internal: true } | Track::List { internal: true })
     }
+}
+
+/// Where an account's upstream's TOP status line is kept (`+OK` for Dovecot, `+OK headers
+/// follow.` for Courier): a TOP cut from a cached RETR says what the upstream says.
+fn top_status_key(scope: &Scope) -> Key {
+    Key::Pop3(Pop3Key { account: scope.account.clone(), uidl: Name::new("\0top"), size: 0 })
 }
 
 /// A message number as the cache path reads it: digits only, no sign, no leading zero.
@@ -256,12 +264,13 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().expect("relay lock poisoned")
 }
 
-/// `TOP n k` from a cached RETR response: the header, the empty line and `k` body lines of
-/// the (dot-stuffed) message, then the terminating line (RFC 1939 §7).
-pub fn top_from_retr(retr: &[u8], lines: usize) -> Vec<u8> {
+/// `TOP n k` from a cached RETR response: `status` (the upstream's own TOP status line,
+/// with its line end), the header, the empty line and `k` body lines of the (dot-stuffed)
+/// message, then the terminating line (RFC 1939 §7).
+pub fn top_from_retr(status: &[u8], retr: &[u8], lines: usize) -> Vec<u8> {
     let body_start = retr.iter().position(|&b| b == b'\n').map_or(retr.len(), |i| i + 1);
     let message = &retr[body_start..retr.len().saturating_sub(3)]; // without ".\r\n"
-    let mut out = b"+OK\r\n".to_vec();
+    let mut out = status.to_vec();
     let mut in_header = true;
     let mut body_lines = 0;
     let mut start = 0;
@@ -367,6 +376,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             "RSET" => Track::Rset,
             "UIDL" => Track::Uidl { internal: false },
             "LIST" => Track::List { internal: false },
+            "TOP" => Track::Top,
             _ => Track::Nothing,
         };
         match &track {
@@ -400,8 +410,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 SharedLoad::Load(guard) => load = guard,
             }
         }
-        if self.scope.is_some() && (keyword == "RETR" || keyword == "TOP") {
-            self.cache_misses += 1;
+        // A miss is a message the cache could have answered: one the upstream listed.
+        if let (Some(scope), Some((n, _))) = (&self.scope, cacheable) {
+            if lock(&self.shared).content_key(scope, n).is_some() {
+                self.cache_misses += 1;
+            }
         }
         let body = multiline_if_ok(&keyword, args);
         self.send_upstream_loading(line, body, track, load).await
@@ -427,10 +440,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         }
         let scope = self.scope.as_ref()?;
         let key = lock(&self.shared).key(scope, n)?;
+        // A TOP needs the upstream's own status line, learned from a TOP it answered.
+        let status = match top_lines {
+            None => None,
+            Some(_) => Some(scope.cache.peek(&top_status_key(scope)).await?),
+        };
         let retr = scope.cache.get(&key, Kind::Pop3).await?;
-        let response = match top_lines {
-            None => retr,
-            Some(k) => Bytes::from(top_from_retr(&retr, k as usize)),
+        let response = match (top_lines, status) {
+            (Some(k), Some(status)) => Bytes::from(top_from_retr(&status, &retr, k as usize)),
+            _ => retr,
         };
         scope.cache.served(response.len());
         Some(response)
@@ -706,6 +724,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         };
         let bytes = self.buffer.split_to(step.consumed);
         let track = self.answering.as_ref().expect("a response is being read");
+        if let (Track::Top, Some(Event::Status { ok: true, line, .. }), Some(scope)) = (track, &step.event, &self.scope)
+        {
+            // Only a line that names no message (no number in it) can stand for every TOP.
+            if !line.iter().any(u8::is_ascii_digit) && line.len() <= 200 {
+                let status = Bytes::from([line.as_slice(), b"\r\n"].concat());
+                scope.cache.insert(top_status_key(scope), status).await;
+            }
+        }
         if self.wants_capture(track) {
             if let (Track::Retr(_) | Track::Seen(_), Some(Event::Status { line, body: true, .. })) =
                 (track, &step.event)
@@ -797,7 +823,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     async fn learn(&mut self, track: Track) {
         match track {
             // Applied when the answer ends (see `process`).
-            Track::Nothing | Track::Dele(_) | Track::Rset => {}
+            Track::Nothing | Track::Dele(_) | Track::Rset | Track::Top => {}
             Track::Uidl { .. } | Track::List { .. } => {
                 if self.capture.len() > MAX_UIDL_LISTING {
                     return;
@@ -887,13 +913,16 @@ mod tests {
     #[test]
     fn top_is_cut_from_a_retr_response() {
         let retr = b"+OK 80 octets\r\nSubject: a\r\nFrom: b\r\n\r\nline 1\r\n..dotted 2\r\nline 3\r\n.\r\n";
-        assert_eq!(top_from_retr(retr, 0), b"+OK\r\nSubject: a\r\nFrom: b\r\n\r\n.\r\n");
-        assert_eq!(top_from_retr(retr, 2), b"+OK\r\nSubject: a\r\nFrom: b\r\n\r\nline 1\r\n..dotted 2\r\n.\r\n");
+        assert_eq!(top_from_retr(b"+OK\r\n", retr, 0), b"+OK\r\nSubject: a\r\nFrom: b\r\n\r\n.\r\n");
         assert_eq!(
-            top_from_retr(retr, 99),
+            top_from_retr(b"+OK\r\n", retr, 2),
+            b"+OK\r\nSubject: a\r\nFrom: b\r\n\r\nline 1\r\n..dotted 2\r\n.\r\n"
+        );
+        assert_eq!(
+            top_from_retr(b"+OK\r\n", retr, 99),
             b"+OK\r\nSubject: a\r\nFrom: b\r\n\r\nline 1\r\n..dotted 2\r\nline 3\r\n.\r\n"
         );
         let headers_only = b"+OK 20 octets\r\nSubject: a\r\n.\r\n";
-        assert_eq!(top_from_retr(headers_only, 5), b"+OK\r\nSubject: a\r\n.\r\n");
+        assert_eq!(top_from_retr(b"+OK top follows\r\n", headers_only, 5), b"+OK top follows\r\nSubject: a\r\n.\r\n");
     }
 }
