@@ -165,8 +165,8 @@ fn answers_for_messages_expunged_under_the_session_are_not_cached() {
         .find_map(|l| l.strip_prefix("mailgate_cache_entries "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("{metrics}"));
-    // Five RFC822.SIZE items and the mailbox's fill mark.
-    assert_eq!(entries, 6, "{metrics}");
+    // Five RFC822.SIZE items, the mailbox's fill mark and its highest UIDNEXT.
+    assert_eq!(entries, 7, "{metrics}");
 }
 
 #[test]
@@ -214,4 +214,26 @@ fn a_mailbox_rebuilt_with_the_same_uidvalidity_is_not_served_stale() {
     }
     let stale = setup.gateway.metrics();
     assert!(stale.lines().any(|l| l.starts_with("mailgate_cache_stale_total ") && !l.ends_with(" 0")), "{stale}");
+}
+
+#[test]
+fn a_mailbox_restored_from_an_older_copy_is_not_served_stale_even_without_asking_upstream() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 12, 33);
+    let mut via = setup.login(BOB);
+    via.command("s", "SELECT INBOX");
+    answer(&mut via, "f", "UID FETCH 1:* (UID BODY.PEEK[])");
+    // Warm: explicit UIDs of cached bodies are answered without the upstream.
+    answer(&mut via, "g", "UID FETCH 4 (BODY.PEEK[])");
+    via.send(b"z LOGOUT\r\n");
+    let _ = via.rest();
+    // An older copy comes back: fewer messages, UIDNEXT lower, the same UIDVALIDITY.
+    setup.dovecot.rebuild_keeping_uid_validity(BOB.0, 6, 34);
+    let mut direct = setup.direct(BOB);
+    let mut via = setup.login(BOB);
+    direct.command("s", "SELECT INBOX");
+    via.command("s", "SELECT INBOX");
+    for command in ["UID FETCH 4 (BODY.PEEK[])", "UID FETCH 2,5 (BODY.PEEK[])", "UID FETCH 1:* (UID BODY.PEEK[])"] {
+        same(&mut via, &mut direct, command);
+    }
 }

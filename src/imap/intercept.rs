@@ -45,6 +45,9 @@ const VALIDATOR: &str = "RFC822.SIZE";
 pub struct Selected {
     pub mailbox: Name,
     pub uid_validity: u32,
+    /// UIDNEXT as the upstream reported it at SELECT: it never goes down under one
+    /// UIDVALIDITY (RFC 9051 §2.3.1.1), unless the mailbox was restored from an older copy.
+    pub uid_next: Option<u32>,
 }
 
 /// A client FETCH to answer.
@@ -297,6 +300,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         .cached_items()
         .map(|w| Wanted { request: w.request, response: w.response, key: Name::new(w.key), class: w.class })
         .collect();
+    check_uid_next(job, scope).await;
     if answer_locally(io, job, client_tag, scope, &wanted).await? {
         return Ok(());
     }
@@ -478,6 +482,33 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;
     }
     finish(io, client_tag, &final_status).await
+}
+
+/// Where the highest UIDNEXT seen of an account's mailbox (at one UIDVALIDITY) is kept.
+const UID_NEXT_MARK: &str = "\0uidnext";
+
+/// A UIDNEXT below one seen before under the same UIDVALIDITY means the mailbox was
+/// restored from an older copy, its UIDs to be given again to other messages: what is
+/// cached of it is forgotten before anything is answered (even on the upstream-free path).
+async fn check_uid_next(job: &Job, scope: &Scope) {
+    let Some(uid_next) = job.selected.uid_next else { return };
+    let mark = key(scope, &job.selected, 0, &Name::new(UID_NEXT_MARK));
+    let seen = scope.cache.peek(&mark).await.and_then(|v| Some(u32::from_be_bytes(v.as_ref().try_into().ok()?)));
+    match seen {
+        Some(seen) if seen > uid_next => {
+            tracing::warn!(
+                mailbox = job.selected.mailbox.as_str(),
+                uid_validity = job.selected.uid_validity,
+                seen,
+                uid_next,
+                "UIDNEXT went down without a new UIDVALIDITY; forgetting what is cached of the mailbox"
+            );
+            scope.cache.forget_mailbox(&scope.account, &job.selected.mailbox, job.selected.uid_validity);
+        }
+        Some(seen) if seen == uid_next => return,
+        _ => {}
+    }
+    scope.cache.insert(mark, Bytes::copy_from_slice(&uid_next.to_be_bytes())).await;
 }
 
 /// Relays a response that is not an answer of the job, noting what it renumbers.
@@ -724,8 +755,10 @@ impl PhaseTwo<'_> {
                 let status = status_text(&response, &tag);
                 stored.settle(scope, &status).await;
                 let unanswered = which.len() - answered.len();
-                if unanswered > 0 && status_is_clean(&status) {
-                    tracing::warn!(unanswered, "the upstream left messages of a FETCH unanswered");
+                if unanswered > 0 {
+                    // Expunged meanwhile (a UID FETCH answers nothing for them), or an upstream
+                    // that answered in a form mailgate did not recognize (relayed as it came).
+                    tracing::debug!(unanswered, "messages of a phase-two FETCH got no answer of their own");
                 }
                 return Ok(Some(status));
             }

@@ -149,6 +149,7 @@ struct Selecting {
     /// `None` when the name came as a literal (that mailbox is then not cached).
     mailbox: Option<Arc<str>>,
     uid_validity: Option<u32>,
+    uid_next: Option<u32>,
 }
 
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
@@ -536,8 +537,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
                 let mut shared = self.lock();
                 shared.selected = None;
-                shared.selecting =
-                    Some(Selecting { tag: tag.clone(), mailbox: mailbox.map(Arc::from), uid_validity: None });
+                shared.selecting = Some(Selecting {
+                    tag: tag.clone(),
+                    mailbox: mailbox.map(Arc::from),
+                    uid_validity: None,
+                    uid_next: None,
+                });
                 reselect = Reselect::Pending;
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
                 self.lock().selected = None;
@@ -715,14 +720,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             Kind::Tagged { tag, rest } => {
                 if shared.selecting.as_ref().is_some_and(|s| s.tag == tag) {
-                    let Selecting { mailbox, uid_validity, .. } = shared.selecting.take().expect("just checked");
+                    let Selecting { mailbox, uid_validity, uid_next, .. } =
+                        shared.selecting.take().expect("just checked");
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
                     if let (true, Some(exists)) = (ok, shared.exists) {
                         self.service.metrics.mailbox_messages.observe(f64::from(exists));
                     }
                     shared.selected = match (ok, mailbox, uid_validity) {
                         (true, Some(mailbox), Some(uid_validity)) => {
-                            Some(Selected { mailbox: Name::new(&mailbox), uid_validity })
+                            Some(Selected { mailbox: Name::new(&mailbox), uid_validity, uid_next })
                         }
                         _ => None,
                     };
@@ -751,6 +757,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     }
                 }
                 Some(s) if s.status == Status::Ok => {
+                    if let Some(("UIDNEXT", value)) = s.code.as_ref().map(|(c, v)| (c.as_str(), *v)) {
+                        if let Some(selecting) = shared.selecting.as_mut() {
+                            selecting.uid_next = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse().ok());
+                        }
+                    }
                     if let Some(("UIDVALIDITY", value)) = s.code.as_ref().map(|(c, v)| (c.as_str(), *v)) {
                         let value = std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<u32>().ok());
                         if let Some(selecting) = shared.selecting.as_mut() {
