@@ -237,3 +237,44 @@ fn a_mailbox_restored_from_an_older_copy_is_not_served_stale_even_without_asking
         same(&mut via, &mut direct, command);
     }
 }
+
+#[test]
+fn messages_answered_after_a_relayed_expunge_carry_their_new_numbers() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 12, 35);
+    let mut via = setup.login(BOB);
+    via.command("s", "SELECT INBOX");
+    answer(&mut via, "w", "UID FETCH 1:* (UID BODY.PEEK[HEADER])");
+    // Another session expunges UID 3; the next UID command may report it.
+    let mut other = setup.direct(BOB);
+    other.command("s", "SELECT INBOX");
+    other.command("x", "UID STORE 3 +FLAGS.SILENT (\\Deleted)");
+    other.command("e", "EXPUNGE");
+    // `*:1` is answered only once the upstream has finished (membership needs the last
+    // UID): every answer goes out after the EXPUNGE, so it must use the new numbers.
+    via.send(b"h UID FETCH *:1 (UID BODY.PEEK[HEADER])\r\n");
+    let mut numbers = Vec::new();
+    let mut expunged = false;
+    for response in via.responses("h") {
+        let text = String::from_utf8_lossy(&response[..response.len().min(60)]).into_owned();
+        if text.starts_with("* 3 EXPUNGE") {
+            expunged = true;
+        } else if let Some(parsed) = mailgate::imap::fetch::parse_response(&response) {
+            numbers.push((expunged, parsed.seq, parsed.uid(&response).unwrap()));
+        }
+    }
+    // The truth after the expunge: message n is the n-th remaining UID.
+    let now = answer(&mut via, "n", "UID FETCH 1:* (UID)");
+    let truth: std::collections::BTreeMap<u32, u32> = now
+        .fetch
+        .iter()
+        .map(|(seq, items)| (*seq, String::from_utf8_lossy(&items["UID"])[4..].parse().unwrap()))
+        .collect();
+    assert_eq!(numbers.len(), 11, "{numbers:?}");
+    assert!(numbers.iter().all(|n| n.0), "Dovecot reported the EXPUNGE first: {numbers:?}");
+    for (after_expunge, seq, uid) in numbers {
+        if after_expunge {
+            assert_eq!(truth.get(&seq), Some(&uid), "UID {uid} answered as message {seq} after the EXPUNGE");
+        }
+    }
+}
