@@ -1,0 +1,106 @@
+//! One differential environment: the server with two accounts per logical user (the one
+//! reached through mailgate and its twin), their initial folders, and mailgate in front
+//! (unless the via sessions go straight to the server, `MAILGATE_FUZZ_VIA=direct`, which
+//! must never find a difference: that proves the tester itself right).
+
+use std::net::SocketAddr;
+
+use crate::support::setup::gateway_config_with;
+use crate::support::tls::TestPki;
+
+use super::mailgate::Mailgate;
+use super::server::{self, initial_folders, Server};
+use super::wire::Endpoint;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Mailgate,
+    Direct,
+}
+
+impl Via {
+    pub fn name(self) -> &'static str {
+        match self {
+            Via::Mailgate => "mailgate",
+            Via::Direct => "direct",
+        }
+    }
+}
+
+/// A logical user: account `name` (through mailgate) and `name-twin` (direct), both
+/// starting with the folders of `content_seed`.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub name: String,
+    pub content_seed: u64,
+}
+
+pub struct Env {
+    pub server: Box<dyn Server>,
+    pub mailgate: Option<std::sync::Mutex<Mailgate>>,
+    via_imap: SocketAddr,
+    via_pop3: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+/// Past the defaults a long run logs in too often from 127.0.0.1.
+const LIMITS: &str = "[limits]\nconnections_per_ip_per_minute = 0\nlogins_per_ip_per_minute = 0\n";
+
+impl Env {
+    pub fn start(via: Via, users: &[User]) -> Env {
+        let accounts: Vec<String> = users.iter().flat_map(|u| [u.name.clone(), format!("{}-twin", u.name)]).collect();
+        let server = server::start(&accounts);
+        for user in users {
+            let folders = initial_folders(user.content_seed);
+            server.provision(&user.name, &folders);
+            server.provision(&format!("{}-twin", user.name), &folders);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (mailgate, via_imap, via_pop3) = match via {
+            Via::Direct => (None, server.imap().addr, server.pop3().addr),
+            Via::Mailgate => {
+                let pki = TestPki::generate(dir.path());
+                let up = server.gateway_upstream();
+                let config =
+                    gateway_config_with(&pki, Some(&up.imap), Some(&up.pop3), up.tls, up.ca.as_deref(), "", LIMITS);
+                let mailgate = Mailgate::start(dir.path(), &config);
+                let (imap, pop3) = (mailgate.addr("plain"), mailgate.addr("pop3-plain"));
+                (Some(std::sync::Mutex::new(mailgate)), imap, pop3)
+            }
+        };
+        Env { server, mailgate, via_imap, via_pop3, _dir: dir }
+    }
+
+    /// IMAP for the accounts under test: mailgate's plaintext listener (or the server).
+    pub fn via_imap(&self) -> Endpoint {
+        self.endpoint(self.via_imap, self.server.imap())
+    }
+
+    pub fn via_pop3(&self) -> Endpoint {
+        self.endpoint(self.via_pop3, self.server.pop3())
+    }
+
+    fn endpoint(&self, via: SocketAddr, direct: Endpoint) -> Endpoint {
+        if self.mailgate.is_some() {
+            Endpoint { addr: via, tls: None }
+        } else {
+            direct
+        }
+    }
+
+    /// For reports: whether mailgate died, and its last log lines.
+    pub fn mailgate_report(&self) -> String {
+        let Some(m) = &self.mailgate else { return String::new() };
+        let mut m = m.lock().unwrap();
+        let status = match m.exited() {
+            Some(status) => format!("mailgate EXITED: {status}\n"),
+            None => String::new(),
+        };
+        format!("{status}--- mailgate log (tail) ---\n{}", m.log_tail())
+    }
+
+    /// Stops everything in the background (Dovecot takes a second to stop).
+    pub fn dispose(self) {
+        std::thread::spawn(move || drop(self));
+    }
+}

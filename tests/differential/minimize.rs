@@ -1,0 +1,137 @@
+//! Replaying a trace in a fresh environment, and shrinking a failing one: first the
+//! shortest suffix that still fails at its last action, then delta debugging (ddmin) over
+//! whole actions, then over the commands inside batches and POP3 sessions. A candidate
+//! counts only if it fails at its last action (the original failing one), so the search
+//! cannot wander off to another difference. Bounded by a deadline; the best trace found
+//! so far is kept.
+
+use std::time::Instant;
+
+use super::action::Action;
+use super::env::{Env, User, Via};
+use super::exec::{Executor, Mismatch};
+
+/// Where a replay stopped.
+pub enum Replay {
+    Clean,
+    /// The mismatch and the index of the action that drew it.
+    Failed(usize, Mismatch, String),
+}
+
+/// Runs `actions` for `user` in a fresh server (and mailgate).
+pub fn replay(via: Via, user: &User, actions: &[Action]) -> Replay {
+    let env = Env::start(via, std::slice::from_ref(user));
+    let result = {
+        let mut ex = Executor::new(&env, &user.name);
+        let mut result = Replay::Clean;
+        for (i, action) in actions.iter().enumerate() {
+            if let Err(m) = ex.run(action) {
+                result = Replay::Failed(i, m, env.mailgate_report());
+                break;
+            }
+        }
+        result
+    };
+    env.dispose();
+    result
+}
+
+pub struct Minimized {
+    pub actions: Vec<Action>,
+    pub mismatch: Mismatch,
+    pub replays: usize,
+    pub complete: bool,
+}
+
+/// Shrinks `actions` (which failed at their last action) until `deadline`. None if even
+/// the whole trace does not fail alone (the other user's concurrent traffic mattered, or
+/// the failure depends on timing).
+pub fn minimize(via: Via, user: &User, actions: &[Action], deadline: Instant) -> Option<Minimized> {
+    let mut replays = 0;
+    let mut test = |candidate: &[Action]| -> Option<Mismatch> {
+        replays += 1;
+        match replay(via, user, candidate) {
+            Replay::Failed(i, m, _) if i + 1 == candidate.len() => Some(m),
+            _ => None,
+        }
+    };
+    // The shortest failing suffix, growing fourfold.
+    let mut best: Option<(Vec<Action>, Mismatch)> = None;
+    let mut k = 4;
+    loop {
+        let start = actions.len().saturating_sub(k);
+        if let Some(m) = test(&actions[start..]) {
+            best = Some((actions[start..].to_vec(), m));
+            break;
+        }
+        if start == 0 || Instant::now() > deadline {
+            break;
+        }
+        k *= 4;
+    }
+    let (mut current, mut mismatch) = best?;
+
+    // ddmin over the actions before the last one.
+    let mut n = 2;
+    let mut complete = false;
+    while Instant::now() < deadline {
+        let head = current.len() - 1;
+        if head == 0 {
+            complete = true;
+            break;
+        }
+        let chunk = head.div_ceil(n);
+        let mut reduced = false;
+        let chunks = n;
+        for i in 0..chunks {
+            let (lo, hi) = (i * chunk, ((i + 1) * chunk).min(head));
+            if lo >= hi {
+                continue;
+            }
+            let candidate: Vec<Action> = current[..lo].iter().chain(&current[hi..]).cloned().collect();
+            if let Some(m) = test(&candidate) {
+                current = candidate;
+                mismatch = m;
+                n = (n - 1).max(2);
+                reduced = true;
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+        if !reduced {
+            if n >= head {
+                complete = true;
+                break;
+            }
+            n = (n * 2).min(head);
+        }
+    }
+
+    // The parts of composite actions (the last one included), one at a time.
+    if complete {
+        let mut i = 0;
+        while i < current.len() && Instant::now() < deadline {
+            let mut part = 0;
+            while part < current[i].parts() && Instant::now() < deadline {
+                match current[i].without_part(part) {
+                    Some(smaller) => {
+                        let mut candidate = current.clone();
+                        candidate[i] = smaller;
+                        if let Some(m) = test(&candidate) {
+                            current = candidate;
+                            mismatch = m;
+                            continue;
+                        }
+                        part += 1;
+                    }
+                    None => break,
+                }
+            }
+            i += 1;
+        }
+        complete = i >= current.len();
+    }
+    Some(Minimized { actions: current, mismatch, replays, complete })
+}

@@ -1,0 +1,270 @@
+//! Settings from the environment, a run of one seed (a thread per logical user, each with
+//! its trace written to a file as it goes), and the report of a mismatch with its
+//! minimised, replayable trace.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::action::{self, Action};
+use super::env::{Env, User, Via};
+use super::exec::{Executor, Mismatch};
+use super::generate::Generator;
+use super::minimize::{minimize, replay, Replay};
+use super::wire::show;
+
+pub struct Settings {
+    pub seeds: Vec<u64>,
+    /// Steps per seed, over all users.
+    pub steps: u64,
+    pub via: Via,
+    pub imap: bool,
+    pub pop3: bool,
+    /// Total time for minimising failures.
+    pub minimize: Duration,
+    pub replay: Option<PathBuf>,
+    pub users: usize,
+}
+
+impl Settings {
+    pub fn from_env(default_seeds: &[u64], default_steps: u64) -> Settings {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let seeds = var("MAILGATE_FUZZ_SEEDS").map(|s| parse_seeds(&s)).unwrap_or_else(|| default_seeds.to_vec());
+        let steps = var("MAILGATE_FUZZ_STEPS").map(|s| s.trim().replace('_', "").parse().expect("MAILGATE_FUZZ_STEPS"));
+        let via = match var("MAILGATE_FUZZ_VIA").as_deref().map(str::trim) {
+            None | Some("mailgate") => Via::Mailgate,
+            Some("direct") => Via::Direct,
+            Some(other) => panic!("MAILGATE_FUZZ_VIA={other}: mailgate or direct"),
+        };
+        let protocols = var("MAILGATE_FUZZ_PROTOCOLS").unwrap_or_else(|| "imap,pop3".to_string()).to_ascii_lowercase();
+        let minimize =
+            var("MAILGATE_FUZZ_MINIMIZE_SECS").map(|s| s.trim().parse().expect("MAILGATE_FUZZ_MINIMIZE_SECS"));
+        Settings {
+            seeds,
+            steps: steps.unwrap_or(default_steps),
+            via,
+            imap: protocols.contains("imap"),
+            pop3: protocols.contains("pop3"),
+            minimize: Duration::from_secs(minimize.unwrap_or(150)),
+            replay: var("MAILGATE_FUZZ_REPLAY").map(PathBuf::from),
+            users: var("MAILGATE_FUZZ_USERS").map(|s| s.trim().parse().expect("MAILGATE_FUZZ_USERS")).unwrap_or(2),
+        }
+    }
+
+    fn env_line(&self, seeds: &str, steps: u64) -> String {
+        let protocols = match (self.imap, self.pop3) {
+            (true, true) => "imap,pop3",
+            (true, false) => "imap",
+            _ => "pop3",
+        };
+        format!(
+            "MAILGATE_FUZZ_SEEDS={seeds} MAILGATE_FUZZ_STEPS={steps} MAILGATE_FUZZ_VIA={} MAILGATE_FUZZ_PROTOCOLS={protocols}",
+            self.via.name()
+        )
+    }
+}
+
+/// `1,2,3`, `1..100` (100 excluded), `5..=9`, or a mix: `1,4..6`.
+pub fn parse_seeds(text: &str) -> Vec<u64> {
+    let mut seeds = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |s: &str| s.trim().parse::<u64>().unwrap_or_else(|_| panic!("MAILGATE_FUZZ_SEEDS: bad number {s:?}"));
+        if let Some((a, b)) = part.split_once("..=") {
+            seeds.extend(num(a)..=num(b));
+        } else if let Some((a, b)) = part.split_once("..") {
+            seeds.extend(num(a)..num(b));
+        } else {
+            seeds.push(num(part));
+        }
+    }
+    seeds
+}
+
+pub fn users(seed: u64, n: usize) -> Vec<User> {
+    (0..n)
+        .map(|i| User {
+            name: format!("fuzz{}", (b'a' + i as u8) as char),
+            content_seed: seed.wrapping_mul(1_000_003).wrapping_add(i as u64 * 7_777 + 1),
+        })
+        .collect()
+}
+
+pub struct Failure {
+    pub seed: u64,
+    pub user: User,
+    pub step: u64,
+    pub steps: u64,
+    pub mismatch: Mismatch,
+    pub trace: PathBuf,
+    pub mailgate: String,
+}
+
+pub struct SeedRun {
+    pub steps: u64,
+    pub elapsed: Duration,
+    pub failures: Vec<Failure>,
+}
+
+fn trace_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("differential");
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn header(settings: &Settings, seed: u64, user: &User) -> Vec<String> {
+    vec![
+        "mailgate differential trace".to_string(),
+        format!("seed {seed}"),
+        format!("user {}", user.name),
+        format!("content {}", user.content_seed),
+        format!("via {}", settings.via.name()),
+    ]
+}
+
+/// Runs one seed: every logical user in its own thread, `settings.steps` steps in all,
+/// stopping everyone at the first mismatch.
+pub fn run_seed(settings: &Settings, seed: u64) -> SeedRun {
+    let users = users(seed, settings.users);
+    let env = Env::start(settings.via, &users);
+    let stop = AtomicBool::new(false);
+    let per_user = settings.steps.div_ceil(users.len() as u64);
+    let started = Instant::now();
+    let results: Vec<(u64, Option<Failure>)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = users
+            .iter()
+            .map(|user| {
+                let (env, stop) = (&env, &stop);
+                scope.spawn(move || run_user(settings, seed, env, user, per_user, stop))
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("fuzz thread panicked")).collect()
+    });
+    let elapsed = started.elapsed();
+    let steps = results.iter().map(|(n, _)| n).sum();
+    let failures = results.into_iter().filter_map(|(_, f)| f).collect();
+    env.dispose();
+    SeedRun { steps, elapsed, failures }
+}
+
+fn run_user(
+    settings: &Settings,
+    seed: u64,
+    env: &Env,
+    user: &User,
+    steps: u64,
+    stop: &AtomicBool,
+) -> (u64, Option<Failure>) {
+    let trace = trace_dir().join(format!("seed{seed}-{}.trace", user.name));
+    let mut file = std::io::BufWriter::new(fs::File::create(&trace).unwrap());
+    file.write_all(action::to_text(&header(settings, seed, user), &[]).as_bytes()).unwrap();
+    let mut ex = Executor::new(env, &user.name);
+    let mut generator = Generator::new(seed, user, settings.imap, settings.pop3);
+    let mut log = Vec::new();
+    for step in 0..steps {
+        if stop.load(Ordering::Relaxed) {
+            return (step, None);
+        }
+        let result = generator.step(&mut ex, &mut log);
+        writeln!(file, "# step {step}").unwrap();
+        for action in log.drain(..) {
+            file.write_all(action.to_text().as_bytes()).unwrap();
+        }
+        if let Err(mismatch) = result {
+            stop.store(true, Ordering::Relaxed);
+            file.flush().unwrap();
+            let mailgate = env.mailgate_report();
+            return (step + 1, Some(Failure { seed, user: user.clone(), step, steps, mismatch, trace, mailgate }));
+        }
+    }
+    drop(file);
+    let _ = fs::remove_file(&trace);
+    (steps, None)
+}
+
+/// Prints a failure with its minimised trace; returns the report.
+pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> String {
+    let text = fs::read_to_string(&failure.trace).unwrap();
+    let (_, actions) = action::parse(&text).expect("own trace parses");
+    let mut out = format!(
+        "\n════ differential mismatch: seed {}, user {} (via {}), step {} of {} ════\n{}\n{}",
+        failure.seed,
+        failure.user.name,
+        settings.via.name(),
+        failure.step,
+        failure.steps,
+        failure.mismatch.what,
+        failure.mismatch.detail
+    );
+    out.push_str(&format!(
+        "rerun the seed:  {} cargo nextest run --release --test differential\n",
+        settings.env_line(&failure.seed.to_string(), failure.steps * settings.users as u64)
+    ));
+    out.push_str(&format!("full trace:      {} ({} actions)\n", failure.trace.display(), actions.len()));
+    let minimized =
+        if Instant::now() < deadline { minimize(settings.via, &failure.user, &actions, deadline) } else { None };
+    match minimized {
+        Some(min) => {
+            let path = failure.trace.with_extension("min.trace");
+            let mut head = header(settings, failure.seed, &failure.user);
+            head.push(format!("minimised from step {} of the full trace", failure.step));
+            let trace = action::to_text(&head, &min.actions);
+            fs::write(&path, &trace).unwrap();
+            out.push_str(&format!(
+                "minimal trace:   {} ({} actions, {} replays from a fresh server{})\n",
+                path.display(),
+                min.actions.len(),
+                min.replays,
+                if min.complete { "" } else { "; time ran out, not fully minimal" }
+            ));
+            out.push_str(&format!(
+                "replay it:       MAILGATE_FUZZ_REPLAY={} cargo nextest run --release --test differential\n",
+                path.display()
+            ));
+            out.push_str(&format!(
+                "--- minimal trace (initial folders: server::initial_folders({})) ---\n",
+                failure.user.content_seed
+            ));
+            out.push_str(&action::to_text(&[], &min.actions));
+            if let Some(Action::Imap(cmds) | Action::Mutate(cmds)) = min.actions.last() {
+                out.push_str(&format!("--- the failing write ---\n{:?}\n", show(&action::batch_bytes(cmds))));
+            }
+            out.push_str(&format!("--- on replay ---\n{}\n{}", min.mismatch.what, min.mismatch.detail));
+        }
+        None => {
+            out.push_str(
+                "not reproduced alone from a fresh server (another user's traffic or timing?); last actions:\n",
+            );
+            let start = actions.len().saturating_sub(40);
+            out.push_str(&action::to_text(&[], &actions[start..]));
+            out.push_str(&failure.mailgate);
+        }
+    }
+    out
+}
+
+/// MAILGATE_FUZZ_REPLAY: runs a trace file and reports.
+pub fn replay_file(settings: &Settings, path: &Path) -> Result<String, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (header, actions) = action::parse(&text)?;
+    let get = |key: &str| header.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let user = User {
+        name: get("user").ok_or("trace without `# user`")?,
+        content_seed: get("content").and_then(|c| c.parse().ok()).ok_or("trace without `# content`")?,
+    };
+    match replay(settings.via, &user, &actions) {
+        Replay::Clean => {
+            Ok(format!("{}: {} actions, no mismatch (via {})", path.display(), actions.len(), settings.via.name()))
+        }
+        Replay::Failed(i, m, mailgate) => Err(format!(
+            "{}: mismatch at action {} of {}:\n{}\n{}{}",
+            path.display(),
+            i + 1,
+            actions.len(),
+            m.what,
+            m.detail,
+            mailgate
+        )),
+    }
+}
