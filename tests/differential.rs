@@ -97,3 +97,28 @@ fn differential() {
     eprintln!("{}", summary.join("\n"));
     assert!(reports.is_empty(), "{} seed(s) found differences:\n{}", reports.len(), reports.join("\n"));
 }
+
+/// Every mismatch the tester ever found, as its minimised trace in
+/// `tests/differential/regressions/`: each replays clean (a fresh Dovecot and mailgate per
+/// trace). A new finding is kept by copying its `.min.trace` there.
+#[test]
+fn known_mismatches_stay_fixed() {
+    let settings = Settings::from_env(&[], 0);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/differential/regressions");
+    let mut traces: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "trace"))
+        .collect();
+    traces.sort();
+    assert!(!traces.is_empty(), "no traces in {}", dir.display());
+    let failures: Vec<String> =
+        traces.iter().filter_map(|path| differential::run::replay_file(&settings, path).err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} traces differ again:\n{}",
+        failures.len(),
+        traces.len(),
+        failures.join("\n")
+    );
+}

@@ -55,15 +55,23 @@ pub struct Selected {
 pub struct Job {
     pub request: FetchRequest,
     pub selected: Selected,
-    /// The session enabled QRESYNC: every FETCH response carries UID (RFC 7162 §3.2.4).
+    pub modseq: Modseq,
+}
+
+/// What the session's upstream does about modification sequences (RFC 7162).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Modseq {
+    /// CONDSTORE is enabled: a flag change is reported with its MODSEQ.
+    pub condstore: bool,
+    /// QRESYNC is enabled: FETCH responses that report a change carry UID (§3.2.4).
     pub qresync: bool,
 }
 
 impl Job {
     /// A job for `line` if the cache can serve it in mailbox `selected`.
-    pub fn for_line(line: &[u8], selected: Option<&Selected>, qresync: bool) -> Option<Job> {
+    pub fn for_line(line: &[u8], selected: Option<&Selected>, modseq: Modseq) -> Option<Job> {
         let selected = selected?.clone();
-        Some(Job { request: parse_request(line)?, selected, qresync })
+        Some(Job { request: parse_request(line)?, selected, modseq })
     }
 }
 
@@ -304,7 +312,13 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
     if answer_locally(io, job, client_tag, scope, &wanted).await? {
         return Ok(());
     }
-    if looks_cold(job, scope, &wanted) {
+    // Under CONDSTORE a FETCH that sets `\Seen` reports the change with the MODSEQ the
+    // message had before it, and the upstream tells its new MODSEQ at the next command.
+    // Split in two phases, that next command would be mailgate's phase two, inside the
+    // client's answer: such a FETCH is relayed whole instead (and fills the cache).
+    let reports_modseq =
+        job.modseq.condstore || request.mutable_requests().iter().any(|m| m.eq_ignore_ascii_case("MODSEQ"));
+    if looks_cold(job, scope, &wanted) || (reports_modseq && request.sets_seen()) {
         return relay_and_fill(io, job, client_tag, scope, &wanted).await;
     }
     // The mutable items' names as the upstream answers them, in request order.
@@ -884,7 +898,7 @@ fn compose(
     // Under QRESYNC a server reports a change it made (the \Seen of this FETCH) with the
     // message's UID and MODSEQ (RFC 7162 §3.2.4); phase one caused the same change.
     let volunteered_modseq = !mutable("MODSEQ") && phase_one.parsed.item(&phase_one.response, "MODSEQ").is_some();
-    if (request.uid || (job.qresync && volunteered_modseq)) && !mutable("UID") {
+    if (request.uid || (job.modseq.qresync && volunteered_modseq)) && !mutable("UID") {
         parts.push(from_fresh("UID").unwrap_or(b""));
     }
     let (mut next, mut next_mutable) = (0, 0);

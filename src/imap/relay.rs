@@ -84,6 +84,9 @@ struct Shared {
     uids: UidMap,
     /// The upstream confirmed `ENABLE QRESYNC`: every FETCH response carries UID.
     qresync: bool,
+    /// The upstream reports modification sequences (CONDSTORE was enabled by some command,
+    /// RFC 7162 §3.1): seen in `ENABLED`, `[HIGHESTMODSEQ]`, MODSEQ in any response.
+    condstore: bool,
 }
 
 impl Shared {
@@ -141,6 +144,13 @@ fn completed_command(service: &Service, shared: &mut Shared, label: &'static str
             }
         }
     }
+}
+
+/// Whether an untagged response (its head) names a modification sequence: `HIGHESTMODSEQ`,
+/// `NOMODSEQ`, or `MODSEQ` in FETCH and SEARCH data, which the upstream only sends once
+/// CONDSTORE is enabled (RFC 7162 §3.1).
+fn mentions_modseq(rest: &[u8]) -> bool {
+    rest.windows(6).any(|w| w.eq_ignore_ascii_case(b"MODSEQ"))
 }
 
 /// A SELECT or EXAMINE sent upstream and not yet completed.
@@ -548,11 +558,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 self.lock().selected = None;
                 reselect = Reselect::Pending;
             } else if self.caching && line.announce.is_none() {
-                let (selected, qresync) = {
+                let (selected, modseq) = {
                     let shared = self.lock();
-                    (shared.selected.clone(), shared.qresync)
+                    let modseq = intercept::Modseq { condstore: shared.condstore, qresync: shared.qresync };
+                    (shared.selected.clone(), modseq)
                 };
-                if let Some(job) = Job::for_line(full_line, selected.as_ref(), qresync) {
+                if let Some(job) = Job::for_line(full_line, selected.as_ref(), modseq) {
                     let tag = String::from_utf8_lossy(&tag).into_owned();
                     self.line.clear();
                     return self.answer_through_cache(job, tag).await;
@@ -752,9 +763,20 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             Kind::Untagged(rest) => match response::status(rest) {
                 Some(s) if s.status == Status::Bye => self.upstream_bye = true,
                 None if rest.len() > 8 && rest[..8].eq_ignore_ascii_case(b"ENABLED ") => {
-                    if rest[8..].split(|&b| b == b' ').any(|w| w.eq_ignore_ascii_case(b"QRESYNC")) {
-                        shared.qresync = true;
+                    for word in rest[8..].split(|&b| b == b' ') {
+                        if word.eq_ignore_ascii_case(b"QRESYNC") {
+                            (shared.qresync, shared.condstore) = (true, true);
+                        } else if word.eq_ignore_ascii_case(b"CONDSTORE") {
+                            shared.condstore = true;
+                        }
                     }
+                }
+                _ if !shared.condstore && mentions_modseq(rest) => {
+                    shared.condstore = true;
+                    // Not a response this arm must otherwise act on (a status with
+                    // HIGHESTMODSEQ, a FETCH or SEARCH with MODSEQ): learn from it too.
+                    drop(shared);
+                    self.observe(head);
                 }
                 Some(s) if s.status == Status::Ok => {
                     if let Some(("UIDNEXT", value)) = s.code.as_ref().map(|(c, v)| (c.as_str(), *v)) {
