@@ -108,10 +108,20 @@ pub fn normalize(answer: &Answer, ordered: bool) -> Normal {
     for items in normal.fetch.values_mut() {
         items.sort();
     }
+    normal.status = answer.tagged.iter().map(|line| tagged_status(line)).collect();
     if !ordered {
         normal.other.sort();
+        // Which of several commands running together carries a response code such as
+        // [HIGHESTMODSEQ n] depends on the order they complete in: pooled.
+        let mut codes = Vec::new();
+        for status in normal.status.iter_mut() {
+            if let Some(at) = status.find(" [") {
+                codes.push(format!("(code){}", &status[at..]));
+                status.truncate(at);
+            }
+        }
+        normal.status.extend(codes);
     }
-    normal.status = answer.tagged.iter().map(|line| tagged_status(line)).collect();
     normal.status.sort();
     normal
 }

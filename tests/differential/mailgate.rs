@@ -22,7 +22,11 @@ impl Mailgate {
     pub fn start(dir: &std::path::Path, config: &str) -> Mailgate {
         let path = dir.join("mailgate-fuzz.toml");
         std::fs::write(&path, config).unwrap();
-        let expected = config.matches("[[listener]]").count();
+        let expected: Vec<String> = config
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("name = \"").and_then(|n| n.strip_suffix('"')))
+            .map(str::to_string)
+            .collect();
         let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
             .args(["run", "--config"])
             .arg(&path)
@@ -49,7 +53,7 @@ impl Mailgate {
         });
         let mut mailgate = Mailgate { child, addrs: HashMap::new(), tail };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while mailgate.addrs.len() < expected {
+        while !expected.iter().all(|name| mailgate.addrs.contains_key(name)) {
             if let Ok((name, addr)) = addr_rx.recv_timeout(Duration::from_millis(50)) {
                 mailgate.addrs.insert(name, addr);
             }

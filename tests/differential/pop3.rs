@@ -71,13 +71,13 @@ pub fn drain(mut wire: Wire) {
 
 /// A random session: writes of one or more commands (`messages` is about how many the
 /// maildrop holds), and whether it ends with QUIT.
-pub fn session(rng: &mut Rng, messages: u32) -> (Vec<Vec<String>>, bool) {
+pub fn session(rng: &mut Rng, messages: u32, odd: bool) -> (Vec<Vec<String>>, bool) {
     let n = rng.range(1, 12);
     let max = messages.max(1) as usize;
     let mut cmds: Vec<String> = Vec::new();
     for _ in 0..n {
         let m = if rng.chance(90) { rng.range(1, max.min(12)) } else { rng.range(1, max + 3) };
-        let cmd = match rng.range(0, 99) {
+        let cmd = match rng.range(0, if odd { 99 } else { 78 }) {
             0..=7 => "STAT".to_string(),
             8..=12 => "LIST".to_string(),
             13..=18 => format!("LIST {m}"),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::action::{self, Action};
 use super::env::{Env, User, Via};
 use super::exec::{Executor, Mismatch};
-use super::generate::Generator;
+use super::generate::{Features, Generator, AVOIDABLE};
 use super::minimize::{minimize, replay, Replay};
 use super::wire::show;
 
@@ -20,12 +20,11 @@ pub struct Settings {
     /// Steps per seed, over all users.
     pub steps: u64,
     pub via: Via,
-    pub imap: bool,
-    pub pop3: bool,
     /// Total time for minimising failures.
     pub minimize: Duration,
     pub replay: Option<PathBuf>,
     pub users: usize,
+    pub features: Features,
 }
 
 impl Settings {
@@ -41,12 +40,25 @@ impl Settings {
         let protocols = var("MAILGATE_FUZZ_PROTOCOLS").unwrap_or_else(|| "imap,pop3".to_string()).to_ascii_lowercase();
         let minimize =
             var("MAILGATE_FUZZ_MINIMIZE_SECS").map(|s| s.trim().parse().expect("MAILGATE_FUZZ_MINIMIZE_SECS"));
+        let avoid: Vec<String> = var("MAILGATE_FUZZ_AVOID")
+            .unwrap_or_default()
+            .split(',')
+            .map(|a| a.trim().to_ascii_lowercase())
+            .filter(|a| !a.is_empty())
+            .collect();
+        for a in &avoid {
+            assert!(
+                AVOIDABLE.iter().any(|(name, _)| name == a),
+                "MAILGATE_FUZZ_AVOID: unknown {a:?}; known: {:?}",
+                AVOIDABLE.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+            );
+        }
+        let features = Features { imap: protocols.contains("imap"), pop3: protocols.contains("pop3"), avoid };
         Settings {
+            features,
             seeds,
             steps: steps.unwrap_or(default_steps),
             via,
-            imap: protocols.contains("imap"),
-            pop3: protocols.contains("pop3"),
             minimize: Duration::from_secs(minimize.unwrap_or(150)),
             replay: var("MAILGATE_FUZZ_REPLAY").map(PathBuf::from),
             users: var("MAILGATE_FUZZ_USERS").map(|s| s.trim().parse().expect("MAILGATE_FUZZ_USERS")).unwrap_or(2),
@@ -54,14 +66,19 @@ impl Settings {
     }
 
     fn env_line(&self, seeds: &str, steps: u64) -> String {
-        let protocols = match (self.imap, self.pop3) {
+        let protocols = match (self.features.imap, self.features.pop3) {
             (true, true) => "imap,pop3",
             (true, false) => "imap",
             _ => "pop3",
         };
         format!(
-            "MAILGATE_FUZZ_SEEDS={seeds} MAILGATE_FUZZ_STEPS={steps} MAILGATE_FUZZ_VIA={} MAILGATE_FUZZ_PROTOCOLS={protocols}",
-            self.via.name()
+            "MAILGATE_FUZZ_SEEDS={seeds} MAILGATE_FUZZ_STEPS={steps} MAILGATE_FUZZ_VIA={} MAILGATE_FUZZ_PROTOCOLS={protocols}{}",
+            self.via.name(),
+            if self.features.avoid.is_empty() {
+                String::new()
+            } else {
+                format!(" MAILGATE_FUZZ_AVOID={}", self.features.avoid.join(","))
+            }
         )
     }
 }
@@ -160,7 +177,7 @@ fn run_user(
     let mut file = std::io::BufWriter::new(fs::File::create(&trace).unwrap());
     file.write_all(action::to_text(&header(settings, seed, user), &[]).as_bytes()).unwrap();
     let mut ex = Executor::new(env, &user.name);
-    let mut generator = Generator::new(seed, user, settings.imap, settings.pop3);
+    let mut generator = Generator::new(seed, user, &settings.features);
     let mut log = Vec::new();
     for step in 0..steps {
         if stop.load(Ordering::Relaxed) {
@@ -244,7 +261,8 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
     out
 }
 
-/// MAILGATE_FUZZ_REPLAY: runs a trace file and reports.
+/// MAILGATE_FUZZ_REPLAY: runs a trace file and reports; a failing one is minimised too
+/// (within MAILGATE_FUZZ_MINIMIZE_SECS) and written next to it as `.min.trace`.
 pub fn replay_file(settings: &Settings, path: &Path) -> Result<String, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let (header, actions) = action::parse(&text)?;
@@ -253,18 +271,36 @@ pub fn replay_file(settings: &Settings, path: &Path) -> Result<String, String> {
         name: get("user").ok_or("trace without `# user`")?,
         content_seed: get("content").and_then(|c| c.parse().ok()).ok_or("trace without `# content`")?,
     };
-    match replay(settings.via, &user, &actions) {
+    let (i, m, mailgate) = match replay(settings.via, &user, &actions) {
         Replay::Clean => {
-            Ok(format!("{}: {} actions, no mismatch (via {})", path.display(), actions.len(), settings.via.name()))
+            return Ok(format!(
+                "{}: {} actions, no mismatch (via {})",
+                path.display(),
+                actions.len(),
+                settings.via.name()
+            ))
         }
-        Replay::Failed(i, m, mailgate) => Err(format!(
-            "{}: mismatch at action {} of {}:\n{}\n{}{}",
-            path.display(),
-            i + 1,
-            actions.len(),
-            m.what,
-            m.detail,
-            mailgate
-        )),
+        Replay::Failed(i, m, mailgate) => (i, m, mailgate),
+    };
+    let mut out =
+        format!("{}: mismatch at action {} of {}:\n{}\n{}", path.display(), i + 1, actions.len(), m.what, m.detail);
+    let deadline = Instant::now() + settings.minimize;
+    match minimize(settings.via, &user, &actions[..=i], deadline) {
+        Some(min) if min.actions.len() < i + 1 => {
+            let min_path = path.with_extension("min.trace");
+            let mut head: Vec<String> = header.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            head.push(format!("minimised from {}", path.display()));
+            fs::write(&min_path, action::to_text(&head, &min.actions)).unwrap();
+            out.push_str(&format!(
+                "minimised to {} actions ({} replays{}): {}\n{}",
+                min.actions.len(),
+                min.replays,
+                if min.complete { "" } else { ", time ran out" },
+                min_path.display(),
+                action::to_text(&[], &min.actions)
+            ));
+        }
+        _ => out.push_str(&mailgate),
     }
+    Err(out)
 }
