@@ -29,7 +29,7 @@
 //! | `MAILGATE_FUZZ_PROTOCOLS` | `imap,pop3`, `imap` or `pop3` | `imap,pop3` |
 //! | `MAILGATE_FUZZ_AVOID` | constructs not to generate, to look past an open bug: `condstore`, `seen`, `partials2`, `dup`, `macros`, `lowercase`, `beyond`, `pipeline`, `rebuild`, `recreate`, `odd-pop3` | |
 //! | `MAILGATE_FUZZ_MINIMIZE_SECS` | time for minimising failures, all together | `150` |
-//! | `MAILGATE_FUZZ_REPLAY` | a trace file to replay instead (its header names user and content); a failing one is minimised into `.min.trace` | |
+//! | `MAILGATE_FUZZ_REPLAY` | a trace file to replay instead (its header names user and content); a failing one is minimised into `target/tmp/differential/NAME.min.trace` | |
 //! | `MAILGATE_FUZZ_USERS` | logical users (threads) per seed | `2` |
 //! | `MAILGATE_FUZZ_SERVER` | the upstream (`dovecot`; see `differential/server.rs`) | `dovecot` |
 //!
@@ -66,7 +66,7 @@ use differential::run::{report, run_seed, Settings};
 fn differential() {
     let settings = Settings::from_env(&[1, 2, 3, 4], 800);
     if let Some(path) = &settings.replay {
-        match differential::run::replay_file(&settings, path) {
+        match differential::run::replay_and_minimize(&settings, path) {
             Ok(clean) => {
                 println!("{clean}");
                 return;

@@ -261,36 +261,58 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
     out
 }
 
-/// MAILGATE_FUZZ_REPLAY: runs a trace file and reports; a failing one is minimised too
-/// (within MAILGATE_FUZZ_MINIMIZE_SECS) and written next to it as `.min.trace`.
-pub fn replay_file(settings: &Settings, path: &Path) -> Result<String, String> {
+/// A trace file's user (name and content seed, from its header) and actions.
+pub fn read_trace(path: &Path) -> Result<(User, Vec<String>, Vec<Action>), String> {
     let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let (header, actions) = action::parse(&text)?;
+    let (header, actions) = action::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let get = |key: &str| header.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let user = User {
         name: get("user").ok_or("trace without `# user`")?,
         content_seed: get("content").and_then(|c| c.parse().ok()).ok_or("trace without `# content`")?,
     };
-    let (i, m, mailgate) = match replay(settings.via, &user, &actions) {
+    let header = header.iter().filter(|(k, _)| k != "step").map(|(k, v)| format!("{k} {v}")).collect();
+    Ok((user, header, actions))
+}
+
+/// Runs a trace file in a fresh server (and mailgate): Ok if it replays clean.
+pub fn replay_file(settings: &Settings, path: &Path) -> Result<String, String> {
+    let (user, _, actions) = read_trace(path)?;
+    match replay(settings.via, &user, &actions) {
         Replay::Clean => {
-            return Ok(format!(
-                "{}: {} actions, no mismatch (via {})",
-                path.display(),
-                actions.len(),
-                settings.via.name()
-            ))
+            Ok(format!("{}: {} actions, no mismatch (via {})", path.display(), actions.len(), settings.via.name()))
         }
-        Replay::Failed(i, m, mailgate) => (i, m, mailgate),
+        Replay::Failed(i, m, mailgate) => Err(format!(
+            "{}: mismatch at action {} of {}:\n{}\n{}{}",
+            path.display(),
+            i + 1,
+            actions.len(),
+            m.what,
+            m.detail,
+            mailgate
+        )),
+    }
+}
+
+/// MAILGATE_FUZZ_REPLAY: [`replay_file`], and a failing trace minimised (within
+/// MAILGATE_FUZZ_MINIMIZE_SECS) into `target/tmp/differential/NAME.min.trace`.
+pub fn replay_and_minimize(settings: &Settings, path: &Path) -> Result<String, String> {
+    let mut out = match replay_file(settings, path) {
+        Ok(clean) => return Ok(clean),
+        Err(report) => report,
     };
-    let mut out =
-        format!("{}: mismatch at action {} of {}:\n{}\n{}", path.display(), i + 1, actions.len(), m.what, m.detail);
+    let (user, mut header, actions) = read_trace(path)?;
     let deadline = Instant::now() + settings.minimize;
-    match minimize(settings.via, &user, &actions[..=i], deadline) {
-        Some(min) if min.actions.len() < i + 1 => {
-            let min_path = path.with_extension("min.trace");
-            let mut head: Vec<String> = header.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            head.push(format!("minimised from {}", path.display()));
-            fs::write(&min_path, action::to_text(&head, &min.actions)).unwrap();
+    // The failing action is the last one worth replaying.
+    let failing = match replay(settings.via, &user, &actions) {
+        Replay::Failed(i, ..) => i,
+        Replay::Clean => return Err(format!("{out}(did not fail a second time: timing?)\n")),
+    };
+    match minimize(settings.via, &user, &actions[..=failing], deadline) {
+        Some(min) if min.actions.len() <= failing => {
+            let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let min_path = trace_dir().join(format!("{name}.min.trace"));
+            header.push(format!("minimised from {}", path.display()));
+            fs::write(&min_path, action::to_text(&header, &min.actions)).unwrap();
             out.push_str(&format!(
                 "minimised to {} actions ({} replays{}): {}\n{}",
                 min.actions.len(),
@@ -300,7 +322,7 @@ pub fn replay_file(settings: &Settings, path: &Path) -> Result<String, String> {
                 action::to_text(&[], &min.actions)
             ));
         }
-        _ => out.push_str(&mailgate),
+        _ => out.push_str("(not minimised further)\n"),
     }
     Err(out)
 }
