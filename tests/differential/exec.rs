@@ -18,6 +18,14 @@ pub struct Mismatch {
     /// Which command, on which sessions.
     pub what: String,
     pub detail: String,
+    /// Both answers whole (for a file next to the trace; `detail` cuts long values).
+    pub raw: Option<String>,
+}
+
+impl Mismatch {
+    pub fn new(what: impl Into<String>, detail: impl Into<String>) -> Mismatch {
+        Mismatch { what: what.into(), detail: detail.into(), raw: None }
+    }
 }
 
 /// The twin's answers (what the generator learns the state from).
@@ -114,9 +122,9 @@ impl<'e> Executor<'e> {
         self.direct = None;
         self.selected = None;
         let via = imap_login(&self.env.via_imap(), &self.user)
-            .map_err(|e| Mismatch { what: format!("IMAP login of {} through the gateway", self.user), detail: e })?;
+            .map_err(|e| Mismatch::new(format!("IMAP login of {} through the gateway", self.user), e))?;
         let direct = imap_login(&self.env.server.imap(), &self.twin)
-            .map_err(|e| Mismatch { what: format!("IMAP login of {} (harness)", self.twin), detail: e })?;
+            .map_err(|e| Mismatch::new(format!("IMAP login of {} (harness)", self.twin), e))?;
         self.via = Some(via);
         self.direct = Some(direct);
         Ok(())
@@ -240,8 +248,7 @@ impl<'e> Executor<'e> {
         }
         if self.mut_user.is_none() || self.mut_twin.is_none() {
             let server = self.env.server.imap();
-            let harness =
-                |user: &str, e: String| Mismatch { what: format!("mutator login of {user} (harness)"), detail: e };
+            let harness = |user: &str, e: String| Mismatch::new(format!("mutator login of {user} (harness)"), e);
             self.mut_user = Some(imap_login(&server, &self.user).map_err(|e| harness(&self.user, e))?);
             self.mut_twin = Some(imap_login(&server, &self.twin).map_err(|e| harness(&self.twin, e))?);
         }
@@ -267,9 +274,9 @@ impl<'e> Executor<'e> {
     fn pop3(&mut self, writes: &[Vec<String>], quit: bool) -> Result<(), Mismatch> {
         let who = format!("{} via the gateway vs {}", self.user, self.twin);
         let mut via = pop3::login(&self.env.via_pop3(), &self.user)
-            .map_err(|e| Mismatch { what: format!("POP3 login of {} through the gateway", self.user), detail: e })?;
+            .map_err(|e| Mismatch::new(format!("POP3 login of {} through the gateway", self.user), e))?;
         let mut direct = pop3::login(&self.env.server.pop3(), &self.twin)
-            .map_err(|e| Mismatch { what: format!("POP3 login of {} (harness)", self.twin), detail: e })?;
+            .map_err(|e| Mismatch::new(format!("POP3 login of {} (harness)", self.twin), e))?;
         let mut all: Vec<String> = writes.iter().flatten().cloned().collect();
         if quit {
             all.push("QUIT".to_string());
@@ -289,9 +296,16 @@ impl<'e> Executor<'e> {
                         Ok(bytes) => show_cut(bytes, 600),
                         Err(e) => format!("({e})"),
                     };
+                    let full = |r: &Result<Vec<u8>, String>| match r {
+                        Ok(bytes) => show(bytes),
+                        Err(e) => format!("({e})"),
+                    };
+                    let what = format!("POP3 `{}` ({who})", show(cmd.as_bytes()));
+                    let raw = format!("{what}\n=== via ===\n{}\n=== twin ===\n{}\n", full(&v), full(&t));
                     return Err(Mismatch {
-                        what: format!("POP3 `{}` ({who})", show(cmd.as_bytes())),
+                        what,
                         detail: format!("  session commands: {:?}\n  via  {}\n  twin {}\n", all, text(&v), text(&t)),
+                        raw: Some(raw),
                     });
                 }
             }
@@ -306,10 +320,8 @@ impl<'e> Executor<'e> {
             // gets the maildrop lock, it has.
             drop((via, direct));
             for user in [&self.user, &self.twin] {
-                let mut probe = pop3::login(&self.env.server.pop3(), user).map_err(|e| Mismatch {
-                    what: format!("POP3 login of {user} after a dropped session (harness)"),
-                    detail: e,
-                })?;
+                let mut probe = pop3::login(&self.env.server.pop3(), user)
+                    .map_err(|e| Mismatch::new(format!("POP3 login of {user} after a dropped session (harness)"), e))?;
                 let _ = probe.send(b"QUIT\r\n");
                 pop3::drain(probe);
             }
@@ -362,7 +374,12 @@ fn compare(what: &str, batch: &[Cmd], via: &Answer, twin: &Answer, ordered: bool
     }
     detail.push_str(&d);
     detail.push_str(&format!("  raw via:\n{}  raw twin:\n{}", show_answer(via, 300), show_answer(twin, 300)));
-    Err(Mismatch { what: what.to_string(), detail })
+    let raw = format!(
+        "{what}\n=== via ===\n{}\n=== twin ===\n{}",
+        show_answer(via, usize::MAX),
+        show_answer(twin, usize::MAX)
+    );
+    Err(Mismatch { what: what.to_string(), detail, raw: Some(raw) })
 }
 
 fn imap_login(endpoint: &Endpoint, user: &str) -> Result<Wire, String> {

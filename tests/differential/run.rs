@@ -219,6 +219,11 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
         settings.env_line(&failure.seed.to_string(), failure.steps * settings.users as u64)
     ));
     out.push_str(&format!("full trace:      {} ({} actions)\n", failure.trace.display(), actions.len()));
+    if let Some(raw) = &failure.mismatch.raw {
+        let path = failure.trace.with_extension("answers");
+        fs::write(&path, raw).unwrap();
+        out.push_str(&format!("both answers:    {}\n", path.display()));
+    }
     let minimized =
         if Instant::now() < deadline { minimize(settings.via, &failure.user, &actions, deadline) } else { None };
     match minimized {
