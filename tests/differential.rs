@@ -24,17 +24,21 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `MAILGATE_FUZZ_SEEDS` | `1,2,3`, `1..100` (end excluded), `5..=9` | `1,2,3,4` |
-//! | `MAILGATE_FUZZ_STEPS` | steps per seed, all users together | `800` |
+//! | `MAILGATE_FUZZ_STEPS` | steps per seed, all users together | `1500` |
 //! | `MAILGATE_FUZZ_VIA` | `mailgate`, or `direct` (the "via" accounts straight at Dovecot too: must be clean for every seed, which proves the tester has no false positives) | `mailgate` |
 //! | `MAILGATE_FUZZ_PROTOCOLS` | `imap,pop3`, `imap` or `pop3` | `imap,pop3` |
 //! | `MAILGATE_FUZZ_AVOID` | constructs not to generate, to look past an open bug: `condstore`, `seen`, `partials2`, `dup`, `macros`, `lowercase`, `beyond`, `pipeline`, `rebuild`, `recreate`, `odd-pop3` | |
-//! | `MAILGATE_FUZZ_MINIMIZE_SECS` | time for minimising failures, all together | `150` |
+//! | `MAILGATE_FUZZ_MINIMIZE_SECS` | time for minimising failures, all together | `90` |
 //! | `MAILGATE_FUZZ_REPLAY` | a trace file to replay instead (its header names user and content); a failing one is minimised into `target/tmp/differential/NAME.min.trace` | |
 //! | `MAILGATE_FUZZ_USERS` | logical users (threads) per seed | `2` |
 //! | `MAILGATE_FUZZ_SERVER` | the upstream (`dovecot`; see `differential/server.rs`) | `dovecot` |
 //!
+//! nextest stops a test after five minutes, so long runs use `cargo test` (see
+//! docs/TESTING.md; a million steps):
+//!
 //! ```sh
-//! MAILGATE_FUZZ_SEEDS=1..20 MAILGATE_FUZZ_STEPS=50000 cargo nextest run --release --test differential
+//! MAILGATE_FUZZ_SEEDS=1..21 MAILGATE_FUZZ_STEPS=50000 \
+//!   cargo test --release --test differential -- --exact differential --nocapture
 //! ```
 
 #[allow(dead_code)]
@@ -64,7 +68,7 @@ use differential::run::{report, run_seed, Settings};
 
 #[test]
 fn differential() {
-    let settings = Settings::from_env(&[1, 2, 3, 4], 800);
+    let settings = Settings::from_env(&[1, 2, 3, 4], 1500);
     if let Some(path) = &settings.replay {
         match differential::run::replay_and_minimize(&settings, path) {
             Ok(clean) => {

@@ -15,6 +15,9 @@ use super::generate::{Features, Generator, AVOIDABLE};
 use super::minimize::{minimize, replay, Replay};
 use super::wire::show;
 
+/// How to run the test by hand (nextest would stop it after five minutes).
+const CARGO_TEST: &str = "cargo test --release --test differential -- --exact differential --nocapture";
+
 pub struct Settings {
     pub seeds: Vec<u64>,
     /// Steps per seed, over all users.
@@ -59,7 +62,7 @@ impl Settings {
             seeds,
             steps: steps.unwrap_or(default_steps),
             via,
-            minimize: Duration::from_secs(minimize.unwrap_or(150)),
+            minimize: Duration::from_secs(minimize.unwrap_or(90)),
             replay: var("MAILGATE_FUZZ_REPLAY").map(PathBuf::from),
             users: var("MAILGATE_FUZZ_USERS").map(|s| s.trim().parse().expect("MAILGATE_FUZZ_USERS")).unwrap_or(2),
         }
@@ -215,7 +218,7 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
         failure.mismatch.detail
     );
     out.push_str(&format!(
-        "rerun the seed:  {} cargo nextest run --release --test differential\n",
+        "rerun the seed:  {} {CARGO_TEST}\n",
         settings.env_line(&failure.seed.to_string(), failure.steps * settings.users as u64)
     ));
     out.push_str(&format!("full trace:      {} ({} actions)\n", failure.trace.display(), actions.len()));
@@ -240,10 +243,7 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
                 min.replays,
                 if min.complete { "" } else { "; time ran out, not fully minimal" }
             ));
-            out.push_str(&format!(
-                "replay it:       MAILGATE_FUZZ_REPLAY={} cargo nextest run --release --test differential\n",
-                path.display()
-            ));
+            out.push_str(&format!("replay it:       MAILGATE_FUZZ_REPLAY={} {CARGO_TEST}\n", path.display()));
             out.push_str(&format!(
                 "--- minimal trace (initial folders: server::initial_folders({})) ---\n",
                 failure.user.content_seed
