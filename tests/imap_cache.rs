@@ -73,7 +73,8 @@ fn fetch_through_the_cache_equals_direct_cold_and_warm() {
     let warm = log.lines().rfind(|l| l.contains("session ended")).unwrap().to_string();
     let field =
         |key: &str| -> u64 { warm.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap().parse().unwrap() };
-    assert!(field("cache_hits=") > 10_000, "{warm}");
+    // (INTERNALDATE is always asked upstream, not cached: see imap::fetch.)
+    assert!(field("cache_hits=") > 8_000, "{warm}");
     assert_eq!(field("cache_misses="), 0, "{warm}");
 }
 

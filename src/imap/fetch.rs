@@ -29,7 +29,7 @@ impl Item {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ItemKind {
-    /// UID, FLAGS, MODSEQ: asked upstream every time.
+    /// UID, FLAGS, MODSEQ, INTERNALDATE: asked upstream every time.
     Mutable,
     /// Immutable for a given (mailbox, UIDVALIDITY, UID).
     Cached {
@@ -159,10 +159,10 @@ fn classify(request: String) -> Option<Item> {
         class,
     };
     let kind = match upper.as_str() {
-        "UID" | "FLAGS" | "MODSEQ" => ItemKind::Mutable,
-        "INTERNALDATE" | "RFC822.SIZE" | "ENVELOPE" | "BODYSTRUCTURE" | "BODY" => {
-            cached(&upper, false, Kind::Structure)
-        }
+        // INTERNALDATE is immutable by the letter of RFC 9051, but it is the one item a
+        // faithful restore of a mailbox changes (a maildir's file times): always asked.
+        "UID" | "FLAGS" | "MODSEQ" | "INTERNALDATE" => ItemKind::Mutable,
+        "RFC822.SIZE" | "ENVELOPE" | "BODYSTRUCTURE" | "BODY" => cached(&upper, false, Kind::Structure),
         "RFC822" => cached("RFC822", true, Kind::Body),
         "RFC822.TEXT" => cached("RFC822.TEXT", true, Kind::Body),
         "RFC822.HEADER" => cached("RFC822.HEADER", false, Kind::Header),

@@ -103,6 +103,8 @@ pub trait JobIo {
     fn learn_uids(&mut self, pairs: &[(u32, u32)]);
     /// Every message's UID is known.
     fn all_uids_known(&self) -> bool;
+    /// The highest UID the session knows in the selected mailbox.
+    fn highest_uid(&self) -> Option<u32>;
     /// The answer to `UID SEARCH ALL`: the n-th UID is message n.
     fn learn_all_uids(&mut self, uids: &[u32]);
 }
@@ -308,8 +310,23 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         .cached_items()
         .map(|w| Wanted { request: w.request, response: w.response, key: Name::new(w.key), class: w.class })
         .collect();
-    check_uid_next(job, scope).await;
-    if answer_locally(io, job, client_tag, scope, &wanted).await? {
+    check_uid_next(io, job, scope).await;
+    let answered = answer(io, job, client_tag, scope, &wanted).await;
+    // The UIDs this job saw raise the mark too.
+    check_uid_next(io, job, scope).await;
+    answered
+}
+
+/// The answer itself: from memory alone, the cold way, or in two phases.
+async fn answer<Io: JobIo>(
+    io: &mut Io,
+    job: &Job,
+    client_tag: &str,
+    scope: &Scope,
+    wanted: &[Wanted<'_>],
+) -> Result<(), JobError> {
+    let request = &job.request;
+    if answer_locally(io, job, client_tag, scope, wanted).await? {
         return Ok(());
     }
     // Under CONDSTORE a FETCH that sets `\Seen` reports the change with the MODSEQ the
@@ -318,8 +335,8 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
     // client's answer: such a FETCH is relayed whole instead (and fills the cache).
     let reports_modseq =
         job.modseq.condstore || request.mutable_requests().iter().any(|m| m.eq_ignore_ascii_case("MODSEQ"));
-    if looks_cold(job, scope, &wanted) || (reports_modseq && request.sets_seen()) {
-        return relay_and_fill(io, job, client_tag, scope, &wanted).await;
+    if looks_cold(job, scope, wanted) || (reports_modseq && request.sets_seen()) {
+        return relay_and_fill(io, job, client_tag, scope, wanted).await;
     }
     // The mutable items' names as the upstream answers them, in request order.
     let mutable_names: Vec<String> = request
@@ -391,7 +408,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         } else if !streaming {
             held.push(message);
         } else if in_set(&message, (u32::MAX, u32::MAX)) {
-            if let Some(miss) = settle(io, job, scope, &mutable_names, &wanted, message, &mut tally, &renumber).await? {
+            if let Some(miss) = settle(io, job, scope, &mutable_names, wanted, message, &mut tally, &renumber).await? {
                 misses.push(miss);
             }
         } else {
@@ -425,7 +442,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
         if !in_set(&message, highest) {
             relay_phase_one(io, &mut renumber, &message, &added).await?;
         } else if let Some(miss) =
-            settle(io, job, scope, &mutable_names, &wanted, message, &mut tally, &renumber).await?
+            settle(io, job, scope, &mutable_names, wanted, message, &mut tally, &renumber).await?
         {
             misses.push(miss);
         }
@@ -439,7 +456,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
     // may bring EXPUNGEs: the fresh answers carry the numbers of the moment). The mutable
     // items are asked again: a flag change reported meanwhile must not be undone by phase
     // one's older values.
-    let phase_two = PhaseTwo { job, scope, wanted: &wanted, mutable: &mutable, mutable_names: &mutable_names };
+    let phase_two = PhaseTwo { job, scope, wanted: wanted, mutable: &mutable, mutable_names: &mutable_names };
     for chunk in misses.chunks_mut(BATCH) {
         // Concurrent misses share one load: claim what nobody is loading; a message whose
         // every missing item another session is loading waits for that session instead.
@@ -477,7 +494,7 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
             let message = &chunk[m];
             match (message.items.iter().all(Option::is_some), renumber.current(message.parsed.seq, message.mark)) {
                 (true, Some(seq)) => {
-                    let composed = compose(job, &mutable_names, message, message, seq, &wanted, &message.items);
+                    let composed = compose(job, &mutable_names, message, message, seq, wanted, &message.items);
                     answer_message(io, composed).await?
                 }
                 // That load failed or took too long, or the number moved out of reach: fetch
@@ -498,14 +515,18 @@ pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Sc
     finish(io, client_tag, &final_status).await
 }
 
-/// Where the highest UIDNEXT seen of an account's mailbox (at one UIDVALIDITY) is kept.
+/// Where the highest UIDNEXT known of an account's mailbox (at one UIDVALIDITY) is kept:
+/// the most of what SELECT reported and of the UIDs seen in answers, plus one.
 const UID_NEXT_MARK: &str = "\0uidnext";
 
-/// A UIDNEXT below one seen before under the same UIDVALIDITY means the mailbox was
-/// restored from an older copy, its UIDs to be given again to other messages: what is
-/// cached of it is forgotten before anything is answered (even on the upstream-free path).
-async fn check_uid_next(job: &Job, scope: &Scope) {
-    let Some(uid_next) = job.selected.uid_next else { return };
+/// UIDs are never given out twice under one UIDVALIDITY (RFC 9051 §2.3.1.1), so the
+/// mailbox's UIDNEXT never goes below one known before, unless the mailbox was restored
+/// from an older copy and its UIDs are to be given again to other messages: then what is
+/// cached of it is forgotten before anything is answered (the upstream-free path included).
+/// What this session knows raises the mark for the next.
+async fn check_uid_next<Io: JobIo>(io: &Io, job: &Job, scope: &Scope) {
+    let known = [job.selected.uid_next, io.highest_uid().map(|uid| uid.saturating_add(1))];
+    let Some(uid_next) = known.into_iter().flatten().max() else { return };
     let mark = key(scope, &job.selected, 0, &Name::new(UID_NEXT_MARK));
     let seen = scope.cache.peek(&mark).await.and_then(|v| Some(u32::from_be_bytes(v.as_ref().try_into().ok()?)));
     match seen {
@@ -666,13 +687,12 @@ fn is_content(raw: &[u8]) -> bool {
     value != b"NIL" && !placeholder
 }
 
-/// For the items a server reports the same for a message forever and that show a rebuilt
-/// mailbox (RFC822.SIZE, INTERNALDATE): the item's name when the cache holds another value.
-async fn stale_validator(scope: &Scope, key: &Key, raw: &[u8]) -> Option<&'static str> {
+/// An item's bytes never change for one message, so the upstream answering another value
+/// than the cached one shows a rebuilt mailbox: that item's name.
+async fn stale_validator(scope: &Scope, key: &Key, raw: &[u8]) -> Option<String> {
     let Key::Imap(imap) = key else { return None };
-    let name = ["RFC822.SIZE", "INTERNALDATE"].into_iter().find(|n| imap.item.as_str() == *n)?;
     let cached = scope.cache.peek(key).await?;
-    (cached != raw).then_some(name)
+    (cached != raw).then(|| imap.item.as_str().to_string())
 }
 
 /// The client's own FETCH, relayed unchanged (under mailgate's tag), its answers streamed
@@ -837,10 +857,15 @@ async fn settle<Io: JobIo>(
         }
     }
     if let Some(size) = message.parsed.item(&message.response, VALIDATOR) {
+        let size_key = key(scope, &job.selected, message.uid, &Name::new(VALIDATOR));
         let cached = match wanted.iter().position(|w| w.response == VALIDATOR) {
             Some(i) => message.items[i].clone(),
-            None => scope.cache.peek(&key(scope, &job.selected, message.uid, &Name::new(VALIDATOR))).await,
+            None => scope.cache.peek(&size_key).await,
         };
+        if cached.is_none() && is_content(size) {
+            // Kept, so that the next job can check this message too.
+            scope.cache.insert(size_key, Bytes::copy_from_slice(size)).await;
+        }
         if cached.is_some_and(|cached| cached != size) {
             tracing::warn!(
                 uid = message.uid,

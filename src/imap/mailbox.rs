@@ -64,6 +64,11 @@ impl UidMap {
         self.complete = uids.len() <= MAX_TRACKED;
     }
 
+    /// The highest UID known.
+    pub fn highest(&self) -> Option<u32> {
+        self.by_uid.keys().next_back().copied()
+    }
+
     pub fn is_complete(&self) -> bool {
         self.complete
     }

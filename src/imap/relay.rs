@@ -949,6 +949,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
         self.lock().uids.is_complete()
     }
 
+    fn highest_uid(&self) -> Option<u32> {
+        self.lock().uids.highest()
+    }
+
     fn learn_all_uids(&mut self, uids: &[u32]) {
         self.lock().uids.learn_all(uids);
     }
