@@ -27,7 +27,7 @@
 //! | `MAILGATE_FUZZ_STEPS` | steps per seed, all users together | `1500` |
 //! | `MAILGATE_FUZZ_VIA` | `mailgate`, or `direct` (the "via" accounts straight at Dovecot too: must be clean for every seed, which proves the tester has no false positives) | `mailgate` |
 //! | `MAILGATE_FUZZ_PROTOCOLS` | `imap,pop3`, `imap` or `pop3` | `imap,pop3` |
-//! | `MAILGATE_FUZZ_AVOID` | constructs not to generate, to look past an open bug: `condstore`, `seen`, `partials2`, `dup`, `macros`, `lowercase`, `beyond`, `pipeline`, `rebuild`, `recreate`, `odd-pop3` | |
+//! | `MAILGATE_FUZZ_AVOID` | constructs not to generate, to look past an open bug: `condstore`, `seen`, `partials2`, `dup`, `macros`, `lowercase`, `beyond`, `pipeline`, `rebuild`, `recreate`, `odd-pop3`; `none` generates everything | `rebuild` |
 //! | `MAILGATE_FUZZ_MINIMIZE_SECS` | time for minimising failures, all together | `90` |
 //! | `MAILGATE_FUZZ_REPLAY` | a trace file to replay instead (its header names user and content); a failing one is minimised into `target/tmp/differential/NAME.min.trace` | |
 //! | `MAILGATE_FUZZ_USERS` | logical users (threads) per seed | `2` |

@@ -548,15 +548,32 @@ impl Generator {
                 if folder == "INBOX" {
                     folder = "Archive.2024".to_string();
                 }
-                let status = Cmd::new(self.tag("m"), format!("STATUS {folder} (UIDVALIDITY)"));
+                // A restore from an older copy: the UIDs start again and stop below the
+                // UIDNEXT handed out before. That is the rebuild a gateway can notice without
+                // asking the upstream for every item (UIDNEXT went down under one UIDVALIDITY);
+                // one that hands out the same UIDs again with other content of the same sizes
+                // is out of any proxy's reach (docs/ARCHITECTURE.md, invariant 10).
+                let status = Cmd::new(self.tag("m"), format!("STATUS {folder} (UIDVALIDITY UIDNEXT)"));
                 self.act(ex, log, Action::Mutate(vec![status]))?;
-                let uidvalidity = self.model.info(&folder).uidvalidity;
+                let (uidvalidity, uidnext) = {
+                    let info = self.model.info(&folder);
+                    (info.uidvalidity, info.uidnext)
+                };
                 if uidvalidity == 0 {
                     return Ok(());
                 }
                 let seed = self.rng.next_u64() % 1_000_000;
-                let count = self.rng.range(2, 10);
-                self.act(ex, log, Action::Rebuild { folder, uidvalidity, seed, count })?;
+                let fits =
+                    |count: usize| super::server::rebuilt_folder(&folder, uidvalidity, seed, count).uidnext < uidnext;
+                let most = self.rng.range(1, 9);
+                let Some(count) = (1..=most).rev().find(|&count| fits(count)) else { return Ok(()) };
+                self.act(ex, log, Action::Rebuild { folder: folder.clone(), uidvalidity, seed, count })?;
+                // The client looks at the restored folder before new mail arrives in it (new
+                // mail would hand the old UIDs out again and hide the lower UIDNEXT).
+                let examine = Cmd::new(self.tag("a"), format!("EXAMINE {folder}"));
+                self.act(ex, log, Action::Imap(vec![examine]))?;
+                let sync = Cmd::new(self.tag("a"), "FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])");
+                self.act(ex, log, Action::Imap(vec![sync]))?;
             }
             _ => self.flag_check(ex, log, &folder)?,
         }

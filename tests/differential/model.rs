@@ -213,8 +213,14 @@ impl Model {
         for text in answer.untagged_text() {
             if let Some(rest) = text.strip_prefix("* STATUS ") {
                 let mut words = rest.split([' ', '(', ')']).filter(|w| !w.is_empty());
-                if let (Some(folder), Some("UIDVALIDITY"), Some(uv)) = (words.next(), words.next(), words.next()) {
-                    self.info(folder).uidvalidity = uv.parse().unwrap_or(0);
+                let Some(folder) = words.next() else { continue };
+                let words: Vec<&str> = words.collect();
+                for pair in words.chunks(2) {
+                    match pair {
+                        ["UIDVALIDITY", uv] => self.info(folder).uidvalidity = uv.parse().unwrap_or(0),
+                        ["UIDNEXT", next] => self.info(folder).uidnext = next.parse().unwrap_or(0),
+                        _ => {}
+                    }
                 }
             }
         }
