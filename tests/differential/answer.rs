@@ -102,6 +102,10 @@ pub fn normalize(answer: &Answer, ordered: bool) -> Normal {
                 let entry = normal.fetch.entry(seq).or_default();
                 entry.extend(items.into_iter().map(|item| without_recent(&item)));
             }
+            // Dovecot's warning about ambiguous pipelining (RFC 9051 §5.5: a command using
+            // sequence numbers sent behind a UID command) depends on whether the earlier
+            // command was still running when the later one was read: timing, not content.
+            None if response.starts_with(b"* BAD [CLIENTBUG]") => {}
             None => normal.other.push(response.clone()),
         }
     }
