@@ -456,7 +456,7 @@ async fn answer<Io: JobIo>(
     // may bring EXPUNGEs: the fresh answers carry the numbers of the moment). The mutable
     // items are asked again: a flag change reported meanwhile must not be undone by phase
     // one's older values.
-    let phase_two = PhaseTwo { job, scope, wanted: wanted, mutable: &mutable, mutable_names: &mutable_names };
+    let phase_two = PhaseTwo { job, scope, wanted, mutable: &mutable, mutable_names: &mutable_names };
     for chunk in misses.chunks_mut(BATCH) {
         // Concurrent misses share one load: claim what nobody is loading; a message whose
         // every missing item another session is loading waits for that session instead.
