@@ -843,7 +843,16 @@ fn concurrent_scenario(setup: &Setup, user: (&'static str, &str), connect: &dyn 
         let mut evidence: Vec<String> = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut round = 0u32;
-        while round < 20 || !done.load(Ordering::SeqCst) {
+        // One more round once B is done: a FETCH that began before B's last APPENDs were
+        // visible would leave their UIDs unknown to A (a race of the test, not of mailgate).
+        let mut last_rounds = 1;
+        loop {
+            if round >= 20 && done.load(Ordering::SeqCst) {
+                if last_rounds == 0 {
+                    break;
+                }
+                last_rounds -= 1;
+            }
             if round == 2 {
                 go.store(true, Ordering::SeqCst);
             }
