@@ -19,7 +19,8 @@
 //! suffix, then ddmin, replayed each time in a fresh Dovecot and mailgate) written next to
 //! the full one under `target/tmp/differential/`, with a command to replay it.
 //!
-//! The `differential` test runs four fixed seeds (CI). By hand, the same test reads:
+//! The `differential` test runs four fixed seeds (CI), `differential_courier` two shorter
+//! ones against Courier IMAP/POP3 (tests/install-courier.sh). By hand, the same test reads:
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
@@ -31,7 +32,7 @@
 //! | `MAILGATE_FUZZ_MINIMIZE_SECS` | time for minimising failures, all together | `90` |
 //! | `MAILGATE_FUZZ_REPLAY` | a trace file to replay instead (its header names user and content); a failing one is minimised into `target/tmp/differential/NAME.min.trace` | |
 //! | `MAILGATE_FUZZ_USERS` | logical users (threads) per seed | `2` |
-//! | `MAILGATE_FUZZ_SERVER` | the upstream (`dovecot`; see `differential/server.rs`) | `dovecot` |
+//! | `MAILGATE_FUZZ_SERVER` | the upstream: `dovecot`, or `courier` (mailgate reaches its plain ports with `tls = "plaintext"`; see `differential/server.rs`) | `dovecot` |
 //!
 //! nextest stops a test after five minutes, so long runs use `cargo test` (see
 //! docs/TESTING.md; a million steps):
@@ -47,6 +48,8 @@ mod support {
     //! progress elsewhere in it does not stop this test from building).
     #[path = "../support/client.rs"]
     pub mod client;
+    #[path = "../support/courier.rs"]
+    pub mod courier;
     #[path = "../support/dovecot.rs"]
     pub mod dovecot;
     #[path = "../support/gateway.rs"]
@@ -65,10 +68,21 @@ mod differential;
 use std::time::Instant;
 
 use differential::run::{report, run_seed, Settings};
+use differential::server::Kind;
 
 #[test]
 fn differential() {
-    let settings = Settings::from_env(&[1, 2, 3, 4], 1500);
+    run(Settings::from_env(&[1, 2, 3, 4], 1500));
+}
+
+/// The same against Courier (whatever `MAILGATE_FUZZ_SERVER` says): its folders below
+/// `INBOX.`, no CONDSTORE, MOVE, UNSELECT nor LITERAL+.
+#[test]
+fn differential_courier() {
+    run(Settings::from_env_for(Kind::Courier, &[1, 2], 600));
+}
+
+fn run(settings: Settings) {
     if let Some(path) = &settings.replay {
         match differential::run::replay_and_minimize(&settings, path) {
             Ok(clean) => {

@@ -9,7 +9,7 @@ use crate::support::setup::gateway_config_with;
 use crate::support::tls::TestPki;
 
 use super::mailgate::Mailgate;
-use super::server::{self, initial_folders, Server};
+use super::server::{self, initial_folders, Kind, Server};
 use super::wire::Endpoint;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,11 +47,11 @@ pub struct Env {
 const LIMITS: &str = "[limits]\nconnections_per_ip_per_minute = 0\nlogins_per_ip_per_minute = 0\n";
 
 impl Env {
-    pub fn start(via: Via, users: &[User]) -> Env {
+    pub fn start(via: Via, kind: Kind, users: &[User]) -> Env {
         let accounts: Vec<String> = users.iter().flat_map(|u| [u.name.clone(), format!("{}-twin", u.name)]).collect();
-        let server = server::start(&accounts);
+        let server = server::start(kind, &accounts);
         for user in users {
-            let folders = initial_folders(user.content_seed);
+            let folders = initial_folders(user.content_seed, kind.folders());
             server.provision(&user.name, &folders);
             server.provision(&format!("{}-twin", user.name), &folders);
         }
@@ -99,7 +99,7 @@ impl Env {
         format!("{status}--- mailgate log (tail) ---\n{}", m.log_tail())
     }
 
-    /// Stops everything in the background (Dovecot takes a second to stop).
+    /// Stops everything in the background (a server takes a second to stop).
     pub fn dispose(self) {
         std::thread::spawn(move || drop(self));
     }

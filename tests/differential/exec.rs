@@ -60,6 +60,11 @@ pub struct Executor<'e> {
     /// The account reached through mailgate, and its twin.
     pub user: String,
     pub twin: String,
+    /// What they log in with (the server's names for them).
+    login_user: String,
+    login_twin: String,
+    /// The server takes `{n+}` literals (else APPEND waits for the `+`).
+    literal_plus: bool,
     via: Option<Wire>,
     direct: Option<Wire>,
     mut_user: Option<Wire>,
@@ -71,10 +76,14 @@ pub struct Executor<'e> {
 
 impl<'e> Executor<'e> {
     pub fn new(env: &'e Env, user: &str) -> Executor<'e> {
+        let twin = format!("{user}-twin");
         Executor {
             env,
+            login_user: env.server.login(user),
+            login_twin: env.server.login(&twin),
+            literal_plus: env.server.kind().literal_plus(),
             user: user.to_string(),
-            twin: format!("{user}-twin"),
+            twin,
             via: None,
             direct: None,
             mut_user: None,
@@ -121,9 +130,9 @@ impl<'e> Executor<'e> {
         self.via = None;
         self.direct = None;
         self.selected = None;
-        let via = imap_login(&self.env.via_imap(), &self.user)
+        let via = imap_login(&self.env.via_imap(), &self.login_user)
             .map_err(|e| Mismatch::new(format!("IMAP login of {} through the gateway", self.user), e))?;
-        let direct = imap_login(&self.env.server.imap(), &self.twin)
+        let direct = imap_login(&self.env.server.imap(), &self.login_twin)
             .map_err(|e| Mismatch::new(format!("IMAP login of {} (harness)", self.twin), e))?;
         self.via = Some(via);
         self.direct = Some(direct);
@@ -148,9 +157,9 @@ impl<'e> Executor<'e> {
 
     fn imap(&mut self, cmds: &[Cmd], out: &mut Outcome) -> Result<(), Mismatch> {
         self.ensure_pair()?;
-        let bytes = batch_bytes(cmds);
+        let literal_plus = self.literal_plus;
         let (via, direct) = self.pair();
-        let sent = (via.send(&bytes).map_err(|e| describe(&e)), direct.send(&bytes).map_err(|e| describe(&e)));
+        let sent = (send_batch(via, cmds, literal_plus), send_batch(direct, cmds, literal_plus));
         let mut closed = false;
         for range in segments(cmds) {
             let group = &cmds[range];
@@ -249,13 +258,19 @@ impl<'e> Executor<'e> {
         if self.mut_user.is_none() || self.mut_twin.is_none() {
             let server = self.env.server.imap();
             let harness = |user: &str, e: String| Mismatch::new(format!("mutator login of {user} (harness)"), e);
-            self.mut_user = Some(imap_login(&server, &self.user).map_err(|e| harness(&self.user, e))?);
-            self.mut_twin = Some(imap_login(&server, &self.twin).map_err(|e| harness(&self.twin, e))?);
+            self.mut_user = Some(imap_login(&server, &self.login_user).map_err(|e| harness(&self.user, e))?);
+            self.mut_twin = Some(imap_login(&server, &self.login_twin).map_err(|e| harness(&self.twin, e))?);
         }
-        let bytes = batch_bytes(cmds);
+        // Synchronizing literals wait for the server's `+`: one command at a time.
+        let one_by_one = !self.literal_plus && cmds.iter().any(|c| c.literal.is_some());
         let (mu, mt) = (self.mut_user.as_mut().unwrap(), self.mut_twin.as_mut().unwrap());
-        let sent = (mu.send(&bytes).map_err(|e| describe(&e)), mt.send(&bytes).map_err(|e| describe(&e)));
+        let mut sent =
+            if one_by_one { (Ok(()), Ok(())) } else { (send_batch(mu, cmds, true), send_batch(mt, cmds, true)) };
         for cmd in cmds {
+            if one_by_one {
+                let one = std::slice::from_ref(cmd);
+                sent = (send_batch(mu, one, false), send_batch(mt, one, false));
+            }
             let u = read_or(mu, &sent.0, &[&cmd.tag], false);
             let t = read_or(mt, &sent.1, &[&cmd.tag], false);
             let what = format!(
@@ -273,9 +288,9 @@ impl<'e> Executor<'e> {
 
     fn pop3(&mut self, writes: &[Vec<String>], quit: bool) -> Result<(), Mismatch> {
         let who = format!("{} via the gateway vs {}", self.user, self.twin);
-        let mut via = pop3::login(&self.env.via_pop3(), &self.user)
+        let mut via = pop3::login(&self.env.via_pop3(), &self.login_user)
             .map_err(|e| Mismatch::new(format!("POP3 login of {} through the gateway", self.user), e))?;
-        let mut direct = pop3::login(&self.env.server.pop3(), &self.twin)
+        let mut direct = pop3::login(&self.env.server.pop3(), &self.login_twin)
             .map_err(|e| Mismatch::new(format!("POP3 login of {} (harness)", self.twin), e))?;
         let mut all: Vec<String> = writes.iter().flatten().cloned().collect();
         if quit {
@@ -319,7 +334,7 @@ impl<'e> Executor<'e> {
             // Dropped: the server still commits \Seen, when it notices. Once a new session
             // gets the maildrop lock, it has.
             drop((via, direct));
-            for user in [&self.user, &self.twin] {
+            for user in [&self.login_user, &self.login_twin] {
                 let mut probe = pop3::login(&self.env.server.pop3(), user)
                     .map_err(|e| Mismatch::new(format!("POP3 login of {user} after a dropped session (harness)"), e))?;
                 let _ = probe.send(b"QUIT\r\n");
@@ -380,6 +395,27 @@ fn compare(what: &str, batch: &[Cmd], via: &Answer, twin: &Answer, ordered: bool
         show_answer(twin, usize::MAX)
     );
     Err(Mismatch { what: what.to_string(), detail, raw: Some(raw) })
+}
+
+/// Sends `cmds` in one write; or, without `literal_plus`, a command with a literal as
+/// `{n}`, then the literal once the server has answered `+` (a command with a literal is
+/// then sent alone).
+fn send_batch(wire: &mut Wire, cmds: &[Cmd], literal_plus: bool) -> Result<(), String> {
+    if literal_plus || cmds.iter().all(|c| c.literal.is_none()) {
+        return wire.send(&batch_bytes(cmds)).map_err(|e| describe(&e));
+    }
+    assert!(cmds.len() == 1, "a literal without LITERAL+ in a batch: {cmds:?}");
+    let cmd = &cmds[0];
+    let body = cmd.literal.as_ref().unwrap().bytes();
+    let head = format!("{} {} {{{}}}\r\n", cmd.tag, cmd.text, body.len());
+    wire.send(head.as_bytes()).map_err(|e| describe(&e))?;
+    let line = wire.line().map_err(|e| format!("waiting for `+`: {}", describe(&e)))?;
+    if !line.starts_with(b"+") {
+        return Err(format!("no `+` for the literal but {}", show(&line)));
+    }
+    let mut rest = body;
+    rest.extend_from_slice(b"\r\n");
+    wire.send(&rest).map_err(|e| describe(&e))
 }
 
 fn imap_login(endpoint: &Endpoint, user: &str) -> Result<Wire, String> {

@@ -10,7 +10,7 @@ use super::env::User;
 use super::exec::{is_barrier, Executor, Mismatch, Outcome};
 use super::model::Model;
 use super::pop3;
-use super::server::{initial_folders, FOLDERS};
+use super::server::initial_folders;
 
 /// FETCH items and how often to pick them.
 const ITEMS: &[(&str, u32)] = &[
@@ -98,6 +98,9 @@ pub const AVOIDABLE: &[(&str, &str)] = &[
     ("rebuild", "a folder rebuilt on disk with its old UIDVALIDITY"),
     ("recreate", "a folder deleted and created again"),
     ("odd-pop3", "odd POP3 spellings (RETR +1, TOP 1 0 junk, DELE twice...)"),
+    ("move", "MOVE and UID MOVE (COPY instead)"),
+    ("unselect", "UNSELECT (CLOSE instead)"),
+    ("dupset", "a sequence set naming a message twice (`1:4,1`), which Courier answers twice"),
 ];
 
 /// What the generator may use.
@@ -106,6 +109,8 @@ pub struct Features {
     pub imap: bool,
     pub pop3: bool,
     pub avoid: Vec<String>,
+    /// The server's folder names, INBOX first (`server::Kind::folders`).
+    pub folders: [&'static str; 3],
 }
 
 impl Features {
@@ -140,7 +145,7 @@ impl Generator {
     pub fn new(seed: u64, user: &User, features: &Features) -> Generator {
         Generator {
             rng: Rng::new(seed ^ user.content_seed.rotate_left(29)),
-            model: Model::new(&initial_folders(user.content_seed)),
+            model: Model::new(&initial_folders(user.content_seed, features.folders)),
             tags: 0,
             mails: 0,
             mail_seed: user.content_seed ^ 0xA99E_u64,
@@ -204,7 +209,7 @@ impl Generator {
                 self.act(ex, log, Action::Imap(vec![cmd]))?;
             }
             Kind::Close => {
-                let text = if self.rng.chance(50) { "CLOSE" } else { "UNSELECT" };
+                let text = if self.rng.chance(50) || !self.features.allows("unselect") { "CLOSE" } else { "UNSELECT" };
                 let cmd = Cmd::new(self.tag("a"), text);
                 self.act(ex, log, Action::Imap(vec![cmd]))?;
             }
@@ -232,7 +237,7 @@ impl Generator {
             }
             Kind::CopyMove => {
                 let uid = if self.rng.chance(60) { "UID " } else { "" };
-                let verb = if self.rng.chance(50) { "COPY" } else { "MOVE" };
+                let verb = if self.rng.chance(50) || !self.features.allows("move") { "COPY" } else { "MOVE" };
                 let set = self.set(!uid.is_empty());
                 let dest = self.folder();
                 let cmd = Cmd::new(self.tag("a"), format!("{uid}{verb} {set} {dest}"));
@@ -271,7 +276,7 @@ impl Generator {
     }
 
     fn folder(&mut self) -> String {
-        self.rng.pick(&FOLDERS).to_string()
+        self.rng.pick(&self.features.folders).to_string()
     }
 
     /// A message number or UID near the mailbox's range: inside it mostly, sometimes past it.
@@ -313,17 +318,25 @@ impl Generator {
             57..=64 => format!("{}:*", self.number(max)),
             65..=74 => {
                 let n = self.rng.range(2, 4);
-                let parts: Vec<String> = (0..n)
+                let parts: Vec<(u32, u32)> = (0..n)
                     .map(|_| {
                         let a = self.number(max);
                         if self.rng.chance(30) {
-                            format!("{a}:{}", a + self.rng.range(1, 4) as u32)
+                            (a, a + self.rng.range(1, 4) as u32)
                         } else {
-                            a.to_string()
+                            (a, a)
                         }
                     })
                     .collect();
-                parts.join(",")
+                let overlap =
+                    parts.iter().enumerate().any(|(i, p)| parts[..i].iter().any(|q| p.0 <= q.1 && q.0 <= p.1));
+                if overlap && !self.features.allows("dupset") {
+                    let (lo, hi) = (parts.iter().map(|p| p.0).min().unwrap(), parts.iter().map(|p| p.1).max().unwrap());
+                    return format!("{lo}:{hi}");
+                }
+                let text: Vec<String> =
+                    parts.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}:{b}") }).collect();
+                text.join(",")
             }
             75..=80 => "1:*".to_string(),
             81..=88 => match self.rng.range(0, 2) {
@@ -433,7 +446,7 @@ impl Generator {
 
     fn status(&mut self) -> Cmd {
         let folder = self.folder();
-        let items = if self.rng.chance(50) {
+        let items = if self.rng.chance(50) || !self.features.allows("condstore") {
             "(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)"
         } else {
             "(MESSAGES RECENT UIDNEXT UIDVALIDITY UNSEEN HIGHESTMODSEQ)"
@@ -514,9 +527,10 @@ impl Generator {
                         Cmd::new(self.tag("m"), format!("UID EXPUNGE {set}")),
                     ],
                     68..=75 => {
-                        let verb = if self.rng.chance(50) { "MOVE" } else { "COPY" };
-                        let dest = FOLDERS.iter().find(|f| **f != folder).copied().unwrap_or("INBOX");
-                        let dest = if self.rng.chance(50) { dest } else { FOLDERS[2] };
+                        let verb = if self.rng.chance(50) && self.features.allows("move") { "MOVE" } else { "COPY" };
+                        let folders = self.features.folders;
+                        let dest = folders.iter().find(|f| **f != folder).copied().unwrap_or("INBOX");
+                        let dest = if self.rng.chance(50) { dest } else { folders[2] };
                         vec![Cmd::new(self.tag("m"), format!("UID {verb} {set} {dest}"))]
                     }
                     _ => vec![Cmd::new(self.tag("m"), "UID FETCH 1:* (FLAGS)")],
@@ -526,7 +540,7 @@ impl Generator {
             88..=95 if self.features.allows("recreate") => {
                 // Delete and create again, with new messages at the same UIDs.
                 if folder == "INBOX" {
-                    folder = "Sent".to_string();
+                    folder = self.features.folders[1].to_string();
                 }
                 if self.model.selected.as_deref() == Some(folder.as_str()) {
                     return Ok(());
@@ -546,7 +560,7 @@ impl Generator {
             96.. if self.features.allows("rebuild") => {
                 // Rebuilt on disk with the same UIDVALIDITY and new content.
                 if folder == "INBOX" {
-                    folder = "Archive.2024".to_string();
+                    folder = self.features.folders[2].to_string();
                 }
                 // A restore from an older copy: the UIDs start again and stop below the
                 // UIDNEXT handed out before. That is the rebuild a gateway can notice without

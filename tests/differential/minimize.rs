@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::action::Action;
 use super::env::{Env, User, Via};
 use super::exec::{Executor, Mismatch};
+use super::server::Kind;
 
 /// Where a replay stopped.
 pub enum Replay {
@@ -19,8 +20,8 @@ pub enum Replay {
 }
 
 /// Runs `actions` for `user` in a fresh server (and mailgate).
-pub fn replay(via: Via, user: &User, actions: &[Action]) -> Replay {
-    let env = Env::start(via, std::slice::from_ref(user));
+pub fn replay(via: Via, kind: Kind, user: &User, actions: &[Action]) -> Replay {
+    let env = Env::start(via, kind, std::slice::from_ref(user));
     let result = {
         let mut ex = Executor::new(&env, &user.name);
         let mut result = Replay::Clean;
@@ -46,11 +47,11 @@ pub struct Minimized {
 /// Shrinks `actions` (which failed at their last action) until `deadline`. None if even
 /// the whole trace does not fail alone (the other user's concurrent traffic mattered, or
 /// the failure depends on timing).
-pub fn minimize(via: Via, user: &User, actions: &[Action], deadline: Instant) -> Option<Minimized> {
+pub fn minimize(via: Via, kind: Kind, user: &User, actions: &[Action], deadline: Instant) -> Option<Minimized> {
     let mut replays = 0;
     let mut test = |candidate: &[Action]| -> Option<Mismatch> {
         replays += 1;
-        match replay(via, user, candidate) {
+        match replay(via, kind, user, candidate) {
             Replay::Failed(i, m, _) if i + 1 == candidate.len() => Some(m),
             _ => None,
         }

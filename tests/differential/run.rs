@@ -13,6 +13,7 @@ use super::env::{Env, User, Via};
 use super::exec::{Executor, Mismatch};
 use super::generate::{Features, Generator, AVOIDABLE};
 use super::minimize::{minimize, replay, Replay};
+use super::server::Kind;
 use super::wire::show;
 
 /// How to run the test by hand (nextest would stop it after five minutes).
@@ -28,10 +29,17 @@ pub struct Settings {
     pub replay: Option<PathBuf>,
     pub users: usize,
     pub features: Features,
+    /// The upstream (`MAILGATE_FUZZ_SERVER`).
+    pub server: Kind,
 }
 
 impl Settings {
     pub fn from_env(default_seeds: &[u64], default_steps: u64) -> Settings {
+        Settings::from_env_for(Kind::from_env(), default_seeds, default_steps)
+    }
+
+    /// [`Settings::from_env`] with the upstream given (`MAILGATE_FUZZ_SERVER` ignored).
+    pub fn from_env_for(server: Kind, default_seeds: &[u64], default_steps: u64) -> Settings {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let seeds = var("MAILGATE_FUZZ_SEEDS").map(|s| parse_seeds(&s)).unwrap_or_else(|| default_seeds.to_vec());
         let steps = var("MAILGATE_FUZZ_STEPS").map(|s| s.trim().replace('_', "").parse().expect("MAILGATE_FUZZ_STEPS"));
@@ -61,8 +69,26 @@ impl Settings {
                 AVOIDABLE.iter().map(|(n, _)| *n).collect::<Vec<_>>()
             );
         }
-        let features = Features { imap: protocols.contains("imap"), pop3: protocols.contains("pop3"), avoid };
+        let mut avoid = avoid;
+        // What the server itself does not support is never generated.
+        for a in server.avoid() {
+            if !avoid.iter().any(|x| x == a) {
+                avoid.push(a.to_string());
+            }
+        }
+        let features = Features {
+            imap: protocols.contains("imap"),
+            pop3: protocols.contains("pop3") && server.pop3(),
+            avoid,
+            folders: server.folders(),
+        };
+        assert!(
+            features.imap || features.pop3,
+            "MAILGATE_FUZZ_PROTOCOLS={protocols}: nothing {} can compare",
+            server.name()
+        );
         Settings {
+            server,
             features,
             seeds,
             steps: steps.unwrap_or(default_steps),
@@ -80,7 +106,8 @@ impl Settings {
             _ => "pop3",
         };
         format!(
-            "MAILGATE_FUZZ_SEEDS={seeds} MAILGATE_FUZZ_STEPS={steps} MAILGATE_FUZZ_VIA={} MAILGATE_FUZZ_PROTOCOLS={protocols}{}",
+            "MAILGATE_FUZZ_SERVER={} MAILGATE_FUZZ_SEEDS={seeds} MAILGATE_FUZZ_STEPS={steps} MAILGATE_FUZZ_VIA={} MAILGATE_FUZZ_PROTOCOLS={protocols}{}",
+            self.server.name(),
             self.via.name(),
             if self.features.avoid.is_empty() {
                 String::new()
@@ -152,7 +179,7 @@ fn header(settings: &Settings, seed: u64, user: &User) -> Vec<String> {
 /// stopping everyone at the first mismatch.
 pub fn run_seed(settings: &Settings, seed: u64) -> SeedRun {
     let users = users(seed, settings.users);
-    let env = Env::start(settings.via, &users);
+    let env = Env::start(settings.via, settings.server, &users);
     let stop = AtomicBool::new(false);
     let per_user = settings.steps.div_ceil(users.len() as u64);
     let started = Instant::now();
@@ -232,8 +259,11 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
         fs::write(&path, raw).unwrap();
         out.push_str(&format!("both answers:    {}\n", path.display()));
     }
-    let minimized =
-        if Instant::now() < deadline { minimize(settings.via, &failure.user, &actions, deadline) } else { None };
+    let minimized = if Instant::now() < deadline {
+        minimize(settings.via, settings.server, &failure.user, &actions, deadline)
+    } else {
+        None
+    };
     match minimized {
         Some(min) => {
             let path = failure.trace.with_extension("min.trace");
@@ -250,8 +280,9 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
             ));
             out.push_str(&format!("replay it:       MAILGATE_FUZZ_REPLAY={} {CARGO_TEST}\n", path.display()));
             out.push_str(&format!(
-                "--- minimal trace (initial folders: server::initial_folders({})) ---\n",
-                failure.user.content_seed
+                "--- minimal trace (initial folders: server::initial_folders({}, {:?})) ---\n",
+                failure.user.content_seed,
+                settings.server.folders()
             ));
             out.push_str(&action::to_text(&[], &min.actions));
             if let Some(Action::Imap(cmds) | Action::Mutate(cmds)) = min.actions.last() {
@@ -287,7 +318,7 @@ pub fn read_trace(path: &Path) -> Result<(User, Vec<String>, Vec<Action>), Strin
 /// Runs a trace file in a fresh server (and mailgate): Ok if it replays clean.
 pub fn replay_file(settings: &Settings, path: &Path) -> Result<String, String> {
     let (user, _, actions) = read_trace(path)?;
-    match replay(settings.via, &user, &actions) {
+    match replay(settings.via, settings.server, &user, &actions) {
         Replay::Clean => {
             Ok(format!("{}: {} actions, no mismatch (via {})", path.display(), actions.len(), settings.via.name()))
         }
@@ -313,11 +344,11 @@ pub fn replay_and_minimize(settings: &Settings, path: &Path) -> Result<String, S
     let (user, mut header, actions) = read_trace(path)?;
     let deadline = Instant::now() + settings.minimize;
     // The failing action is the last one worth replaying.
-    let failing = match replay(settings.via, &user, &actions) {
+    let failing = match replay(settings.via, settings.server, &user, &actions) {
         Replay::Failed(i, ..) => i,
         Replay::Clean => return Err(format!("{out}(did not fail a second time: timing?)\n")),
     };
-    match minimize(settings.via, &user, &actions[..=failing], deadline) {
+    match minimize(settings.via, settings.server, &user, &actions[..=failing], deadline) {
         Some(min) if min.actions.len() <= failing => {
             let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
             let min_path = trace_dir().join(format!("{name}.min.trace"));
