@@ -44,10 +44,24 @@ pub struct Minimized {
     pub complete: bool,
 }
 
-/// Shrinks `actions` (which failed at their last action) until `deadline`. None if even
-/// the whole trace does not fail alone (the other user's concurrent traffic mattered, or
-/// the failure depends on timing).
-pub fn minimize(via: Via, kind: Kind, user: &User, actions: &[Action], deadline: Instant) -> Option<Minimized> {
+/// Why there is no minimal trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotMinimized {
+    /// Even the whole trace does not fail alone (the other user's concurrent traffic
+    /// mattered, or the failure depends on timing).
+    NotReproduced,
+    /// The deadline passed before any replay failed.
+    OutOfTime,
+}
+
+/// Shrinks `actions` (which failed at their last action) until `deadline`.
+pub fn minimize(
+    via: Via,
+    kind: Kind,
+    user: &User,
+    actions: &[Action],
+    deadline: Instant,
+) -> Result<Minimized, NotMinimized> {
     let mut replays = 0;
     let mut test = |candidate: &[Action]| -> Option<Mismatch> {
         replays += 1;
@@ -57,15 +71,16 @@ pub fn minimize(via: Via, kind: Kind, user: &User, actions: &[Action], deadline:
         }
     };
     // The shortest failing suffix, growing fourfold.
-    let mut best: Option<(Vec<Action>, Mismatch)> = None;
+    let mut best: Result<(Vec<Action>, Mismatch), NotMinimized> = Err(NotMinimized::OutOfTime);
     let mut k = 4;
-    loop {
+    while Instant::now() < deadline {
         let start = actions.len().saturating_sub(k);
         if let Some(m) = test(&actions[start..]) {
-            best = Some((actions[start..].to_vec(), m));
+            best = Ok((actions[start..].to_vec(), m));
             break;
         }
-        if start == 0 || Instant::now() > deadline {
+        if start == 0 {
+            best = Err(NotMinimized::NotReproduced);
             break;
         }
         k *= 4;
@@ -134,5 +149,5 @@ pub fn minimize(via: Via, kind: Kind, user: &User, actions: &[Action], deadline:
         }
         complete = i >= current.len();
     }
-    Some(Minimized { actions: current, mismatch, replays, complete })
+    Ok(Minimized { actions: current, mismatch, replays, complete })
 }

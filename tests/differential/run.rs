@@ -12,7 +12,7 @@ use super::action::{self, Action};
 use super::env::{Env, User, Via};
 use super::exec::{Executor, Mismatch};
 use super::generate::{Features, Generator, AVOIDABLE};
-use super::minimize::{minimize, replay, Replay};
+use super::minimize::{minimize, replay, NotMinimized, Replay};
 use super::server::Kind;
 use super::wire::show;
 
@@ -259,13 +259,8 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
         fs::write(&path, raw).unwrap();
         out.push_str(&format!("both answers:    {}\n", path.display()));
     }
-    let minimized = if Instant::now() < deadline {
-        minimize(settings.via, settings.server, &failure.user, &actions, deadline)
-    } else {
-        None
-    };
-    match minimized {
-        Some(min) => {
+    match minimize(settings.via, settings.server, &failure.user, &actions, deadline) {
+        Ok(min) => {
             let path = failure.trace.with_extension("min.trace");
             let mut head = header(settings, failure.seed, &failure.user);
             head.push(format!("minimised from step {} of the full trace", failure.step));
@@ -290,10 +285,13 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
             }
             out.push_str(&format!("--- on replay ---\n{}\n{}", min.mismatch.what, min.mismatch.detail));
         }
-        None => {
-            out.push_str(
-                "not reproduced alone from a fresh server (another user's traffic or timing?); last actions:\n",
-            );
+        Err(why) => {
+            out.push_str(match why {
+                NotMinimized::NotReproduced => {
+                    "not reproduced alone from a fresh server (another user's traffic or timing?); last actions:\n"
+                }
+                NotMinimized::OutOfTime => "not minimised (MAILGATE_FUZZ_MINIMIZE_SECS ran out); last actions:\n",
+            });
             let start = actions.len().saturating_sub(40);
             out.push_str(&action::to_text(&[], &actions[start..]));
             out.push_str(&failure.mailgate);
@@ -349,7 +347,7 @@ pub fn replay_and_minimize(settings: &Settings, path: &Path) -> Result<String, S
         Replay::Clean => return Err(format!("{out}(did not fail a second time: timing?)\n")),
     };
     match minimize(settings.via, settings.server, &user, &actions[..=failing], deadline) {
-        Some(min) if min.actions.len() <= failing => {
+        Ok(min) if min.actions.len() <= failing => {
             let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
             let min_path = trace_dir().join(format!("{name}.min.trace"));
             header.push(format!("minimised from {}", path.display()));
