@@ -540,3 +540,53 @@ fn courier_relay_commands_equal_direct() {
         failures.join("\n")
     );
 }
+
+/// Courier echoes header field names as the client spelled them: an answer cached for
+/// `(date to)` must not answer `(DATE TO)`.
+#[test]
+fn courier_header_fields_spelled_otherwise_are_not_answered_from_each_other() {
+    let setup = CourierSetup::start(USERS);
+    setup.courier.fill("bob", 6, 78);
+    let mut direct = setup.direct("bob");
+    let mut via = setup.login("bob");
+    // Every item of every FETCH response, raw (name as echoed, value), by message.
+    let raw = |client: &mut Client, command: &str| -> Vec<(u32, Vec<Vec<u8>>)> {
+        client.send(format!("r {command}\r\n").as_bytes());
+        let mut out = Vec::new();
+        for response in client.responses("r") {
+            if let Some(parsed) = parse_response(&response) {
+                let mut items: Vec<Vec<u8>> = parsed.items.iter().map(|i| response[i.range.clone()].to_vec()).collect();
+                items.sort();
+                out.push((parsed.seq, items));
+            }
+        }
+        out
+    };
+    for client in [&mut direct, &mut via] {
+        client.command("s", "SELECT INBOX");
+    }
+    for command in [
+        "UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (date to)])",
+        "UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (DATE TO)])",
+        "UID FETCH 2 (BODY.PEEK[HEADER.FIELDS (Date To)])",
+        "UID FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (date to)])",
+    ] {
+        let (got, want) = (raw(&mut via, command), raw(&mut direct, command));
+        assert!(
+            got == want,
+            "`{command}`: through mailgate {:?}\ndirect {:?}",
+            show(&got.concat_items()),
+            show(&want.concat_items())
+        );
+    }
+}
+
+trait ConcatItems {
+    fn concat_items(&self) -> Vec<u8>;
+}
+
+impl ConcatItems for Vec<(u32, Vec<Vec<u8>>)> {
+    fn concat_items(&self) -> Vec<u8> {
+        self.iter().flat_map(|(_, items)| items.iter().flat_map(|i| i.iter().take(60).copied())).collect()
+    }
+}

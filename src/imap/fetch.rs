@@ -192,9 +192,19 @@ fn classify(request: String) -> Option<Item> {
             // A partial fetch is keyed apart from the whole section: the upstream cuts it, so
             // its bytes are exactly the upstream's (slicing octets of a cached whole section
             // would also need the upstream's rules for cutting inside a multi-byte character).
+            // Some servers echo header field names as the client spelled them (Courier:
+            // `("date")` for `(date)`), and a cached item is the upstream's own bytes, name
+            // included: another spelling of the field list is another entry.
+            let spelling = match request.find('(') {
+                Some(open) if request[open..].bytes().any(|b| b.is_ascii_lowercase()) => {
+                    let fields = request[open + 1..].split(')').next().unwrap_or_default();
+                    format!(" as ({})", fields.split_whitespace().collect::<Vec<_>>().join(" "))
+                }
+                _ => String::new(),
+            };
             ItemKind::Cached {
                 response: format!("BODY[{section}]{partial}"),
-                key: format!("BODY[{section}]{key_partial}"),
+                key: format!("BODY[{section}]{key_partial}{spelling}"),
                 sets_seen: !peek,
                 class,
             }
@@ -489,7 +499,8 @@ mod tests {
         assert_eq!(r.mutable_requests(), ["UID", "FLAGS"]);
         let cached: Vec<_> = r.cached_items().map(|w| (w.response.to_string(), w.class)).collect();
         let keys: Vec<_> = r.cached_items().map(|w| w.key.to_string()).collect();
-        assert_eq!(keys[1], "BODY[HEADER.FIELDS (FROM TO)]<0.100>");
+        // The field names' spelling is part of the key (a server may echo it).
+        assert_eq!(keys[1], "BODY[HEADER.FIELDS (FROM TO)]<0.100> as (From to)");
         assert_eq!(
             cached,
             [
@@ -567,6 +578,17 @@ ENVELOPE (\"date\" {3}\r\na)b NIL ((\"x\" NIL \"y\" \"z\")) NIL NIL NIL NIL NIL 
         for wanted in request.cached_items() {
             assert!(parsed.item(response, wanted.response).is_some(), "{}", wanted.response);
         }
+    }
+
+    #[test]
+    fn header_field_lists_spelled_otherwise_are_other_entries() {
+        let key = |line: &[u8]| parse_request(line).unwrap().cached_items().next().unwrap().key.to_string();
+        let upper = key(b"a UID FETCH 1 BODY.PEEK[HEADER.FIELDS (DATE TO)]");
+        assert_eq!(upper, "BODY[HEADER.FIELDS (DATE TO)]");
+        assert_eq!(key(b"a UID FETCH 1 body.peek[header.fields (DATE TO)]"), upper, "only the field names count");
+        let lower = key(b"a UID FETCH 1 BODY.PEEK[HEADER.FIELDS (date To)]");
+        assert_ne!(lower, upper);
+        assert_eq!(lower, key(b"a UID FETCH 1 BODY.PEEK[HEADER.FIELDS (date   To)]<0.5>").replace("<0.5>", ""));
     }
 
     #[test]

@@ -72,13 +72,10 @@ impl Kind {
     /// difference). `seen`: for `FETCH n (FLAGS BODY[TEXT])` of an unseen message Courier
     /// answers `FLAGS ()` and then `* n FETCH (FLAGS (\Seen))`, mailgate `FLAGS (\Seen)`
     /// once (as Dovecot does): the same flags in the end, told differently.
-    /// `lowercase`: Courier echoes `HEADER.FIELDS` names as spelled, and mailgate answers a
-    /// later `(DATE TO)` from its cache with the spelling of an earlier `(date to)`: a
-    /// mailgate bug, left out here until fixed.
     pub fn avoid(self) -> &'static [&'static str] {
         match self {
             Kind::Dovecot => &[],
-            Kind::Courier => &["condstore", "move", "unselect", "recreate", "dupset", "seen", "lowercase"],
+            Kind::Courier => &["condstore", "move", "unselect", "recreate", "dupset", "seen"],
         }
     }
 
