@@ -374,6 +374,18 @@ impl Generator {
         }
         let n = self.rng.range(1, 4);
         let mut items: Vec<String> = (0..n).map(|_| self.item()).collect();
+        // Drawn with replacement: left out, repeats and second partials must go too.
+        if !self.features.allows("dup") {
+            let mut seen = std::collections::HashSet::new();
+            items.retain(|i| seen.insert(i.to_ascii_uppercase()));
+        }
+        if !self.features.allows("partials2") {
+            let mut sections = std::collections::HashSet::new();
+            items.retain(|i| match i.split_once('<') {
+                Some((section, _)) => sections.insert(section.to_ascii_uppercase()),
+                None => true,
+            });
+        }
         if self.rng.chance(8) && self.features.allows("partials2") {
             // Two partials of one section.
             let section = *self.rng.pick(&["BODY.PEEK[]", "BODY.PEEK[TEXT]", "BODY.PEEK[1]", "BODY.PEEK[HEADER]"]);
