@@ -86,10 +86,14 @@ fn run(settings: Settings) {
     if let Some(path) = &settings.replay {
         match differential::run::replay_and_minimize(&settings, path) {
             Ok(clean) => {
+                differential::env::wait_disposed();
                 println!("{clean}");
                 return;
             }
-            Err(report) => panic!("{report}"),
+            Err(report) => {
+                differential::env::wait_disposed();
+                panic!("{report}")
+            }
         }
     }
     let mut reports = Vec::new();
@@ -114,6 +118,7 @@ fn run(settings: Settings) {
         }
     }
     eprintln!("{}", summary.join("\n"));
+    differential::env::wait_disposed();
     assert!(reports.is_empty(), "{} seed(s) found differences:\n{}", reports.len(), reports.join("\n"));
 }
 
@@ -133,6 +138,7 @@ fn known_mismatches_stay_fixed() {
     assert!(!traces.is_empty(), "no traces in {}", dir.display());
     let failures: Vec<String> =
         traces.iter().filter_map(|path| differential::run::replay_file(&settings, path).err()).collect();
+    differential::env::wait_disposed();
     assert!(
         failures.is_empty(),
         "{} of {} traces differ again:\n{}",

@@ -99,8 +99,21 @@ impl Env {
         format!("{status}--- mailgate log (tail) ---\n{}", m.log_tail())
     }
 
-    /// Stops everything in the background (a server takes a second to stop).
+    /// Stops everything in the background (a server takes a second to stop); the test waits
+    /// for all of them with [`wait_disposed`] before it ends, so that no server, process or
+    /// throwaway user outlives it.
     pub fn dispose(self) {
-        std::thread::spawn(move || drop(self));
+        let handle = std::thread::spawn(move || drop(self));
+        DISPOSING.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+    }
+}
+
+static DISPOSING: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(Vec::new());
+
+/// Waits until every environment handed to [`Env::dispose`] has stopped.
+pub fn wait_disposed() {
+    let handles = std::mem::take(&mut *DISPOSING.lock().unwrap_or_else(|e| e.into_inner()));
+    for handle in handles {
+        let _ = handle.join();
     }
 }
