@@ -44,6 +44,9 @@ const ITEMS: &[(&str, u32)] = &[
     ("BINARY.SIZE[1]", 1),
 ];
 
+/// Messages a folder may hold before the generator trims it.
+const MAX_FOLDER: u32 = 90;
+
 const FLAGS: &[&str] =
     &["\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$Fuzz", "\\Seen \\Flagged", "$Label1 \\Answered"];
 
@@ -237,14 +240,23 @@ impl Generator {
             }
             Kind::CopyMove => {
                 let uid = if self.rng.chance(60) { "UID " } else { "" };
-                let verb = if self.rng.chance(50) || !self.features.allows("move") { "COPY" } else { "MOVE" };
-                let set = self.set(!uid.is_empty());
                 let dest = self.folder();
+                // COPY grows the folders; past a size only MOVE (or nothing) keeps them small.
+                let full = self.model.info(&dest).exists > MAX_FOLDER;
+                if full && !self.features.allows("move") {
+                    return Ok(());
+                }
+                let verb =
+                    if (self.rng.chance(50) && !full) || !self.features.allows("move") { "COPY" } else { "MOVE" };
+                let set = self.set(!uid.is_empty());
                 let cmd = Cmd::new(self.tag("a"), format!("{uid}{verb} {set} {dest}"));
                 self.act(ex, log, Action::Imap(vec![cmd]))?;
             }
             Kind::Append => {
                 let folder = self.folder();
+                if self.model.info(&folder).exists > MAX_FOLDER {
+                    return self.trim(ex, log, &folder);
+                }
                 let cmd = self.append(&folder, "a");
                 self.act(ex, log, Action::Imap(vec![cmd]))?;
             }
@@ -508,6 +520,9 @@ impl Generator {
     /// A mutation straight to the server on both accounts of the pair.
     fn mutate(&mut self, ex: &mut Executor, log: &mut Vec<Action>) -> Result<(), Mismatch> {
         let mut folder = self.folder();
+        if self.model.info(&folder).exists > MAX_FOLDER {
+            return self.trim(ex, log, &folder);
+        }
         let mut kind = self.rng.range(0, 99);
         let exists = self.model.info(&folder).exists;
         if exists > 70 && kind < 28 {
@@ -603,6 +618,23 @@ impl Generator {
             }
             _ => self.flag_check(ex, log, &folder)?,
         }
+        Ok(())
+    }
+
+    /// Expunges the oldest messages of a folder grown past [`MAX_FOLDER`] (straight at the
+    /// server, on both accounts), so that long runs keep their pace.
+    fn trim(&mut self, ex: &mut Executor, log: &mut Vec<Action>, folder: &str) -> Result<(), Mismatch> {
+        self.mutator_select(ex, log, folder, true)?;
+        let uids = self.model.info(folder).uids.clone();
+        if uids.len() <= MAX_FOLDER as usize / 2 {
+            return Ok(());
+        }
+        let last = uids[uids.len() - MAX_FOLDER as usize / 2];
+        let cmds = vec![
+            Cmd::new(self.tag("m"), format!("UID STORE 1:{last} +FLAGS.SILENT (\\Deleted)")),
+            Cmd::new(self.tag("m"), format!("UID EXPUNGE 1:{last}")),
+        ];
+        self.act(ex, log, Action::Mutate(cmds))?;
         Ok(())
     }
 
