@@ -419,6 +419,8 @@ pub struct LimitsConfig {
     /// The largest message a client may APPEND (`NO [TOOBIG]` above it). Upstream QUOTA
     /// answers pass through untouched.
     pub max_append_bytes: ByteSize,
+    /// All literals of one APPEND together (MULTIAPPEND's messages, CATENATE's parts).
+    pub max_append_command_bytes: ByteSize,
     /// The delay before answering a failed login from an address; doubles per failure.
     pub auth_base_delay: Span,
     pub auth_max_delay: Span,
@@ -581,6 +583,7 @@ impl Default for LimitsConfig {
             max_connections_per_user_ip: 20,
             ipv6_prefix: 64,
             max_append_bytes: ByteSize(50 << 20),
+            max_append_command_bytes: ByteSize(200 << 20),
             auth_base_delay: secs(2),
             auth_max_delay: secs(15),
             auth_lockout_failures: 10,

@@ -103,6 +103,41 @@ fn append_over_the_size_cap_is_refused_with_toobig_and_the_session_goes_on() {
     assert!(metric(&setup, "mailgate_limit_rejections_total{kind=\"append_size\"}").ends_with(" 1"));
 }
 
+#[test]
+fn every_literal_of_an_append_counts_against_the_size_cap() {
+    let setup = Setup::start_with("", "[limits]\nmax_append_bytes = \"1MiB\"\nmax_append_command_bytes = \"3MiB\"\n");
+    let mut client = setup.login(BOB);
+    let small = b"From: a@example.org\r\nSubject: small\r\n\r\nfits\r\n";
+    // MULTIAPPEND (RFC 3502): a small first message, then one over the cap. The command is
+    // half sent when the second literal is announced: the session ends without it.
+    client.send(format!("a APPEND INBOX {{{}}}\r\n", small.len()).as_bytes());
+    assert!(client.line().unwrap().starts_with("+ "));
+    client.send(small);
+    client.send(b" {2000000}\r\n");
+    let rest = client.rest();
+    assert_eq!(rest.last().map(String::as_str), Some("* BYE Literal too large."), "{rest:?}");
+    // Messages each under the cap, together over the command's bound.
+    let mut client = setup.login(BOB);
+    let part = vec![b'x'; 900_000];
+    client.send(b"b APPEND INBOX {900000+}\r\n");
+    client.send(&part);
+    client.send(b" {900000+}\r\n");
+    client.send(&part);
+    client.send(b" {900000+}\r\n");
+    client.send(&part);
+    client.send(b" {900000}\r\n");
+    let rest = client.rest();
+    assert_eq!(rest.last().map(String::as_str), Some("* BYE Literal too large."), "{rest:?}");
+    // Nothing of either reached the mailbox, and a small APPEND still works.
+    let mut client = setup.login(BOB);
+    let lines = client.command("s", "STATUS INBOX (MESSAGES)");
+    assert!(lines.iter().any(|l| l.contains("(MESSAGES 0)")), "{lines:?}");
+    assert_eq!(
+        metric(&setup, "mailgate_limit_rejections_total{kind=\"append_size\"}"),
+        "mailgate_limit_rejections_total{kind=\"append_size\"} 2"
+    );
+}
+
 fn timed_login(client: &mut Client, tag: &str, password: &str) -> (String, Duration) {
     let started = std::time::Instant::now();
     let lines = client.command(tag, &format!("LOGIN bob {password}"));

@@ -195,6 +195,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         line: Vec::new(),
         continuing: false,
         command_tag: Vec::new(),
+        command_append_bytes: None,
         refusing: false,
         shared: shared.clone(),
         completed: completed.clone(),
@@ -258,6 +259,8 @@ struct ClientPump<'a, R, W> {
     continuing: bool,
     /// The tag of the command being read (continuation lines carry none).
     command_tag: Vec<u8>,
+    /// For an APPEND being read: the octets its literals announced so far.
+    command_append_bytes: Option<u64>,
     /// Shutdown began and the client started a new command: its bytes are dropped.
     refusing: bool,
     shared: Arc<Mutex<Shared>>,
@@ -507,6 +510,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         // A line after a literal continues its command: it has the command's tag.
         let tag = if first_line {
             self.command_tag = head.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
+            self.command_append_bytes = (super::command::metric_label(head) == "append").then_some(0);
             self.command_tag.clone()
         } else {
             self.command_tag.clone()
@@ -516,10 +520,17 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         let idling = first_line && self.lock().idling.take().is_some();
         if let Some(announce) = line.announce {
             // A message to APPEND has its own cap (`limits.max_append_bytes`, answered with
-            // NO: the command is valid, the message too big); any other literal the line cap.
-            let appending = first_line && super::command::metric_label(head) == "append";
-            let append_cap = self.service.config.limits.max_append_bytes.0;
-            let refusal = if appending && announce.len > append_cap {
+            // NO: the command is valid, the message too big), every literal of the command
+            // (the first message, MULTIAPPEND's next ones, CATENATE's parts: RFC 3502, 4469),
+            // and the command's literals together are bounded by
+            // `limits.max_append_command_bytes`; any other literal has the line cap.
+            let limits = &self.service.config.limits;
+            let appended = self.command_append_bytes.map(|total| total.saturating_add(announce.len));
+            self.command_append_bytes = appended;
+            let too_large = appended.is_some_and(|total| {
+                announce.len > limits.max_append_bytes.0 || total > limits.max_append_command_bytes.0
+            });
+            let refusal = if too_large {
                 self.service.limited("append_size");
                 Some("NO [TOOBIG] Message too large.")
             } else if announce.len > self.service.config.imap.max_literal_bytes.0 {
