@@ -474,14 +474,62 @@ pub fn seq_and_uid(rest: &[u8]) -> Option<(u32, u32)> {
 
 /// Membership in an IMAP sequence set (`1:4,7,9:*`), `max` standing for `*`.
 pub fn set_contains(set: &str, n: u32, max: u32) -> bool {
-    let value = |s: &str| if s == "*" { Some(max) } else { s.parse::<u32>().ok() };
-    set.split(',').any(|range| match range.split_once(':') {
-        Some((a, b)) => match (value(a), value(b)) {
-            (Some(a), Some(b)) => (a.min(b)..=a.max(b)).contains(&n),
-            _ => false,
-        },
-        None => value(range) == Some(n),
-    })
+    SequenceSet::parse(set).contains(n, max)
+}
+
+/// An IMAP sequence set parsed once: its numeric ranges sorted and merged (membership by
+/// binary search), and those that end at `*`, which only the last message resolves. A set
+/// of thousands of ranges then costs a FETCH of thousands of messages a logarithm each,
+/// not a pass over the set per message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SequenceSet {
+    ranges: Vec<(u32, u32)>,
+    /// The least and the greatest `n` of the ranges `n:*` (`*` alone is `max` itself):
+    /// `n:*` covers `min(n, max)..=max(n, max)`.
+    star: Option<(Option<u32>, Option<u32>)>,
+}
+
+impl SequenceSet {
+    /// Unparsable parts match nothing.
+    pub fn parse(set: &str) -> SequenceSet {
+        let mut out = SequenceSet::default();
+        let number = |s: &str| if s == "*" { Some(None) } else { s.parse::<u32>().ok().map(Some) };
+        for range in set.split(',') {
+            let (a, b) = range.split_once(':').unwrap_or((range, range));
+            match (number(a), number(b)) {
+                (Some(Some(a)), Some(Some(b))) => out.ranges.push((a.min(b), a.max(b))),
+                (Some(Some(n)), Some(None)) | (Some(None), Some(Some(n))) => {
+                    let (least, greatest) = out.star.unwrap_or((None, None));
+                    out.star = Some((Some(least.map_or(n, |m| m.min(n))), Some(greatest.map_or(n, |m| m.max(n)))));
+                }
+                (Some(None), Some(None)) => out.star = Some(out.star.unwrap_or((None, None))),
+                _ => {}
+            }
+        }
+        out.ranges.sort_unstable();
+        let mut merged: Vec<(u32, u32)> = Vec::with_capacity(out.ranges.len());
+        for (lo, hi) in out.ranges.drain(..) {
+            match merged.last_mut() {
+                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        out.ranges = merged;
+        out
+    }
+
+    /// Whether `n` is in the set when `max` is the last message (what `*` stands for).
+    pub fn contains(&self, n: u32, max: u32) -> bool {
+        if let Some((least, greatest)) = self.star {
+            let low = least.map_or(max, |l| l.min(max));
+            let high = greatest.map_or(max, |g| g.max(max));
+            if (low..=high).contains(&n) {
+                return true;
+            }
+        }
+        let i = self.ranges.partition_point(|&(_, hi)| hi < n);
+        self.ranges.get(i).is_some_and(|&(lo, _)| lo <= n)
+    }
 }
 
 #[cfg(test)]
@@ -614,5 +662,49 @@ ENVELOPE (\"date\" {3}\r\na)b NIL ((\"x\" NIL \"y\" \"z\")) NIL NIL NIL NIL NIL 
         assert!(!set_contains("1:4,7,9:*", 8, 20));
         assert!(set_contains("*:5", 7, 7));
         assert!(set_contains("*", 7, 7));
+        assert!(set_contains("400:*", 300, 300), "n:* past the end still names the last");
+        assert!(!set_contains("400:*", 299, 300));
+        assert!(set_contains("9:3,1", 5, 20));
+    }
+
+    #[test]
+    fn a_parsed_set_agrees_with_the_definition() {
+        // The definition, range by range (RFC 9051 §9, seq-range), against the parsed form.
+        let naive = |set: &str, n: u32, max: u32| {
+            let value = |s: &str| if s == "*" { Some(max) } else { s.parse::<u32>().ok() };
+            set.split(',').any(|range| match range.split_once(':') {
+                Some((a, b)) => {
+                    matches!((value(a), value(b)), (Some(a), Some(b)) if (a.min(b)..=a.max(b)).contains(&n))
+                }
+                None => value(range) == Some(n),
+            })
+        };
+        let mut seed = 7u64;
+        let mut next = |m: u32| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) % u64::from(m)) as u32
+        };
+        for _ in 0..300 {
+            let parts: Vec<String> = (0..1 + next(6))
+                .map(|_| match next(5) {
+                    0 => "*".to_string(),
+                    1 => format!("{}:*", 1 + next(40)),
+                    2 => format!("*:{}", 1 + next(40)),
+                    3 => (1 + next(40)).to_string(),
+                    _ => format!("{}:{}", 1 + next(40), 1 + next(40)),
+                })
+                .collect();
+            let set = parts.join(",");
+            let parsed = SequenceSet::parse(&set);
+            for max in [1, 17, 40, 55] {
+                for n in 0..=60 {
+                    assert_eq!(parsed.contains(n, max), naive(&set, n, max), "{set} n={n} max={max}");
+                }
+            }
+        }
+        // Thousands of ranges merge into what they cover.
+        let many: Vec<String> = (0..9000).map(|i| format!("{}:{}", i * 2 + 1, i * 2 + 2)).collect();
+        let parsed = SequenceSet::parse(&many.join(","));
+        assert_eq!(parsed.ranges, [(1, 18000)]);
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use bytes::Bytes;
 
-use super::fetch::{parse_request, parse_response, set_contains, FetchRequest, FetchResponse, ItemKind};
+use super::fetch::{parse_request, parse_response, FetchRequest, FetchResponse, ItemKind, SequenceSet};
 use super::renumber::{Mark, Renumber};
 use crate::cache::{Claim, ImapKey, Key, Kind, LoadGuard, Name, Scope};
 
@@ -370,9 +370,11 @@ async fn answer<Io: JobIo>(
     // misses are kept, which bounds what a warm resync holds to nothing.
     let streaming = !request.set.split(',').any(|r| r == "*" || r.starts_with("*:"));
     let id = |message: &Message| if request.uid { message.uid } else { message.parsed.seq };
+    // Parsed once: membership per message is a binary search, however many ranges.
+    let set = SequenceSet::parse(&request.set);
     let in_set = |message: &Message, highest: (u32, u32)| {
         let last = if request.uid { highest.1 } else { highest.0 };
-        set_contains(&request.set, id(message), last)
+        set.contains(id(message), last)
     };
     let mut held = Vec::new();
     // Streaming, the message with the highest number outside the set as far as known: `n:*`
