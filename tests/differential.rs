@@ -25,7 +25,7 @@
 //! | variable | meaning | default |
 //! |---|---|---|
 //! | `MAILGATE_FUZZ_SEEDS` | `1,2,3`, `1..100` (end excluded), `5..=9` | `1,2,3,4` |
-//! | `MAILGATE_FUZZ_STEPS` | steps per seed, all users together | `2500` |
+//! | `MAILGATE_FUZZ_STEPS` | steps per seed, all users together | `1500` |
 //! | `MAILGATE_FUZZ_VIA` | `mailgate`, or `direct` (the "via" accounts straight at Dovecot too: must be clean for every seed, which proves the tester has no false positives) | `mailgate` |
 //! | `MAILGATE_FUZZ_PROTOCOLS` | `imap,pop3`, `imap` or `pop3` | `imap,pop3` |
 //! | `MAILGATE_FUZZ_AVOID` | constructs not to generate, to look past an open bug: `condstore`, `seen`, `partials2`, `dup`, `macros`, `lowercase`, `beyond`, `pipeline`, `rebuild`, `recreate`, `odd-pop3`; `none` generates everything | `rebuild` |
@@ -72,7 +72,7 @@ use differential::server::Kind;
 
 #[test]
 fn differential() {
-    run(Settings::from_env(&[1, 2, 3, 4], 2500));
+    run(Settings::from_env(&[1, 2, 3, 4], 1500));
 }
 
 /// The same against Courier (whatever `MAILGATE_FUZZ_SERVER` says): its folders below
