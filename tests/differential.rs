@@ -31,6 +31,7 @@
 //! | `MAILGATE_FUZZ_AVOID` | constructs not to generate, to look past an open bug: `condstore`, `seen`, `partials2`, `dup`, `macros`, `lowercase`, `beyond`, `pipeline`, `rebuild`, `recreate`, `odd-pop3`; `none` generates everything | `rebuild` |
 //! | `MAILGATE_FUZZ_MINIMIZE_SECS` | time for minimising failures, all together | `90` |
 //! | `MAILGATE_FUZZ_REPLAY` | a trace file to replay instead (its header names user and content); a failing one is minimised into `target/tmp/differential/NAME.min.trace` | |
+//! | `MAILGATE_FUZZ_CACHE` | mailgate's cache: `default`, `small` (1 MiB, entries up to 32 KiB: constant eviction), `expiring` (entries live 2 s), or `mixed`: by seed, in turn | `mixed` |
 //! | `MAILGATE_FUZZ_USERS` | logical users (threads) per seed | `2` |
 //! | `MAILGATE_FUZZ_SERVER` | the upstream: `dovecot`, or `courier` (mailgate reaches its plain ports with `tls = "plaintext"`; see `differential/server.rs`) | `dovecot` |
 //!
@@ -111,10 +112,11 @@ fn run(settings: Settings) {
         ));
         eprintln!("{}", summary.last().unwrap());
         for failure in &run.failures {
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + deadline_budget);
-            let text = report(&settings, failure, deadline);
-            eprintln!("{text}");
-            reports.push(text);
+            let mut deadline = *deadline.get_or_insert_with(|| Instant::now() + deadline_budget);
+            if let Some(end) = settings.hard_end {
+                deadline = deadline.min(end);
+            }
+            reports.push(report(&settings, failure, deadline));
         }
     }
     eprintln!("{}", summary.join("\n"));

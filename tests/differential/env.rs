@@ -27,6 +27,39 @@ impl Via {
     }
 }
 
+/// How mailgate's cache is configured: its defaults, small (1 MiB in all, entries up to
+/// 32 KiB: constant eviction, big items relayed unstored), or entries living 2 s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cache {
+    Default,
+    Small,
+    Expiring,
+}
+
+impl Cache {
+    pub const ALL: [Cache; 3] = [Cache::Default, Cache::Small, Cache::Expiring];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cache::Default => "default",
+            Cache::Small => "small",
+            Cache::Expiring => "expiring",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Cache> {
+        Cache::ALL.into_iter().find(|c| c.name() == name.trim())
+    }
+
+    fn config(self) -> &'static str {
+        match self {
+            Cache::Default => "",
+            Cache::Small => "[cache]\nmax_bytes = \"1MiB\"\nmax_entry_bytes = \"32KiB\"\n",
+            Cache::Expiring => "[cache]\ntime_to_live = \"2s\"\n",
+        }
+    }
+}
+
 /// A logical user: account `name` (through mailgate) and `name-twin` (direct), both
 /// starting with the folders of `content_seed`.
 #[derive(Clone, Debug)]
@@ -47,7 +80,7 @@ pub struct Env {
 const LIMITS: &str = "[limits]\nconnections_per_ip_per_minute = 0\nlogins_per_ip_per_minute = 0\n";
 
 impl Env {
-    pub fn start(via: Via, kind: Kind, users: &[User]) -> Env {
+    pub fn start(via: Via, kind: Kind, cache: Cache, users: &[User]) -> Env {
         let accounts: Vec<String> = users.iter().flat_map(|u| [u.name.clone(), format!("{}-twin", u.name)]).collect();
         let server = server::start(kind, &accounts);
         for user in users {
@@ -61,8 +94,9 @@ impl Env {
             Via::Mailgate => {
                 let pki = TestPki::generate(dir.path());
                 let up = server.gateway_upstream();
+                let extra = format!("{LIMITS}{}", cache.config());
                 let config =
-                    gateway_config_with(&pki, Some(&up.imap), Some(&up.pop3), up.tls, up.ca.as_deref(), "", LIMITS);
+                    gateway_config_with(&pki, Some(&up.imap), Some(&up.pop3), up.tls, up.ca.as_deref(), "", &extra);
                 let mailgate = Mailgate::start(dir.path(), &config);
                 let (imap, pop3) = (mailgate.addr("plain"), mailgate.addr("pop3-plain"));
                 (Some(std::sync::Mutex::new(mailgate)), imap, pop3)

@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use super::action::Action;
-use super::env::{Env, User, Via};
+use super::env::{Cache, Env, User, Via};
 use super::exec::{Executor, Mismatch};
 use super::server::Kind;
 
@@ -19,13 +19,24 @@ pub enum Replay {
     Failed(usize, Mismatch, String),
 }
 
-/// Runs `actions` for `user` in a fresh server (and mailgate).
-pub fn replay(via: Via, kind: Kind, user: &User, actions: &[Action]) -> Replay {
-    let env = Env::start(via, kind, std::slice::from_ref(user));
+/// Runs `actions` for `user` in a fresh server (and mailgate); past `deadline` (if any) it
+/// gives up and says Clean.
+pub fn replay(
+    via: Via,
+    kind: Kind,
+    cache: Cache,
+    user: &User,
+    actions: &[Action],
+    deadline: Option<Instant>,
+) -> Replay {
+    let env = Env::start(via, kind, cache, std::slice::from_ref(user));
     let result = {
         let mut ex = Executor::new(&env, &user.name);
         let mut result = Replay::Clean;
         for (i, action) in actions.iter().enumerate() {
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                break;
+            }
             if let Err(m) = ex.run(action) {
                 result = Replay::Failed(i, m, env.mailgate_report());
                 break;
@@ -58,6 +69,7 @@ pub enum NotMinimized {
 pub fn minimize(
     via: Via,
     kind: Kind,
+    cache: Cache,
     user: &User,
     actions: &[Action],
     deadline: Instant,
@@ -65,7 +77,7 @@ pub fn minimize(
     let mut replays = 0;
     let mut test = |candidate: &[Action]| -> Option<Mismatch> {
         replays += 1;
-        match replay(via, kind, user, candidate) {
+        match replay(via, kind, cache, user, candidate, Some(deadline)) {
             Replay::Failed(i, m, _) if i + 1 == candidate.len() => Some(m),
             _ => None,
         }
@@ -80,7 +92,9 @@ pub fn minimize(
             break;
         }
         if start == 0 {
-            best = Err(NotMinimized::NotReproduced);
+            if Instant::now() < deadline {
+                best = Err(NotMinimized::NotReproduced);
+            }
             break;
         }
         k *= 4;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::action::{self, Action};
-use super::env::{Env, User, Via};
+use super::env::{Cache, Env, User, Via};
 use super::exec::{Executor, Mismatch};
 use super::generate::{Features, Generator, AVOIDABLE};
 use super::minimize::{minimize, replay, NotMinimized, Replay};
@@ -31,6 +31,11 @@ pub struct Settings {
     pub features: Features,
     /// The upstream (`MAILGATE_FUZZ_SERVER`).
     pub server: Kind,
+    /// mailgate's cache (`MAILGATE_FUZZ_CACHE`); None: by seed, in turn.
+    pub cache: Option<Cache>,
+    /// When minimising must stop whatever its budget: under nextest, which stops a test
+    /// after five minutes (then the report would be lost), 4 minutes after the start.
+    pub hard_end: Option<Instant>,
 }
 
 impl Settings {
@@ -87,7 +92,18 @@ impl Settings {
             "MAILGATE_FUZZ_PROTOCOLS={protocols}: nothing {} can compare",
             server.name()
         );
+        let cache = match var("MAILGATE_FUZZ_CACHE").as_deref().map(str::trim) {
+            None | Some("mixed") => None,
+            Some(name) => Some(
+                Cache::from_name(name)
+                    .unwrap_or_else(|| panic!("MAILGATE_FUZZ_CACHE={name}: mixed, {:?}", Cache::ALL.map(Cache::name))),
+            ),
+        };
+        let nextest = std::env::var_os("NEXTEST_RUN_ID").is_some();
+        let hard_end = (nextest && minimize.is_none()).then(|| Instant::now() + Duration::from_secs(240));
         Settings {
+            hard_end,
+            cache,
             server,
             features,
             seeds,
@@ -99,6 +115,11 @@ impl Settings {
         }
     }
 
+    /// The cache of a seed's run: as set, else the profiles in turn.
+    pub fn cache_for(&self, seed: u64) -> Cache {
+        self.cache.unwrap_or(Cache::ALL[(seed % Cache::ALL.len() as u64) as usize])
+    }
+
     fn env_line(&self, seeds: &str, steps: u64) -> String {
         let protocols = match (self.features.imap, self.features.pop3) {
             (true, true) => "imap,pop3",
@@ -106,14 +127,11 @@ impl Settings {
             _ => "pop3",
         };
         format!(
-            "MAILGATE_FUZZ_SERVER={} MAILGATE_FUZZ_SEEDS={seeds} MAILGATE_FUZZ_STEPS={steps} MAILGATE_FUZZ_VIA={} MAILGATE_FUZZ_PROTOCOLS={protocols}{}",
+            "MAILGATE_FUZZ_SERVER={} MAILGATE_FUZZ_SEEDS={seeds} MAILGATE_FUZZ_STEPS={steps} MAILGATE_FUZZ_VIA={} MAILGATE_FUZZ_PROTOCOLS={protocols} MAILGATE_FUZZ_AVOID={}{}",
             self.server.name(),
             self.via.name(),
-            if self.features.avoid.is_empty() {
-                String::new()
-            } else {
-                format!(" MAILGATE_FUZZ_AVOID={}", self.features.avoid.join(","))
-            }
+            if self.features.avoid.is_empty() { "none".to_string() } else { self.features.avoid.join(",") },
+            self.cache.map(|c| format!(" MAILGATE_FUZZ_CACHE={}", c.name())).unwrap_or_default()
         )
     }
 }
@@ -145,6 +163,7 @@ pub fn users(seed: u64, n: usize) -> Vec<User> {
 
 pub struct Failure {
     pub seed: u64,
+    pub cache: Cache,
     pub user: User,
     pub step: u64,
     pub steps: u64,
@@ -172,6 +191,7 @@ fn header(settings: &Settings, seed: u64, user: &User) -> Vec<String> {
         format!("user {}", user.name),
         format!("content {}", user.content_seed),
         format!("via {}", settings.via.name()),
+        format!("cache {}", settings.cache_for(seed).name()),
     ]
 }
 
@@ -179,7 +199,7 @@ fn header(settings: &Settings, seed: u64, user: &User) -> Vec<String> {
 /// stopping everyone at the first mismatch.
 pub fn run_seed(settings: &Settings, seed: u64) -> SeedRun {
     let users = users(seed, settings.users);
-    let env = Env::start(settings.via, settings.server, &users);
+    let env = Env::start(settings.via, settings.server, settings.cache_for(seed), &users);
     let stop = AtomicBool::new(false);
     let per_user = settings.steps.div_ceil(users.len() as u64);
     let started = Instant::now();
@@ -208,7 +228,10 @@ fn run_user(
     steps: u64,
     stop: &AtomicBool,
 ) -> (u64, Option<Failure>) {
-    let trace = trace_dir().join(format!("seed{seed}-{}.trace", user.name));
+    // Tests of one binary run in parallel processes (differential, differential_courier) with
+    // the same seeds: the server and the process keep their traces apart.
+    let name = format!("{}-seed{seed}-{}-p{}.trace", settings.server.name(), user.name, std::process::id());
+    let trace = trace_dir().join(name);
     let mut file = std::io::BufWriter::new(fs::File::create(&trace).unwrap());
     file.write_all(action::to_text(&header(settings, seed, user), &[]).as_bytes()).unwrap();
     let mut ex = Executor::new(env, &user.name);
@@ -227,7 +250,11 @@ fn run_user(
             stop.store(true, Ordering::Relaxed);
             file.flush().unwrap();
             let mailgate = env.mailgate_report();
-            return (step + 1, Some(Failure { seed, user: user.clone(), step, steps, mismatch, trace, mailgate }));
+            let cache = settings.cache_for(seed);
+            return (
+                step + 1,
+                Some(Failure { seed, cache, user: user.clone(), step, steps, mismatch, trace, mailgate }),
+            );
         }
     }
     drop(file);
@@ -235,10 +262,9 @@ fn run_user(
     (steps, None)
 }
 
-/// Prints a failure with its minimised trace; returns the report.
+/// Prints a failure at once (a test stopped while minimising still shows it), then its
+/// minimised trace; returns the whole report.
 pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> String {
-    let text = fs::read_to_string(&failure.trace).unwrap();
-    let (_, actions) = action::parse(&text).expect("own trace parses");
     let mut out = format!(
         "\n════ differential mismatch: seed {}, user {} (via {}), step {} of {} ════\n{}\n{}",
         failure.seed,
@@ -253,13 +279,29 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
         "rerun the seed:  {} {CARGO_TEST}\n",
         settings.env_line(&failure.seed.to_string(), failure.steps * settings.users as u64)
     ));
+    let actions = fs::read_to_string(&failure.trace)
+        .map_err(|e| e.to_string())
+        .and_then(|text| action::parse(&text).map(|(_, actions)| actions));
+    let actions = match actions {
+        Ok(actions) => actions,
+        Err(e) => {
+            out.push_str(&format!("full trace:      {}: {e}\n", failure.trace.display()));
+            out.push_str(&failure.mailgate);
+            eprintln!("{out}");
+            return out;
+        }
+    };
     out.push_str(&format!("full trace:      {} ({} actions)\n", failure.trace.display(), actions.len()));
     if let Some(raw) = &failure.mismatch.raw {
         let path = failure.trace.with_extension("answers");
-        fs::write(&path, raw).unwrap();
-        out.push_str(&format!("both answers:    {}\n", path.display()));
+        match fs::write(&path, raw) {
+            Ok(()) => out.push_str(&format!("both answers:    {}\n", path.display())),
+            Err(e) => out.push_str(&format!("both answers:    {}: {e}\n", path.display())),
+        }
     }
-    match minimize(settings.via, settings.server, &failure.user, &actions, deadline) {
+    eprintln!("{out}");
+    let head = out.len();
+    match minimize(settings.via, settings.server, failure.cache, &failure.user, &actions, deadline) {
         Ok(min) => {
             let path = failure.trace.with_extension("min.trace");
             let mut head = header(settings, failure.seed, &failure.user);
@@ -297,11 +339,12 @@ pub fn report(settings: &Settings, failure: &Failure, deadline: Instant) -> Stri
             out.push_str(&failure.mailgate);
         }
     }
+    eprintln!("{}", &out[head..]);
     out
 }
 
-/// A trace file's user (name and content seed, from its header) and actions.
-pub fn read_trace(path: &Path) -> Result<(User, Vec<String>, Vec<Action>), String> {
+/// A trace file's user (name and content seed), cache profile, header lines and actions.
+pub fn read_trace(path: &Path) -> Result<(User, Cache, Vec<String>, Vec<Action>), String> {
     let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let (header, actions) = action::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let get = |key: &str| header.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
@@ -309,14 +352,19 @@ pub fn read_trace(path: &Path) -> Result<(User, Vec<String>, Vec<Action>), Strin
         name: get("user").ok_or("trace without `# user`")?,
         content_seed: get("content").and_then(|c| c.parse().ok()).ok_or("trace without `# content`")?,
     };
+    // Traces from before cache profiles ran with the defaults.
+    let cache = match get("cache") {
+        Some(name) => Cache::from_name(&name).ok_or(format!("unknown `# cache {name}`"))?,
+        None => Cache::Default,
+    };
     let header = header.iter().filter(|(k, _)| k != "step").map(|(k, v)| format!("{k} {v}")).collect();
-    Ok((user, header, actions))
+    Ok((user, cache, header, actions))
 }
 
 /// Runs a trace file in a fresh server (and mailgate): Ok if it replays clean.
 pub fn replay_file(settings: &Settings, path: &Path) -> Result<String, String> {
-    let (user, _, actions) = read_trace(path)?;
-    match replay(settings.via, settings.server, &user, &actions) {
+    let (user, cache, _, actions) = read_trace(path)?;
+    match replay(settings.via, settings.server, cache, &user, &actions, None) {
         Replay::Clean => {
             Ok(format!("{}: {} actions, no mismatch (via {})", path.display(), actions.len(), settings.via.name()))
         }
@@ -339,14 +387,14 @@ pub fn replay_and_minimize(settings: &Settings, path: &Path) -> Result<String, S
         Ok(clean) => return Ok(clean),
         Err(report) => report,
     };
-    let (user, mut header, actions) = read_trace(path)?;
+    let (user, cache, mut header, actions) = read_trace(path)?;
     let deadline = Instant::now() + settings.minimize;
     // The failing action is the last one worth replaying.
-    let failing = match replay(settings.via, settings.server, &user, &actions) {
+    let failing = match replay(settings.via, settings.server, cache, &user, &actions, None) {
         Replay::Failed(i, ..) => i,
         Replay::Clean => return Err(format!("{out}(did not fail a second time: timing?)\n")),
     };
-    match minimize(settings.via, settings.server, &user, &actions[..=failing], deadline) {
+    match minimize(settings.via, settings.server, cache, &user, &actions[..=failing], deadline) {
         Ok(min) if min.actions.len() <= failing => {
             let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
             let min_path = trace_dir().join(format!("{name}.min.trace"));
