@@ -630,3 +630,152 @@ fn http_get(gateway: &Gateway, path: &str) -> String {
     let _ = tcp.read_to_string(&mut text);
     text
 }
+
+// One canonical identity, and a lockout that counts every attempt (issue 12, defects 2-4, 7).
+
+/// `LOGIN user password` on a fresh implicit-TLS session: the tagged answer.
+fn login_as(setup: &Setup, gateway: &Gateway, user: &str, password: &str) -> (String, Client) {
+    let (mut client, greeting) = connect(setup, gateway, "imaps");
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let answer = client.command("a", &format!("LOGIN {user} {password}")).pop().unwrap();
+    (answer, client)
+}
+
+const LOCKED_OUT: &str = "a NO [LIMIT] Too many failed logins, try again later.";
+
+#[test]
+fn another_spelling_of_a_name_is_the_same_user_for_the_lockout_the_caps_and_the_top_accounts() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 3\nmax_connections_per_user_ip = 2\n",
+    );
+    let gateway = &setup.gateway;
+    // Dovecot folds the case of user names: `BOB` logs into bob's mailbox.
+    let (answer, upper) = login_as(&setup, gateway, "BOB", BOB.1);
+    assert!(answer.starts_with("a OK"), "{answer}");
+    let (answer, lower) = login_as(&setup, gateway, "bob", BOB.1);
+    assert!(answer.starts_with("a OK"), "{answer}");
+    assert_eq!(login_as(&setup, gateway, "Bob", BOB.1).0, TOO_MANY_SESSIONS, "a third session, however spelt");
+    drop((upper, lower));
+
+    // Failures under three spellings lock out a fourth.
+    for (user, guess) in [("bob", "wrong-1"), ("BOB", "wrong-2"), ("bOb", "wrong-3")] {
+        assert!(login_as(&setup, gateway, user, guess).0.contains("AUTHENTICATIONFAILED"));
+    }
+    assert_eq!(login_as(&setup, gateway, "Bob", BOB.1).0, LOCKED_OUT);
+    assert_eq!(login_as(&setup, gateway, "bob", BOB.1).0, LOCKED_OUT);
+
+    // The top accounts know one bob.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let top = loop {
+        let top = http_get(gateway, "/debug/top-accounts");
+        if top.contains("\"bob\"") || std::time::Instant::now() >= deadline {
+            break top;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(top.contains("\"bob\"") && !top.contains("BOB"), "{top}");
+}
+
+#[test]
+fn a_password_tried_on_decoy_names_first_still_counts_towards_the_lockout() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 3\n",
+    );
+    for i in 0..3 {
+        let guess = format!("guess-{i}");
+        assert!(login_as(&setup, &setup.gateway, &format!("decoy{i}"), &guess).0.contains("AUTHENTICATIONFAILED"));
+        assert!(login_as(&setup, &setup.gateway, "bob", &guess).0.contains("AUTHENTICATIONFAILED"));
+    }
+    assert_eq!(login_as(&setup, &setup.gateway, "bob", BOB.1).0, LOCKED_OUT);
+}
+
+/// `n` sessions from this address send `LOGIN bob wrong-i` at the same moment (across
+/// `gateways`, round robin): their answers.
+fn concurrent_guesses(setup: &Setup, gateways: &[&Gateway], n: usize) -> Vec<String> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, config, barrier) =
+                (gateways[i % gateways.len()].addr("imaps"), setup.tls_config(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut client = Client::tls(addr, config);
+                let greeting = client.line().unwrap_or_default();
+                barrier.wait();
+                assert!(greeting.starts_with("* OK"), "{greeting}");
+                client.command("a", &format!("LOGIN bob wrong-{i}")).pop().unwrap()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// How many of `answers` came from the upstream (a wrong password) and from the lockout.
+fn tally(answers: &[String]) -> (usize, usize) {
+    let failed = answers.iter().filter(|a| a.contains("AUTHENTICATIONFAILED")).count();
+    let locked = answers.iter().filter(|a| *a == LOCKED_OUT).count();
+    assert_eq!(failed + locked, answers.len(), "{answers:?}");
+    (failed, locked)
+}
+
+#[test]
+fn concurrent_wrong_passwords_reach_the_upstream_no_more_often_than_the_lockout_allows() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 10\n",
+    );
+    let (failed, locked) = tally(&concurrent_guesses(&setup, &[&setup.gateway], 30));
+    assert_eq!((failed, locked), (10, 20));
+    assert_eq!(login_as(&setup, &setup.gateway, "bob", BOB.1).0, LOCKED_OUT);
+}
+
+#[test]
+fn concurrent_wrong_passwords_on_two_instances_reach_the_upstream_no_more_often_than_the_lockout_allows() {
+    let (_redis, setup, b) = fleet(
+        "auth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 10\nauth_window = \"60s\"\n",
+    );
+    let (failed, locked) = tally(&concurrent_guesses(&setup, &[&setup.gateway, &b], 30));
+    assert_eq!((failed, locked), (10, 20));
+    assert_eq!(login_as(&setup, &b, "bob", BOB.1).0, LOCKED_OUT);
+    assert_eq!(login_as(&setup, &setup.gateway, "bob", BOB.1).0, LOCKED_OUT);
+}
+
+#[test]
+fn credentials_longer_than_an_upstream_takes_are_a_failed_login_not_an_upstream_error() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 2\n",
+    );
+    let (user, password) = ("u".repeat(4000), "p".repeat(4000));
+    let too_long = "a NO [AUTHENTICATIONFAILED] User name or password too long.";
+    for password in [password.as_str(), "wrong-2"] {
+        let mut client = setup.imaps();
+        let answer =
+            client.command("a", &format!("LOGIN {{{}+}}\r\n{user} {{{}+}}\r\n{password}", user.len(), password.len()));
+        assert_eq!(answer.last().unwrap(), too_long);
+        assert_eq!(client.command("b", "NOOP").pop().unwrap(), "b OK NOOP completed.", "the session goes on");
+    }
+    // POP3 AUTH PLAIN likewise.
+    let mut pop3 = setup.pop3s();
+    let plain = base64_plain(&format!("\0bob\0{}", "p".repeat(2000)));
+    pop3.send(b"AUTH PLAIN\r\n");
+    assert_eq!(pop3.line().unwrap(), "+ ");
+    pop3.send(format!("{plain}\r\n").as_bytes());
+    assert_eq!(pop3.line().unwrap(), "-ERR [AUTH] User name or password too long.");
+    // They count as failed logins of that name (two: locked out), never as an upstream error.
+    let mut client = setup.imaps();
+    let answer = client.command("a", &format!("LOGIN {{{}+}}\r\n{user} right", user.len()));
+    assert_eq!(answer.last().unwrap(), LOCKED_OUT);
+    let metrics = http_get(&setup.gateway, "/metrics");
+    let errors: Vec<&str> = metrics.lines().filter(|l| l.starts_with("mailgate_upstream_errors_total{")).collect();
+    assert!(!errors.is_empty() && errors.iter().all(|l| l.ends_with(" 0")), "{errors:?}");
+    let log = setup.gateway.log();
+    assert!(!log.lines().any(|l| l.contains("WARN") && l.contains("upstream")), "{log}");
+    assert!(!log.contains(&password), "a password in the log");
+}
+
+fn base64_plain(raw: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
