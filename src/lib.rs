@@ -19,6 +19,7 @@
 //! - [`upstream`]: reaching an upstream server.
 //! - [`shutdown`]: signals and the graceful drain.
 //! - [`secret`], [`auth`]: credentials that never reach a log.
+//! - [`log_budget`]: what a peer can make mailgate log is bounded.
 
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod imap;
 pub mod limits;
 pub mod listener;
+pub mod log_budget;
 pub mod metrics;
 pub mod origin;
 pub mod pop3;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, field, info, info_span, warn, Instrument};
+use tracing::{debug, field, info, info_span, Instrument};
 
 use crate::config::Protocol;
 use crate::config::TlsMode;
@@ -60,7 +60,7 @@ impl Listener {
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(listener = %self.name, error = %e, "accept failed");
+                    crate::log_budget::warn_limited!(listener = %self.name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
