@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_auth;
 pub mod auth;
 pub mod cache;
 pub mod config;
@@ -215,6 +216,7 @@ pub async fn run(
         metrics: metrics.clone(),
         upstreams: std::sync::RwLock::new(upstreams),
         required_store,
+        auth: admin::AdminAuth::new(&config.admin),
     });
     if config.admin.enabled {
         let address = config.admin.address;
