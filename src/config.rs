@@ -390,6 +390,11 @@ pub struct AdminConfig {
     pub top_accounts: usize,
     /// The sliding window of `/debug/top-accounts`.
     pub top_accounts_window: Span,
+    /// A file holding the bearer token `/debug/*` requires (it names accounts); unset:
+    /// no token (keep the admin address private). Read again when it changes.
+    pub token_file: Option<PathBuf>,
+    /// `/metrics` requires the token too.
+    pub protect_metrics: bool,
 }
 
 impl Default for AdminConfig {
@@ -399,6 +404,8 @@ impl Default for AdminConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 9090)),
             top_accounts: 20,
             top_accounts_window: Span(std::time::Duration::from_secs(3600)),
+            token_file: None,
+            protect_metrics: false,
         }
     }
 }
@@ -845,6 +852,15 @@ impl Config {
                     ));
                 }
             }
+        }
+        match &self.admin.token_file {
+            Some(file) if !file.is_file() => {
+                errors.push(error("admin.token_file", &format!("{} is not a readable file", file.display())))
+            }
+            None if self.admin.protect_metrics => {
+                errors.push(error("admin.protect_metrics", "needs admin.token_file (the token to require)"))
+            }
+            _ => {}
         }
         for (i, pair) in self.tls.certificates.iter().enumerate() {
             for (key, path) in [("cert", &pair.cert), ("key", &pair.key)] {

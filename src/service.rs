@@ -149,7 +149,7 @@ impl Service {
             }
             Err(LoginError::Unavailable(e)) => {
                 self.login_result("unavailable");
-                tracing::warn!(user = %credentials.user, error = %e, "upstream unavailable");
+                crate::log_budget::warn_limited!(user = %credentials.user, error = %e, "upstream unavailable");
                 LoginOutcome::Unavailable
             }
         }

@@ -8,14 +8,15 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::client::Client;
+use support::client::{closed_before_tls, Client};
 use support::gateway::Gateway;
 use support::redis::Redis;
 use support::setup::*;
 
-fn refused_imap(setup: &Setup) -> Vec<String> {
-    let mut client = Client::tls(setup.addr("imaps"), setup.tls_config());
-    client.rest()
+/// Whether a new connection to the implicit-TLS IMAP port is refused (closed before any
+/// handshake).
+fn imaps_refused(setup: &Setup) -> bool {
+    closed_before_tls(TcpStream::connect(setup.addr("imaps")).unwrap(), setup.tls_config())
 }
 
 fn metric(setup: &Setup, series: &str) -> String {
@@ -33,16 +34,20 @@ fn per_address_cap_answers_before_the_greeting_and_frees_slots() {
     let first = setup.imaps();
     let mut second = Client::plain(setup.addr("pop3"));
     assert!(second.line().unwrap().starts_with("+OK"));
-    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
-    let mut pop3 = Client::tls(setup.addr("pop3s"), setup.tls_config());
-    assert_eq!(pop3.rest(), ["-ERR [SYS/TEMP] Too many connections, try again later."]);
+    // In clear text on a plaintext or STLS port; closed before any handshake on an
+    // implicit-TLS port.
+    let mut imap = Client::plain(setup.addr("imap"));
+    assert_eq!(imap.rest(), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(imaps_refused(&setup));
+    let tcp = TcpStream::connect(setup.addr("pop3s")).unwrap();
+    assert!(closed_before_tls(tcp, setup.tls_config()));
     drop(first);
     std::thread::sleep(Duration::from_millis(300));
     let mut again = setup.imaps();
     assert!(again.command("n", "NOOP")[0].starts_with("n OK"));
     assert_eq!(
         metric(&setup, "mailgate_limit_rejections_total{kind=\"connections\"}"),
-        "mailgate_limit_rejections_total{kind=\"connections\"} 2"
+        "mailgate_limit_rejections_total{kind=\"connections\"} 3"
     );
 }
 
@@ -52,11 +57,34 @@ fn a_connection_stalling_its_tls_handshake_holds_its_slot() {
     // TCP to the implicit-TLS port, and not a byte of TLS.
     let stalled = TcpStream::connect(setup.addr("imaps")).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(imaps_refused(&setup));
     drop(stalled);
     std::thread::sleep(Duration::from_millis(300));
     let mut again = setup.imaps();
     assert!(again.command("n", "NOOP")[0].starts_with("n OK"));
+}
+
+#[test]
+fn over_the_cap_an_implicit_tls_port_closes_a_connection_at_accept_without_a_handshake() {
+    let setup = Setup::start_with("", "[limits]\nmax_connections_per_ip = 1\n");
+    let _first = setup.imaps();
+    // Connect and never send a ClientHello: a refusal said over TLS would wait for it, and
+    // hold the socket for the whole handshake timeout (10 s).
+    let mut stalled = TcpStream::connect(setup.addr("imaps")).unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let started = std::time::Instant::now();
+    let read = stalled.read(&mut [0u8; 1]);
+    let waited = started.elapsed();
+    let closed = match &read {
+        Ok(n) => *n == 0,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    };
+    assert!(closed, "not closed: {read:?} after {waited:?}");
+    assert!(waited < Duration::from_secs(2), "closed only after {waited:?}");
+    assert_eq!(
+        metric(&setup, "mailgate_limit_rejections_total{kind=\"connections\"}"),
+        "mailgate_limit_rejections_total{kind=\"connections\"} 1"
+    );
 }
 
 #[test]
@@ -85,7 +113,9 @@ fn global_cap_holds() {
     let setup = Setup::start_with("", "[limits]\nmax_connections = 2\n");
     let _a = setup.imaps();
     let _b = setup.pop3s();
-    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(imaps_refused(&setup));
+    let mut imap = Client::plain(setup.addr("imap"));
+    assert_eq!(imap.rest(), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
 }
 
 #[test]
@@ -215,7 +245,7 @@ fn rates_refuse_bursts_of_connections_and_logins_and_slow_commands() {
     // Connections: the fourth this minute was the last.
     let _third = setup.imaps();
     let _fourth = setup.imaps();
-    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(imaps_refused(&setup));
     assert!(metric(&setup, "mailgate_limit_rejections_total{kind=\"rate\"}").ends_with(" 2"));
     // Commands: 60 pipelined NOOPs at 20 per second take about 2 seconds, all answered.
     let started = std::time::Instant::now();
@@ -490,11 +520,13 @@ fn connection_caps_per_address_and_in_all_hold_across_instances() {
     assert!(greeting.starts_with("* OK"));
     let (_two, greeting) = connect(&setup, &b, "pop3s");
     assert!(greeting.starts_with("+OK"));
-    let (mut three, greeting) = connect(&setup, &b, "imaps");
-    assert_eq!(greeting, "* BYE [UNAVAILABLE] Too many connections, try again later.");
+    let mut three = Client::plain(b.addr("imap"));
+    assert_eq!(three.line().unwrap(), "* BYE [UNAVAILABLE] Too many connections, try again later.");
     assert!(three.closed());
-    let (_, greeting) = connect(&setup, &setup.gateway, "pop3s");
-    assert_eq!(greeting, "-ERR [SYS/TEMP] Too many connections, try again later.");
+    let mut four = Client::plain(setup.gateway.addr("pop3"));
+    assert_eq!(four.line().unwrap(), "-ERR [SYS/TEMP] Too many connections, try again later.");
+    let tcp = TcpStream::connect(setup.gateway.addr("pop3s")).unwrap();
+    assert!(closed_before_tls(tcp, setup.tls_config()));
 }
 
 #[test]
@@ -587,14 +619,19 @@ fn redis_unreachable_fails_open_or_closed_as_configured_and_recovers() {
     assert!(counter(&setup, "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"allowed\"}") >= 2);
     assert!(open.wait_for_log("shared limits unavailable", Duration::from_secs(5)));
 
-    // Closed: clients are told to come back later, in both protocols.
-    let (_, greeting) = connect(&setup, &closed, "imaps");
-    assert_eq!(greeting, "* BYE [UNAVAILABLE] Service temporarily unavailable, try again later.");
-    let (_, greeting) = connect(&setup, &closed, "pop3s");
-    assert_eq!(greeting, "-ERR [SYS/TEMP] Service temporarily unavailable, try again later.");
+    // Closed: clients are told to come back later, in both protocols (in clear text on
+    // the STARTTLS ports; implicit-TLS ports close before any handshake).
+    let mut imap = Client::plain(closed.addr("imap"));
+    assert_eq!(imap.line().unwrap(), "* BYE [UNAVAILABLE] Service temporarily unavailable, try again later.");
+    let mut pop3 = Client::plain(closed.addr("pop3"));
+    assert_eq!(pop3.line().unwrap(), "-ERR [SYS/TEMP] Service temporarily unavailable, try again later.");
+    for listener in ["imaps", "pop3s"] {
+        let tcp = TcpStream::connect(closed.addr(listener)).unwrap();
+        assert!(closed_before_tls(tcp, setup.tls_config()), "{listener}");
+    }
     assert_eq!(
         gateway_metric(&closed, "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"refused\"}"),
-        "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"refused\"} 2"
+        "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"refused\"} 4"
     );
 
     // Not ready while it refuses everyone; the open instance stays ready.
@@ -604,7 +641,7 @@ fn redis_unreachable_fails_open_or_closed_as_configured_and_recovers() {
     // Redis back: the closed instance serves again ...
     redis.run();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !connect(&setup, &closed, "imaps").1.starts_with("* OK") {
+    while closed_before_tls(TcpStream::connect(closed.addr("imaps")).unwrap(), setup.tls_config()) {
         assert!(std::time::Instant::now() < deadline, "{}", closed.log());
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -156,7 +156,6 @@ pub struct Fleet {
     /// Releases sent to the background task and not done yet.
     releasing: AtomicU64,
     errors: IntCounterVec,
-    last_logged: Mutex<Option<Instant>>,
     quota: Mutex<QuotaSync>,
     scripts: Scripts,
 }
@@ -250,7 +249,6 @@ impl Fleet {
             released,
             releasing: AtomicU64::new(0),
             errors,
-            last_logged: Mutex::new(None),
             quota: Mutex::new(QuotaSync::default()),
             scripts: Scripts {
                 acquire: Script::new(ACQUIRE),
@@ -282,7 +280,7 @@ impl Fleet {
         }
     }
 
-    /// Counts and (at most every ten seconds) logs a failed store operation; the outcome
+    /// Counts and logs (within the log budget) a failed store operation; the outcome
     /// follows `on_error` unless the operation decides nothing (`decides` false).
     fn failed(&self, operation: &str, error: &StoreError, decides: bool) -> bool {
         let allowed = self.fail_open;
@@ -292,11 +290,7 @@ impl Fleet {
             (true, false) => "refused",
         };
         self.errors.with_label_values(&[operation, outcome]).inc();
-        let mut last = self.last_logged.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-            *last = Some(Instant::now());
-            tracing::warn!(%error, operation, outcome, "shared limits unavailable");
-        }
+        crate::log_budget::warn_limited!(%error, operation, outcome, "shared limits unavailable");
         allowed
     }
 
