@@ -10,6 +10,10 @@
 //! - (c) POP3 `RETR` of 1,000 messages, one command at a time,
 //! - (d) 16 concurrent clients doing (a) (aggregate rate),
 //!
+//! - (s) a header sync whose UID set is 9,000 single numbers in scattered order (a 54 KB
+//!   command line: the CPU amplification an attacker tried, issue 12, defect 5; mailgate's
+//!   CPU per command is the figure to watch),
+//!
 //! and, for context: (b1) and (b2), (b) in a session that first did a header sync (a) or a
 //! flag sync `UID FETCH 1:* (UID FLAGS)` (untimed, traffic not counted); (f) that flag sync
 //! alone, which is also what mailgate asks the upstream in phase one of (a).
@@ -30,7 +34,7 @@
 //!
 //! Environment knobs (all optional):
 //! - `SYNC_LOAD_MESSAGES` (default 10000): mailbox size,
-//! - `SYNC_LOAD_ONLY` (e.g. `a,c`; default `a,b,b1,b2,c,d,f`): run only these workloads,
+//! - `SYNC_LOAD_ONLY` (e.g. `a,c`; default `a,b,b1,b2,c,d,f,s`): run only these workloads,
 //! - `SYNC_LOAD_REPS` (default `9,5,5,5`): repetitions for a, b, c, d,
 //! - `SYNC_LOAD_POP3_MARK_SEEN=false`: mailgate does not send a RETR answered from the cache
 //!   upstream for its `\Seen` (what `cache.pop3_mark_seen` costs, with (c)),
@@ -529,6 +533,18 @@ fn header_sync(conn: &mut Conn, digest: &mut Digest) -> usize {
     imap_until(conn, b"h", Some(digest))
 }
 
+/// Ranges in the sparse set of (s).
+const SPARSE_RANGES: usize = 9_000;
+
+/// (s): the header items of 9,000 UIDs named one by one, scattered (and some twice), in
+/// one command.
+fn sparse_sync(conn: &mut Conn, digest: &mut Digest, messages: usize) -> usize {
+    let set: Vec<String> = (0..SPARSE_RANGES).map(|i| ((i * 7919) % messages + 1).to_string()).collect();
+    let items = "(UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE MESSAGE-ID)])";
+    conn.send(format!("s UID FETCH {} {items}\r\n", set.join(",")).as_bytes());
+    imap_until(conn, b"s", Some(digest))
+}
+
 fn flag_sync(conn: &mut Conn, digest: &mut Digest) -> usize {
     conn.send(b"f UID FETCH 1:* (UID FLAGS)\r\n");
     imap_until(conn, b"f", Some(digest))
@@ -569,6 +585,8 @@ enum Workload {
     Concurrent,
     /// Reference: `UID FETCH 1:* (UID FLAGS)`, which is also the cache's phase one for (a).
     FlagSync,
+    /// (s): a header sync of a 9,000-range set.
+    SparseSync,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -590,6 +608,7 @@ impl Workload {
             Workload::Retr => "c",
             Workload::Concurrent => "d",
             Workload::FlagSync => "f",
+            Workload::SparseSync => "s",
         }
     }
     fn title(self) -> String {
@@ -609,6 +628,7 @@ impl Workload {
             Workload::Retr => format!("(c) POP3 RETR 1..{BODIES}, sequential"),
             Workload::Concurrent => format!("(d) {CONCURRENT} concurrent clients doing (a), aggregate"),
             Workload::FlagSync => "(f) reference: flag sync UID FETCH 1:* (UID FLAGS), relayed as is".into(),
+            Workload::SparseSync => format!("(s) header sync of {SPARSE_RANGES} scattered single UIDs in one command"),
         }
     }
 }
@@ -716,12 +736,13 @@ impl Bench {
         let count = self.count();
         let mut prelude = Traffic::default();
         let clients: Vec<ClientRun> = match workload {
-            Workload::HeaderSync | Workload::FlagSync => {
+            Workload::HeaderSync | Workload::FlagSync | Workload::SparseSync => {
                 let mut conn = imap_login(addr);
-                let run = if workload == Workload::HeaderSync {
-                    timed(&mut conn, header_sync)
-                } else {
-                    timed(&mut conn, flag_sync)
+                let messages = self.messages;
+                let run = match workload {
+                    Workload::HeaderSync => timed(&mut conn, header_sync),
+                    Workload::SparseSync => timed(&mut conn, |c, d| sparse_sync(c, d, messages)),
+                    _ => timed(&mut conn, flag_sync),
                 };
                 imap_logout(conn);
                 vec![run]
@@ -896,7 +917,7 @@ fn human(bytes: f64) -> String {
 fn main() {
     let wall = Instant::now();
     let messages: usize = std::env::var("SYNC_LOAD_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let only = std::env::var("SYNC_LOAD_ONLY").unwrap_or_else(|_| "a,b,b1,b2,c,d,f".into());
+    let only = std::env::var("SYNC_LOAD_ONLY").unwrap_or_else(|_| "a,b,b1,b2,c,d,f,s".into());
     let reps: Vec<usize> = std::env::var("SYNC_LOAD_REPS")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
@@ -923,6 +944,7 @@ fn main() {
     let workloads = [
         (Workload::HeaderSync, reps[0]),
         (Workload::FlagSync, reps[0]),
+        (Workload::SparseSync, reps[0]),
         (Workload::Concurrent, reps[3]),
         (Workload::Bodies(Prelude::None), reps[1]),
         (Workload::Bodies(Prelude::HeaderSync), reps[1]),
