@@ -245,3 +245,25 @@ fn logout_is_logged_as_a_logout_every_time() {
         assert!(line.contains("reason=Logout"), "{line}");
     }
 }
+
+/// The capabilities in LOGIN's tagged `OK [CAPABILITY ...]` are exactly what `CAPABILITY`
+/// answers through mailgate afterwards (RFC 9051 §7.1: a client may take either).
+#[test]
+fn capabilities_after_login_equal_those_capability_answers() {
+    let setup = Setup::start();
+    for login in ["a LOGIN bob bob-Pass-42", "a AUTHENTICATE PLAIN AGJvYgBib2ItUGFzcy00Mg=="] {
+        let mut client = setup.imaps();
+        let lines = client.command("a", login.strip_prefix("a ").unwrap());
+        let ok = lines.last().unwrap();
+        let in_ok = ok
+            .strip_prefix("a OK [CAPABILITY ")
+            .and_then(|rest| rest.split_once(']'))
+            .unwrap_or_else(|| panic!("{ok}"))
+            .0
+            .to_string();
+        let caps = client.command("b", "CAPABILITY");
+        let listed = caps[0].strip_prefix("* CAPABILITY ").unwrap_or_else(|| panic!("{caps:?}"));
+        assert_eq!(in_ok, listed, "{login}: tagged OK vs CAPABILITY");
+        assert!(listed.split(' ').any(|c| c == "SASL-IR"), "Dovecot lists SASL-IR after login: {listed}");
+    }
+}
