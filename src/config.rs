@@ -123,12 +123,15 @@ fn default_proxy_timeout() -> Span {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ForwardClient {
-    /// It does not: it sees mailgate's address.
-    #[default]
+    /// It does not: it sees mailgate's address, so its per-address penalties and caps hit
+    /// every user behind mailgate at once.
     None,
     /// IMAP `ID` with Dovecot's `x-originating-ip`/`x-connected-ip`/`x-session-id`/...
     /// fields, POP3 `XCLIENT ADDR= PORT= SESSION= TTL=`, before the login. Honoured by
-    /// Dovecot when mailgate is in its `login_trusted_networks`.
+    /// Dovecot when mailgate is in its `login_trusted_networks`; an upstream that does not
+    /// trust mailgate takes it as the client's ID (XCLIENT is sent only when offered), so
+    /// it is the default: safe either way.
+    #[default]
     Commands,
     /// A PROXY protocol v2 header (with the SSL and ALPN TLVs) first on every upstream
     /// connection: for a listener with `haproxy = yes` (Dovecot) or `send-proxy-v2` peers.
@@ -1080,7 +1083,7 @@ impl Default for UpstreamConfig {
             connect_timeout: default_connect_timeout(),
             tls_timeout: default_connect_timeout(),
             login_timeout: default_upstream_login_timeout(),
-            forward_client: ForwardClient::None,
+            forward_client: ForwardClient::Commands,
             health_check_interval: default_health_check_interval(),
         }
     }
