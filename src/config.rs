@@ -300,6 +300,11 @@ pub struct ImapConfig {
     /// only needs room for a user name and a password.
     pub preauth_max_line_bytes: ByteSize,
     pub preauth_max_literal_bytes: ByteSize,
+    /// Before authentication, the two commands that legitimately run longer: `ID` (RFC 2971
+    /// allows 30 pairs of 30-octet fields and 1024-octet values: ~32 KiB quoted, more with
+    /// escapes or literals) and `AUTHENTICATE` (an OAuth token of several KB, as SASL-IR or
+    /// as the response line). The whole command, lines and literals, stays under this.
+    pub preauth_max_long_command_bytes: ByteSize,
     /// Command line and literal limits after authentication (APPEND needs the literal room).
     pub max_line_bytes: ByteSize,
     pub max_literal_bytes: ByteSize,
@@ -313,6 +318,7 @@ impl Default for ImapConfig {
             idle_timeout: Span(std::time::Duration::from_secs(30 * 60)),
             preauth_max_line_bytes: ByteSize(8 << 10),
             preauth_max_literal_bytes: ByteSize(8 << 10),
+            preauth_max_long_command_bytes: ByteSize(64 << 10),
             // Dovecot's imap_max_line_length is 64 KiB.
             max_line_bytes: ByteSize(64 << 10),
             // 64 MiB: above the common 25-50 MiB message size limits.
@@ -954,6 +960,9 @@ impl Config {
                 "imap.max_line_bytes",
                 "line limits must be at least 512 bytes before and 1KiB after login",
             ));
+        }
+        if i.preauth_max_long_command_bytes.0 < i.preauth_max_line_bytes.0 {
+            errors.push(error("imap.preauth_max_long_command_bytes", "must be at least imap.preauth_max_line_bytes"));
         }
         errors
     }
