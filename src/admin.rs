@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the process is
-//! alive), `/readyz` (listeners bound, every upstream reachable). A deliberately small
+//! alive), `/readyz` (listeners bound, every upstream reachable), `/debug/top-accounts`
+//! (behind a bearer token once one is configured: see [`crate::admin_auth`]). A deliberately small
 //! HTTP/1.1 server: GET only, one request per connection, the request head bounded in size
 //! and time, so that a scraper or a prober costs nothing and nobody can hold it open.
 
@@ -10,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::admin_auth::AdminAuth;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -23,6 +25,8 @@ pub struct Admin {
     /// The shared limits store when it fails closed: while it cannot answer, every client
     /// is refused, so the instance is not ready.
     pub required_store: Option<Arc<crate::limits::fleet::Fleet>>,
+    /// The bearer token `/debug/*` (and optionally `/metrics`) require.
+    pub auth: crate::admin_auth::AdminAuth,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
@@ -55,6 +59,9 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let mut words = std::str::from_utf8(line).unwrap_or("").split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    if let Err(denied) = admin.auth.check(path, &head) {
+        return unauthorized(&mut tcp, path, denied).await;
+    }
     let (status, content_type, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", admin.metrics.render().await),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
@@ -78,6 +85,25 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(response.as_bytes()).await?;
+    tcp.shutdown().await
+}
+
+/// 401 with the challenge of RFC 6750 (`invalid_token` when a token was given). Logged
+/// within the log budget: anyone who reaches the port can cause it.
+async fn unauthorized(tcp: &mut TcpStream, path: &str, denied: crate::admin_auth::Denied) -> std::io::Result<()> {
+    use crate::admin_auth::Denied;
+    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    crate::log_budget::warn_limited!(%peer, path, ?denied, "admin request without the right bearer token");
+    let challenge = match denied {
+        Denied::Missing => "Bearer realm=\"mailgate-admin\"",
+        Denied::Wrong => "Bearer realm=\"mailgate-admin\", error=\"invalid_token\"",
+    };
+    let body = "bearer token required\n";
+    let response = format!(
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     tcp.write_all(response.as_bytes()).await?;

@@ -399,6 +399,11 @@ pub struct AdminConfig {
     pub top_accounts: usize,
     /// The sliding window of `/debug/top-accounts`.
     pub top_accounts_window: Span,
+    /// A file holding the bearer token `/debug/*` requires (it names accounts); unset:
+    /// no token (keep the admin address private). Read again when it changes.
+    pub token_file: Option<PathBuf>,
+    /// `/metrics` requires the token too.
+    pub protect_metrics: bool,
 }
 
 impl Default for AdminConfig {
@@ -408,6 +413,8 @@ impl Default for AdminConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 9090)),
             top_accounts: 20,
             top_accounts_window: Span(std::time::Duration::from_secs(3600)),
+            token_file: None,
+            protect_metrics: false,
         }
     }
 }
@@ -439,6 +446,16 @@ pub struct LimitsConfig {
     pub auth_window: Span,
     /// Networks exempt from the authentication penalties and the login rate (`10.0.0.0/8`).
     pub trusted_networks: Vec<String>,
+    /// How user names are folded before any limit counts them (`lower`, `exact`); the
+    /// domain is always lower-cased. See `limits::identity`.
+    pub user_case: crate::limits::identity::UserCase,
+    /// Appended to bare user names before any limit counts them (`""`: none).
+    pub default_domain: String,
+    /// Longer user names (SASL authorization identity included) are a failed login,
+    /// refused without asking the upstream (which may close the connection on them).
+    pub max_user_bytes: u32,
+    /// Longer passwords are a failed login, refused without asking the upstream.
+    pub max_password_bytes: u32,
     /// New connections per client address per minute (0: no limit).
     pub connections_per_ip_per_minute: u32,
     /// Login attempts per client address per minute (0: no limit).
@@ -598,6 +615,12 @@ impl Default for LimitsConfig {
             auth_lockout_failures: 10,
             auth_window: Span(std::time::Duration::from_secs(600)),
             trusted_networks: Vec::new(),
+            user_case: crate::limits::identity::UserCase::Lower,
+            default_domain: String::new(),
+            // RFC 5321 caps an address at 254 octets; Dovecot's login process drops a
+            // LOGIN line past about 2 KB ("Input buffer full").
+            max_user_bytes: 255,
+            max_password_bytes: 1024,
             connections_per_ip_per_minute: 1200,
             logins_per_ip_per_minute: 300,
             // Off by default: a resync legitimately sends thousands of commands in seconds.
@@ -839,6 +862,15 @@ impl Config {
                 }
             }
         }
+        match &self.admin.token_file {
+            Some(file) if !file.is_file() => {
+                errors.push(error("admin.token_file", &format!("{} is not a readable file", file.display())))
+            }
+            None if self.admin.protect_metrics => {
+                errors.push(error("admin.protect_metrics", "needs admin.token_file (the token to require)"))
+            }
+            _ => {}
+        }
         for (i, pair) in self.tls.certificates.iter().enumerate() {
             for (key, path) in [("cert", &pair.cert), ("key", &pair.key)] {
                 if !path.is_file() {
@@ -938,6 +970,12 @@ impl Config {
         }
         if redis.timeout.0.is_zero() || redis.timeout.0 * 3 > redis.lease_ttl.0 {
             errors.push(error("limits.redis.timeout", "must be longer than 0s and at most a third of lease_ttl"));
+        }
+        if !crate::limits::identity::valid_default_domain(&self.limits.default_domain) {
+            errors.push(error("limits.default_domain", "must be a domain name, without `@` or spaces"));
+        }
+        if self.limits.max_user_bytes == 0 || self.limits.max_password_bytes == 0 {
+            errors.push(error("limits.max_user_bytes", "max_user_bytes and max_password_bytes must be at least 1"));
         }
         if self.limits.auth_lockout_failures == 0 {
             errors.push(error("limits.auth_lockout_failures", "must be at least 1"));

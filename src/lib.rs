@@ -19,16 +19,19 @@
 //! - [`upstream`]: reaching an upstream server.
 //! - [`shutdown`]: signals and the graceful drain.
 //! - [`secret`], [`auth`]: credentials that never reach a log.
+//! - [`log_budget`]: what a peer can make mailgate log is bounded.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_auth;
 pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod imap;
 pub mod limits;
 pub mod listener;
+pub mod log_budget;
 pub mod metrics;
 pub mod origin;
 pub mod pop3;
@@ -213,6 +216,7 @@ pub async fn run(
         metrics: metrics.clone(),
         upstreams: std::sync::RwLock::new(upstreams),
         required_store,
+        auth: admin::AdminAuth::new(&config.admin),
     });
     if config.admin.enabled {
         let address = config.admin.address;

@@ -1,7 +1,8 @@
 //! Accepting connections: one accept loop per configured listener, one task per session,
 //! with a tracing span that carries the listener, the client address and a session id.
 //! Implicit TLS is completed here, within the handshake timeout, before any greeting: a
-//! plaintext client on an implicit-TLS port gets nothing but a closed connection.
+//! plaintext client on an implicit-TLS port gets nothing but a closed connection, and so
+//! does a connection over a limit there (closed at accept, before any handshake).
 //!
 //! On a listener behind a load balancer (`proxy_protocol`), the PROXY header is read first,
 //! within `proxy_timeout`, and only from `proxy_trusted` peers: anyone else, or a
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, field, info, info_span, warn, Instrument};
+use tracing::{debug, field, info, info_span, Instrument};
 
 use crate::config::Protocol;
 use crate::config::TlsMode;
@@ -59,7 +60,7 @@ impl Listener {
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(listener = %self.name, error = %e, "accept failed");
+                    crate::log_budget::warn_limited!(listener = %self.name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -129,15 +130,18 @@ async fn session(mut tcp: TcpStream, socket_peer: SocketAddr, id: String, servic
     let _active = Active(active);
     let _ = tcp.set_nodelay(true);
     // The caps and the connection rate count a connection from its first byte: a client
-    // stalling its TLS handshake holds a slot like any other (and is refused like any
-    // other; the refusal still goes over TLS on an implicit-TLS port).
+    // stalling its TLS handshake holds a slot like any other.
     let admitted = service.limits.connect(peer.ip()).await;
-    let stream = match service.listener_tls {
-        TlsMode::Implicit => match service.accept_tls(tcp).await {
+    let stream = match (service.listener_tls, &admitted) {
+        // Refused on an implicit-TLS port: closed at once, without a word. A refusal said
+        // over TLS would first cost a handshake, and a client that stalls it would hold the
+        // socket for the whole handshake timeout: the cap would then bound nothing.
+        (TlsMode::Implicit, Err(refused)) => return count_refusal(&service, *refused),
+        (TlsMode::Implicit, Ok(_)) => match service.accept_tls(tcp).await {
             Some(stream) => stream,
             None => return,
         },
-        TlsMode::Starttls | TlsMode::Plaintext => Stream::Plain(tcp),
+        (TlsMode::Starttls | TlsMode::Plaintext, _) => Stream::Plain(tcp),
     };
     let _lease = match admitted {
         Ok(lease) => lease,
@@ -151,8 +155,8 @@ async fn session(mut tcp: TcpStream, socket_peer: SocketAddr, id: String, servic
     debug!("disconnected");
 }
 
-/// Answers a connection a limit refused, and closes it.
-async fn refuse(service: &Service, mut stream: Stream, refused: crate::limits::Refused) {
+/// Logs and counts a connection a limit refused.
+fn count_refusal(service: &Service, refused: crate::limits::Refused) {
     use crate::limits::Refused;
     info!(?refused, "connection refused by a limit");
     match refused {
@@ -161,6 +165,13 @@ async fn refuse(service: &Service, mut stream: Stream, refused: crate::limits::R
         Refused::Unavailable => {}
         _ => service.limited("connections"),
     }
+}
+
+/// Answers a connection a limit refused (in clear text: a plaintext or STARTTLS port),
+/// and closes it.
+async fn refuse(service: &Service, mut stream: Stream, refused: crate::limits::Refused) {
+    use crate::limits::Refused;
+    count_refusal(service, refused);
     let why = match refused {
         Refused::Unavailable => "Service temporarily unavailable",
         _ => "Too many connections",

@@ -73,9 +73,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` filters them (default `info`).
+/// Logs go to stderr; `RUST_LOG` filters them (default `info`), rustls held to errors
+/// unless the filter names it (see `log_budget`: its warnings are a peer's to trigger).
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let operator = std::env::var(tracing_subscriber::EnvFilter::DEFAULT_ENV).ok();
+    let directives = mailgate::log_budget::filter_directives(operator.as_deref());
+    let filter = tracing_subscriber::EnvFilter::try_new(directives)
+        .unwrap_or_else(|_| mailgate::log_budget::filter_directives(None).into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -10,7 +10,8 @@
 //! them is refused as a whole: the set of listeners (their names, protocols and addresses:
 //! sockets are bound once). Others keep their running values, with a warning, until a
 //! restart: `[cache]`, `[admin]`, `[shutdown]` and `[limits]` (counts and leases live
-//! there), except the overrides file, which is read again and applied.
+//! there), except the overrides file, which is read again and applied, and the admin
+//! token settings (`token_file`, `protect_metrics`: the token file is read again).
 //!
 //! A refused reload changes nothing; it is logged with every error and counted in
 //! `mailgate_config_reloads_total{result="failed"}`.
@@ -130,7 +131,7 @@ impl Reloader {
         let generation = crate::services(&new, &self.shared).map_err(|e| vec![e.to_string()])?;
         for (section, changed) in [
             ("[cache]", toml_of(&new.cache) != toml_of(&old.cache)),
-            ("[admin]", toml_of(&new.admin) != toml_of(&old.admin)),
+            ("[admin]", toml_of(&listener_settings(&new.admin)) != toml_of(&listener_settings(&old.admin))),
             ("[shutdown]", toml_of(&new.shutdown) != toml_of(&old.shutdown)),
             ("[reload] watch_interval", new.reload.watch_interval != old.reload.watch_interval),
             ("[limits]", toml_of(&new.limits) != toml_of(&old.limits)),
@@ -140,6 +141,8 @@ impl Reloader {
             }
         }
         self.shared.limits.set_overrides(&new.limits.overrides);
+        // The admin token (file and what it protects) applies at once; the file is read again.
+        self.admin.auth.configure(&new.admin);
         // The old pools stop checking (their sessions go on); hosts that are gone leave
         // the host gauge; the new pools start.
         self.health.cancel();
@@ -157,6 +160,11 @@ impl Reloader {
         self.config = new;
         Ok(())
     }
+}
+
+/// `[admin]` but for the token settings, which a reload applies.
+fn listener_settings(admin: &crate::config::AdminConfig) -> crate::config::AdminConfig {
+    crate::config::AdminConfig { token_file: None, protect_metrics: false, ..admin.clone() }
 }
 
 fn toml_of<T: serde::Serialize>(section: &T) -> String {

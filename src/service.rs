@@ -44,15 +44,19 @@ pub enum UpstreamRefusal {
 
 /// What a login came to.
 pub enum LoginOutcome<T> {
-    /// Logged in: the upstream session, its upstream, and the user's session slot (held
-    /// as long as the session lasts).
-    LoggedIn { session: T, upstream: Arc<Upstream>, lease: crate::limits::UserLease },
+    /// Logged in: the upstream session, its upstream, the user's session slot (held as
+    /// long as the session lasts), and the canonical account name every per-user limit,
+    /// quota and report of the session keys on.
+    LoggedIn { session: T, upstream: Arc<Upstream>, lease: crate::limits::UserLease, account: String },
     /// Refused by a limit before any upstream was asked.
     Refused(LoginRefusal),
     /// The upstream refused, with its response code if any.
     Rejected { code: Option<String> },
     /// No upstream could be used.
     Unavailable,
+    /// A user name or password longer than any upstream takes (`limits.max_user_bytes`,
+    /// `max_password_bytes`): a failed login, not asked upstream.
+    TooLong,
 }
 
 pub struct Service {
@@ -105,21 +109,38 @@ impl Service {
     ) -> LoginOutcome<T> {
         use crate::upstream::LoginError;
         let ip = origin.client.ip();
-        let lease = match self.admit_login(credentials, ip).await {
-            Ok(lease) => lease,
+        // The authentication identity is what a password is guessed for (the lockout); the
+        // identity whose mailboxes the session sees is what sessions and bytes count for.
+        let (authenticating, account) =
+            (self.limits.canonical(&credentials.user), self.limits.canonical(credentials.identity()));
+        let (attempt, lease) = match self.admit_login(credentials, &authenticating, &account, ip).await {
+            Ok(admitted) => admitted,
             Err(refusal) => return LoginOutcome::Refused(refusal),
         };
+        if !self.credentials_fit(credentials) {
+            // The client's fault, not the upstream's: without this the upstream would drop
+            // the connection and it would count as an upstream error.
+            tracing::info!(
+                user_bytes = credentials.user.len(),
+                password_bytes = credentials.password.expose().len(),
+                "login refused: user name or password too long"
+            );
+            self.login_result("rejected");
+            self.penalize(attempt, credentials).await;
+            return LoginOutcome::TooLong;
+        }
         match self.timed_login(self.routed_login(credentials, origin, login)).await {
             Ok((session, upstream)) => {
-                self.logged_in(credentials, ip, &upstream);
-                LoginOutcome::LoggedIn { session, upstream, lease }
+                self.limits.succeeded(attempt);
+                self.logged_in(credentials, &upstream);
+                LoginOutcome::LoggedIn { session, upstream, lease, account }
             }
             Err(LoginError::Rejected { code }) => {
                 tracing::info!(user = %credentials.user, upstream_code = ?code, "login refused by upstream");
                 match classify(code.as_deref()) {
                     UpstreamRefusal::WrongCredentials => {
                         self.login_result("rejected");
-                        self.penalize(credentials, ip).await;
+                        self.penalize(attempt, credentials).await;
                     }
                     UpstreamRefusal::Temporary => self.login_result("unavailable"),
                     UpstreamRefusal::Other => self.login_result("rejected"),
@@ -128,10 +149,18 @@ impl Service {
             }
             Err(LoginError::Unavailable(e)) => {
                 self.login_result("unavailable");
-                tracing::warn!(user = %credentials.user, error = %e, "upstream unavailable");
+                crate::log_budget::warn_limited!(user = %credentials.user, error = %e, "upstream unavailable");
                 LoginOutcome::Unavailable
             }
         }
+    }
+
+    /// Whether `credentials` are within `limits.max_user_bytes` and `max_password_bytes`.
+    fn credentials_fit(&self, credentials: &Credentials) -> bool {
+        let limits = &self.config.limits;
+        let names = [Some(credentials.user.as_str()), credentials.authzid.as_deref()];
+        names.into_iter().flatten().all(|name| name.len() <= limits.max_user_bytes as usize)
+            && credentials.password.expose().len() <= limits.max_password_bytes as usize
     }
 
     /// Routes `credentials` from `origin` to an upstream and runs `login` there: its
@@ -149,24 +178,27 @@ impl Service {
     }
 
     /// Whether `credentials` from `ip` may try to log in now: within the address's login
-    /// rate, not locked out after failures, and within the user's session caps. Refusals are
-    /// logged and counted; the lease holds the user's session slot.
+    /// rate, not locked out after failures (`authenticating`'s, attempts in flight
+    /// included), and within the session caps of `account`. Refusals are logged and
+    /// counted; the attempt counts towards the lockout until its answer, the lease holds
+    /// the user's session slot.
     async fn admit_login(
         &self,
         credentials: &Credentials,
+        authenticating: &str,
+        account: &str,
         ip: std::net::IpAddr,
-    ) -> Result<crate::limits::UserLease, LoginRefusal> {
+    ) -> Result<(crate::limits::Attempt, crate::limits::UserLease), LoginRefusal> {
         use crate::limits::Refused;
         let limits = &self.limits;
-        let user = credentials.identity();
         let refusal = match limits.login_rate(ip).await {
             Err(Refused::Unavailable) => LoginRefusal::Unavailable,
             Err(_) => LoginRefusal::Rate,
-            Ok(()) => match limits.locked_out(user, ip).await {
+            Ok(()) => match limits.attempt(authenticating, ip).await {
+                Err(Refused::LockedOut) => LoginRefusal::LockedOut,
                 Err(_) => LoginRefusal::Unavailable,
-                Ok(true) => LoginRefusal::LockedOut,
-                Ok(false) => match limits.login(user, ip).await {
-                    Ok(lease) => return Ok(lease),
+                Ok(attempt) => match limits.login(account, ip).await {
+                    Ok(lease) => return Ok((attempt, lease)),
                     Err(Refused::Unavailable) => LoginRefusal::Unavailable,
                     Err(_) => LoginRefusal::Sessions,
                 },
@@ -194,8 +226,8 @@ impl Service {
     }
 
     /// A failed login: waits the address's penalty (a timer in this session's task only).
-    async fn penalize(&self, credentials: &Credentials, ip: std::net::IpAddr) {
-        let delay = self.limits.failed_login(credentials.identity(), ip, credentials.password.expose()).await;
+    async fn penalize(&self, attempt: crate::limits::Attempt, credentials: &Credentials) {
+        let delay = self.limits.failed_login(attempt, credentials.password.expose()).await;
         tokio::time::sleep(delay).await;
     }
 
@@ -225,10 +257,9 @@ impl Service {
         result
     }
 
-    /// A successful login at `upstream`: counted, penalties cleared, the session's span
-    /// gets the user, one log line.
-    fn logged_in(&self, credentials: &Credentials, ip: std::net::IpAddr, upstream: &Upstream) {
-        self.limits.succeeded(credentials.identity(), ip);
+    /// A successful login at `upstream`: counted, the session's span gets the user, one
+    /// log line.
+    fn logged_in(&self, credentials: &Credentials, upstream: &Upstream) {
         self.login_result("ok");
         tracing::Span::current().record("user", credentials.user.as_str());
         tracing::info!(upstream = %upstream.name, "logged in");

@@ -168,7 +168,7 @@ impl Upstream {
             match self.connect_to(host, origin).await {
                 Ok(stream) => return Ok((stream, host)),
                 Err(e @ (UpstreamError::Connect { .. } | UpstreamError::Timeout(_))) if self.hosts.len() > 1 => {
-                    tracing::warn!(upstream = %self.name, host = %host.address(), error = %e, "upstream host down; trying the next");
+                    crate::log_budget::warn_limited!(upstream = %self.name, host = %host.address(), error = %e, "upstream host down; trying the next");
                     host.healthy.store(false, Ordering::Relaxed);
                     last = Some(e);
                 }

@@ -246,6 +246,11 @@ fn check_config_with_generated_certificates(what: &str, config: &str) -> String 
         }
     }
     assert!(replaced >= 2, "{what}: no certificate configured");
+    if let Some(path) = table.get_mut("admin").and_then(|a| a.get_mut("token_file")) {
+        assert!(path.as_str().is_some_and(|p| p.starts_with("/etc/mailgate/")), "{what}: {path}");
+        std::fs::write(dir.path().join("admin-token"), "generated-admin-token\n").unwrap();
+        *path = generated("admin-token");
+    }
 
     let path = dir.path().join("mailgate.toml");
     std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
@@ -507,6 +512,14 @@ fn kubernetes_manifests_agree_with_each_other_and_the_configuration() {
             assert!(secret_files.contains_key(&file_name(&file)), "Secret has no {}", file_name(&file));
         }
     }
+    // The admin token: a file of a Secret volume (created by hand: no value is shipped).
+    let token_file = PathBuf::from(config["admin"]["token_file"].as_str().expect("[admin] token_file"));
+    let token_volume = volume_of(&token_file);
+    let token_secret = token_volume["secret"]["secretName"].as_str().expect("the admin token from a Secret");
+    assert!(by_kind("Secret").iter().all(|s| s["metadata"]["name"] != token_secret), "no token value is shipped");
+    let mode = token_volume["secret"]["defaultMode"].as_u64().unwrap_or(0o644);
+    assert_eq!(mode & 0o007, 0, "admin token Secret defaultMode {mode:o}");
+
     // Placeholders only: no key material is shipped.
     for (key, value) in secret_files {
         let value = value.as_str().unwrap();
@@ -539,6 +552,32 @@ fn kubernetes_manifests_agree_with_each_other_and_the_configuration() {
     let admin_ports = admin_service["spec"]["ports"].as_array().unwrap();
     assert_eq!(admin_ports.len(), 1);
     assert_eq!(resolve(&admin_ports[0]["targetPort"]), admin_port);
+
+    // Ingress: the listeners from anywhere, the admin port only from selected peers.
+    let policy = single("NetworkPolicy");
+    selects(&policy["spec"]["podSelector"]["matchLabels"], pod_labels, "NetworkPolicy");
+    assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    let mut open_ports = BTreeSet::new();
+    let mut admin_from = Vec::new();
+    for rule in policy["spec"]["ingress"].as_array().unwrap() {
+        for port in rule["ports"].as_array().expect("every ingress rule names its ports") {
+            let number = resolve(&port["port"]);
+            match rule.get("from") {
+                None => assert!(open_ports.insert(number), "port {number} twice"),
+                Some(from) => {
+                    assert_eq!(number, admin_port, "only the admin port is restricted to peers");
+                    admin_from.extend(from.as_array().unwrap().iter().cloned());
+                }
+            }
+        }
+    }
+    assert_eq!(open_ports, listener_ports, "IMAP/POP3 from anywhere, nothing else");
+    assert!(!admin_from.is_empty(), "the admin port admits someone (Prometheus)");
+    for peer in &admin_from {
+        assert!(peer.get("ipBlock").is_none(), "admin port peers by selector: {peer}");
+        let namespaces = peer["namespaceSelector"]["matchLabels"].as_object().expect("a namespace selector");
+        assert!(!namespaces.is_empty(), "an empty namespaceSelector admits every namespace: {peer}");
+    }
 
     let pdb = single("PodDisruptionBudget");
     selects(&pdb["spec"]["selector"]["matchLabels"], pod_labels, "PodDisruptionBudget");

@@ -8,14 +8,15 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::client::Client;
+use support::client::{closed_before_tls, Client};
 use support::gateway::Gateway;
 use support::redis::Redis;
 use support::setup::*;
 
-fn refused_imap(setup: &Setup) -> Vec<String> {
-    let mut client = Client::tls(setup.addr("imaps"), setup.tls_config());
-    client.rest()
+/// Whether a new connection to the implicit-TLS IMAP port is refused (closed before any
+/// handshake).
+fn imaps_refused(setup: &Setup) -> bool {
+    closed_before_tls(TcpStream::connect(setup.addr("imaps")).unwrap(), setup.tls_config())
 }
 
 fn metric(setup: &Setup, series: &str) -> String {
@@ -33,16 +34,20 @@ fn per_address_cap_answers_before_the_greeting_and_frees_slots() {
     let first = setup.imaps();
     let mut second = Client::plain(setup.addr("pop3"));
     assert!(second.line().unwrap().starts_with("+OK"));
-    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
-    let mut pop3 = Client::tls(setup.addr("pop3s"), setup.tls_config());
-    assert_eq!(pop3.rest(), ["-ERR [SYS/TEMP] Too many connections, try again later."]);
+    // In clear text on a plaintext or STLS port; closed before any handshake on an
+    // implicit-TLS port.
+    let mut imap = Client::plain(setup.addr("imap"));
+    assert_eq!(imap.rest(), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(imaps_refused(&setup));
+    let tcp = TcpStream::connect(setup.addr("pop3s")).unwrap();
+    assert!(closed_before_tls(tcp, setup.tls_config()));
     drop(first);
     std::thread::sleep(Duration::from_millis(300));
     let mut again = setup.imaps();
     assert!(again.command("n", "NOOP")[0].starts_with("n OK"));
     assert_eq!(
         metric(&setup, "mailgate_limit_rejections_total{kind=\"connections\"}"),
-        "mailgate_limit_rejections_total{kind=\"connections\"} 2"
+        "mailgate_limit_rejections_total{kind=\"connections\"} 3"
     );
 }
 
@@ -52,11 +57,34 @@ fn a_connection_stalling_its_tls_handshake_holds_its_slot() {
     // TCP to the implicit-TLS port, and not a byte of TLS.
     let stalled = TcpStream::connect(setup.addr("imaps")).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(imaps_refused(&setup));
     drop(stalled);
     std::thread::sleep(Duration::from_millis(300));
     let mut again = setup.imaps();
     assert!(again.command("n", "NOOP")[0].starts_with("n OK"));
+}
+
+#[test]
+fn over_the_cap_an_implicit_tls_port_closes_a_connection_at_accept_without_a_handshake() {
+    let setup = Setup::start_with("", "[limits]\nmax_connections_per_ip = 1\n");
+    let _first = setup.imaps();
+    // Connect and never send a ClientHello: a refusal said over TLS would wait for it, and
+    // hold the socket for the whole handshake timeout (10 s).
+    let mut stalled = TcpStream::connect(setup.addr("imaps")).unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let started = std::time::Instant::now();
+    let read = stalled.read(&mut [0u8; 1]);
+    let waited = started.elapsed();
+    let closed = match &read {
+        Ok(n) => *n == 0,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    };
+    assert!(closed, "not closed: {read:?} after {waited:?}");
+    assert!(waited < Duration::from_secs(2), "closed only after {waited:?}");
+    assert_eq!(
+        metric(&setup, "mailgate_limit_rejections_total{kind=\"connections\"}"),
+        "mailgate_limit_rejections_total{kind=\"connections\"} 1"
+    );
 }
 
 #[test]
@@ -85,7 +113,9 @@ fn global_cap_holds() {
     let setup = Setup::start_with("", "[limits]\nmax_connections = 2\n");
     let _a = setup.imaps();
     let _b = setup.pop3s();
-    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(imaps_refused(&setup));
+    let mut imap = Client::plain(setup.addr("imap"));
+    assert_eq!(imap.rest(), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
 }
 
 #[test]
@@ -215,7 +245,7 @@ fn rates_refuse_bursts_of_connections_and_logins_and_slow_commands() {
     // Connections: the fourth this minute was the last.
     let _third = setup.imaps();
     let _fourth = setup.imaps();
-    assert_eq!(refused_imap(&setup), ["* BYE [UNAVAILABLE] Too many connections, try again later."]);
+    assert!(imaps_refused(&setup));
     assert!(metric(&setup, "mailgate_limit_rejections_total{kind=\"rate\"}").ends_with(" 2"));
     // Commands: 60 pipelined NOOPs at 20 per second take about 2 seconds, all answered.
     let started = std::time::Instant::now();
@@ -490,11 +520,13 @@ fn connection_caps_per_address_and_in_all_hold_across_instances() {
     assert!(greeting.starts_with("* OK"));
     let (_two, greeting) = connect(&setup, &b, "pop3s");
     assert!(greeting.starts_with("+OK"));
-    let (mut three, greeting) = connect(&setup, &b, "imaps");
-    assert_eq!(greeting, "* BYE [UNAVAILABLE] Too many connections, try again later.");
+    let mut three = Client::plain(b.addr("imap"));
+    assert_eq!(three.line().unwrap(), "* BYE [UNAVAILABLE] Too many connections, try again later.");
     assert!(three.closed());
-    let (_, greeting) = connect(&setup, &setup.gateway, "pop3s");
-    assert_eq!(greeting, "-ERR [SYS/TEMP] Too many connections, try again later.");
+    let mut four = Client::plain(setup.gateway.addr("pop3"));
+    assert_eq!(four.line().unwrap(), "-ERR [SYS/TEMP] Too many connections, try again later.");
+    let tcp = TcpStream::connect(setup.gateway.addr("pop3s")).unwrap();
+    assert!(closed_before_tls(tcp, setup.tls_config()));
 }
 
 #[test]
@@ -587,14 +619,19 @@ fn redis_unreachable_fails_open_or_closed_as_configured_and_recovers() {
     assert!(counter(&setup, "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"allowed\"}") >= 2);
     assert!(open.wait_for_log("shared limits unavailable", Duration::from_secs(5)));
 
-    // Closed: clients are told to come back later, in both protocols.
-    let (_, greeting) = connect(&setup, &closed, "imaps");
-    assert_eq!(greeting, "* BYE [UNAVAILABLE] Service temporarily unavailable, try again later.");
-    let (_, greeting) = connect(&setup, &closed, "pop3s");
-    assert_eq!(greeting, "-ERR [SYS/TEMP] Service temporarily unavailable, try again later.");
+    // Closed: clients are told to come back later, in both protocols (in clear text on
+    // the STARTTLS ports; implicit-TLS ports close before any handshake).
+    let mut imap = Client::plain(closed.addr("imap"));
+    assert_eq!(imap.line().unwrap(), "* BYE [UNAVAILABLE] Service temporarily unavailable, try again later.");
+    let mut pop3 = Client::plain(closed.addr("pop3"));
+    assert_eq!(pop3.line().unwrap(), "-ERR [SYS/TEMP] Service temporarily unavailable, try again later.");
+    for listener in ["imaps", "pop3s"] {
+        let tcp = TcpStream::connect(closed.addr(listener)).unwrap();
+        assert!(closed_before_tls(tcp, setup.tls_config()), "{listener}");
+    }
     assert_eq!(
         gateway_metric(&closed, "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"refused\"}"),
-        "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"refused\"} 2"
+        "mailgate_limit_store_errors_total{operation=\"connect\",outcome=\"refused\"} 4"
     );
 
     // Not ready while it refuses everyone; the open instance stays ready.
@@ -604,7 +641,7 @@ fn redis_unreachable_fails_open_or_closed_as_configured_and_recovers() {
     // Redis back: the closed instance serves again ...
     redis.run();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !connect(&setup, &closed, "imaps").1.starts_with("* OK") {
+    while closed_before_tls(TcpStream::connect(closed.addr("imaps")).unwrap(), setup.tls_config()) {
         assert!(std::time::Instant::now() < deadline, "{}", closed.log());
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -629,4 +666,153 @@ fn http_get(gateway: &Gateway, path: &str) -> String {
     let mut text = String::new();
     let _ = tcp.read_to_string(&mut text);
     text
+}
+
+// One canonical identity, and a lockout that counts every attempt (issue 12, defects 2-4, 7).
+
+/// `LOGIN user password` on a fresh implicit-TLS session: the tagged answer.
+fn login_as(setup: &Setup, gateway: &Gateway, user: &str, password: &str) -> (String, Client) {
+    let (mut client, greeting) = connect(setup, gateway, "imaps");
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let answer = client.command("a", &format!("LOGIN {user} {password}")).pop().unwrap();
+    (answer, client)
+}
+
+const LOCKED_OUT: &str = "a NO [LIMIT] Too many failed logins, try again later.";
+
+#[test]
+fn another_spelling_of_a_name_is_the_same_user_for_the_lockout_the_caps_and_the_top_accounts() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 3\nmax_connections_per_user_ip = 2\n",
+    );
+    let gateway = &setup.gateway;
+    // Dovecot folds the case of user names: `BOB` logs into bob's mailbox.
+    let (answer, upper) = login_as(&setup, gateway, "BOB", BOB.1);
+    assert!(answer.starts_with("a OK"), "{answer}");
+    let (answer, lower) = login_as(&setup, gateway, "bob", BOB.1);
+    assert!(answer.starts_with("a OK"), "{answer}");
+    assert_eq!(login_as(&setup, gateway, "Bob", BOB.1).0, TOO_MANY_SESSIONS, "a third session, however spelt");
+    drop((upper, lower));
+
+    // Failures under three spellings lock out a fourth.
+    for (user, guess) in [("bob", "wrong-1"), ("BOB", "wrong-2"), ("bOb", "wrong-3")] {
+        assert!(login_as(&setup, gateway, user, guess).0.contains("AUTHENTICATIONFAILED"));
+    }
+    assert_eq!(login_as(&setup, gateway, "Bob", BOB.1).0, LOCKED_OUT);
+    assert_eq!(login_as(&setup, gateway, "bob", BOB.1).0, LOCKED_OUT);
+
+    // The top accounts know one bob.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let top = loop {
+        let top = http_get(gateway, "/debug/top-accounts");
+        if top.contains("\"bob\"") || std::time::Instant::now() >= deadline {
+            break top;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(top.contains("\"bob\"") && !top.contains("BOB"), "{top}");
+}
+
+#[test]
+fn a_password_tried_on_decoy_names_first_still_counts_towards_the_lockout() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 3\n",
+    );
+    for i in 0..3 {
+        let guess = format!("guess-{i}");
+        assert!(login_as(&setup, &setup.gateway, &format!("decoy{i}"), &guess).0.contains("AUTHENTICATIONFAILED"));
+        assert!(login_as(&setup, &setup.gateway, "bob", &guess).0.contains("AUTHENTICATIONFAILED"));
+    }
+    assert_eq!(login_as(&setup, &setup.gateway, "bob", BOB.1).0, LOCKED_OUT);
+}
+
+/// `n` sessions from this address send `LOGIN bob wrong-i` at the same moment (across
+/// `gateways`, round robin): their answers.
+fn concurrent_guesses(setup: &Setup, gateways: &[&Gateway], n: usize) -> Vec<String> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, config, barrier) =
+                (gateways[i % gateways.len()].addr("imaps"), setup.tls_config(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut client = Client::tls(addr, config);
+                let greeting = client.line().unwrap_or_default();
+                barrier.wait();
+                assert!(greeting.starts_with("* OK"), "{greeting}");
+                client.command("a", &format!("LOGIN bob wrong-{i}")).pop().unwrap()
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// How many of `answers` came from the upstream (a wrong password) and from the lockout.
+fn tally(answers: &[String]) -> (usize, usize) {
+    let failed = answers.iter().filter(|a| a.contains("AUTHENTICATIONFAILED")).count();
+    let locked = answers.iter().filter(|a| *a == LOCKED_OUT).count();
+    assert_eq!(failed + locked, answers.len(), "{answers:?}");
+    (failed, locked)
+}
+
+#[test]
+fn concurrent_wrong_passwords_reach_the_upstream_no_more_often_than_the_lockout_allows() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 10\n",
+    );
+    let (failed, locked) = tally(&concurrent_guesses(&setup, &[&setup.gateway], 30));
+    assert_eq!((failed, locked), (10, 20));
+    assert_eq!(login_as(&setup, &setup.gateway, "bob", BOB.1).0, LOCKED_OUT);
+}
+
+#[test]
+fn concurrent_wrong_passwords_on_two_instances_reach_the_upstream_no_more_often_than_the_lockout_allows() {
+    let (_redis, setup, b) = fleet(
+        "auth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 10\nauth_window = \"60s\"\n",
+    );
+    let (failed, locked) = tally(&concurrent_guesses(&setup, &[&setup.gateway, &b], 30));
+    assert_eq!((failed, locked), (10, 20));
+    assert_eq!(login_as(&setup, &b, "bob", BOB.1).0, LOCKED_OUT);
+    assert_eq!(login_as(&setup, &setup.gateway, "bob", BOB.1).0, LOCKED_OUT);
+}
+
+#[test]
+fn credentials_longer_than_an_upstream_takes_are_a_failed_login_not_an_upstream_error() {
+    let setup = Setup::start_with(
+        "",
+        "[limits]\nauth_base_delay = \"10ms\"\nauth_max_delay = \"20ms\"\nauth_lockout_failures = 2\n",
+    );
+    let (user, password) = ("u".repeat(4000), "p".repeat(4000));
+    let too_long = "a NO [AUTHENTICATIONFAILED] User name or password too long.";
+    for password in [password.as_str(), "wrong-2"] {
+        let mut client = setup.imaps();
+        let answer =
+            client.command("a", &format!("LOGIN {{{}+}}\r\n{user} {{{}+}}\r\n{password}", user.len(), password.len()));
+        assert_eq!(answer.last().unwrap(), too_long);
+        assert_eq!(client.command("b", "NOOP").pop().unwrap(), "b OK NOOP completed.", "the session goes on");
+    }
+    // POP3 AUTH PLAIN likewise.
+    let mut pop3 = setup.pop3s();
+    let plain = base64_plain(&format!("\0bob\0{}", "p".repeat(2000)));
+    pop3.send(b"AUTH PLAIN\r\n");
+    assert_eq!(pop3.line().unwrap(), "+ ");
+    pop3.send(format!("{plain}\r\n").as_bytes());
+    assert_eq!(pop3.line().unwrap(), "-ERR [AUTH] User name or password too long.");
+    // They count as failed logins of that name (two: locked out), never as an upstream error.
+    let mut client = setup.imaps();
+    let answer = client.command("a", &format!("LOGIN {{{}+}}\r\n{user} right", user.len()));
+    assert_eq!(answer.last().unwrap(), LOCKED_OUT);
+    let metrics = http_get(&setup.gateway, "/metrics");
+    let errors: Vec<&str> = metrics.lines().filter(|l| l.starts_with("mailgate_upstream_errors_total{")).collect();
+    assert!(!errors.is_empty() && errors.iter().all(|l| l.ends_with(" 0")), "{errors:?}");
+    let log = setup.gateway.log();
+    assert!(!log.lines().any(|l| l.contains("WARN") && l.contains("upstream")), "{log}");
+    assert!(!log.contains(&password), "a password in the log");
+}
+
+fn base64_plain(raw: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(raw)
 }

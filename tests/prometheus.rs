@@ -82,10 +82,24 @@ impl Drop for Prometheus {
 /// A Prometheus server scraping `target` every second, with the scrape job of
 /// deploy/prometheus.yml (its target rewritten).
 fn prometheus(target: SocketAddr) -> Prometheus {
+    prometheus_with_token(target, None)
+}
+
+/// Like [`prometheus`], with the job's commented-out `authorization` block in force and
+/// its `credentials_file` holding `token`.
+fn prometheus_with_token(target: SocketAddr, token: Option<&str>) -> Prometheus {
     let dir = tempfile::tempdir().unwrap();
     let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus.yml")).unwrap();
-    let config =
+    let mut config =
         shipped.replace("mailgate:9090", &target.to_string()).replace("scrape_interval: 15s", "scrape_interval: 1s");
+    if let Some(token) = token {
+        let file = dir.path().join("mailgate-admin-token");
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        let block = "    # authorization:\n    #   type: Bearer\n    #   credentials_file: /etc/prometheus/mailgate-admin-token\n";
+        assert!(config.contains(block), "deploy/prometheus.yml has no authorization block to enable");
+        let enabled = format!("    authorization:\n      type: Bearer\n      credentials_file: {}\n", file.display());
+        config = config.replace(block, &enabled);
+    }
     assert!(config.contains(&target.to_string()), "deploy/prometheus.yml has no mailgate:9090 target");
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -141,6 +155,23 @@ fn a_real_prometheus_sees_the_traffic() {
     query(&server, r#"sum(mailgate_cache_requests_total{kind="header",result="hit"})"#, 8.0);
     query(&server, r#"sum(mailgate_commands_total{command="uid_fetch"})"#, 3.0);
     query(&server, "count(mailgate_build_info)", 1.0);
+}
+
+#[test]
+fn a_real_prometheus_scrapes_protected_metrics_with_the_token_file_of_the_shipped_job() {
+    let setup = Setup::start_edited("", "", |config, dir| {
+        std::fs::write(dir.join("admin-token"), "scrape-token-51f2\n").unwrap();
+        let file = dir.join("admin-token").display().to_string();
+        config.replace("[admin]\n", &format!("[admin]\ntoken_file = {file:?}\nprotect_metrics = true\n"))
+    });
+    let admin = setup.gateway.admin();
+    assert!(try_http_get(admin, "/metrics").unwrap().contains("bearer token required"));
+    let wrong = prometheus_with_token(admin, Some("not-the-token"));
+    query(&wrong, r#"up{job="mailgate"}"#, 0.0);
+    drop(wrong);
+    let right = prometheus_with_token(admin, Some("scrape-token-51f2"));
+    query(&right, r#"up{job="mailgate"}"#, 1.0);
+    query(&right, "count(mailgate_build_info)", 1.0);
 }
 
 /// Metric family names in a PromQL expression (histogram series suffixes removed).

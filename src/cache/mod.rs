@@ -239,7 +239,7 @@ impl MessageCache {
             Key::Pop3(_) => false,
         });
         if let Err(e) = forgotten {
-            tracing::error!(error = %e, "could not forget a stale mailbox");
+            crate::log_budget::error_limited!(error = %e, "could not forget a stale mailbox");
         }
     }
 

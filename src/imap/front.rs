@@ -287,7 +287,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                     login(upstream, &credentials, &origin).await
                 };
                 let text = match service.log_in(&credentials, &origin, refusal_kind, login).await {
-                    LoginOutcome::LoggedIn { session, upstream, lease: _lease } => {
+                    LoginOutcome::LoggedIn { session, upstream, lease: _lease, account } => {
                         let caps = relayable_capabilities(&session.capabilities).join(" ");
                         let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
                         if conn.write(ok.as_bytes()).await.is_err() {
@@ -295,7 +295,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                         }
                         let scope = service.cache_scope(&upstream, &credentials, &session.proof);
                         let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                        relay::run(client, session, service, scope, credentials.identity()).await;
+                        relay::run(client, session, service, scope, &account).await;
                         return;
                     }
                     LoginOutcome::Refused(refusal) => match refusal {
@@ -319,6 +319,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                     LoginOutcome::Unavailable => {
                         "NO [UNAVAILABLE] Upstream server unavailable, try again later.".into()
                     }
+                    LoginOutcome::TooLong => "NO [AUTHENTICATIONFAILED] User name or password too long.".into(),
                 };
                 if conn.write(format!("{tag} {text}\r\n").as_bytes()).await.is_err() {
                     return;

@@ -533,7 +533,7 @@ async fn check_uid_next<Io: JobIo>(io: &Io, job: &Job, scope: &Scope) {
     let seen = scope.cache.peek(&mark).await.and_then(|v| Some(u32::from_be_bytes(v.as_ref().try_into().ok()?)));
     match seen {
         Some(seen) if seen > uid_next => {
-            tracing::warn!(
+            crate::log_budget::warn_limited!(
                 mailbox = job.selected.mailbox.as_str(),
                 uid_validity = job.selected.uid_validity,
                 seen,
@@ -639,7 +639,7 @@ impl Stored {
             return false;
         }
         if let Some(stale) = stale_validator(scope, &key, raw).await {
-            tracing::warn!(
+            crate::log_budget::warn_limited!(
                 item = stale,
                 mailbox = job.selected.mailbox.as_str(),
                 uid_validity = job.selected.uid_validity,
@@ -869,7 +869,7 @@ async fn settle<Io: JobIo>(
             scope.cache.insert(size_key, Bytes::copy_from_slice(size)).await;
         }
         if cached.is_some_and(|cached| cached != size) {
-            tracing::warn!(
+            crate::log_budget::warn_limited!(
                 uid = message.uid,
                 mailbox = job.selected.mailbox.as_str(),
                 uid_validity = job.selected.uid_validity,
@@ -958,7 +958,7 @@ fn compose(
         }
     }
     if !missing.is_empty() {
-        tracing::warn!(
+        crate::log_budget::warn_limited!(
             ?missing,
             uid = fresh.uid,
             "FETCH items missing from the upstream's answer; answered without them"

@@ -669,7 +669,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         Err(JobError::TooLarge) => {
                             // Part of the response may already be with the client: a BYE now
                             // could land inside it, so the connection just closes.
-                            tracing::warn!("upstream response over the size a cache job may hold; closing");
+                            crate::log_budget::warn_limited!("upstream response over the size a cache job may hold; closing");
                             return End::Closed("response too large");
                         }
                     }

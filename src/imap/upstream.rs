@@ -140,7 +140,7 @@ async fn forward_client(reader: &mut Reader, capabilities: &[String], origin: &O
     let mut ignored = None;
     let (status, _) = reader.complete("M0", &mut ignored).await?;
     if status != Status::Ok {
-        tracing::warn!(?status, "upstream refused the forwarded client identity (ID)");
+        crate::log_budget::warn_limited!(?status, "upstream refused the forwarded client identity (ID)");
     }
     Ok(())
 }

@@ -11,7 +11,10 @@
 //! - **Connection and login rates** per address are GCRA in Lua: one key per address
 //!   holding its theoretical arrival time, expiring when the address has fully recovered.
 //! - **Failed logins** per address and per user and address are counters that expire a
-//!   window after the last failure; the lockout reads the second one. Whether a password is
+//!   window after the last failure. A login attempt takes a lease in the user and address's
+//!   set of attempts in flight only while those failures plus the attempts in flight stay
+//!   under the lockout (one script), so concurrent guesses on several instances cannot pass
+//!   it before their failures are counted. Whether a password is
 //!   a repeat is decided by each instance from its own memory: no form of a password is ever
 //!   stored in Redis.
 //! - **Download quotas**: each instance adds its users' bytes to a per-user counter, whose
@@ -55,6 +58,20 @@ end
 return 0
 ";
 
+/// A login attempt: takes a lease in the attempts-in-flight set KEYS[2] unless the failures
+/// counted on KEYS[1] and the attempts in flight reach the lockout. ARGV: member, TTL in ms,
+/// lockout. Returns 0, or 1 when locked out.
+const ATTEMPT: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local failures = tonumber(redis.call('GET', KEYS[1])) or 0
+if failures + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then return 1 end
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 0
+";
 /// Extends leases. ARGV: TTL in ms, then one member per key. A member that expired while
 /// Redis could not be reached is added back: its session is still open.
 const REFRESH: &str = r"
@@ -139,13 +156,13 @@ pub struct Fleet {
     /// Releases sent to the background task and not done yet.
     releasing: AtomicU64,
     errors: IntCounterVec,
-    last_logged: Mutex<Option<Instant>>,
     quota: Mutex<QuotaSync>,
     scripts: Scripts,
 }
 
 struct Scripts {
     acquire: Script,
+    attempt: Script,
     refresh: Script,
     rate: Script,
     failed: Script,
@@ -232,10 +249,10 @@ impl Fleet {
             released,
             releasing: AtomicU64::new(0),
             errors,
-            last_logged: Mutex::new(None),
             quota: Mutex::new(QuotaSync::default()),
             scripts: Scripts {
                 acquire: Script::new(ACQUIRE),
+                attempt: Script::new(ATTEMPT),
                 refresh: Script::new(REFRESH),
                 rate: Script::new(RATE),
                 failed: Script::new(FAILED),
@@ -263,7 +280,7 @@ impl Fleet {
         }
     }
 
-    /// Counts and (at most every ten seconds) logs a failed store operation; the outcome
+    /// Counts and logs (within the log budget) a failed store operation; the outcome
     /// follows `on_error` unless the operation decides nothing (`decides` false).
     fn failed(&self, operation: &str, error: &StoreError, decides: bool) -> bool {
         let allowed = self.fail_open;
@@ -273,27 +290,44 @@ impl Fleet {
             (true, false) => "refused",
         };
         self.errors.with_label_values(&[operation, outcome]).inc();
-        let mut last = self.last_logged.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-            *last = Some(Instant::now());
-            tracing::warn!(%error, operation, outcome, "shared limits unavailable");
-        }
+        crate::log_budget::warn_limited!(%error, operation, outcome, "shared limits unavailable");
         allowed
     }
 
     /// Takes a lease in each of `sets` (key, cap), or reports the first one that is full.
     pub async fn acquire(self: &Arc<Self>, operation: &str, sets: &[(String, u32)]) -> Verdict<Lease> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let member = self.member(id);
         let mut invocation = self.scripts.acquire.prepare_invoke();
-        invocation.arg(&member).arg(self.ttl.as_millis() as u64);
+        invocation.arg(self.member(id)).arg(self.ttl.as_millis() as u64);
         for (key, cap) in sets {
             invocation.key(key).arg(*cap);
         }
+        self.lease(operation, id, sets.iter().map(|(k, _)| k.clone()).collect(), invocation).await
+    }
+
+    /// A login attempt's lease in `attempts_key` (the user and address's attempts in
+    /// flight), unless its failures (`failures_key`) and the attempts in flight reach
+    /// `lockout`: then `Refused(0)`.
+    pub async fn attempt(self: &Arc<Self>, failures_key: &str, attempts_key: &str, lockout: u32) -> Verdict<Lease> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut invocation = self.scripts.attempt.prepare_invoke();
+        invocation.key(failures_key).key(attempts_key);
+        invocation.arg(self.member(id)).arg(self.ttl.as_millis() as u64).arg(lockout);
+        self.lease("auth", id, vec![attempts_key.to_string()], invocation).await
+    }
+
+    /// Runs a script that adds lease `id` to `keys` (returning 0) or refuses (the 1-based
+    /// index of what refused); the lease is held, refreshed and released like any other.
+    async fn lease(
+        self: &Arc<Self>,
+        operation: &str,
+        id: u64,
+        keys: Vec<String>,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Verdict<Lease> {
         let mut redis = self.redis.clone();
         // Registered first, unconfirmed: a refresh running meanwhile leaves it alone, and a
         // cancelled acquire still releases it.
-        let keys: Vec<String> = sets.iter().map(|(k, _)| k.clone()).collect();
         self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (keys, false));
         let lease = Lease { fleet: self.clone(), id };
         let confirm = || {
@@ -338,17 +372,6 @@ impl Fleet {
             Ok(1) => Verdict::Allowed(()),
             Ok(_) => Verdict::Refused(0),
             Err(error) if self.failed(operation, &error, true) => Verdict::Allowed(()),
-            Err(_) => Verdict::Unavailable,
-        }
-    }
-
-    /// Failed logins counted on `user_key` in the current window.
-    pub async fn failures(&self, user_key: &str) -> Verdict<u32> {
-        let mut redis = self.redis.clone();
-        let get = redis::cmd("GET").arg(user_key).clone();
-        match self.call(get.query_async::<Option<u32>>(&mut redis)).await {
-            Ok(n) => Verdict::Allowed(n.unwrap_or(0)),
-            Err(error) if self.failed("auth", &error, true) => Verdict::Allowed(0),
             Err(_) => Verdict::Unavailable,
         }
     }

@@ -7,6 +7,9 @@
 //! the session ends. Counts live in maps pruned to the keys in use, so memory follows the
 //! number of open connections, not the number of addresses ever seen.
 //!
+//! Every per-user limit keys on the user's canonical name ([`identity`]), never on the name
+//! as typed.
+//!
 //! [`Limits`] is the one entry point for the sessions: with `store = "redis"` the caps, the
 //! connection and login rates, the failed-login counts and the download quotas go to the
 //! fleet's shared store ([`fleet`]) instead of this process's maps.
@@ -19,6 +22,7 @@ use crate::config::LimitsConfig;
 
 pub mod bandwidth;
 pub mod fleet;
+pub mod identity;
 pub mod penalty;
 pub mod rate;
 
@@ -60,6 +64,8 @@ pub enum Refused {
     PerAddress,
     PerUser,
     PerUserAddress,
+    /// Too many failed logins (with the attempts in flight) of the user at the address.
+    LockedOut,
     /// The shared store could not answer and is configured to fail closed.
     Unavailable,
 }
@@ -122,6 +128,7 @@ impl Network {
 
 pub struct Limits {
     config: LimitsConfig,
+    canonical: identity::Canonical,
     counts: Mutex<Counts>,
     pub penalties: penalty::Penalties,
     pub rates: rate::Rates,
@@ -148,6 +155,8 @@ impl Limits {
             window: config.auth_window.0,
         });
         let trusted = trusted_networks(config, &config.overrides);
+        let canonical = identity::Canonical::new(config.user_case, &config.default_domain);
+        let overrides = canonical_overrides(&canonical, &config.overrides);
         let limits = Arc::new(Limits {
             config: config.clone(),
             counts: Mutex::new(Counts::default()),
@@ -158,7 +167,7 @@ impl Limits {
                 config.download_bytes_per_session_per_second.0,
                 Some(bandwidth::DownloadQuota {
                     bytes: config.download_quota.0,
-                    per_user: quota_overrides(&config.overrides),
+                    per_user: quota_overrides(&overrides),
                     window: config.download_quota_window.0,
                     reject: config.download_quota_action == crate::config::QuotaAction::Reject,
                     over_rate: config.over_quota_bytes_per_second.0,
@@ -166,16 +175,23 @@ impl Limits {
                 fleet.clone(),
             )),
             trusted: std::sync::RwLock::new(trusted),
-            users: std::sync::RwLock::new(Arc::new(config.overrides.users.clone())),
+            users: std::sync::RwLock::new(Arc::new(overrides.users.clone())),
             fleet,
+            canonical,
         });
-        limits.apply_rate_overrides(&config.overrides);
+        limits.apply_rate_overrides(&overrides);
         limits
+    }
+
+    /// `user`'s canonical name: what every per-user limit, quota and report keys on.
+    pub fn canonical(&self, user: &str) -> String {
+        self.canonical.user(user)
     }
 
     /// Applies a new overrides file (on reload): trusted networks, per-user caps, download
     /// quotas and rates, command rates. Sessions already open keep the slots they hold.
     pub fn set_overrides(&self, overrides: &crate::config::Overrides) {
+        let overrides = &canonical_overrides(&self.canonical, overrides);
         *self.trusted.write().unwrap_or_else(|p| p.into_inner()) = trusted_networks(&self.config, overrides);
         *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(overrides.users.clone());
         self.bandwidth.set_quota_overrides(quota_overrides(overrides));
@@ -315,19 +331,27 @@ impl Limits {
         }
     }
 
-    /// Whether `user` at `ip` is locked out after too many failed logins.
-    pub async fn locked_out(&self, user: &str, ip: IpAddr) -> Result<bool, Refused> {
-        if self.trusted(ip) {
-            return Ok(false);
-        }
+    /// Admits a login attempt of `user` (canonical) from `ip` unless the user is locked out
+    /// there: its failures in the window, with the attempts still waiting for the upstream,
+    /// reached `auth_lockout_failures`. The attempt counts until it is given to
+    /// [`failed_login`](Limits::failed_login) or [`succeeded`](Limits::succeeded), or dropped.
+    pub async fn attempt(self: &Arc<Self>, user: &str, ip: IpAddr) -> Result<Attempt, Refused> {
         let key = self.client_key(ip);
+        let attempt = |held| Attempt { user: user.to_string(), ip, key, held };
+        if self.trusted(ip) {
+            return Ok(attempt(AttemptHeld::Nothing));
+        }
         match &self.fleet {
-            None => Ok(self.penalties.locked_out(user, key, std::time::Instant::now())),
+            None if self.penalties.begin(user, key, std::time::Instant::now()) => {
+                Ok(attempt(AttemptHeld::Local(self.clone())))
+            }
+            None => Err(Refused::LockedOut),
             Some(fleet) => {
-                let failures = fleet_verdict(fleet.failures(&self.failure_keys(fleet, user, key)[1]).await, |_| {
-                    Refused::Unavailable
-                })?;
-                Ok(failures >= self.config.auth_lockout_failures)
+                let [_, failures] = self.failure_keys(fleet, user, key);
+                let attempts = fleet.key(&format!("authtry:user:{key}:{user}"));
+                let lockout = self.config.auth_lockout_failures;
+                let lease = fleet_verdict(fleet.attempt(&failures, &attempts, lockout).await, |_| Refused::LockedOut)?;
+                Ok(attempt(AttemptHeld::Fleet { _lease: lease }))
             }
         }
     }
@@ -337,12 +361,13 @@ impl Limits {
         [fleet.key(&format!("authfail:ip:{key}")), fleet.key(&format!("authfail:user:{key}:{user}"))]
     }
 
-    /// Records a failed login of `user` from `ip`; how long to wait before answering it.
-    pub async fn failed_login(&self, user: &str, ip: IpAddr, password: &str) -> std::time::Duration {
-        if self.trusted(ip) {
+    /// Records `attempt` as failed with `password`; how long to wait before answering it.
+    /// The failure is counted before the attempt stops counting as in flight.
+    pub async fn failed_login(&self, attempt: Attempt, password: &str) -> std::time::Duration {
+        if self.trusted(attempt.ip) {
             return std::time::Duration::ZERO;
         }
-        let key = self.client_key(ip);
+        let (user, key) = (attempt.user.as_str(), attempt.key);
         let failure = self.penalties.failed(user, key, password, std::time::Instant::now());
         let Some(fleet) = &self.fleet else { return failure.delay };
         let [address, user_key] = self.failure_keys(fleet, user, key);
@@ -353,11 +378,10 @@ impl Limits {
     }
 
     /// A successful login clears the address's failures.
-    pub fn succeeded(&self, user: &str, ip: IpAddr) {
-        let key = self.client_key(ip);
-        self.penalties.succeeded(user, key);
+    pub fn succeeded(&self, attempt: Attempt) {
+        self.penalties.succeeded(&attempt.user, attempt.key);
         if let Some(fleet) = &self.fleet {
-            let (fleet, keys) = (fleet.clone(), self.failure_keys(fleet, user, key));
+            let (fleet, keys) = (fleet.clone(), self.failure_keys(fleet, &attempt.user, attempt.key));
             tokio::spawn(async move { fleet.clear(&keys).await });
         }
     }
@@ -373,6 +397,19 @@ impl Limits {
 /// configuration: unparsable entries were refused there.
 fn trusted_networks(config: &LimitsConfig, overrides: &crate::config::Overrides) -> Vec<Network> {
     (config.trusted_networks.iter().chain(&overrides.trusted_networks)).filter_map(|n| Network::parse(n).ok()).collect()
+}
+
+/// The overrides file with its users under their canonical names (two spellings of one
+/// user: the first in the file's order wins).
+fn canonical_overrides(
+    canonical: &identity::Canonical,
+    overrides: &crate::config::Overrides,
+) -> crate::config::Overrides {
+    let mut users = std::collections::BTreeMap::new();
+    for (user, o) in &overrides.users {
+        users.entry(canonical.user(user)).or_insert(*o);
+    }
+    crate::config::Overrides { users, ..overrides.clone() }
 }
 
 /// The overrides file's per-user download quotas.
@@ -395,6 +432,32 @@ enum Held {
     Local { limits: Arc<Limits>, key: ClientKey },
     User { limits: Arc<Limits>, user: String, key: ClientKey },
     Fleet { _lease: fleet::Lease },
+}
+
+/// A login attempt admitted by [`Limits::attempt`]: it counts towards the user's lockout
+/// while it waits for the upstream's answer.
+pub struct Attempt {
+    user: String,
+    ip: IpAddr,
+    key: ClientKey,
+    held: AttemptHeld,
+}
+
+enum AttemptHeld {
+    /// A trusted network: nothing counted.
+    Nothing,
+    Local(Arc<Limits>),
+    Fleet {
+        _lease: fleet::Lease,
+    },
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let AttemptHeld::Local(limits) = &self.held {
+            limits.penalties.end(&self.user, self.key);
+        }
+    }
 }
 
 /// A connection slot; given back on drop.
@@ -486,6 +549,24 @@ mod tests {
         assert!(limits.trusted("10.9.3.4".parse().unwrap()) && limits.trusted("192.0.2.9".parse().unwrap()));
         assert!(!limits.trusted(a));
         drop(leases);
+    }
+
+    #[tokio::test]
+    async fn overrides_apply_to_every_spelling_of_a_user() {
+        let overrides: crate::config::Overrides =
+            toml::from_str("[users.\"BigCorp@Example.ORG\"]\nmax_connections_per_user = 2\n").unwrap();
+        let limits = Limits::new(&LimitsConfig {
+            max_connections_per_user: 1,
+            default_domain: "example.org".into(),
+            overrides,
+            ..Default::default()
+        });
+        let a: IpAddr = "198.51.100.1".parse().unwrap();
+        let canonical = limits.canonical("BIGCORP");
+        assert_eq!(canonical, "bigcorp@example.org");
+        let _one = limits.login(&canonical, a).await.unwrap();
+        let _two = limits.login(&limits.canonical("bigcorp@example.org"), a).await.unwrap();
+        assert!(matches!(limits.login(&limits.canonical("BigCorp"), a).await, Err(Refused::PerUser)));
     }
 
     #[test]

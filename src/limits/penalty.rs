@@ -4,9 +4,16 @@
 //! - The delay doubles with each failure from an address (`base`, 2×, 4×, ... capped), the
 //!   way Dovecot's auth penalty does; it is a timer in the session's task, so it never
 //!   blocks a thread or any other session.
-//! - Retrying the same wrong password does not escalate: clients re-send a saved password
-//!   over and over, and punishing that helps nobody. Passwords are remembered only as keyed
-//!   hashes (a random key per process), never in a form that could be logged or reversed.
+//! - Retrying the same wrong password *for the same user* does not escalate: clients re-send
+//!   a saved password over and over, and punishing that helps nobody. The wrong passwords
+//!   are remembered per (user, address): remembered per address only, an attacker could
+//!   try a password on a decoy name first and the real user's attempt with it would pass as
+//!   a harmless repeat. Passwords are remembered only as keyed hashes (a random key per
+//!   process), never in a form that could be logged or reversed.
+//! - Attempts in flight count towards the lockout: an attempt is admitted ([`Penalties::begin`])
+//!   only while the user's failures plus its attempts still waiting for the upstream stay
+//!   under the lockout, so 30 concurrent guesses cannot all reach the upstream before the
+//!   first failure is recorded.
 //! - A success from an address clears its record; trusted networks are exempt.
 //! - Memory is bounded: records expire after the window, and at most `MAX_RECORDS` are kept
 //!   (the oldest go first).
@@ -20,7 +27,7 @@ use std::time::{Duration, Instant};
 use super::ClientKey;
 
 const MAX_RECORDS: usize = 100_000;
-/// Distinct wrong passwords remembered per address.
+/// Distinct wrong passwords remembered per user and address.
 const REMEMBERED: usize = 4;
 
 #[derive(Clone, Debug)]
@@ -37,17 +44,28 @@ pub struct Failure {
     pub counted: bool,
 }
 
-struct Record {
+/// An address's failures (any user), for the delay.
+struct AddressRecord {
+    failures: u32,
+    last: Instant,
+}
+
+/// A user's failures at an address, for the lockout.
+struct UserRecord {
     failures: u32,
     last: Instant,
     passwords: VecDeque<u64>,
+    /// Attempts admitted and not answered yet.
+    in_flight: u32,
 }
+
+type UserKey = (String, ClientKey);
 
 pub struct Penalties {
     config: PenaltyConfig,
     key: RandomState,
-    by_address: Mutex<HashMap<ClientKey, Record>>,
-    by_user: Mutex<HashMap<(String, ClientKey), (u32, Instant)>>,
+    by_address: Mutex<HashMap<ClientKey, AddressRecord>>,
+    by_user: Mutex<HashMap<UserKey, UserRecord>>,
 }
 
 impl Penalties {
@@ -60,42 +78,95 @@ impl Penalties {
         }
     }
 
-    /// Whether `user` at `address` is locked out now.
+    fn users(&self) -> std::sync::MutexGuard<'_, HashMap<UserKey, UserRecord>> {
+        self.by_user.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The user's record at `address`, started afresh when its window has passed.
+    fn user_record<'a>(
+        &self,
+        users: &'a mut HashMap<UserKey, UserRecord>,
+        user: &str,
+        address: ClientKey,
+        now: Instant,
+    ) -> &'a mut UserRecord {
+        prune(users, now, self.config.window, |r| r.last, |r| r.in_flight > 0);
+        let record = users.entry((user.to_string(), address)).or_insert(UserRecord {
+            failures: 0,
+            last: now,
+            passwords: VecDeque::new(),
+            in_flight: 0,
+        });
+        if now.duration_since(record.last) >= self.config.window {
+            record.failures = 0;
+            record.passwords.clear();
+        }
+        record
+    }
+
+    /// Admits a login attempt of `user` at `address` unless its failures and the attempts
+    /// still in flight reach the lockout; an admitted attempt must be ended with [`end`].
+    ///
+    /// [`end`]: Penalties::end
+    pub fn begin(&self, user: &str, address: ClientKey, now: Instant) -> bool {
+        let mut users = self.users();
+        let record = self.user_record(&mut users, user, address, now);
+        if record.failures + record.in_flight >= self.config.lockout_failures {
+            return false;
+        }
+        record.in_flight += 1;
+        record.last = now;
+        true
+    }
+
+    /// An admitted attempt got its answer (after [`failed`](Penalties::failed) if it failed).
+    pub fn end(&self, user: &str, address: ClientKey) {
+        let mut users = self.users();
+        let key = (user.to_string(), address);
+        if let Some(record) = users.get_mut(&key) {
+            record.in_flight = record.in_flight.saturating_sub(1);
+            if record.in_flight == 0 && record.failures == 0 && record.passwords.is_empty() {
+                users.remove(&key);
+            }
+        }
+    }
+
+    /// Whether `user` at `address` is locked out now (no attempt in flight counted).
     pub fn locked_out(&self, user: &str, address: ClientKey, now: Instant) -> bool {
-        let users = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
-        users.get(&(user.to_string(), address)).is_some_and(|&(failures, last)| {
-            failures >= self.config.lockout_failures && now.duration_since(last) < self.config.window
+        self.users().get(&(user.to_string(), address)).is_some_and(|r| {
+            r.failures >= self.config.lockout_failures && now.duration_since(r.last) < self.config.window
         })
     }
 
     /// Records a failed login: how long to wait before answering it, and whether it counted
-    /// (a repeated wrong password does not).
+    /// (a wrong password this user already tried from this address does not).
     pub fn failed(&self, user: &str, address: ClientKey, password: &str, now: Instant) -> Failure {
         let digest = self.key.hash_one(password);
+        let counted = {
+            let mut users = self.users();
+            let record = self.user_record(&mut users, user, address, now);
+            record.last = now;
+            let repeated = record.passwords.contains(&digest);
+            if !repeated {
+                record.failures += 1;
+                record.passwords.push_back(digest);
+                if record.passwords.len() > REMEMBERED {
+                    record.passwords.pop_front();
+                }
+            }
+            !repeated
+        };
         let mut records = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
-        prune(&mut records, now, self.config.window, |r| r.last);
-        let record = records.entry(address).or_insert(Record { failures: 0, last: now, passwords: VecDeque::new() });
+        prune(&mut records, now, self.config.window, |r| r.last, |_| false);
+        let record = records.entry(address).or_insert(AddressRecord { failures: 0, last: now });
         if now.duration_since(record.last) >= self.config.window {
-            *record = Record { failures: 0, last: now, passwords: VecDeque::new() };
+            record.failures = 0;
         }
-        let repeated = record.passwords.contains(&digest);
-        if !repeated {
+        if counted {
             record.failures += 1;
-            record.passwords.push_back(digest);
-            if record.passwords.len() > REMEMBERED {
-                record.passwords.pop_front();
-            }
-            let mut users = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
-            prune(&mut users, now, self.config.window, |&(_, last)| last);
-            let entry = users.entry((user.to_string(), address)).or_insert((0, now));
-            if now.duration_since(entry.1) >= self.config.window {
-                *entry = (0, now);
-            }
-            entry.0 += 1;
-            entry.1 = now;
         }
         record.last = now;
-        Failure { delay: self.delay(record.failures), counted: !repeated }
+        Failure { delay: self.delay(record.failures.max(1)), counted }
     }
 
     /// The delay after `failures` failures from one address: doubling, capped.
@@ -104,15 +175,23 @@ impl Penalties {
         (self.config.base_delay * 2u32.pow(doublings)).min(self.config.max_delay)
     }
 
-    /// A successful login clears the address's record.
+    /// A successful login clears the address's record and the user's failures there
+    /// (attempts still in flight keep counting until they end).
     pub fn succeeded(&self, user: &str, address: ClientKey) {
         self.by_address.lock().unwrap_or_else(|p| p.into_inner()).remove(&address);
-        self.by_user.lock().unwrap_or_else(|p| p.into_inner()).remove(&(user.to_string(), address));
+        let mut users = self.users();
+        let key = (user.to_string(), address);
+        if let Some(record) = users.get_mut(&key) {
+            record.failures = 0;
+            record.passwords.clear();
+            if record.in_flight == 0 {
+                users.remove(&key);
+            }
+        }
     }
 
     pub fn tracked(&self) -> usize {
-        self.by_address.lock().unwrap_or_else(|p| p.into_inner()).len()
-            + self.by_user.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.by_address.lock().unwrap_or_else(|p| p.into_inner()).len() + self.users().len()
     }
 }
 
@@ -122,11 +201,12 @@ fn prune<K: Clone + std::hash::Hash + Eq, V>(
     now: Instant,
     window: Duration,
     last: impl Fn(&V) -> Instant,
+    busy: impl Fn(&V) -> bool,
 ) {
     if map.len() < MAX_RECORDS {
         return;
     }
-    map.retain(|_, v| now.duration_since(last(v)) < window);
+    map.retain(|_, v| busy(v) || now.duration_since(last(v)) < window);
     if map.len() >= MAX_RECORDS {
         let mut ages: Vec<(K, Instant)> = map.iter().map(|(k, v)| (k.clone(), last(v))).collect();
         ages.sort_by_key(|(_, at)| *at);
@@ -188,6 +268,51 @@ mod tests {
         p.succeeded("alice", address(1));
         assert!(!p.locked_out("alice", address(1), now));
         assert_eq!(p.failed("alice", address(1), "new", now).delay.as_secs(), 2, "a success clears the record");
+    }
+
+    #[test]
+    fn a_password_tried_on_a_decoy_name_still_counts_for_the_real_user() {
+        let p = penalties();
+        let now = Instant::now();
+        for i in 0..5 {
+            let password = format!("guess{i}");
+            assert!(p.failed(&format!("decoy{i}"), address(1), &password, now).counted);
+            assert!(p.failed("alice", address(1), &password, now).counted, "guess {i} is alice's first try of it");
+        }
+        assert!(p.locked_out("alice", address(1), now));
+        // A user's own repeat still does not count.
+        assert!(p.failed("bob", address(1), "stale", now).counted);
+        assert!(!p.failed("bob", address(1), "stale", now).counted);
+    }
+
+    #[test]
+    fn attempts_in_flight_count_towards_the_lockout() {
+        let p = penalties();
+        let now = Instant::now();
+        // Thirty concurrent guesses: five are admitted, the rest wait for their answers.
+        let admitted = (0..30).filter(|_| p.begin("alice", address(1), now)).count();
+        assert_eq!(admitted, 5);
+        assert!(p.begin("bob", address(1), now), "another user is not affected");
+        p.end("bob", address(1));
+        for i in 0..5 {
+            p.failed("alice", address(1), &format!("guess{i}"), now);
+            p.end("alice", address(1));
+        }
+        assert!(!p.begin("alice", address(1), now), "five failures: locked out");
+        // Repeats answered give their places back.
+        let p = penalties();
+        for _ in 0..3 {
+            assert!(p.begin("alice", address(1), now));
+            p.failed("alice", address(1), "saved-old-password", now);
+            p.end("alice", address(1));
+        }
+        assert!((0..4).all(|_| p.begin("alice", address(1), now)), "one failure and four in flight");
+        assert!(!p.begin("alice", address(1), now));
+        for _ in 0..4 {
+            p.end("alice", address(1));
+        }
+        p.succeeded("alice", address(1));
+        assert_eq!(p.tracked(), 0, "nothing kept once every attempt ended and one succeeded");
     }
 
     #[test]

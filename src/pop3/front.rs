@@ -159,13 +159,13 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                     login(upstream, &credentials, &origin).await
                 };
                 let text = match service.log_in(&credentials, &origin, refusal_kind, login).await {
-                    LoginOutcome::LoggedIn { session, upstream, lease: _lease } => {
+                    LoginOutcome::LoggedIn { session, upstream, lease: _lease, account } => {
                         if conn.write("+OK Logged in.").await.is_err() {
                             return;
                         }
                         let scope = service.cache_scope(&upstream, &credentials, &session.proof);
                         let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                        relay::run(client, session, service, scope, credentials.identity()).await;
+                        relay::run(client, session, service, scope, &account).await;
                         return;
                     }
                     LoginOutcome::Refused(refusal) => match refusal {
@@ -187,6 +187,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                         }
                     }
                     LoginOutcome::Unavailable => "-ERR [SYS/TEMP] Mail server unavailable, try again later.".into(),
+                    LoginOutcome::TooLong => "-ERR [AUTH] User name or password too long.".into(),
                 };
                 if conn.write(&text).await.is_err() {
                     return;

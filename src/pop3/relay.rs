@@ -871,7 +871,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 if let Track::Seen(_) = track {
                     // The client was answered from the cache: the upstream's answer checks it.
                     if scope.cache.peek(&key).await.is_some_and(|cached| cached != value) {
-                        tracing::warn!(
+                        crate::log_budget::warn_limited!(
                             message = n,
                             "a POP3 message changed under its UIDL and size; replacing the cached copy"
                         );

@@ -143,7 +143,7 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
             reader.send(&origin.pop3_xclient()).await?;
             let answer = reader.line().await?;
             if !answer.starts_with(b"+OK") {
-                tracing::warn!("upstream refused the forwarded client identity (XCLIENT)");
+                crate::log_budget::warn_limited!("upstream refused the forwarded client identity (XCLIENT)");
             }
         } else {
             tracing::debug!("upstream offers no XCLIENT: the client's address is not forwarded");

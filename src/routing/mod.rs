@@ -132,12 +132,12 @@ impl Router {
         match (chosen, self.config.routing.on_lookup_error) {
             (Ok(upstream), _) => Ok(upstream),
             (Err(error), LookupFailure::Default) => {
-                tracing::warn!(%error, "routing lookup failed: using the listener's upstream");
+                crate::log_budget::warn_limited!(%error, "routing lookup failed: using the listener's upstream");
                 self.counted("lookup_failed");
                 Ok(default.clone())
             }
             (Err(error), LookupFailure::Refuse) => {
-                tracing::warn!(%error, "routing lookup failed: login refused");
+                crate::log_budget::warn_limited!(%error, "routing lookup failed: login refused");
                 self.counted("lookup_failed");
                 Err(error)
             }

@@ -58,7 +58,9 @@ impl Wire {
         match self.conn.read(&mut buf)? {
             0 => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
             n => {
+                let before = self.pending.len();
                 self.pending.extend_from_slice(&buf[..n]);
+                scrub_clientbug(&mut self.pending, before);
                 Ok(())
             }
         }
@@ -100,6 +102,36 @@ impl Wire {
             }
         }
     }
+}
+
+/// Drops Dovecot's pipelining warning from `pending`, looking at what arrived since `before`. Dovecot sends
+/// it when it parses a command that arrived while another one is answering, and can
+/// write it in the middle of that answer's literal (seen: `BODY[]<0> {10}\r\n* BAD
+/// [CLIENTBUG] ...\r\nReturn-Pat`). Where it lands depends on when each command
+/// reached Dovecot and how fast its answers are read, so it differs between the two
+/// sessions for reasons that are Dovecot's; the comparison ignores these lines anyway.
+fn scrub_clientbug(pending: &mut Vec<u8>, before: usize) {
+    const WARNING: &[u8] = b"* BAD [CLIENTBUG] Command pipelining results in ambiguity.\r\n";
+    let mut from = before.saturating_sub(WARNING.len() - 1);
+    while let Some(i) = memchr::memmem::find(&pending[from..], WARNING) {
+        pending.drain(from + i..from + i + WARNING.len());
+        from += i;
+    }
+}
+
+#[test]
+fn a_pipelining_warning_is_dropped_even_inside_a_literal_and_across_reads() {
+    let warning = b"* BAD [CLIENTBUG] Command pipelining results in ambiguity.\r\n";
+    let mut pending = b"* 18 FETCH (BODY[]<0> {10}\r\n".to_vec();
+    let before = pending.len();
+    pending.extend_from_slice(&warning[..20]);
+    scrub_clientbug(&mut pending, before);
+    let before = pending.len();
+    pending.extend_from_slice(&warning[20..]);
+    pending.extend_from_slice(b"Return-Pat)\r\n");
+    pending.extend_from_slice(warning);
+    scrub_clientbug(&mut pending, before);
+    assert_eq!(pending, b"* 18 FETCH (BODY[]<0> {10}\r\nReturn-Pat)\r\n");
 }
 
 /// `n` for a line ending in `{n}` (or `{n+}`, `~{n}`) before its CRLF.

@@ -96,6 +96,13 @@ pub fn handshake(
     Ok(stream)
 }
 
+/// Whether the server closes `tcp` before a TLS handshake completes (how an implicit-TLS
+/// port refuses a connection over a limit); a completed handshake is `false`.
+pub fn closed_before_tls(tcp: TcpStream, config: Arc<ClientConfig>) -> bool {
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    handshake(tcp, config, "localhost").is_err()
+}
+
 impl Client {
     pub fn plain(addr: SocketAddr) -> Client {
         Client::plain_over(tcp(addr))

@@ -20,13 +20,18 @@ pub struct Gateway {
 impl Gateway {
     /// Writes `config` to `dir/mailgate.toml` and starts mailgate with debug logging.
     pub fn start(dir: &Path, config: &str) -> Gateway {
+        Gateway::start_logging(dir, config, "debug,mailgate=trace")
+    }
+
+    /// Like [`Gateway::start`], with `filter` as `RUST_LOG`.
+    pub fn start_logging(dir: &Path, config: &str, filter: &str) -> Gateway {
         let config_path = dir.join(format!("mailgate-{}.toml", std::process::id() as u64 * 1000 + rand_suffix()));
         std::fs::write(&config_path, config).unwrap();
         let expected = config.matches("[[listener]]").count();
         let mut child = Command::new(env!("CARGO_BIN_EXE_mailgate"))
             .args(["run", "--config"])
             .arg(&config_path)
-            .env("RUST_LOG", "debug,mailgate=trace")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -4,6 +4,7 @@
 //! implicit TLS, verified against Dovecot's certificate.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio_rustls::rustls::ClientConfig;
@@ -32,6 +33,12 @@ impl Setup {
 
     /// `imap_section` lines go under `[imap]`; `extra` is appended to the config.
     pub fn start_with(imap_section: &str, extra: &str) -> Setup {
+        Setup::start_edited(imap_section, extra, |config, _| config)
+    }
+
+    /// Like [`Setup::start_with`], the configuration then rewritten by `edit` (given the
+    /// test's directory, for files the configuration names).
+    pub fn start_edited(imap_section: &str, extra: &str, edit: impl FnOnce(String, &Path) -> String) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::generate(dir.path());
         let dovecot = Dovecot::start(&[ALICE, BOB]);
@@ -44,6 +51,7 @@ impl Setup {
             imap_section,
             extra,
         );
+        let config = edit(config, dir.path());
         let gateway = Gateway::start(dir.path(), &config);
         Setup { dir, pki, dovecot, gateway }
     }
