@@ -658,7 +658,10 @@ start_dovecot() {
 		ssl_key = <$DC/tls/server.key
 		disable_plaintext_auth = no
 		auth_mechanisms = plain login
-		login_trusted_networks =
+		# mailgate (on 127.0.0.1) forwards each client's address (forward_client =
+		# "commands", its default); trusting it makes Dovecot's logs and per-address rules
+		# see the client, not mailgate.
+		login_trusted_networks = 127.0.0.1/32
 
 		# No 2 s delay (and growing penalty) after a wrong password: it is a demo.
 		auth_failure_delay = 0

@@ -123,12 +123,15 @@ fn default_proxy_timeout() -> Span {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ForwardClient {
-    /// It does not: it sees mailgate's address.
-    #[default]
+    /// It does not: it sees mailgate's address, so its per-address penalties and caps hit
+    /// every user behind mailgate at once.
     None,
     /// IMAP `ID` with Dovecot's `x-originating-ip`/`x-connected-ip`/`x-session-id`/...
     /// fields, POP3 `XCLIENT ADDR= PORT= SESSION= TTL=`, before the login. Honoured by
-    /// Dovecot when mailgate is in its `login_trusted_networks`.
+    /// Dovecot when mailgate is in its `login_trusted_networks`; an upstream that does not
+    /// trust mailgate takes it as the client's ID (XCLIENT is sent only when offered), so
+    /// it is the default: safe either way.
+    #[default]
     Commands,
     /// A PROXY protocol v2 header (with the SSL and ALPN TLVs) first on every upstream
     /// connection: for a listener with `haproxy = yes` (Dovecot) or `send-proxy-v2` peers.
@@ -297,6 +300,11 @@ pub struct ImapConfig {
     /// only needs room for a user name and a password.
     pub preauth_max_line_bytes: ByteSize,
     pub preauth_max_literal_bytes: ByteSize,
+    /// Before authentication, the two commands that legitimately run longer: `ID` (RFC 2971
+    /// allows 30 pairs of 30-octet fields and 1024-octet values: ~32 KiB quoted, more with
+    /// escapes or literals) and `AUTHENTICATE` (an OAuth token of several KB, as SASL-IR or
+    /// as the response line). The whole command, lines and literals, stays under this.
+    pub preauth_max_long_command_bytes: ByteSize,
     /// Command line and literal limits after authentication (APPEND needs the literal room).
     pub max_line_bytes: ByteSize,
     pub max_literal_bytes: ByteSize,
@@ -310,6 +318,7 @@ impl Default for ImapConfig {
             idle_timeout: Span(std::time::Duration::from_secs(30 * 60)),
             preauth_max_line_bytes: ByteSize(8 << 10),
             preauth_max_literal_bytes: ByteSize(8 << 10),
+            preauth_max_long_command_bytes: ByteSize(64 << 10),
             // Dovecot's imap_max_line_length is 64 KiB.
             max_line_bytes: ByteSize(64 << 10),
             // 64 MiB: above the common 25-50 MiB message size limits.
@@ -990,6 +999,9 @@ impl Config {
                 "line limits must be at least 512 bytes before and 1KiB after login",
             ));
         }
+        if i.preauth_max_long_command_bytes.0 < i.preauth_max_line_bytes.0 {
+            errors.push(error("imap.preauth_max_long_command_bytes", "must be at least imap.preauth_max_line_bytes"));
+        }
         errors
     }
 
@@ -1118,7 +1130,7 @@ impl Default for UpstreamConfig {
             connect_timeout: default_connect_timeout(),
             tls_timeout: default_connect_timeout(),
             login_timeout: default_upstream_login_timeout(),
-            forward_client: ForwardClient::None,
+            forward_client: ForwardClient::Commands,
             health_check_interval: default_health_check_interval(),
         }
     }

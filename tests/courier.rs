@@ -421,6 +421,29 @@ fn courier_pop3_retr_and_top_equal_direct_cold_and_warm() {
     assert_eq!(field(warm, "cache_misses="), Some(0), "warm: {warm}");
 }
 
+/// RFC 2449: after login, CAPA lists what the upstream's own CAPA lists in the
+/// TRANSACTION state, `LOGIN-DELAY 10` included (clients space their polls by it); and
+/// QUIT's `+OK` is the last thing the client reads (RFC 1939 §6).
+#[test]
+fn courier_pop3_capa_after_login_keeps_login_delay_and_quit_is_the_last_answer() {
+    let setup = CourierSetup::start(USERS);
+    let mut direct = setup.pop3_direct("bob");
+    direct.send(b"CAPA\r\n");
+    let want = pop3_response(&mut direct, true);
+    pop3_quit(direct);
+    assert!(show(&want).contains("LOGIN-DELAY 10"), "Courier's own CAPA: {}", show(&want));
+
+    let mut via = setup.pop3_login("bob");
+    via.send(b"CAPA\r\n");
+    let got = pop3_response(&mut via, true);
+    assert!(show(&got).contains("LOGIN-DELAY 10"), "CAPA through mailgate: {}", show(&got));
+    via.send(b"QUIT\r\n");
+    let quit = via.raw_line();
+    assert!(quit.starts_with(b"+OK"), "{}", show(&quit));
+    let rest = via.rest_bytes();
+    assert!(rest.is_empty(), "after QUIT's +OK mailgate wrote {}", show(&rest));
+}
+
 // ---------------------------------------------------------------------------------------
 // Relayed commands
 // ---------------------------------------------------------------------------------------

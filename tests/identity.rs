@@ -112,7 +112,7 @@ fn dovecot_logs_the_client_address_forwarded_with_imap_id_and_pop3_xclient() {
 fn without_forwarding_or_trust_dovecot_sees_mailgate() {
     // forward_client = "commands" but Dovecot does not trust mailgate: the ID fields are
     // only the client's ID to it, and the login still works.
-    let setup = start(Options::default(), "commands", "");
+    let setup = start(Options { login_trusted_networks: String::new(), ..Options::default() }, "commands", "");
     let _imap = imap_login_from(&setup, "127.0.0.82", BOB);
     let line = dovecot_login_line(&setup.dovecot, "imap-login", "bob", "rip=");
     assert!(line.contains("rip=127.0.0.1,"), "{line}");
@@ -247,4 +247,67 @@ fn an_ipv6_client_is_served_logged_limited_and_forwarded_as_itself() {
     let second = TcpStream::connect(imaps).unwrap();
     assert!(closed_before_tls(second, setup.tls_config()), "not refused at accept");
     assert!(client.command("n", "NOOP").last().unwrap().starts_with("n OK"));
+}
+
+/// Issue 12, defect 8: with mailgate's defaults (`forward_client = "commands"`) and Dovecot
+/// trusting mailgate (`login_trusted_networks`, as OPERATIONS.md sets it up), Dovecot's own
+/// failed-login delay and penalty (kept as shipped here) fall on the client that failed,
+/// not on every user behind mailgate. Before, Dovecot saw every login come from mailgate's
+/// address: a correct login after another client's three failures waited 2-4 s.
+#[test]
+fn dovecot_penalizes_the_client_that_failed_not_every_user_behind_mailgate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let dovecot = Dovecot::start_with(&[ALICE, BOB], &Options { auth_penalties: true, ..Options::default() });
+    // No forward_client: the default. mailgate's own penalty is per client address, so it
+    // never delays the other addresses measured; short, so that the failures go quickly.
+    let config = gateway_config_with(
+        &pki,
+        Some(&dovecot.imaps.to_string()),
+        Some(&dovecot.pop3s.to_string()),
+        "implicit",
+        Some(&dovecot.ca_pem()),
+        "",
+        "[limits]\nauth_base_delay = \"100ms\"\nauth_max_delay = \"200ms\"\n",
+    );
+    assert!(!config.contains("forward_client"));
+    let gateway = Gateway::start(dir.path(), &config);
+    let setup = Setup { dir, pki, dovecot, gateway };
+
+    // Three wrong passwords (distinct: Dovecot does not escalate a repeated one) from
+    // 127.0.0.2, by IMAP, POP3 (XCLIENT) and IMAP again: a protocol that did not forward
+    // would have Dovecot penalize mailgate's own address, and its correct login below.
+    for (n, protocol) in [(1, "imap"), (2, "pop3"), (3, "imap")] {
+        let listener = if protocol == "imap" { "imaps" } else { "pop3s" };
+        let mut client = Client::tls_over(tcp_from(setup.addr(listener), ip("127.0.0.2")), setup.tls_config());
+        client.line().unwrap();
+        let refused = if protocol == "imap" {
+            client.command("f", &format!("LOGIN bob wrong-{n}")).pop().unwrap()
+        } else {
+            client.send(format!("USER alice\r\nPASS wrong-{n}\r\n").as_bytes());
+            assert!(client.line().unwrap().starts_with("+OK"));
+            client.line().unwrap()
+        };
+        assert!(refused.starts_with("f NO") || refused.starts_with("-ERR"), "{refused}");
+    }
+    // Then the right ones from other addresses.
+    let mut client = Client::tls_over(tcp_from(setup.addr("imaps"), ip("127.0.0.3")), setup.tls_config());
+    client.line().unwrap();
+    let started = Instant::now();
+    client.login(BOB);
+    let imap = started.elapsed();
+    dovecot_login_line(&setup.dovecot, "imap-login", "bob", "rip=127.0.0.3");
+    let started = Instant::now();
+    let _pop3 = pop3_login_from(&setup, "127.0.0.5", ALICE);
+    let pop3 = started.elapsed();
+    dovecot_login_line(&setup.dovecot, "pop3-login", "alice", "rip=127.0.0.5");
+
+    println!("correct logins after another address's three failures: IMAP {imap:?}, POP3 {pop3:?}");
+    // Dovecot's penalty is whole seconds (2 s and up); a login without it takes milliseconds.
+    for (protocol, took) in [("IMAP", imap), ("POP3", pop3)] {
+        assert!(took < Duration::from_millis(1500), "{protocol}: {took:?}, Dovecot's penalty for another client");
+    }
+    // The failures themselves were Dovecot's to delay, from their own address.
+    let log = setup.dovecot.log();
+    assert!(log.contains("rip=127.0.0.2"), "{log}");
 }

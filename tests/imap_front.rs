@@ -321,3 +321,147 @@ fn a_silent_client_is_cut_at_the_tls_handshake_timeout() {
     // The test configuration sets handshake_timeout = "5s".
     assert!(elapsed >= Duration::from_secs(4) && elapsed < Duration::from_secs(15), "{elapsed:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Pre-login commands longer than a line limit (issue 12, defect 6)
+// ---------------------------------------------------------------------------------------
+
+/// An OAuth access token of several KB (as PLAIN's password, which Dovecot's oauth2 passdb
+/// takes, or in OAUTHBEARER): over the 8 KiB line limit in base64.
+fn token() -> String {
+    (0..7000).map(|i| b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[i * 7 % 64] as char).collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum IdForm {
+    Quoted,
+    /// Every field and value a synchronizing literal.
+    Literals,
+    /// LITERAL+.
+    NonSyncLiterals,
+}
+
+/// Sends `tag ID (...)` with RFC 2971's maximum: 30 pairs, 30-octet fields, 1024-octet
+/// values; returns the answer.
+fn send_maximal_id(client: &mut Client, tag: &str, form: IdForm) -> Vec<String> {
+    let pairs: Vec<(String, String)> = (0..30)
+        .map(|i| {
+            let field = format!("x-field-{i:02}-{}", "f".repeat(19));
+            let value = format!("{i:02}{}", "v".repeat(1022));
+            assert_eq!((field.len(), value.len()), (30, 1024));
+            (field, value)
+        })
+        .collect();
+    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    match form {
+        IdForm::Quoted => {
+            let list: Vec<String> = pairs.iter().map(|(f, v)| format!("{} {}", quote(f), quote(v))).collect();
+            let line = format!("{tag} ID ({})\r\n", list.join(" "));
+            assert!(line.len() > 30_000, "{}", line.len());
+            client.send(line.as_bytes());
+        }
+        IdForm::Literals | IdForm::NonSyncLiterals => {
+            let plus = if matches!(form, IdForm::NonSyncLiterals) { "+" } else { "" };
+            let mut pending = format!("{tag} ID (");
+            for (i, (field, value)) in pairs.iter().enumerate() {
+                for (j, text) in [field, value].into_iter().enumerate() {
+                    if i > 0 || j > 0 {
+                        pending.push(' ');
+                    }
+                    pending.push_str(&format!("{{{}{plus}}}\r\n", text.len()));
+                    client.send(pending.as_bytes());
+                    if plus.is_empty() {
+                        let go = client.line().unwrap();
+                        assert!(go.starts_with("+"), "{form:?}: {go}");
+                    }
+                    client.send(text.as_bytes());
+                    pending.clear();
+                }
+            }
+            client.send(b")\r\n");
+        }
+    }
+    client.until_tagged(tag)
+}
+
+/// The answer's shape: untagged response names and the tagged status (the server's own
+/// ID fields and texts differ).
+fn shape(lines: &[String]) -> Vec<String> {
+    lines.iter().map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect()
+}
+
+#[test]
+fn a_maximal_id_is_answered_as_dovecot_answers_it() {
+    let setup = Setup::start();
+    for form in [IdForm::Quoted, IdForm::Literals, IdForm::NonSyncLiterals] {
+        let mut direct =
+            Client::tls(setup.dovecot.imaps, support::tls::client_config_trusting(&setup.dovecot.ca_pem(), &[]));
+        direct.line().unwrap();
+        let want = send_maximal_id(&mut direct, "i", form);
+        let mut via = setup.imaps();
+        let got = send_maximal_id(&mut via, "i", form);
+        assert_eq!(shape(&got), shape(&want), "{form:?}: through mailgate {got:?}, direct {want:?}");
+        assert_eq!(shape(&got), ["* ID", "i OK"], "{form:?}");
+        // The session goes on: the ID cost it nothing.
+        via.login(BOB);
+        assert!(via.command("s", "SELECT INBOX").last().unwrap().starts_with("s OK"));
+    }
+}
+
+/// mailgate admits an AUTHENTICATE of OAuth size, as SASL-IR and as the response line, and
+/// its answer is a tagged one: the upstream's to give (Dovecot's own limit for SASL data
+/// is about 8 KB, and it drops such a login: see defect 7 of issue 12 for how that is
+/// answered), or mailgate's NO for a mechanism it does not offer. No BYE for the size.
+#[test]
+fn an_oauth_sized_authenticate_gets_a_tagged_answer_not_a_bye() {
+    let setup = Setup::start();
+    let token = token();
+    let plain = STANDARD.encode(format!("\0bob\0{token}"));
+    assert!(plain.len() > 9000, "{}", plain.len());
+
+    let mut client = setup.imaps();
+    let lines = client.command("a", &format!("AUTHENTICATE PLAIN {plain}"));
+    assert!(lines.last().unwrap().starts_with("a NO "), "SASL-IR: {lines:?}");
+    client.send(b"b AUTHENTICATE PLAIN\r\n");
+    assert_eq!(client.line().unwrap(), "+ ");
+    client.send(format!("{plain}\r\n").as_bytes());
+    let lines = client.until_tagged("b");
+    assert!(lines.last().unwrap().starts_with("b NO "), "response line: {lines:?}");
+    // A mechanism mailgate does not offer: a clear NO, whatever the size.
+    let bearer = STANDARD.encode(format!("n,a=bob,\x01auth=Bearer {token}\x01\x01"));
+    let lines = client.command("c", &format!("AUTHENTICATE OAUTHBEARER {bearer}"));
+    assert_eq!(lines, ["c NO [CANNOT] Unsupported authentication mechanism."]);
+    // The same session still logs in.
+    client.login(BOB);
+    let log = setup.gateway.log();
+    assert!(!log.contains(&token[..100]) && !log.contains(&plain[..100]), "the token reached the log");
+}
+
+#[test]
+fn commands_over_the_pre_login_bounds_are_refused_clearly_and_logged() {
+    let setup = Setup::start();
+    // Any other command keeps the line limit (8 KiB).
+    let mut client = setup.imaps();
+    let _ = client.try_send(format!("a LOGIN bob {}\r\n", "x".repeat(9000)).as_bytes());
+    assert_eq!(client.rest(), ["* BYE Command line too long."]);
+    // An ID line over the long bound (64 KiB).
+    let mut client = setup.imaps();
+    let _ = client.try_send(format!("b ID (\"name\" \"{}\")\r\n", "x".repeat(70_000)).as_bytes());
+    assert_eq!(client.rest(), ["* BYE Command line too long."]);
+    // An ID whose literals together pass it (30 pairs of 4 KiB values, LITERAL+).
+    let mut client = setup.imaps();
+    let mut id = b"c ID (".to_vec();
+    for i in 0..30 {
+        id.extend_from_slice(format!("{}\"f{i}\" {{4096+}}\r\n", if i > 0 { " " } else { "" }).as_bytes());
+        id.extend_from_slice(&[b'v'; 4096]);
+    }
+    id.extend_from_slice(b")\r\n");
+    let _ = client.try_send(&id);
+    assert_eq!(client.rest(), ["* BYE Command too long."]);
+    assert_still_serving(&setup);
+    let log = setup.gateway.log();
+    let refusals: Vec<&str> =
+        log.lines().filter(|l| l.contains(" INFO ") && l.contains("too long before login")).collect();
+    assert_eq!(refusals.len(), 3, "{refusals:#?}");
+    assert!(refusals.iter().any(|l| l.contains("command=\"ID\"") || l.contains("command=ID")), "{refusals:#?}");
+}

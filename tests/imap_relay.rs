@@ -212,3 +212,58 @@ fn pipelining_beyond_the_in_flight_cap_is_slowed_not_refused() {
         assert!(lines.last().unwrap().starts_with(&format!("t{i} OK")), "{lines:?}");
     }
 }
+
+/// A normal LOGOUT ends the session as a logout in the log, every time: not as whichever
+/// of "client closed" and "upstream closed" happened to be seen first.
+#[test]
+fn logout_is_logged_as_a_logout_every_time() {
+    let setup = Setup::start();
+    const SESSIONS: usize = 12;
+    for i in 0..SESSIONS {
+        let mut client = setup.login(BOB);
+        if i % 2 == 1 {
+            // Pipelined behind a command, as clients do when they are done.
+            client.send(b"n NOOP\r\n");
+        }
+        client.send(b"z LOGOUT\r\n");
+        let lines = client.until_tagged("z");
+        assert!(lines.iter().any(|l| l.starts_with("* BYE")), "{lines:?}");
+        assert!(lines.last().unwrap().starts_with("z OK"), "{lines:?}");
+        assert!(client.rest().is_empty());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let log = setup.gateway.log();
+        let ended: Vec<String> = log.lines().filter(|l| l.contains("session ended")).map(str::to_string).collect();
+        if ended.len() >= SESSIONS || Instant::now() > deadline {
+            break ended;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(ended.len(), SESSIONS, "{ended:#?}");
+    for line in &ended {
+        assert!(line.contains("reason=Logout"), "{line}");
+    }
+}
+
+/// The capabilities in LOGIN's tagged `OK [CAPABILITY ...]` are exactly what `CAPABILITY`
+/// answers through mailgate afterwards (RFC 9051 §7.1: a client may take either).
+#[test]
+fn capabilities_after_login_equal_those_capability_answers() {
+    let setup = Setup::start();
+    for login in ["a LOGIN bob bob-Pass-42", "a AUTHENTICATE PLAIN AGJvYgBib2ItUGFzcy00Mg=="] {
+        let mut client = setup.imaps();
+        let lines = client.command("a", login.strip_prefix("a ").unwrap());
+        let ok = lines.last().unwrap();
+        let in_ok = ok
+            .strip_prefix("a OK [CAPABILITY ")
+            .and_then(|rest| rest.split_once(']'))
+            .unwrap_or_else(|| panic!("{ok}"))
+            .0
+            .to_string();
+        let caps = client.command("b", "CAPABILITY");
+        let listed = caps[0].strip_prefix("* CAPABILITY ").unwrap_or_else(|| panic!("{caps:?}"));
+        assert_eq!(in_ok, listed, "{login}: tagged OK vs CAPABILITY");
+        assert!(listed.split(' ').any(|c| c == "SASL-IR"), "Dovecot lists SASL-IR after login: {listed}");
+    }
+}

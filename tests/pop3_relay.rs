@@ -142,3 +142,56 @@ fn sigterm_ends_idle_pop3_sessions_without_committing_deletions() {
     direct.send(b"STAT\r\n");
     assert!(direct.line().unwrap().starts_with("+OK 3 "));
 }
+
+/// The "session ended" lines of the log, once there are `count` (bounded wait).
+fn ended_sessions(setup: &Setup, count: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = setup.gateway.log();
+        let ended: Vec<String> = log.lines().filter(|l| l.contains("session ended")).map(str::to_string).collect();
+        if ended.len() >= count || std::time::Instant::now() > deadline {
+            return ended;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// RFC 1939 §6: the answer to QUIT is the last thing on the connection (a command the client
+/// pipelined behind it is not answered, by Dovecot either), and the log calls the end a
+/// logout every time, whichever side closed its socket first.
+#[test]
+fn quit_answer_is_the_last_thing_the_client_reads_and_the_log_says_logout() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 3, 2);
+    let scripts: [&[u8]; 3] = [
+        b"QUIT\r\n",
+        // Message 1 from the cache (after the first round), with mailgate's own RETR upstream.
+        b"RETR 1\r\nQUIT\r\n",
+        b"QUIT\r\nNOOP\r\nSTAT\r\n",
+    ];
+    let mut sessions = 0;
+    for round in 0..4 {
+        for script in scripts {
+            let mut client = setup.pop3_login(BOB);
+            client.send(script);
+            if script.starts_with(b"RETR") {
+                assert!(response(&mut client, true).starts_with(b"+OK"));
+            }
+            let quit = client.line().expect("QUIT answer");
+            assert!(quit.starts_with("+OK"), "{quit}");
+            let rest = client.rest_bytes();
+            assert!(
+                rest.is_empty(),
+                "round {round}, {:?}: after QUIT's +OK: {:?}",
+                String::from_utf8_lossy(script),
+                String::from_utf8_lossy(&rest)
+            );
+            sessions += 1;
+        }
+    }
+    let ended = ended_sessions(&setup, sessions);
+    assert_eq!(ended.len(), sessions, "{ended:#?}");
+    for line in &ended {
+        assert!(line.contains("reason=Logout"), "{line}");
+    }
+}

@@ -125,6 +125,16 @@ impl Framer {
         self.continued = false;
     }
 
+    /// The longest line accepted from now on, the current one included (a caller that
+    /// learns from a line's first bytes that its command may be longer raises it).
+    pub fn set_max_line(&mut self, max_line: usize) {
+        self.max_line = max_line;
+    }
+
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
     /// Forgets everything, e.g. after STARTTLS.
     pub fn reset(&mut self) {
         *self = Framer::new(self.max_line);
@@ -149,10 +159,12 @@ impl Framer {
                     Some(i) => (i + 1, true),
                     None => (input.len(), false),
                 };
-                self.line_len += consumed;
-                if self.line_len > self.max_line {
+                // Refused without taking anything: the caller may raise the limit and feed
+                // the same bytes again.
+                if self.line_len + consumed > self.max_line {
                     return Err(FrameError::LineTooLong(self.max_line));
                 }
+                self.line_len += consumed;
                 let chunk = &input[..consumed];
                 let room = HEAD_LEN.saturating_sub(self.head.len());
                 self.head.extend_from_slice(&chunk[..room.min(chunk.len())]);
@@ -337,6 +349,17 @@ mod tests {
         let mut framer = Framer::new(100);
         assert!(framer.feed(&[b'x'; 100]).is_ok());
         assert_eq!(framer.feed(b"x"), Err(FrameError::LineTooLong(100)));
+    }
+
+    #[test]
+    fn a_refused_line_goes_on_under_a_raised_limit() {
+        let mut framer = Framer::new(10);
+        assert_eq!(framer.feed(b"a ID (\"x\"").unwrap().consumed, 9);
+        assert_eq!(framer.feed(b" \"long value\")\r\n"), Err(FrameError::LineTooLong(10)));
+        framer.set_max_line(100);
+        let step = framer.feed(b" \"long value\")\r\n").unwrap();
+        let Some(Event::Line(line)) = step.event else { panic!("{step:?}") };
+        assert_eq!((line.len, line.head.as_slice()), (25, &b"a ID (\"x\" \"long value\")"[..]));
     }
 
     #[test]

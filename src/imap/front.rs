@@ -52,6 +52,22 @@ enum Input {
 }
 
 const MAX_PARTS: usize = 8;
+/// An `ID` may send each of its 30 fields and values as a literal (RFC 2971): a line and a
+/// literal each, and the closing line.
+const MAX_ID_PARTS: usize = 4 * 30 + 1;
+
+/// The commands allowed `imap.preauth_max_long_command_bytes` instead of the line limit.
+const LONG_COMMANDS: [&str; 2] = ["ID", "AUTHENTICATE"];
+
+/// The long command that `prefix` (a line's first bytes) begins, if its name is complete
+/// (followed by a space: an `IDX...` cut after `ID` is no ID).
+fn long_command(prefix: &[u8]) -> Option<&'static str> {
+    let (tag, name) = command::peek_name(prefix)?;
+    if prefix.get(tag.len() + 1 + name.len()) != Some(&b' ') {
+        return None;
+    }
+    LONG_COMMANDS.into_iter().find(|long| *long == name)
+}
 
 impl Conn {
     async fn write(&mut self, bytes: &[u8]) -> Result<(), Stop> {
@@ -77,21 +93,56 @@ impl Conn {
     }
 
     /// Reads one whole command (lines and literals), deciding on each announced literal.
+    ///
+    /// What one command may hold in memory: lines of `preauth_max_line_bytes` and fewer
+    /// than [`MAX_PARTS`] parts (literals of `preauth_max_literal_bytes`); for ID and
+    /// AUTHENTICATE, `preauth_max_long_command_bytes` in all (lines and literals together).
     async fn command(&mut self, service: &Service, privacy_required: bool) -> Result<Input, Stop> {
         let limits = &service.config.imap;
+        let long_limit = limits.preauth_max_long_command_bytes.as_usize();
+        self.framer.set_max_line(limits.preauth_max_line_bytes.as_usize());
         let mut parts = Vec::new();
         let mut current = Vec::new();
         let mut first: Option<(String, String)> = None;
+        // A long command (ID, AUTHENTICATE) and its bytes so far, for its bound.
+        let mut long = false;
+        let mut total = 0usize;
         loop {
             if self.buffer.is_empty() {
                 self.fill(service).await?;
             }
             let step = match self.framer.feed(&self.buffer) {
                 Ok(step) => step,
-                Err(FrameError::LineTooLong(_)) => return Err(Stop::Bye("Command line too long.")),
+                Err(FrameError::LineTooLong(limit)) => {
+                    // The command's name is in the first line's first bytes: what the
+                    // framer took of the line so far, then what it refused.
+                    let name = match &first {
+                        Some((_, name)) => LONG_COMMANDS.into_iter().find(|long| long == name),
+                        None => {
+                            let mut prefix = current[..current.len().min(64)].to_vec();
+                            let more = 64 - prefix.len();
+                            prefix.extend_from_slice(&self.buffer[..self.buffer.len().min(more)]);
+                            long_command(&prefix)
+                        }
+                    };
+                    if name.is_some() && limit < long_limit {
+                        long = true;
+                        self.framer.set_max_line(long_limit);
+                        continue;
+                    }
+                    info!(limit, command = name.unwrap_or("other"), "command line too long before login: closing");
+                    return Err(Stop::Bye("Command line too long."));
+                }
                 // Literals are decided as soon as announced; never reached.
                 Err(FrameError::LiteralUndecided) => return Err(Stop::Gone),
             };
+            total += step.consumed;
+            if long && total > long_limit {
+                // Its lines and literals together (any other command is bounded by its
+                // line limit and its literals' size and number).
+                info!(limit = long_limit, "command too long before login: closing");
+                return Err(Stop::Bye("Command too long."));
+            }
             current.extend_from_slice(&self.buffer.split_to(step.consumed));
             match step.event {
                 None => continue,
@@ -107,6 +158,7 @@ impl Conn {
                     current.clear();
                     if parts.is_empty() {
                         first = command::peek_name(&line.head);
+                        long |= first.as_ref().is_some_and(|(_, name)| LONG_COMMANDS.contains(&name.as_str()));
                     }
                     parts.push(Part::Line { text, literal_follows: announce.is_some() });
                     let Some(announce) = announce else {
@@ -114,7 +166,14 @@ impl Conn {
                     };
                     let (tag, name) = first.clone().unwrap_or_else(|| ("*".into(), String::new()));
                     let credentials = name == "LOGIN" || name == "AUTHENTICATE";
-                    if announce.len > limits.preauth_max_literal_bytes.0 || parts.len() >= MAX_PARTS {
+                    let max_parts = if name == "ID" { MAX_ID_PARTS } else { MAX_PARTS };
+                    if announce.len > limits.preauth_max_literal_bytes.0 || parts.len() >= max_parts {
+                        info!(
+                            command = name.as_str(),
+                            literal = announce.len,
+                            parts = parts.len(),
+                            "literal refused before login"
+                        );
                         if announce.non_sync {
                             return Err(Stop::Bye("Literal too large before authentication."));
                         }
@@ -140,14 +199,20 @@ impl Conn {
         }
     }
 
-    /// One line of a SASL exchange; a literal announcement there is just text.
+    /// One line of a SASL exchange; a literal announcement there is just text. It may be
+    /// as long as a long command (an OAuth token).
     async fn sasl_line(&mut self, service: &Service) -> Result<Vec<u8>, Stop> {
+        let limit = service.config.imap.preauth_max_long_command_bytes.as_usize();
+        self.framer.set_max_line(limit);
         let mut line = Vec::new();
         loop {
             if self.buffer.is_empty() {
                 self.fill(service).await?;
             }
-            let step = self.framer.feed(&self.buffer).map_err(|_| Stop::Bye("SASL response too long."))?;
+            let step = self.framer.feed(&self.buffer).map_err(|_| {
+                info!(limit, "SASL response too long before login: closing");
+                Stop::Bye("SASL response too long.")
+            })?;
             line.extend_from_slice(&self.buffer.split_to(step.consumed));
             if let Some(Event::Line(_)) = step.event {
                 self.framer.reject_literal();

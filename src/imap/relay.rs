@@ -87,6 +87,9 @@ struct Shared {
     /// The upstream reports modification sequences (CONDSTORE was enabled by some command,
     /// RFC 7162 §3.1): seen in `ENABLED`, `[HIGHESTMODSEQ]`, MODSEQ in any response.
     condstore: bool,
+    /// The upstream completed a LOGOUT with OK: the session ends as a logout, whichever
+    /// side's socket is seen to close first.
+    logged_out: bool,
 }
 
 impl Shared {
@@ -226,6 +229,9 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
 
     let end = crate::pumps::drive(to_client.run(), to_upstream.run()).await;
     let _ = to_client.write.shutdown().await;
+    // After LOGOUT both sides close at about the same time; which close a pump sees first
+    // is chance, and says nothing about how the session ended.
+    let end = if shared_end.lock().expect("relay lock poisoned").logged_out { End::Logout } else { end };
     tracing::info!(
         reason = ?end,
         cache_hits = to_client.cache_hits,
@@ -241,6 +247,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
 
 #[derive(Debug, PartialEq, Eq)]
 enum End {
+    /// The client's LOGOUT completed.
+    Logout,
     ClientClosed,
     UpstreamClosed,
     /// mailgate closed the session (BYE sent).
@@ -757,6 +765,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 if let Some(i) = shared.in_flight.iter().position(|t| t.tag == tag) {
                     let done = shared.in_flight.remove(i).expect("position is in range");
+                    if done.label == "logout" && response::status(rest).is_some_and(|s| s.status == Status::Ok) {
+                        shared.logged_out = true;
+                    }
                     completed_command(self.service, &mut shared, done.label, done.started);
                     shared.begin_reselect();
                     self.completed.notify_one();

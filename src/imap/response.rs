@@ -105,7 +105,9 @@ pub fn has_capability(capabilities: &[String], name: &str) -> bool {
 
 /// The upstream's post-login capabilities minus what mailgate does not relay: TLS and
 /// authentication belong to mailgate's front, and compression would hide the stream from
-/// the relay's framing.
+/// the relay's framing. `SASL-IR` stays: it only describes AUTHENTICATE's syntax, and the
+/// upstream's own `CAPABILITY` (relayed as is after login) lists it, so the tagged OK of a
+/// login says what a `CAPABILITY` through mailgate says.
 pub fn relayable_capabilities(capabilities: &[String]) -> Vec<String> {
     capabilities
         .iter()
@@ -113,7 +115,6 @@ pub fn relayable_capabilities(capabilities: &[String]) -> Vec<String> {
             let upper = c.to_ascii_uppercase();
             !(upper == "STARTTLS"
                 || upper == "LOGINDISABLED"
-                || upper == "SASL-IR"
                 || upper.starts_with("AUTH=")
                 || upper.starts_with("COMPRESS="))
         })
@@ -155,6 +156,6 @@ mod tests {
             .split(' ')
             .map(String::from)
             .collect();
-        assert_eq!(relayable_capabilities(&caps), ["IMAP4rev1", "IDLE", "MOVE"]);
+        assert_eq!(relayable_capabilities(&caps), ["IMAP4rev1", "SASL-IR", "IDLE", "MOVE"]);
     }
 }

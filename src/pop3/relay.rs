@@ -67,6 +67,8 @@ enum Track {
     },
     /// A TOP relayed: its status line is what a TOP from the cache says.
     Top,
+    /// The client's QUIT: its answer is the last one.
+    Quit,
 }
 
 impl Track {
@@ -137,6 +139,9 @@ struct Shared {
     cache_off: bool,
     /// mailgate's own UIDL and LIST still unanswered: cache decisions wait for them.
     learning: usize,
+    /// The upstream answered the client's QUIT: the session is over (RFC 1939 §6, `+OK` or
+    /// `-ERR` alike), and the upstream closing is how it ends, not a failure.
+    quit_answered: bool,
 }
 
 impl Shared {
@@ -182,6 +187,8 @@ struct Inject {
 
 #[derive(Debug, PartialEq, Eq)]
 enum End {
+    /// The upstream answered the client's QUIT.
+    Logout,
     ClientClosed,
     UpstreamClosed,
     Closed(&'static str),
@@ -218,6 +225,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         cache_hits: 0,
         cache_misses: 0,
         cache_bytes: 0,
+        quit_sent: false,
     };
     let mut to_client = UpstreamPump {
         read: upstream_read,
@@ -250,6 +258,9 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
 
     let end = crate::pumps::drive(to_client.run(), to_upstream.run()).await;
     let _ = to_client.write.shutdown().await;
+    // After QUIT's answer both sides close at about the same time; which close a pump sees
+    // first is chance, and says nothing about how the session ended.
+    let end = if lock(&to_client.shared).quit_answered { End::Logout } else { end };
     tracing::info!(
         reason = ?end,
         cache_hits = to_upstream.cache_hits,
@@ -318,6 +329,8 @@ struct ClientPump<'a, R, W> {
     cache_hits: u64,
     cache_misses: u64,
     cache_bytes: u64,
+    /// The client's QUIT was sent upstream: later commands are dropped.
+    quit_sent: bool,
 }
 
 impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> {
@@ -360,7 +373,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
 
     /// Answers a command from the cache when possible, else forwards it.
     async fn command(&mut self, line: Vec<u8>) -> Result<(), End> {
+        if self.quit_sent {
+            // Nothing follows QUIT's answer (the upstream closes): a command pipelined
+            // behind it is not sent, so that no answer to it can come after QUIT's.
+            return Ok(());
+        }
         let (keyword, args) = split_command(&line);
+        self.quit_sent = keyword == "QUIT";
         self.service.command_rate(&self.account).await;
         let label = metric_label(&keyword);
         self.service.metrics.commands.with_label_values(&["pop3", label]).inc();
@@ -377,6 +396,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             "UIDL" => Track::Uidl { internal: false },
             "LIST" => Track::List { internal: false },
             "TOP" => Track::Top,
+            "QUIT" => Track::Quit,
             _ => Track::Nothing,
         };
         match &track {
@@ -681,6 +701,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     async fn upstream_gone(&mut self) -> End {
         if self.answering.is_some() {
             debug!("upstream closed mid-response: closing the client without completing it");
+        } else if lock(&self.shared).quit_answered {
+            return End::Logout;
         } else if !lock(&self.shared).pending.is_empty() {
             let _ = self.write.write_all(b"-ERR [SYS/TEMP] Mail server closed the connection.\r\n").await;
             let _ = self.write.flush().await;
@@ -798,6 +820,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                             shared.deleted.clear();
                         }
                     }
+                    Track::Quit => shared.quit_answered = true,
                     _ => {}
                 }
             }
@@ -823,7 +846,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     async fn learn(&mut self, track: Track) {
         match track {
             // Applied when the answer ends (see `process`).
-            Track::Nothing | Track::Dele(_) | Track::Rset | Track::Top => {}
+            Track::Nothing | Track::Dele(_) | Track::Rset | Track::Top | Track::Quit => {}
             Track::Uidl { .. } | Track::List { .. } => {
                 if self.capture.len() > MAX_UIDL_LISTING {
                     return;

@@ -79,14 +79,25 @@ enum StartError {
 }
 
 /// Settings beyond the defaults.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Dovecot's `login_trusted_networks`: clients there may forward the real client's
-    /// address (IMAP `ID x-originating-ip`, POP3 `XCLIENT`). Empty: nobody.
+    /// address (IMAP `ID x-originating-ip`, POP3 `XCLIENT`). Empty: nobody. By default
+    /// 127.0.0.1, the address mailgate connects from: as a deployment should be set up
+    /// (docs/OPERATIONS.md), so that Dovecot's per-address rules see each client.
     pub login_trusted_networks: String,
     /// Two more listeners (`imaps_haproxy`, `pop3s_haproxy`) that require a PROXY header
     /// from 127.0.0.0/8.
     pub haproxy: bool,
+    /// Dovecot's own failed-login delays as shipped (`auth_failure_delay` 2 s, the anvil
+    /// penalty per address); otherwise off, since they only slow a test suite down.
+    pub auth_penalties: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { login_trusted_networks: "127.0.0.1/32".into(), haproxy: false, auth_penalties: false }
+    }
 }
 
 impl Dovecot {
@@ -159,6 +170,9 @@ impl Dovecot {
             "login_trusted_networks =\n",
             &format!("login_trusted_networks = {}\n", options.login_trusted_networks),
         );
+        if options.auth_penalties {
+            config = config.replace(AUTH_PENALTIES_OFF, "");
+        }
         if options.haproxy {
             config.push_str(&format!(
                 "haproxy_trusted_networks = 127.0.0.0/8\n\
@@ -362,6 +376,16 @@ impl Drop for Dovecot {
     }
 }
 
+/// Failed logins normally take 2 s and repeated ones from one IP get up to 15 s; neither
+/// helps a test suite ([`Options::auth_penalties`] keeps them).
+const AUTH_PENALTIES_OFF: &str = "auth_failure_delay = 0
+service anvil {
+  unix_listener anvil-auth-penalty {
+    mode = 0
+  }
+}
+";
+
 fn config(root: &Path, instance: &str, ident: &Identity, ports: [u16; 4]) -> String {
     let [imap, pop3, imaps, pop3s] = ports;
     let root = root.display();
@@ -384,15 +408,7 @@ disable_plaintext_auth = no
 auth_mechanisms = plain login
 login_trusted_networks =
 
-# Failed logins normally take 2 s and repeated ones from one IP (every test
-# uses 127.0.0.1) get up to 15 s; neither helps a test suite.
-auth_failure_delay = 0
-service anvil {{
-  unix_listener anvil-auth-penalty {{
-    mode = 0
-  }}
-}}
-
+{AUTH_PENALTIES_OFF}
 default_internal_user = {internal_user}
 default_internal_group = {internal_group}
 default_login_user = {login_user}
