@@ -267,3 +267,37 @@ fn capabilities_after_login_equal_those_capability_answers() {
         assert!(listed.split(' ').any(|c| c == "SASL-IR"), "Dovecot lists SASL-IR after login: {listed}");
     }
 }
+
+/// An upstream offering COMPRESS=DEFLATE (RFC 4978): relayed, the client's COMPRESS would
+/// turn the upstream's answers into a DEFLATE stream the relay cannot frame. mailgate
+/// answers it with NO, which the RFC allows, and the session goes on uncompressed.
+#[test]
+fn compress_is_refused_and_the_session_goes_on() {
+    use support::dovecot::{Dovecot, Options};
+    use support::gateway::Gateway;
+    use support::tls::TestPki;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let dovecot = Dovecot::start_with(&[ALICE, BOB], &Options { compress: true, ..Options::default() });
+    let config = gateway_config_with(
+        &pki,
+        Some(&dovecot.imaps.to_string()),
+        Some(&dovecot.pop3s.to_string()),
+        "implicit",
+        Some(&dovecot.ca_pem()),
+        "",
+        "",
+    );
+    let gateway = Gateway::start(dir.path(), &config);
+    let setup = Setup { dir, pki, dovecot, gateway };
+    let mut direct = setup.direct(BOB);
+    let caps = direct.command("c", "CAPABILITY");
+    assert!(caps[0].contains("COMPRESS=DEFLATE"), "the upstream offers it: {caps:?}");
+
+    let mut client = setup.login(BOB);
+    let answer = client.command("z", "COMPRESS DEFLATE");
+    assert_eq!(answer, ["z NO [CANNOT] COMPRESS is not available through this gateway."]);
+    let select = client.command("s", "SELECT INBOX");
+    assert!(select.last().unwrap().starts_with("s OK"), "{select:?}");
+    assert!(client.command("n", "NOOP").pop().unwrap().starts_with("n OK NOOP completed"));
+}

@@ -588,6 +588,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     return self.answer_through_cache(job, tag).await;
                 }
             }
+            if command.eq_ignore_ascii_case(b"COMPRESS") {
+                // RFC 4978 would turn both directions into a DEFLATE stream that mailgate
+                // would have to inflate and deflate again to keep framing, caching and limits
+                // working; relayed as is, it would leave the session unreadable. A NO is
+                // allowed, and clients go on uncompressed (TLS already carries the session).
+                let text = "NO [CANNOT] COMPRESS is not available through this gateway.";
+                return self.refuse(&tag, text, line.announce, true, "COMPRESS is not available.").await;
+            }
             if !self.room_for_a_command().await {
                 return Some(self.close_with("Too many commands in flight.").await);
             }

@@ -92,11 +92,18 @@ pub struct Options {
     /// Dovecot's own failed-login delays as shipped (`auth_failure_delay` 2 s, the anvil
     /// penalty per address); otherwise off, since they only slow a test suite down.
     pub auth_penalties: bool,
+    /// IMAP COMPRESS=DEFLATE (RFC 4978, the `imap_zlib` plugin).
+    pub compress: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { login_trusted_networks: "127.0.0.1/32".into(), haproxy: false, auth_penalties: false }
+        Options {
+            login_trusted_networks: "127.0.0.1/32".into(),
+            haproxy: false,
+            auth_penalties: false,
+            compress: false,
+        }
     }
 }
 
@@ -172,6 +179,9 @@ impl Dovecot {
         );
         if options.auth_penalties {
             config = config.replace(AUTH_PENALTIES_OFF, "");
+        }
+        if options.compress {
+            config.push_str("protocol imap {\n  mail_plugins = $mail_plugins imap_zlib\n}\n");
         }
         if options.haproxy {
             config.push_str(&format!(
