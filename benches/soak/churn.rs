@@ -102,7 +102,7 @@ pub fn run() -> bool {
     let log = mailgate.scan_log();
 
     // Flat after warm-up: every sample after it within 10 % of their median.
-    let warmup = (secs as f64 / 6.0).max(30.0).min(300.0);
+    let warmup = (secs as f64 / 6.0).clamp(30.0, 300.0);
     let mut after: Vec<u64> = samples.iter().filter(|s| s.0 >= warmup).map(|s| s.1).collect();
     let first_after = after.first().copied().unwrap_or(0);
     let last = samples.last().map_or(0, |s| s.1);
