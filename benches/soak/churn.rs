@@ -44,7 +44,7 @@ pub fn run() -> bool {
     let target = Arc::new(Target {
         imap: mailgate.imaps,
         pop3: mailgate.pop3s,
-        tls: pki.client_config(&[]),
+        tls: harness::client_tls(&pki),
         timeout: Duration::from_secs(60),
         ops: Default::default(),
         greetings: Mutex::new(Vec::new()),

@@ -102,6 +102,17 @@ protocol pop3 {{
     Dovecot::start_with(&refs, &Options { extra, ..Options::default() })
 }
 
+/// The clients' TLS settings: trusting the test CA, and a full handshake for every
+/// connection (no session resumption, what a client connecting for the first time costs)
+/// unless `SOAK_TLS_RESUME=1`.
+pub fn client_tls(pki: &TestPki) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+    let mut config = (*pki.client_config(&[])).clone();
+    if std::env::var("SOAK_TLS_RESUME").as_deref() != Ok("1") {
+        config.resumption = tokio_rustls::rustls::client::Resumption::disabled();
+    }
+    std::sync::Arc::new(config)
+}
+
 /// A mailgate configuration: implicit-TLS IMAP and POP3 listeners on an OS-assigned port,
 /// upstream Dovecot over implicit TLS, limits that admit the whole load, then `extra`.
 pub fn config(pki: &TestPki, dovecot: &Dovecot, extra: &str) -> String {

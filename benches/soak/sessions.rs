@@ -40,7 +40,7 @@ pub fn run() -> bool {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::generate(dir.path());
     let mut mailgate = Mailgate::start(dir.path(), &harness::config(&pki, &dovecot, "[cache]\nenabled = false\n"));
-    let tls = pki.client_config(&[]);
+    let tls = harness::client_tls(&pki);
     println!(
         "setup: {:.1} s (Dovecot with {} users, mailgate pid {})",
         started.elapsed().as_secs_f64(),
