@@ -94,6 +94,8 @@ pub struct Options {
     pub auth_penalties: bool,
     /// IMAP COMPRESS=DEFLATE (RFC 4978, the `imap_zlib` plugin).
     pub compress: bool,
+    /// More configuration, appended last (later settings and blocks override earlier ones).
+    pub extra: String,
 }
 
 impl Default for Options {
@@ -103,6 +105,7 @@ impl Default for Options {
             haproxy: false,
             auth_penalties: false,
             compress: false,
+            extra: String::new(),
         }
     }
 }
@@ -190,6 +193,7 @@ impl Dovecot {
                  service pop3-login {{\n  inet_listener pop3s_haproxy {{\n    port = {pop3s_haproxy}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n"
             ));
         }
+        config.push_str(&options.extra);
         let config_path = root.join("dovecot.conf");
         write_file(&config_path, config.as_bytes(), 0o644).map_err(StartError::Fatal)?;
 
@@ -354,6 +358,58 @@ impl Dovecot {
         chown_tree(&maildir, self.ident.mail_uid, self.ident.mail_gid)
             .unwrap_or_else(|e| panic!("chown {}: {e}", maildir.display()));
         uid_validity
+    }
+
+    /// Kills the master and every process below it with SIGKILL, as a crash would: open
+    /// connections are cut without a word. [`Dovecot::restart`] brings it back.
+    pub fn crash(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let mut pids = vec![child.id()];
+        let mut next = 0;
+        while next < pids.len() {
+            pids.extend(children_of(pids[next]));
+            next += 1;
+        }
+        signal("KILL", &pids);
+        let _ = child.wait();
+    }
+
+    /// Starts the stopped (or crashed) instance again on the same ports, with its mail and
+    /// configuration; panics with its log if it does not greet within 10 s (a few attempts
+    /// while the killed processes' listening sockets go away).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "dovecot is running");
+        let config_path = self.dir.path().join("dovecot.conf");
+        let config = fs::read_to_string(&config_path).expect("dovecot.conf");
+        let instance = config
+            .lines()
+            .find_map(|l| l.strip_prefix("instance_name = "))
+            .expect("instance_name in dovecot.conf")
+            .to_string();
+        for _ in 0..START_ATTEMPTS {
+            let stdio = fs::OpenOptions::new().append(true).open(self.dir.path().join("stdio.log")).unwrap();
+            let stderr = stdio.try_clone().unwrap();
+            let child = Command::new(dovecot_binary())
+                .arg("-F")
+                .arg("-c")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(stdio)
+                .stderr(stderr)
+                .spawn()
+                .expect("spawning dovecot");
+            self.child = Some(child);
+            match self.wait_ready(&instance) {
+                Ok(()) => return,
+                Err(_) => {
+                    self.stop();
+                    sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        panic!("dovecot did not restart\n{}", self.report());
     }
 
     /// Stops Dovecot (idempotent). The temp dir, log included, stays until
