@@ -151,6 +151,12 @@ fn classify(request: String) -> Option<Item> {
     if request.contains(['"', '{', '\\']) {
         return None;
     }
+    // Items are separated by single spaces (RFC 9051 §9): an item with a space at either end
+    // (`a FETCH 1 BODY[] `) or a tab inside is a command the upstream may refuse, and must
+    // then not be answered from the cache.
+    if request.starts_with(' ') || request.ends_with(' ') || request.contains(|c: char| c.is_whitespace() && c != ' ') {
+        return None;
+    }
     let upper = normalize(&request);
     let cached = |response: &str, sets_seen: bool, class: Kind| ItemKind::Cached {
         response: response.to_string(),
@@ -181,10 +187,12 @@ fn classify(request: String) -> Option<Item> {
                 p => {
                     let inner = p.strip_prefix('<')?.strip_suffix('>')?;
                     let (origin, length) = inner.split_once('.')?;
-                    if origin.parse::<u32>().is_err() || length.parse::<u32>().is_err() {
-                        return None;
-                    }
-                    // The response names only the origin (RFC 9051 §7.5.2); the key keeps both.
+                    let number =
+                        |text: &str| text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse::<u32>().ok())?;
+                    // `partial = "<" number "." nz-number ">"` (RFC 9051 §9).
+                    let (origin, length) = (number(origin)?, number(length).filter(|&l| l > 0)?);
+                    // The response names only the origin (RFC 9051 §7.5.2), as a number: `<09.20>`
+                    // is answered as `<9>`. The key keeps both, written the same way.
                     (format!("<{origin}>"), format!("<{origin}.{length}>"))
                 }
             };
@@ -535,6 +543,26 @@ impl SequenceSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `fetch_codec` (differential) and `fetch_request` fuzz targets.
+    #[test]
+    fn partials_and_spacing_are_read_as_the_grammar_says() {
+        // A partial's origin is a number: answered as `<9>` whatever its spelling, one key.
+        let r = parse_request(b"a FETCH 1 (BODY[TEXT]<09.20>)").unwrap();
+        let wanted: Vec<_> = r.cached_items().map(|w| (w.response.to_string(), w.key.to_string())).collect();
+        assert_eq!(wanted, [("BODY[TEXT]<9>".to_string(), "BODY[TEXT]<9.20>".to_string())]);
+        // A length of zero, signs, or a space at an item's edge: not a valid FETCH, relayed.
+        for line in [
+            &b"a FETCH 1 (BODY[TEXT]<0.0>)"[..],
+            b"a FETCH 1 (BODY[TEXT]<+1.5>)",
+            b"a FETCH 1 (BODY[TEXT]<1.+5>)",
+            b"a fetch 2 body[] ",
+            b"a FETCH 2  BODY[]",
+            b"a FETCH 2 (BODY[HEADER.FIELDS\t(FROM)])",
+        ] {
+            assert_eq!(parse_request(line), None, "{}", String::from_utf8_lossy(line));
+        }
+    }
 
     #[test]
     fn requests_are_split_into_mutable_and_cacheable_items() {
