@@ -228,8 +228,10 @@ fn valid_section(section: &str) -> bool {
         None => (section, None),
     };
     let mut parts = spec.split('.').peekable();
+    // Part numbers are nz-numbers (RFC 9051 §9): `BODY[01]` is not `BODY[1]`, and whether a
+    // server echoes it as written or as a number is its own choice; relayed, not cached.
     while let Some(p) = parts.peek() {
-        if p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() {
+        if p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() && !p.starts_with('0') {
             parts.next();
         } else {
             break;
@@ -559,6 +561,8 @@ mod tests {
             b"a fetch 2 body[] ",
             b"a FETCH 2  BODY[]",
             b"a FETCH 2 (BODY[HEADER.FIELDS\t(FROM)])",
+            b"a UID FETCH 9 (UID BODY[001987724718])",
+            b"a FETCH 9 BODY[1.0.TEXT]",
         ] {
             assert_eq!(parse_request(line), None, "{}", String::from_utf8_lossy(line));
         }
