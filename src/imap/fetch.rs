@@ -100,7 +100,9 @@ pub fn parse_request(line: &[u8]) -> Option<FetchRequest> {
         return None;
     }
     let (set, items) = rest.split_once(' ')?;
-    if set.is_empty() || !set.bytes().all(|b| b.is_ascii_digit() || b":,*".contains(&b)) {
+    // Only a set the upstream accepts too (`:3`, `0` or `1:2:3` are refused there, and must
+    // not be answered from the cache instead).
+    if !valid_set(set) {
         return None;
     }
     let items = match items.strip_prefix('(') {
@@ -231,7 +233,7 @@ fn valid_section(section: &str) -> bool {
     // Part numbers are nz-numbers (RFC 9051 §9): `BODY[01]` is not `BODY[1]`, and whether a
     // server echoes it as written or as a number is its own choice; relayed, not cached.
     while let Some(p) = parts.peek() {
-        if p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() && !p.starts_with('0') {
+        if nz_number(p) {
             parts.next();
         } else {
             break;
@@ -245,10 +247,30 @@ fn valid_section(section: &str) -> bool {
             list.starts_with('(')
                 && list.ends_with(')')
                 && list.len() > 2
-                && !list[1..list.len() - 1].contains(['(', ')'])
+                && list[1..list.len() - 1].split(' ').all(|field| field.is_empty() || field.bytes().all(astring_char))
         }
         _ => false,
     }
+}
+
+/// RFC 9051 §9 `nz-number`: digits without a leading zero, at most 4,294,967,295.
+fn nz_number(text: &str) -> bool {
+    !text.starts_with('0') && text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u32>().is_ok()
+}
+
+/// RFC 9051 §9 `sequence-set`: `seq-number` or `seq-number:seq-number`, comma-separated.
+fn valid_set(set: &str) -> bool {
+    let number = |n: &str| n == "*" || nz_number(n);
+    set.split(',').all(|range| match range.split_once(':') {
+        Some((a, b)) => number(a) && number(b),
+        None => number(range),
+    })
+}
+
+/// `ASTRING-CHAR` (RFC 9051 §9), what an unquoted header field name is made of (quoted and
+/// literal names are left to the upstream: see `classify`).
+fn astring_char(b: u8) -> bool {
+    (0x21..0x7f).contains(&b) && !b"(){%*\"\\".contains(&b)
 }
 
 /// Upper-case, single spaces, header field names unquoted: how item names compare. Names
@@ -563,6 +585,15 @@ mod tests {
             b"a FETCH 2 (BODY[HEADER.FIELDS\t(FROM)])",
             b"a UID FETCH 9 (UID BODY[001987724718])",
             b"a FETCH 9 BODY[1.0.TEXT]",
+            // Found by the differential target: sets, part numbers and field names imap-codec
+            // (and Dovecot) refuse, which the upstream-free path could otherwise answer.
+            b"a FETCH :3,1 BODY[]",
+            b"a FETCH 0 BODY[]",
+            b"a FETCH 1:2:3 BODY[]",
+            b"a FETCH 1,,2 BODY[]",
+            b"a FETCH 1 BODY[4294967296]",
+            b"a FETCH 1 BODY[HEADER.FIELDS (FROM\x01)]",
+            "a FETCH 1 BODY[HEADER.FIELDS (Fr\u{f6}m)]".as_bytes(),
         ] {
             assert_eq!(parse_request(line), None, "{}", String::from_utf8_lossy(line));
         }
