@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
-const MAX_HEAD: usize = 8 << 10;
+pub(crate) const MAX_HEAD: usize = 8 << 10;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Admin {
@@ -45,16 +45,14 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
 async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+    while !head_complete(&head) {
         let n = tcp.read(&mut buf).await?;
         if n == 0 || head.len() + n > MAX_HEAD {
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut words = std::str::from_utf8(line).unwrap_or("").split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (method, path) = request_line(&head);
     let (status, content_type, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", admin.metrics.render().await),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
@@ -82,6 +80,18 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
     );
     tcp.write_all(response.as_bytes()).await?;
     tcp.shutdown().await
+}
+
+/// Whether the request head has arrived (an empty line ends it).
+pub(crate) fn head_complete(head: &[u8]) -> bool {
+    head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+}
+
+/// The method and path of a request head's first line (empty when missing).
+pub(crate) fn request_line(head: &[u8]) -> (&str, &str) {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut words = std::str::from_utf8(line).unwrap_or("").split_whitespace();
+    (words.next().unwrap_or(""), words.next().unwrap_or(""))
 }
 
 /// The first upstream that cannot take sessions, all checked at once (each within a

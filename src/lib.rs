@@ -26,6 +26,8 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod imap;
 pub mod limits;
 pub mod listener;
