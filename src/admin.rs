@@ -15,7 +15,7 @@ pub use crate::admin_auth::AdminAuth;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
-const MAX_HEAD: usize = 8 << 10;
+pub(crate) const MAX_HEAD: usize = 8 << 10;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Admin {
@@ -49,16 +49,14 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
 async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+    while !head_complete(&head) {
         let n = tcp.read(&mut buf).await?;
         if n == 0 || head.len() + n > MAX_HEAD {
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut words = std::str::from_utf8(line).unwrap_or("").split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (method, path) = request_line(&head);
     if let Err(denied) = admin.auth.check(path, &head) {
         return unauthorized(&mut tcp, path, denied).await;
     }
@@ -108,6 +106,18 @@ async fn unauthorized(tcp: &mut TcpStream, path: &str, denied: crate::admin_auth
     );
     tcp.write_all(response.as_bytes()).await?;
     tcp.shutdown().await
+}
+
+/// Whether the request head has arrived (an empty line ends it).
+pub(crate) fn head_complete(head: &[u8]) -> bool {
+    head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+}
+
+/// The method and path of a request head's first line (empty when missing).
+pub(crate) fn request_line(head: &[u8]) -> (&str, &str) {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut words = std::str::from_utf8(line).unwrap_or("").split_whitespace();
+    (words.next().unwrap_or(""), words.next().unwrap_or(""))
 }
 
 /// The first upstream that cannot take sessions, all checked at once (each within a

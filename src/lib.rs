@@ -28,6 +28,8 @@ pub mod admin_auth;
 pub mod auth;
 pub mod cache;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod imap;
 pub mod limits;
 pub mod listener;

@@ -70,7 +70,9 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyError> {
 }
 
 fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+    // The line ends within V1_MAX bytes or never: the answer must not depend on how much
+    // of what follows is already in `buf`.
+    let Some(end) = buf[..buf.len().min(V1_MAX)].windows(2).position(|w| w == b"\r\n") else {
         return if buf.len() >= V1_MAX { Err(ProxyError::TooLong) } else { Ok(Parsed::Incomplete(1)) };
     };
     let line = std::str::from_utf8(&buf[..end]).map_err(|_| ProxyError::Malformed("v1 header is not text"))?;
@@ -225,6 +227,22 @@ fn tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found while writing the `proxy_header` fuzz harness (its property: the whole input
+    /// and the bytes read as asked give one answer): a v1 line longer than 107 bytes was
+    /// refused when read as asked but accepted from a buffer holding all of it.
+    #[test]
+    fn a_v1_line_longer_than_the_maximum_is_refused_whatever_the_buffer_holds() {
+        let mut line = b"PROXY UNKNOWN ".to_vec();
+        line.extend_from_slice(&[b'x'; 120]);
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(parse(&line), Err(ProxyError::TooLong));
+        assert_eq!(parse(&line[..V1_MAX]), Err(ProxyError::TooLong));
+        let mut fits = b"PROXY UNKNOWN ".to_vec();
+        fits.resize(V1_MAX - 2, b'x');
+        fits.extend_from_slice(b"\r\nclient bytes");
+        assert_eq!(parse(&fits), Ok(Parsed::Done(Header::Local, V1_MAX)));
+    }
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().unwrap()

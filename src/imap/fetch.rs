@@ -100,7 +100,9 @@ pub fn parse_request(line: &[u8]) -> Option<FetchRequest> {
         return None;
     }
     let (set, items) = rest.split_once(' ')?;
-    if set.is_empty() || !set.bytes().all(|b| b.is_ascii_digit() || b":,*".contains(&b)) {
+    // Only a set the upstream accepts too (`:3`, `0` or `1:2:3` are refused there, and must
+    // not be answered from the cache instead).
+    if !valid_set(set) {
         return None;
     }
     let items = match items.strip_prefix('(') {
@@ -151,6 +153,12 @@ fn classify(request: String) -> Option<Item> {
     if request.contains(['"', '{', '\\']) {
         return None;
     }
+    // Items are separated by single spaces (RFC 9051 §9): an item with a space at either end
+    // (`a FETCH 1 BODY[] `) or a tab inside is a command the upstream may refuse, and must
+    // then not be answered from the cache.
+    if request.starts_with(' ') || request.ends_with(' ') || request.contains(|c: char| c.is_whitespace() && c != ' ') {
+        return None;
+    }
     let upper = normalize(&request);
     let cached = |response: &str, sets_seen: bool, class: Kind| ItemKind::Cached {
         response: response.to_string(),
@@ -181,10 +189,12 @@ fn classify(request: String) -> Option<Item> {
                 p => {
                     let inner = p.strip_prefix('<')?.strip_suffix('>')?;
                     let (origin, length) = inner.split_once('.')?;
-                    if origin.parse::<u32>().is_err() || length.parse::<u32>().is_err() {
-                        return None;
-                    }
-                    // The response names only the origin (RFC 9051 §7.5.2); the key keeps both.
+                    let number =
+                        |text: &str| text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse::<u32>().ok())?;
+                    // `partial = "<" number "." nz-number ">"` (RFC 9051 §9).
+                    let (origin, length) = (number(origin)?, number(length).filter(|&l| l > 0)?);
+                    // The response names only the origin (RFC 9051 §7.5.2), as a number: `<09.20>`
+                    // is answered as `<9>`. The key keeps both, written the same way.
                     (format!("<{origin}>"), format!("<{origin}.{length}>"))
                 }
             };
@@ -220,9 +230,13 @@ fn valid_section(section: &str) -> bool {
         None => (section, None),
     };
     let mut parts = spec.split('.').peekable();
+    // Part numbers are nz-numbers (RFC 9051 §9): `BODY[01]` is not `BODY[1]`, and whether a
+    // server echoes it as written or as a number is its own choice; relayed, not cached.
+    let mut numbered = false;
     while let Some(p) = parts.peek() {
-        if p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() {
+        if nz_number(p) {
             parts.next();
+            numbered = true;
         } else {
             break;
         }
@@ -230,15 +244,40 @@ fn valid_section(section: &str) -> bool {
     let text: Vec<&str> = parts.collect();
     let text = text.join(".");
     match (text.as_str(), fields) {
-        ("" | "HEADER" | "TEXT" | "MIME", None) => true,
+        ("" | "HEADER" | "TEXT", None) => true,
+        // `MIME` names a part's own header: only after a part number (RFC 9051 §6.4.5).
+        ("MIME", None) => numbered,
         ("HEADER.FIELDS" | "HEADER.FIELDS.NOT", Some(list)) => {
             list.starts_with('(')
                 && list.ends_with(')')
                 && list.len() > 2
-                && !list[1..list.len() - 1].contains(['(', ')'])
+                // `[` is an ASTRING-CHAR, but one inside a list would make `split_items` see an
+                // unclosed section: such a field name is left to the upstream, listed or not.
+                && (list[1..list.len() - 1].split(' '))
+                    .all(|field| field.is_empty() || field.bytes().all(|b| astring_char(b) && b != b'['))
         }
         _ => false,
     }
+}
+
+/// RFC 9051 §9 `nz-number`: digits without a leading zero, at most 4,294,967,295.
+fn nz_number(text: &str) -> bool {
+    !text.starts_with('0') && text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u32>().is_ok()
+}
+
+/// RFC 9051 §9 `sequence-set`: `seq-number` or `seq-number:seq-number`, comma-separated.
+fn valid_set(set: &str) -> bool {
+    let number = |n: &str| n == "*" || nz_number(n);
+    set.split(',').all(|range| match range.split_once(':') {
+        Some((a, b)) => number(a) && number(b),
+        None => number(range),
+    })
+}
+
+/// `ASTRING-CHAR` (RFC 9051 §9), what an unquoted header field name is made of (quoted and
+/// literal names are left to the upstream: see `classify`).
+fn astring_char(b: u8) -> bool {
+    (0x21..0x7f).contains(&b) && !b"(){%*\"\\".contains(&b)
 }
 
 /// Upper-case, single spaces, header field names unquoted: how item names compare. Names
@@ -535,6 +574,42 @@ impl SequenceSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `fetch_codec` (differential) and `fetch_request` fuzz targets.
+    #[test]
+    fn partials_and_spacing_are_read_as_the_grammar_says() {
+        // A partial's origin is a number: answered as `<9>` whatever its spelling, one key.
+        let r = parse_request(b"a FETCH 1 (BODY[TEXT]<09.20>)").unwrap();
+        let wanted: Vec<_> = r.cached_items().map(|w| (w.response.to_string(), w.key.to_string())).collect();
+        assert_eq!(wanted, [("BODY[TEXT]<9>".to_string(), "BODY[TEXT]<9.20>".to_string())]);
+        // A length of zero, signs, or a space at an item's edge: not a valid FETCH, relayed.
+        for line in [
+            &b"a FETCH 1 (BODY[TEXT]<0.0>)"[..],
+            b"a FETCH 1 (BODY[TEXT]<+1.5>)",
+            b"a FETCH 1 (BODY[TEXT]<1.+5>)",
+            b"a fetch 2 body[] ",
+            b"a FETCH 2  BODY[]",
+            b"a FETCH 2 (BODY[HEADER.FIELDS\t(FROM)])",
+            b"a UID FETCH 9 (UID BODY[001987724718])",
+            b"a FETCH 9 BODY[1.0.TEXT]",
+            // Found by the differential target: sets, part numbers and field names imap-codec
+            // (and Dovecot) refuse, which the upstream-free path could otherwise answer.
+            b"a FETCH :3,1 BODY[]",
+            b"a FETCH 0 BODY[]",
+            b"a FETCH 1:2:3 BODY[]",
+            b"a FETCH 1,,2 BODY[]",
+            b"a FETCH 1 BODY[4294967296]",
+            b"a FETCH 1 BODY[HEADER.FIELDS (FROM\x01)]",
+            "a FETCH 1 BODY[HEADER.FIELDS (Fr\u{f6}m)]".as_bytes(),
+            // Found replaying the fetch_codec corpus through the fetch_request harness: this
+            // was cached alone but relayed within a list.
+            b"a FETCH 1 BODY.PEEK[1.HEADER.FIELDS.NOT (BODY[2.2.MV[2.2.MVCCEIREeD)]",
+            // In the differential target's "only mailgate" listing: MIME needs a part.
+            b"a FETCH 1 BODY[MIME]",
+        ] {
+            assert_eq!(parse_request(line), None, "{}", String::from_utf8_lossy(line));
+        }
+    }
 
     #[test]
     fn requests_are_split_into_mutable_and_cacheable_items() {

@@ -69,6 +69,38 @@ enum State {
     Literal { remaining: u64 },
 }
 
+/// What the bytes of the current line that no longer fit in the tail ended with, as far as
+/// an announcement is concerned. A literal's length is `number` (RFC 9051 §9: any count of
+/// digits, leading zeros too), so `{` may have left the tail while the digits and `}` are
+/// still in it: `{0000…00005}` announces 5 octets, and missing it would let the data of a
+/// literal the upstream waits for pass as lines (smuggling past every check of a line).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Cut {
+    #[default]
+    Other,
+    /// `{` or `~{` and digits; `significant`: one of the digits cut off is not `0`.
+    Open { binary: bool, significant: bool },
+}
+
+impl Cut {
+    /// Follows the bytes cut off the front of the tail, in order; `before` is the byte cut
+    /// just before them. Only the digits at the end are looked at, so this is cheap.
+    fn follow(self, cut: &[u8], before: Option<u8>) -> Cut {
+        let significant = |digits: &[u8]| digits.iter().any(|&d| d != b'0');
+        match cut.iter().rposition(|b| !b.is_ascii_digit()) {
+            Some(i) if cut[i] == b'{' => {
+                let binary = if i > 0 { cut[i - 1] == b'~' } else { before == Some(b'~') };
+                Cut::Open { binary, significant: significant(&cut[i + 1..]) }
+            }
+            Some(_) => Cut::Other,
+            None => match self {
+                Cut::Open { binary, significant: s } => Cut::Open { binary, significant: s || significant(cut) },
+                Cut::Other => Cut::Other,
+            },
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Framer {
     max_line: usize,
@@ -77,6 +109,9 @@ pub struct Framer {
     head: Vec<u8>,
     tail: Vec<u8>,
     pending: Option<Announce>,
+    /// The part of the line cut off the tail, and its last byte.
+    cut: Cut,
+    cut_last: Option<u8>,
     /// A literal was accepted: the line goes on after it, up to a line without one.
     continued: bool,
 }
@@ -90,6 +125,8 @@ impl Framer {
             head: Vec::with_capacity(HEAD_LEN),
             tail: Vec::with_capacity(TAIL_LEN * 2),
             pending: None,
+            cut: Cut::Other,
+            cut_last: None,
             continued: false,
         }
     }
@@ -172,7 +209,7 @@ impl Framer {
                 if !complete {
                     return Ok(Step { consumed, event: None });
                 }
-                let announce = parse_announce(strip_eol(&self.tail));
+                let announce = self.announce();
                 let mut head = std::mem::take(&mut self.head);
                 if head.len() < HEAD_LEN || head.len() == self.line_len {
                     let body = strip_eol(&head).len();
@@ -181,6 +218,7 @@ impl Framer {
                 let line = Line { head, len: self.line_len, announce };
                 self.line_len = 0;
                 self.tail.clear();
+                (self.cut, self.cut_last) = (Cut::Other, None);
                 if announce.is_some() {
                     self.pending = announce;
                     self.state = State::Undecided;
@@ -194,14 +232,59 @@ impl Framer {
 
     fn push_tail(&mut self, chunk: &[u8]) {
         if chunk.len() >= TAIL_LEN {
+            self.cut_off(None, chunk.len() - TAIL_LEN, chunk);
             self.tail.clear();
             self.tail.extend_from_slice(&chunk[chunk.len() - TAIL_LEN..]);
         } else {
             self.tail.extend_from_slice(chunk);
             if self.tail.len() > TAIL_LEN {
-                self.tail.drain(..self.tail.len() - TAIL_LEN);
+                let excess = self.tail.len() - TAIL_LEN;
+                self.cut_off(Some(excess), 0, &[]);
+                self.tail.drain(..excess);
             }
         }
+    }
+
+    /// Follows what leaves the tail: its first `from_tail` bytes (all of it when `None`),
+    /// then the first `from_chunk` bytes of `chunk`.
+    fn cut_off(&mut self, from_tail: Option<usize>, from_chunk: usize, chunk: &[u8]) {
+        let tail = &self.tail[..from_tail.unwrap_or(self.tail.len())];
+        for part in [tail, &chunk[..from_chunk]] {
+            if let Some(&last) = part.last() {
+                self.cut = self.cut.follow(part, self.cut_last);
+                self.cut_last = Some(last);
+            }
+        }
+    }
+
+    /// The literal the line announces: from its tail, and from what was cut off it when
+    /// the tail holds only the end of a long run of digits.
+    fn announce(&self) -> Option<Announce> {
+        let end = strip_eol(&self.tail);
+        if let Some(mut announce) = parse_announce(end) {
+            // `~` of `~{n}` cut off, `{` the tail's first byte.
+            if end.iter().rposition(|&b| b == b'{') == Some(0) && self.cut_last == Some(b'~') {
+                announce.binary = true;
+            }
+            return Some(announce);
+        }
+        let Cut::Open { binary, significant } = self.cut else { return None };
+        let body = end.strip_suffix(b"}")?;
+        let (digits, non_sync) = match body.strip_suffix(b"+") {
+            Some(digits) => (digits, true),
+            None => (body, false),
+        };
+        if !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        // Digits only, and `{` was cut off just before them: an announcement whose number
+        // has more digits than the tail holds. A significant digit cut off makes it too
+        // large for a u64 (at least 10^20), like `parse_announce` says for any overflow.
+        let len = match significant {
+            true => u64::MAX,
+            false => std::str::from_utf8(digits).ok()?.parse::<u64>().unwrap_or(u64::MAX),
+        };
+        Some(Announce { len, non_sync, binary })
     }
 }
 
@@ -342,6 +425,37 @@ mod tests {
         assert_eq!(parsed.len, line.len());
         assert_eq!(parsed.announce.unwrap().len, 4);
         assert!(framer.capacity_is_bounded());
+    }
+
+    /// Found by the `imap_framer` fuzz target: the framer keeps only a line's last 32 bytes,
+    /// and an announcement of more digits than that (`{0000…0005}`: leading zeros are valid)
+    /// went unseen, so a literal's data would have been taken for lines.
+    #[test]
+    fn announcements_longer_than_the_kept_tail_are_seen() {
+        let zeros = "0".repeat(40);
+        for (line, len, non_sync, binary) in [
+            (format!("a APPEND x {{{zeros}60000000}}\r\n"), 60_000_000, false, false),
+            (format!("a APPEND x {{{zeros}5+}}\r\n"), 5, true, false),
+            (format!("a APPEND x ~{{{zeros}5}}\r\n"), 5, false, true),
+            (format!("a LOGIN {{{}}}\r\n", "9".repeat(40)), u64::MAX, false, false),
+            (format!("a APPEND x ~{{{}}}\r\n", "0".repeat(27)), 0, false, true),
+        ] {
+            for chunk in [1, 3, 7, 31, 32, 33, line.len()] {
+                let mut framer = Framer::new(1 << 20);
+                let mut event = None;
+                for piece in line.as_bytes().chunks(chunk) {
+                    event = framer.feed(piece).unwrap().event.or(event);
+                }
+                let Some(Event::Line(parsed)) = event else { panic!("no line") };
+                assert_eq!(parsed.announce, Some(Announce { len, non_sync, binary }), "{line} in chunks of {chunk}");
+                assert_eq!(parsed.announce, parse_announce(strip_eol(line.as_bytes())));
+            }
+        }
+        // Digits and `}` without `{` announce nothing, however long.
+        let mut framer = Framer::new(1 << 20);
+        let line = format!("* OK x{}}}\r\n", "0".repeat(40));
+        let Some(Event::Line(parsed)) = framer.feed(line.as_bytes()).unwrap().event else { panic!("no line") };
+        assert_eq!(parsed.announce, None);
     }
 
     #[test]

@@ -197,8 +197,9 @@ impl ResponseScanner {
 }
 
 /// Undoes dot-stuffing of a multi-line body (without its terminating line). The relay
-/// never does (it passes bytes as they are); the tests check what clients will see.
-#[cfg(test)]
+/// never does (it passes bytes as they are); the tests and the fuzz harness check what
+/// clients will see.
+#[doc(hidden)]
 pub fn unstuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len());
     let mut line_start = true;

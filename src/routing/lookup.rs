@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The most a lookup answer may weigh.
-const MAX_RESPONSE: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE: usize = 64 * 1024;
 
 /// An `http://host:port/path?query` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,7 +90,7 @@ pub async fn get(url: &HttpUrl, query: &[(&str, &str)], timeout: Duration) -> Re
 }
 
 /// The response once it is complete by its own framing (`Content-Length` or chunked).
-fn complete(response: &[u8]) -> Option<Result<(u16, Vec<u8>), String>> {
+pub(crate) fn complete(response: &[u8]) -> Option<Result<(u16, Vec<u8>), String>> {
     let end = response.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
     let body = &response[end + 4..];
@@ -131,7 +131,7 @@ fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Status and body of a whole response; `closed`: the body runs to the end of the stream.
-fn parse(response: &[u8], closed: bool) -> Result<(u16, Vec<u8>), String> {
+pub(crate) fn parse(response: &[u8], closed: bool) -> Result<(u16, Vec<u8>), String> {
     let end = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no HTTP header")?;
     let head = String::from_utf8_lossy(&response[..end]).to_string();
     let status = head
