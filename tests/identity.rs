@@ -256,23 +256,12 @@ fn an_ipv6_client_is_served_logged_limited_and_forwarded_as_itself() {
 /// address: a correct login after another client's three failures waited 2-4 s.
 #[test]
 fn dovecot_penalizes_the_client_that_failed_not_every_user_behind_mailgate() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::generate(dir.path());
     let dovecot = Dovecot::start_with(&[ALICE, BOB], &Options { auth_penalties: true, ..Options::default() });
     // No forward_client: the default. mailgate's own penalty is per client address, so it
     // never delays the other addresses measured; short, so that the failures go quickly.
-    let config = gateway_config_with(
-        &pki,
-        Some(&dovecot.imaps.to_string()),
-        Some(&dovecot.pop3s.to_string()),
-        "implicit",
-        Some(&dovecot.ca_pem()),
-        "",
-        "[limits]\nauth_base_delay = \"100ms\"\nauth_max_delay = \"200ms\"\n",
-    );
+    let setup = Setup::in_front_of(dovecot, "", "[limits]\nauth_base_delay = \"100ms\"\nauth_max_delay = \"200ms\"\n");
+    let config = std::fs::read_to_string(&setup.gateway.config_path).unwrap();
     assert!(!config.contains("forward_client"));
-    let gateway = Gateway::start(dir.path(), &config);
-    let setup = Setup { dir, pki, dovecot, gateway };
 
     // Three wrong passwords (distinct: Dovecot does not escalate a repeated one) from
     // 127.0.0.2, by IMAP, POP3 (XCLIENT) and IMAP again: a protocol that did not forward

@@ -274,22 +274,8 @@ fn capabilities_after_login_equal_those_capability_answers() {
 #[test]
 fn compress_is_refused_and_the_session_goes_on() {
     use support::dovecot::{Dovecot, Options};
-    use support::gateway::Gateway;
-    use support::tls::TestPki;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::generate(dir.path());
     let dovecot = Dovecot::start_with(&[ALICE, BOB], &Options { compress: true, ..Options::default() });
-    let config = gateway_config_with(
-        &pki,
-        Some(&dovecot.imaps.to_string()),
-        Some(&dovecot.pop3s.to_string()),
-        "implicit",
-        Some(&dovecot.ca_pem()),
-        "",
-        "",
-    );
-    let gateway = Gateway::start(dir.path(), &config);
-    let setup = Setup { dir, pki, dovecot, gateway };
+    let setup = Setup::in_front_of(dovecot, "", "");
     let mut direct = setup.direct(BOB);
     let caps = direct.command("c", "CAPABILITY");
     assert!(caps[0].contains("COMPRESS=DEFLATE"), "the upstream offers it: {caps:?}");

@@ -39,9 +39,18 @@ impl Setup {
     /// Like [`Setup::start_with`], the configuration then rewritten by `edit` (given the
     /// test's directory, for files the configuration names).
     pub fn start_edited(imap_section: &str, extra: &str, edit: impl FnOnce(String, &Path) -> String) -> Setup {
+        Setup::build(Dovecot::start(&[ALICE, BOB]), imap_section, extra, edit)
+    }
+
+    /// mailgate in front of `dovecot` (started with other options), configured as by
+    /// [`Setup::start_with`].
+    pub fn in_front_of(dovecot: Dovecot, imap_section: &str, extra: &str) -> Setup {
+        Setup::build(dovecot, imap_section, extra, |config, _| config)
+    }
+
+    fn build(dovecot: Dovecot, imap_section: &str, extra: &str, edit: impl FnOnce(String, &Path) -> String) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::generate(dir.path());
-        let dovecot = Dovecot::start(&[ALICE, BOB]);
         let config = gateway_config_with(
             &pki,
             Some(&format!("127.0.0.1:{}", dovecot.imaps.port())),
