@@ -448,24 +448,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     /// a pipelined QUIT ends the session (about one session in a thousand in the soak), so
     /// the client's QUIT, which it did not pipeline, must not be pipelined behind them.
     async fn wait_for_own_commands(&mut self) -> Result<(), End> {
-        loop {
-            let answered = self.answered.notified();
-            let own = lock(&self.shared)
-                .pending
-                .iter()
-                .any(|p| matches!(p, Pending::Upstream { track, .. } if track.internal()));
-            if !own {
-                return Ok(());
-            }
-            // What is written must be flushed to be answered.
-            if self.write.flush().await.is_err() {
-                return Err(End::UpstreamClosed);
-            }
-            let deadline = Instant::now() + self.service.config.pop3.idle_timeout.0;
-            if tokio::time::timeout_at(deadline, answered).await.is_err() {
-                return Err(self.close_with("-ERR Disconnected for inactivity.").await);
-            }
-        }
+        self.wait_until(|shared| {
+            let own = shared.pending.iter().any(|p| matches!(p, Pending::Upstream { track, .. } if track.internal()));
+            (!own).then_some(Ok(()))
+        })
+        .await
     }
 
     /// RETR (or TOP with `top_lines`) of message `n` from the cache.
@@ -546,19 +533,25 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     }
 
     async fn wait_for_room(&mut self) -> Result<(), End> {
+        let window = self.window;
+        self.wait_until(|shared| {
+            if shared.draining {
+                // Shutdown: no new commands (and no QUIT: deletions are not committed).
+                return Some(Err(End::Closed("shutdown")));
+            }
+            (shared.pending.len() < window).then_some(Ok(()))
+        })
+        .await
+    }
+
+    /// Waits until `ready` gives an outcome, flushing what is written (it must reach the
+    /// upstream to be answered); a whole idle period without an answer ends the session.
+    async fn wait_until(&mut self, ready: impl Fn(&Shared) -> Option<Result<(), End>>) -> Result<(), End> {
         loop {
             let answered = self.answered.notified();
-            {
-                let shared = lock(&self.shared);
-                if shared.draining {
-                    // Shutdown: no new commands (and no QUIT: deletions are not committed).
-                    return Err(End::Closed("shutdown"));
-                }
-                if shared.pending.len() < self.window {
-                    return Ok(());
-                }
+            if let Some(outcome) = ready(&lock(&self.shared)) {
+                return outcome;
             }
-            // What is written must be flushed to be answered.
             if self.write.flush().await.is_err() {
                 return Err(End::UpstreamClosed);
             }
