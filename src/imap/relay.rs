@@ -724,6 +724,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         if self.framer.pending_literal().is_some() {
             self.framer.accept_literal();
         }
+        if self.framer.at_boundary() {
+            if let Some((len, filtered)) = capability_without_compress(&self.buffer) {
+                let _ = self.buffer.split_to(len);
+                return self.write.write_all(&filtered).await.is_err().then_some(End::ClientClosed);
+            }
+        }
         let step = match self.framer.feed(&self.buffer) {
             Ok(step) => step,
             // Nothing was consumed: the session cannot go on (and must not spin).
@@ -876,6 +882,25 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     }
 }
 
+/// An untagged `CAPABILITY` response complete at the start of `buffer` that names
+/// `COMPRESS=`: its length, and the line without those (mailgate refuses COMPRESS, so it must
+/// not offer it; the tagged OK after LOGIN drops them too). `None` for anything else; a
+/// line not complete yet streams through as is (COMPRESS is refused all the same).
+fn capability_without_compress(buffer: &[u8]) -> Option<(usize, Vec<u8>)> {
+    const PREFIX: &[u8] = b"* CAPABILITY ";
+    if buffer.len() < PREFIX.len() || !buffer[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {
+        return None;
+    }
+    let len = memchr::memchr(b'\n', buffer)? + 1;
+    let words = std::str::from_utf8(strip_eol(&buffer[PREFIX.len()..len])).ok()?;
+    let is_compress = |w: &str| w.as_bytes().get(..9).is_some_and(|p| p.eq_ignore_ascii_case(b"COMPRESS="));
+    if !words.split(' ').any(is_compress) || words.contains('{') {
+        return None;
+    }
+    let kept: Vec<&str> = words.split(' ').filter(|w| !is_compress(w)).collect();
+    Some((len, format!("* CAPABILITY {}\r\n", kept.join(" ")).into_bytes()))
+}
+
 /// Most one upstream response may weigh while a job assembles it.
 fn job_response_limit(service: &Service) -> usize {
     let cache = service.config.cache.max_entry_bytes.as_usize();
@@ -994,5 +1019,23 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
     fn count(&mut self, hits: usize, misses: usize) {
         self.cache_hits += hits as u64;
         self.cache_misses += misses as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capability_response_loses_compress_and_nothing_else() {
+        let input = b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE compress=x\r\n* 1 EXISTS\r\n";
+        let (len, line) = capability_without_compress(input).unwrap();
+        assert_eq!(&input[len..], b"* 1 EXISTS\r\n");
+        assert_eq!(line, b"* CAPABILITY IMAP4rev1 IDLE\r\n");
+        assert_eq!(capability_without_compress(b"* CAPABILITY IMAP4rev1 IDLE\r\n"), None, "nothing to drop");
+        assert_eq!(capability_without_compress(b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE"), None, "not complete");
+        assert_eq!(capability_without_compress(b"* OK [CAPABILITY COMPRESS=DEFLATE] x\r\n"), None);
+        let accented = "* CAPABILITY ééééé COMPRESS=DEFLATE\r\n";
+        assert_eq!(capability_without_compress(accented.as_bytes()).unwrap().1, "* CAPABILITY ééééé\r\n".as_bytes());
     }
 }
