@@ -131,7 +131,9 @@ impl Penalties {
         }
     }
 
-    /// Whether `user` at `address` is locked out now (no attempt in flight counted).
+    /// Whether `user` at `address` is locked out now (no attempt in flight counted; the
+    /// sessions ask [`begin`](Penalties::begin)).
+    #[cfg(test)]
     pub fn locked_out(&self, user: &str, address: ClientKey, now: Instant) -> bool {
         self.users().get(&(user.to_string(), address)).is_some_and(|r| {
             r.failures >= self.config.lockout_failures && now.duration_since(r.last) < self.config.window
