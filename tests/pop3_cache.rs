@@ -135,6 +135,19 @@ fn users_with_the_same_uidls_never_see_each_others_cached_mail() {
     assert!(response(&mut warm) == want);
 }
 
+/// The fake's answers to the session commands of a maildrop with one 40-octet message
+/// (CAPA, USER, PASS, UIDL, LIST); false for any other command.
+fn one_message_maildrop(conn: &mut FakeConn, command: &str) -> bool {
+    match command {
+        "CAPA" => conn.send(b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
+        "USER" | "PASS" => conn.send(b"+OK\r\n"),
+        "UIDL" => conn.send(b"+OK\r\n1 uid-one\r\n.\r\n"),
+        "LIST" => conn.send(b"+OK\r\n1 40\r\n.\r\n"),
+        _ => return false,
+    }
+    true
+}
+
 #[test]
 fn a_retr_cut_by_the_upstream_is_not_cached() {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -146,10 +159,7 @@ fn a_retr_cut_by_the_upstream_is_not_cached() {
         conn.send(b"+OK fake\r\n");
         while let Some(line) = conn.line() {
             match line.split(' ').next().unwrap_or_default() {
-                "CAPA" => conn.send(b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
-                "USER" | "PASS" => conn.send(b"+OK\r\n"),
-                "UIDL" => conn.send(b"+OK\r\n1 uid-one\r\n.\r\n"),
-                "LIST" => conn.send(b"+OK\r\n1 40\r\n.\r\n"),
+                command if one_message_maildrop(conn, command) => {}
                 "RETR" if session == 0 => {
                     conn.send(b"+OK 40 octets\r\nSubject: one\r\n\r\npartial");
                     return;
@@ -191,10 +201,7 @@ fn quit_reaches_the_upstream_after_mailgates_own_retrs_are_answered() {
         conn.send(b"+OK fake\r\n");
         while let Some(line) = conn.line() {
             match line.split(' ').next().unwrap_or_default() {
-                "CAPA" => conn.send(b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
-                "USER" | "PASS" => conn.send(b"+OK\r\n"),
-                "UIDL" => conn.send(b"+OK\r\n1 uid-one\r\n.\r\n"),
-                "LIST" => conn.send(b"+OK\r\n1 40\r\n.\r\n"),
+                command if one_message_maildrop(conn, command) => {}
                 "RETR" => {
                     if session > 0 {
                         // mailgate's RETR for \Seen: slow, and is QUIT already here?
@@ -233,10 +240,7 @@ fn concurrent_misses_of_one_message_share_one_upstream_retr() {
         conn.send(b"+OK fake\r\n");
         while let Some(line) = conn.line() {
             match line.split(' ').next().unwrap_or_default() {
-                "CAPA" => conn.send(b"+OK\r\nUSER\r\nPIPELINING\r\n.\r\n"),
-                "USER" | "PASS" => conn.send(b"+OK\r\n"),
-                "UIDL" => conn.send(b"+OK\r\n1 uid-one\r\n.\r\n"),
-                "LIST" => conn.send(b"+OK\r\n1 40\r\n.\r\n"),
+                command if one_message_maildrop(conn, command) => {}
                 "RETR" => {
                     // Slow enough for the other session's RETR to arrive meanwhile.
                     std::thread::sleep(Duration::from_millis(800));

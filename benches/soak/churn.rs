@@ -3,7 +3,7 @@
 //! against Dovecot's; mailgate's resident set sampled every few seconds.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::env_usize;
@@ -41,14 +41,7 @@ pub fn run() -> bool {
         total as f64 / 1e6
     );
 
-    let target = Arc::new(Target {
-        imap: mailgate.imaps,
-        pop3: mailgate.pop3s,
-        tls: harness::client_tls(&pki),
-        timeout: Duration::from_secs(60),
-        ops: Default::default(),
-        greetings: Mutex::new(Vec::new()),
-    });
+    let target = Target::new(&mailgate, &pki);
     let outcomes = Arc::new(Outcomes::default());
     let stop = Arc::new(AtomicBool::new(false));
     let began = Instant::now();

@@ -105,14 +105,7 @@ pub fn run() -> bool {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mailboxes = runtime.block_on(mail::references(&dovecot, users, 8));
     println!("setup: {:.1} s ({:.1} MB of mail)", started.elapsed().as_secs_f64(), total as f64 / 1e6);
-    let target = Arc::new(Target {
-        imap: mailgate.imaps,
-        pop3: mailgate.pop3s,
-        tls: harness::client_tls(&pki),
-        timeout: Duration::from_secs(60),
-        ops: Default::default(),
-        greetings: Mutex::new(Vec::new()),
-    });
+    let target = Target::new(&mailgate, &pki);
     let sleep = |s: f64| tokio::time::sleep(Duration::from_secs_f64(s));
     let mut pass = true;
     let mut checks = Vec::new();

@@ -208,7 +208,7 @@ impl Mailgate {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let log = std::fs::read_to_string(&mailgate.log_path).unwrap_or_default();
-            let found = listening(&log);
+            let found = crate::support::gateway::parse_listening(&log);
             if let (Some(i), Some(p), Some(a)) = (found.get("imaps"), found.get("pop3s"), found.get("admin")) {
                 (mailgate.imaps, mailgate.pop3s, mailgate.admin) = (*i, *p, *a);
                 return mailgate;
@@ -283,22 +283,6 @@ impl Drop for Mailgate {
             let _ = std::fs::copy(&self.log_path, keep);
         }
     }
-}
-
-/// `... listening listener=NAME address=IP:PORT ...` lines.
-fn listening(log: &str) -> BTreeMap<String, SocketAddr> {
-    let mut found = BTreeMap::new();
-    for line in log.lines().filter(|l| l.contains(" listening")) {
-        let field = |key: &str| {
-            line.split_whitespace().find_map(|w| w.strip_prefix(key)).map(|v| v.trim_matches('"').to_string())
-        };
-        if let (Some(name), Some(addr)) = (field("listener="), field("address=")) {
-            if let Ok(addr) = addr.parse() {
-                found.insert(name, addr);
-            }
-        }
-    }
-    found
 }
 
 /// What mailgate's log said, read incrementally.

@@ -176,6 +176,20 @@ pub struct Target {
     pub greetings: Mutex<Vec<Duration>>,
 }
 
+impl Target {
+    /// `mailgate`'s implicit-TLS listeners, clients trusting `pki`, 60 s per operation.
+    pub fn new(mailgate: &crate::harness::Mailgate, pki: &crate::support::tls::TestPki) -> Arc<Target> {
+        Arc::new(Target {
+            imap: mailgate.imaps,
+            pop3: mailgate.pop3s,
+            tls: crate::harness::client_tls(pki),
+            timeout: Duration::from_secs(60),
+            ops: Default::default(),
+            greetings: Mutex::new(Vec::new()),
+        })
+    }
+}
+
 /// A POP3 session that got `-ERR` after QUIT's `+OK` (issue 12, defect 12).
 pub const KNOWN_QUIT_ERR: &str = "-ERR-after-QUIT";
 

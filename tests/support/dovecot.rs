@@ -200,18 +200,7 @@ impl Dovecot {
         // Output before the log process is up (e.g. config errors) lands here.
         let stdio = fs::File::create(root.join("stdio.log"))
             .map_err(|e| StartError::Fatal(format!("creating stdio.log: {e}")))?;
-        let stderr = stdio.try_clone().map_err(|e| StartError::Fatal(e.to_string()))?;
-        // Deliberately no separate process group: then Ctrl-C on `cargo test`
-        // reaches Dovecot too instead of leaving it running.
-        let child = Command::new(dovecot_binary())
-            .arg("-F")
-            .arg("-c")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(stdio)
-            .stderr(stderr)
-            .spawn()
-            .map_err(|e| StartError::Fatal(format!("spawning dovecot: {e}")))?;
+        let child = spawn(&config_path, stdio).map_err(|e| StartError::Fatal(format!("spawning dovecot: {e}")))?;
 
         let mut dovecot = Dovecot {
             imap: SocketAddr::from((Ipv4Addr::LOCALHOST, imap)),
@@ -390,16 +379,7 @@ impl Dovecot {
             .to_string();
         for _ in 0..START_ATTEMPTS {
             let stdio = fs::OpenOptions::new().append(true).open(self.dir.path().join("stdio.log")).unwrap();
-            let stderr = stdio.try_clone().unwrap();
-            let child = Command::new(dovecot_binary())
-                .arg("-F")
-                .arg("-c")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(stdio)
-                .stderr(stderr)
-                .spawn()
-                .expect("spawning dovecot");
+            let child = spawn(&config_path, stdio).expect("spawning dovecot");
             self.child = Some(child);
             match self.wait_ready(&instance) {
                 Ok(()) => return,
@@ -767,4 +747,19 @@ fn children_of(pid: u32) -> Vec<u32> {
             (ppid == pid).then_some(child)
         })
         .collect()
+}
+
+/// Dovecot in the foreground with `config`, its output to `stdio`. Deliberately no
+/// separate process group: then Ctrl-C on `cargo test` reaches Dovecot too instead of
+/// leaving it running.
+fn spawn(config: &Path, stdio: fs::File) -> std::io::Result<std::process::Child> {
+    let stderr = stdio.try_clone()?;
+    Command::new(dovecot_binary())
+        .arg("-F")
+        .arg("-c")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(stdio)
+        .stderr(stderr)
+        .spawn()
 }

@@ -134,7 +134,7 @@ fn rand_suffix() -> u64 {
 }
 
 /// `... listening listener=NAME address=IP:PORT ...` lines.
-fn parse_listening(log: &str) -> HashMap<String, SocketAddr> {
+pub fn parse_listening(log: &str) -> HashMap<String, SocketAddr> {
     let mut found = HashMap::new();
     for line in log.lines().filter(|l| l.contains(" listening ")) {
         let field = |key: &str| {
