@@ -84,6 +84,31 @@ pub struct ImapKey {
     pub uid_validity: u32,
     pub uid: u32,
     pub item: Name,
+    /// What the item is (follows from `item`, so not part of equality): headers and
+    /// structure live in the mailbox's snapshot columns, bodies in entries of their own.
+    pub kind: super::Kind,
+}
+
+impl ImapKey {
+    /// The snapshot column holding this item, when it is kept in one.
+    pub fn column(&self) -> Option<ColumnKey> {
+        matches!(self.kind, super::Kind::Header | super::Kind::Structure).then(|| ColumnKey {
+            account: self.account.clone(),
+            mailbox: self.mailbox.clone(),
+            uid_validity: self.uid_validity,
+            item: self.item.clone(),
+        })
+    }
+}
+
+/// One item of every message of one mailbox at one UIDVALIDITY of one account: a column of
+/// the mailbox's snapshot (see `cache::column`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ColumnKey {
+    pub account: Account,
+    pub mailbox: Name,
+    pub uid_validity: u32,
+    pub item: Name,
 }
 
 impl Hash for ImapKey {
@@ -122,5 +147,7 @@ pub struct Pop3Key {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Key {
     Imap(ImapKey),
+    /// A whole column (see [`ImapKey::column`]); its items are looked up by UID inside.
+    Column(ColumnKey),
     Pop3(Pop3Key),
 }

@@ -1,10 +1,14 @@
 //! The message cache: immutable message data in memory, per account, weighed in bytes.
 //!
-//! Built on moka's future cache: entries are `Bytes` (cheap clones), the weight of an entry
-//! is its size, anything above `max_entry_bytes` is streamed and never stored, and an
-//! eviction listener counts why entries leave. Counters live here ([`Stats`]) so that the
-//! metrics exporter only has to read them.
+//! Built on moka's future cache. Headers and structure live in mailbox snapshots: one
+//! [`Column`] per (account, mailbox, UIDVALIDITY, item) holds that item of every message,
+//! one cache entry for thousands of values. Bodies (and POP3 messages) are entries of
+//! their own: their size amortizes an entry's cost, and they are evicted one by one. The
+//! weight of an entry is its size, anything above `max_entry_bytes` is streamed and never
+//! stored, and an eviction listener counts why entries leave. Counters live here
+//! ([`Stats`]) so that the metrics exporter only has to read them.
 
+pub mod column;
 pub mod key;
 
 use std::collections::HashMap;
@@ -15,7 +19,8 @@ use bytes::Bytes;
 use moka::notification::RemovalCause;
 use tokio::sync::oneshot;
 
-pub use key::{Account, ImapKey, Key, LoginProof, Name, Pop3Key};
+pub use column::Column;
+pub use key::{Account, ColumnKey, ImapKey, Key, LoginProof, Name, Pop3Key};
 
 use crate::config::CacheConfig;
 
@@ -98,8 +103,29 @@ impl StatsSnapshot {
     }
 }
 
+/// What the cache holds under a key.
+#[derive(Clone, Debug)]
+enum Value {
+    Item(Bytes),
+    Column(Arc<Column>),
+}
+
+/// Columns are refilled while they live: an update (a re-weighing) must not restart their
+/// time to live, which runs from their creation like an item's.
+struct Expiry(Option<std::time::Duration>);
+
+impl moka::Expiry<Key, Value> for Expiry {
+    fn expire_after_create(&self, _: &Key, _: &Value, _: std::time::Instant) -> Option<std::time::Duration> {
+        self.0
+    }
+}
+
+/// A column grows by appends that moka does not see; it is weighed again once it has grown
+/// by this much since (so the cache's bound is off by at most this per column).
+const REWEIGH_SLACK: usize = 64 * 1024;
+
 pub struct MessageCache {
-    entries: moka::future::Cache<Key, Bytes>,
+    entries: moka::future::Cache<Key, Value>,
     max_entry_bytes: usize,
     stats: Arc<Stats>,
     /// Keys being loaded from an upstream right now, with whoever waits for them.
@@ -148,15 +174,20 @@ impl MessageCache {
     pub fn new(config: &CacheConfig) -> MessageCache {
         let stats = Arc::new(Stats::default());
         let listener_stats = stats.clone();
-        let mut builder = moka::future::Cache::builder()
+        let builder = moka::future::Cache::builder()
             .max_capacity(config.max_bytes.0)
             .support_invalidation_closures()
-            .weigher(|key: &Key, value: &Bytes| -> u32 {
+            .weigher(|key: &Key, value: &Value| -> u32 {
                 let key_bytes = match key {
                     Key::Imap(k) => k.mailbox.len() + k.item.len() + 64,
+                    Key::Column(k) => k.mailbox.len() + k.item.len() + 64,
                     Key::Pop3(k) => k.uidl.len() + 48,
                 };
-                u32::try_from(value.len() + key_bytes).unwrap_or(u32::MAX)
+                let value_bytes = match value {
+                    Value::Item(bytes) => bytes.len(),
+                    Value::Column(column) => column.weighed(),
+                };
+                u32::try_from(value_bytes + key_bytes).unwrap_or(u32::MAX)
             })
             .eviction_listener(move |_key, _value, cause| {
                 let counter = match cause {
@@ -166,11 +197,8 @@ impl MessageCache {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             });
-        if let Some(ttl) = config.time_to_live {
-            builder = builder.time_to_live(ttl.0);
-        }
         MessageCache {
-            entries: builder.build(),
+            entries: builder.expire_after(Expiry(config.time_to_live.map(|ttl| ttl.0))).build(),
             max_entry_bytes: config.max_entry_bytes.as_usize(),
             stats,
             loading: Mutex::new(HashMap::new()),
@@ -201,22 +229,71 @@ impl MessageCache {
         self.max_entry_bytes
     }
 
+    /// The column `key`, created empty when there is none.
+    pub async fn column(&self, key: &ColumnKey) -> Arc<Column> {
+        let key = Key::Column(key.clone());
+        match self.entries.get_with_by_ref(&key, async { Value::Column(Arc::default()) }).await {
+            Value::Column(column) => column,
+            Value::Item(_) => unreachable!("column keys only ever hold columns"),
+        }
+    }
+
+    /// The column `key` when there is one.
+    pub async fn existing_column(&self, key: &ColumnKey) -> Option<Arc<Column>> {
+        match self.entries.get(&Key::Column(key.clone())).await? {
+            Value::Column(column) => Some(column),
+            Value::Item(_) => None,
+        }
+    }
+
+    /// Tells the cache how much a column weighs now, when it has changed by more than
+    /// [`REWEIGH_SLACK`] since the cache last weighed it.
+    pub async fn reweigh(&self, key: &ColumnKey, column: &Arc<Column>) {
+        if !column.reweigh_due(REWEIGH_SLACK) {
+            return;
+        }
+        // Only if it is still the cached column (not evicted, nor replaced after a forget).
+        let current = self.existing_column(key).await;
+        if current.is_some_and(|current| Arc::ptr_eq(&current, column)) {
+            self.entries.insert(Key::Column(key.clone()), Value::Column(column.clone())).await;
+        }
+    }
+
     /// Looks `key` up, counting a hit or a miss for `kind`.
     pub async fn get(&self, key: &Key, kind: Kind) -> Option<Bytes> {
-        let found = self.entries.get(key).await;
-        let counter = if found.is_some() { &self.stats.hits } else { &self.stats.misses };
-        counter[kind.index()].fetch_add(1, Ordering::Relaxed);
+        let found = self.peek(key).await;
+        self.count(kind, found.is_some());
         found
     }
 
+    /// Counts a lookup made through a column the caller holds.
+    pub fn count(&self, kind: Kind, hit: bool) {
+        let counter = if hit { &self.stats.hits } else { &self.stats.misses };
+        counter[kind.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Whether `key` is cached, without counting a lookup.
-    pub fn contains(&self, key: &Key) -> bool {
-        self.entries.contains_key(key)
+    pub async fn contains(&self, key: &Key) -> bool {
+        match key {
+            Key::Imap(imap) => match imap.column() {
+                Some(column) => self.existing_column(&column).await.is_some_and(|c| c.contains(imap.uid)),
+                None => self.entries.contains_key(key),
+            },
+            _ => self.entries.contains_key(key),
+        }
     }
 
     /// The value of `key`, without counting a lookup (to compare, not to serve).
     pub async fn peek(&self, key: &Key) -> Option<Bytes> {
-        self.entries.get(key).await
+        if let Key::Imap(imap) = key {
+            if let Some(column) = imap.column() {
+                return self.existing_column(&column).await?.get(imap.uid);
+            }
+        }
+        match self.entries.get(key).await? {
+            Value::Item(bytes) => Some(bytes),
+            Value::Column(_) => None,
+        }
     }
 
     /// Counts a miss that needed no lookup (an item relayed the cold way and stored).
@@ -226,16 +303,36 @@ impl MessageCache {
 
     /// Takes back a value stored in error (a placeholder for an expunged message).
     pub async fn invalidate(&self, key: &Key) {
+        if let Key::Imap(imap) = key {
+            if let Some(column) = imap.column() {
+                if let Some(column) = self.existing_column(&column).await {
+                    column.remove(imap.uid);
+                }
+                return;
+            }
+        }
         self.entries.invalidate(key).await;
     }
 
     /// Forgets everything of one mailbox at one UIDVALIDITY of an account: its upstream
     /// changed an immutable item without a new UIDVALIDITY (a rebuilt mailbox).
     pub fn forget_mailbox(&self, account: &Account, mailbox: &Name, uid_validity: u32) {
-        let (account, mailbox) = (account.clone(), mailbox.clone());
         self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        // Sessions hold the columns they resolved for the rest of their command: emptied
+        // now, so that none of them answers from what was just found stale.
+        let of_mailbox =
+            |k: &ColumnKey| k.uid_validity == uid_validity && &k.mailbox == mailbox && &k.account == account;
+        for (key, value) in self.entries.iter() {
+            if let (Key::Column(k), Value::Column(column)) = (key.as_ref(), value) {
+                if of_mailbox(k) {
+                    column.clear();
+                }
+            }
+        }
+        let (account, mailbox) = (account.clone(), mailbox.clone());
         let forgotten = self.entries.invalidate_entries_if(move |key, _| match key {
             Key::Imap(k) => k.uid_validity == uid_validity && k.mailbox == mailbox && k.account == account,
+            Key::Column(k) => k.uid_validity == uid_validity && k.mailbox == mailbox && k.account == account,
             Key::Pop3(_) => false,
         });
         if let Err(e) = forgotten {
@@ -257,12 +354,28 @@ impl MessageCache {
 
     /// Stores a complete value; values over `max_entry_bytes` are not kept.
     pub async fn insert(&self, key: Key, value: Bytes) {
-        if value.len() > self.max_entry_bytes {
-            self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+        if !self.admits(value.len()) {
             return;
         }
+        if let Key::Imap(imap) = &key {
+            if let Some(column_key) = imap.column() {
+                let column = self.column(&column_key).await;
+                column.insert(imap.uid, &value);
+                self.reweigh(&column_key, &column).await;
+                return;
+            }
+        }
+        self.entries.insert(key, Value::Item(value)).await;
+    }
+
+    /// Whether a value of `len` bytes may be stored (counted as inserted, or as too large).
+    pub fn admits(&self, len: usize) -> bool {
+        if len > self.max_entry_bytes {
+            self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         self.stats.inserted.fetch_add(1, Ordering::Relaxed);
-        self.entries.insert(key, value).await;
+        true
     }
 
     pub async fn stats(&self) -> StatsSnapshot {

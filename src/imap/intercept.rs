@@ -24,7 +24,8 @@ use bytes::Bytes;
 
 use super::fetch::{parse_request, parse_response, FetchRequest, FetchResponse, ItemKind, SequenceSet};
 use super::renumber::{Mark, Renumber};
-use crate::cache::{Claim, ImapKey, Key, Kind, LoadGuard, Name, Scope};
+use super::snapshot::{self, Items, Stored};
+use crate::cache::{Claim, Kind, LoadGuard, Name, Scope};
 
 /// How long a miss waits for another session that is loading the same item.
 const SHARED_LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -171,24 +172,13 @@ fn mailbox_name(rest: &str) -> Option<String> {
     Some(if name.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { name })
 }
 
-fn key(scope: &Scope, selected: &Selected, uid: u32, item: &Name) -> Key {
-    Key::Imap(ImapKey {
-        account: scope.account.clone(),
-        mailbox: selected.mailbox.clone(),
-        uid_validity: selected.uid_validity,
-        uid,
-        item: item.clone(),
-    })
-}
-
-/// A cacheable item of the request, with its key name built once per command.
+/// A cacheable item of the request (where it is cached: the same position in the job's
+/// [`Items`]).
 struct Wanted<'a> {
     /// As the client wrote it.
     request: &'a str,
     /// The name of the upstream's response item.
     response: &'a str,
-    key: Name,
-    class: Kind,
 }
 
 pub(super) fn is_tagged(response: &[u8], tag: &str) -> bool {
@@ -231,7 +221,7 @@ async fn answer_locally<Io: JobIo>(
     io: &mut Io,
     job: &Job,
     client_tag: &str,
-    scope: &Scope,
+    items: &Items,
     wanted: &[Wanted<'_>],
 ) -> Result<bool, JobError> {
     let request = &job.request;
@@ -240,8 +230,12 @@ async fn answer_locally<Io: JobIo>(
         return Ok(false);
     }
     let Some(uids) = explicit_uids(&request.set) else { return Ok(false) };
-    if !uids.iter().all(|&uid| wanted.iter().all(|w| scope.cache.contains(&key(scope, &job.selected, uid, &w.key)))) {
-        return Ok(false);
+    for &uid in &uids {
+        for i in 0..wanted.len() {
+            if !items.contains(uid, i).await {
+                return Ok(false);
+            }
+        }
     }
     // Everything is cached; only the sequence numbers may be missing. One `UID SEARCH ALL`
     // teaches all of them for the rest of the session (until new mail arrives).
@@ -256,16 +250,16 @@ async fn answer_locally<Io: JobIo>(
     let mut out = Vec::new();
     let mut served = 0;
     for (seq, uid) in known {
-        let mut items = Vec::with_capacity(wanted.len());
-        for w in wanted {
+        let mut values = Vec::with_capacity(wanted.len());
+        for i in 0..wanted.len() {
             // Evicted since the check: the full path answers instead (nothing sent yet).
-            let Some(bytes) = scope.cache.get(&key(scope, &job.selected, uid, &w.key), w.class).await else {
+            let Some(bytes) = items.get(uid, i).await else {
                 return Ok(false);
             };
-            items.push(bytes);
+            values.push(bytes);
         }
         out.extend_from_slice(format!("* {seq} FETCH (UID {uid}").as_bytes());
-        for bytes in &items {
+        for bytes in &values {
             out.push(b' ');
             out.extend_from_slice(bytes);
             served += bytes.len();
@@ -274,7 +268,7 @@ async fn answer_locally<Io: JobIo>(
     }
     io.count(wanted.len() * uids.len(), 0);
     io.answered(uids.len());
-    scope.cache.served(served);
+    items.scope().cache.served(served);
     out.extend_from_slice(format!("{client_tag} OK Fetch completed.\r\n").as_bytes());
     io.to_client(&out).await?;
     Ok(true)
@@ -306,14 +300,16 @@ async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<(), JobError> {
 /// Runs phase one and two and answers the client as `client_tag`.
 pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Scope) -> Result<(), JobError> {
     let request = &job.request;
-    let wanted: Vec<Wanted<'_>> = request
-        .cached_items()
-        .map(|w| Wanted { request: w.request, response: w.response, key: Name::new(w.key), class: w.class })
-        .collect();
+    let wanted: Vec<Wanted<'_>> =
+        request.cached_items().map(|w| Wanted { request: w.request, response: w.response }).collect();
+    let fill = Fill::new(job, scope).await;
+    let sizes = Items::resolve(scope, &job.selected, vec![(Name::new(VALIDATOR), Kind::Structure)]).await;
     check_uid_next(io, job, scope).await;
-    let answered = answer(io, job, client_tag, scope, &wanted).await;
+    let answered = answer(io, job, client_tag, &fill, &sizes, &wanted).await;
     // The UIDs this job saw raise the mark too.
     check_uid_next(io, job, scope).await;
+    sizes.reweigh().await;
+    fill.items.reweigh().await;
     answered
 }
 
@@ -322,21 +318,19 @@ async fn answer<Io: JobIo>(
     io: &mut Io,
     job: &Job,
     client_tag: &str,
-    scope: &Scope,
+    fill: &Fill,
+    sizes: &Items,
     wanted: &[Wanted<'_>],
 ) -> Result<(), JobError> {
     let request = &job.request;
-    if answer_locally(io, job, client_tag, scope, wanted).await? {
+    let items = &fill.items;
+    if answer_locally(io, job, client_tag, items, wanted).await? {
         return Ok(());
     }
-    // Under CONDSTORE a FETCH that sets `\Seen` reports the change with the MODSEQ the
-    // message had before it, and the upstream tells its new MODSEQ at the next command.
-    // Split in two phases, that next command would be mailgate's phase two, inside the
-    // client's answer: such a FETCH is relayed whole instead (and fills the cache).
-    let reports_modseq =
-        job.modseq.condstore || request.mutable_requests().iter().any(|m| m.eq_ignore_ascii_case("MODSEQ"));
-    if looks_cold(job, scope, wanted) || (reports_modseq && request.sets_seen()) {
-        return relay_and_fill(io, job, client_tag, scope, wanted).await;
+    // Decided when the client sent it too (the relay forwards such a FETCH itself), but
+    // the cache may have changed since.
+    if relays_whole(job, items).await {
+        return relay_and_fill(io, job, client_tag, fill).await;
     }
     // The mutable items' names as the upstream answers them, in request order.
     let mutable_names: Vec<String> = request
@@ -410,7 +404,9 @@ async fn answer<Io: JobIo>(
         } else if !streaming {
             held.push(message);
         } else if in_set(&message, (u32::MAX, u32::MAX)) {
-            if let Some(miss) = settle(io, job, scope, &mutable_names, wanted, message, &mut tally, &renumber).await? {
+            if let Some(miss) =
+                settle(io, job, items, sizes, &mutable_names, wanted, message, &mut tally, &renumber).await?
+            {
                 misses.push(miss);
             }
         } else {
@@ -444,7 +440,7 @@ async fn answer<Io: JobIo>(
         if !in_set(&message, highest) {
             relay_phase_one(io, &mut renumber, &message, &added).await?;
         } else if let Some(miss) =
-            settle(io, job, scope, &mutable_names, wanted, message, &mut tally, &renumber).await?
+            settle(io, job, items, sizes, &mutable_names, wanted, message, &mut tally, &renumber).await?
         {
             misses.push(miss);
         }
@@ -458,7 +454,7 @@ async fn answer<Io: JobIo>(
     // may bring EXPUNGEs: the fresh answers carry the numbers of the moment). The mutable
     // items are asked again: a flag change reported meanwhile must not be undone by phase
     // one's older values.
-    let phase_two = PhaseTwo { job, scope, wanted, mutable: &mutable, mutable_names: &mutable_names };
+    let phase_two = PhaseTwo { job, items, wanted, mutable: &mutable, mutable_names: &mutable_names };
     for chunk in misses.chunks_mut(BATCH) {
         // Concurrent misses share one load: claim what nobody is loading; a message whose
         // every missing item another session is loading waits for that session instead.
@@ -467,9 +463,9 @@ async fn answer<Io: JobIo>(
         let mut guards: HashMap<(usize, usize), LoadGuard> = HashMap::new();
         let mut waits: Vec<(usize, usize, oneshot::Receiver<Option<Bytes>>)> = Vec::new();
         for (m, message) in chunk.iter().enumerate() {
-            for (i, w) in wanted.iter().enumerate() {
+            for i in 0..wanted.len() {
                 if message.items[i].is_none() {
-                    match scope.cache.claim(key(scope, &job.selected, message.uid, &w.key)) {
+                    match items.scope().cache.claim(items.key(message.uid, i)) {
                         Claim::Load(guard) => drop(guards.insert((m, i), guard)),
                         Claim::Wait(value) => waits.push((m, i, value)),
                     }
@@ -511,15 +507,8 @@ async fn answer<Io: JobIo>(
             }
         }
     }
-    if !misses.is_empty() {
-        scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;
-    }
     finish(io, client_tag, &final_status).await
 }
-
-/// Where the highest UIDNEXT known of an account's mailbox (at one UIDVALIDITY) is kept:
-/// the most of what SELECT reported and of the UIDs seen in answers, plus one.
-const UID_NEXT_MARK: &str = "\0uidnext";
 
 /// UIDs are never given out twice under one UIDVALIDITY (RFC 9051 §2.3.1.1), so the
 /// mailbox's UIDNEXT never goes below one known before, unless the mailbox was restored
@@ -529,7 +518,7 @@ const UID_NEXT_MARK: &str = "\0uidnext";
 async fn check_uid_next<Io: JobIo>(io: &Io, job: &Job, scope: &Scope) {
     let known = [job.selected.uid_next, io.highest_uid().map(|uid| uid.saturating_add(1))];
     let Some(uid_next) = known.into_iter().flatten().max() else { return };
-    let mark = key(scope, &job.selected, 0, &Name::new(UID_NEXT_MARK));
+    let mark = snapshot::mark(scope, &job.selected, snapshot::UID_NEXT_MARK);
     let seen = scope.cache.peek(&mark).await.and_then(|v| Some(u32::from_be_bytes(v.as_ref().try_into().ok()?)));
     match seen {
         Some(seen) if seen > uid_next => {
@@ -595,156 +584,120 @@ async fn relay_phase_one<Io: JobIo>(
     relay_other(io, renumber, &stripped).await
 }
 
-/// Marks that an account's mailbox (at one UIDVALIDITY) has been filled from: without the
-/// mark a FETCH is answered the cold way. An evicted mark only costs speed.
-const FILLED_MARK: &str = "\0filled";
-
 /// Whether a FETCH is best relayed as it is while its answer fills the cache: possible
 /// when the client's answer carries UIDs (UID FETCH, or UID among the items), worth it when
 /// nothing of it is likely cached (the mailbox was never filled from, or none of its named
 /// UIDs has any of the items), and right when a body section of a named UID is missing.
-fn looks_cold(job: &Job, scope: &Scope, wanted: &[Wanted<'_>]) -> bool {
+pub async fn looks_cold(job: &Job, items: &Items) -> bool {
     let request = &job.request;
     let carries_uid = request.uid || request.mutable_requests().iter().any(|m| m.eq_ignore_ascii_case("UID"));
     if !carries_uid {
         return false;
     }
-    if !scope.cache.contains(&key(scope, &job.selected, 0, &Name::new(FILLED_MARK))) {
+    let scope = items.scope();
+    if !scope.cache.contains(&snapshot::mark(scope, &job.selected, snapshot::FILLED_MARK)).await {
         return true;
     }
-    let cached = |uid: u32, w: &Wanted<'_>| scope.cache.contains(&key(scope, &job.selected, uid, &w.key));
     match (request.uid, explicit_uids(&request.set)) {
         // A body section still to come from the upstream (a client opening a message it has
         // the size or structure of) is relayed as it is too: merged with cached items it
         // would be held whole, however large, where the relay streams it.
         (true, Some(uids)) => {
-            let missing_body = uids.iter().any(|&uid| wanted.iter().any(|w| w.class == Kind::Body && !cached(uid, w)));
-            missing_body || !uids.iter().any(|&uid| wanted.iter().any(|w| cached(uid, w)))
-        }
-        _ => false,
-    }
-}
-
-/// What a command's items stored, to be taken back when its completion says that some
-/// messages were expunged under the session: their answers are placeholders, not content.
-#[derive(Default)]
-struct Stored {
-    keys: Vec<Key>,
-}
-
-impl Stored {
-    /// Stores `raw` as the value of `key` when it is content, directly or through `guard`.
-    async fn store(&mut self, scope: &Scope, job: &Job, key: Key, raw: &Bytes, guard: Option<LoadGuard>) -> bool {
-        if !is_content(raw) {
-            return false;
-        }
-        if let Some(stale) = stale_validator(scope, &key, raw).await {
-            crate::log_budget::warn_limited!(
-                item = stale,
-                mailbox = job.selected.mailbox.as_str(),
-                uid_validity = job.selected.uid_validity,
-                "the upstream changed an immutable item without a new UIDVALIDITY; forgetting what is cached of the mailbox"
-            );
-            scope.cache.forget_mailbox(&scope.account, &job.selected.mailbox, job.selected.uid_validity);
-        }
-        match guard {
-            Some(guard) => guard.fill(raw.clone()).await,
-            None => scope.cache.insert(key.clone(), raw.clone()).await,
-        }
-        self.keys.push(key);
-        true
-    }
-
-    /// At the command's completion: keep what it stored only after a plain OK.
-    async fn settle(self, scope: &Scope, status: &[u8]) {
-        if !status_is_clean(status) {
-            for key in self.keys {
-                scope.cache.invalidate(&key).await;
+            let (mut missing_body, mut any_cached) = (false, false);
+            for &uid in &uids {
+                for (i, w) in request.cached_items().enumerate() {
+                    let cached = items.contains(uid, i).await;
+                    missing_body |= w.class == Kind::Body && !cached;
+                    any_cached |= cached;
+                }
             }
+            missing_body || !any_cached
         }
+        _ => false,
     }
 }
 
-/// A completion after which the answers are content: OK, without `[EXPUNGEISSUED]`
-/// (RFC 5530: some messages were expunged and answered with placeholders).
-fn status_is_clean(status: &[u8]) -> bool {
-    status.starts_with(b"OK") && !status.windows(14).any(|w| w.eq_ignore_ascii_case(b"[EXPUNGEISSUED"))
-}
-
-/// Whether an item's bytes are the message's content rather than what a server says of a
-/// message that is gone: `NIL` (RFC 2180 §4.1.3), or Dovecot's placeholders (`RFC822.SIZE
-/// 0`, the 1970 INTERNALDATE, an ENVELOPE of NILs, an empty text/plain structure). A real
-/// message that looks like one is merely not cached. (The command's `[EXPUNGEISSUED]`
-/// completion takes back whatever else it stored: see [`Stored::settle`].)
-fn is_content(raw: &[u8]) -> bool {
-    let Some(space) = raw.iter().position(|&b| b == b' ') else { return false };
-    let (name, value) = (&raw[..space], &raw[space + 1..]);
-    let placeholder = match name {
-        b"RFC822.SIZE" => value == b"0",
-        b"INTERNALDATE" => value.starts_with(b"\"01-Jan-1970 00:00:00"),
-        b"ENVELOPE" => value.split(|&b| b == b' ' || b == b'(' || b == b')').all(|w| w.is_empty() || w == b"NIL"),
-        b"BODYSTRUCTURE" | b"BODY" => value.starts_with(b"(\"text\" \"plain\" NIL NIL NIL \"7bit\" 0 0"),
-        _ => false,
-    };
-    value != b"NIL" && !placeholder
-}
-
-/// An item's bytes never change for one message, so the upstream answering another value
-/// than the cached one shows a rebuilt mailbox: that item's name.
-async fn stale_validator(scope: &Scope, key: &Key, raw: &[u8]) -> Option<String> {
-    let Key::Imap(imap) = key else { return None };
-    let cached = scope.cache.peek(key).await?;
-    (cached != raw).then(|| imap.item.as_str().to_string())
+/// Whether a FETCH is answered by relaying it whole (its items stored on the way): the
+/// cache knows nothing it asks for, or splitting it would change what the upstream reports.
+/// Under CONDSTORE a FETCH that sets `\Seen` reports the change with the MODSEQ the message
+/// had before it, and the upstream tells its new MODSEQ at the next command: split in two
+/// phases, that next command would be mailgate's phase two, inside the client's answer.
+pub async fn relays_whole(job: &Job, items: &Items) -> bool {
+    let request = &job.request;
+    let reports_modseq =
+        job.modseq.condstore || request.mutable_requests().iter().any(|m| m.eq_ignore_ascii_case("MODSEQ"));
+    (reports_modseq && request.sets_seen()) || looks_cold(job, items).await
 }
 
 /// The client's own FETCH, relayed unchanged (under mailgate's tag), its answers streamed
 /// to the client byte for byte while their cacheable items are stored: one upstream round
 /// trip, exactly the upstream's answer, and no body held whole on its way.
-async fn relay_and_fill<Io: JobIo>(
-    io: &mut Io,
-    job: &Job,
-    client_tag: &str,
-    scope: &Scope,
-    wanted: &[Wanted<'_>],
-) -> Result<(), JobError> {
+async fn relay_and_fill<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, fill: &Fill) -> Result<(), JobError> {
     let request = &job.request;
     let tag = io.tag();
     let items: Vec<&str> = request.items.iter().map(|i| i.request.as_str()).collect();
     let uid = if request.uid { "UID " } else { "" };
     io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, items.join(" ")).into_bytes()).await?;
     let mut stored = Stored::default();
-    // A response larger than any item the cache would keep needs no copy.
-    let keep = scope.cache.max_entry_bytes().saturating_mul(2).saturating_add(4096);
+    let keep = fill.keep();
     let status = loop {
         let response = match io.relay_response(&tag, keep).await? {
             Relayed::Tagged(line) => break status_text(&line, &tag),
             Relayed::Sent(None) => continue,
             Relayed::Sent(Some(response)) => response,
         };
-        if let Some((parsed, uid)) = parse_response(&response).and_then(|p| p.uid(&response).map(|uid| (p, uid))) {
-            io.learn_uid(parsed.seq, uid);
-            for w in wanted {
-                if let Some(raw) = parsed.item(&response, w.response) {
-                    scope.cache.missed(w.class);
-                    let key = key(scope, &job.selected, uid, &w.key);
-                    stored.store(scope, job, key, &Bytes::copy_from_slice(raw), None).await;
-                }
-            }
+        if let Some((seq, uid)) = fill.learn(&response, &mut stored).await {
+            io.learn_uid(seq, uid);
         }
     };
-    let filled = stored.keys.len();
-    stored.settle(scope, &status).await;
-    if filled > 0 && status_is_clean(&status) {
-        scope.cache.insert(key(scope, &job.selected, 0, &Name::new(FILLED_MARK)), Bytes::new()).await;
-    }
-    io.count(0, filled);
+    io.count(0, stored.len());
+    stored.settle(&fill.items, &status).await;
     finish(io, client_tag, &status).await
+}
+
+/// A FETCH relayed as the client wrote it, whose answers fill the snapshot on their way to
+/// the client: its cacheable items, their response names, resolved once per command.
+pub struct Fill {
+    pub items: Items,
+    names: Vec<String>,
+    kinds: Vec<Kind>,
+}
+
+impl Fill {
+    pub async fn new(job: &Job, scope: &Scope) -> Fill {
+        let wanted: Vec<_> = job.request.cached_items().collect();
+        let names = wanted.iter().map(|w| w.response.to_string()).collect();
+        let kinds = wanted.iter().map(|w| w.class).collect();
+        let slots = wanted.iter().map(|w| (Name::new(w.key), w.class)).collect();
+        let items = Items::resolve(scope, &job.selected, slots).await;
+        Fill { items, names, kinds }
+    }
+
+    /// The largest response worth a copy: one larger than any item the cache would keep
+    /// is streamed without one.
+    pub fn keep(&self) -> usize {
+        self.items.scope().cache.max_entry_bytes().saturating_mul(2).saturating_add(4096)
+    }
+
+    /// Stores what `response` (a complete upstream response) carries of the items; its
+    /// sequence number and UID when it is a FETCH response with a UID.
+    pub async fn learn(&self, response: &[u8], stored: &mut Stored) -> Option<(u32, u32)> {
+        let parsed = parse_response(response)?;
+        let uid = parsed.uid(response)?;
+        for (i, name) in self.names.iter().enumerate() {
+            if let Some(raw) = parsed.item(response, name) {
+                self.items.scope().cache.missed(self.kinds[i]);
+                self.items.store(stored, uid, i, raw, None).await;
+            }
+        }
+        Some((parsed.seq, uid))
+    }
 }
 
 /// What a phase-two fetch needs of the job.
 struct PhaseTwo<'a> {
     job: &'a Job,
-    scope: &'a Scope,
+    items: &'a Items,
     wanted: &'a [Wanted<'a>],
     mutable: &'a [&'a str],
     mutable_names: &'a [String],
@@ -765,31 +718,31 @@ impl PhaseTwo<'_> {
         if which.is_empty() {
             return Ok(None);
         }
-        let (job, scope, wanted) = (self.job, self.scope, self.wanted);
+        let (job, items, wanted) = (self.job, self.items, self.wanted);
         let needed: Vec<usize> =
             (0..wanted.len()).filter(|&i| which.iter().any(|&m| chunk[m].items[i].is_none())).collect();
         let request = &job.request;
         let ids: Vec<String> =
             which.iter().map(|&m| if request.uid { chunk[m].uid } else { chunk[m].parsed.seq }.to_string()).collect();
-        let mut items: Vec<&str> = vec!["UID"];
-        items.extend(self.mutable);
+        let mut asked: Vec<&str> = vec!["UID"];
+        asked.extend(self.mutable);
         // FLAGS the upstream volunteered in phase one (it set \Seen) are asked again, so
         // that the answer carries their current value.
         let volunteered = which.iter().any(|&m| chunk[m].parsed.item(&chunk[m].response, "FLAGS").is_some());
         if volunteered && !self.mutable.iter().any(|m| m.eq_ignore_ascii_case("FLAGS")) {
-            items.push("FLAGS");
+            asked.push("FLAGS");
         }
-        items.extend(needed.iter().map(|&i| wanted[i].request));
+        asked.extend(needed.iter().map(|&i| wanted[i].request));
         let tag = io.tag();
         let uid = if request.uid { "UID " } else { "" };
-        io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", ids.join(","), items.join(" ")).into_bytes()).await?;
+        io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", ids.join(","), asked.join(" ")).into_bytes()).await?;
         let mut stored = Stored::default();
         let mut answered = HashSet::new();
         loop {
             let response = io.response().await?;
             if is_tagged(&response, &tag) {
                 let status = status_text(&response, &tag);
-                stored.settle(scope, &status).await;
+                stored.settle(items, &status).await;
                 let unanswered = which.len() - answered.len();
                 if unanswered > 0 {
                     // Expunged meanwhile (a UID FETCH answers nothing for them), or an upstream
@@ -817,8 +770,7 @@ impl PhaseTwo<'_> {
                 if let Some(raw) = parsed.item(&response, wanted[i].response) {
                     let raw = Bytes::copy_from_slice(raw);
                     if message.items[i].is_none() {
-                        let key = key(scope, &job.selected, message.uid, &wanted[i].key);
-                        stored.store(scope, job, key, &raw, guards.remove(&(m, i))).await;
+                        items.store(&mut stored, message.uid, i, &raw, guards.remove(&(m, i))).await;
                     }
                     message.items[i] = Some(raw);
                 }
@@ -843,15 +795,16 @@ struct Tally {
 async fn settle<Io: JobIo>(
     io: &mut Io,
     job: &Job,
-    scope: &Scope,
+    items: &Items,
+    sizes: &Items,
     mutable_names: &[String],
     wanted: &[Wanted<'_>],
     mut message: Message,
     tally: &mut Tally,
     renumber: &Renumber,
 ) -> Result<Option<Message>, JobError> {
-    for (i, w) in wanted.iter().enumerate() {
-        message.items[i] = scope.cache.get(&key(scope, &job.selected, message.uid, &w.key), w.class).await;
+    for i in 0..wanted.len() {
+        message.items[i] = items.get(message.uid, i).await;
         if message.items[i].is_some() {
             tally.hits += 1;
         } else {
@@ -859,14 +812,13 @@ async fn settle<Io: JobIo>(
         }
     }
     if let Some(size) = message.parsed.item(&message.response, VALIDATOR) {
-        let size_key = key(scope, &job.selected, message.uid, &Name::new(VALIDATOR));
         let cached = match wanted.iter().position(|w| w.response == VALIDATOR) {
             Some(i) => message.items[i].clone(),
-            None => scope.cache.peek(&size_key).await,
+            None => sizes.peek(message.uid, 0).await,
         };
-        if cached.is_none() && is_content(size) {
+        if cached.is_none() && snapshot::is_content(size) {
             // Kept, so that the next job can check this message too.
-            scope.cache.insert(size_key, Bytes::copy_from_slice(size)).await;
+            sizes.insert(message.uid, 0, size).await;
         }
         if cached.is_some_and(|cached| cached != size) {
             crate::log_budget::warn_limited!(
@@ -875,7 +827,7 @@ async fn settle<Io: JobIo>(
                 uid_validity = job.selected.uid_validity,
                 "a message's size changed without a new UIDVALIDITY; forgetting what is cached of the mailbox"
             );
-            scope.cache.forget_mailbox(&scope.account, &job.selected.mailbox, job.selected.uid_validity);
+            items.forget_mailbox();
             message.items.iter_mut().for_each(|item| *item = None);
         }
     }
@@ -883,7 +835,7 @@ async fn settle<Io: JobIo>(
     let (true, Some(seq)) = (message.items.iter().all(Option::is_some), seq) else {
         return Ok(Some(message));
     };
-    scope.cache.served(message.items.iter().flatten().map(Bytes::len).sum());
+    items.scope().cache.served(message.items.iter().flatten().map(Bytes::len).sum());
     let composed = compose(job, mutable_names, &message, &message, seq, wanted, &message.items);
     answer_message(io, composed).await?;
     Ok(None)

@@ -16,6 +16,7 @@ pub mod mailbox;
 pub mod relay;
 pub mod renumber;
 pub mod response;
+pub mod snapshot;
 pub mod upstream;
 
 /// The ALPN protocol id of IMAP.

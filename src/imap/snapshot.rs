@@ -1,0 +1,245 @@
+//! The selected mailbox's snapshot as one command sees it: where each cacheable item of a
+//! FETCH lives (a snapshot column, resolved once per command, or entries of its own for
+//! bodies), and the rules for what may be stored in it.
+//!
+//! A snapshot is the set of columns of one (account, mailbox, UIDVALIDITY): the upstream's
+//! own bytes of every immutable item a client fetched, filled as a side copy of answers
+//! relayed to clients. What may go in is decided here: content only (never what a server
+//! says of an expunged message), nothing of a command that completes with anything but a
+//! plain OK, and an item contradicting what is cached forgets the whole mailbox (a rebuilt
+//! store, invariant 10 of docs/ARCHITECTURE.md).
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+use super::intercept::Selected;
+use crate::cache::{Column, ColumnKey, ImapKey, Key, Kind, LoadGuard, Name, Scope};
+
+/// The key of `item` of message `uid`.
+pub fn key(scope: &Scope, selected: &Selected, uid: u32, item: &Name, kind: Kind) -> Key {
+    Key::Imap(ImapKey {
+        account: scope.account.clone(),
+        mailbox: selected.mailbox.clone(),
+        uid_validity: selected.uid_validity,
+        uid,
+        item: item.clone(),
+        kind,
+    })
+}
+
+/// The key of a mark about the mailbox itself (UID 0 is never a message's). Marks are
+/// entries of their own, as bodies are.
+pub fn mark(scope: &Scope, selected: &Selected, name: &str) -> Key {
+    key(scope, selected, 0, &Name::new(name), Kind::Body)
+}
+
+/// Set once this account's cache was filled from the mailbox (at this UIDVALIDITY): until
+/// then every FETCH that carries UIDs is relayed as it is (see `intercept::looks_cold`).
+pub const FILLED_MARK: &str = "\0filled";
+
+/// Where the highest UIDNEXT known of an account's mailbox (at one UIDVALIDITY) is kept:
+/// the most of what SELECT reported and of the UIDs seen in answers, plus one.
+pub const UID_NEXT_MARK: &str = "\0uidnext";
+
+/// One cacheable item of a command and where it lives.
+struct Slot {
+    item: Name,
+    kind: Kind,
+    /// Its column, for headers and structure (bodies are entries of their own).
+    column: Option<ColumnSlot>,
+}
+
+/// A column as a command holds it: found when the command began, or created by the
+/// command's first store (a lookup never creates one).
+struct ColumnSlot {
+    key: ColumnKey,
+    column: OnceLock<Arc<Column>>,
+}
+
+/// A command's cacheable items, each resolved to its column once.
+pub struct Items {
+    scope: Scope,
+    selected: Selected,
+    slots: Vec<Slot>,
+}
+
+impl Items {
+    /// `wanted`: each item's key name and kind, in the command's order.
+    pub async fn resolve(scope: &Scope, selected: &Selected, wanted: Vec<(Name, Kind)>) -> Items {
+        let mut slots = Vec::new();
+        for (item, kind) in wanted {
+            let column = match key(scope, selected, 0, &item, kind) {
+                Key::Imap(imap) => imap.column(),
+                _ => None,
+            };
+            let column = match column {
+                Some(key) => {
+                    let column = OnceLock::new();
+                    if let Some(found) = scope.cache.existing_column(&key).await {
+                        let _ = column.set(found);
+                    }
+                    Some(ColumnSlot { key, column })
+                }
+                None => None,
+            };
+            slots.push(Slot { item, kind, column });
+        }
+        Items { scope: scope.clone(), selected: selected.clone(), slots }
+    }
+
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    pub fn selected(&self) -> &Selected {
+        &self.selected
+    }
+
+    pub fn key(&self, uid: u32, i: usize) -> Key {
+        key(&self.scope, &self.selected, uid, &self.slots[i].item, self.slots[i].kind)
+    }
+
+    /// Item `i` of `uid`, without counting a lookup.
+    pub async fn peek(&self, uid: u32, i: usize) -> Option<Bytes> {
+        match &self.slots[i].column {
+            Some(slot) => slot.column.get()?.get(uid),
+            None => self.scope.cache.peek(&self.key(uid, i)).await,
+        }
+    }
+
+    /// Item `i` of `uid`, counted as a hit or a miss.
+    pub async fn get(&self, uid: u32, i: usize) -> Option<Bytes> {
+        let found = self.peek(uid, i).await;
+        self.scope.cache.count(self.slots[i].kind, found.is_some());
+        found
+    }
+
+    pub async fn contains(&self, uid: u32, i: usize) -> bool {
+        match &self.slots[i].column {
+            Some(slot) => slot.column.get().is_some_and(|column| column.contains(uid)),
+            None => self.scope.cache.contains(&self.key(uid, i)).await,
+        }
+    }
+
+    /// Stores `raw` as item `i` of `uid` (within the cache's size cap).
+    pub async fn insert(&self, uid: u32, i: usize, raw: &[u8]) {
+        match &self.slots[i].column {
+            Some(slot) => {
+                if self.scope.cache.admits(raw.len()) {
+                    if slot.column.get().is_none() {
+                        let _ = slot.column.set(self.scope.cache.column(&slot.key).await);
+                    }
+                    slot.column.get().expect("just set").insert(uid, raw);
+                }
+            }
+            None => self.scope.cache.insert(self.key(uid, i), Bytes::copy_from_slice(raw)).await,
+        }
+    }
+
+    pub async fn remove(&self, uid: u32, i: usize) {
+        match &self.slots[i].column {
+            Some(slot) => {
+                if let Some(column) = slot.column.get() {
+                    column.remove(uid);
+                }
+            }
+            None => self.scope.cache.invalidate(&self.key(uid, i)).await,
+        }
+    }
+
+    /// Forgets everything cached of the mailbox at this UIDVALIDITY: its upstream changed an
+    /// immutable item without a new UIDVALIDITY (a rebuilt mailbox).
+    pub fn forget_mailbox(&self) {
+        self.scope.cache.forget_mailbox(&self.scope.account, &self.selected.mailbox, self.selected.uid_validity);
+    }
+
+    /// Tells the cache what the columns weigh now (their appends are not seen by it).
+    pub async fn reweigh(&self) {
+        for slot in self.slots.iter().filter_map(|s| s.column.as_ref()) {
+            if let Some(column) = slot.column.get() {
+                self.scope.cache.reweigh(&slot.key, column).await;
+            }
+        }
+    }
+
+    /// Stores `raw` as item `i` of `uid` when it is content, noting it in `stored` so that
+    /// an unclean completion takes it back. A value other than the cached one shows a
+    /// rebuilt mailbox: the mailbox is forgotten first.
+    pub async fn store(&self, stored: &mut Stored, uid: u32, i: usize, raw: &[u8], guard: Option<LoadGuard>) -> bool {
+        if !is_content(raw) {
+            return false;
+        }
+        if self.peek(uid, i).await.is_some_and(|cached| cached != raw) {
+            crate::log_budget::warn_limited!(
+                item = self.slots[i].item.as_str(),
+                mailbox = self.selected.mailbox.as_str(),
+                uid_validity = self.selected.uid_validity,
+                "the upstream changed an immutable item without a new UIDVALIDITY; forgetting what is cached of the mailbox"
+            );
+            self.forget_mailbox();
+        }
+        match guard {
+            // The value goes to the sessions waiting for it too.
+            Some(guard) => guard.fill(Bytes::copy_from_slice(raw)).await,
+            None => self.insert(uid, i, raw).await,
+        }
+        stored.items.push((uid, i));
+        true
+    }
+}
+
+/// What a command stored, to be taken back when its completion says that some messages
+/// were expunged under the session: their answers are placeholders, not content.
+#[derive(Default)]
+pub struct Stored {
+    items: Vec<(u32, usize)>,
+}
+
+impl Stored {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// At the command's completion: keep what it stored only after a plain OK, and then
+    /// mark the mailbox as one the cache was filled from.
+    pub async fn settle(self, items: &Items, status: &[u8]) {
+        if !status_is_clean(status) {
+            for (uid, i) in self.items {
+                items.remove(uid, i).await;
+            }
+        } else if !self.items.is_empty() {
+            let scope = items.scope();
+            scope.cache.insert(mark(scope, items.selected(), FILLED_MARK), Bytes::new()).await;
+        }
+        items.reweigh().await;
+    }
+}
+
+/// A completion after which the answers are content: OK, without `[EXPUNGEISSUED]`
+/// (RFC 5530: some messages were expunged and answered with placeholders).
+pub fn status_is_clean(status: &[u8]) -> bool {
+    status.starts_with(b"OK") && !status.windows(14).any(|w| w.eq_ignore_ascii_case(b"[EXPUNGEISSUED"))
+}
+
+/// Whether an item's bytes are the message's content rather than what a server says of a
+/// message that is gone: `NIL` (RFC 2180 §4.1.3), or Dovecot's placeholders (`RFC822.SIZE
+/// 0`, the 1970 INTERNALDATE, an ENVELOPE of NILs, an empty text/plain structure). A real
+/// message that looks like one is merely not cached. (The command's `[EXPUNGEISSUED]`
+/// completion takes back whatever else it stored: see [`Stored::settle`].)
+pub fn is_content(raw: &[u8]) -> bool {
+    let Some(space) = raw.iter().position(|&b| b == b' ') else { return false };
+    let (name, value) = (&raw[..space], &raw[space + 1..]);
+    let placeholder = match name {
+        b"RFC822.SIZE" => value == b"0",
+        b"INTERNALDATE" => value.starts_with(b"\"01-Jan-1970 00:00:00"),
+        b"ENVELOPE" => value.split(|&b| b == b' ' || b == b'(' || b == b')').all(|w| w.is_empty() || w == b"NIL"),
+        b"BODYSTRUCTURE" | b"BODY" => value.starts_with(b"(\"text\" \"plain\" NIL NIL NIL \"7bit\" 0 0"),
+        _ => false,
+    };
+    value != b"NIL" && !placeholder
+}
