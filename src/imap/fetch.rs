@@ -353,7 +353,12 @@ pub struct FetchResponse {
 
 impl FetchResponse {
     pub fn item<'a>(&self, response: &'a [u8], name: &str) -> Option<&'a [u8]> {
-        self.items.iter().find(|i| i.name == name).map(|i| &response[i.range.clone()])
+        self.range(name).map(|range| &response[range])
+    }
+
+    /// Where item `name` (name and value) is in the response.
+    pub fn range(&self, name: &str) -> Option<std::ops::Range<usize>> {
+        self.items.iter().find(|i| i.name == name).map(|i| i.range.clone())
     }
 
     /// The value of the UID item.

@@ -298,14 +298,19 @@ async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<(), JobError> {
 }
 
 /// Runs phase one and two and answers the client as `client_tag`.
-pub async fn run<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, scope: &Scope) -> Result<(), JobError> {
+pub async fn run<Io: JobIo>(
+    io: &mut Io,
+    job: &Job,
+    fill: &Fill,
+    client_tag: &str,
+    scope: &Scope,
+) -> Result<(), JobError> {
     let request = &job.request;
     let wanted: Vec<Wanted<'_>> =
         request.cached_items().map(|w| Wanted { request: w.request, response: w.response }).collect();
-    let fill = Fill::new(job, scope).await;
     let sizes = Items::resolve(scope, &job.selected, vec![(Name::new(VALIDATOR), Kind::Structure)]).await;
     check_uid_next(io, job, scope).await;
-    let answered = answer(io, job, client_tag, &fill, &sizes, &wanted).await;
+    let answered = answer(io, job, client_tag, fill, &sizes, &wanted).await;
     // The UIDs this job saw raise the mark too.
     check_uid_next(io, job, scope).await;
     sizes.reweigh().await;
@@ -510,31 +515,9 @@ async fn answer<Io: JobIo>(
     finish(io, client_tag, &final_status).await
 }
 
-/// UIDs are never given out twice under one UIDVALIDITY (RFC 9051 §2.3.1.1), so the
-/// mailbox's UIDNEXT never goes below one known before, unless the mailbox was restored
-/// from an older copy and its UIDs are to be given again to other messages: then what is
-/// cached of it is forgotten before anything is answered (the upstream-free path included).
-/// What this session knows raises the mark for the next.
+/// The UIDNEXT guard (see [`Items::check_uid_next`]) with what this session knows.
 async fn check_uid_next<Io: JobIo>(io: &Io, job: &Job, scope: &Scope) {
-    let known = [job.selected.uid_next, io.highest_uid().map(|uid| uid.saturating_add(1))];
-    let Some(uid_next) = known.into_iter().flatten().max() else { return };
-    let mark = snapshot::mark(scope, &job.selected, snapshot::UID_NEXT_MARK);
-    let seen = scope.cache.peek(&mark).await.and_then(|v| Some(u32::from_be_bytes(v.as_ref().try_into().ok()?)));
-    match seen {
-        Some(seen) if seen > uid_next => {
-            crate::log_budget::warn_limited!(
-                mailbox = job.selected.mailbox.as_str(),
-                uid_validity = job.selected.uid_validity,
-                seen,
-                uid_next,
-                "UIDNEXT went down without a new UIDVALIDITY; forgetting what is cached of the mailbox"
-            );
-            scope.cache.forget_mailbox(&scope.account, &job.selected.mailbox, job.selected.uid_validity);
-        }
-        Some(seen) if seen == uid_next => return,
-        _ => {}
-    }
-    scope.cache.insert(mark, Bytes::copy_from_slice(&uid_next.to_be_bytes())).await;
+    snapshot::check_uid_next(scope, &job.selected, io.highest_uid()).await;
 }
 
 /// Relays a response that is not an answer of the job, noting what it renumbers.
@@ -646,7 +629,7 @@ async fn relay_and_fill<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, fil
             Relayed::Sent(None) => continue,
             Relayed::Sent(Some(response)) => response,
         };
-        if let Some((seq, uid)) = fill.learn(&response, &mut stored).await {
+        if let Some((seq, uid)) = fill.learn(&Bytes::from(response), &mut stored).await {
             io.learn_uid(seq, uid);
         }
     };
@@ -681,13 +664,13 @@ impl Fill {
 
     /// Stores what `response` (a complete upstream response) carries of the items; its
     /// sequence number and UID when it is a FETCH response with a UID.
-    pub async fn learn(&self, response: &[u8], stored: &mut Stored) -> Option<(u32, u32)> {
+    pub async fn learn(&self, response: &Bytes, stored: &mut Stored) -> Option<(u32, u32)> {
         let parsed = parse_response(response)?;
         let uid = parsed.uid(response)?;
         for (i, name) in self.names.iter().enumerate() {
-            if let Some(raw) = parsed.item(response, name) {
+            if let Some(range) = parsed.range(name) {
                 self.items.scope().cache.missed(self.kinds[i]);
-                self.items.store(stored, uid, i, raw, None).await;
+                self.items.store(stored, uid, i, &response.slice(range), None).await;
             }
         }
         Some((parsed.seq, uid))
@@ -818,7 +801,7 @@ async fn settle<Io: JobIo>(
         };
         if cached.is_none() && snapshot::is_content(size) {
             // Kept, so that the next job can check this message too.
-            sizes.insert(message.uid, 0, size).await;
+            sizes.insert(message.uid, 0, &Bytes::copy_from_slice(size)).await;
         }
         if cached.is_some_and(|cached| cached != size) {
             crate::log_budget::warn_limited!(

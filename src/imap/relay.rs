@@ -16,6 +16,7 @@
 //! truncated literal followed by a `* BYE` would look like message data to the client.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -25,9 +26,10 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::framing::{strip_eol, Event, FrameError, Framer};
-use super::intercept::{self, Job, JobError, JobIo, Relayed, Selected};
+use super::intercept::{self, Fill, Job, JobError, JobIo, Relayed, Selected};
 use super::mailbox::UidMap;
 use super::response::{self, Kind, Status};
+use super::snapshot::Stored;
 use super::upstream::LoggedIn;
 use crate::cache::{Name, Scope};
 use crate::service::Service;
@@ -90,6 +92,8 @@ struct Shared {
     /// The upstream completed a LOGOUT with OK: the session ends as a logout, whichever
     /// side's socket is seen to close first.
     logged_out: bool,
+    /// Tees completed, to be settled (their stores kept or taken back) by the upstream pump.
+    settling: Vec<(Arc<Tee>, bool)>,
 }
 
 impl Shared {
@@ -120,6 +124,24 @@ struct InFlight {
     label: &'static str,
     started: Instant,
     reselect: Reselect,
+    /// A FETCH relayed as the client wrote it whose answers fill the cache on their way.
+    tee: Option<Arc<Tee>>,
+}
+
+/// The cold path of the cache: a FETCH the cache has nothing for is forwarded in the
+/// client's pipeline like any command (no waiting for the session to be quiet, no tag of
+/// mailgate's), and the upstream pump keeps a side copy of each FETCH response it relays
+/// while one is in flight, storing its cacheable items.
+///
+/// A response is attributed to the oldest such FETCH in flight (the upstream answers in
+/// order; a response of another command carries what the upstream says of that UID just
+/// the same). Any completion other than a clean OK while tees are in flight taints them
+/// all: their items are taken back, since a placeholder for an expunged message may have
+/// come with any of them.
+struct Tee {
+    fill: Fill,
+    stored: Mutex<Stored>,
+    tainted: AtomicBool,
 }
 
 /// Whether a command in flight changes the selected mailbox, and whether the upstream has
@@ -168,6 +190,7 @@ struct Selecting {
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
 struct JobOrder {
     job: Job,
+    fill: Fill,
     tag: String,
     done: oneshot::Sender<()>,
 }
@@ -182,6 +205,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     let bytes = crate::metrics::SessionBytes::default();
     let shared = Arc::new(Mutex::new(Shared::default()));
     let shared_end = shared.clone();
+    let tees = Arc::new(AtomicUsize::new(0));
     let completed = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
     let (jobs_tx, jobs_rx) = mpsc::channel::<JobOrder>(1);
@@ -206,7 +230,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         jobs: jobs_tx,
         account: account.to_string(),
         writes: writes_rx,
-        caching: scope.is_some(),
+        scope: scope.clone(),
+        tees: tees.clone(),
         service,
     };
     let mut to_client = UpstreamPump {
@@ -221,6 +246,9 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         jobs: jobs_rx,
         writes: writes_tx,
         scope,
+        tees,
+        capture: Capture::Idle,
+        settle_due: false,
         next_tag: 0,
         cache_hits: 0,
         cache_misses: 0,
@@ -281,7 +309,10 @@ struct ClientPump<'a, R, W> {
     account: String,
     /// mailgate's own commands from the upstream pump during a job (this pump owns the writer).
     writes: mpsc::Receiver<Vec<u8>>,
-    caching: bool,
+    /// The cache, when this session uses it.
+    scope: Option<Scope>,
+    /// Tees in flight (read by the upstream pump without the lock).
+    tees: Arc<AtomicUsize>,
     service: &'a Service,
 }
 
@@ -398,7 +429,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
 
     /// Hands a FETCH to the upstream pump once nothing else is outstanding, writing
     /// upstream what it asks until it has answered the client.
-    async fn answer_through_cache(&mut self, job: Job, tag: String) -> Option<End> {
+    async fn answer_through_cache(&mut self, job: Job, fill: Fill, tag: String) -> Option<End> {
         loop {
             let completed = self.completed.notified();
             if self.lock().in_flight.is_empty() {
@@ -414,7 +445,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         self.service.metrics.commands.with_label_values(&["imap", label]).inc();
         let started = Instant::now();
         let (done_tx, mut done_rx) = oneshot::channel();
-        if self.jobs.send(JobOrder { job, tag, done: done_tx }).await.is_err() {
+        if self.jobs.send(JobOrder { job, fill, tag, done: done_tx }).await.is_err() {
             return Some(End::UpstreamClosed);
         }
         let end = loop {
@@ -563,6 +594,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             // No job is built for any mailbox until the upstream has completed a change of
             // mailbox; what the session knows of the old one goes when the upstream begins it.
             let mut reselect = Reselect::No;
+            let mut tee = None;
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
                 let mut shared = self.lock();
                 shared.selected = None;
@@ -576,16 +608,21 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
                 self.lock().selected = None;
                 reselect = Reselect::Pending;
-            } else if self.caching && line.announce.is_none() {
+            } else if let (Some(scope), None) = (self.scope.as_ref(), line.announce) {
                 let (selected, modseq) = {
                     let shared = self.lock();
                     let modseq = intercept::Modseq { condstore: shared.condstore, qresync: shared.qresync };
                     (shared.selected.clone(), modseq)
                 };
                 if let Some(job) = Job::for_line(full_line, selected.as_ref(), modseq) {
-                    let tag = String::from_utf8_lossy(&tag).into_owned();
-                    self.line.clear();
-                    return self.answer_through_cache(job, tag).await;
+                    let fill = Fill::new(&job, scope).await;
+                    if intercept::relays_whole(&job, &fill.items).await {
+                        tee = Some(Arc::new(Tee { fill, stored: Mutex::default(), tainted: AtomicBool::new(false) }));
+                    } else {
+                        let tag = String::from_utf8_lossy(&tag).into_owned();
+                        self.line.clear();
+                        return self.answer_through_cache(job, fill, tag).await;
+                    }
                 }
             }
             if command.eq_ignore_ascii_case(b"COMPRESS") {
@@ -607,7 +644,16 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 }
                 let label = super::command::metric_label(head);
                 self.service.metrics.commands.with_label_values(&["imap", label]).inc();
-                shared.in_flight.push_back(InFlight { tag: tag.clone(), label, started: Instant::now(), reselect });
+                if tee.is_some() {
+                    self.tees.fetch_add(1, Ordering::Relaxed);
+                }
+                shared.in_flight.push_back(InFlight {
+                    tag: tag.clone(),
+                    label,
+                    started: Instant::now(),
+                    reselect,
+                    tee,
+                });
                 shared.begin_reselect();
             }
         }
@@ -641,6 +687,11 @@ struct UpstreamPump<'a, R, W> {
     jobs: mpsc::Receiver<JobOrder>,
     writes: mpsc::Sender<Vec<u8>>,
     scope: Option<Scope>,
+    /// Tees in flight: while there are any, FETCH responses are copied on their way.
+    tees: Arc<AtomicUsize>,
+    capture: Capture,
+    /// A tee completed: settle it once the response is relayed.
+    settle_due: bool,
     next_tag: u64,
     /// This session's FETCH items answered from the cache, and fetched upstream.
     cache_hits: u64,
@@ -668,7 +719,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 order = self.jobs.recv(), if at_boundary => {
                     let Some(order) = order else { continue };
                     let scope = self.scope.clone().expect("jobs are sent only with a cache");
-                    let result = intercept::run(self, &order.job, &order.tag, &scope).await;
+                    let result = intercept::run(self, &order.job, &order.fill, &order.tag, &scope).await;
                     let _ = order.done.send(());
                     match result {
                         Ok(()) => {}
@@ -730,6 +781,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 return self.write.write_all(&filtered).await.is_err().then_some(End::ClientClosed);
             }
         }
+        let response_starts = self.framer.at_boundary();
         let step = match self.framer.feed(&self.buffer) {
             Ok(step) => step,
             // Nothing was consumed: the session cannot go on (and must not spin).
@@ -739,13 +791,64 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         if self.write.write_all(&bytes).await.is_err() {
             return Some(End::ClientClosed);
         }
+        if response_starts && self.tees.load(Ordering::Relaxed) > 0 {
+            self.capture = Capture::Copying(Vec::new());
+        }
+        if let Capture::Copying(copy) = &mut self.capture {
+            let keep = self.scope.as_ref().map_or(0, |scope| scope.cache.max_entry_bytes().saturating_mul(2) + 4096);
+            if copy.len() + bytes.len() > keep {
+                self.capture = Capture::Skipping;
+            } else {
+                copy.extend_from_slice(&bytes);
+            }
+        }
         if let Some(Event::Line(line)) = step.event {
+            if matches!(&self.capture, Capture::Copying(copy) if !is_fetch_response(copy)) {
+                self.capture = Capture::Skipping;
+            }
             self.observe(&line.head);
             if line.announce.is_some() {
                 self.framer.accept_literal();
+            } else if let Capture::Copying(copy) = std::mem::replace(&mut self.capture, Capture::Idle) {
+                self.tee_response(copy.into()).await;
+            }
+        }
+        if self.framer.at_boundary() {
+            self.capture = Capture::Idle;
+            if self.settle_due {
+                self.settle_due = false;
+                self.settle_tees().await;
             }
         }
         None
+    }
+
+    /// Stores what a FETCH response relayed while tees are in flight carries for the
+    /// oldest of them.
+    async fn tee_response(&mut self, response: bytes::Bytes) {
+        let tee = self.lock().in_flight.iter().find_map(|f| f.tee.clone());
+        let Some(tee) = tee else { return };
+        let mut stored = std::mem::take(&mut *tee.stored.lock().expect("tee lock poisoned"));
+        let before = stored.len();
+        tee.fill.learn(&response, &mut stored).await;
+        self.cache_misses += (stored.len() - before) as u64;
+        *tee.stored.lock().expect("tee lock poisoned") = stored;
+    }
+
+    /// Keeps or takes back what completed tees stored.
+    async fn settle_tees(&mut self) {
+        let (settling, highest_uid) = {
+            let mut shared = self.lock();
+            (std::mem::take(&mut shared.settling), shared.uids.highest())
+        };
+        for (tee, clean) in settling {
+            // The UIDs it relayed raise the mailbox's UIDNEXT mark (or show it went down).
+            let items = &tee.fill.items;
+            super::snapshot::check_uid_next(items.scope(), items.selected(), highest_uid).await;
+            let stored = std::mem::take(&mut *tee.stored.lock().expect("tee lock poisoned"));
+            let clean = clean && !tee.tainted.load(Ordering::Relaxed);
+            stored.settle(&tee.fill.items, if clean { b"OK" } else { b"NO" }).await;
+        }
     }
 
     /// Keeps the shared view of the session in step with the upstream's answers.
@@ -779,6 +882,18 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 if let Some(i) = shared.in_flight.iter().position(|t| t.tag == tag) {
                     let done = shared.in_flight.remove(i).expect("position is in range");
+                    let clean = response::status(rest).is_some_and(|s| s.status == Status::Ok)
+                        && super::snapshot::status_is_clean(rest);
+                    if !clean {
+                        for tee in shared.in_flight.iter().filter_map(|f| f.tee.as_ref()) {
+                            tee.tainted.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    if let Some(tee) = done.tee {
+                        self.tees.fetch_sub(1, Ordering::Relaxed);
+                        shared.settling.push((tee, clean));
+                        self.settle_due = true;
+                    }
                     if done.label == "logout" && response::status(rest).is_some_and(|s| s.status == Status::Ok) {
                         shared.logged_out = true;
                     }
@@ -899,6 +1014,21 @@ fn capability_without_compress(buffer: &[u8]) -> Option<(usize, Vec<u8>)> {
     }
     let kept: Vec<&str> = words.split(' ').filter(|w| !is_compress(w)).collect();
     Some((len, format!("* CAPABILITY {}\r\n", kept.join(" ")).into_bytes()))
+}
+
+/// The side copy of the response being relayed (see [`Tee`]).
+enum Capture {
+    Idle,
+    Copying(Vec<u8>),
+    /// Too large to keep, or not a FETCH response: relayed without a copy.
+    Skipping,
+}
+
+/// Whether a response (its start) is `* n FETCH ...`.
+fn is_fetch_response(head: &[u8]) -> bool {
+    let Some(rest) = head.strip_prefix(b"* ") else { return false };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && rest.len() >= digits + 7 && rest[digits..digits + 7].eq_ignore_ascii_case(b" FETCH ")
 }
 
 /// Most one upstream response may weigh while a job assembles it.

@@ -42,6 +42,34 @@ pub const FILLED_MARK: &str = "\0filled";
 /// the most of what SELECT reported and of the UIDs seen in answers, plus one.
 pub const UID_NEXT_MARK: &str = "\0uidnext";
 
+/// UIDs are never given out twice under one UIDVALIDITY (RFC 9051 §2.3.1.1), so the
+/// mailbox's UIDNEXT never goes below one known before, unless the mailbox was restored
+/// from an older copy and its UIDs are to be given again to other messages: then what is
+/// cached of it is forgotten before anything is answered (the upstream-free path included).
+/// What this session knows (SELECT's UIDNEXT, the highest UID it saw) raises the mark for
+/// the next.
+pub async fn check_uid_next(scope: &Scope, selected: &Selected, highest_uid: Option<u32>) {
+    let known = [selected.uid_next, highest_uid.map(|uid| uid.saturating_add(1))];
+    let Some(uid_next) = known.into_iter().flatten().max() else { return };
+    let mark = mark(scope, selected, UID_NEXT_MARK);
+    let seen = scope.cache.peek(&mark).await.and_then(|v| Some(u32::from_be_bytes(v.as_ref().try_into().ok()?)));
+    match seen {
+        Some(seen) if seen > uid_next => {
+            crate::log_budget::warn_limited!(
+                mailbox = selected.mailbox.as_str(),
+                uid_validity = selected.uid_validity,
+                seen,
+                uid_next,
+                "UIDNEXT went down without a new UIDVALIDITY; forgetting what is cached of the mailbox"
+            );
+            scope.cache.forget_mailbox(&scope.account, &selected.mailbox, selected.uid_validity);
+        }
+        Some(seen) if seen == uid_next => return,
+        _ => {}
+    }
+    scope.cache.insert(mark, Bytes::copy_from_slice(&uid_next.to_be_bytes())).await;
+}
+
 /// One cacheable item of a command and where it lives.
 struct Slot {
     item: Name,
@@ -122,8 +150,9 @@ impl Items {
         }
     }
 
-    /// Stores `raw` as item `i` of `uid` (within the cache's size cap).
-    pub async fn insert(&self, uid: u32, i: usize, raw: &[u8]) {
+    /// Stores `raw` as item `i` of `uid` (within the cache's size cap): copied into its
+    /// column, or kept as it is (a slice of a response, say) as an entry.
+    pub async fn insert(&self, uid: u32, i: usize, raw: &Bytes) {
         match &self.slots[i].column {
             Some(slot) => {
                 if self.scope.cache.admits(raw.len()) {
@@ -133,7 +162,7 @@ impl Items {
                     slot.column.get().expect("just set").insert(uid, raw);
                 }
             }
-            None => self.scope.cache.insert(self.key(uid, i), Bytes::copy_from_slice(raw)).await,
+            None => self.scope.cache.insert(self.key(uid, i), raw.clone()).await,
         }
     }
 
@@ -166,11 +195,11 @@ impl Items {
     /// Stores `raw` as item `i` of `uid` when it is content, noting it in `stored` so that
     /// an unclean completion takes it back. A value other than the cached one shows a
     /// rebuilt mailbox: the mailbox is forgotten first.
-    pub async fn store(&self, stored: &mut Stored, uid: u32, i: usize, raw: &[u8], guard: Option<LoadGuard>) -> bool {
+    pub async fn store(&self, stored: &mut Stored, uid: u32, i: usize, raw: &Bytes, guard: Option<LoadGuard>) -> bool {
         if !is_content(raw) {
             return false;
         }
-        if self.peek(uid, i).await.is_some_and(|cached| cached != raw) {
+        if self.peek(uid, i).await.is_some_and(|cached| cached != *raw) {
             crate::log_budget::warn_limited!(
                 item = self.slots[i].item.as_str(),
                 mailbox = self.selected.mailbox.as_str(),
@@ -181,7 +210,7 @@ impl Items {
         }
         match guard {
             // The value goes to the sessions waiting for it too.
-            Some(guard) => guard.fill(Bytes::copy_from_slice(raw)).await,
+            Some(guard) => guard.fill(raw.clone()).await,
             None => self.insert(uid, i, raw).await,
         }
         stored.items.push((uid, i));
