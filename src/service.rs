@@ -194,7 +194,7 @@ impl Service {
         let refusal = match limits.login_rate(ip).await {
             Err(Refused::Unavailable) => LoginRefusal::Unavailable,
             Err(_) => LoginRefusal::Rate,
-            Ok(()) => match limits.attempt(authenticating, ip).await {
+            Ok(()) => match limits.attempt(authenticating, ip, credentials.password.expose()).await {
                 Err(Refused::LockedOut) => LoginRefusal::LockedOut,
                 Err(_) => LoginRefusal::Unavailable,
                 Ok(attempt) => match limits.login(account, ip).await {

@@ -335,14 +335,15 @@ impl Limits {
     /// there: its failures in the window, with the attempts still waiting for the upstream,
     /// reached `auth_lockout_failures`. The attempt counts until it is given to
     /// [`failed_login`](Limits::failed_login) or [`succeeded`](Limits::succeeded), or dropped.
-    pub async fn attempt(self: &Arc<Self>, user: &str, ip: IpAddr) -> Result<Attempt, Refused> {
+    pub async fn attempt(self: &Arc<Self>, user: &str, ip: IpAddr, password: &str) -> Result<Attempt, Refused> {
         let key = self.client_key(ip);
-        let attempt = |held| Attempt { user: user.to_string(), ip, key, held };
+        let password = self.penalties.digest(password);
+        let attempt = |held| Attempt { user: user.to_string(), ip, key, password, held };
         if self.trusted(ip) {
             return Ok(attempt(AttemptHeld::Nothing));
         }
         match &self.fleet {
-            None if self.penalties.begin(user, key, std::time::Instant::now()) => {
+            None if self.penalties.begin(user, key, password, std::time::Instant::now()) => {
                 Ok(attempt(AttemptHeld::Local(self.clone())))
             }
             None => Err(Refused::LockedOut),
@@ -440,6 +441,8 @@ pub struct Attempt {
     user: String,
     ip: IpAddr,
     key: ClientKey,
+    /// The password's keyed digest (concurrent attempts with one password are one guess).
+    password: u64,
     held: AttemptHeld,
 }
 
@@ -455,7 +458,7 @@ enum AttemptHeld {
 impl Drop for Attempt {
     fn drop(&mut self) {
         if let AttemptHeld::Local(limits) = &self.held {
-            limits.penalties.end(&self.user, self.key);
+            limits.penalties.end(&self.user, self.key, self.password);
         }
     }
 }

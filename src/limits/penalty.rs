@@ -55,8 +55,10 @@ struct UserRecord {
     failures: u32,
     last: Instant,
     passwords: VecDeque<u64>,
-    /// Attempts admitted and not answered yet.
-    in_flight: u32,
+    /// Attempts admitted and not answered yet: per password (its keyed digest), how many.
+    /// Concurrent logins with one password are one guess (a client opening ten
+    /// connections at once), ten passwords are ten.
+    in_flight: Vec<(u64, u32)>,
 }
 
 type UserKey = (String, ClientKey);
@@ -90,12 +92,12 @@ impl Penalties {
         address: ClientKey,
         now: Instant,
     ) -> &'a mut UserRecord {
-        prune(users, now, self.config.window, |r| r.last, |r| r.in_flight > 0);
+        prune(users, now, self.config.window, |r| r.last, |r| !r.in_flight.is_empty());
         let record = users.entry((user.to_string(), address)).or_insert(UserRecord {
             failures: 0,
             last: now,
             passwords: VecDeque::new(),
-            in_flight: 0,
+            in_flight: Vec::new(),
         });
         if now.duration_since(record.last) >= self.config.window {
             record.failures = 0;
@@ -104,28 +106,41 @@ impl Penalties {
         record
     }
 
-    /// Admits a login attempt of `user` at `address` unless its failures and the attempts
-    /// still in flight reach the lockout; an admitted attempt must be ended with [`end`].
+    /// The keyed digest of a password (never stored as it is).
+    pub fn digest(&self, password: &str) -> u64 {
+        self.key.hash_one(password)
+    }
+
+    /// Admits a login attempt of `user` at `address` with the password of digest
+    /// `password` unless its failures and the other passwords still in flight reach the
+    /// lockout; an admitted attempt must be ended with [`end`].
     ///
     /// [`end`]: Penalties::end
-    pub fn begin(&self, user: &str, address: ClientKey, now: Instant) -> bool {
+    pub fn begin(&self, user: &str, address: ClientKey, password: u64, now: Instant) -> bool {
         let mut users = self.users();
         let record = self.user_record(&mut users, user, address, now);
-        if record.failures + record.in_flight >= self.config.lockout_failures {
-            return false;
+        let others = record.in_flight.len() as u32;
+        match record.in_flight.iter_mut().find(|(digest, _)| *digest == password) {
+            Some((_, count)) => *count += 1,
+            None if record.failures + others >= self.config.lockout_failures => return false,
+            None => record.in_flight.push((password, 1)),
         }
-        record.in_flight += 1;
         record.last = now;
         true
     }
 
     /// An admitted attempt got its answer (after [`failed`](Penalties::failed) if it failed).
-    pub fn end(&self, user: &str, address: ClientKey) {
+    pub fn end(&self, user: &str, address: ClientKey, password: u64) {
         let mut users = self.users();
         let key = (user.to_string(), address);
         if let Some(record) = users.get_mut(&key) {
-            record.in_flight = record.in_flight.saturating_sub(1);
-            if record.in_flight == 0 && record.failures == 0 && record.passwords.is_empty() {
+            if let Some(i) = record.in_flight.iter().position(|(digest, _)| *digest == password) {
+                record.in_flight[i].1 -= 1;
+                if record.in_flight[i].1 == 0 {
+                    record.in_flight.swap_remove(i);
+                }
+            }
+            if record.in_flight.is_empty() && record.failures == 0 && record.passwords.is_empty() {
                 users.remove(&key);
             }
         }
@@ -143,7 +158,7 @@ impl Penalties {
     /// Records a failed login: how long to wait before answering it, and whether it counted
     /// (a wrong password this user already tried from this address does not).
     pub fn failed(&self, user: &str, address: ClientKey, password: &str, now: Instant) -> Failure {
-        let digest = self.key.hash_one(password);
+        let digest = self.digest(password);
         let counted = {
             let mut users = self.users();
             let record = self.user_record(&mut users, user, address, now);
@@ -186,7 +201,7 @@ impl Penalties {
         if let Some(record) = users.get_mut(&key) {
             record.failures = 0;
             record.passwords.clear();
-            if record.in_flight == 0 {
+            if record.in_flight.is_empty() {
                 users.remove(&key);
             }
         }
@@ -291,30 +306,51 @@ mod tests {
     fn attempts_in_flight_count_towards_the_lockout() {
         let p = penalties();
         let now = Instant::now();
+        let guess = |i: usize| p.digest(&format!("guess{i}"));
         // Thirty concurrent guesses: five are admitted, the rest wait for their answers.
-        let admitted = (0..30).filter(|_| p.begin("alice", address(1), now)).count();
+        let admitted = (0..30).filter(|&i| p.begin("alice", address(1), guess(i), now)).count();
         assert_eq!(admitted, 5);
-        assert!(p.begin("bob", address(1), now), "another user is not affected");
-        p.end("bob", address(1));
+        assert!(p.begin("bob", address(1), guess(0), now), "another user is not affected");
+        p.end("bob", address(1), guess(0));
         for i in 0..5 {
             p.failed("alice", address(1), &format!("guess{i}"), now);
-            p.end("alice", address(1));
+            p.end("alice", address(1), guess(i));
         }
-        assert!(!p.begin("alice", address(1), now), "five failures: locked out");
+        assert!(!p.begin("alice", address(1), guess(9), now), "five failures: locked out");
         // Repeats answered give their places back.
         let p = penalties();
+        let (old, other) = (p.digest("saved-old-password"), |i: usize| p.digest(&format!("other{i}")));
         for _ in 0..3 {
-            assert!(p.begin("alice", address(1), now));
+            assert!(p.begin("alice", address(1), old, now));
             p.failed("alice", address(1), "saved-old-password", now);
-            p.end("alice", address(1));
+            p.end("alice", address(1), old);
         }
-        assert!((0..4).all(|_| p.begin("alice", address(1), now)), "one failure and four in flight");
-        assert!(!p.begin("alice", address(1), now));
-        for _ in 0..4 {
-            p.end("alice", address(1));
+        assert!((0..4).all(|i| p.begin("alice", address(1), other(i), now)), "one failure and four in flight");
+        assert!(!p.begin("alice", address(1), other(4), now));
+        for i in 0..4 {
+            p.end("alice", address(1), other(i));
         }
         p.succeeded("alice", address(1));
         assert_eq!(p.tracked(), 0, "nothing kept once every attempt ended and one succeeded");
+    }
+
+    #[test]
+    fn concurrent_logins_with_one_password_are_one_guess() {
+        let p = penalties();
+        let now = Instant::now();
+        let right = p.digest("right");
+        // A client (or a webmail) opening thirty sessions at once is not locked out...
+        assert!((0..30).all(|_| p.begin("alice", address(1), right, now)));
+        // ...and leaves room for four other passwords, not more.
+        assert!((0..4).all(|i| p.begin("alice", address(1), p.digest(&format!("g{i}")), now)));
+        assert!(!p.begin("alice", address(1), p.digest("g4"), now));
+        for _ in 0..30 {
+            p.end("alice", address(1), right);
+        }
+        for i in 0..4 {
+            p.end("alice", address(1), p.digest(&format!("g{i}")));
+        }
+        assert_eq!(p.tracked(), 0);
     }
 
     #[test]
