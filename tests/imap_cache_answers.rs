@@ -279,3 +279,64 @@ fn messages_answered_after_a_relayed_expunge_carry_their_new_numbers() {
         }
     }
 }
+
+/// Bytes mailgate has sent to upstreams so far (counted as they go).
+fn sent_upstream(setup: &Setup) -> u64 {
+    let metrics = setup.gateway.metrics();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mailgate_upstream_bytes_total{direction=\"out\",protocol=\"imap\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"))
+}
+
+#[test]
+fn the_snapshot_gives_a_fresh_session_its_message_numbers_until_a_message_comes_or_goes() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 40, 9);
+    let mut direct = setup.direct(BOB);
+    direct.command("s", "SELECT INBOX");
+    let bodies = "UID FETCH 3,17,40 BODY.PEEK[]";
+    // Filled; then answered from memory in a fresh session, which learns the message
+    // numbers upstream (one `UID SEARCH ALL`) and keeps them in the snapshot.
+    let mut filler = setup.login(BOB);
+    filler.command("s", "SELECT INBOX");
+    same(&mut filler, &mut direct, bodies);
+    let mut first = setup.login(BOB);
+    first.command("s", "SELECT INBOX");
+    same(&mut first, &mut direct, bodies);
+    // Another session, and the same one after selecting the mailbox again: the mailbox is
+    // as it was, so the numbers come from the snapshot and nothing goes upstream.
+    let mut second = setup.login(BOB);
+    second.command("s", "SELECT INBOX");
+    for (client, again) in [(&mut second, "SELECT INBOX"), (&mut first, "EXAMINE INBOX")] {
+        client.command("r", again);
+        let before = sent_upstream(&setup);
+        same(client, &mut direct, bodies);
+        assert_eq!(sent_upstream(&setup), before, "answered without the upstream");
+    }
+    // A message goes (another session expunges it): the numbers move, the snapshot's no
+    // longer apply, and the answers still equal Dovecot's.
+    let mut other = setup.direct(BOB);
+    other.command("s", "SELECT INBOX");
+    other.command("x", "UID STORE 2 +FLAGS.SILENT (\\Deleted)");
+    other.command("e", "EXPUNGE");
+    direct.command("n", "NOOP");
+    for client in [&mut first, &mut second] {
+        client.command("n", "NOOP");
+        same(client, &mut direct, bodies);
+    }
+    let mut third = setup.login(BOB);
+    third.command("s", "SELECT INBOX");
+    let before = sent_upstream(&setup);
+    same(&mut third, &mut direct, bodies);
+    assert!(sent_upstream(&setup) > before, "the numbers were asked again");
+    // And a message arrives: the same.
+    setup.dovecot.fill(BOB.0, 1, 10);
+    direct.command("n", "NOOP");
+    let mut fourth = setup.login(BOB);
+    fourth.command("s", "SELECT INBOX");
+    same(&mut fourth, &mut direct, bodies);
+    third.command("n", "NOOP");
+    same(&mut third, &mut direct, bodies);
+}

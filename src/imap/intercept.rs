@@ -108,6 +108,9 @@ pub trait JobIo {
     fn highest_uid(&self) -> Option<u32>;
     /// The answer to `UID SEARCH ALL`: the n-th UID is message n.
     fn learn_all_uids(&mut self, uids: &[u32]);
+    /// UIDNEXT and the message count as SELECT reported them, while no message has arrived
+    /// or gone since: together with UIDVALIDITY they name one set of UIDs.
+    fn view_stamp(&self) -> Option<(u32, u32)>;
 }
 
 /// What [`JobIo::relay_response`] saw.
@@ -237,10 +240,26 @@ async fn answer_locally<Io: JobIo>(
             }
         }
     }
-    // Everything is cached; only the sequence numbers may be missing. One `UID SEARCH ALL`
-    // teaches all of them for the rest of the session (until new mail arrives).
+    // Everything is cached; only the sequence numbers may be missing. The snapshot knows
+    // them when the mailbox is as it was (same UIDNEXT and message count: no message came
+    // or went); else one `UID SEARCH ALL` teaches all of them for the rest of the session
+    // (until new mail arrives), and the snapshot for the next.
     if uids.iter().any(|&uid| io.seq_of(uid).is_none()) && !io.all_uids_known() {
-        learn_all_uids(io).await?;
+        let stamp = io.view_stamp();
+        let scope = items.scope();
+        match stamp {
+            Some(stamp)
+                if snapshot::restore_uids(scope, &job.selected, stamp, |uids| io.learn_all_uids(uids)).await => {}
+            _ => {
+                let learned = learn_all_uids(io).await?;
+                if let (Some(stamp), Some(learned)) = (stamp, learned) {
+                    // Still as at SELECT (nothing arrived while the search ran).
+                    if io.view_stamp() == Some(stamp) {
+                        snapshot::keep_uids(scope, &job.selected, stamp, &learned).await;
+                    }
+                }
+            }
+        }
     }
     let mut known = Vec::with_capacity(uids.len());
     for &uid in &uids {
@@ -274,8 +293,9 @@ async fn answer_locally<Io: JobIo>(
     Ok(true)
 }
 
-/// `UID SEARCH ALL`, its answer taught to the UID map; other responses relayed.
-async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<(), JobError> {
+/// `UID SEARCH ALL`, its answer taught to the UID map (and returned); other responses
+/// relayed.
+async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<Option<Vec<u32>>, JobError> {
     let tag = io.tag();
     io.to_upstream(format!("{tag} UID SEARCH ALL\r\n").into_bytes()).await?;
     let mut uids: Option<Vec<u32>> = None;
@@ -284,8 +304,9 @@ async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<(), JobError> {
         if is_tagged(&response, &tag) {
             if let (true, Some(uids)) = (status_text(&response, &tag).starts_with(b"OK"), uids) {
                 io.learn_all_uids(&uids);
+                return Ok(Some(uids));
             }
-            return Ok(());
+            return Ok(None);
         }
         let line = String::from_utf8_lossy(&response);
         match line.trim_end().strip_prefix("* SEARCH") {

@@ -64,6 +64,9 @@ struct Shared {
     in_flight: VecDeque<InFlight>,
     /// The mailbox's message count (EXISTS, less EXPUNGEs), for the resync metrics.
     exists: Option<u32>,
+    /// A message arrived or went since the mailbox was selected: SELECT's UIDNEXT and the
+    /// message count no longer name the set of UIDs the session sees.
+    view_changed: bool,
     /// FETCH responses relayed since the last FETCH completed.
     fetched: u32,
     /// Commands and messages fetched in this session (its sync cost).
@@ -870,6 +873,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     let Selecting { mailbox, uid_validity, uid_next, .. } =
                         shared.selecting.take().expect("just checked");
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
+                    shared.view_changed = false;
                     if let (true, Some(exists)) = (ok, shared.exists) {
                         self.service.metrics.mailbox_messages.observe(f64::from(exists));
                     }
@@ -962,14 +966,17 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         if let Some(seq) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
                             shared.uids.expunge(seq);
                             shared.exists = shared.exists.map(|e| e.saturating_sub(1));
+                            shared.view_changed = true;
                         }
                     } else if second.eq_ignore_ascii_case(b"EXISTS") {
                         if let Some(count) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
                             shared.uids.exists(count);
+                            shared.view_changed |= shared.selecting.is_none() && shared.exists != Some(count);
                             shared.exists = Some(count);
                         }
                     } else if first.eq_ignore_ascii_case(b"VANISHED") {
                         shared.uids.forget();
+                        shared.view_changed = true;
                     }
                 }
             },
@@ -1140,6 +1147,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
 
     fn learn_all_uids(&mut self, uids: &[u32]) {
         self.lock().uids.learn_all(uids);
+    }
+
+    fn view_stamp(&self) -> Option<(u32, u32)> {
+        let shared = self.lock();
+        let uid_next = shared.selected.as_ref()?.uid_next?;
+        (!shared.view_changed).then_some((uid_next, shared.exists?))
     }
 
     fn answered(&mut self, messages: usize) {

@@ -70,6 +70,40 @@ pub async fn check_uid_next(scope: &Scope, selected: &Selected, highest_uid: Opt
     scope.cache.insert(mark, Bytes::copy_from_slice(&uid_next.to_be_bytes())).await;
 }
 
+/// Where the mailbox's UIDs in order (message n is the n-th) are kept, with the UIDNEXT
+/// and message count they were seen with.
+const UIDS_MARK: &str = "\0uids";
+
+/// Teaches `learn` the mailbox's UIDs when the snapshot has them for `stamp` (UIDNEXT and
+/// message count at SELECT, with nothing arrived or gone since): UIDs are never reused and
+/// new messages always get one at least UIDNEXT, so under one UIDVALIDITY an unchanged
+/// UIDNEXT means no message arrived, and then an unchanged count means none went. Whether
+/// it did.
+pub async fn restore_uids(scope: &Scope, selected: &Selected, stamp: (u32, u32), learn: impl FnOnce(&[u32])) -> bool {
+    let Some(value) = scope.cache.peek(&mark(scope, selected, UIDS_MARK)).await else { return false };
+    let words: Vec<u32> = value.chunks_exact(4).map(|w| u32::from_be_bytes(w.try_into().expect("4 bytes"))).collect();
+    let [uid_next, exists, ref uids @ ..] = words[..] else { return false };
+    if (uid_next, exists) != stamp || uids.len() != exists as usize {
+        return false;
+    }
+    learn(uids);
+    true
+}
+
+/// Keeps the mailbox's UIDs (the answer to `UID SEARCH ALL`) for sessions that find the
+/// mailbox as `stamp` says.
+pub async fn keep_uids(scope: &Scope, selected: &Selected, stamp: (u32, u32), uids: &[u32]) {
+    let (uid_next, exists) = stamp;
+    if uids.len() != exists as usize || uids.iter().any(|&uid| uid >= uid_next) || !uids.is_sorted() {
+        return;
+    }
+    let mut value = Vec::with_capacity(8 + 4 * uids.len());
+    for word in [uid_next, exists].iter().chain(uids) {
+        value.extend_from_slice(&word.to_be_bytes());
+    }
+    scope.cache.insert(mark(scope, selected, UIDS_MARK), Bytes::from(value)).await;
+}
+
 /// One cacheable item of a command and where it lives.
 struct Slot {
     item: Name,
