@@ -9,7 +9,7 @@
 //! arena, without a copy. A job resolves its columns once per command and then only takes a
 //! short lock per message.
 
-use std::sync::Mutex;
+use std::sync::RwLock;
 
 use bytes::{Bytes, BytesMut};
 
@@ -22,7 +22,8 @@ pub const SLOT_OVERHEAD: usize = std::mem::size_of::<(u32, Bytes)>();
 
 #[derive(Debug, Default)]
 pub struct Column {
-    inner: Mutex<Inner>,
+    /// Read far more than written (every session of the account answers from it).
+    inner: RwLock<Inner>,
 }
 
 #[derive(Debug, Default)]
@@ -48,17 +49,21 @@ impl Inner {
 }
 
 impl Column {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().expect("column lock poisoned")
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().expect("column lock poisoned")
+    }
+
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().expect("column lock poisoned")
     }
 
     pub fn get(&self, uid: u32) -> Option<Bytes> {
-        let inner = self.lock();
+        let inner = self.read();
         inner.position(uid).ok().map(|i| inner.slots[i].1.clone())
     }
 
     pub fn contains(&self, uid: u32) -> bool {
-        self.lock().position(uid).is_ok()
+        self.read().position(uid).is_ok()
     }
 
     /// Stores `value` for `uid` (replacing what was there) and returns it as kept.
@@ -101,7 +106,7 @@ impl Column {
     /// Bytes held: values (whose arena stays allocated until every slice of it is gone)
     /// and the index.
     pub fn weight(&self) -> usize {
-        self.lock().weight
+        self.read().weight
     }
 
     /// The weight for the cache's weigher, remembered as the one it knows.
@@ -113,13 +118,13 @@ impl Column {
 
     /// Whether the weight moved by more than `slack` since the cache last weighed it.
     pub fn reweigh_due(&self, slack: usize) -> bool {
-        let inner = self.lock();
+        let inner = self.read();
         inner.weight.abs_diff(inner.weighed) > slack
     }
 
     /// How many messages have a value.
     pub fn len(&self) -> usize {
-        self.lock().slots.len()
+        self.read().slots.len()
     }
 
     pub fn is_empty(&self) -> bool {

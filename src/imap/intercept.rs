@@ -17,6 +17,7 @@
 //! flow through at once, in order.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
 
 use tokio::sync::oneshot;
 
@@ -266,30 +267,35 @@ async fn answer_locally<Io: JobIo>(
         let Some(seq) = io.seq_of(uid) else { return Ok(false) };
         known.push((seq, uid));
     }
-    let mut out = Vec::new();
-    let mut served = 0;
-    for (seq, uid) in known {
-        let mut values = Vec::with_capacity(wanted.len());
+    // Every value first (slices of the snapshot, nothing copied): an item evicted since the
+    // check sends the full path instead, with nothing written yet.
+    let mut values = Vec::with_capacity(known.len() * wanted.len());
+    for &(_, uid) in &known {
         for i in 0..wanted.len() {
-            // Evicted since the check: the full path answers instead (nothing sent yet).
-            let Some(bytes) = items.get(uid, i).await else {
-                return Ok(false);
-            };
+            let Some(bytes) = items.get(uid, i).await else { return Ok(false) };
             values.push(bytes);
         }
-        out.extend_from_slice(format!("* {seq} FETCH (UID {uid}").as_bytes());
-        for bytes in &values {
-            out.push(b' ');
-            out.extend_from_slice(bytes);
+    }
+    // Written piece by piece: small ones gather in the session's write buffer, a large body
+    // goes to the socket from the cache's own bytes.
+    let mut served = 0;
+    let mut values = values.into_iter();
+    let mut head = Vec::with_capacity(32);
+    for (seq, uid) in known {
+        head.clear();
+        write!(head, "* {seq} FETCH (UID {uid}").expect("writing to a Vec");
+        io.to_client(&head).await?;
+        for bytes in values.by_ref().take(wanted.len()) {
+            io.to_client(b" ").await?;
+            io.to_client(&bytes).await?;
             served += bytes.len();
         }
-        out.extend_from_slice(b")\r\n");
+        io.to_client(b")\r\n").await?;
     }
     io.count(wanted.len() * uids.len(), 0);
     io.answered(uids.len());
     items.scope().cache.served(served);
-    out.extend_from_slice(format!("{client_tag} OK Fetch completed.\r\n").as_bytes());
-    io.to_client(&out).await?;
+    io.to_client(format!("{client_tag} OK Fetch completed.\r\n").as_bytes()).await?;
     Ok(true)
 }
 
@@ -920,7 +926,8 @@ fn compose(
             "FETCH items missing from the upstream's answer; answered without them"
         );
     }
-    let mut out = format!("* {seq} FETCH (").into_bytes();
+    let mut out = Vec::with_capacity(32 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    write!(out, "* {seq} FETCH (").expect("writing to a Vec");
     for (i, part) in parts.iter().filter(|p| !p.is_empty()).enumerate() {
         if i > 0 {
             out.push(b' ');

@@ -233,14 +233,24 @@ impl Items {
         if !is_content(raw) {
             return false;
         }
-        if self.peek(uid, i).await.is_some_and(|cached| cached != *raw) {
-            crate::log_budget::warn_limited!(
-                item = self.slots[i].item.as_str(),
-                mailbox = self.selected.mailbox.as_str(),
-                uid_validity = self.selected.uid_validity,
-                "the upstream changed an immutable item without a new UIDVALIDITY; forgetting what is cached of the mailbox"
-            );
-            self.forget_mailbox();
+        match self.peek(uid, i).await {
+            // Stored meanwhile by another session (concurrent cold syncs of one mailbox).
+            Some(cached) if cached == *raw => {
+                if let Some(guard) = guard {
+                    guard.fill(cached).await;
+                }
+                return false;
+            }
+            Some(_) => {
+                crate::log_budget::warn_limited!(
+                    item = self.slots[i].item.as_str(),
+                    mailbox = self.selected.mailbox.as_str(),
+                    uid_validity = self.selected.uid_validity,
+                    "the upstream changed an immutable item without a new UIDVALIDITY; forgetting what is cached of the mailbox"
+                );
+                self.forget_mailbox();
+            }
+            None => {}
         }
         match guard {
             // The value goes to the sessions waiting for it too.
