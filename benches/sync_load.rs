@@ -14,6 +14,9 @@
 //!   command line: the CPU amplification an attacker tried, issue 12, defect 5; mailgate's
 //!   CPU per command is the figure to watch),
 //!
+//! - (m) mbsync (the tests' isync) syncing the whole INBOX into a new Maildir: a real client
+//!   that pipelines one `UID FETCH n (BODY.PEEK[])` per message (plaintext, like the rest),
+//!
 //! and, for context: (b1) and (b2), (b) in a session that first did a header sync (a) or a
 //! flag sync `UID FETCH 1:* (UID FLAGS)` (untimed, traffic not counted); (f) that flag sync
 //! alone, which is also what mailgate asks the upstream in phase one of (a).
@@ -34,8 +37,8 @@
 //!
 //! Environment knobs (all optional):
 //! - `SYNC_LOAD_MESSAGES` (default 10000): mailbox size,
-//! - `SYNC_LOAD_ONLY` (e.g. `a,c`; default `a,b,b1,b2,c,d,f,s`): run only these workloads,
-//! - `SYNC_LOAD_REPS` (default `9,5,5,5`): repetitions for a, b, c, d,
+//! - `SYNC_LOAD_ONLY` (e.g. `a,c`; default `a,b,b1,b2,c,d,f,s,m`): run only these workloads,
+//! - `SYNC_LOAD_REPS` (default `9,5,5,5`): repetitions for a, b, c (and m), d,
 //! - `SYNC_LOAD_POP3_MARK_SEEN=false`: mailgate does not send a RETR answered from the cache
 //!   upstream for its `\Seen` (what `cache.pop3_mark_seen` costs, with (c)),
 //! - `SYNC_LOAD_PERF` (a directory): record `perf record -e cpu-clock -g` of mailgate during
@@ -587,6 +590,8 @@ enum Workload {
     FlagSync,
     /// (s): a header sync of a 9,000-range set.
     SparseSync,
+    /// (m): mbsync's full sync of the mailbox into an empty Maildir.
+    Mbsync,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -609,6 +614,7 @@ impl Workload {
             Workload::Concurrent => "d",
             Workload::FlagSync => "f",
             Workload::SparseSync => "s",
+            Workload::Mbsync => "m",
         }
     }
     fn title(self) -> String {
@@ -629,6 +635,9 @@ impl Workload {
             Workload::Concurrent => format!("(d) {CONCURRENT} concurrent clients doing (a), aggregate"),
             Workload::FlagSync => "(f) reference: flag sync UID FETCH 1:* (UID FLAGS), relayed as is".into(),
             Workload::SparseSync => format!("(s) header sync of {SPARSE_RANGES} scattered single UIDs in one command"),
+            Workload::Mbsync => {
+                "(m) mbsync (isync) full sync of INBOX into a new Maildir (it pipelines UID FETCH n BODY.PEEK[])".into()
+            }
         }
     }
 }
@@ -768,6 +777,7 @@ impl Bench {
                 pop3_quit(conn);
                 vec![run]
             }
+            Workload::Mbsync => vec![self.mbsync(addr, label)],
             Workload::Concurrent => {
                 let barrier = Barrier::new(CONCURRENT + 1);
                 std::thread::scope(|s| {
@@ -830,6 +840,52 @@ impl Bench {
             run.machine_busy * 100.0
         );
         (run, clients.into_iter().map(|c| c.digest).collect())
+    }
+
+    /// One mbsync run into a new Maildir: the time of the whole run (login to logout), the
+    /// messages it stored, and a digest of their contents (sorted: mbsync's order of
+    /// arrival is its own).
+    fn mbsync(&self, addr: SocketAddr, label: &str) -> ClientRun {
+        static RUNS: AtomicUsize = AtomicUsize::new(0);
+        let home = self.dir.path().join(format!("mbsync-{label}-{}", RUNS.fetch_add(1, Ordering::Relaxed)));
+        let local = home.join("mail");
+        std::fs::create_dir_all(&local).unwrap();
+        let config = format!(
+            // No fsync per message: the disk is not what is measured.
+            "FSync no\n\nIMAPAccount bench\nHost {}\nPort {}\nUser {}\nPass \"{}\"\nSSLType None\nAuthMechs LOGIN\nTimeout 120\n\n\
+             IMAPStore bench-far\nAccount bench\n\n\
+             MaildirStore bench-near\nPath {local}/\nInbox {local}/INBOX\n\n\
+             Channel bench\nFar :bench-far:\nNear :bench-near:\nPatterns INBOX\nSync Pull\nCreate Near\nExpunge None\nSyncState *\n",
+            addr.ip(),
+            addr.port(),
+            USER.0,
+            USER.1,
+            local = local.display(),
+        );
+        let rc = home.join("mbsyncrc");
+        std::fs::write(&rc, config).unwrap();
+        let mut cmd = Command::new("timeout");
+        cmd.args(["--kill-after=5", "600", support::mbsync::MBSYNC, "--quiet", "--config"])
+            .arg(&rc)
+            .arg("bench")
+            .env("HOME", &home);
+        let start = Instant::now();
+        let run = support::process::run_bounded(cmd, Duration::from_secs(610));
+        let elapsed = start.elapsed();
+        assert!(run.status.success(), "mbsync failed: {}", support::process::tail(&run.stderr(), 20));
+        // mbsync adds a random `X-TUID` header to every message it stores: taken out.
+        let mut digest: Digest = support::mbsync::contents(&local.join("INBOX"), support::mbsync::strip_tuid)
+            .iter()
+            .map(|message| {
+                let mut hash = Hash::new();
+                hash.update(message);
+                hash.finish()
+            })
+            .collect();
+        digest.sort_unstable();
+        let bytes = digest.iter().map(|&(len, _)| len).sum();
+        let _ = std::fs::remove_dir_all(&home);
+        ClientRun { elapsed, messages: digest.len(), bytes, cpu: Duration::ZERO, digest, finished: Instant::now() }
     }
 
     /// Compares every client's digest with the direct reference.
@@ -917,7 +973,7 @@ fn human(bytes: f64) -> String {
 fn main() {
     let wall = Instant::now();
     let messages: usize = std::env::var("SYNC_LOAD_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let only = std::env::var("SYNC_LOAD_ONLY").unwrap_or_else(|_| "a,b,b1,b2,c,d,f,s".into());
+    let only = std::env::var("SYNC_LOAD_ONLY").unwrap_or_else(|_| "a,b,b1,b2,c,d,f,s,m".into());
     let reps: Vec<usize> = std::env::var("SYNC_LOAD_REPS")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
@@ -950,6 +1006,8 @@ fn main() {
         (Workload::Bodies(Prelude::HeaderSync), reps[1]),
         (Workload::Bodies(Prelude::FlagSync), reps[1]),
         (Workload::Retr, reps[2]),
+        // Last too: mbsync's fetches do not set \Seen (BODY.PEEK), but it takes longest.
+        (Workload::Mbsync, reps[2]),
     ];
     let mut results = Vec::new();
     for (workload, reps) in workloads {
