@@ -120,9 +120,9 @@ impl moka::Expiry<Key, Value> for Expiry {
     }
 }
 
-/// A column grows by appends that moka does not see; it is weighed again once it has grown
-/// by this much since (so the cache's bound is off by at most this per column).
-const REWEIGH_SLACK: usize = 64 * 1024;
+/// A column grows by appends that moka does not see: it is weighed again when a command
+/// that filled it ends, and every this many bytes during a long fill.
+pub const REWEIGH_SLACK: usize = 64 * 1024;
 
 pub struct MessageCache {
     entries: moka::future::Cache<Key, Value>,
@@ -247,9 +247,10 @@ impl MessageCache {
     }
 
     /// Tells the cache how much a column weighs now, when it has changed by more than
-    /// [`REWEIGH_SLACK`] since the cache last weighed it.
-    pub async fn reweigh(&self, key: &ColumnKey, column: &Arc<Column>) {
-        if !column.reweigh_due(REWEIGH_SLACK) {
+    /// `slack` bytes since the cache last weighed it (0 when a command ends or for a single
+    /// store, [`REWEIGH_SLACK`] during a long fill).
+    pub async fn reweigh(&self, key: &ColumnKey, column: &Arc<Column>, slack: usize) {
+        if !column.reweigh_due(slack) {
             return;
         }
         // Only if it is still the cached column (not evicted, nor replaced after a forget).
@@ -361,7 +362,7 @@ impl MessageCache {
             if let Some(column_key) = imap.column() {
                 let column = self.column(&column_key).await;
                 column.insert(imap.uid, &value);
-                self.reweigh(&column_key, &column).await;
+                self.reweigh(&column_key, &column, 0).await;
                 return;
             }
         }
@@ -458,6 +459,30 @@ mod tests {
         drop(guard);
         assert_eq!(waiter.await.unwrap(), None);
         assert!(matches!(cache.claim(pop3_key("a", "n")), Claim::Load(_)));
+    }
+
+    #[tokio::test]
+    async fn snapshot_columns_are_weighed_and_evicted_within_the_capacity() {
+        let cache = Arc::new(MessageCache::new(&config(200_000, 1 << 16)));
+        let account = Account::new("default", "alice", &LoginProof::upstream_accepted());
+        // Forty mailboxes, 20 KB of headers each: 800 KB into a 200 KB cache.
+        for mailbox in 0..40 {
+            let key = ColumnKey {
+                account: account.clone(),
+                mailbox: Name::new(&format!("box{mailbox}")),
+                uid_validity: 1,
+                item: Name::new("BODY[HEADER]"),
+            };
+            let column = cache.column(&key).await;
+            for uid in 1..=40 {
+                column.insert(uid, &[b'h'; 500]);
+            }
+            cache.reweigh(&key, &column, 0).await;
+        }
+        let stats = cache.stats().await;
+        assert!(stats.bytes <= 200_000, "{stats:?}");
+        assert!(stats.bytes >= 100_000, "columns are weighed by their content: {stats:?}");
+        assert!(stats.evicted_size >= 20, "{stats:?}");
     }
 
     #[tokio::test]

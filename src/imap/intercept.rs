@@ -340,8 +340,8 @@ pub async fn run<Io: JobIo>(
     let answered = answer(io, job, client_tag, fill, &sizes, &wanted).await;
     // The UIDs this job saw raise the mark too.
     check_uid_next(io, job, scope).await;
-    sizes.reweigh().await;
-    fill.items.reweigh().await;
+    sizes.reweigh(0).await;
+    fill.items.reweigh(0).await;
     answered
 }
 
@@ -700,6 +700,8 @@ impl Fill {
                 self.items.store(stored, uid, i, &response.slice(range), None).await;
             }
         }
+        // A long fill (a first sync of 100,000 headers) is weighed as it grows.
+        self.items.reweigh(crate::cache::REWEIGH_SLACK).await;
         Some((parsed.seq, uid))
     }
 }

@@ -217,11 +217,12 @@ impl Items {
         self.scope.cache.forget_mailbox(&self.scope.account, &self.selected.mailbox, self.selected.uid_validity);
     }
 
-    /// Tells the cache what the columns weigh now (their appends are not seen by it).
-    pub async fn reweigh(&self) {
+    /// Tells the cache what the columns weigh now (their appends are not seen by it): when
+    /// a command ends, and every [`crate::cache::REWEIGH_SLACK`] bytes of a long one.
+    pub async fn reweigh(&self, slack: usize) {
         for slot in self.slots.iter().filter_map(|s| s.column.as_ref()) {
             if let Some(column) = slot.column.get() {
-                self.scope.cache.reweigh(&slot.key, column).await;
+                self.scope.cache.reweigh(&slot.key, column, slack).await;
             }
         }
     }
@@ -289,7 +290,7 @@ impl Stored {
             let scope = items.scope();
             scope.cache.insert(mark(scope, items.selected(), FILLED_MARK), Bytes::new()).await;
         }
-        items.reweigh().await;
+        items.reweigh(0).await;
     }
 }
 
