@@ -130,6 +130,30 @@ pub enum JobError {
     TooLarge,
 }
 
+/// The UIDs phase one reported, sorted: they mostly come in ascending order (an append), and
+/// a lookup is a binary search, no hashing per message.
+#[derive(Default)]
+struct Reported(Vec<u32>);
+
+impl Reported {
+    /// Notes `uid`; false if it was reported before.
+    fn insert(&mut self, uid: u32) -> bool {
+        match self.0.last() {
+            Some(&last) if uid <= last => match self.0.binary_search(&uid) {
+                Ok(_) => false,
+                Err(at) => {
+                    self.0.insert(at, uid);
+                    true
+                }
+            },
+            _ => {
+                self.0.push(uid);
+                true
+            }
+        }
+    }
+}
+
 /// One message as phase one reported it.
 struct Message {
     uid: u32,
@@ -414,7 +438,7 @@ async fn answer<Io: JobIo>(
     let mut learned = Vec::new();
     // Messages phase one already reported: a second response for one (a flag change the
     // upstream reports apart, MODSEQ under CONDSTORE) is relayed as it is, never composed.
-    let mut reported = HashSet::new();
+    let mut reported = Reported::default();
     let status = loop {
         let response = io.response().await?;
         if is_tagged(&response, &tag) {
@@ -913,11 +937,10 @@ fn compose(
             None => missing.push(name),
         }
     }
-    let cached_names: Vec<&str> = wanted.iter().map(|w| w.response).collect();
     for extra in &phase_one.parsed.items {
         let name = extra.name.as_str();
         let added = name == "UID" || name == SEEN_PROBE_RESPONSE || name == VALIDATOR;
-        if !added && !mutable(name) && !cached_names.contains(&name) {
+        if !added && !mutable(name) && !wanted.iter().any(|w| w.response == name) {
             parts.push(from_fresh(name).unwrap_or(&phase_one.response[extra.range.clone()]));
         }
     }

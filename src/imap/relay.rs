@@ -252,6 +252,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         tees,
         capture: Capture::Idle,
         settle_due: false,
+        answered: 0,
         next_tag: 0,
         cache_hits: 0,
         cache_misses: 0,
@@ -695,6 +696,8 @@ struct UpstreamPump<'a, R, W> {
     capture: Capture,
     /// A tee completed: settle it once the response is relayed.
     settle_due: bool,
+    /// FETCH responses a job composed so far.
+    answered: u32,
     next_tag: u64,
     /// This session's FETCH items answered from the cache, and fetched upstream.
     cache_hits: u64,
@@ -723,6 +726,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     let Some(order) = order else { continue };
                     let scope = self.scope.clone().expect("jobs are sent only with a cache");
                     let result = intercept::run(self, &order.job, &order.fill, &order.tag, &scope).await;
+                    let answered = std::mem::take(&mut self.answered);
+                    self.lock().fetched += answered;
                     let _ = order.done.send(());
                     match result {
                         Ok(()) => {}
@@ -1156,7 +1161,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
     }
 
     fn answered(&mut self, messages: usize) {
-        self.lock().fetched += messages as u32;
+        // Handed to the shared state once the job is done (no lock per message).
+        self.answered += messages as u32;
     }
 
     fn count(&mut self, hits: usize, misses: usize) {
