@@ -39,6 +39,9 @@
 //! - `SYNC_LOAD_MESSAGES` (default 10000): mailbox size,
 //! - `SYNC_LOAD_ONLY` (e.g. `a,c`; default `a,b,b1,b2,c,d,f,s,m`): run only these workloads,
 //! - `SYNC_LOAD_REPS` (default `9,5,5,5`): repetitions for a, b, c (and m), d,
+//! - `SYNC_LOAD_LATENCY_MS` (e.g. `1`): the forwarder delays every chunk by this much in
+//!   each direction, as an upstream on another machine would (direct and mailgate's upstream
+//!   leg pay it, `raw` does not),
 //! - `SYNC_LOAD_POP3_MARK_SEEN=false`: mailgate does not send a RETR answered from the cache
 //!   upstream for its `\Seen` (what `cache.pop3_mark_seen` costs, with (c)),
 //! - `SYNC_LOAD_PERF` (a directory): record `perf record -e cpu-clock -g` of mailgate during
@@ -146,6 +149,26 @@ fn process_cpu(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
+/// Resident memory of a process in bytes (VmRSS).
+fn process_rss(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+    kib.unwrap_or(0.0) * 1024.0
+}
+
+/// What mailgate's cache weighs (its own accounting, `mailgate_cache_size_bytes`).
+fn cache_bytes(gateway: &Gateway) -> f64 {
+    let metrics = gateway.metrics();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mailgate_cache_size_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// (busy, total) jiffies of the whole machine, from /proc/stat.
 fn machine_cpu() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -203,7 +226,8 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    fn start(target: SocketAddr) -> Forwarder {
+    /// `latency`: added to every chunk in each direction (an upstream on another machine).
+    fn start(target: SocketAddr, latency: Duration) -> Forwarder {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind forwarder");
         let addr = listener.local_addr().unwrap();
         let counters = Arc::new(Counters::default());
@@ -240,7 +264,7 @@ impl Forwarder {
                         };
                         let (counters, done) = (counters.clone(), done.clone());
                         handles.push(std::thread::spawn(move || {
-                            pump(from, to, &counters, up);
+                            pump(from, to, &counters, up, latency);
                             if done.fetch_add(1, Ordering::SeqCst) == 1 {
                                 counters.active.fetch_sub(1, Ordering::SeqCst);
                             }
@@ -276,7 +300,20 @@ impl Forwarder {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, counters: &Counters, up: bool) {
+fn pump(mut from: TcpStream, to: TcpStream, counters: &Counters, up: bool, latency: Duration) {
+    // With a latency, a second thread writes each chunk once it is due: the delay of a
+    // link, not a cap on its throughput.
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
+        let mut to = to;
+        for (due, chunk) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
     let mut buf = vec![0u8; 256 << 10];
     loop {
         let n = match from.read(&mut buf) {
@@ -290,11 +327,12 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counters: &Counters, up: bool) {
         } else {
             counters.down_bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
-        if to.write_all(&buf[..n]).is_err() {
+        if tx.send((Instant::now() + latency, buf[..n].to_vec())).is_err() {
             break;
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
+    drop(tx);
+    let _ = writer.join();
 }
 
 impl Drop for Forwarder {
@@ -653,6 +691,9 @@ struct Run {
     mailgate_cpu: f64,
     /// Share of the machine's CPU (both cores) busy during the run.
     machine_busy: f64,
+    /// mailgate's resident memory growth over the run, and its cache's weight after it.
+    rss_growth: f64,
+    cache_bytes: f64,
 }
 
 impl Run {
@@ -741,6 +782,7 @@ impl Bench {
         };
         let traffic = fwd.snapshot();
         let mailgate_cpu = pid.map(process_cpu).unwrap_or(0.0);
+        let rss = pid.map(process_rss).unwrap_or(0.0);
         let machine = machine_cpu();
         let count = self.count();
         let mut prelude = Traffic::default();
@@ -812,6 +854,11 @@ impl Bench {
         }
         let after_machine = machine_cpu();
         let mailgate_cpu = pid.map(|p| process_cpu(p) - mailgate_cpu).unwrap_or(0.0);
+        let rss_growth = pid.map(|p| process_rss(p) - rss).unwrap_or(0.0);
+        let cache = match target {
+            Target::Mailgate(g) => cache_bytes(g),
+            _ => 0.0,
+        };
         if let Some(perf) = perf {
             stop_perf(perf);
         }
@@ -825,6 +872,8 @@ impl Bench {
             traffic: fwd.snapshot().minus(traffic).minus(prelude),
             mailgate_cpu,
             machine_busy: busy,
+            rss_growth,
+            cache_bytes: cache,
         };
         eprintln!(
             "  {}/{label:<6} {:>8.3}s {:>8} msgs {:>9.0} msg/s {:>8.1} MB/s  upstream {:>11} B {:>6} lines  client cpu {:.3}s  mailgate cpu {:.2}s  machine busy {:.0}%",
@@ -988,8 +1037,17 @@ fn main() {
     let total = dovecot.fill(USER.0, messages, SEED);
     let fill_secs = t.elapsed().as_secs_f64();
     eprintln!("mailbox: {messages} messages, {} ({fill_secs:.1}s to generate)", human(total as f64));
-    let imap = Forwarder::start(dovecot.imap);
-    let pop3 = Forwarder::start(dovecot.pop3);
+    let latency = Duration::from_micros(
+        std::env::var("SYNC_LOAD_LATENCY_MS")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |ms| (ms * 1000.0) as u64),
+    );
+    if !latency.is_zero() {
+        eprintln!("remote upstream: the forwarder adds {latency:?} per direction");
+    }
+    let imap = Forwarder::start(dovecot.imap, latency);
+    let pop3 = Forwarder::start(dovecot.pop3, latency);
     let mut bench = Bench { _dovecot: dovecot, pki, dir, imap, pop3, messages, perf, problems: Vec::new() };
     // The first session to select the mailbox sees every message \Recent (in FLAGS); take
     // that one out of the comparisons.
@@ -1129,6 +1187,19 @@ fn main() {
                 ratios
             );
         }
+    }
+    println!();
+    println!("memory: mailgate's resident growth over the cold run against what its cache says it holds after it");
+    for (workload, _, _, _, cold, _, _) in &results {
+        let growth = median_by(cold, |r| r.rss_growth);
+        let held = median_by(cold, |r| r.cache_bytes);
+        println!(
+            "({}) RSS +{}  cache {}  ratio {:.2}",
+            workload.letter(),
+            human(growth),
+            human(held),
+            if held > 0.0 { growth / held } else { 0.0 }
+        );
     }
     println!();
     if bench.problems.is_empty() {
