@@ -340,3 +340,33 @@ fn the_snapshot_gives_a_fresh_session_its_message_numbers_until_a_message_comes_
     third.command("n", "NOOP");
     same(&mut third, &mut direct, bodies);
 }
+
+#[test]
+fn a_fetch_after_enable_qresync_carries_the_upstreams_highestmodseq_code() {
+    let setup = Setup::start();
+    setup.dovecot.fill(BOB.0, 10, 11);
+    let mut direct = setup.direct(BOB);
+    let mut via = setup.login(BOB);
+    let items = "UID FETCH 4 (UID ENVELOPE BODY.PEEK[])";
+    for client in [&mut direct, &mut via] {
+        client.command("s", "SELECT INBOX");
+        answer(client, "w", items);
+    }
+    // Cached, and its number known: mailgate could answer from memory, but Dovecot answers
+    // the first command after ENABLE QRESYNC (in the selected state) with
+    // `OK [HIGHESTMODSEQ n]`, which only the upstream knows.
+    same(&mut via, &mut direct, items);
+    for client in [&mut direct, &mut via] {
+        client.command("e", "ENABLE CONDSTORE QRESYNC");
+    }
+    // The tagged line's response code (its text may differ).
+    let code = |client: &mut Client| {
+        let lines = client.command("c", items);
+        let tagged = lines.last().expect("a tagged line").clone();
+        tagged.split_once(']').map(|(code, _)| code.to_string()).unwrap_or_default()
+    };
+    let want = code(&mut direct);
+    assert!(want.contains("HIGHESTMODSEQ"), "Dovecot's answer: {want}");
+    assert_eq!(code(&mut via), want);
+    same(&mut via, &mut direct, items);
+}

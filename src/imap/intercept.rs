@@ -112,6 +112,9 @@ pub trait JobIo {
     /// UIDNEXT and the message count as SELECT reported them, while no message has arrived
     /// or gone since: together with UIDVALIDITY they name one set of UIDs.
     fn view_stamp(&self) -> Option<(u32, u32)>;
+    /// What the upstream does about modification sequences now (the job's own `modseq`
+    /// was taken when the client sent the command).
+    fn modseq(&self) -> Modseq;
 }
 
 /// What [`JobIo::relay_response`] saw.
@@ -255,6 +258,13 @@ async fn answer_locally<Io: JobIo>(
     let request = &job.request;
     let only_uid = request.mutable_requests().iter().all(|m| m.eq_ignore_ascii_case("UID"));
     if !request.uid || !only_uid || request.sets_seen() {
+        return Ok(false);
+    }
+    // Under CONDSTORE the upstream may owe the next command a response code (Dovecot answers
+    // the first command after `ENABLE QRESYNC` with `OK [HIGHESTMODSEQ n]`) that only it
+    // knows: the upstream answers.
+    let modseq = io.modseq();
+    if job.modseq.condstore || modseq.condstore || modseq.qresync {
         return Ok(false);
     }
     let Some(uids) = explicit_uids(&request.set) else { return Ok(false) };

@@ -1154,6 +1154,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
         self.lock().uids.learn_all(uids);
     }
 
+    fn modseq(&self) -> intercept::Modseq {
+        let shared = self.lock();
+        intercept::Modseq { condstore: shared.condstore, qresync: shared.qresync }
+    }
+
     fn view_stamp(&self) -> Option<(u32, u32)> {
         let shared = self.lock();
         let uid_next = shared.selected.as_ref()?.uid_next?;
