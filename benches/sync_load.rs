@@ -737,7 +737,7 @@ impl Bench {
             None,
             "",
             &format!(
-                "\n[cache]\nenabled = true\nmax_bytes = \"512MiB\"\nmax_entry_bytes = \"8MiB\"\npop3_mark_seen = {}\n",
+                "\n[cache]\nenabled = true\nmax_bytes = \"2GiB\"\nmax_entry_bytes = \"8MiB\"\npop3_mark_seen = {}\n",
                 std::env::var("SYNC_LOAD_POP3_MARK_SEEN").map_or(true, |v| v != "false")
             ),
         );
