@@ -426,7 +426,7 @@ struct Parser<'a> {
     pos: usize,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn peek(&self) -> Option<u8> {
         self.bytes.get(self.pos).copied()
     }
@@ -435,8 +435,9 @@ impl Parser<'_> {
         (self.peek()? == b).then(|| self.pos += 1)
     }
 
-    /// `NAME`, `NAME[section]` or `NAME[section]<origin>`.
-    fn item_name(&mut self) -> Option<String> {
+    /// `NAME`, `NAME[section]` or `NAME[section]<origin>` (borrowed when it is UTF-8, as
+    /// it always is from a server that follows the grammar).
+    fn item_name(&mut self) -> Option<std::borrow::Cow<'a, str>> {
         let start = self.pos;
         while let Some(b) = self.peek() {
             if b == b'[' {
@@ -453,7 +454,8 @@ impl Parser<'_> {
             }
             self.pos += 1;
         }
-        (self.pos > start).then(|| String::from_utf8_lossy(&self.bytes[start..self.pos]).into_owned())
+        let bytes: &'a [u8] = self.bytes;
+        (self.pos > start).then(|| String::from_utf8_lossy(&bytes[start..self.pos]))
     }
 
     /// A number, atom, NIL, quoted string, literal (or literal8), or parenthesized list.

@@ -178,7 +178,9 @@ fn completed_command(service: &Service, shared: &mut Shared, label: &'static str
 /// `NOMODSEQ`, or `MODSEQ` in FETCH and SEARCH data, which the upstream only sends once
 /// CONDSTORE is enabled (RFC 7162 §3.1).
 fn mentions_modseq(rest: &[u8]) -> bool {
-    rest.windows(6).any(|w| w.eq_ignore_ascii_case(b"MODSEQ"))
+    // Every response head passes here: look only where an `M` is.
+    memchr::memchr2_iter(b'M', b'm', rest)
+        .any(|at| rest.get(at..at + 6).is_some_and(|w| w.eq_ignore_ascii_case(b"MODSEQ")))
 }
 
 /// A SELECT or EXAMINE sent upstream and not yet completed.
@@ -1179,6 +1181,16 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modseq_is_noticed_in_any_case_anywhere_in_a_head() {
+        assert!(mentions_modseq(b"OK [HIGHESTMODSEQ 12] Highest"));
+        assert!(mentions_modseq(b"3 FETCH (UID 5 MODSEQ (7))"));
+        assert!(mentions_modseq(b"3 FETCH (uid 5 modseq (7))"));
+        assert!(mentions_modseq(b"SEARCH 1 2 (MODSEQ 9)"));
+        assert!(!mentions_modseq(b"3 FETCH (UID 5 FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM MESSAGE-ID)] {12}"));
+        assert!(!mentions_modseq(b"OK [UIDNEXT 5] MODSE"));
+    }
 
     #[test]
     fn a_capability_response_loses_compress_and_nothing_else() {

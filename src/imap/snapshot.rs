@@ -9,6 +9,7 @@
 //! plain OK, and an item contradicting what is cached forgets the whole mailbox (a rebuilt
 //! store, invariant 10 of docs/ARCHITECTURE.md).
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -117,6 +118,8 @@ struct Slot {
 struct ColumnSlot {
     key: ColumnKey,
     column: OnceLock<Arc<Column>>,
+    /// Where this command's last lookup was (commands go through messages in order).
+    cursor: AtomicUsize,
 }
 
 /// A command's cacheable items, each resolved to its column once.
@@ -141,7 +144,7 @@ impl Items {
                     if let Some(found) = scope.cache.existing_column(&key).await {
                         let _ = column.set(found);
                     }
-                    Some(ColumnSlot { key, column })
+                    Some(ColumnSlot { key, column, cursor: AtomicUsize::new(0) })
                 }
                 None => None,
             };
@@ -165,7 +168,7 @@ impl Items {
     /// Item `i` of `uid`, without counting a lookup.
     pub async fn peek(&self, uid: u32, i: usize) -> Option<Bytes> {
         match &self.slots[i].column {
-            Some(slot) => slot.column.get()?.get(uid),
+            Some(slot) => slot.column.get()?.get_after(uid, &slot.cursor),
             None => self.scope.cache.peek(&self.key(uid, i)).await,
         }
     }
