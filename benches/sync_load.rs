@@ -14,6 +14,9 @@
 //!   command line: the CPU amplification an attacker tried, issue 12, defect 5; mailgate's
 //!   CPU per command is the figure to watch),
 //!
+//! - (a') and (b'): (a) and (b) whose warm run follows another client's changes to the
+//!   mailbox (1 % of the messages flagged or unflagged, 10 appended, 5 expunged), verified
+//!   against a direct run after the same changes,
 //! - (m) mbsync (the tests' isync) syncing the whole INBOX into a new Maildir: a real client
 //!   that pipelines one `UID FETCH n (BODY.PEEK[])` per message (plaintext, like the rest),
 //!
@@ -37,7 +40,7 @@
 //!
 //! Environment knobs (all optional):
 //! - `SYNC_LOAD_MESSAGES` (default 10000): mailbox size,
-//! - `SYNC_LOAD_ONLY` (e.g. `a,c`; default `a,b,b1,b2,c,d,f,s,m`): run only these workloads,
+//! - `SYNC_LOAD_ONLY` (e.g. `a,c`; default `a,b,b1,b2,c,d,f,s,m,a',b'`): run only these workloads,
 //! - `SYNC_LOAD_REPS` (default `9,5,5,5`): repetitions for a, b, c (and m), d,
 //! - `SYNC_LOAD_LATENCY_MS` (e.g. `1`): the forwarder delays every chunk by this much in
 //!   each direction, as an upstream on another machine would (direct and mailgate's upstream
@@ -519,6 +522,35 @@ fn imap_login(addr: SocketAddr) -> Conn {
     conn
 }
 
+/// Messages the mutator appends, and expunges, per change.
+const CHANGE_APPENDS: usize = 10;
+const CHANGE_EXPUNGES: usize = 5;
+
+/// Another client changes the mailbox (straight at Dovecot): `\Flagged` toggled on 1 % of
+/// the messages, [`CHANGE_APPENDS`] new messages, [`CHANGE_EXPUNGES`] expunged.
+fn change_mailbox(addr: SocketAddr, messages: usize, round: usize) {
+    let mut conn = imap_login(addr);
+    let every = (messages / (messages / 100).max(1)).max(1);
+    let set: Vec<String> = (1..=messages).step_by(every).map(|n| n.to_string()).collect();
+    let sign = if round % 2 == 0 { '+' } else { '-' };
+    conn.send(format!("f STORE {} {sign}FLAGS.SILENT (\\Flagged)\r\n", set.join(",")).as_bytes());
+    imap_until(&mut conn, b"f", None);
+    for i in 0..CHANGE_APPENDS {
+        let message = format!(
+            "From: mutator@example.com\r\nTo: {}\r\nSubject: change {round}.{i}\r\nDate: Mon, 7 Dec 2026 00:00:00 +0000\r\nMessage-ID: <change-{round}-{i}@example.com>\r\n\r\nNew mail {round}.{i}.\r\n",
+            USER.0
+        );
+        conn.send(format!("p APPEND INBOX {{{}+}}\r\n{message}\r\n", message.len()).as_bytes());
+        imap_until(&mut conn, b"p", None);
+    }
+    let doomed: Vec<String> = (0..CHANGE_EXPUNGES).map(|i| (50 + i * 100 + round).to_string()).collect();
+    conn.send(format!("d STORE {} +FLAGS.SILENT (\\Deleted)\r\n", doomed.join(",")).as_bytes());
+    imap_until(&mut conn, b"d", None);
+    conn.send(b"e EXPUNGE\r\n");
+    imap_until(&mut conn, b"e", None);
+    imap_logout(conn);
+}
+
 fn imap_logout(mut conn: Conn) {
     conn.send(b"z LOGOUT\r\n");
     imap_until(&mut conn, b"z", None);
@@ -630,6 +662,15 @@ enum Workload {
     SparseSync,
     /// (m): mbsync's full sync of the mailbox into an empty Maildir.
     Mbsync,
+    /// (a') and (b'): (a) and (b), the warm run after another session changed the mailbox.
+    Changed(Changed),
+}
+
+/// The workloads run again on a changed mailbox.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Changed {
+    HeaderSync,
+    Bodies,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -653,6 +694,8 @@ impl Workload {
             Workload::FlagSync => "f",
             Workload::SparseSync => "s",
             Workload::Mbsync => "m",
+            Workload::Changed(Changed::HeaderSync) => "a'",
+            Workload::Changed(Changed::Bodies) => "b'",
         }
     }
     fn title(self) -> String {
@@ -676,6 +719,12 @@ impl Workload {
             Workload::Mbsync => {
                 "(m) mbsync (isync) full sync of INBOX into a new Maildir (it pipelines UID FETCH n BODY.PEEK[])".into()
             }
+            Workload::Changed(Changed::HeaderSync) => format!(
+                "(a') as (a); between cold and warm another session flags 1 % of the messages, appends {CHANGE_APPENDS} and expunges {CHANGE_EXPUNGES}"
+            ),
+            Workload::Changed(Changed::Bodies) => format!(
+                "(b') as (b); between cold and warm another session flags 1 % of the messages, appends {CHANGE_APPENDS} and expunges {CHANGE_EXPUNGES}"
+            ),
         }
     }
 }
@@ -787,14 +836,23 @@ impl Bench {
         let count = self.count();
         let mut prelude = Traffic::default();
         let clients: Vec<ClientRun> = match workload {
-            Workload::HeaderSync | Workload::FlagSync | Workload::SparseSync => {
+            Workload::HeaderSync
+            | Workload::FlagSync
+            | Workload::SparseSync
+            | Workload::Changed(Changed::HeaderSync) => {
                 let mut conn = imap_login(addr);
                 let messages = self.messages;
                 let run = match workload {
-                    Workload::HeaderSync => timed(&mut conn, header_sync),
+                    Workload::HeaderSync | Workload::Changed(Changed::HeaderSync) => timed(&mut conn, header_sync),
                     Workload::SparseSync => timed(&mut conn, |c, d| sparse_sync(c, d, messages)),
                     _ => timed(&mut conn, flag_sync),
                 };
+                imap_logout(conn);
+                vec![run]
+            }
+            Workload::Changed(Changed::Bodies) => {
+                let mut conn = imap_login(addr);
+                let run = timed(&mut conn, |c, d| bodies(c, d, count));
                 imap_logout(conn);
                 vec![run]
             }
@@ -1022,7 +1080,7 @@ fn human(bytes: f64) -> String {
 fn main() {
     let wall = Instant::now();
     let messages: usize = std::env::var("SYNC_LOAD_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let only = std::env::var("SYNC_LOAD_ONLY").unwrap_or_else(|_| "a,b,b1,b2,c,d,f,s,m".into());
+    let only = std::env::var("SYNC_LOAD_ONLY").unwrap_or_else(|_| "a,b,b1,b2,c,d,f,s,m,a',b'".into());
     let reps: Vec<usize> = std::env::var("SYNC_LOAD_REPS")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
@@ -1066,6 +1124,9 @@ fn main() {
         (Workload::Retr, reps[2]),
         // Last too: mbsync's fetches do not set \Seen (BODY.PEEK), but it takes longest.
         (Workload::Mbsync, reps[2]),
+        // Last of all: they change the mailbox.
+        (Workload::Changed(Changed::HeaderSync), reps[0].min(5)),
+        (Workload::Changed(Changed::Bodies), reps[1]),
     ];
     let mut results = Vec::new();
     for (workload, reps) in workloads {
@@ -1078,20 +1139,38 @@ fn main() {
         let (_, reference) = bench.run(workload, Target::Direct, "prime");
         let reference = reference[0].clone();
         let (mut direct, mut raw, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..reps {
-            let (run, digests) = bench.run(workload, Target::Direct, "direct");
-            bench.verify(workload, "direct", &reference, &digests);
-            direct.push(run);
-            let (run, digests) = bench.run(workload, Target::Raw, "raw");
-            bench.verify(workload, "raw", &reference, &digests);
-            raw.push(run);
-            let gateway = bench.start_gateway();
-            let (run, digests) = bench.run(workload, Target::Mailgate(&gateway), "cold");
-            bench.verify(workload, "cold", &reference, &digests);
-            cold.push(run);
-            let (run, digests) = bench.run(workload, Target::Mailgate(&gateway), "warm");
-            bench.verify(workload, "warm", &reference, &digests);
-            warm.push(run);
+        for rep in 0..reps {
+            let gateway;
+            if let Workload::Changed(_) = workload {
+                // Cold fills a fresh mailgate; another client changes the mailbox; direct
+                // (the reference for this round) and warm see the changed mailbox.
+                gateway = bench.start_gateway();
+                let (run, _) = bench.run(workload, Target::Mailgate(&gateway), "cold");
+                cold.push(run);
+                change_mailbox(bench.imap.addr, bench.messages, rep);
+                let (run, reference) = bench.run(workload, Target::Direct, "direct");
+                direct.push(run);
+                let (run, digests) = bench.run(workload, Target::Raw, "raw");
+                bench.verify(workload, "raw", &reference[0], &digests);
+                raw.push(run);
+                let (run, digests) = bench.run(workload, Target::Mailgate(&gateway), "warm");
+                bench.verify(workload, "warm", &reference[0], &digests);
+                warm.push(run);
+            } else {
+                let (run, digests) = bench.run(workload, Target::Direct, "direct");
+                bench.verify(workload, "direct", &reference, &digests);
+                direct.push(run);
+                let (run, digests) = bench.run(workload, Target::Raw, "raw");
+                bench.verify(workload, "raw", &reference, &digests);
+                raw.push(run);
+                gateway = bench.start_gateway();
+                let (run, digests) = bench.run(workload, Target::Mailgate(&gateway), "cold");
+                bench.verify(workload, "cold", &reference, &digests);
+                cold.push(run);
+                let (run, digests) = bench.run(workload, Target::Mailgate(&gateway), "warm");
+                bench.verify(workload, "warm", &reference, &digests);
+                warm.push(run);
+            }
             // mailgate logs a session's end after closing its upstream connection: wait
             // (bounded) for the warm session's line.
             let sessions = if workload == Workload::Concurrent { 2 * CONCURRENT } else { 2 };
