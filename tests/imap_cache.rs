@@ -261,3 +261,39 @@ fn opening_a_large_message_whose_size_is_cached_streams_it() {
     assert_eq!(through, answer(&mut direct, "o", open));
     assert!(client.command("n", "NOOP").last().unwrap().starts_with("n OK"), "the session goes on");
 }
+
+#[test]
+fn snapshots_of_two_users_never_mix_under_concurrency() {
+    let setup = Setup::start();
+    // Filled in the same second: the two INBOXes may well share a UIDVALIDITY, and they
+    // share every UID; only the account tells their snapshots apart.
+    setup.dovecot.fill(ALICE.0, 60, 21);
+    setup.dovecot.fill(BOB.0, 60, 22);
+    let commands = [
+        "UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])",
+        "UID FETCH 1:60 (ENVELOPE BODYSTRUCTURE)",
+        "UID FETCH 5,17,33 BODY.PEEK[]",
+    ];
+    let truth = |user| {
+        let mut direct = setup.direct(user);
+        direct.command("s", "SELECT INBOX");
+        commands.iter().map(|c| answer(&mut direct, "d", c)).collect::<Vec<Answer>>()
+    };
+    let (alice, bob) = (truth(ALICE), truth(BOB));
+    assert_ne!(alice[0].fetch, bob[0].fetch);
+    std::thread::scope(|s| {
+        for (user, want) in [(ALICE, &alice), (BOB, &bob), (ALICE, &alice), (BOB, &bob)] {
+            let setup = &setup;
+            s.spawn(move || {
+                for round in 0..4 {
+                    let mut session = setup.login(user);
+                    session.command("s", "SELECT INBOX");
+                    for (command, want) in commands.iter().zip(want) {
+                        let got = answer(&mut session, "v", command);
+                        assert!(got == *want, "{} round {round}: `{command}` differs:\n{}", user.0, got.diff(want));
+                    }
+                }
+            });
+        }
+    });
+}
