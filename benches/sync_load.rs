@@ -971,7 +971,13 @@ impl Bench {
         );
         let rc = home.join("mbsyncrc");
         std::fs::write(&rc, config).unwrap();
-        let mut cmd = Command::new("timeout");
+        // mbsync's own CPU (user + system) from GNU time, when it is installed.
+        let times = home.join("cpu");
+        let timed = std::path::Path::new("/usr/bin/time").exists();
+        let mut cmd = Command::new(if timed { "/usr/bin/time" } else { "timeout" });
+        if timed {
+            cmd.args(["-f", "%U %S", "-o"]).arg(&times).arg("timeout");
+        }
         cmd.args(["--kill-after=5", "600", support::mbsync::MBSYNC, "--quiet", "--config"])
             .arg(&rc)
             .arg("bench")
@@ -980,6 +986,12 @@ impl Bench {
         let run = support::process::run_bounded(cmd, Duration::from_secs(610));
         let elapsed = start.elapsed();
         assert!(run.status.success(), "mbsync failed: {}", support::process::tail(&run.stderr(), 20));
+        let cpu = std::fs::read_to_string(&times)
+            .ok()
+            .and_then(|t| {
+                t.lines().last().map(|l| l.split_whitespace().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>())
+            })
+            .map_or(Duration::ZERO, Duration::from_secs_f64);
         // mbsync adds a random `X-TUID` header to every message it stores: taken out.
         let mut digest: Digest = support::mbsync::contents(&local.join("INBOX"), support::mbsync::strip_tuid)
             .iter()
@@ -992,7 +1004,7 @@ impl Bench {
         digest.sort_unstable();
         let bytes = digest.iter().map(|&(len, _)| len).sum();
         let _ = std::fs::remove_dir_all(&home);
-        ClientRun { elapsed, messages: digest.len(), bytes, cpu: Duration::ZERO, digest, finished: Instant::now() }
+        ClientRun { elapsed, messages: digest.len(), bytes, cpu, digest, finished: Instant::now() }
     }
 
     /// Compares every client's digest with the direct reference.
