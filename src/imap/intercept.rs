@@ -699,6 +699,12 @@ async fn relay_and_fill<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, fil
     finish(io, client_tag, &status).await
 }
 
+/// The largest response worth a side copy: one larger than any item the cache would keep
+/// is streamed without one.
+pub fn copy_limit(scope: &Scope) -> usize {
+    scope.cache.max_entry_bytes().saturating_mul(2).saturating_add(4096)
+}
+
 /// A FETCH relayed as the client wrote it, whose answers fill the snapshot on their way to
 /// the client: its cacheable items, their response names, resolved once per command.
 pub struct Fill {
@@ -717,10 +723,9 @@ impl Fill {
         Fill { items, names, kinds }
     }
 
-    /// The largest response worth a copy: one larger than any item the cache would keep
-    /// is streamed without one.
+    /// The largest response worth a copy (see [`copy_limit`]).
     pub fn keep(&self) -> usize {
-        self.items.scope().cache.max_entry_bytes().saturating_mul(2).saturating_add(4096)
+        copy_limit(self.items.scope())
     }
 
     /// Stores what `response` (a complete upstream response) carries of the items; its

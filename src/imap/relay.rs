@@ -805,7 +805,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             self.capture = Capture::Copying(Vec::new());
         }
         if let Capture::Copying(copy) = &mut self.capture {
-            let keep = self.scope.as_ref().map_or(0, |scope| scope.cache.max_entry_bytes().saturating_mul(2) + 4096);
+            let keep = self.scope.as_ref().map_or(0, intercept::copy_limit);
             if copy.len() + bytes.len() > keep {
                 self.capture = Capture::Skipping;
             } else {
