@@ -817,7 +817,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 self.capture = Capture::Skipping;
             }
             self.observe(&line.head);
-            if line.announce.is_some() {
+            if let Some(announce) = line.announce {
+                // The literal that follows is copied whole or not at all: room for it at once
+                // (growing by doubling would copy a large body again and again).
+                if let Capture::Copying(copy) = &mut self.capture {
+                    let room = usize::try_from(announce.len).unwrap_or(usize::MAX).saturating_add(64);
+                    if copy.len().saturating_add(room) <= self.scope.as_ref().map_or(0, intercept::copy_limit) {
+                        copy.reserve(room);
+                    }
+                }
                 self.framer.accept_literal();
             } else if let Capture::Copying(copy) = std::mem::replace(&mut self.capture, Capture::Idle) {
                 self.tee_response(copy.into()).await;
