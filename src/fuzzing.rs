@@ -274,7 +274,7 @@ pub fn fetch_response(data: &[u8]) {
         assert_eq!(item.range.start, rebuilt.len(), "items follow each other");
         rebuilt.extend_from_slice(&data[item.range.clone()]);
         assert!(!item.name.is_empty());
-        assert_eq!(fetch::normalize(&item.name), item.name, "names are normalized");
+        assert_eq!(fetch::normalize(&item.name), *item.name, "names are normalized");
     }
     rebuilt.push(b')');
     let ending = &data[rebuilt.len().min(data.len())..];

@@ -128,7 +128,7 @@ fn under_qresync_every_fetch_response_carries_its_uid_and_a_body_is_sent_once() 
             .iter()
             .map(|r| {
                 let parsed = mailgate::imap::fetch::parse_response(r).expect("a FETCH response");
-                let mut names: Vec<String> = parsed.items.iter().map(|i| i.name.clone()).collect();
+                let mut names: Vec<String> = parsed.items.iter().map(|i| i.name.to_string()).collect();
                 names.sort();
                 names.insert(0, parsed.seq.to_string());
                 names

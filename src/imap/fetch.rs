@@ -363,8 +363,32 @@ fn push_unquoted(out: &mut String, chars: &mut std::str::Chars<'_>) {
 /// One item of a FETCH response: its normalized name and the byte range of `NAME SP VALUE`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResponseItem {
-    pub name: String,
+    /// The common names are static (no allocation per item of every response).
+    pub name: std::borrow::Cow<'static, str>,
     pub range: std::ops::Range<usize>,
+}
+
+/// Item names servers send in almost every FETCH response, in normal form.
+const COMMON_NAMES: [&str; 11] = [
+    "UID",
+    "FLAGS",
+    "MODSEQ",
+    "RFC822.SIZE",
+    "INTERNALDATE",
+    "ENVELOPE",
+    "BODYSTRUCTURE",
+    "BODY",
+    "RFC822",
+    "RFC822.HEADER",
+    "RFC822.TEXT",
+];
+
+/// `normalize`, without an allocation for the common names.
+fn response_name(name: &str) -> std::borrow::Cow<'static, str> {
+    match COMMON_NAMES.iter().find(|common| **common == name) {
+        Some(common) => std::borrow::Cow::Borrowed(*common),
+        None => std::borrow::Cow::Owned(normalize(name)),
+    }
 }
 
 /// `* n FETCH (items)` split into items. `response` holds the whole response as received
@@ -414,7 +438,7 @@ pub fn parse_response(response: &[u8]) -> Option<FetchResponse> {
         let name = p.item_name()?;
         p.expect(b' ')?;
         p.value()?;
-        items.push(ResponseItem { name: normalize(&name), range: start..p.pos });
+        items.push(ResponseItem { name: response_name(&name), range: start..p.pos });
     }
     // Only the line ending may follow.
     let tail = &response[p.pos..];
@@ -688,7 +712,7 @@ mod tests {
 ENVELOPE (\"date\" {3}\r\na)b NIL ((\"x\" NIL \"y\" \"z\")) NIL NIL NIL NIL NIL \"<id>\") RFC822.SIZE 1234 BODY[]<0> \"\")\r\n";
         let parsed = parse_response(response).unwrap();
         assert_eq!(parsed.seq, 12);
-        let names: Vec<&str> = parsed.items.iter().map(|i| i.name.as_str()).collect();
+        let names: Vec<&str> = parsed.items.iter().map(|i| i.name.as_ref()).collect();
         assert_eq!(names, ["UID", "FLAGS", "BODY[HEADER.FIELDS (FROM TO)]", "ENVELOPE", "RFC822.SIZE", "BODY[]<0>"]);
         assert_eq!(parsed.uid(response), Some(7));
         assert_eq!(parsed.item(response, "RFC822.SIZE").unwrap(), b"RFC822.SIZE 1234");
@@ -745,6 +769,18 @@ ENVELOPE (\"date\" {3}\r\na)b NIL ((\"x\" NIL \"y\" \"z\")) NIL NIL NIL NIL NIL 
         assert_eq!(normalize("body[header.fields ( From   to )]<0>"), "BODY[HEADER.FIELDS (FROM TO)]<0>");
         assert_eq!(normalize(" UID "), "UID");
         assert_eq!(normalize("BODY[HEADER.FIELDS (FROM TO)]"), "BODY[HEADER.FIELDS (FROM TO)]");
+    }
+
+    #[test]
+    fn common_response_names_cost_no_allocation() {
+        let response = b"* 1 FETCH (UID 5 flags (\\Seen) RFC822.SIZE 9 BODY[HEADER] {2}\r\nab)\r\n";
+        let parsed = parse_response(response).unwrap();
+        let borrowed: Vec<bool> =
+            parsed.items.iter().map(|i| matches!(i.name, std::borrow::Cow::Borrowed(_))).collect();
+        let names: Vec<&str> = parsed.items.iter().map(|i| i.name.as_ref()).collect();
+        assert_eq!(names, ["UID", "FLAGS", "RFC822.SIZE", "BODY[HEADER]"]);
+        // Another spelling still gets its normal form, just not for free.
+        assert_eq!(borrowed, [true, false, true, false]);
     }
 
     #[test]

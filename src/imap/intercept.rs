@@ -602,7 +602,7 @@ async fn relay_phase_one<Io: JobIo>(
         .parsed
         .items
         .iter()
-        .filter(|i| added.contains(&i.name.as_str()))
+        .filter(|i| added.contains(&i.name.as_ref()))
         .map(|item| {
             // The item and the space that separates it from its neighbour.
             let mut range = item.range.clone();
@@ -953,7 +953,7 @@ fn compose(
         }
     }
     for extra in &phase_one.parsed.items {
-        let name = extra.name.as_str();
+        let name = extra.name.as_ref();
         let added = name == "UID" || name == SEEN_PROBE_RESPONSE || name == VALIDATOR;
         if !added && !mutable(name) && !wanted.iter().any(|w| w.response == name) {
             parts.push(from_fresh(name).unwrap_or(&phase_one.response[extra.range.clone()]));

@@ -90,7 +90,7 @@ pub fn read_answer(client: &mut Client, tag: &str) -> Answer {
                         .replace("\\Recent", "");
                     raw = text.into_bytes();
                 }
-                items.insert(item.name.clone(), raw);
+                items.insert(item.name.to_string(), raw);
             }
         } else if !response.ends_with(b" RECENT\r\n") {
             // Like \Recent, RECENT counts belong to whichever session saw a message first.
