@@ -683,7 +683,7 @@ async fn relay_and_fill<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, fil
     let uid = if request.uid { "UID " } else { "" };
     io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, items.join(" ")).into_bytes()).await?;
     let mut stored = Stored::default();
-    let keep = fill.keep();
+    let keep = copy_limit(fill.items.scope());
     let status = loop {
         let response = match io.relay_response(&tag, keep).await? {
             Relayed::Tagged(line) => break status_text(&line, &tag),
@@ -695,7 +695,7 @@ async fn relay_and_fill<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, fil
         }
     };
     io.count(0, stored.len());
-    stored.settle(&fill.items, &status).await;
+    stored.settle(&fill.items, snapshot::status_is_clean(&status)).await;
     finish(io, client_tag, &status).await
 }
 
@@ -721,11 +721,6 @@ impl Fill {
         let slots = wanted.iter().map(|w| (Name::new(w.key), w.class)).collect();
         let items = Items::resolve(scope, &job.selected, slots).await;
         Fill { items, names, kinds }
-    }
-
-    /// The largest response worth a copy (see [`copy_limit`]).
-    pub fn keep(&self) -> usize {
-        copy_limit(self.items.scope())
     }
 
     /// Stores what `response` (a complete upstream response) carries of the items; its
@@ -793,7 +788,7 @@ impl PhaseTwo<'_> {
             let response = io.response().await?;
             if is_tagged(&response, &tag) {
                 let status = status_text(&response, &tag);
-                stored.settle(items, &status).await;
+                stored.settle(items, snapshot::status_is_clean(&status)).await;
                 let unanswered = which.len() - answered.len();
                 if unanswered > 0 {
                     // Expunged meanwhile (a UID FETCH answers nothing for them), or an upstream

@@ -282,10 +282,11 @@ impl Stored {
         self.items.is_empty()
     }
 
-    /// At the command's completion: keep what it stored only after a plain OK, and then
-    /// mark the mailbox as one the cache was filled from.
-    pub async fn settle(self, items: &Items, status: &[u8]) {
-        if !status_is_clean(status) {
+    /// At the command's completion: keep what it stored only after a completion that says
+    /// the answers are content ([`status_is_clean`]), and then mark the mailbox as one the
+    /// cache was filled from; else take it back.
+    pub async fn settle(self, items: &Items, clean: bool) {
+        if !clean {
             for (uid, i) in self.items {
                 items.remove(uid, i).await;
             }
