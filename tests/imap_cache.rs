@@ -297,3 +297,56 @@ fn snapshots_of_two_users_never_mix_under_concurrency() {
         }
     });
 }
+
+#[test]
+fn answers_of_a_fetch_the_upstream_never_completed_are_not_kept() {
+    // Complete FETCH responses, then the upstream goes away before the tagged completion:
+    // nothing says they were content (a `NO` or `[EXPUNGEISSUED]` would have taken them
+    // back), so the session's end takes them back too.
+    let body = "Subject: whole\r\n\r\nthe complete body\r\n";
+    let fake = FakeUpstream::start(None, move |conn: &mut FakeConn| {
+        conn.send(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] fake\r\n");
+        while let Some(line) = conn.line() {
+            let tag = line.split(' ').next().unwrap_or_default().to_string();
+            let upper = line.to_ascii_uppercase();
+            if upper.contains("AUTHENTICATE") {
+                conn.send(format!("{tag} OK [CAPABILITY IMAP4rev1] in\r\n").as_bytes());
+            } else if upper.contains(" SELECT ") {
+                conn.send(
+                    format!("* 2 EXISTS\r\n* OK [UIDVALIDITY 9] ok\r\n{tag} OK [READ-WRITE] done\r\n").as_bytes(),
+                );
+            } else if upper.contains("BODY.PEEK[]") {
+                for n in 1..=2 {
+                    conn.send(format!("* {n} FETCH (UID {n} BODY[] {{{}}}\r\n{body})\r\n", body.len()).as_bytes());
+                }
+                return;
+            } else {
+                conn.send(format!("{tag} OK\r\n").as_bytes());
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let config = gateway_config(&pki, &fake.addr.to_string(), "plaintext", None, "", "");
+    let gateway = Gateway::start(dir.path(), &config);
+    let mut client = Client::tls(gateway.addr("imaps"), pki.client_config(&[]));
+    client.line().unwrap();
+    assert!(client.command("l", "LOGIN u p").last().unwrap().starts_with("l OK"));
+    assert!(client.command("s", "SELECT INBOX").last().unwrap().starts_with("s OK"));
+    client.send(b"f UID FETCH 1:2 BODY.PEEK[]\r\n");
+    let relayed = client.rest_bytes();
+    let text = String::from_utf8_lossy(&relayed);
+    assert!(
+        text.contains("* 2 FETCH (UID 2 BODY[] {37}\r\nSubject: whole\r\n\r\nthe complete body\r\n)\r\n"),
+        "{text}"
+    );
+    assert!(gateway.wait_for_log("session ended", Duration::from_secs(10)), "{}", gateway.log());
+    let metrics = gateway.metrics();
+    let entries: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mailgate_cache_entries "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    // The mailbox's UIDNEXT mark alone (the UIDs it saw are real); no body.
+    assert_eq!(entries, 1, "{metrics}");
+}

@@ -262,6 +262,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     };
 
     let end = crate::pumps::drive(to_client.run(), to_upstream.run()).await;
+    to_client.abandon_tees().await;
     let _ = to_client.write.shutdown().await;
     // After LOGOUT both sides close at about the same time; which close a pump sees first
     // is chance, and says nothing about how the session ended.
@@ -865,8 +866,20 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             super::snapshot::check_uid_next(items.scope(), items.selected(), highest_uid).await;
             let stored = std::mem::take(&mut *tee.stored.lock().expect("tee lock poisoned"));
             let clean = clean && !tee.tainted.load(Ordering::Relaxed);
-            stored.settle(&tee.fill.items, if clean { b"OK" } else { b"NO" }).await;
+            stored.settle(&tee.fill.items, clean).await;
         }
+    }
+
+    /// At the session's end: tees still in flight never saw their completion (the upstream
+    /// or the client went away mid-answer), so what they stored is taken back, as after a
+    /// `NO`; completed ones not settled yet are settled as they completed.
+    async fn abandon_tees(&mut self) {
+        {
+            let mut shared = self.lock();
+            let unfinished: Vec<Arc<Tee>> = shared.in_flight.iter_mut().filter_map(|f| f.tee.take()).collect();
+            shared.settling.extend(unfinished.into_iter().map(|tee| (tee, false)));
+        }
+        self.settle_tees().await;
     }
 
     /// Keeps the shared view of the session in step with the upstream's answers.
