@@ -47,6 +47,26 @@ impl Inner {
             _ => self.slots.binary_search_by_key(&uid, |&(u, _)| u),
         }
     }
+
+    fn insert(&mut self, uid: u32, value: &[u8]) -> Bytes {
+        let inner = self;
+        if inner.arena.capacity() - inner.arena.len() < value.len() {
+            inner.arena = BytesMut::with_capacity(ARENA_CHUNK.max(value.len()));
+        }
+        inner.arena.extend_from_slice(value);
+        let kept = inner.arena.split().freeze();
+        match inner.position(uid) {
+            Ok(i) => {
+                inner.weight = inner.weight - inner.slots[i].1.len() + kept.len();
+                inner.slots[i].1 = kept.clone();
+            }
+            Err(i) => {
+                inner.weight += kept.len() + SLOT_OVERHEAD;
+                inner.slots.insert(i, (uid, kept.clone()));
+            }
+        }
+        kept
+    }
 }
 
 impl Column {
@@ -83,23 +103,18 @@ impl Column {
 
     /// Stores `value` for `uid` (replacing what was there) and returns it as kept.
     pub fn insert(&self, uid: u32, value: &[u8]) -> Bytes {
+        self.lock().insert(uid, value)
+    }
+
+    /// Stores `value` for `uid` unless what is there must stay (`keep` says so of it): one
+    /// decision under the lock, so that of two writers the one with the older value cannot
+    /// undo the newer.
+    pub fn insert_unless(&self, uid: u32, value: &[u8], keep: impl FnOnce(&[u8]) -> bool) {
         let mut inner = self.lock();
-        if inner.arena.capacity() - inner.arena.len() < value.len() {
-            inner.arena = BytesMut::with_capacity(ARENA_CHUNK.max(value.len()));
+        if inner.position(uid).is_ok_and(|i| keep(&inner.slots[i].1)) {
+            return;
         }
-        inner.arena.extend_from_slice(value);
-        let kept = inner.arena.split().freeze();
-        match inner.position(uid) {
-            Ok(i) => {
-                inner.weight = inner.weight - inner.slots[i].1.len() + kept.len();
-                inner.slots[i].1 = kept.clone();
-            }
-            Err(i) => {
-                inner.weight += kept.len() + SLOT_OVERHEAD;
-                inner.slots.insert(i, (uid, kept.clone()));
-            }
-        }
-        kept
+        inner.insert(uid, value);
     }
 
     pub fn remove(&self, uid: u32) {

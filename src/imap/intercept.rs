@@ -109,12 +109,21 @@ pub trait JobIo {
     fn highest_uid(&self) -> Option<u32>;
     /// The answer to `UID SEARCH ALL`: the n-th UID is message n.
     fn learn_all_uids(&mut self, uids: &[u32]);
+    /// Every message as (sequence number, UID), in order, when the session knows them all.
+    fn all_uids(&self) -> Option<Vec<(u32, u32)>>;
     /// UIDNEXT and the message count as SELECT reported them, while no message has arrived
     /// or gone since: together with UIDVALIDITY they name one set of UIDs.
     fn view_stamp(&self) -> Option<(u32, u32)>;
     /// What the upstream does about modification sequences now (the job's own `modseq`
     /// was taken when the client sent the command).
     fn modseq(&self) -> Modseq;
+    /// Whether mailgate may ask the upstream for modification sequences to check the flags
+    /// it remembers: the upstream has CONDSTORE, the client did not enable it (nor QRESYNC),
+    /// and no message of the selected mailbox is `\Recent` to this session.
+    fn modseq_usable(&self) -> bool;
+    /// mailgate is about to send a command that enables CONDSTORE: from now on what it adds
+    /// to responses is kept from the client (see [`super::modseq`]).
+    fn enable_modseq(&mut self);
 }
 
 /// What [`JobIo::relay_response`] saw.

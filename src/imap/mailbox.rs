@@ -64,6 +64,11 @@ impl UidMap {
         self.complete = uids.len() <= MAX_TRACKED;
     }
 
+    /// Every message as (sequence number, UID), in order, when all are known.
+    pub fn all(&self) -> Option<Vec<(u32, u32)>> {
+        self.complete.then(|| self.by_uid.iter().map(|(&uid, &seq)| (seq, uid)).collect())
+    }
+
     /// The highest UID known.
     pub fn highest(&self) -> Option<u32> {
         self.by_uid.keys().next_back().copied()

@@ -13,6 +13,7 @@ pub mod framing;
 pub mod front;
 pub mod intercept;
 pub mod mailbox;
+pub mod modseq;
 pub mod relay;
 pub mod renumber;
 pub mod response;

@@ -28,6 +28,7 @@ use tracing::debug;
 use super::framing::{strip_eol, Event, FrameError, Framer};
 use super::intercept::{self, Fill, Job, JobError, JobIo, Relayed, Selected};
 use super::mailbox::UidMap;
+use super::modseq::{self, Enabling, Stripped};
 use super::response::{self, Kind, Status};
 use super::snapshot::Stored;
 use super::upstream::LoggedIn;
@@ -97,6 +98,17 @@ struct Shared {
     logged_out: bool,
     /// Tees completed, to be settled (their stores kept or taken back) by the upstream pump.
     settling: Vec<(Arc<Tee>, bool)>,
+    /// The upstream announced CONDSTORE: mailgate may ask it what changed (see
+    /// [`super::modseq`]).
+    upstream_condstore: bool,
+    /// `* n RECENT` of the selected mailbox: flags remembered by the cache carry no
+    /// `\Recent`, so they are served (and learned) only where no message is recent.
+    recent: Option<u32>,
+    /// The wording of the upstream's `[HIGHESTMODSEQ]` announcement, when one was kept from
+    /// the client (to announce one the same way).
+    modseq_text: Option<Vec<u8>>,
+    /// HIGHESTMODSEQ as mailgate's own STATUS just reported it.
+    status_modseq: Option<u64>,
 }
 
 impl Shared {
@@ -129,6 +141,23 @@ struct InFlight {
     reselect: Reselect,
     /// A FETCH relayed as the client wrote it whose answers fill the cache on their way.
     tee: Option<Arc<Tee>>,
+    /// What the command is about modification sequences mailgate enabled for itself.
+    modseq: Own,
+}
+
+/// How a command in flight bears on the modification sequences mailgate enabled (see
+/// [`super::modseq`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Own {
+    /// A client's command like any other.
+    No,
+    /// mailgate's `STATUS mailbox (HIGHESTMODSEQ)`, sent just before a client's enabling
+    /// command: its answers are not the client's.
+    Status,
+    /// A client's command that enables CONDSTORE, while mailgate had enabled it for itself:
+    /// from its first answer on, nothing is stripped any more, and (`announce`) the upstream's
+    /// `[HIGHESTMODSEQ]` for it, which it no longer sends, is announced by mailgate.
+    Enables { announce: bool },
 }
 
 /// The cold path of the cache: a FETCH the cache has nothing for is forwarded in the
@@ -174,15 +203,6 @@ fn completed_command(service: &Service, shared: &mut Shared, label: &'static str
     }
 }
 
-/// Whether an untagged response (its head) names a modification sequence: `HIGHESTMODSEQ`,
-/// `NOMODSEQ`, or `MODSEQ` in FETCH and SEARCH data, which the upstream only sends once
-/// CONDSTORE is enabled (RFC 7162 §3.1).
-fn mentions_modseq(rest: &[u8]) -> bool {
-    // Every response head passes here: look only where an `M` is.
-    memchr::memchr2_iter(b'M', b'm', rest)
-        .any(|at| rest.get(at..at + 6).is_some_and(|w| w.eq_ignore_ascii_case(b"MODSEQ")))
-}
-
 /// A SELECT or EXAMINE sent upstream and not yet completed.
 struct Selecting {
     tag: Vec<u8>,
@@ -190,6 +210,7 @@ struct Selecting {
     mailbox: Option<Arc<str>>,
     uid_validity: Option<u32>,
     uid_next: Option<u32>,
+    recent: Option<u32>,
 }
 
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
@@ -199,6 +220,26 @@ struct JobOrder {
     tag: String,
     done: oneshot::Sender<()>,
 }
+
+/// Modification sequences mailgate enabled for itself (see [`super::modseq`]); read by the
+/// upstream pump at every response without the lock.
+#[derive(Default)]
+struct Implicit {
+    /// mailgate enabled CONDSTORE and the client has not: responses are stripped.
+    on: AtomicBool,
+    /// mailgate's own STATUS commands in flight, whose answers are not the client's.
+    own: AtomicUsize,
+}
+
+impl Implicit {
+    fn holds(&self) -> bool {
+        self.on.load(Ordering::Relaxed) || self.own.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// The longest response line held whole while [`Implicit::holds`]: what CONDSTORE adds to
+/// (a status, a FETCH of flags) is far shorter.
+const HOLD_LIMIT: usize = 256 * 1024;
 
 /// A message for the client written by the upstream pump between two responses.
 struct Inject {
@@ -211,6 +252,9 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     let shared = Arc::new(Mutex::new(Shared::default()));
     let shared_end = shared.clone();
     let tees = Arc::new(AtomicUsize::new(0));
+    let implicit = Arc::new(Implicit::default());
+    shared.lock().expect("relay lock poisoned").upstream_condstore =
+        ["CONDSTORE", "QRESYNC"].iter().any(|c| response::has_capability(&upstream.capabilities, c));
     let completed = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
     let (jobs_tx, jobs_rx) = mpsc::channel::<JobOrder>(1);
@@ -237,6 +281,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         writes: writes_rx,
         scope: scope.clone(),
         tees: tees.clone(),
+        implicit: implicit.clone(),
+        own_tags: 0,
         service,
     };
     let mut to_client = UpstreamPump {
@@ -253,6 +299,8 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         scope,
         tees,
         capture: Capture::Idle,
+        implicit: implicit.clone(),
+        held: None,
         settle_due: false,
         answered: 0,
         next_tag: 0,
@@ -320,6 +368,9 @@ struct ClientPump<'a, R, W> {
     scope: Option<Scope>,
     /// Tees in flight (read by the upstream pump without the lock).
     tees: Arc<AtomicUsize>,
+    implicit: Arc<Implicit>,
+    /// mailgate's own commands sent so far (their tags).
+    own_tags: u64,
     service: &'a Service,
 }
 
@@ -598,6 +649,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 return self.refuse(&tag, text, line.announce, true, "Download quota used up.").await;
             }
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
+            // A command that enables CONDSTORE while mailgate has it on for itself goes to the
+            // upstream as it is (never through the cache: its answers are the client's own).
+            let enabling =
+                if self.implicit.on.load(Ordering::Relaxed) { modseq::enabling(full_line) } else { Enabling::No };
             // No job is built for any mailbox until the upstream has completed a change of
             // mailbox; what the session knows of the old one goes when the upstream begins it.
             let mut reselect = Reselect::No;
@@ -610,12 +665,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     mailbox: mailbox.map(Arc::from),
                     uid_validity: None,
                     uid_next: None,
+                    recent: None,
                 });
                 reselect = Reselect::Pending;
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
                 self.lock().selected = None;
                 reselect = Reselect::Pending;
-            } else if let (Some(scope), None) = (self.scope.as_ref(), line.announce) {
+            } else if let (Some(scope), None, Enabling::No) = (self.scope.as_ref(), line.announce, enabling) {
                 let (selected, modseq) = {
                     let shared = self.lock();
                     let modseq = intercept::Modseq { condstore: shared.condstore, qresync: shared.qresync };
@@ -644,7 +700,43 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 return Some(self.close_with("Too many commands in flight.").await);
             }
             {
-                let mut shared = self.lock();
+                let shared = self.shared.clone();
+                let mut shared = shared.lock().expect("relay lock poisoned");
+                let own = match enabling {
+                    Enabling::No => Own::No,
+                    Enabling::Select => Own::Enables { announce: false },
+                    // In a selected mailbox the upstream's first answer would have been its
+                    // `[HIGHESTMODSEQ]`: mailgate asks for the value just before.
+                    Enabling::Other => {
+                        let mailbox = match (&shared.selected, &shared.selecting) {
+                            (Some(selected), _) => Some(selected.mailbox.as_str().to_string()),
+                            (None, Some(selecting)) => selecting.mailbox.as_deref().map(str::to_string),
+                            (None, None) => None,
+                        };
+                        let status = mailbox.and_then(|mailbox| {
+                            self.own_tags += 1;
+                            modseq::status_command(&format!("mgs{}", self.own_tags), &mailbox)
+                        });
+                        let announce = status.is_some();
+                        if let Some(status) = status {
+                            let tag = status.split(|&b| b == b' ').next().unwrap_or_default().to_vec();
+                            self.implicit.own.fetch_add(1, Ordering::Relaxed);
+                            shared.in_flight.push_back(InFlight {
+                                tag,
+                                label: "status",
+                                started: Instant::now(),
+                                reselect: Reselect::No,
+                                tee: None,
+                                modseq: Own::Status,
+                            });
+                            // Ahead of the client's line, in the same write.
+                            let mut line = status;
+                            line.append(&mut self.line);
+                            self.line = line;
+                        }
+                        Own::Enables { announce }
+                    }
+                };
                 let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
                 if command.eq_ignore_ascii_case(b"IDLE") {
                     shared.idling = Some(tag.clone());
@@ -660,6 +752,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     started: Instant::now(),
                     reselect,
                     tee,
+                    modseq: own,
                 });
                 shared.begin_reselect();
             }
@@ -697,6 +790,9 @@ struct UpstreamPump<'a, R, W> {
     /// Tees in flight: while there are any, FETCH responses are copied on their way.
     tees: Arc<AtomicUsize>,
     capture: Capture,
+    implicit: Arc<Implicit>,
+    /// The first line of the response under way, held while [`Implicit::holds`].
+    held: Option<Vec<u8>>,
     /// A tee completed: settle it once the response is relayed.
     settle_due: bool,
     /// FETCH responses a job composed so far.
@@ -798,12 +894,38 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             // Nothing was consumed: the session cannot go on (and must not spin).
             Err(_) => return Some(End::Io),
         };
-        let bytes = self.buffer.split_to(step.consumed);
+        let mut bytes = self.buffer.split_to(step.consumed);
+        if response_starts {
+            if self.implicit.holds() {
+                self.held = Some(Vec::new());
+            }
+            if self.tees.load(Ordering::Relaxed) > 0 {
+                self.capture = Capture::Copying(Vec::new());
+            }
+        }
+        // While mailgate's modification sequences are on, a response's first line is held
+        // until complete, and released as the client is to see it (maybe not at all).
+        let mut released_head = None;
+        if let Some(held) = self.held.as_mut() {
+            held.extend_from_slice(&bytes);
+            let line = match &step.event {
+                Some(Event::Line(line)) => Some(line),
+                // Longer than any line CONDSTORE adds to: streamed as it is.
+                _ if held.len() > HOLD_LIMIT => None,
+                _ => return None,
+            };
+            let held = self.held.take().expect("holding");
+            bytes = match line {
+                Some(line) => {
+                    let out = self.release(held, line.announce.is_some()).await.unwrap_or_default();
+                    released_head = Some(out[..out.len().min(super::framing::HEAD_LEN)].to_vec());
+                    BytesMut::from(&out[..])
+                }
+                None => BytesMut::from(&held[..]),
+            };
+        }
         if self.write.write_all(&bytes).await.is_err() {
             return Some(End::ClientClosed);
-        }
-        if response_starts && self.tees.load(Ordering::Relaxed) > 0 {
-            self.capture = Capture::Copying(Vec::new());
         }
         if let Capture::Copying(copy) = &mut self.capture {
             let keep = self.scope.as_ref().map_or(0, intercept::copy_limit);
@@ -817,7 +939,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             if matches!(&self.capture, Capture::Copying(copy) if !is_fetch_response(copy)) {
                 self.capture = Capture::Skipping;
             }
-            self.observe(&line.head);
+            match released_head {
+                // Not for the client's eyes: nothing to learn from either.
+                Some(head) if head.is_empty() => {}
+                Some(head) => self.observe(&head),
+                None => self.observe(&line.head),
+            }
             if let Some(announce) = line.announce {
                 // The literal that follows is copied whole or not at all: room for it at once
                 // (growing by doubling would copy a large body again and again).
@@ -840,6 +967,83 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
         }
         None
+    }
+
+    /// A held response line (complete; `literal`: a literal follows it) as the client is to
+    /// see it: `None` when it is not for the client at all. mailgate's own STATUS is
+    /// answered here; a client's enabling command ends the stripping as the upstream begins
+    /// answering it, after announcing the `[HIGHESTMODSEQ]` the upstream would have sent.
+    async fn release(&mut self, line: Vec<u8>, literal: bool) -> Option<Vec<u8>> {
+        let (front, tagged) = {
+            let shared = self.lock();
+            let front = shared.in_flight.front().map(|f| (f.modseq, f.tag.clone()));
+            let tagged = match response::kind(strip_eol(&line)) {
+                Kind::Tagged { tag, rest } => Some((tag.to_vec(), response::status(rest).map(|s| s.status))),
+                _ => None,
+            };
+            (front, tagged)
+        };
+        match front {
+            Some((Own::Status, tag)) if !literal => {
+                match &tagged {
+                    Some((t, _)) if *t == tag => {
+                        let mut shared = self.lock();
+                        shared.in_flight.pop_front();
+                        self.implicit.own.fetch_sub(1, Ordering::Relaxed);
+                        shared.begin_reselect();
+                        self.completed.notify_one();
+                        return None;
+                    }
+                    _ => {
+                        if let Some(value) = modseq::status_highest_modseq(&line) {
+                            self.lock().status_modseq = Some(value);
+                            return None;
+                        }
+                    }
+                }
+            }
+            Some((Own::Enables { announce }, tag)) if self.implicit.on.load(Ordering::Relaxed) => {
+                // A command refused outright enabled nothing.
+                let refused = matches!(&tagged, Some((t, status)) if *t == tag && *status != Some(Status::Ok));
+                if !refused {
+                    self.implicit.on.store(false, Ordering::Relaxed);
+                    let (value, text) = {
+                        let mut shared = self.lock();
+                        (shared.status_modseq.take(), shared.modseq_text.clone())
+                    };
+                    if let (true, Some(value)) = (announce, value) {
+                        let announced = modseq::highest_modseq_line(value, text.as_deref());
+                        if self.write.write_all(&announced).await.is_err() {
+                            return Some(line);
+                        }
+                    }
+                    return Some(line);
+                }
+            }
+            _ => {}
+        }
+        if !self.implicit.on.load(Ordering::Relaxed) {
+            return Some(line);
+        }
+        self.stripped(line, literal)
+    }
+
+    /// `line` without what mailgate's modification sequences added to it.
+    fn stripped(&mut self, line: Vec<u8>, literal: bool) -> Option<Vec<u8>> {
+        match modseq::strip(&line) {
+            Stripped::Keep => Some(line),
+            Stripped::Rewrite(out) => Some(out),
+            Stripped::Drop if literal => Some(line),
+            Stripped::Drop => {
+                if let Some(text) = modseq::highest_modseq_text(&line) {
+                    let mut shared = self.lock();
+                    if shared.modseq_text.is_none() {
+                        shared.modseq_text = Some(text.to_vec());
+                    }
+                }
+                None
+            }
+        }
     }
 
     /// Stores what a FETCH response relayed while tees are in flight carries for the
@@ -898,8 +1102,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             Kind::Tagged { tag, rest } => {
                 if shared.selecting.as_ref().is_some_and(|s| s.tag == tag) {
-                    let Selecting { mailbox, uid_validity, uid_next, .. } =
+                    let Selecting { mailbox, uid_validity, uid_next, recent, .. } =
                         shared.selecting.take().expect("just checked");
+                    shared.recent = recent;
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
                     shared.view_changed = false;
                     if let (true, Some(exists)) = (ok, shared.exists) {
@@ -954,7 +1159,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         }
                     }
                 }
-                _ if !shared.condstore && mentions_modseq(rest) => {
+                // `HIGHESTMODSEQ`, `NOMODSEQ`, or `MODSEQ` in FETCH and SEARCH data: the upstream
+                // sends them only once CONDSTORE is enabled (RFC 7162 §3.1).
+                _ if !shared.condstore && modseq::mentions(rest) => {
                     shared.condstore = true;
                     // Not a response this arm must otherwise act on (a status with
                     // HIGHESTMODSEQ, a FETCH or SEARCH with MODSEQ): learn from it too.
@@ -995,6 +1202,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                             shared.uids.expunge(seq);
                             shared.exists = shared.exists.map(|e| e.saturating_sub(1));
                             shared.view_changed = true;
+                        }
+                    } else if second.eq_ignore_ascii_case(b"RECENT") {
+                        let count = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok());
+                        match shared.selecting.as_mut() {
+                            Some(selecting) => selecting.recent = count,
+                            None => shared.recent = count,
                         }
                     } else if second.eq_ignore_ascii_case(b"EXISTS") {
                         if let Some(count) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
@@ -1115,7 +1328,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
                 return Ok(Relayed::Tagged(line));
             }
             if first {
-                self.observe(&parsed.head);
+                if self.implicit.on.load(Ordering::Relaxed) {
+                    match self.stripped(std::mem::take(&mut line), parsed.announce.is_some()) {
+                        Some(kept) => line = kept,
+                        None => return Ok(Relayed::Sent(None)),
+                    }
+                }
+                self.observe(&line[..line.len().min(super::framing::HEAD_LEN)]);
                 first = false;
             }
             self.write.write_all(&line).await.map_err(|_| JobError::ClientClosed)?;
@@ -1141,8 +1360,34 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
 
     async fn forward(&mut self, response: &[u8]) -> Result<(), JobError> {
         let head_end = response.iter().position(|&b| b == b'\n').map_or(response.len(), |i| i + 1);
+        let rewritten;
+        let response = if self.implicit.on.load(Ordering::Relaxed) {
+            let literal = head_end < response.len();
+            match self.stripped(response[..head_end].to_vec(), literal) {
+                None => return Ok(()),
+                Some(mut first) => {
+                    first.extend_from_slice(&response[head_end..]);
+                    rewritten = first;
+                    &rewritten[..]
+                }
+            }
+        } else {
+            response
+        };
+        let head_end = response.iter().position(|&b| b == b'\n').map_or(response.len(), |i| i + 1);
         self.observe(&response[..head_end.min(super::framing::HEAD_LEN)]);
         self.write.write_all(response).await.map_err(|_| JobError::ClientClosed)
+    }
+
+    fn modseq_usable(&self) -> bool {
+        let shared = self.lock();
+        shared.upstream_condstore && !shared.condstore && !shared.qresync && shared.recent == Some(0)
+    }
+
+    fn enable_modseq(&mut self) {
+        if !self.lock().condstore {
+            self.implicit.on.store(true, Ordering::Relaxed);
+        }
     }
 
     fn tag(&mut self) -> String {
@@ -1177,6 +1422,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
         self.lock().uids.learn_all(uids);
     }
 
+    fn all_uids(&self) -> Option<Vec<(u32, u32)>> {
+        self.lock().uids.all()
+    }
+
     fn modseq(&self) -> intercept::Modseq {
         let shared = self.lock();
         intercept::Modseq { condstore: shared.condstore, qresync: shared.qresync }
@@ -1205,12 +1454,12 @@ mod tests {
 
     #[test]
     fn modseq_is_noticed_in_any_case_anywhere_in_a_head() {
-        assert!(mentions_modseq(b"OK [HIGHESTMODSEQ 12] Highest"));
-        assert!(mentions_modseq(b"3 FETCH (UID 5 MODSEQ (7))"));
-        assert!(mentions_modseq(b"3 FETCH (uid 5 modseq (7))"));
-        assert!(mentions_modseq(b"SEARCH 1 2 (MODSEQ 9)"));
-        assert!(!mentions_modseq(b"3 FETCH (UID 5 FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM MESSAGE-ID)] {12}"));
-        assert!(!mentions_modseq(b"OK [UIDNEXT 5] MODSE"));
+        assert!(modseq::mentions(b"OK [HIGHESTMODSEQ 12] Highest"));
+        assert!(modseq::mentions(b"3 FETCH (UID 5 MODSEQ (7))"));
+        assert!(modseq::mentions(b"3 FETCH (uid 5 modseq (7))"));
+        assert!(modseq::mentions(b"SEARCH 1 2 (MODSEQ 9)"));
+        assert!(!modseq::mentions(b"3 FETCH (UID 5 FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM MESSAGE-ID)] {12}"));
+        assert!(!modseq::mentions(b"OK [UIDNEXT 5] MODSE"));
     }
 
     #[test]
