@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use bytes::Bytes;
 
 use super::fetch::{parse_request, parse_response, FetchRequest, FetchResponse, ItemKind, SequenceSet};
+use super::flags::{self, Flags};
 use super::renumber::{Mark, Renumber};
 use super::snapshot::{self, Items, Stored};
 use crate::cache::{Claim, Kind, LoadGuard, Name, Scope};
@@ -148,6 +149,10 @@ pub enum JobError {
 struct Reported(Vec<u32>);
 
 impl Reported {
+    fn contains(&self, uid: u32) -> bool {
+        self.0.binary_search(&uid).is_ok()
+    }
+
     /// Notes `uid`; false if it was reported before.
     fn insert(&mut self, uid: u32) -> bool {
         match self.0.last() {
@@ -214,11 +219,11 @@ fn mailbox_name(rest: &str) -> Option<String> {
 
 /// A cacheable item of the request (where it is cached: the same position in the job's
 /// [`Items`]).
-struct Wanted<'a> {
+pub(super) struct Wanted<'a> {
     /// As the client wrote it.
-    request: &'a str,
+    pub(super) request: &'a str,
     /// The name of the upstream's response item.
-    response: &'a str,
+    pub(super) response: &'a str,
 }
 
 pub(super) fn is_tagged(response: &[u8], tag: &str) -> bool {
@@ -226,7 +231,7 @@ pub(super) fn is_tagged(response: &[u8], tag: &str) -> bool {
 }
 
 /// The status part of a tagged line (`OK Fetch completed.`), without its line ending.
-fn status_text(response: &[u8], tag: &str) -> Vec<u8> {
+pub(super) fn status_text(response: &[u8], tag: &str) -> Vec<u8> {
     let line = &response[tag.len() + 1..];
     let end = line.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(line.len());
     line[..end].to_vec()
@@ -344,7 +349,7 @@ async fn answer_locally<Io: JobIo>(
 
 /// `UID SEARCH ALL`, its answer taught to the UID map (and returned); other responses
 /// relayed.
-async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<Option<Vec<u32>>, JobError> {
+pub(super) async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<Option<Vec<u32>>, JobError> {
     let tag = io.tag();
     io.to_upstream(format!("{tag} UID SEARCH ALL\r\n").into_bytes()).await?;
     let mut uids: Option<Vec<u32>> = None;
@@ -407,6 +412,9 @@ async fn answer<Io: JobIo>(
     if relays_whole(job, items).await {
         return relay_and_fill(io, job, client_tag, fill).await;
     }
+    if flags::answer(io, job, client_tag, fill, wanted).await? {
+        return Ok(());
+    }
     // The mutable items' names as the upstream answers them, in request order.
     let mutable_names: Vec<String> = request
         .items
@@ -431,6 +439,18 @@ async fn answer<Io: JobIo>(
     asked.push(VALIDATOR);
     if !wanted.iter().any(|w| w.response == VALIDATOR) {
         added.push(VALIDATOR);
+    }
+    // A resync of flags teaches the snapshot every message's flags with its MODSEQ, so that
+    // the next one asks only what changed (see [`flags`]).
+    let stamp = io.view_stamp();
+    let learn_flags =
+        flags::answers(job) && !job.modseq.condstore && !job.modseq.qresync && io.modseq_usable() && stamp.is_some();
+    let remembered = if learn_flags { Some(Flags::resolve(items.scope(), &job.selected).await) } else { None };
+    let mut seen_flags: Vec<(u32, u64, Bytes)> = Vec::new();
+    if learn_flags {
+        asked.push("MODSEQ");
+        added.push("MODSEQ");
+        io.enable_modseq();
     }
     let uid = if request.uid { "UID " } else { "" };
     io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, asked.join(" ")).into_bytes()).await?;
@@ -473,6 +493,12 @@ async fn answer<Io: JobIo>(
         };
         learned.push((parsed.seq, uid));
         highest = (highest.0.max(parsed.seq), highest.1.max(uid));
+        if learn_flags && !reported.contains(uid) {
+            let modseq = parsed.item(&response, "MODSEQ").and_then(flags::modseq_value);
+            if let (Some(modseq), Some(item)) = (modseq, parsed.item(&response, "FLAGS")) {
+                seen_flags.push((uid, modseq, Bytes::copy_from_slice(item)));
+            }
+        }
         let message = Message { uid, response, parsed, items: vec![None; wanted.len()], mark: renumber.mark() };
         if !reported.insert(uid) {
             relay_phase_one(io, &mut renumber, &message, &added).await?;
@@ -502,6 +528,20 @@ async fn answer<Io: JobIo>(
         }
     };
     held.extend(beyond);
+    if let Some(remembered) = remembered {
+        if snapshot::status_is_clean(&status) && io.view_stamp() == stamp {
+            for (uid, modseq, item) in &seen_flags {
+                remembered.learn(*uid, *modseq, item).await;
+            }
+            // Every message answered: the newest MODSEQ bounds every change the answer saw.
+            if stamp.is_some_and(|(_, exists)| exists as usize == seen_flags.len()) {
+                if let Some(newest) = seen_flags.iter().map(|f| f.1).max() {
+                    remembered.advance(newest).await;
+                }
+            }
+            remembered.reweigh().await;
+        }
+    }
     if status.starts_with(b"BAD") {
         // Relayed as the upstream said it (an invalid set, say). A NO (some messages
         // expunged meanwhile, RFC 9051 §7.4.2) still answers the messages it reported.
@@ -591,7 +631,11 @@ async fn check_uid_next<Io: JobIo>(io: &Io, job: &Job, scope: &Scope) {
 }
 
 /// Relays a response that is not an answer of the job, noting what it renumbers.
-async fn relay_other<Io: JobIo>(io: &mut Io, renumber: &mut Renumber, response: &[u8]) -> Result<(), JobError> {
+pub(super) async fn relay_other<Io: JobIo>(
+    io: &mut Io,
+    renumber: &mut Renumber,
+    response: &[u8],
+) -> Result<(), JobError> {
     if let Some(rest) = response.strip_prefix(b"* ") {
         renumber.relayed(&rest[..rest.len().min(super::framing::HEAD_LEN)]);
     }
@@ -686,11 +730,23 @@ pub async fn relays_whole(job: &Job, items: &Items) -> bool {
 /// to the client byte for byte while their cacheable items are stored: one upstream round
 /// trip, exactly the upstream's answer, and no body held whole on its way.
 async fn relay_and_fill<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, fill: &Fill) -> Result<(), JobError> {
+    let status = relay_filling(io, job, &job.request.set, fill).await?;
+    finish(io, client_tag, &status).await
+}
+
+/// The client's FETCH for the messages `set` names, relayed to the client as the upstream
+/// answers it while its cacheable items are stored; the completion's status.
+pub(super) async fn relay_filling<Io: JobIo>(
+    io: &mut Io,
+    job: &Job,
+    set: &str,
+    fill: &Fill,
+) -> Result<Vec<u8>, JobError> {
     let request = &job.request;
     let tag = io.tag();
     let items: Vec<&str> = request.items.iter().map(|i| i.request.as_str()).collect();
     let uid = if request.uid { "UID " } else { "" };
-    io.to_upstream(format!("{tag} {uid}FETCH {} ({})\r\n", request.set, items.join(" ")).into_bytes()).await?;
+    io.to_upstream(format!("{tag} {uid}FETCH {set} ({})\r\n", items.join(" ")).into_bytes()).await?;
     let mut stored = Stored::default();
     let keep = copy_limit(fill.items.scope());
     let status = loop {
@@ -705,7 +761,7 @@ async fn relay_and_fill<Io: JobIo>(io: &mut Io, job: &Job, client_tag: &str, fil
     };
     io.count(0, stored.len());
     stored.settle(&fill.items, snapshot::status_is_clean(&status)).await;
-    finish(io, client_tag, &status).await
+    Ok(status)
 }
 
 /// The largest response worth a side copy: one larger than any item the cache would keep
@@ -903,7 +959,7 @@ async fn answer_message<Io: JobIo>(io: &mut Io, composed: Vec<u8>) -> Result<(),
 }
 
 /// The client's tagged completion of its FETCH.
-async fn finish<Io: JobIo>(io: &mut Io, client_tag: &str, status: &[u8]) -> Result<(), JobError> {
+pub(super) async fn finish<Io: JobIo>(io: &mut Io, client_tag: &str, status: &[u8]) -> Result<(), JobError> {
     io.to_client(&[client_tag.as_bytes(), b" ", status, b"\r\n"].concat()).await
 }
 
@@ -958,7 +1014,12 @@ fn compose(
     }
     for extra in &phase_one.parsed.items {
         let name = extra.name.as_ref();
-        let added = name == "UID" || name == SEEN_PROBE_RESPONSE || name == VALIDATOR;
+        // MODSEQ the client did not ask for is mailgate's (see `flags`), unless the client
+        // has CONDSTORE on and the upstream volunteered it.
+        let added = name == "UID"
+            || name == SEEN_PROBE_RESPONSE
+            || name == VALIDATOR
+            || (name == "MODSEQ" && !job.modseq.condstore);
         if !added && !mutable(name) && !wanted.iter().any(|w| w.response == name) {
             parts.push(from_fresh(name).unwrap_or(&phase_one.response[extra.range.clone()]));
         }

@@ -9,6 +9,7 @@
 pub mod capabilities;
 pub mod command;
 pub mod fetch;
+pub mod flags;
 pub mod framing;
 pub mod front;
 pub mod intercept;

@@ -65,7 +65,8 @@ pub fn strip(line: &[u8]) -> Stripped {
 /// Whether a response (its rest after `* `) names a modification sequence at all.
 pub fn mentions(rest: &[u8]) -> bool {
     // Every response head passes here: look only where an `M` is.
-    memchr::memchr2_iter(b'M', b'm', rest).any(|at| rest.get(at..at + 6).is_some_and(|w| w.eq_ignore_ascii_case(b"MODSEQ")))
+    memchr::memchr2_iter(b'M', b'm', rest)
+        .any(|at| rest.get(at..at + 6).is_some_and(|w| w.eq_ignore_ascii_case(b"MODSEQ")))
 }
 
 /// The response code atom of `OK [CODE ...] text` (or NO, BAD).
@@ -107,7 +108,11 @@ fn modseq_item(line: &[u8], from: usize) -> Option<std::ops::Range<usize>> {
                 continue;
             }
             b'{' | b'~' if depth == 0 => return None,
-            _ if depth == 0 && item_start && line[at..].len() >= 8 && line[at..at + 8].eq_ignore_ascii_case(b"MODSEQ (") => {
+            _ if depth == 0
+                && item_start
+                && line[at..].len() >= 8
+                && line[at..at + 8].eq_ignore_ascii_case(b"MODSEQ (") =>
+            {
                 let digits = line[at + 8..].iter().take_while(|b| b.is_ascii_digit()).count();
                 if digits > 0 && line.get(at + 8 + digits) == Some(&b')') {
                     return Some(at..at + 9 + digits);
@@ -265,7 +270,10 @@ mod tests {
         // Dovecot 2.3's own lines, after mailgate's CHANGEDSINCE enabled CONDSTORE.
         assert_eq!(stripped("* OK [HIGHESTMODSEQ 7] Highest\r\n"), "drop");
         assert_eq!(stripped("* OK [NOMODSEQ] No permanent modsequences\r\n"), "drop");
-        assert_eq!(stripped("* 2 FETCH (MODSEQ (20) FLAGS (\\Flagged \\Seen))\r\n"), "* 2 FETCH (FLAGS (\\Flagged \\Seen))\r\n");
+        assert_eq!(
+            stripped("* 2 FETCH (MODSEQ (20) FLAGS (\\Flagged \\Seen))\r\n"),
+            "* 2 FETCH (FLAGS (\\Flagged \\Seen))\r\n"
+        );
         assert_eq!(
             stripped("* 1 FETCH (UID 1 MODSEQ (25) FLAGS (\\Answered \\Seen))\r\n"),
             "* 1 FETCH (UID 1 FLAGS (\\Answered \\Seen))\r\n"

@@ -984,24 +984,22 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             (front, tagged)
         };
         match front {
-            Some((Own::Status, tag)) if !literal => {
-                match &tagged {
-                    Some((t, _)) if *t == tag => {
-                        let mut shared = self.lock();
-                        shared.in_flight.pop_front();
-                        self.implicit.own.fetch_sub(1, Ordering::Relaxed);
-                        shared.begin_reselect();
-                        self.completed.notify_one();
+            Some((Own::Status, tag)) if !literal => match &tagged {
+                Some((t, _)) if *t == tag => {
+                    let mut shared = self.lock();
+                    shared.in_flight.pop_front();
+                    self.implicit.own.fetch_sub(1, Ordering::Relaxed);
+                    shared.begin_reselect();
+                    self.completed.notify_one();
+                    return None;
+                }
+                _ => {
+                    if let Some(value) = modseq::status_highest_modseq(&line) {
+                        self.lock().status_modseq = Some(value);
                         return None;
                     }
-                    _ => {
-                        if let Some(value) = modseq::status_highest_modseq(&line) {
-                            self.lock().status_modseq = Some(value);
-                            return None;
-                        }
-                    }
                 }
-            }
+            },
             Some((Own::Enables { announce }, tag)) if self.implicit.on.load(Ordering::Relaxed) => {
                 // A command refused outright enabled nothing.
                 let refused = matches!(&tagged, Some((t, status)) if *t == tag && *status != Some(Status::Ok));

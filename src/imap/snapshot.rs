@@ -203,6 +203,18 @@ impl Items {
         }
     }
 
+    /// Stores `raw` as item `i` of `uid` in its column unless the value there must stay
+    /// (`keep` decides, under the column's lock). Items without a column are not stored.
+    pub async fn insert_unless(&self, uid: u32, i: usize, raw: &[u8], keep: impl FnOnce(&[u8]) -> bool) {
+        let Some(slot) = &self.slots[i].column else { return };
+        if self.scope.cache.admits(raw.len()) {
+            if slot.column.get().is_none() {
+                let _ = slot.column.set(self.scope.cache.column(&slot.key).await);
+            }
+            slot.column.get().expect("just set").insert_unless(uid, raw, keep);
+        }
+    }
+
     pub async fn remove(&self, uid: u32, i: usize) {
         match &self.slots[i].column {
             Some(slot) => {
