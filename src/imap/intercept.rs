@@ -533,10 +533,16 @@ async fn answer<Io: JobIo>(
             for (uid, modseq, item) in &seen_flags {
                 remembered.learn(*uid, *modseq, item).await;
             }
-            // Every message answered: the newest MODSEQ bounds every change the answer saw.
-            if stamp.is_some_and(|(_, exists)| exists as usize == seen_flags.len()) {
+            // Every message answered: the newest MODSEQ bounds every change the answer saw,
+            // and the UIDs are the mailbox's (for the next session's message numbers).
+            if let Some(stamp @ (_, exists)) = stamp.filter(|&(_, exists)| exists as usize == seen_flags.len()) {
                 if let Some(newest) = seen_flags.iter().map(|f| f.1).max() {
                     remembered.advance(newest).await;
+                }
+                let mut uids: Vec<u32> = seen_flags.iter().map(|f| f.0).collect();
+                uids.sort_unstable();
+                if uids.len() == exists as usize {
+                    snapshot::keep_uids(items.scope(), &job.selected, stamp, &uids).await;
                 }
             }
             remembered.reweigh().await;

@@ -109,6 +109,10 @@ struct Shared {
     modseq_text: Option<Vec<u8>>,
     /// HIGHESTMODSEQ as mailgate's own STATUS just reported it.
     status_modseq: Option<u64>,
+    /// The selected mailbox has modification sequences of its own (see
+    /// [`Selecting::tracked`]): only then does mailgate ask for them, so that it never turns
+    /// them on for a mailbox where the upstream keeps none.
+    tracked: bool,
 }
 
 impl Shared {
@@ -211,6 +215,12 @@ struct Selecting {
     uid_validity: Option<u32>,
     uid_next: Option<u32>,
     recent: Option<u32>,
+    /// The mailbox announced its HIGHESTMODSEQ: the upstream keeps modification sequences
+    /// for it (Dovecot does from the first time any client used CONDSTORE on it, and then
+    /// says so in every SELECT, CONDSTORE enabled or not).
+    tracked: bool,
+    /// The command asked for CONDSTORE or QRESYNC itself (`SELECT name (CONDSTORE)`).
+    enables: bool,
 }
 
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
@@ -666,6 +676,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     uid_validity: None,
                     uid_next: None,
                     recent: None,
+                    tracked: false,
+                    enables: modseq::enabling(full_line) == Enabling::Select,
                 });
                 reselect = Reselect::Pending;
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
@@ -1026,8 +1038,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         self.stripped(line, literal)
     }
 
-    /// `line` without what mailgate's modification sequences added to it.
+    /// `line` without what mailgate's modification sequences added to it. A SELECT's
+    /// `[HIGHESTMODSEQ]` stays: mailgate asks for modification sequences only in mailboxes
+    /// that announce them in any case.
     fn stripped(&mut self, line: Vec<u8>, literal: bool) -> Option<Vec<u8>> {
+        let announcement = line.strip_prefix(b"* ").is_some_and(modseq::announces);
+        if announcement && self.lock().selecting.is_some() {
+            return Some(line);
+        }
         match modseq::strip(&line) {
             Stripped::Keep => Some(line),
             Stripped::Rewrite(out) => Some(out),
@@ -1100,9 +1118,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             Kind::Tagged { tag, rest } => {
                 if shared.selecting.as_ref().is_some_and(|s| s.tag == tag) {
-                    let Selecting { mailbox, uid_validity, uid_next, recent, .. } =
+                    let Selecting { mailbox, uid_validity, uid_next, recent, tracked, enables, .. } =
                         shared.selecting.take().expect("just checked");
                     shared.recent = recent;
+                    shared.tracked = tracked;
+                    shared.condstore |= enables;
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
                     shared.view_changed = false;
                     if let (true, Some(exists)) = (ok, shared.exists) {
@@ -1155,6 +1175,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         } else if word.eq_ignore_ascii_case(b"CONDSTORE") {
                             shared.condstore = true;
                         }
+                    }
+                }
+                // A SELECT's `[HIGHESTMODSEQ]` says the mailbox has modification sequences,
+                // not that the session enabled CONDSTORE (Dovecot announces it in any case).
+                _ if shared.selecting.is_some() && modseq::announces_highest(rest) => {
+                    if let Some(selecting) = shared.selecting.as_mut() {
+                        selecting.tracked = true;
                     }
                 }
                 // `HIGHESTMODSEQ`, `NOMODSEQ`, or `MODSEQ` in FETCH and SEARCH data: the upstream
@@ -1379,7 +1406,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
 
     fn modseq_usable(&self) -> bool {
         let shared = self.lock();
-        shared.upstream_condstore && !shared.condstore && !shared.qresync && shared.recent == Some(0)
+        shared.upstream_condstore
+            && shared.tracked
+            && !shared.condstore
+            && !shared.qresync
+            && shared.recent == Some(0)
     }
 
     fn enable_modseq(&mut self) {
