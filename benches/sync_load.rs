@@ -47,6 +47,9 @@
 //!   leg pay it, `raw` does not),
 //! - `SYNC_LOAD_POP3_MARK_SEEN=false`: mailgate does not send a RETR answered from the cache
 //!   upstream for its `\Seen` (what `cache.pop3_mark_seen` costs, with (c)),
+//! - `SYNC_LOAD_NO_MODSEQ=1`: the mailbox is one no CONDSTORE client ever opened, so Dovecot
+//!   keeps no modification sequences for it and mailgate asks every resync's flags in full
+//!   (by default a `SELECT INBOX (CONDSTORE)` opens it once first, as Thunderbird would have),
 //! - `SYNC_LOAD_PERF` (a directory): record `perf record -e cpu-clock -g` of mailgate during
 //!   each cold and warm run into `DIR/<workload>-<cold|warm>.data` (see docs/PERFORMANCE.md).
 
@@ -1122,6 +1125,15 @@ fn main() {
     // The first session to select the mailbox sees every message \Recent (in FLAGS); take
     // that one out of the comparisons.
     imap_logout(imap_login(bench.imap.addr));
+    // A CONDSTORE client (Thunderbird, Apple Mail) has opened the mailbox before: Dovecot
+    // keeps its modification sequences from then on, and mailgate checks the flags it
+    // remembers against them. `SYNC_LOAD_NO_MODSEQ=1` measures a mailbox without.
+    if std::env::var_os("SYNC_LOAD_NO_MODSEQ").is_none() {
+        let mut conn = imap_login(bench.imap.addr);
+        conn.send(b"c SELECT INBOX (CONDSTORE)\r\n");
+        imap_until(&mut conn, b"c", None);
+        imap_logout(conn);
+    }
 
     // Order matters: POP3 RETR makes Dovecot set \Seen, which (a) reports in FLAGS; it runs
     // last so that every IMAP comparison sees the same flags.

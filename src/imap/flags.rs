@@ -93,6 +93,66 @@ impl Flags {
     }
 }
 
+/// What a FETCH relayed as the client wrote it (a cold resync, see `relay::Tee`) teaches
+/// the remembered flags: mailgate adds MODSEQ to the command ([`with_modseq`]), notes each
+/// message's FLAGS with it on the way, and keeps them once the command completed cleanly
+/// with the session's view as it was.
+pub struct Learning {
+    flags: Flags,
+    /// UIDNEXT and the message count when the command was sent.
+    stamp: (u32, u32),
+    seen: std::sync::Mutex<Vec<(u32, u64, Bytes)>>,
+}
+
+impl Learning {
+    pub async fn new(scope: &Scope, selected: &Selected, stamp: (u32, u32)) -> Learning {
+        Learning { flags: Flags::resolve(scope, selected).await, stamp, seen: Default::default() }
+    }
+
+    /// A relayed FETCH response (as the client got it) and the MODSEQ its first line had.
+    pub fn note(&self, response: &[u8], modseq: u64) {
+        let Some(parsed) = parse_response(response) else { return };
+        let (Some(uid), Some(item)) = (parsed.uid(response), parsed.item(response, "FLAGS")) else { return };
+        self.seen.lock().expect("learning lock poisoned").push((uid, modseq, Bytes::copy_from_slice(item)));
+    }
+
+    /// At the command's completion (`clean`), with the session's view now (`stamp`).
+    pub async fn settle(self, clean: bool, stamp: Option<(u32, u32)>) {
+        if !clean || stamp != Some(self.stamp) {
+            return;
+        }
+        let seen = self.seen.into_inner().expect("learning lock poisoned");
+        for (uid, modseq, item) in &seen {
+            self.flags.learn(*uid, *modseq, item).await;
+        }
+        let (_, exists) = self.stamp;
+        let mut uids: Vec<u32> = seen.iter().map(|s| s.0).collect();
+        uids.sort_unstable();
+        uids.dedup();
+        if uids.len() == exists as usize {
+            if let Some(newest) = seen.iter().map(|s| s.1).max() {
+                self.flags.advance(newest).await;
+            }
+            let items = &self.flags.items;
+            snapshot::keep_uids(items.scope(), items.selected(), self.stamp, &uids).await;
+        }
+        self.flags.reweigh().await;
+    }
+}
+
+/// The client's FETCH command line asking MODSEQ first as well (`None` when its items are
+/// not a parenthesized list): the upstream answers it in the line that carries UID and
+/// FLAGS, where the relay takes it out again.
+pub fn with_modseq(line: &[u8]) -> Option<Vec<u8>> {
+    let fetch = line.windows(6).position(|w| w.eq_ignore_ascii_case(b"FETCH "))?;
+    let open = fetch + line[fetch..].iter().position(|&b| b == b'(')?;
+    let mut out = Vec::with_capacity(line.len() + 7);
+    out.extend_from_slice(&line[..=open]);
+    out.extend_from_slice(b"MODSEQ ");
+    out.extend_from_slice(&line[open + 1..]);
+    Some(out)
+}
+
 /// The value of a `MODSEQ (n)` item.
 pub fn modseq_value(item: &[u8]) -> Option<u64> {
     let inner = item.strip_prefix(b"MODSEQ (")?.strip_suffix(b")")?;
@@ -289,6 +349,15 @@ fn uid_set(uids: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modseq_is_asked_first() {
+        assert_eq!(
+            with_modseq(b"a UID FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (FROM)])\r\n").unwrap(),
+            b"a UID FETCH 1:* (MODSEQ UID FLAGS BODY.PEEK[HEADER.FIELDS (FROM)])\r\n"
+        );
+        assert_eq!(with_modseq(b"a UID FETCH 1:* FLAGS\r\n"), None);
+    }
 
     #[test]
     fn uid_sets_are_ranges() {

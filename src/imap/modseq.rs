@@ -62,6 +62,13 @@ pub fn strip(line: &[u8]) -> Stripped {
     Stripped::Rewrite(out)
 }
 
+/// The value of the `MODSEQ (n)` item of a FETCH response's first line.
+pub fn fetch_modseq(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"* ")?;
+    let range = modseq_item(line, 2 + fetch_items_start(rest)?)?;
+    std::str::from_utf8(&line[range.start + 8..range.end - 1]).ok()?.parse().ok()
+}
+
 /// Whether a response (its rest after `* `) names a modification sequence at all.
 pub fn mentions(rest: &[u8]) -> bool {
     // Every response head passes here: look only where an `M` is.
@@ -293,6 +300,8 @@ mod tests {
         assert_eq!(stripped("* 3 FETCH (UID 3 FLAGS (\\Seen) MODSEQ (7))\r\n"), "* 3 FETCH (UID 3 FLAGS (\\Seen))\r\n");
         // STORE .SILENT and a FETCH that set \Seen: nothing without CONDSTORE.
         assert_eq!(stripped("* 1 FETCH (MODSEQ (22))\r\n"), "drop");
+        assert_eq!(fetch_modseq(b"* 1 FETCH (UID 1 MODSEQ (25) FLAGS (\\Seen) BODY[] {5}\r\n"), Some(25));
+        assert_eq!(fetch_modseq(b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n"), None);
         // Up to a literal: the part of a FETCH response before its first one.
         assert_eq!(
             stripped("* 5 fetch (uid 5 modseq (9) BODY[HEADER.FIELDS (SUBJECT)] {12}\r\n"),

@@ -28,6 +28,7 @@ use tracing::debug;
 use super::framing::{strip_eol, Event, FrameError, Framer};
 use super::intercept::{self, Fill, Job, JobError, JobIo, Relayed, Selected};
 use super::mailbox::UidMap;
+use super::flags;
 use super::modseq::{self, Enabling, Stripped};
 use super::response::{self, Kind, Status};
 use super::snapshot::Stored;
@@ -116,6 +117,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// See [`JobIo::modseq_usable`].
+    fn modseq_usable(&self) -> bool {
+        self.upstream_condstore && self.tracked && !self.condstore && !self.qresync && self.recent == Some(0)
+    }
+
+    /// See [`JobIo::view_stamp`].
+    fn view_stamp(&self) -> Option<(u32, u32)> {
+        let uid_next = self.selected.as_ref()?.uid_next?;
+        (!self.view_changed).then_some((uid_next, self.exists?))
+    }
+
     /// A command that changes the selected mailbox (SELECT, EXAMINE, CLOSE, UNSELECT) takes
     /// effect upstream once every command sent before it has completed: the answers to
     /// those still describe the old mailbox, everything after belongs to the new one (or
@@ -178,6 +190,8 @@ struct Tee {
     fill: Fill,
     stored: Mutex<Stored>,
     tainted: AtomicBool,
+    /// A resync of flags also teaches the remembered flags (MODSEQ asked for that).
+    learning: Mutex<Option<flags::Learning>>,
 }
 
 /// Whether a command in flight changes the selected mailbox, and whether the upstream has
@@ -311,6 +325,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         capture: Capture::Idle,
         implicit: implicit.clone(),
         held: None,
+        response_modseq: None,
         settle_due: false,
         answered: 0,
         next_tag: 0,
@@ -692,7 +707,25 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 if let Some(job) = Job::for_line(full_line, selected.as_ref(), modseq) {
                     let fill = Fill::new(&job, scope).await;
                     if intercept::relays_whole(&job, &fill.items).await {
-                        tee = Some(Arc::new(Tee { fill, stored: Mutex::default(), tainted: AtomicBool::new(false) }));
+                        // A cold resync of flags, alone in flight, asks MODSEQ too: the flags
+                        // it relays are remembered, and the next resync asks what changed.
+                        let learn = {
+                            let shared = self.lock();
+                            let usable = flags::answers(&job) && shared.modseq_usable() && shared.in_flight.is_empty();
+                            usable.then(|| shared.view_stamp()).flatten()
+                        };
+                        let mut learning = None;
+                        if let (Some(stamp), Some(line)) = (learn, learn.and_then(|_| flags::with_modseq(&self.line))) {
+                            self.line = line;
+                            self.implicit.on.store(true, Ordering::Relaxed);
+                            learning = Some(flags::Learning::new(scope, &job.selected, stamp).await);
+                        }
+                        tee = Some(Arc::new(Tee {
+                            fill,
+                            stored: Mutex::default(),
+                            tainted: AtomicBool::new(false),
+                            learning: Mutex::new(learning),
+                        }));
                     } else {
                         let tag = String::from_utf8_lossy(&tag).into_owned();
                         self.line.clear();
@@ -805,6 +838,8 @@ struct UpstreamPump<'a, R, W> {
     implicit: Arc<Implicit>,
     /// The first line of the response under way, held while [`Implicit::holds`].
     held: Option<Vec<u8>>,
+    /// The MODSEQ of the FETCH response under way, for a tee that learns flags.
+    response_modseq: Option<u64>,
     /// A tee completed: settle it once the response is relayed.
     settle_due: bool,
     /// FETCH responses a job composed so far.
@@ -927,6 +962,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 _ => return None,
             };
             let held = self.held.take().expect("holding");
+            if self.tees.load(Ordering::Relaxed) > 0 {
+                self.response_modseq = modseq::fetch_modseq(&held);
+            }
             bytes = match line {
                 Some(line) => {
                     let out = self.release(held, line.announce.is_some()).await.unwrap_or_default();
@@ -1067,6 +1105,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     async fn tee_response(&mut self, response: bytes::Bytes) {
         let tee = self.lock().in_flight.iter().find_map(|f| f.tee.clone());
         let Some(tee) = tee else { return };
+        if let (Some(learning), Some(modseq)) =
+            (tee.learning.lock().expect("tee lock poisoned").as_ref(), self.response_modseq.take())
+        {
+            learning.note(&response, modseq);
+        }
         let mut stored = std::mem::take(&mut *tee.stored.lock().expect("tee lock poisoned"));
         let before = stored.len();
         tee.fill.learn(&response, &mut stored).await;
@@ -1087,6 +1130,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             let stored = std::mem::take(&mut *tee.stored.lock().expect("tee lock poisoned"));
             let clean = clean && !tee.tainted.load(Ordering::Relaxed);
             stored.settle(&tee.fill.items, clean).await;
+            let learning = tee.learning.lock().expect("tee lock poisoned").take();
+            if let Some(learning) = learning {
+                let stamp = self.lock().view_stamp();
+                learning.settle(clean, stamp).await;
+            }
         }
     }
 
@@ -1405,12 +1453,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
     }
 
     fn modseq_usable(&self) -> bool {
-        let shared = self.lock();
-        shared.upstream_condstore
-            && shared.tracked
-            && !shared.condstore
-            && !shared.qresync
-            && shared.recent == Some(0)
+        self.lock().modseq_usable()
     }
 
     fn enable_modseq(&mut self) {
@@ -1461,9 +1504,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
     }
 
     fn view_stamp(&self) -> Option<(u32, u32)> {
-        let shared = self.lock();
-        let uid_next = shared.selected.as_ref()?.uid_next?;
-        (!shared.view_changed).then_some((uid_next, shared.exists?))
+        self.lock().view_stamp()
     }
 
     fn answered(&mut self, messages: usize) {
