@@ -159,6 +159,47 @@ pub fn modseq_value(item: &[u8]) -> Option<u64> {
     std::str::from_utf8(inner).ok()?.parse().ok()
 }
 
+/// Who made the upstream keep modification sequences for a mailbox, as far as mailgate
+/// knows. Dovecot starts keeping them the first time a session with CONDSTORE on opens the
+/// mailbox, and from then on announces `[HIGHESTMODSEQ]` in every SELECT of it. A session
+/// where only mailgate turned CONDSTORE on would start that for a mailbox the client then
+/// opens: the upstream now says what it would not have said without mailgate, in that
+/// session and every later one. So mailgate remembers which mailboxes it alone made keep
+/// them, and keeps their announcement from clients that did not ask for CONDSTORE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracking {
+    /// Never seen announced to a session without CONDSTORE.
+    Unknown,
+    /// Announced without mailgate's doing (to a session without CONDSTORE, or a client
+    /// turned it on there): announcements are the upstream's own.
+    Theirs,
+    /// Announced only because mailgate's CONDSTORE was on when the mailbox was opened.
+    Ours,
+}
+
+/// The mark of a mailbox's [`Tracking`]: mailbox-wide, whatever its UIDVALIDITY.
+fn tracking_mark(scope: &Scope, mailbox: &Name) -> crate::cache::Key {
+    let selected = Selected { mailbox: mailbox.clone(), uid_validity: 0, uid_next: None };
+    snapshot::mark(scope, &selected, "\0modseqs")
+}
+
+pub async fn tracking(scope: &Scope, mailbox: &Name) -> Tracking {
+    match scope.cache.peek(&tracking_mark(scope, mailbox)).await.as_deref() {
+        Some(b"theirs") => Tracking::Theirs,
+        Some(b"ours") => Tracking::Ours,
+        _ => Tracking::Unknown,
+    }
+}
+
+pub async fn set_tracking(scope: &Scope, mailbox: &Name, tracking: Tracking) {
+    let value: &'static [u8] = match tracking {
+        Tracking::Theirs => b"theirs",
+        Tracking::Ours => b"ours",
+        Tracking::Unknown => return,
+    };
+    scope.cache.insert(tracking_mark(scope, mailbox), Bytes::from_static(value)).await;
+}
+
 /// Whether a client's FETCH is one this module answers: a UID FETCH of flags and immutable
 /// items, that sets no `\Seen`.
 pub fn answers(job: &Job) -> bool {

@@ -55,8 +55,15 @@ pub fn strip(line: &[u8]) -> Stripped {
     let mut out = Vec::with_capacity(line.len() - range.len());
     out.extend_from_slice(&line[..range.start]);
     out.extend_from_slice(&line[range.end..]);
-    if out[start..].starts_with(b")") && super::framing::strip_eol(&out[start + 1..]).is_empty() {
-        // `* n FETCH ()`: the response said nothing but the MODSEQ.
+    // `* n FETCH ()`, or `* n FETCH (UID m)` of a `UID STORE .SILENT`: the response said
+    // nothing but the MODSEQ (a FETCH that asked for UID alone is never rewritten: MODSEQ
+    // comes with a solicited answer only when asked for).
+    let items = super::framing::strip_eol(&out[start..]);
+    let only_uid = items.len() > 5
+        && items[..4].eq_ignore_ascii_case(b"UID ")
+        && items[4..items.len() - 1].iter().all(u8::is_ascii_digit)
+        && items.ends_with(b")");
+    if items == b")" || only_uid {
         return Stripped::Drop;
     }
     Stripped::Rewrite(out)
@@ -300,6 +307,8 @@ mod tests {
         assert_eq!(stripped("* 3 FETCH (UID 3 FLAGS (\\Seen) MODSEQ (7))\r\n"), "* 3 FETCH (UID 3 FLAGS (\\Seen))\r\n");
         // STORE .SILENT and a FETCH that set \Seen: nothing without CONDSTORE.
         assert_eq!(stripped("* 1 FETCH (MODSEQ (22))\r\n"), "drop");
+        assert_eq!(stripped("* 5 FETCH (UID 6 MODSEQ (22))\r\n"), "drop");
+        assert_eq!(stripped("* 5 FETCH (MODSEQ (22) UID 6)\r\n"), "drop");
         assert_eq!(fetch_modseq(b"* 1 FETCH (UID 1 MODSEQ (25) FLAGS (\\Seen) BODY[] {5}\r\n"), Some(25));
         assert_eq!(fetch_modseq(b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n"), None);
         // Up to a literal: the part of a FETCH response before its first one.

@@ -25,10 +25,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::flags;
 use super::framing::{strip_eol, Event, FrameError, Framer};
 use super::intercept::{self, Fill, Job, JobError, JobIo, Relayed, Selected};
 use super::mailbox::UidMap;
-use super::flags;
 use super::modseq::{self, Enabling, Stripped};
 use super::response::{self, Kind, Status};
 use super::snapshot::Stored;
@@ -114,9 +114,24 @@ struct Shared {
     /// [`Selecting::tracked`]): only then does mailgate ask for them, so that it never turns
     /// them on for a mailbox where the upstream keeps none.
     tracked: bool,
+    /// What was learned of mailboxes' [`flags::Tracking`], for the upstream pump to remember.
+    tracking_updates: Vec<(Name, flags::Tracking)>,
 }
 
 impl Shared {
+    /// The upstream is answering the SELECT or EXAMINE whose mailbox the session will have
+    /// (the oldest command in flight, and the last of its kind).
+    fn answering_select(&self) -> bool {
+        let selecting = self.selecting.as_ref().map(|s| &s.tag);
+        selecting.is_some() && self.in_flight.front().map(|f| &f.tag) == selecting
+    }
+
+    /// The upstream is answering a command that changes the selected mailbox (a SELECT
+    /// pipelined behind another included).
+    fn answering_reselect(&self) -> bool {
+        self.in_flight.front().is_some_and(|f| f.reselect == Reselect::Started)
+    }
+
     /// See [`JobIo::modseq_usable`].
     fn modseq_usable(&self) -> bool {
         self.upstream_condstore && self.tracked && !self.condstore && !self.qresync && self.recent == Some(0)
@@ -159,6 +174,12 @@ struct InFlight {
     tee: Option<Arc<Tee>>,
     /// What the command is about modification sequences mailgate enabled for itself.
     modseq: Own,
+    /// `SELECT name (CONDSTORE)` or `(QRESYNC ...)`: CONDSTORE is on once it completes
+    /// (its answer says so only in a `[HIGHESTMODSEQ]` that any SELECT may carry).
+    selects_condstore: bool,
+    /// A SELECT of a mailbox whose announcement is mailgate's doing
+    /// ([`flags::Tracking::Ours`]): its answer is held to take it out.
+    ours: bool,
 }
 
 /// How a command in flight bears on the modification sequences mailgate enabled (see
@@ -233,8 +254,8 @@ struct Selecting {
     /// for it (Dovecot does from the first time any client used CONDSTORE on it, and then
     /// says so in every SELECT, CONDSTORE enabled or not).
     tracked: bool,
-    /// The command asked for CONDSTORE or QRESYNC itself (`SELECT name (CONDSTORE)`).
-    enables: bool,
+    /// Who made it keep them, as far as the cache remembers.
+    tracking: flags::Tracking,
 }
 
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
@@ -253,12 +274,45 @@ struct Implicit {
     on: AtomicBool,
     /// mailgate's own STATUS commands in flight, whose answers are not the client's.
     own: AtomicUsize,
+    /// SELECTs in flight whose `[HIGHESTMODSEQ]` is mailgate's doing.
+    ours: AtomicUsize,
 }
 
 impl Implicit {
     fn holds(&self) -> bool {
-        self.on.load(Ordering::Relaxed) || self.own.load(Ordering::Relaxed) > 0
+        self.on.load(Ordering::Relaxed) || self.own.load(Ordering::Relaxed) > 0 || self.ours.load(Ordering::Relaxed) > 0
     }
+}
+
+/// Whether the client is to see the `[HIGHESTMODSEQ]` (or `[NOMODSEQ]`) the upstream is
+/// announcing in answer to a SELECT, noting what it says of the mailbox's
+/// [`flags::Tracking`]. `implicit`: mailgate has CONDSTORE on in this session.
+fn select_announcement(shared: &mut Shared, implicit: bool) -> bool {
+    use flags::Tracking::{Ours, Theirs, Unknown};
+    let client_condstore = shared.condstore || shared.in_flight.front().is_some_and(|f| f.selects_condstore);
+    if !shared.answering_select() {
+        // A SELECT pipelined behind another: its mailbox was not looked up.
+        return true;
+    }
+    let Some(selecting) = shared.selecting.as_mut() else { return true };
+    selecting.tracked = true;
+    let (keep, learned) = match (client_condstore, implicit, selecting.tracking) {
+        // The client's own CONDSTORE: the mailbox keeps them for its sake from now on.
+        (true, _, _) => (true, Theirs),
+        (false, true, Theirs) => (true, Theirs),
+        // Only mailgate's CONDSTORE is on: the upstream starts keeping them now, or did
+        // because of mailgate before.
+        (false, true, _) => (false, Ours),
+        (false, false, Ours) => (false, Ours),
+        (false, false, _) => (true, Theirs),
+    };
+    if learned != selecting.tracking && learned != Unknown {
+        if let Some(mailbox) = selecting.mailbox.as_deref() {
+            let mailbox = Name::new(mailbox);
+            shared.tracking_updates.push((mailbox, learned));
+        }
+    }
+    keep
 }
 
 /// The longest response line held whole while [`Implicit::holds`]: what CONDSTORE adds to
@@ -326,6 +380,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         implicit: implicit.clone(),
         held: None,
         response_modseq: None,
+        tracking_due: false,
         settle_due: false,
         answered: 0,
         next_tag: 0,
@@ -676,13 +731,18 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
             // A command that enables CONDSTORE while mailgate has it on for itself goes to the
             // upstream as it is (never through the cache: its answers are the client's own).
+            let selects_condstore = modseq::enabling(full_line) == Enabling::Select;
             let enabling =
                 if self.implicit.on.load(Ordering::Relaxed) { modseq::enabling(full_line) } else { Enabling::No };
             // No job is built for any mailbox until the upstream has completed a change of
             // mailbox; what the session knows of the old one goes when the upstream begins it.
             let mut reselect = Reselect::No;
             let mut tee = None;
+            let mut tracking = flags::Tracking::Unknown;
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
+                if let (Some(scope), Some(mailbox)) = (self.scope.as_ref(), mailbox.as_deref()) {
+                    tracking = flags::tracking(scope, &Name::new(mailbox)).await;
+                }
                 let mut shared = self.lock();
                 shared.selected = None;
                 shared.selecting = Some(Selecting {
@@ -692,7 +752,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     uid_next: None,
                     recent: None,
                     tracked: false,
-                    enables: modseq::enabling(full_line) == Enabling::Select,
+                    tracking,
                 });
                 reselect = Reselect::Pending;
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
@@ -773,6 +833,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                                 reselect: Reselect::No,
                                 tee: None,
                                 modseq: Own::Status,
+                                selects_condstore: false,
+                                ours: false,
                             });
                             // Ahead of the client's line, in the same write.
                             let mut line = status;
@@ -798,7 +860,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     reselect,
                     tee,
                     modseq: own,
+                    selects_condstore,
+                    ours: tracking == flags::Tracking::Ours,
                 });
+                if tracking == flags::Tracking::Ours {
+                    self.implicit.ours.fetch_add(1, Ordering::Relaxed);
+                }
                 shared.begin_reselect();
             }
         }
@@ -840,6 +907,9 @@ struct UpstreamPump<'a, R, W> {
     held: Option<Vec<u8>>,
     /// The MODSEQ of the FETCH response under way, for a tee that learns flags.
     response_modseq: Option<u64>,
+    /// A SELECT completed: what its answer said of the mailbox's modification sequences is
+    /// to be remembered.
+    tracking_due: bool,
     /// A tee completed: settle it once the response is relayed.
     settle_due: bool,
     /// FETCH responses a job composed so far.
@@ -1011,6 +1081,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         }
         if self.framer.at_boundary() {
             self.capture = Capture::Idle;
+            if std::mem::take(&mut self.tracking_due) {
+                self.remember_tracking().await;
+            }
             if self.settle_due {
                 self.settle_due = false;
                 self.settle_tees().await;
@@ -1070,6 +1143,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             _ => {}
         }
+        if line.strip_prefix(b"* ").is_some_and(modseq::announces) {
+            let implicit = self.implicit.on.load(Ordering::Relaxed);
+            let mut shared = self.lock();
+            if shared.answering_reselect() {
+                let keep = select_announcement(&mut shared, implicit);
+                return keep.then_some(line);
+            }
+        }
         if !self.implicit.on.load(Ordering::Relaxed) {
             return Some(line);
         }
@@ -1080,10 +1161,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     /// `[HIGHESTMODSEQ]` stays: mailgate asks for modification sequences only in mailboxes
     /// that announce them in any case.
     fn stripped(&mut self, line: Vec<u8>, literal: bool) -> Option<Vec<u8>> {
-        let announcement = line.strip_prefix(b"* ").is_some_and(modseq::announces);
-        if announcement && self.lock().selecting.is_some() {
-            return Some(line);
-        }
         match modseq::strip(&line) {
             Stripped::Keep => Some(line),
             Stripped::Rewrite(out) => Some(out),
@@ -1115,6 +1192,21 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         tee.fill.learn(&response, &mut stored).await;
         self.cache_misses += (stored.len() - before) as u64;
         *tee.stored.lock().expect("tee lock poisoned") = stored;
+    }
+
+    /// Remembers what SELECT answers said of mailboxes' modification sequences.
+    async fn remember_tracking(&mut self) {
+        let Some(scope) = self.scope.clone() else { return };
+        let updates = {
+            let mut shared = self.lock();
+            if shared.tracking_updates.is_empty() {
+                return;
+            }
+            std::mem::take(&mut shared.tracking_updates)
+        };
+        for (mailbox, tracking) in updates {
+            flags::set_tracking(&scope, &mailbox, tracking).await;
+        }
     }
 
     /// Keeps or takes back what completed tees stored.
@@ -1166,11 +1258,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             Kind::Tagged { tag, rest } => {
                 if shared.selecting.as_ref().is_some_and(|s| s.tag == tag) {
-                    let Selecting { mailbox, uid_validity, uid_next, recent, tracked, enables, .. } =
+                    let Selecting { mailbox, uid_validity, uid_next, recent, tracked, .. } =
                         shared.selecting.take().expect("just checked");
+                    self.tracking_due = true;
                     shared.recent = recent;
                     shared.tracked = tracked;
-                    shared.condstore |= enables;
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
                     shared.view_changed = false;
                     if let (true, Some(exists)) = (ok, shared.exists) {
@@ -1185,6 +1277,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 if let Some(i) = shared.in_flight.iter().position(|t| t.tag == tag) {
                     let done = shared.in_flight.remove(i).expect("position is in range");
+                    if done.selects_condstore && response::status(rest).is_some_and(|s| s.status != Status::Bad) {
+                        shared.condstore = true;
+                    }
+                    if done.ours {
+                        self.implicit.ours.fetch_sub(1, Ordering::Relaxed);
+                    }
                     let clean = response::status(rest).is_some_and(|s| s.status == Status::Ok)
                         && super::snapshot::status_is_clean(rest);
                     if !clean {
@@ -1227,10 +1325,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 // A SELECT's `[HIGHESTMODSEQ]` says the mailbox has modification sequences,
                 // not that the session enabled CONDSTORE (Dovecot announces it in any case).
-                _ if shared.selecting.is_some() && modseq::announces_highest(rest) => {
-                    if let Some(selecting) = shared.selecting.as_mut() {
-                        selecting.tracked = true;
-                    }
+                _ if shared.answering_select() && modseq::announces_highest(rest) => {
+                    // Relayed as it came (not held): what it says of the mailbox is noted.
+                    select_announcement(&mut shared, self.implicit.on.load(Ordering::Relaxed));
                 }
                 // `HIGHESTMODSEQ`, `NOMODSEQ`, or `MODSEQ` in FETCH and SEARCH data: the upstream
                 // sends them only once CONDSTORE is enabled (RFC 7162 §3.1).
