@@ -17,8 +17,10 @@
 //! - the mark `n`: raised only by an answer that covered every message of the mailbox.
 //!   A server answers a command from one view of the mailbox, so the highest MODSEQ in such
 //!   an answer bounds every change it reflects;
-//! - only from, and only for, sessions with no `\Recent` message (`* 0 RECENT`, nothing
-//!   arrived since SELECT): `\Recent` is the one flag that differs between sessions;
+//! - only from sessions with no `\Recent` message (`* 0 RECENT`, nothing arrived since
+//!   SELECT): `\Recent` is the one flag that differs between sessions. A message is recent
+//!   to the first session that sees it only, so once such a session saw every message, a
+//!   message recent to a later one arrived after the mark and comes with the changes;
 //! - only after a clean completion, with the session's view of the mailbox unchanged
 //!   (no EXISTS, EXPUNGE or VANISHED while it ran).
 
@@ -177,27 +179,40 @@ pub enum Tracking {
     Ours,
 }
 
-/// The mark of a mailbox's [`Tracking`]: mailbox-wide, whatever its UIDVALIDITY.
+/// The mark of a mailbox's [`Tracking`], looked up by name when a SELECT is sent (before
+/// its UIDVALIDITY is known); its value names the UIDVALIDITY it is about (a mailbox
+/// deleted and created again is another mailbox, which keeps nothing at first).
 fn tracking_mark(scope: &Scope, mailbox: &Name) -> crate::cache::Key {
     let selected = Selected { mailbox: mailbox.clone(), uid_validity: 0, uid_next: None };
     snapshot::mark(scope, &selected, "\0modseqs")
 }
 
-pub async fn tracking(scope: &Scope, mailbox: &Name) -> Tracking {
-    match scope.cache.peek(&tracking_mark(scope, mailbox)).await.as_deref() {
-        Some(b"theirs") => Tracking::Theirs,
-        Some(b"ours") => Tracking::Ours,
-        _ => Tracking::Unknown,
+/// A mailbox's [`Tracking`] and the UIDVALIDITY it holds for.
+pub async fn tracking(scope: &Scope, mailbox: &Name) -> Option<(Tracking, u32)> {
+    let value = scope.cache.peek(&tracking_mark(scope, mailbox)).await?;
+    let (&kind, uid_validity) = value.split_first()?;
+    let uid_validity = u32::from_be_bytes(uid_validity.try_into().ok()?);
+    match kind {
+        b't' => Some((Tracking::Theirs, uid_validity)),
+        b'o' => Some((Tracking::Ours, uid_validity)),
+        _ => None,
     }
 }
 
-pub async fn set_tracking(scope: &Scope, mailbox: &Name, tracking: Tracking) {
-    let value: &'static [u8] = match tracking {
-        Tracking::Theirs => b"theirs",
-        Tracking::Ours => b"ours",
+pub async fn set_tracking(scope: &Scope, mailbox: &Name, tracking: Tracking, uid_validity: u32) {
+    let kind = match tracking {
+        Tracking::Theirs => b't',
+        Tracking::Ours => b'o',
         Tracking::Unknown => return,
     };
-    scope.cache.insert(tracking_mark(scope, mailbox), Bytes::from_static(value)).await;
+    let mut value = vec![kind];
+    value.extend_from_slice(&uid_validity.to_be_bytes());
+    scope.cache.insert(tracking_mark(scope, mailbox), Bytes::from(value)).await;
+}
+
+/// Whether a `FLAGS (...)` item names `\Recent`.
+fn is_recent(item: &[u8]) -> bool {
+    item.windows(7).any(|w| w.eq_ignore_ascii_case(b"\\Recent"))
 }
 
 /// Whether a client's FETCH is one this module answers: a UID FETCH of flags and immutable
@@ -280,8 +295,16 @@ pub(super) async fn answer<Io: JobIo>(
         return Ok(false);
     }
     changed.sort_unstable_by_key(|c| c.0);
+    // `\Recent` is this session's alone (messages that arrived since the flags were
+    // complete, the only ones that can be recent here): not remembered, and the mark stays
+    // where it was until a session without recent messages sees them.
+    let mut complete = true;
     for (uid, modseq, item) in &changed {
-        flags.learn(*uid, *modseq, item).await;
+        if is_recent(item) {
+            complete = false;
+        } else {
+            flags.learn(*uid, *modseq, item).await;
+        }
     }
 
     // Every value first (slices of the snapshot, nothing copied).
@@ -314,7 +337,7 @@ pub(super) async fn answer<Io: JobIo>(
             misses.push(uid);
         }
     }
-    if messages.len() == all.len() {
+    if complete && messages.len() == all.len() {
         // Every message's flags are now known up to the newest change.
         let newest = changed.iter().map(|c| c.1).max().unwrap_or(since).max(since);
         flags.advance(newest).await;
@@ -404,6 +427,13 @@ mod tests {
     fn uid_sets_are_ranges() {
         assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
         assert_eq!(uid_set(&[9]), "9");
+    }
+
+    #[test]
+    fn recent_is_told() {
+        assert!(is_recent(b"FLAGS (\\Seen \\Recent)"));
+        assert!(is_recent(b"FLAGS (\\recent)"));
+        assert!(!is_recent(b"FLAGS (\\Seen $Recently)"));
     }
 
     #[test]

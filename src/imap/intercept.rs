@@ -119,9 +119,12 @@ pub trait JobIo {
     /// was taken when the client sent the command).
     fn modseq(&self) -> Modseq;
     /// Whether mailgate may ask the upstream for modification sequences to check the flags
-    /// it remembers: the upstream has CONDSTORE, the client did not enable it (nor QRESYNC),
-    /// and no message of the selected mailbox is `\Recent` to this session.
+    /// it remembers: the upstream has CONDSTORE and keeps them for the selected mailbox, and
+    /// the client did not enable it (nor QRESYNC).
     fn modseq_usable(&self) -> bool;
+    /// No message of the selected mailbox is `\Recent` to this session (`* 0 RECENT`,
+    /// nothing arrived since): its FLAGS are every session's, and may be remembered.
+    fn recent_free(&self) -> bool;
     /// mailgate is about to send a command that enables CONDSTORE: from now on what it adds
     /// to responses is kept from the client (see [`super::modseq`]).
     fn enable_modseq(&mut self);
@@ -443,8 +446,12 @@ async fn answer<Io: JobIo>(
     // A resync of flags teaches the snapshot every message's flags with its MODSEQ, so that
     // the next one asks only what changed (see [`flags`]).
     let stamp = io.view_stamp();
-    let learn_flags =
-        flags::answers(job) && !job.modseq.condstore && !job.modseq.qresync && io.modseq_usable() && stamp.is_some();
+    let learn_flags = flags::answers(job)
+        && !job.modseq.condstore
+        && !job.modseq.qresync
+        && io.modseq_usable()
+        && io.recent_free()
+        && stamp.is_some();
     let remembered = if learn_flags { Some(Flags::resolve(items.scope(), &job.selected).await) } else { None };
     let mut seen_flags: Vec<(u32, u64, Bytes)> = Vec::new();
     if learn_flags {

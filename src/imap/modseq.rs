@@ -83,11 +83,6 @@ pub fn mentions(rest: &[u8]) -> bool {
         .any(|at| rest.get(at..at + 6).is_some_and(|w| w.eq_ignore_ascii_case(b"MODSEQ")))
 }
 
-/// Whether an untagged response (its rest after `* `) is `OK [HIGHESTMODSEQ n] ...`.
-pub fn announces_highest(rest: &[u8]) -> bool {
-    status_code(rest).is_some_and(|code| code.eq_ignore_ascii_case(b"HIGHESTMODSEQ"))
-}
-
 /// Whether an untagged response (its rest after `* `) is `OK [HIGHESTMODSEQ n]` or
 /// `OK [NOMODSEQ]`: what a SELECT says of a mailbox's modification sequences.
 pub fn announces(rest: &[u8]) -> bool {

@@ -115,7 +115,7 @@ struct Shared {
     /// them on for a mailbox where the upstream keeps none.
     tracked: bool,
     /// What was learned of mailboxes' [`flags::Tracking`], for the upstream pump to remember.
-    tracking_updates: Vec<(Name, flags::Tracking)>,
+    tracking_updates: Vec<(Name, flags::Tracking, u32)>,
 }
 
 impl Shared {
@@ -134,7 +134,7 @@ impl Shared {
 
     /// See [`JobIo::modseq_usable`].
     fn modseq_usable(&self) -> bool {
-        self.upstream_condstore && self.tracked && !self.condstore && !self.qresync && self.recent == Some(0)
+        self.upstream_condstore && self.tracked && !self.condstore && !self.qresync
     }
 
     /// See [`JobIo::view_stamp`].
@@ -254,8 +254,8 @@ struct Selecting {
     /// for it (Dovecot does from the first time any client used CONDSTORE on it, and then
     /// says so in every SELECT, CONDSTORE enabled or not).
     tracked: bool,
-    /// Who made it keep them, as far as the cache remembers.
-    tracking: flags::Tracking,
+    /// Who made it keep them, as far as the cache remembers, and at which UIDVALIDITY.
+    tracking: Option<(flags::Tracking, u32)>,
 }
 
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
@@ -296,7 +296,13 @@ fn select_announcement(shared: &mut Shared, implicit: bool) -> bool {
     }
     let Some(selecting) = shared.selecting.as_mut() else { return true };
     selecting.tracked = true;
-    let (keep, learned) = match (client_condstore, implicit, selecting.tracking) {
+    // UIDVALIDITY comes first in a SELECT's answer; without it nothing is known.
+    let Some(uid_validity) = selecting.uid_validity else { return true };
+    let known = match selecting.tracking {
+        Some((tracking, of)) if of == uid_validity => tracking,
+        _ => Unknown,
+    };
+    let (keep, learned) = match (client_condstore, implicit, known) {
         // The client's own CONDSTORE: the mailbox keeps them for its sake from now on.
         (true, _, _) => (true, Theirs),
         (false, true, Theirs) => (true, Theirs),
@@ -306,10 +312,10 @@ fn select_announcement(shared: &mut Shared, implicit: bool) -> bool {
         (false, false, Ours) => (false, Ours),
         (false, false, _) => (true, Theirs),
     };
-    if learned != selecting.tracking && learned != Unknown {
+    if learned != known && learned != Unknown {
         if let Some(mailbox) = selecting.mailbox.as_deref() {
             let mailbox = Name::new(mailbox);
-            shared.tracking_updates.push((mailbox, learned));
+            shared.tracking_updates.push((mailbox, learned, uid_validity));
         }
     }
     keep
@@ -738,7 +744,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             // mailbox; what the session knows of the old one goes when the upstream begins it.
             let mut reselect = Reselect::No;
             let mut tee = None;
-            let mut tracking = flags::Tracking::Unknown;
+            let mut tracking = None;
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
                 if let (Some(scope), Some(mailbox)) = (self.scope.as_ref(), mailbox.as_deref()) {
                     tracking = flags::tracking(scope, &Name::new(mailbox)).await;
@@ -771,7 +777,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                         // it relays are remembered, and the next resync asks what changed.
                         let learn = {
                             let shared = self.lock();
-                            let usable = flags::answers(&job) && shared.modseq_usable() && shared.in_flight.is_empty();
+                            let usable = flags::answers(&job)
+                                && shared.modseq_usable()
+                                && shared.recent == Some(0)
+                                && shared.in_flight.is_empty();
                             usable.then(|| shared.view_stamp()).flatten()
                         };
                         let mut learning = None;
@@ -861,9 +870,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     tee,
                     modseq: own,
                     selects_condstore,
-                    ours: tracking == flags::Tracking::Ours,
+                    ours: tracking.is_some_and(|(t, _)| t == flags::Tracking::Ours),
                 });
-                if tracking == flags::Tracking::Ours {
+                if tracking.is_some_and(|(t, _)| t == flags::Tracking::Ours) {
                     self.implicit.ours.fetch_add(1, Ordering::Relaxed);
                 }
                 shared.begin_reselect();
@@ -1204,8 +1213,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             std::mem::take(&mut shared.tracking_updates)
         };
-        for (mailbox, tracking) in updates {
-            flags::set_tracking(&scope, &mailbox, tracking).await;
+        for (mailbox, tracking, uid_validity) in updates {
+            flags::set_tracking(&scope, &mailbox, tracking, uid_validity).await;
         }
     }
 
@@ -1325,9 +1334,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 // A SELECT's `[HIGHESTMODSEQ]` says the mailbox has modification sequences,
                 // not that the session enabled CONDSTORE (Dovecot announces it in any case).
-                _ if shared.answering_select() && modseq::announces_highest(rest) => {
-                    // Relayed as it came (not held): what it says of the mailbox is noted.
-                    select_announcement(&mut shared, self.implicit.on.load(Ordering::Relaxed));
+                _ if shared.answering_reselect() && modseq::announces(rest) => {
+                    // Relayed as it came (a held one was looked at on release): what it
+                    // says of the mailbox is noted.
+                    if !self.implicit.holds() {
+                        select_announcement(&mut shared, false);
+                    }
                 }
                 // `HIGHESTMODSEQ`, `NOMODSEQ`, or `MODSEQ` in FETCH and SEARCH data: the upstream
                 // sends them only once CONDSTORE is enabled (RFC 7162 §3.1).
@@ -1551,6 +1563,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
 
     fn modseq_usable(&self) -> bool {
         self.lock().modseq_usable()
+    }
+
+    fn recent_free(&self) -> bool {
+        self.lock().recent == Some(0)
     }
 
     fn enable_modseq(&mut self) {
