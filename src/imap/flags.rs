@@ -161,55 +161,6 @@ pub fn modseq_value(item: &[u8]) -> Option<u64> {
     std::str::from_utf8(inner).ok()?.parse().ok()
 }
 
-/// Who made the upstream keep modification sequences for a mailbox, as far as mailgate
-/// knows. Dovecot starts keeping them the first time a session with CONDSTORE on opens the
-/// mailbox, and from then on announces `[HIGHESTMODSEQ]` in every SELECT of it. A session
-/// where only mailgate turned CONDSTORE on would start that for a mailbox the client then
-/// opens: the upstream now says what it would not have said without mailgate, in that
-/// session and every later one. So mailgate remembers which mailboxes it alone made keep
-/// them, and keeps their announcement from clients that did not ask for CONDSTORE.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Tracking {
-    /// Never seen announced to a session without CONDSTORE.
-    Unknown,
-    /// Announced without mailgate's doing (to a session without CONDSTORE, or a client
-    /// turned it on there): announcements are the upstream's own.
-    Theirs,
-    /// Announced only because mailgate's CONDSTORE was on when the mailbox was opened.
-    Ours,
-}
-
-/// The mark of a mailbox's [`Tracking`], looked up by name when a SELECT is sent (before
-/// its UIDVALIDITY is known); its value names the UIDVALIDITY it is about (a mailbox
-/// deleted and created again is another mailbox, which keeps nothing at first).
-fn tracking_mark(scope: &Scope, mailbox: &Name) -> crate::cache::Key {
-    let selected = Selected { mailbox: mailbox.clone(), uid_validity: 0, uid_next: None };
-    snapshot::mark(scope, &selected, "\0modseqs")
-}
-
-/// A mailbox's [`Tracking`] and the UIDVALIDITY it holds for.
-pub async fn tracking(scope: &Scope, mailbox: &Name) -> Option<(Tracking, u32)> {
-    let value = scope.cache.peek(&tracking_mark(scope, mailbox)).await?;
-    let (&kind, uid_validity) = value.split_first()?;
-    let uid_validity = u32::from_be_bytes(uid_validity.try_into().ok()?);
-    match kind {
-        b't' => Some((Tracking::Theirs, uid_validity)),
-        b'o' => Some((Tracking::Ours, uid_validity)),
-        _ => None,
-    }
-}
-
-pub async fn set_tracking(scope: &Scope, mailbox: &Name, tracking: Tracking, uid_validity: u32) {
-    let kind = match tracking {
-        Tracking::Theirs => b't',
-        Tracking::Ours => b'o',
-        Tracking::Unknown => return,
-    };
-    let mut value = vec![kind];
-    value.extend_from_slice(&uid_validity.to_be_bytes());
-    scope.cache.insert(tracking_mark(scope, mailbox), Bytes::from(value)).await;
-}
-
 /// Whether a `FLAGS (...)` item names `\Recent`.
 fn is_recent(item: &[u8]) -> bool {
     item.windows(7).any(|w| w.eq_ignore_ascii_case(b"\\Recent"))

@@ -114,8 +114,6 @@ struct Shared {
     /// [`Selecting::tracked`]): only then does mailgate ask for them, so that it never turns
     /// them on for a mailbox where the upstream keeps none.
     tracked: bool,
-    /// What was learned of mailboxes' [`flags::Tracking`], for the upstream pump to remember.
-    tracking_updates: Vec<(Name, flags::Tracking, u32)>,
 }
 
 impl Shared {
@@ -177,9 +175,6 @@ struct InFlight {
     /// `SELECT name (CONDSTORE)` or `(QRESYNC ...)`: CONDSTORE is on once it completes
     /// (its answer says so only in a `[HIGHESTMODSEQ]` that any SELECT may carry).
     selects_condstore: bool,
-    /// A SELECT of a mailbox whose announcement is mailgate's doing
-    /// ([`flags::Tracking::Ours`]): its answer is held to take it out.
-    ours: bool,
 }
 
 /// How a command in flight bears on the modification sequences mailgate enabled (see
@@ -254,8 +249,6 @@ struct Selecting {
     /// for it (Dovecot does from the first time any client used CONDSTORE on it, and then
     /// says so in every SELECT, CONDSTORE enabled or not).
     tracked: bool,
-    /// Who made it keep them, as far as the cache remembers, and at which UIDVALIDITY.
-    tracking: Option<(flags::Tracking, u32)>,
 }
 
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
@@ -274,51 +267,24 @@ struct Implicit {
     on: AtomicBool,
     /// mailgate's own STATUS commands in flight, whose answers are not the client's.
     own: AtomicUsize,
-    /// SELECTs in flight whose `[HIGHESTMODSEQ]` is mailgate's doing.
-    ours: AtomicUsize,
 }
 
 impl Implicit {
     fn holds(&self) -> bool {
-        self.on.load(Ordering::Relaxed) || self.own.load(Ordering::Relaxed) > 0 || self.ours.load(Ordering::Relaxed) > 0
+        self.on.load(Ordering::Relaxed) || self.own.load(Ordering::Relaxed) > 0
     }
 }
 
-/// Whether the client is to see the `[HIGHESTMODSEQ]` (or `[NOMODSEQ]`) the upstream is
-/// announcing in answer to a SELECT, noting what it says of the mailbox's
-/// [`flags::Tracking`]. `implicit`: mailgate has CONDSTORE on in this session.
-fn select_announcement(shared: &mut Shared, implicit: bool) -> bool {
-    use flags::Tracking::{Ours, Theirs, Unknown};
-    let client_condstore = shared.condstore || shared.in_flight.front().is_some_and(|f| f.selects_condstore);
-    if !shared.answering_select() {
-        // A SELECT pipelined behind another: its mailbox was not looked up.
-        return true;
-    }
-    let Some(selecting) = shared.selecting.as_mut() else { return true };
-    selecting.tracked = true;
-    // UIDVALIDITY comes first in a SELECT's answer; without it nothing is known.
-    let Some(uid_validity) = selecting.uid_validity else { return true };
-    let known = match selecting.tracking {
-        Some((tracking, of)) if of == uid_validity => tracking,
-        _ => Unknown,
-    };
-    let (keep, learned) = match (client_condstore, implicit, known) {
-        // The client's own CONDSTORE: the mailbox keeps them for its sake from now on.
-        (true, _, _) => (true, Theirs),
-        (false, true, Theirs) => (true, Theirs),
-        // Only mailgate's CONDSTORE is on: the upstream starts keeping them now, or did
-        // because of mailgate before.
-        (false, true, _) => (false, Ours),
-        (false, false, Ours) => (false, Ours),
-        (false, false, _) => (true, Theirs),
-    };
-    if learned != known && learned != Unknown {
-        if let Some(mailbox) = selecting.mailbox.as_deref() {
-            let mailbox = Name::new(mailbox);
-            shared.tracking_updates.push((mailbox, learned, uid_validity));
+/// A SELECT's `[HIGHESTMODSEQ]`: the mailbox it opens has modification sequences. The
+/// client sees it in any case: Dovecot announces them in every SELECT of a mailbox it keeps
+/// them for, CONDSTORE on or not. (Once a session with CONDSTORE on, mailgate's included,
+/// opened a mailbox, Dovecot keeps them for it, as after any CONDSTORE client.)
+fn select_announcement(shared: &mut Shared) {
+    if shared.answering_select() {
+        if let Some(selecting) = shared.selecting.as_mut() {
+            selecting.tracked = true;
         }
     }
-    keep
 }
 
 /// The longest response line held whole while [`Implicit::holds`]: what CONDSTORE adds to
@@ -386,7 +352,6 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         implicit: implicit.clone(),
         held: None,
         response_modseq: None,
-        tracking_due: false,
         settle_due: false,
         answered: 0,
         next_tag: 0,
@@ -744,11 +709,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             // mailbox; what the session knows of the old one goes when the upstream begins it.
             let mut reselect = Reselect::No;
             let mut tee = None;
-            let mut tracking = None;
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
-                if let (Some(scope), Some(mailbox)) = (self.scope.as_ref(), mailbox.as_deref()) {
-                    tracking = flags::tracking(scope, &Name::new(mailbox)).await;
-                }
                 let mut shared = self.lock();
                 shared.selected = None;
                 shared.selecting = Some(Selecting {
@@ -758,7 +719,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     uid_next: None,
                     recent: None,
                     tracked: false,
-                    tracking,
                 });
                 reselect = Reselect::Pending;
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
@@ -843,7 +803,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                                 tee: None,
                                 modseq: Own::Status,
                                 selects_condstore: false,
-                                ours: false,
                             });
                             // Ahead of the client's line, in the same write.
                             let mut line = status;
@@ -870,11 +829,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     tee,
                     modseq: own,
                     selects_condstore,
-                    ours: tracking.is_some_and(|(t, _)| t == flags::Tracking::Ours),
                 });
-                if tracking.is_some_and(|(t, _)| t == flags::Tracking::Ours) {
-                    self.implicit.ours.fetch_add(1, Ordering::Relaxed);
-                }
                 shared.begin_reselect();
             }
         }
@@ -916,9 +871,7 @@ struct UpstreamPump<'a, R, W> {
     held: Option<Vec<u8>>,
     /// The MODSEQ of the FETCH response under way, for a tee that learns flags.
     response_modseq: Option<u64>,
-    /// A SELECT completed: what its answer said of the mailbox's modification sequences is
-    /// to be remembered.
-    tracking_due: bool,
+
     /// A tee completed: settle it once the response is relayed.
     settle_due: bool,
     /// FETCH responses a job composed so far.
@@ -1090,9 +1043,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         }
         if self.framer.at_boundary() {
             self.capture = Capture::Idle;
-            if std::mem::take(&mut self.tracking_due) {
-                self.remember_tracking().await;
-            }
             if self.settle_due {
                 self.settle_due = false;
                 self.settle_tees().await;
@@ -1152,13 +1102,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             _ => {}
         }
-        if line.strip_prefix(b"* ").is_some_and(modseq::announces) {
-            let implicit = self.implicit.on.load(Ordering::Relaxed);
-            let mut shared = self.lock();
-            if shared.answering_reselect() {
-                let keep = select_announcement(&mut shared, implicit);
-                return keep.then_some(line);
-            }
+        if line.strip_prefix(b"* ").is_some_and(modseq::announces) && self.lock().answering_reselect() {
+            return Some(line);
         }
         if !self.implicit.on.load(Ordering::Relaxed) {
             return Some(line);
@@ -1201,21 +1146,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         tee.fill.learn(&response, &mut stored).await;
         self.cache_misses += (stored.len() - before) as u64;
         *tee.stored.lock().expect("tee lock poisoned") = stored;
-    }
-
-    /// Remembers what SELECT answers said of mailboxes' modification sequences.
-    async fn remember_tracking(&mut self) {
-        let Some(scope) = self.scope.clone() else { return };
-        let updates = {
-            let mut shared = self.lock();
-            if shared.tracking_updates.is_empty() {
-                return;
-            }
-            std::mem::take(&mut shared.tracking_updates)
-        };
-        for (mailbox, tracking, uid_validity) in updates {
-            flags::set_tracking(&scope, &mailbox, tracking, uid_validity).await;
-        }
     }
 
     /// Keeps or takes back what completed tees stored.
@@ -1269,7 +1199,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 if shared.selecting.as_ref().is_some_and(|s| s.tag == tag) {
                     let Selecting { mailbox, uid_validity, uid_next, recent, tracked, .. } =
                         shared.selecting.take().expect("just checked");
-                    self.tracking_due = true;
                     shared.recent = recent;
                     shared.tracked = tracked;
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
@@ -1288,9 +1217,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     let done = shared.in_flight.remove(i).expect("position is in range");
                     if done.selects_condstore && response::status(rest).is_some_and(|s| s.status != Status::Bad) {
                         shared.condstore = true;
-                    }
-                    if done.ours {
-                        self.implicit.ours.fetch_sub(1, Ordering::Relaxed);
                     }
                     let clean = response::status(rest).is_some_and(|s| s.status == Status::Ok)
                         && super::snapshot::status_is_clean(rest);
@@ -1334,13 +1260,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 // A SELECT's `[HIGHESTMODSEQ]` says the mailbox has modification sequences,
                 // not that the session enabled CONDSTORE (Dovecot announces it in any case).
-                _ if shared.answering_reselect() && modseq::announces(rest) => {
-                    // Relayed as it came (a held one was looked at on release): what it
-                    // says of the mailbox is noted.
-                    if !self.implicit.holds() {
-                        select_announcement(&mut shared, false);
-                    }
-                }
+                _ if shared.answering_reselect() && modseq::announces(rest) => select_announcement(&mut shared),
                 // `HIGHESTMODSEQ`, `NOMODSEQ`, or `MODSEQ` in FETCH and SEARCH data: the upstream
                 // sends them only once CONDSTORE is enabled (RFC 7162 §3.1).
                 _ if !shared.condstore && modseq::mentions(rest) => {
