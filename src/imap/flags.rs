@@ -70,6 +70,14 @@ impl Flags {
         scope.cache.insert(mark, Bytes::copy_from_slice(&modseq.to_be_bytes())).await;
     }
 
+    /// Forgets every remembered flag and the mark.
+    pub async fn reset(&self) {
+        let scope = self.items.scope();
+        scope.cache.invalidate(&snapshot::mark(scope, self.items.selected(), MODSEQ_MARK)).await;
+        self.items.clear(0);
+        self.reweigh().await;
+    }
+
     /// The `FLAGS (...)` item remembered of `uid`.
     pub async fn get(&self, uid: u32) -> Option<Bytes> {
         let value = self.items.peek(uid, 0).await?;
@@ -196,6 +204,15 @@ pub(super) async fn answer<Io: JobIo>(
     let scope = fill.items.scope();
     let flags = Flags::resolve(scope, &job.selected).await;
     let Some(since) = flags.since().await else { return Ok(false) };
+    // Modification sequences never go down: a mailbox that announced one below the mark at
+    // SELECT has another history (an index rebuilt under the same UIDVALIDITY), or another
+    // session raised the mark since (a change made after this SELECT). Either way the flags
+    // are learned again, the full way.
+    if io.selected_highest_modseq().is_some_and(|highest| highest < since) {
+        tracing::debug!(since, "HIGHESTMODSEQ at SELECT below the flags' mark; learning the flags again");
+        flags.reset().await;
+        return Ok(false);
+    }
     // Every message's number: from the snapshot when the mailbox is as it was, else asked.
     if !io.all_uids_known()
         && !snapshot::restore_uids(scope, &job.selected, stamp, |uids| io.learn_all_uids(uids)).await

@@ -125,6 +125,8 @@ pub trait JobIo {
     /// No message of the selected mailbox is `\Recent` to this session (`* 0 RECENT`,
     /// nothing arrived since): its FLAGS are every session's, and may be remembered.
     fn recent_free(&self) -> bool;
+    /// The HIGHESTMODSEQ the selected mailbox announced at SELECT.
+    fn selected_highest_modseq(&self) -> Option<u64>;
     /// mailgate is about to send a command that enables CONDSTORE: from now on what it adds
     /// to responses is kept from the client (see [`super::modseq`]).
     fn enable_modseq(&mut self);

@@ -90,6 +90,16 @@ pub fn announces(rest: &[u8]) -> bool {
         .is_some_and(|code| code.eq_ignore_ascii_case(b"HIGHESTMODSEQ") || code.eq_ignore_ascii_case(b"NOMODSEQ"))
 }
 
+/// The value of `OK [HIGHESTMODSEQ n] ...` (an untagged response's rest after `* `).
+pub fn announced_highest(rest: &[u8]) -> Option<u64> {
+    let code = rest.get(3..)?.strip_prefix(b"[")?;
+    if code.len() < 14 || !code[..14].eq_ignore_ascii_case(b"HIGHESTMODSEQ ") {
+        return None;
+    }
+    let digits = &code[14..code.iter().position(|&b| b == b']')?];
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 /// The response code atom of `OK [CODE ...] text` (or NO, BAD).
 fn status_code(rest: &[u8]) -> Option<&[u8]> {
     let (word, after) = rest.split_at(rest.iter().position(|&b| b == b' ')?);
@@ -366,6 +376,8 @@ mod tests {
         assert_eq!(status_highest_modseq(b"* STATUS INBOX (HIGHESTMODSEQ 7)\r\n"), Some(7));
         assert_eq!(status_highest_modseq(b"* STATUS \"a (b)\" (MESSAGES 3 HIGHESTMODSEQ 12)\r\n"), Some(12));
         assert_eq!(status_highest_modseq(b"* STATUS INBOX (MESSAGES 3)\r\n"), None);
+        assert_eq!(announced_highest(b"OK [HIGHESTMODSEQ 715] Highest\r\n"), Some(715));
+        assert_eq!(announced_highest(b"OK [UIDNEXT 715] x"), None);
         assert_eq!(highest_modseq_text(b"* OK [HIGHESTMODSEQ 7] Highest\r\n"), Some(&b" Highest\r\n"[..]));
         assert_eq!(highest_modseq_text(b"* OK [UIDNEXT 7] x\r\n"), None);
         assert_eq!(highest_modseq_line(9, Some(b" Highest\r\n")), b"* OK [HIGHESTMODSEQ 9] Highest\r\n");

@@ -114,6 +114,8 @@ struct Shared {
     /// [`Selecting::tracked`]): only then does mailgate ask for them, so that it never turns
     /// them on for a mailbox where the upstream keeps none.
     tracked: bool,
+    /// The HIGHESTMODSEQ the selected mailbox announced at SELECT.
+    highest_modseq: Option<u64>,
 }
 
 impl Shared {
@@ -249,6 +251,8 @@ struct Selecting {
     /// for it (Dovecot does from the first time any client used CONDSTORE on it, and then
     /// says so in every SELECT, CONDSTORE enabled or not).
     tracked: bool,
+    /// The HIGHESTMODSEQ it announced.
+    highest_modseq: Option<u64>,
 }
 
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
@@ -279,10 +283,11 @@ impl Implicit {
 /// client sees it in any case: Dovecot announces them in every SELECT of a mailbox it keeps
 /// them for, CONDSTORE on or not. (Once a session with CONDSTORE on, mailgate's included,
 /// opened a mailbox, Dovecot keeps them for it, as after any CONDSTORE client.)
-fn select_announcement(shared: &mut Shared) {
+fn select_announcement(shared: &mut Shared, rest: &[u8]) {
     if shared.answering_select() {
         if let Some(selecting) = shared.selecting.as_mut() {
             selecting.tracked = true;
+            selecting.highest_modseq = modseq::announced_highest(rest);
         }
     }
 }
@@ -719,6 +724,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     uid_next: None,
                     recent: None,
                     tracked: false,
+                    highest_modseq: None,
                 });
                 reselect = Reselect::Pending;
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
@@ -732,7 +738,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 };
                 if let Some(job) = Job::for_line(full_line, selected.as_ref(), modseq) {
                     let fill = Fill::new(&job, scope).await;
-                    if intercept::relays_whole(&job, &fill.items).await {
+                    // Under QRESYNC, Dovecot gives the first completion after ENABLE the
+                    // mailbox's `[HIGHESTMODSEQ]`, or not, depending on what it has queued: a
+                    // FETCH held back until the commands before it completed would change
+                    // which. Pipelined behind others, it is relayed in its place.
+                    let queued = modseq.qresync && !self.lock().in_flight.is_empty();
+                    if queued || intercept::relays_whole(&job, &fill.items).await {
                         // A cold resync of flags, alone in flight, asks MODSEQ too: the flags
                         // it relays are remembered, and the next resync asks what changed.
                         let learn = {
@@ -1197,10 +1208,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             }
             Kind::Tagged { tag, rest } => {
                 if shared.selecting.as_ref().is_some_and(|s| s.tag == tag) {
-                    let Selecting { mailbox, uid_validity, uid_next, recent, tracked, .. } =
+                    let Selecting { mailbox, uid_validity, uid_next, recent, tracked, highest_modseq, .. } =
                         shared.selecting.take().expect("just checked");
                     shared.recent = recent;
                     shared.tracked = tracked;
+                    shared.highest_modseq = highest_modseq;
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
                     shared.view_changed = false;
                     if let (true, Some(exists)) = (ok, shared.exists) {
@@ -1260,7 +1272,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 // A SELECT's `[HIGHESTMODSEQ]` says the mailbox has modification sequences,
                 // not that the session enabled CONDSTORE (Dovecot announces it in any case).
-                _ if shared.answering_reselect() && modseq::announces(rest) => select_announcement(&mut shared),
+                _ if shared.answering_reselect() && modseq::announces(rest) => select_announcement(&mut shared, rest),
                 // `HIGHESTMODSEQ`, `NOMODSEQ`, or `MODSEQ` in FETCH and SEARCH data: the upstream
                 // sends them only once CONDSTORE is enabled (RFC 7162 §3.1).
                 _ if !shared.condstore && modseq::mentions(rest) => {
@@ -1487,6 +1499,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
 
     fn recent_free(&self) -> bool {
         self.lock().recent == Some(0)
+    }
+
+    fn selected_highest_modseq(&self) -> Option<u64> {
+        self.lock().highest_modseq
     }
 
     fn enable_modseq(&mut self) {

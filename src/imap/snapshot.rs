@@ -215,6 +215,13 @@ impl Items {
         }
     }
 
+    /// Empties item `i`'s column (for every message).
+    pub fn clear(&self, i: usize) {
+        if let Some(column) = self.slots[i].column.as_ref().and_then(|slot| slot.column.get()) {
+            column.clear();
+        }
+    }
+
     pub async fn remove(&self, uid: u32, i: usize) {
         match &self.slots[i].column {
             Some(slot) => {

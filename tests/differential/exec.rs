@@ -6,7 +6,7 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use super::action::{batch_bytes, Action, Cmd};
-use super::answer::{self, describe, diff, normalize, show_answer, Answer, Normal};
+use super::answer::{self, describe, diff, normalize, show_answer, Answer};
 use super::env::Env;
 use super::pop3;
 use super::server::{rebuilt_folder, PASSWORD};
@@ -395,27 +395,8 @@ pub fn is_barrier(cmd: &Cmd) -> bool {
     matches!(cmd.verb().as_str(), "SELECT" | "EXAMINE" | "CLOSE" | "UNSELECT" | "LOGOUT" | "ENABLE")
 }
 
-/// Whether an untagged response is `* OK [HIGHESTMODSEQ n] ...`.
-fn announces_highest_modseq(response: &[u8]) -> bool {
-    response.len() > 20 && response[..20].eq_ignore_ascii_case(b"* OK [HIGHESTMODSEQ ")
-}
-
 fn compare(what: &str, batch: &[Cmd], via: &Answer, twin: &Answer, ordered: bool) -> Result<(), Mismatch> {
-    let (mut via_normal, mut twin_normal) = (normalize(via, ordered), normalize(twin, ordered));
-    // Dovecot keeps modification sequences for a mailbox from the first time a session with
-    // CONDSTORE on opens it, and from then on announces them in every SELECT of it. mailgate
-    // turns CONDSTORE on in sessions whose resyncs it checks with it, so the account behind
-    // mailgate may keep them for a mailbox where its twin does not yet: a difference in the
-    // servers' state, not in how a state is answered. Whether a SELECT announces them is not
-    // compared; what it announces is, when both do.
-    let selects = batch.len() == 1 && matches!(batch[0].verb().as_str(), "SELECT" | "EXAMINE");
-    let announced = |n: &Normal| n.other.iter().any(|r| announces_highest_modseq(r));
-    if selects && announced(&via_normal) != announced(&twin_normal) {
-        for normal in [&mut via_normal, &mut twin_normal] {
-            normal.other.retain(|r| !announces_highest_modseq(r));
-        }
-    }
-    let d = match diff(&via_normal, &twin_normal) {
+    let d = match diff(&normalize(via, ordered), &normalize(twin, ordered)) {
         // The server never stalls: a twin waiting in vain means the tester misread.
         None if twin.error.as_deref() == Some("timed out") => "  (harness) the twin timed out too\n".to_string(),
         None => return Ok(()),

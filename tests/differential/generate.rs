@@ -130,6 +130,8 @@ pub struct Generator {
     mails: usize,
     mail_seed: u64,
     features: Features,
+    /// The folders were opened with CONDSTORE (see [`Generator::track_modseqs`]).
+    tracked: bool,
 }
 
 fn weighted<T: Copy>(rng: &mut Rng, table: &[(T, u32)]) -> T {
@@ -153,7 +155,24 @@ impl Generator {
             mails: 0,
             mail_seed: user.content_seed ^ 0xA99E_u64,
             features: features.clone(),
+            tracked: false,
         }
+    }
+
+    /// Opens `folders` once with CONDSTORE, straight at the server, for both accounts.
+    /// Dovecot keeps modification sequences for a mailbox from the first time a session with
+    /// CONDSTORE on opens it, and numbers them from then. mailgate turns CONDSTORE on in
+    /// sessions whose resyncs it checks with them, for the account behind it only: without
+    /// this, one twin would start keeping them earlier than the other, and the twins'
+    /// SELECTs and MODSEQs would differ in a way no answer of mailgate's decides (a mailbox
+    /// without them is tested in tests/imap_modseq.rs).
+    fn track_modseqs(&mut self, ex: &mut Executor, log: &mut Vec<Action>, folders: &[String]) -> Result<(), Mismatch> {
+        if !self.features.imap || !self.features.allows("condstore") {
+            return Ok(());
+        }
+        let cmds = folders.iter().map(|f| Cmd::new(self.tag("m"), format!("SELECT {f} (CONDSTORE)"))).collect();
+        self.act(ex, log, Action::Mutate(cmds))?;
+        Ok(())
     }
 
     fn tag(&mut self, prefix: &str) -> String {
@@ -170,6 +189,11 @@ impl Generator {
 
     /// One random step (one or a few actions).
     pub fn step(&mut self, ex: &mut Executor, log: &mut Vec<Action>) -> Result<(), Mismatch> {
+        if !self.tracked {
+            self.tracked = true;
+            let folders: Vec<String> = self.features.folders.iter().map(|f| f.to_string()).collect();
+            return self.track_modseqs(ex, log, &folders);
+        }
         let mut kind = if !self.features.imap {
             if self.rng.chance(60) {
                 Kind::Pop3
@@ -583,6 +607,7 @@ impl Generator {
                     cmds.push(append);
                 }
                 self.act(ex, log, Action::Mutate(cmds))?;
+                self.track_modseqs(ex, log, std::slice::from_ref(&folder))?;
             }
             96.. if self.features.allows("rebuild") => {
                 // Rebuilt on disk with the same UIDVALIDITY and new content.
@@ -609,6 +634,7 @@ impl Generator {
                 let most = self.rng.range(1, 9);
                 let Some(count) = (1..=most).rev().find(|&count| fits(count)) else { return Ok(()) };
                 self.act(ex, log, Action::Rebuild { folder: folder.clone(), uidvalidity, seed, count })?;
+                self.track_modseqs(ex, log, std::slice::from_ref(&folder))?;
                 // The client looks at the restored folder before new mail arrives in it (new
                 // mail would hand the old UIDs out again and hide the lower UIDNEXT).
                 let examine = Cmd::new(self.tag("a"), format!("EXAMINE {folder}"));
