@@ -632,7 +632,11 @@ async fn answer<Io: JobIo>(
         }
         let retry = phase_two.fetch(io, &mut renumber, chunk, &again, &mut HashMap::new()).await?;
         for status in [status, retry].into_iter().flatten() {
-            if !status.starts_with(b"OK") {
+            // A failure, or a response code the upstream gave this completion (under QRESYNC
+            // Dovecot reports the mailbox's `[HIGHESTMODSEQ]` on the first completion after a
+            // change; that may be phase two's), is the client's to see.
+            let failed = !status.starts_with(b"OK");
+            if failed || (status.starts_with(b"OK [") && final_status.starts_with(b"OK") && !final_status.starts_with(b"OK [")) {
                 final_status = status;
             }
         }

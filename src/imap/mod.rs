@@ -5,6 +5,9 @@
 //! - [`front`]: the not-authenticated state, STARTTLS and login.
 //! - [`upstream`]: logging in to the upstream with the client's credentials.
 //! - [`relay`]: the authenticated session, relayed with framing.
+//! - [`intercept`], [`snapshot`]: FETCHes answered through the cache, and what it may keep.
+//! - [`flags`]: flags remembered and checked with CONDSTORE; [`modseq`]: what mailgate's
+//!   CONDSTORE adds to a session, kept from the client.
 
 pub mod capabilities;
 pub mod command;

@@ -24,13 +24,13 @@ pub enum Stripped {
     Keep,
     /// Nothing of it would have been sent without CONDSTORE.
     Drop,
-    /// The line without its `MODSEQ (n)` item.
-    Rewrite(Vec<u8>),
+    /// The line, its `MODSEQ (n)` item taken out (in place).
+    Rewritten,
 }
 
 /// Strips from one response line (the whole line, or the part of a FETCH response up to its
 /// first literal) what CONDSTORE added to it.
-pub fn strip(line: &[u8]) -> Stripped {
+pub fn strip(line: &mut Vec<u8>) -> Stripped {
     let Some(rest) = line.strip_prefix(b"* ") else { return Stripped::Keep };
     if !mentions(rest) {
         return Stripped::Keep;
@@ -52,13 +52,11 @@ pub fn strip(line: &[u8]) -> Stripped {
     } else if range.start > start && line[range.start - 1] == b' ' {
         range.start -= 1;
     }
-    let mut out = Vec::with_capacity(line.len() - range.len());
-    out.extend_from_slice(&line[..range.start]);
-    out.extend_from_slice(&line[range.end..]);
+    line.drain(range);
     // `* n FETCH ()`, or `* n FETCH (UID m)` of a `UID STORE .SILENT`: the response said
     // nothing but the MODSEQ (a FETCH that asked for UID alone is never rewritten: MODSEQ
     // comes with a solicited answer only when asked for).
-    let items = super::framing::strip_eol(&out[start..]);
+    let items = super::framing::strip_eol(&line[start..]);
     let only_uid = items.len() > 5
         && items[..4].eq_ignore_ascii_case(b"UID ")
         && items[4..items.len() - 1].iter().all(u8::is_ascii_digit)
@@ -66,7 +64,7 @@ pub fn strip(line: &[u8]) -> Stripped {
     if items == b")" || only_uid {
         return Stripped::Drop;
     }
-    Stripped::Rewrite(out)
+    Stripped::Rewritten
 }
 
 /// The value of the `MODSEQ (n)` item of a FETCH response's first line.
@@ -289,10 +287,11 @@ mod tests {
     use super::*;
 
     fn stripped(line: &str) -> String {
-        match strip(line.as_bytes()) {
-            Stripped::Keep => format!("keep {line}"),
+        let mut out = line.as_bytes().to_vec();
+        match strip(&mut out) {
+            Stripped::Keep => format!("keep {}", String::from_utf8(out).unwrap()),
             Stripped::Drop => "drop".to_string(),
-            Stripped::Rewrite(out) => String::from_utf8(out).unwrap(),
+            Stripped::Rewritten => String::from_utf8(out).unwrap(),
         }
     }
 

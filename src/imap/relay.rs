@@ -356,6 +356,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         capture: Capture::Idle,
         implicit: implicit.clone(),
         held: None,
+        held_spare: Vec::new(),
         response_modseq: None,
         settle_due: false,
         answered: 0,
@@ -880,6 +881,8 @@ struct UpstreamPump<'a, R, W> {
     implicit: Arc<Implicit>,
     /// The first line of the response under way, held while [`Implicit::holds`].
     held: Option<Vec<u8>>,
+    /// An allocation for the next held line.
+    held_spare: Vec<u8>,
     /// The MODSEQ of the FETCH response under way, for a tee that learns flags.
     response_modseq: Option<u64>,
 
@@ -984,10 +987,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             // Nothing was consumed: the session cannot go on (and must not spin).
             Err(_) => return Some(End::Io),
         };
-        let mut bytes = self.buffer.split_to(step.consumed);
+        let bytes = self.buffer.split_to(step.consumed);
         if response_starts {
             if self.implicit.holds() {
-                self.held = Some(Vec::new());
+                self.held = Some(std::mem::take(&mut self.held_spare));
             }
             if self.tees.load(Ordering::Relaxed) > 0 {
                 self.capture = Capture::Copying(Vec::new());
@@ -995,7 +998,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         }
         // While mailgate's modification sequences are on, a response's first line is held
         // until complete, and released as the client is to see it (maybe not at all).
-        let mut released_head = None;
+        let mut released: Option<(Vec<u8>, bool)> = None;
         if let Some(held) = self.held.as_mut() {
             held.extend_from_slice(&bytes);
             let line = match &step.event {
@@ -1008,35 +1011,35 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             if self.tees.load(Ordering::Relaxed) > 0 {
                 self.response_modseq = modseq::fetch_modseq(&held);
             }
-            bytes = match line {
-                Some(line) => {
-                    let out = self.release(held, line.announce.is_some()).await.unwrap_or_default();
-                    released_head = Some(out[..out.len().min(super::framing::HEAD_LEN)].to_vec());
-                    BytesMut::from(&out[..])
-                }
-                None => BytesMut::from(&held[..]),
-            };
+            released = Some(match line {
+                Some(line) => (self.release(held, line.announce.is_some()).await.unwrap_or_default(), true),
+                None => (held, false),
+            });
         }
-        if self.write.write_all(&bytes).await.is_err() {
+        let out: &[u8] = match &released {
+            Some((out, _)) => out,
+            None => &bytes,
+        };
+        if self.write.write_all(out).await.is_err() {
             return Some(End::ClientClosed);
         }
         if let Capture::Copying(copy) = &mut self.capture {
             let keep = self.scope.as_ref().map_or(0, intercept::copy_limit);
-            if copy.len() + bytes.len() > keep {
+            if copy.len() + out.len() > keep {
                 self.capture = Capture::Skipping;
             } else {
-                copy.extend_from_slice(&bytes);
+                copy.extend_from_slice(out);
             }
         }
         if let Some(Event::Line(line)) = step.event {
             if matches!(&self.capture, Capture::Copying(copy) if !is_fetch_response(copy)) {
                 self.capture = Capture::Skipping;
             }
-            match released_head {
+            match &released {
                 // Not for the client's eyes: nothing to learn from either.
-                Some(head) if head.is_empty() => {}
-                Some(head) => self.observe(&head),
-                None => self.observe(&line.head),
+                Some((out, true)) if out.is_empty() => {}
+                Some((out, true)) => self.observe(&out[..out.len().min(super::framing::HEAD_LEN)]),
+                _ => self.observe(&line.head),
             }
             if let Some(announce) = line.announce {
                 // The literal that follows is copied whole or not at all: room for it at once
@@ -1050,6 +1053,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 self.framer.accept_literal();
             } else if let Capture::Copying(copy) = std::mem::replace(&mut self.capture, Capture::Idle) {
                 self.tee_response(copy.into()).await;
+            }
+        }
+        if let Some((mut spare, _)) = released {
+            // The next held line reuses the allocation.
+            spare.clear();
+            if spare.capacity() <= HOLD_LIMIT {
+                self.held_spare = spare;
             }
         }
         if self.framer.at_boundary() {
@@ -1125,10 +1135,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     /// `line` without what mailgate's modification sequences added to it. A SELECT's
     /// `[HIGHESTMODSEQ]` stays: mailgate asks for modification sequences only in mailboxes
     /// that announce them in any case.
-    fn stripped(&mut self, line: Vec<u8>, literal: bool) -> Option<Vec<u8>> {
-        match modseq::strip(&line) {
-            Stripped::Keep => Some(line),
-            Stripped::Rewrite(out) => Some(out),
+    fn stripped(&mut self, mut line: Vec<u8>, literal: bool) -> Option<Vec<u8>> {
+        match modseq::strip(&mut line) {
+            Stripped::Keep | Stripped::Rewritten => Some(line),
             Stripped::Drop if literal => Some(line),
             Stripped::Drop => {
                 if let Some(text) = modseq::highest_modseq_text(&line) {
