@@ -636,7 +636,11 @@ async fn answer<Io: JobIo>(
             // Dovecot reports the mailbox's `[HIGHESTMODSEQ]` on the first completion after a
             // change; that may be phase two's), is the client's to see.
             let failed = !status.starts_with(b"OK");
-            if failed || (status.starts_with(b"OK [") && final_status.starts_with(b"OK") && !final_status.starts_with(b"OK [")) {
+            if failed
+                || (status.starts_with(b"OK [")
+                    && final_status.starts_with(b"OK")
+                    && !final_status.starts_with(b"OK ["))
+            {
                 final_status = status;
             }
         }

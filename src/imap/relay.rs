@@ -174,9 +174,11 @@ struct InFlight {
     tee: Option<Arc<Tee>>,
     /// What the command is about modification sequences mailgate enabled for itself.
     modseq: Own,
-    /// `SELECT name (CONDSTORE)` or `(QRESYNC ...)`: CONDSTORE is on once it completes
-    /// (its answer says so only in a `[HIGHESTMODSEQ]` that any SELECT may carry).
-    selects_condstore: bool,
+    /// A client's command that turns CONDSTORE on (`SELECT name (CONDSTORE)`, a STORE with
+    /// UNCHANGEDSINCE, ...): it is on once the command completes, whether or not its answer
+    /// said so (a SELECT's `[HIGHESTMODSEQ]` may come in any case, a `.SILENT` STORE says
+    /// nothing).
+    enables_condstore: bool,
 }
 
 /// How a command in flight bears on the modification sequences mailgate enabled (see
@@ -708,7 +710,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
             // A command that enables CONDSTORE while mailgate has it on for itself goes to the
             // upstream as it is (never through the cache: its answers are the client's own).
-            let selects_condstore = modseq::enabling(full_line) == Enabling::Select;
+            let enables_condstore = modseq::enabling(full_line) != Enabling::No;
             let enabling =
                 if self.implicit.on.load(Ordering::Relaxed) { modseq::enabling(full_line) } else { Enabling::No };
             // No job is built for any mailbox until the upstream has completed a change of
@@ -814,7 +816,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                                 reselect: Reselect::No,
                                 tee: None,
                                 modseq: Own::Status,
-                                selects_condstore: false,
+                                enables_condstore: false,
                             });
                             // Ahead of the client's line, in the same write.
                             let mut line = status;
@@ -840,7 +842,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     reselect,
                     tee,
                     modseq: own,
-                    selects_condstore,
+                    enables_condstore,
                 });
                 shared.begin_reselect();
             }
@@ -1236,7 +1238,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 if let Some(i) = shared.in_flight.iter().position(|t| t.tag == tag) {
                     let done = shared.in_flight.remove(i).expect("position is in range");
-                    if done.selects_condstore && response::status(rest).is_some_and(|s| s.status != Status::Bad) {
+                    if done.enables_condstore && response::status(rest).is_some_and(|s| s.status != Status::Bad) {
                         shared.condstore = true;
                     }
                     let clean = response::status(rest).is_some_and(|s| s.status == Status::Ok)

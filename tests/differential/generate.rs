@@ -209,8 +209,12 @@ impl Generator {
         if needs_mailbox && self.model.selected.is_none() && self.rng.chance(80) {
             kind = Kind::Select;
         }
+        // Clients enable extensions before they open a mailbox (Thunderbird, Apple Mail, K-9
+        // right after login). One that syncs flags without CONDSTORE and turns QRESYNC on
+        // later in the same session meets Dovecot's QRESYNC bookkeeping changed by mailgate's
+        // own CONDSTORE (docs/TESTING.md, "What may differ").
         if (kind == Kind::Batch && !self.features.allows("pipeline"))
-            || (kind == Kind::Enable && !self.features.allows("condstore"))
+            || (kind == Kind::Enable && (!self.features.allows("condstore") || self.model.opened))
         {
             kind = Kind::Fetch;
         }

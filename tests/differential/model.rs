@@ -23,6 +23,8 @@ pub struct FolderInfo {
 pub struct Model {
     pub connected: bool,
     pub selected: Option<String>,
+    /// The session has opened a mailbox since it connected.
+    pub opened: bool,
     pub read_only: bool,
     pub exists: u32,
     pub uidnext: u32,
@@ -59,6 +61,7 @@ impl Model {
             Action::Reconnect | Action::Rebuild { .. } => {
                 self.connected = matches!(action, Action::Reconnect);
                 self.selected = None;
+                self.opened = false;
                 self.condstore = false;
                 self.qresync = false;
                 if let Action::Rebuild { .. } = action {
@@ -85,6 +88,7 @@ impl Model {
         match verb.as_str() {
             "SELECT" | "EXAMINE" => {
                 self.selected = answer.ok().then(|| canonical(cmd.arg().unwrap_or_default()));
+                self.opened |= self.selected.is_some();
                 self.read_only = verb == "EXAMINE";
                 self.exists = 0;
                 self.uidnext = 1;
