@@ -28,7 +28,7 @@ use std::io::Write as _;
 
 use bytes::Bytes;
 
-use super::fetch::{parse_response, ItemKind, SequenceSet};
+use super::fetch::{parse_response, FetchResponse, ItemKind, SequenceSet};
 use super::intercept::{self, Fill, Job, JobError, JobIo, Selected, Wanted};
 use super::renumber::Renumber;
 use super::snapshot::{self, Items};
@@ -119,11 +119,12 @@ impl Learning {
         Learning { flags: Flags::resolve(scope, selected).await, stamp, seen: Default::default() }
     }
 
-    /// A relayed FETCH response (as the client got it) and the MODSEQ its first line had.
-    pub fn note(&self, response: &[u8], modseq: u64) {
-        let Some(parsed) = parse_response(response) else { return };
-        let (Some(uid), Some(item)) = (parsed.uid(response), parsed.item(response, "FLAGS")) else { return };
-        self.seen.lock().expect("learning lock poisoned").push((uid, modseq, Bytes::copy_from_slice(item)));
+    /// A relayed FETCH response (as the client got it, parsed) of `uid`, and the MODSEQ its
+    /// first line had.
+    pub fn note(&self, response: &Bytes, parsed: &FetchResponse, uid: u32, modseq: u64) {
+        let Some(range) = parsed.range("FLAGS") else { return };
+        let item = Bytes::copy_from_slice(&response[range]);
+        self.seen.lock().expect("learning lock poisoned").push((uid, modseq, item));
     }
 
     /// At the command's completion (`clean`), with the session's view now (`stamp`).

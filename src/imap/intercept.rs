@@ -814,8 +814,20 @@ impl Fill {
     /// Stores what `response` (a complete upstream response) carries of the items; its
     /// sequence number and UID when it is a FETCH response with a UID.
     pub async fn learn(&self, response: &Bytes, stored: &mut Stored) -> Option<(u32, u32)> {
+        self.learn_with(response, stored, |_, _| {}).await
+    }
+
+    /// [`learn`](Fill::learn), and `also` sees the parsed response with its UID (one parse
+    /// for both).
+    pub async fn learn_with(
+        &self,
+        response: &Bytes,
+        stored: &mut Stored,
+        also: impl FnOnce(&FetchResponse, u32),
+    ) -> Option<(u32, u32)> {
         let parsed = parse_response(response)?;
         let uid = parsed.uid(response)?;
+        also(&parsed, uid);
         for (i, name) in self.names.iter().enumerate() {
             if let Some(range) = parsed.range(name) {
                 self.items.scope().cache.missed(self.kinds[i]);

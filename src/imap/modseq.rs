@@ -275,7 +275,7 @@ pub fn highest_modseq_line(value: u64, text: Option<&[u8]>) -> Vec<u8> {
 
 /// `tag STATUS "name" (HIGHESTMODSEQ)`, or `None` for a name that would need a literal.
 pub fn status_command(tag: &str, mailbox: &str) -> Option<Vec<u8>> {
-    if mailbox.bytes().any(|b| b < 0x20 || b >= 0x7f) {
+    if mailbox.bytes().any(|b| !(0x20..0x7f).contains(&b)) {
         return None;
     }
     let quoted = mailbox.replace('\\', "\\\\").replace('"', "\\\"");

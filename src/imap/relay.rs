@@ -273,6 +273,8 @@ struct Implicit {
     on: AtomicBool,
     /// mailgate's own STATUS commands in flight, whose answers are not the client's.
     own: AtomicUsize,
+    /// Client commands in flight that end the stripping ([`Own::Enables`]).
+    enabling: AtomicUsize,
 }
 
 impl Implicit {
@@ -826,6 +828,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                         Own::Enables { announce }
                     }
                 };
+                if matches!(own, Own::Enables { .. }) {
+                    self.implicit.enabling.fetch_add(1, Ordering::Relaxed);
+                }
                 let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
                 if command.eq_ignore_ascii_case(b"IDLE") {
                     shared.idling = Some(tag.clone());
@@ -1079,7 +1084,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     /// answered here; a client's enabling command ends the stripping as the upstream begins
     /// answering it, after announcing the `[HIGHESTMODSEQ]` the upstream would have sent.
     async fn release(&mut self, line: Vec<u8>, literal: bool) -> Option<Vec<u8>> {
-        let (front, tagged) = {
+        // Most lines: nothing of mailgate's own and no client's enabling command in flight,
+        // no lock needed.
+        let pending = self.implicit.own.load(Ordering::Relaxed) + self.implicit.enabling.load(Ordering::Relaxed);
+        let (front, tagged) = if pending == 0 {
+            (None, None)
+        } else {
             let shared = self.lock();
             let front = shared.in_flight.front().map(|f| (f.modseq, f.tag.clone()));
             let tagged = match response::kind(strip_eol(&line)) {
@@ -1106,8 +1116,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
             },
             Some((Own::Enables { announce }, tag)) if self.implicit.on.load(Ordering::Relaxed) => {
-                // A command refused outright enabled nothing.
-                let refused = matches!(&tagged, Some((t, status)) if *t == tag && *status != Some(Status::Ok));
+                // A command refused as malformed (BAD) enabled nothing; one that failed (a
+                // SELECT of a mailbox that does not exist, NO) still did, as Dovecot does.
+                let refused = matches!(&tagged, Some((t, status)) if *t == tag && *status == Some(Status::Bad));
                 if !refused {
                     self.implicit.on.store(false, Ordering::Relaxed);
                     let (value, text) = {
@@ -1158,14 +1169,18 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     async fn tee_response(&mut self, response: bytes::Bytes) {
         let tee = self.lock().in_flight.iter().find_map(|f| f.tee.clone());
         let Some(tee) = tee else { return };
-        if let (Some(learning), Some(modseq)) =
-            (tee.learning.lock().expect("tee lock poisoned").as_ref(), self.response_modseq.take())
-        {
-            learning.note(&response, modseq);
-        }
+        let modseq = self.response_modseq.take();
         let mut stored = std::mem::take(&mut *tee.stored.lock().expect("tee lock poisoned"));
         let before = stored.len();
-        tee.fill.learn(&response, &mut stored).await;
+        tee.fill
+            .learn_with(&response, &mut stored, |parsed, uid| {
+                if let (Some(learning), Some(modseq)) =
+                    (tee.learning.lock().expect("tee lock poisoned").as_ref(), modseq)
+                {
+                    learning.note(&response, parsed, uid, modseq);
+                }
+            })
+            .await;
         self.cache_misses += (stored.len() - before) as u64;
         *tee.stored.lock().expect("tee lock poisoned") = stored;
     }
@@ -1238,6 +1253,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 if let Some(i) = shared.in_flight.iter().position(|t| t.tag == tag) {
                     let done = shared.in_flight.remove(i).expect("position is in range");
+                    if matches!(done.modseq, Own::Enables { .. }) {
+                        self.implicit.enabling.fetch_sub(1, Ordering::Relaxed);
+                    }
                     if done.enables_condstore && response::status(rest).is_some_and(|s| s.status != Status::Bad) {
                         shared.condstore = true;
                     }
