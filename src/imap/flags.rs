@@ -215,14 +215,7 @@ pub(super) async fn answer<Io: JobIo>(
         return Ok(false);
     }
     // Every message's number: from the snapshot when the mailbox is as it was, else asked.
-    if !io.all_uids_known()
-        && !snapshot::restore_uids(scope, &job.selected, stamp, |uids| io.learn_all_uids(uids)).await
-    {
-        let learned = intercept::learn_all_uids(io).await?;
-        if let (Some(learned), true) = (learned, io.view_stamp() == Some(stamp)) {
-            snapshot::keep_uids(scope, &job.selected, stamp, &learned).await;
-        }
-    }
+    intercept::know_all_uids(io, scope, &job.selected).await?;
     let (Some(all), true) = (io.all_uids(), io.view_stamp() == Some(stamp)) else { return Ok(false) };
     let Some(&(_, highest)) = all.last() else { return Ok(false) };
     let set = SequenceSet::parse(&job.request.set);
@@ -293,14 +286,17 @@ pub(super) async fn answer<Io: JobIo>(
         };
         let start = values.len();
         values.push(item);
+        // Looked at without counting: a message with anything missing is relayed whole, and
+        // its items count as misses when that relay stores them.
         for i in 0..wanted.len() {
-            match fill.items.get(uid, i).await {
+            match fill.items.peek(uid, i).await {
                 Some(value) => values.push(value),
                 None => break,
             }
         }
         if values.len() - start == per {
             answered.push((seq, uid));
+            (0..wanted.len()).for_each(|i| fill.items.counted(i, true));
         } else {
             values.truncate(start);
             misses.push(uid);

@@ -298,22 +298,8 @@ async fn answer_locally<Io: JobIo>(
     // them when the mailbox is as it was (same UIDNEXT and message count: no message came
     // or went); else one `UID SEARCH ALL` teaches all of them for the rest of the session
     // (until new mail arrives), and the snapshot for the next.
-    if uids.iter().any(|&uid| io.seq_of(uid).is_none()) && !io.all_uids_known() {
-        let stamp = io.view_stamp();
-        let scope = items.scope();
-        match stamp {
-            Some(stamp)
-                if snapshot::restore_uids(scope, &job.selected, stamp, |uids| io.learn_all_uids(uids)).await => {}
-            _ => {
-                let learned = learn_all_uids(io).await?;
-                if let (Some(stamp), Some(learned)) = (stamp, learned) {
-                    // Still as at SELECT (nothing arrived while the search ran).
-                    if io.view_stamp() == Some(stamp) {
-                        snapshot::keep_uids(scope, &job.selected, stamp, &learned).await;
-                    }
-                }
-            }
-        }
+    if uids.iter().any(|&uid| io.seq_of(uid).is_none()) {
+        know_all_uids(io, items.scope(), &job.selected).await?;
     }
     let mut known = Vec::with_capacity(uids.len());
     for &uid in &uids {
@@ -352,9 +338,32 @@ async fn answer_locally<Io: JobIo>(
     Ok(true)
 }
 
+/// Makes sure the session knows every message's UID: from the snapshot when the mailbox is
+/// as SELECT reported it (same UIDNEXT and message count: no message came or went), else
+/// with one `UID SEARCH ALL`, whose answer the snapshot keeps for the next session (when
+/// nothing arrived while it ran).
+pub(super) async fn know_all_uids<Io: JobIo>(io: &mut Io, scope: &Scope, selected: &Selected) -> Result<(), JobError> {
+    if io.all_uids_known() {
+        return Ok(());
+    }
+    let stamp = io.view_stamp();
+    if let Some(stamp) = stamp {
+        if snapshot::restore_uids(scope, selected, stamp, |uids| io.learn_all_uids(uids)).await {
+            return Ok(());
+        }
+    }
+    let learned = learn_all_uids(io).await?;
+    if let (Some(stamp), Some(learned)) = (stamp, learned) {
+        if io.view_stamp() == Some(stamp) {
+            snapshot::keep_uids(scope, selected, stamp, &learned).await;
+        }
+    }
+    Ok(())
+}
+
 /// `UID SEARCH ALL`, its answer taught to the UID map (and returned); other responses
 /// relayed.
-pub(super) async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<Option<Vec<u32>>, JobError> {
+async fn learn_all_uids<Io: JobIo>(io: &mut Io) -> Result<Option<Vec<u32>>, JobError> {
     let tag = io.tag();
     io.to_upstream(format!("{tag} UID SEARCH ALL\r\n").into_bytes()).await?;
     let mut uids: Option<Vec<u32>> = None;

@@ -17,6 +17,8 @@
 //! upstream no longer announces `[HIGHESTMODSEQ]` for it, so the relay does (see
 //! [`highest_modseq_line`]). Everything here is sans-I/O and tested with byte scripts.
 
+use super::response::StatusLine;
+
 /// What a response line becomes for a client that did not enable CONDSTORE.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Stripped {
@@ -35,12 +37,8 @@ pub fn strip(line: &mut Vec<u8>) -> Stripped {
     if !mentions(rest) {
         return Stripped::Keep;
     }
-    if let Some(code) = status_code(rest) {
-        return if code.eq_ignore_ascii_case(b"HIGHESTMODSEQ") || code.eq_ignore_ascii_case(b"NOMODSEQ") {
-            Stripped::Drop
-        } else {
-            Stripped::Keep
-        };
+    if let Some(status) = super::response::status(rest) {
+        return if announces_code(&status) { Stripped::Drop } else { Stripped::Keep };
     }
     let Some(open) = fetch_items_start(rest) else { return Stripped::Keep };
     let start = 2 + open;
@@ -84,29 +82,19 @@ pub fn mentions(rest: &[u8]) -> bool {
 /// Whether an untagged response (its rest after `* `) is `OK [HIGHESTMODSEQ n]` or
 /// `OK [NOMODSEQ]`: what a SELECT says of a mailbox's modification sequences.
 pub fn announces(rest: &[u8]) -> bool {
-    status_code(rest)
-        .is_some_and(|code| code.eq_ignore_ascii_case(b"HIGHESTMODSEQ") || code.eq_ignore_ascii_case(b"NOMODSEQ"))
+    super::response::status(rest).is_some_and(|status| announces_code(&status))
+}
+
+fn announces_code(status: &StatusLine<'_>) -> bool {
+    status.code.as_ref().is_some_and(|(atom, _)| atom == "HIGHESTMODSEQ" || atom == "NOMODSEQ")
 }
 
 /// The value of `OK [HIGHESTMODSEQ n] ...` (an untagged response's rest after `* `).
 pub fn announced_highest(rest: &[u8]) -> Option<u64> {
-    let code = rest.get(3..)?.strip_prefix(b"[")?;
-    if code.len() < 14 || !code[..14].eq_ignore_ascii_case(b"HIGHESTMODSEQ ") {
-        return None;
+    match super::response::status(rest)?.code? {
+        (atom, value) if atom == "HIGHESTMODSEQ" => std::str::from_utf8(value).ok()?.trim().parse().ok(),
+        _ => None,
     }
-    let digits = &code[14..code.iter().position(|&b| b == b']')?];
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// The response code atom of `OK [CODE ...] text` (or NO, BAD).
-fn status_code(rest: &[u8]) -> Option<&[u8]> {
-    let (word, after) = rest.split_at(rest.iter().position(|&b| b == b' ')?);
-    if ![&b"OK"[..], b"NO", b"BAD"].iter().any(|w| word.eq_ignore_ascii_case(w)) {
-        return None;
-    }
-    let code = after.strip_prefix(b" [")?;
-    let end = code.iter().position(|&b| b == b' ' || b == b']')?;
-    Some(&code[..end])
 }
 
 /// Where the item list of `n FETCH (` starts in `rest` (just after the parenthesis).
@@ -172,6 +160,12 @@ pub enum Enabling {
 /// CHANGEDSINCE, SEARCH (SORT, THREAD) by MODSEQ, STORE with UNCHANGEDSINCE. Quoted
 /// strings are not looked into (a search for the text "MODSEQ" enables nothing).
 pub fn enabling(line: &[u8]) -> Enabling {
+    // Every client command passes here: only a line naming one of these words is split into
+    // words (allocating), the rest costs a scan.
+    let names = |word: &[u8]| line.windows(word.len()).any(|w| w.eq_ignore_ascii_case(word));
+    if !(names(b"MODSEQ") || names(b"CHANGEDSINCE") || names(b"CONDSTORE") || names(b"QRESYNC")) {
+        return Enabling::No;
+    }
     let words = words(line);
     let mut iter = words.iter();
     let (Some(_tag), Some(command)) = (iter.next(), iter.next()) else { return Enabling::No };
@@ -259,9 +253,7 @@ pub fn status_highest_modseq(line: &[u8]) -> Option<u64> {
 /// announce later values the way the upstream words them.
 pub fn highest_modseq_text(line: &[u8]) -> Option<&[u8]> {
     let rest = line.strip_prefix(b"* ")?;
-    if !status_code(rest)?.eq_ignore_ascii_case(b"HIGHESTMODSEQ") {
-        return None;
-    }
+    announced_highest(rest)?;
     let close = rest.iter().position(|&b| b == b']')?;
     Some(&rest[close + 1..])
 }

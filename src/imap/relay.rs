@@ -712,9 +712,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
             // A command that enables CONDSTORE while mailgate has it on for itself goes to the
             // upstream as it is (never through the cache: its answers are the client's own).
-            let enables_condstore = modseq::enabling(full_line) != Enabling::No;
-            let enabling =
-                if self.implicit.on.load(Ordering::Relaxed) { modseq::enabling(full_line) } else { Enabling::No };
+            let enables = modseq::enabling(full_line);
+            let enables_condstore = enables != Enabling::No;
+            let enabling = if self.implicit.on.load(Ordering::Relaxed) { enables } else { Enabling::No };
             // No job is built for any mailbox until the upstream has completed a change of
             // mailbox; what the session knows of the old one goes when the upstream begins it.
             let mut reselect = Reselect::No;

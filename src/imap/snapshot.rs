@@ -176,8 +176,13 @@ impl Items {
     /// Item `i` of `uid`, counted as a hit or a miss.
     pub async fn get(&self, uid: u32, i: usize) -> Option<Bytes> {
         let found = self.peek(uid, i).await;
-        self.scope.cache.count(self.slots[i].kind, found.is_some());
+        self.counted(i, found.is_some());
         found
+    }
+
+    /// Counts a lookup of item `i` made with [`peek`](Items::peek).
+    pub fn counted(&self, i: usize, hit: bool) {
+        self.scope.cache.count(self.slots[i].kind, hit);
     }
 
     pub async fn contains(&self, uid: u32, i: usize) -> bool {
