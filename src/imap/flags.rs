@@ -235,6 +235,7 @@ pub(super) async fn answer<Io: JobIo>(
     io.to_upstream(command.into_bytes()).await?;
     let in_set = |uid: u32| messages.binary_search_by_key(&uid, |&(_, u)| u).is_ok();
     let mut changed: Vec<(u32, u64, Bytes)> = Vec::new();
+    let mut reported = intercept::Reported::default();
     let mut renumber = Renumber::default();
     let status = loop {
         let response = io.response().await?;
@@ -247,7 +248,8 @@ pub(super) async fn answer<Io: JobIo>(
             Some((uid, modseq, Bytes::copy_from_slice(parsed.item(&response, "FLAGS")?)))
         });
         match change {
-            Some(change) if in_set(change.0) && !changed.iter().any(|c| c.0 == change.0) => changed.push(change),
+            // A linear search here would make a mass flag change quadratic.
+            Some(change) if in_set(change.0) && reported.insert(change.0) => changed.push(change),
             // Another session's change to a message outside the set, a second report of one
             // inside it: unsolicited, relayed (without what CONDSTORE added).
             _ => intercept::relay_other(io, &mut renumber, &response).await?,

@@ -151,15 +151,15 @@ pub enum JobError {
 /// The UIDs phase one reported, sorted: they mostly come in ascending order (an append), and
 /// a lookup is a binary search, no hashing per message.
 #[derive(Default)]
-struct Reported(Vec<u32>);
+pub(super) struct Reported(Vec<u32>);
 
 impl Reported {
-    fn contains(&self, uid: u32) -> bool {
+    pub(super) fn contains(&self, uid: u32) -> bool {
         self.0.binary_search(&uid).is_ok()
     }
 
     /// Notes `uid`; false if it was reported before.
-    fn insert(&mut self, uid: u32) -> bool {
+    pub(super) fn insert(&mut self, uid: u32) -> bool {
         match self.0.last() {
             Some(&last) if uid <= last => match self.0.binary_search(&uid) {
                 Ok(_) => false,
