@@ -165,3 +165,38 @@ fn a_mailbox_opened_in_a_session_with_mailgates_condstore_keeps_modification_seq
     same(&mut via, &mut twin, SYNC);
     assert!(received_upstream(&setup) - before < 1500);
 }
+
+#[test]
+fn remembered_flags_of_two_users_never_mix_under_concurrency() {
+    let setup = Setup::start();
+    // The same UIDs in both INBOXes, both keeping modification sequences, different flags:
+    // only the account tells their remembered flags apart.
+    for (user, seed) in [(ALICE, 41), (BOB, 42)] {
+        setup.dovecot.fill(user.0, 40, seed);
+    }
+    elsewhere(&setup, &["SELECT INBOX (CONDSTORE)"]);
+    let mut alice = setup.direct(ALICE);
+    alice.command("s", "SELECT INBOX");
+    alice.command("f", "UID STORE 1:20 +FLAGS.SILENT (\\Flagged $Alice)");
+    let truth = |user| {
+        let mut direct = setup.direct(user);
+        direct.command("s", "SELECT INBOX");
+        answer(&mut direct, "d", SYNC)
+    };
+    let (alice, bob) = (truth(ALICE), truth(BOB));
+    assert_ne!(alice.fetch, bob.fetch);
+    std::thread::scope(|s| {
+        for (user, want) in [(ALICE, &alice), (BOB, &bob), (ALICE, &alice), (BOB, &bob)] {
+            let setup = &setup;
+            s.spawn(move || {
+                // The first round learns (cold), the later ones answer from the flags.
+                for round in 0..4 {
+                    let mut session = setup.login(user);
+                    session.command("s", "SELECT INBOX");
+                    let got = answer(&mut session, "v", SYNC);
+                    assert!(got == *want, "{} round {round} differs:\n{}", user.0, got.diff(want));
+                }
+            });
+        }
+    });
+}
