@@ -137,7 +137,7 @@ async fn session(mut tcp: TcpStream, socket_peer: SocketAddr, id: String, servic
         // over TLS would first cost a handshake, and a client that stalls it would hold the
         // socket for the whole handshake timeout: the cap would then bound nothing.
         (TlsMode::Implicit, Err(refused)) => return count_refusal(&service, *refused),
-        (TlsMode::Implicit, Ok(_)) => match service.accept_tls(tcp).await {
+        (TlsMode::Implicit, Ok(_)) => match Box::pin(service.accept_tls(tcp)).await {
             Some(stream) => stream,
             None => return,
         },

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tracing::debug;
@@ -34,6 +34,7 @@ use super::response::{self, Kind, Status};
 use super::snapshot::Stored;
 use super::upstream::LoggedIn;
 use crate::cache::{Name, Scope};
+use crate::pumps::{self, Outbox};
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -48,16 +49,6 @@ pub struct Client {
 /// is simply not read until the upstream has answered some: TCP backpressure keeps the tag
 /// queue bounded without failing the client.
 const MAX_IN_FLIGHT: usize = 1000;
-
-/// Read and write granularity: big enough that a large FETCH moves in full TLS records,
-/// small enough to be irrelevant per session. Writes are coalesced in a `BufWriter` and
-/// flushed whenever the input runs dry, so interactive traffic is not delayed.
-const IO_CHUNK: usize = 32 * 1024;
-
-async fn read_chunk<R: AsyncRead>(read: &mut ReadHalf<R>, buffer: &mut BytesMut) -> std::io::Result<usize> {
-    buffer.reserve(IO_CHUNK);
-    read.read_buf(buffer).await
-}
 
 /// State both pumps look at; each lock is held for a few instructions only.
 #[derive(Default)]
@@ -258,6 +249,7 @@ struct Selecting {
 }
 
 /// A FETCH for the upstream pump to answer through the cache; `done` when answered.
+/// Boxed in its channel: a channel allocates 32 slots at once, and a `Job` is large.
 struct JobOrder {
     job: Job,
     fill: Fill,
@@ -316,7 +308,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         ["CONDSTORE", "QRESYNC"].iter().any(|c| response::has_capability(&upstream.capabilities, c));
     let completed = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
-    let (jobs_tx, jobs_rx) = mpsc::channel::<JobOrder>(1);
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Box<JobOrder>>(1);
     let (writes_tx, writes_rx) = mpsc::channel::<Vec<u8>>(4);
     let (client_read, client_write) =
         tokio::io::split(service.throttled(service.counted(client.stream, true, &bytes), account));
@@ -324,7 +316,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
 
     let mut to_upstream = ClientPump {
         read: client_read,
-        write: BufWriter::with_capacity(IO_CHUNK, upstream_write),
+        write: Outbox::new(upstream_write),
         buffer: client.leftover,
         framer: Framer::new(service.config.imap.max_line_bytes.as_usize()),
         line: Vec::new(),
@@ -346,7 +338,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     };
     let mut to_client = UpstreamPump {
         read: upstream_read,
-        write: BufWriter::with_capacity(IO_CHUNK, client_write),
+        write: Outbox::new(client_write),
         buffer: upstream.leftover,
         framer: Framer::new(usize::MAX),
         upstream_bye: false,
@@ -370,7 +362,10 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         service,
     };
 
-    let end = crate::pumps::drive(to_client.run(), to_upstream.run()).await;
+    let end = {
+        let (upstream_side, client_side) = (std::pin::pin!(to_client.run()), std::pin::pin!(to_upstream.run()));
+        crate::pumps::drive(upstream_side, client_side).await
+    };
     to_client.abandon_tees().await;
     let _ = to_client.write.shutdown().await;
     // After LOGOUT both sides close at about the same time; which close a pump sees first
@@ -402,7 +397,7 @@ enum End {
 
 struct ClientPump<'a, R, W> {
     read: ReadHalf<R>,
-    write: BufWriter<WriteHalf<W>>,
+    write: Outbox<WriteHalf<W>>,
     buffer: BytesMut,
     framer: Framer,
     /// The command line being assembled (complete lines are forwarded whole).
@@ -420,7 +415,7 @@ struct ClientPump<'a, R, W> {
     /// announced literal.
     completed: Arc<Notify>,
     inject: mpsc::Sender<Inject>,
-    jobs: mpsc::Sender<JobOrder>,
+    jobs: mpsc::Sender<Box<JobOrder>>,
     /// Whose session this is (the per-user command rate).
     account: String,
     /// mailgate's own commands from the upstream pump during a job (this pump owns the writer).
@@ -476,10 +471,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     async fn read_more(&mut self) -> Result<(), End> {
         let idle = self.service.config.imap.idle_timeout.0;
         let mut deadline = Instant::now() + idle;
+        // Between commands (not inside a literal) the read may wait in a small buffer.
+        let waiting = self.framer.at_boundary();
         loop {
             let draining = self.lock().draining;
             let read = tokio::select! {
-                read = tokio::time::timeout_at(deadline, read_chunk(&mut self.read, &mut self.buffer)) => read,
+                read = tokio::time::timeout_at(deadline, pumps::read_into(&mut self.read, &mut self.buffer, waiting)) => read,
                 _ = self.service.shutdown.cancelled(), if !draining => {
                     let quiet = {
                         let mut shared = self.lock();
@@ -564,7 +561,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         self.service.metrics.commands.with_label_values(&["imap", label]).inc();
         let started = Instant::now();
         let (done_tx, mut done_rx) = oneshot::channel();
-        if self.jobs.send(JobOrder { job, fill, tag, done: done_tx }).await.is_err() {
+        if self.jobs.send(Box::new(JobOrder { job, fill, tag, done: done_tx })).await.is_err() {
             return Some(End::UpstreamClosed);
         }
         let end = loop {
@@ -872,14 +869,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
 
 struct UpstreamPump<'a, R, W> {
     read: ReadHalf<R>,
-    write: BufWriter<WriteHalf<W>>,
+    write: Outbox<WriteHalf<W>>,
     buffer: BytesMut,
     framer: Framer,
     upstream_bye: bool,
     shared: Arc<Mutex<Shared>>,
     completed: Arc<Notify>,
     inject: mpsc::Receiver<Inject>,
-    jobs: mpsc::Receiver<JobOrder>,
+    jobs: mpsc::Receiver<Box<JobOrder>>,
     writes: mpsc::Sender<Vec<u8>>,
     scope: Option<Scope>,
     /// Tees in flight: while there are any, FETCH responses are copied on their way.
@@ -916,15 +913,18 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 return End::ClientClosed;
             }
             let at_boundary = self.framer.at_boundary();
+            let waiting = at_boundary && self.lock().quiet();
             tokio::select! {
-                read = read_chunk(&mut self.read, &mut self.buffer) => match read {
+                read = pumps::read_into(&mut self.read, &mut self.buffer, waiting) => match read {
                     Ok(0) | Err(_) => return self.upstream_gone().await,
                     Ok(_) => {}
                 },
                 order = self.jobs.recv(), if at_boundary => {
                     let Some(order) = order else { continue };
                     let scope = self.scope.clone().expect("jobs are sent only with a cache");
-                    let result = intercept::run(self, &order.job, &order.fill, &order.tag, &scope).await;
+                    // Boxed: a cache job's state is large and rare; inline, every idle
+                    // session's future would carry it.
+                    let result = Box::pin(intercept::run(self, &order.job, &order.fill, &order.tag, &scope)).await;
                     let answered = std::mem::take(&mut self.answered);
                     self.lock().fetched += answered;
                     let _ = order.done.send(());
@@ -1374,7 +1374,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     /// job's own size limit applies instead).
     async fn next_fragment(&mut self) -> Result<(bool, BytesMut, Option<Event>), JobError> {
         if self.buffer.is_empty() {
-            match read_chunk(&mut self.read, &mut self.buffer).await {
+            match pumps::read_into(&mut self.read, &mut self.buffer, false).await {
                 Ok(0) | Err(_) => return Err(JobError::UpstreamClosed),
                 Ok(_) => {}
             }

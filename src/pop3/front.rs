@@ -158,14 +158,16 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
                     login(upstream, &credentials, &origin).await
                 };
-                let text = match service.log_in(&credentials, &origin, refusal_kind, login).await {
+                // Boxed, as is the relay: a session's future is as large as its largest state,
+                // and every idle session would carry the login's (connect, TLS, login).
+                let text = match Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await {
                     LoginOutcome::LoggedIn { session, upstream, lease: _lease, account } => {
                         if conn.write("+OK Logged in.").await.is_err() {
                             return;
                         }
                         let scope = service.cache_scope(&upstream, &credentials, &session.proof);
                         let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                        relay::run(client, session, service, scope, &account).await;
+                        Box::pin(relay::run(client, session, service, scope, &account)).await;
                         return;
                     }
                     LoginOutcome::Refused(refusal) => match refusal {

@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tracing::debug;
@@ -30,6 +30,7 @@ use tracing::debug;
 use super::codec::{multiline_if_ok, split_command, CodecError, Event, LineReader, ResponseScanner};
 use super::upstream::LoggedIn;
 use crate::cache::{Claim, Key, Kind, LoadGuard, Name, Pop3Key, Scope};
+use crate::pumps::{self, Outbox};
 use crate::service::Service;
 use crate::stream::Stream;
 
@@ -40,7 +41,6 @@ pub struct Client {
 
 /// Commands waiting for their responses; more are not read until some are answered.
 const MAX_IN_FLIGHT: usize = 100;
-const IO_CHUNK: usize = 32 * 1024;
 /// A UIDL listing larger than this is relayed but not learned from.
 const MAX_UIDL_LISTING: usize = 16 << 20;
 
@@ -207,7 +207,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
 
     let mut to_upstream = ClientPump {
         read: client_read,
-        write: BufWriter::with_capacity(IO_CHUNK, upstream_write),
+        write: Outbox::new(upstream_write),
         buffer: client.leftover,
         lines: LineReader::new(limits.max_line_bytes.as_usize()),
         window: if upstream.pipelining { MAX_IN_FLIGHT } else { 1 },
@@ -229,7 +229,7 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     };
     let mut to_client = UpstreamPump {
         read: upstream_read,
-        write: BufWriter::with_capacity(IO_CHUNK, client_write),
+        write: Outbox::new(client_write),
         buffer: upstream.leftover,
         scanner: ResponseScanner::default(),
         answering: None,
@@ -256,7 +256,10 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
         }
     }
 
-    let end = crate::pumps::drive(to_client.run(), to_upstream.run()).await;
+    let end = {
+        let (upstream_side, client_side) = (std::pin::pin!(to_client.run()), std::pin::pin!(to_upstream.run()));
+        crate::pumps::drive(upstream_side, client_side).await
+    };
     let _ = to_client.write.shutdown().await;
     // After QUIT's answer both sides close at about the same time; which close a pump sees
     // first is chance, and says nothing about how the session ended.
@@ -305,7 +308,7 @@ pub fn top_from_retr(status: &[u8], retr: &[u8], lines: usize) -> Vec<u8> {
 
 struct ClientPump<'a, R, W> {
     read: ReadHalf<R>,
-    write: BufWriter<WriteHalf<W>>,
+    write: Outbox<WriteHalf<W>>,
     buffer: BytesMut,
     lines: LineReader,
     /// Commands that may be outstanding at once: 1 for an upstream without PIPELINING.
@@ -589,9 +592,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         let mut deadline = Instant::now() + idle;
         loop {
             let draining = lock(&self.shared).draining;
-            self.buffer.reserve(4096);
+            // Commands are short: the read waits in a small buffer.
             let read = tokio::select! {
-                read = tokio::time::timeout_at(deadline, self.read.read_buf(&mut self.buffer)) => read,
+                read = tokio::time::timeout_at(deadline, pumps::read_into(&mut self.read, &mut self.buffer, true)) => read,
                 _ = self.service.shutdown.cancelled(), if !draining => {
                     let quiet = {
                         let mut shared = lock(&self.shared);
@@ -617,7 +620,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
 
 struct UpstreamPump<'a, R, W> {
     read: ReadHalf<R>,
-    write: BufWriter<WriteHalf<W>>,
+    write: Outbox<WriteHalf<W>>,
     buffer: BytesMut,
     scanner: ResponseScanner,
     /// The response being read, once started (taken from the front of `pending`).
@@ -664,9 +667,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 let shared = lock(&self.shared);
                 shared.draining && shared.pending.is_empty()
             };
-            self.buffer.reserve(IO_CHUNK);
+            let waiting = at_boundary && lock(&self.shared).pending.is_empty();
             tokio::select! {
-                read = self.read.read_buf(&mut self.buffer) => match read {
+                read = pumps::read_into(&mut self.read, &mut self.buffer, waiting) => match read {
                     Ok(0) | Err(_) => return self.upstream_gone().await,
                     Ok(_) => {}
                 },
