@@ -148,9 +148,19 @@ async fn session(mut tcp: TcpStream, socket_peer: SocketAddr, id: String, servic
         Err(refused) => return refuse(&service, stream, refused).await,
     };
     let origin = Origin { client: peer, local, session: id, tls: None };
+    // The front (not-authenticated state) ends before the relay begins: the session's
+    // future holds one or the other.
     match service.protocol {
-        Protocol::Imap => imap::front::serve(stream, &service, origin).await,
-        Protocol::Pop3 => pop3::front::serve(stream, &service, origin).await,
+        Protocol::Imap => {
+            if let Some(handover) = imap::front::serve(stream, &service, origin).await {
+                imap::relay::run(handover, &service).await;
+            }
+        }
+        Protocol::Pop3 => {
+            if let Some(handover) = pop3::front::serve(stream, &service, origin).await {
+                pop3::relay::run(handover, &service).await;
+            }
+        }
     }
     debug!("disconnected");
 }

@@ -43,7 +43,7 @@ pub const IO_CHUNK: usize = 32 * 1024;
 
 /// The read buffer of a side that owes nothing: enough for a command line or an IDLE
 /// notification, so that an idle session holds no large buffer.
-pub const WAITING_READ: usize = 1024;
+pub const WAITING_READ: usize = 512;
 
 /// Reads from one side of a session into `buffer`.
 ///

@@ -43,6 +43,22 @@ pub enum UpstreamRefusal {
 }
 
 /// What a login came to.
+/// What a front hands to its relay once the upstream accepted the login: both sides of
+/// the session and what the session keys on. The front's future ends before the relay's
+/// begins, so a session's memory is the larger of the two, not their sum.
+pub struct Handover<T> {
+    pub client: Stream,
+    /// Bytes the client sent after its login command (a pipelining client's next commands).
+    pub leftover: bytes::BytesMut,
+    /// The upstream session, logged in.
+    pub upstream: T,
+    pub scope: Option<Scope>,
+    /// The canonical account name (see [`LoginOutcome::LoggedIn`]).
+    pub account: String,
+    /// The user's session slot, held while the session lasts.
+    pub lease: crate::limits::UserLease,
+}
+
 pub enum LoginOutcome<T> {
     /// Logged in: the upstream session, its upstream, the user's session slot (held as
     /// long as the session lasts), and the canonical account name every per-user limit,

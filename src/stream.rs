@@ -24,7 +24,8 @@ impl Stream {
     pub async fn linger_close(&mut self) {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
             let _ = self.shutdown().await;
-            let mut sink = [0u8; 4096];
+            // On the heap: inline, the buffer would be part of every session's future.
+            let mut sink = vec![0u8; 4096];
             let mut budget = 1usize << 20;
             while let Ok(n @ 1..) = self.read(&mut sink).await {
                 budget = budget.saturating_sub(n);

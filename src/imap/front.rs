@@ -17,12 +17,11 @@ use tracing::{debug, info};
 use super::capabilities;
 use super::command::{self, Command, Part};
 use super::framing::{parse_announce, strip_eol, Event, FrameError, Framer};
-use super::relay;
 use super::response::relayable_capabilities;
-use super::upstream::login;
+use super::upstream::{login, LoggedIn};
 use crate::auth::{decode_plain, Credentials};
 use crate::origin::Origin;
-use crate::service::{LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
+use crate::service::{Handover, LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
 use crate::stream::Stream;
 
 /// The client connection before login: the stream and the bytes read but not yet used.
@@ -242,7 +241,7 @@ enum Outcome {
 }
 
 /// Serves the not-authenticated state; on a successful login hands over to the relay.
-pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
+pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<Handover<LoggedIn>> {
     let limits = &service.config.imap;
     let mut conn = Conn {
         stream,
@@ -254,7 +253,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
     let greeting =
         format!("* OK [CAPABILITY {}] mailgate ready.\r\n", capabilities::preauth(service.login_allowed(&conn.stream)));
     if conn.write(greeting.as_bytes()).await.is_err() {
-        return;
+        return None;
     }
     loop {
         let outcome = match step(&mut conn, service, &mut bad).await {
@@ -264,20 +263,20 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                 if conn.write(format!("* BYE {text}\r\n").as_bytes()).await.is_ok() {
                     conn.stream.linger_close().await;
                 }
-                return;
+                return None;
             }
-            Err(Stop::Gone) => return,
+            Err(Stop::Gone) => return None,
         };
         match outcome {
             Outcome::Continue => {}
-            Outcome::Close => return,
+            Outcome::Close => return None,
             Outcome::StartTls => {
                 // Whatever the client pipelined after STARTTLS was sent in the clear: drop it.
                 conn.buffer.clear();
                 conn.framer.reset();
-                match service.start_tls(conn.stream).await {
+                match Box::pin(service.start_tls(conn.stream)).await {
                     Some(stream) => conn.stream = stream,
-                    None => return,
+                    None => return None,
                 }
             }
             Outcome::Login { tag, credentials } => {
@@ -286,19 +285,24 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
                     login(upstream, &credentials, &origin).await
                 };
-                // Boxed, as is the relay: a session's future is as large as its largest state,
-                // and every idle session would carry the login's (connect, TLS, login).
+                // Boxed: a session's future is as large as its largest state, and every idle
+                // session would carry the login's (connect, TLS, login).
                 let text = match Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await {
-                    LoginOutcome::LoggedIn { session, upstream, lease: _lease, account } => {
+                    LoginOutcome::LoggedIn { session, upstream, lease, account } => {
                         let caps = relayable_capabilities(&session.capabilities).join(" ");
                         let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
                         if conn.write(ok.as_bytes()).await.is_err() {
-                            return;
+                            return None;
                         }
                         let scope = service.cache_scope(&upstream, &credentials, &session.proof);
-                        let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                        Box::pin(relay::run(client, session, service, scope, &account)).await;
-                        return;
+                        return Some(Handover {
+                            client: conn.stream,
+                            leftover: conn.buffer,
+                            upstream: session,
+                            scope,
+                            account,
+                            lease,
+                        });
                     }
                     LoginOutcome::Refused(refusal) => match refusal {
                         LoginRefusal::Rate => "NO [LIMIT] Too many logins from your address, slow down.".to_string(),
@@ -324,7 +328,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                     LoginOutcome::TooLong => "NO [AUTHENTICATIONFAILED] User name or password too long.".into(),
                 };
                 if conn.write(format!("{tag} {text}\r\n").as_bytes()).await.is_err() {
-                    return;
+                    return None;
                 }
             }
         }

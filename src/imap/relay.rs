@@ -35,15 +35,7 @@ use super::snapshot::Stored;
 use super::upstream::LoggedIn;
 use crate::cache::{Name, Scope};
 use crate::pumps::{self, Outbox};
-use crate::service::Service;
-use crate::stream::Stream;
-
-/// The client side as the front leaves it.
-pub struct Client {
-    pub stream: Stream,
-    /// Bytes read after the login command (a pipelining client's next commands).
-    pub leftover: BytesMut,
-}
+use crate::service::{Handover, Service};
 
 /// Commands in flight at once. A client that pipelines more (mbsync does, by thousands)
 /// is simply not read until the upstream has answered some: TCP backpressure keeps the tag
@@ -292,13 +284,17 @@ fn select_announcement(shared: &mut Shared, rest: &[u8]) {
 /// (a status, a FETCH of flags) is far shorter.
 const HOLD_LIMIT: usize = 256 * 1024;
 
-/// A message for the client written by the upstream pump between two responses.
+/// A message for the client written by the upstream pump between two responses (boxed in
+/// its channel, which allocates 32 slots at once: a session's memory).
 struct Inject {
     bytes: Vec<u8>,
     then_close: bool,
 }
 
-pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<Scope>, account: &str) {
+/// Relays a logged-in session to its end. The user's session slot is released when it returns.
+pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
+    let Handover { client, leftover, upstream, scope, account, lease: _lease } = handover;
+    let account = account.as_str();
     let bytes = crate::metrics::SessionBytes::default();
     let shared = Arc::new(Mutex::new(Shared::default()));
     let shared_end = shared.clone();
@@ -307,17 +303,17 @@ pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: O
     shared.lock().expect("relay lock poisoned").upstream_condstore =
         ["CONDSTORE", "QRESYNC"].iter().any(|c| response::has_capability(&upstream.capabilities, c));
     let completed = Arc::new(Notify::new());
-    let (inject_tx, inject_rx) = mpsc::channel::<Inject>(4);
+    let (inject_tx, inject_rx) = mpsc::channel::<Box<Inject>>(4);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Box<JobOrder>>(1);
     let (writes_tx, writes_rx) = mpsc::channel::<Vec<u8>>(4);
     let (client_read, client_write) =
-        tokio::io::split(service.throttled(service.counted(client.stream, true, &bytes), account));
+        tokio::io::split(service.throttled(service.counted(client, true, &bytes), account));
     let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false, &bytes));
 
     let mut to_upstream = ClientPump {
         read: client_read,
         write: Outbox::new(upstream_write),
-        buffer: client.leftover,
+        buffer: leftover,
         framer: Framer::new(service.config.imap.max_line_bytes.as_usize()),
         line: Vec::new(),
         continuing: false,
@@ -414,7 +410,7 @@ struct ClientPump<'a, R, W> {
     /// Signalled by the upstream pump at each tagged completion, and when it answers an
     /// announced literal.
     completed: Arc<Notify>,
-    inject: mpsc::Sender<Inject>,
+    inject: mpsc::Sender<Box<Inject>>,
     jobs: mpsc::Sender<Box<JobOrder>>,
     /// Whose session this is (the per-user command rate).
     account: String,
@@ -433,7 +429,7 @@ struct ClientPump<'a, R, W> {
 impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> {
     async fn close_with(&mut self, text: &'static str) -> End {
         let bytes = format!("* BYE {text}\r\n").into_bytes();
-        let _ = self.inject.send(Inject { bytes, then_close: true }).await;
+        let _ = self.inject.send(Box::new(Inject { bytes, then_close: true })).await;
         End::Closed(text)
     }
 
@@ -647,7 +643,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         }
         self.line.clear();
         let bytes = format!("{} {text}\r\n", String::from_utf8_lossy(tag)).into_bytes();
-        let _ = self.inject.send(Inject { bytes, then_close: false }).await;
+        let _ = self.inject.send(Box::new(Inject { bytes, then_close: false })).await;
         None
     }
 
@@ -739,7 +735,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     (shared.selected.clone(), modseq)
                 };
                 if let Some(job) = Job::for_line(full_line, selected.as_ref(), modseq) {
-                    let fill = Fill::new(&job, scope).await;
+                    // Boxed here and below: the cache paths' states are large, and a session's
+                    // future (memory every idle session keeps) is as large as its largest state.
+                    let fill = Box::pin(Fill::new(&job, scope)).await;
                     // Under QRESYNC, Dovecot gives the first completion after ENABLE the
                     // mailbox's `[HIGHESTMODSEQ]`, or not, depending on what it has queued: a
                     // FETCH held back until the commands before it completed would change
@@ -771,7 +769,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     } else {
                         let tag = String::from_utf8_lossy(&tag).into_owned();
                         self.line.clear();
-                        return self.answer_through_cache(job, fill, tag).await;
+                        return Box::pin(self.answer_through_cache(job, fill, tag)).await;
                     }
                 }
             }
@@ -875,7 +873,7 @@ struct UpstreamPump<'a, R, W> {
     upstream_bye: bool,
     shared: Arc<Mutex<Shared>>,
     completed: Arc<Notify>,
-    inject: mpsc::Receiver<Inject>,
+    inject: mpsc::Receiver<Box<Inject>>,
     jobs: mpsc::Receiver<Box<JobOrder>>,
     writes: mpsc::Sender<Vec<u8>>,
     scope: Option<Scope>,
@@ -1059,7 +1057,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 self.framer.accept_literal();
             } else if let Capture::Copying(copy) = std::mem::replace(&mut self.capture, Capture::Idle) {
-                self.tee_response(copy.into()).await;
+                Box::pin(self.tee_response(copy.into())).await;
             }
         }
         if let Some((mut spare, _)) = released {
@@ -1073,7 +1071,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             self.capture = Capture::Idle;
             if self.settle_due {
                 self.settle_due = false;
-                self.settle_tees().await;
+                Box::pin(self.settle_tees()).await;
             }
         }
         None

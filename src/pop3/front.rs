@@ -13,12 +13,11 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::codec::{split_command, CodecError, LineReader};
-use super::relay;
-use super::upstream::login;
+use super::upstream::{login, LoggedIn};
 use crate::auth::{decode_plain, Credentials};
 use crate::origin::Origin;
 use crate::secret::Secret;
-use crate::service::{LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
+use crate::service::{Handover, LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
 use crate::stream::Stream;
 
 /// Before TLS on an STLS listener: no USER, no SASL (RFC 2595 §4).
@@ -100,7 +99,7 @@ fn bad(text: &str) -> Reply {
     Reply { text: text.to_string(), bad: true }
 }
 
-pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
+pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<Handover<LoggedIn>> {
     let limits = &service.config.pop3;
     let mut conn = Conn {
         stream,
@@ -111,7 +110,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
     let mut user: Option<String> = None;
     let mut bad_commands = 0u32;
     if conn.write("+OK mailgate POP3 ready.").await.is_err() {
-        return;
+        return None;
     }
     loop {
         let outcome = match step(&mut conn, service, &mut user).await {
@@ -122,12 +121,12 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                     debug!(bad = bad_commands, "invalid command before login");
                 }
                 if conn.write(&reply.text).await.is_err() {
-                    return;
+                    return None;
                 }
                 if bad_commands >= limits.max_bad_commands {
                     let _ = conn.write("-ERR Too many invalid commands, closing.").await;
                     conn.stream.linger_close().await;
-                    return;
+                    return None;
                 }
                 outcome
             }
@@ -135,20 +134,20 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                 if conn.write(text).await.is_ok() {
                     conn.stream.linger_close().await;
                 }
-                return;
+                return None;
             }
-            Err(Stop::Gone) => return,
+            Err(Stop::Gone) => return None,
         };
         match outcome {
             Outcome::Continue => {}
-            Outcome::Close => return,
+            Outcome::Close => return None,
             Outcome::StartTls => {
                 // Whatever the client pipelined after STLS was sent in the clear: drop it.
                 conn.buffer.clear();
                 conn.lines.reset();
-                match service.start_tls(conn.stream).await {
+                match Box::pin(service.start_tls(conn.stream)).await {
                     Some(stream) => conn.stream = stream,
-                    None => return,
+                    None => return None,
                 }
             }
             Outcome::Login(credentials) => {
@@ -158,17 +157,22 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
                     login(upstream, &credentials, &origin).await
                 };
-                // Boxed, as is the relay: a session's future is as large as its largest state,
-                // and every idle session would carry the login's (connect, TLS, login).
+                // Boxed: a session's future is as large as its largest state, and every idle
+                // session would carry the login's (connect, TLS, login).
                 let text = match Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await {
-                    LoginOutcome::LoggedIn { session, upstream, lease: _lease, account } => {
+                    LoginOutcome::LoggedIn { session, upstream, lease, account } => {
                         if conn.write("+OK Logged in.").await.is_err() {
-                            return;
+                            return None;
                         }
                         let scope = service.cache_scope(&upstream, &credentials, &session.proof);
-                        let client = relay::Client { stream: conn.stream, leftover: conn.buffer };
-                        Box::pin(relay::run(client, session, service, scope, &account)).await;
-                        return;
+                        return Some(Handover {
+                            client: conn.stream,
+                            leftover: conn.buffer,
+                            upstream: session,
+                            scope,
+                            account,
+                            lease,
+                        });
                     }
                     LoginOutcome::Refused(refusal) => match refusal {
                         LoginRefusal::Rate => "-ERR [SYS/TEMP] Too many logins from your address, slow down.".into(),
@@ -192,7 +196,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) {
                     LoginOutcome::TooLong => "-ERR [AUTH] User name or password too long.".into(),
                 };
                 if conn.write(&text).await.is_err() {
-                    return;
+                    return None;
                 }
             }
         }

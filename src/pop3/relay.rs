@@ -31,13 +31,7 @@ use super::codec::{multiline_if_ok, split_command, CodecError, Event, LineReader
 use super::upstream::LoggedIn;
 use crate::cache::{Claim, Key, Kind, LoadGuard, Name, Pop3Key, Scope};
 use crate::pumps::{self, Outbox};
-use crate::service::Service;
-use crate::stream::Stream;
-
-pub struct Client {
-    pub stream: Stream,
-    pub leftover: BytesMut,
-}
+use crate::service::{Handover, Service};
 
 /// Commands waiting for their responses; more are not read until some are answered.
 const MAX_IN_FLIGHT: usize = 100;
@@ -194,21 +188,24 @@ enum End {
     Closed(&'static str),
 }
 
-pub async fn run(client: Client, upstream: LoggedIn, service: &Service, scope: Option<Scope>, account: &str) {
+/// Relays a logged-in session to its end. The user's session slot is released when it returns.
+pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
+    let Handover { client, leftover, upstream, scope, account, lease: _lease } = handover;
+    let account = account.as_str();
     let bytes = crate::metrics::SessionBytes::default();
     let shared = Arc::new(Mutex::new(Shared::default()));
     let answered = Arc::new(Notify::new());
     let queued = Arc::new(Notify::new());
-    let (inject_tx, inject_rx) = mpsc::channel(4);
+    let (inject_tx, inject_rx) = mpsc::channel::<Box<Inject>>(4);
     let (client_read, client_write) =
-        tokio::io::split(service.throttled(service.counted(client.stream, true, &bytes), account));
+        tokio::io::split(service.throttled(service.counted(client, true, &bytes), account));
     let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false, &bytes));
     let limits = &service.config.pop3;
 
     let mut to_upstream = ClientPump {
         read: client_read,
         write: Outbox::new(upstream_write),
-        buffer: client.leftover,
+        buffer: leftover,
         lines: LineReader::new(limits.max_line_bytes.as_usize()),
         window: if upstream.pipelining { MAX_IN_FLIGHT } else { 1 },
         shared: shared.clone(),
@@ -316,7 +313,7 @@ struct ClientPump<'a, R, W> {
     shared: Arc<Mutex<Shared>>,
     answered: Arc<Notify>,
     queued: Arc<Notify>,
-    inject: mpsc::Sender<Inject>,
+    inject: mpsc::Sender<Box<Inject>>,
     scope: Option<Scope>,
     service: &'a Service,
     /// The command being handled: its metric label and arrival (answers from the cache are
@@ -338,7 +335,7 @@ struct ClientPump<'a, R, W> {
 
 impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> {
     async fn close_with(&mut self, line: &'static str) -> End {
-        let _ = self.inject.send(Inject { line, then_close: true }).await;
+        let _ = self.inject.send(Box::new(Inject { line, then_close: true })).await;
         End::Closed(line)
     }
 
@@ -422,7 +419,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             _ => None,
         };
         if let Some((n, top)) = cacheable {
-            if let Some(response) = self.cached_answer(n, top).await {
+            if let Some(response) = Box::pin(self.cached_answer(n, top)).await {
                 return self.answer_cached(response, top.is_none().then_some(n)).await;
             }
         }
@@ -640,7 +637,7 @@ struct UpstreamPump<'a, R, W> {
     shared: Arc<Mutex<Shared>>,
     answered: Arc<Notify>,
     queued: Arc<Notify>,
-    inject: mpsc::Receiver<Inject>,
+    inject: mpsc::Receiver<Box<Inject>>,
     scope: Option<Scope>,
     service: &'a Service,
 }
@@ -810,7 +807,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 self.service.metrics.command_duration.with_label_values(&["pop3", label]).observe(seconds);
             }
             if ok {
-                self.learn(track.clone()).await;
+                // Boxed: a large, rare state would otherwise be in every session's future.
+                Box::pin(self.learn(track.clone())).await;
             }
             // A load not filled by `learn` (refused, too large) releases its waiters.
             self.load = None;
