@@ -448,7 +448,7 @@ pub struct LimitsConfig {
     pub trusted_networks: Vec<String>,
     /// How user names are folded before any limit counts them (`lower`, `exact`); the
     /// domain is always lower-cased. See `limits::identity`.
-    pub user_case: crate::limits::identity::UserCase,
+    pub user_case: crate::identity::UserCase,
     /// Appended to bare user names before any limit counts them (`""`: none).
     pub default_domain: String,
     /// Longer user names (SASL authorization identity included) are a failed login,
@@ -615,7 +615,7 @@ impl Default for LimitsConfig {
             auth_lockout_failures: 10,
             auth_window: Span(std::time::Duration::from_secs(600)),
             trusted_networks: Vec::new(),
-            user_case: crate::limits::identity::UserCase::Lower,
+            user_case: crate::identity::UserCase::Lower,
             default_domain: String::new(),
             // RFC 5321 caps an address at 254 octets; Dovecot's login process drops a
             // LOGIN line past about 2 KB ("Input buffer full").
@@ -821,7 +821,7 @@ impl Config {
                 ));
             }
             for (j, network) in l.proxy_trusted.iter().enumerate() {
-                if let Err(message) = crate::limits::Network::parse(network) {
+                if let Err(message) = crate::network::Network::parse(network) {
                     errors.push(error(&at(&format!("proxy_trusted[{j}]")), &message));
                 }
             }
@@ -901,12 +901,12 @@ impl Config {
             errors.push(error("limits.ipv6_prefix", "must be at most 128"));
         }
         for (i, network) in self.limits.trusted_networks.iter().enumerate() {
-            if let Err(message) = crate::limits::Network::parse(network) {
+            if let Err(message) = crate::network::Network::parse(network) {
                 errors.push(error(&format!("limits.trusted_networks[{i}]"), &message));
             }
         }
         for (i, network) in self.limits.overrides.trusted_networks.iter().enumerate() {
-            if let Err(message) = crate::limits::Network::parse(network) {
+            if let Err(message) = crate::network::Network::parse(network) {
                 errors.push(error(&format!("limits.overrides_file: trusted_networks[{i}]"), &message));
             }
         }
@@ -971,7 +971,7 @@ impl Config {
         if redis.timeout.0.is_zero() || redis.timeout.0 * 3 > redis.lease_ttl.0 {
             errors.push(error("limits.redis.timeout", "must be longer than 0s and at most a third of lease_ttl"));
         }
-        if !crate::limits::identity::valid_default_domain(&self.limits.default_domain) {
+        if !crate::identity::valid_default_domain(&self.limits.default_domain) {
             errors.push(error("limits.default_domain", "must be a domain name, without `@` or spaces"));
         }
         if self.limits.max_user_bytes == 0 || self.limits.max_password_bytes == 0 {

@@ -1,25 +1,44 @@
-//! mailgate: a TLS-terminating IMAP gateway in front of existing mail servers.
+//! mailgate: a TLS-terminating IMAP and POP3 gateway in front of existing mail servers,
+//! with a per-user message cache, limits, and metrics.
 //!
 //! The data path (see `docs/ARCHITECTURE.md`):
 //!
 //! ```text
-//! client ─TCP─▶ listener ─(TLS | STARTTLS)─▶ imap::front (pre-auth, mailgate's own)
-//!                                                │ credentials
-//!                                                ▼
-//!                                   upstream (TLS | STARTTLS | plain) + imap::upstream login
-//!                                                │ OK
-//!                                                ▼
-//!                         imap::relay: client ◀─framing─▶ upstream
+//! client ─TCP─▶ listener ─(PROXY header)─(TLS | STARTTLS)─▶ imap::front | pop3::front
+//!                                  │ credentials                (not authenticated:
+//!                                  ▼                             mailgate's own)
+//!               service::log_in: limits, routing, upstream (TLS | STARTTLS | plain),
+//!                                imap::upstream | pop3::upstream login
+//!                                  │ OK: a service::Handover
+//!                                  ▼
+//!               imap::relay | pop3::relay: two pumps (pumps), client ◀──▶ upstream,
+//!                                          FETCH / RETR answered from the cache
 //! ```
 //!
-//! - [`config`]: typed configuration, figment layers, validation with key paths.
-//! - [`tls`]: rustls settings built once (server per protocol, client per upstream).
-//! - [`listener`]: accept loops, implicit TLS, a span per session.
-//! - [`imap`]: the protocol: framing, front, upstream login, relay.
-//! - [`upstream`]: reaching an upstream server.
-//! - [`shutdown`]: signals and the graceful drain.
-//! - [`secret`], [`auth`]: credentials that never reach a log.
-//! - [`log_budget`]: what a peer can make mailgate log is bounded.
+//! Sessions:
+//! - [`listener`]: accept loops, the PROXY header, implicit TLS, a span per session; runs
+//!   the front, then the relay.
+//! - [`service`]: what a listener's sessions share, TLS handshakes, the login flow both
+//!   protocols share.
+//! - [`imap`], [`pop3`]: each protocol's front (before login), upstream login and relay.
+//! - [`pumps`]: driving a relay's two directions; the buffers they read and write through.
+//! - [`stream`]: TCP or TLS, either side; [`tls`]: rustls settings built once.
+//! - [`upstream`]: reaching an upstream pool (timeouts, PROXY v2, TLS, failover, health);
+//!   [`routing`]: which upstream a login goes to.
+//! - [`origin`]: where a session comes from, and how an upstream is told;
+//!   [`proxy_header`]: the PROXY protocol, without I/O.
+//!
+//! Around them:
+//! - [`cache`]: the message cache (snapshots per mailbox, bodies, POP3 messages).
+//! - [`limits`]: connection caps, rates, bandwidth, penalties, alone or shared in Redis;
+//!   [`identity`]: the canonical user name they key on; [`network`]: CIDR networks.
+//! - [`metrics`]: Prometheus families, byte counting, the top-K of sync cost;
+//!   [`admin`], [`admin_auth`]: the admin HTTP listener and its token.
+//! - [`config`]: typed configuration with key paths in every error; [`units`]: sizes and
+//!   durations; [`reload`]: SIGHUP and watched files; [`shutdown`]: the graceful drain.
+//! - [`auth`], [`secret`]: credentials that never reach a log; [`log_budget`]: what a peer
+//!   can make mailgate log is bounded.
+//! - `fuzzing`: the fuzz harnesses (hidden; used by `fuzz/` and the corpus tests).
 
 #![forbid(unsafe_code)]
 
@@ -30,11 +49,13 @@ pub mod cache;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod identity;
 pub mod imap;
 pub mod limits;
 pub mod listener;
 pub mod log_budget;
 pub mod metrics;
+pub mod network;
 pub mod origin;
 pub mod pop3;
 pub mod proxy_header;
@@ -171,9 +192,9 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
                 cache: shared.cache.clone(),
                 metrics: shared.metrics.clone(),
                 limits: shared.limits.clone(),
-                proxy: settings.proxy_protocol.then(|| listener::ProxyPolicy {
+                proxy: settings.proxy_protocol.then(|| proxy_header::ProxyPolicy {
                     // Validated with the configuration.
-                    trusted: settings.proxy_trusted.iter().filter_map(|n| limits::Network::parse(n).ok()).collect(),
+                    trusted: settings.proxy_trusted.iter().filter_map(|n| network::Network::parse(n).ok()).collect(),
                     timeout: settings.proxy_timeout.0,
                 }),
                 router: routers[&settings.protocol].clone(),

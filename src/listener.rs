@@ -20,18 +20,11 @@ use tracing::{debug, field, info, info_span, Instrument};
 
 use crate::config::Protocol;
 use crate::config::TlsMode;
-use crate::limits::Network;
 use crate::origin::{session_id, Origin};
 use crate::proxy_header::{self, Header, Parsed, ProxyError};
 use crate::service::Service;
 use crate::stream::Stream;
 use crate::{imap, pop3};
-
-/// Who may put a PROXY header in front of a connection, and how long it has to.
-pub struct ProxyPolicy {
-    pub trusted: Vec<Network>,
-    pub timeout: Duration,
-}
 
 pub struct Listener {
     pub name: String,

@@ -8,6 +8,16 @@
 //! handshake.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::network::Network;
+
+/// Who may put a PROXY header in front of a connection, and how long it has to (a
+/// listener's `proxy_protocol` settings).
+pub struct ProxyPolicy {
+    pub trusted: Vec<Network>,
+    pub timeout: Duration,
+}
 
 /// The v2 signature.
 const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";

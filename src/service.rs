@@ -92,7 +92,7 @@ pub struct Service {
     /// The process-wide connection caps.
     pub limits: Arc<crate::limits::Limits>,
     /// Set when the listener expects a PROXY protocol header.
-    pub proxy: Option<crate::listener::ProxyPolicy>,
+    pub proxy: Option<crate::proxy_header::ProxyPolicy>,
     /// Chooses the upstream of each login (`upstream` when nothing else does).
     pub router: Arc<crate::routing::Router>,
 }
@@ -188,7 +188,7 @@ impl Service {
         login: impl AsyncFnOnce(&Arc<Upstream>) -> Result<T, crate::upstream::LoginError>,
     ) -> Result<(T, Arc<Upstream>), crate::upstream::LoginError> {
         let upstream = (self.router.route(&self.upstream, credentials.identity(), origin.client.ip()).await)
-            .map_err(crate::upstream::UpstreamError::from)?;
+            .map_err(|e| crate::upstream::UpstreamError::NoRoute(e.0))?;
         let session = login(&upstream).await?;
         Ok((session, upstream))
     }

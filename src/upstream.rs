@@ -90,8 +90,9 @@ pub enum UpstreamError {
     Protocol(String),
     #[error("no healthy host in the upstream pool")]
     NoHealthyHost,
+    /// The login's route named no usable upstream (see `routing`).
     #[error("{0}")]
-    NoRoute(#[from] crate::routing::RouteError),
+    NoRoute(String),
 }
 
 impl UpstreamError {
