@@ -547,20 +547,25 @@ impl<'a> Parser<'a> {
 /// the part after `* `), when the UID appears before any literal: how relayed answers
 /// teach the UID map without parsing them whole.
 pub fn seq_and_uid(rest: &[u8]) -> Option<(u32, u32)> {
-    let text = std::str::from_utf8(rest).ok()?;
-    let (seq, rest) = text.split_once(' ')?;
-    let seq: u32 = seq.parse().ok()?;
-    let items = rest.strip_prefix("FETCH (").or_else(|| rest.strip_prefix("fetch ("))?;
+    // Bytes, not text: this runs on every FETCH response relayed to a cached session.
+    let sp = memchr::memchr(b' ', rest)?;
+    let seq: u32 = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+    let after = &rest[sp + 1..];
+    let items = after.strip_prefix(b"FETCH (").or_else(|| after.strip_prefix(b"fetch ("))?;
     let (mut depth, mut previous_uid) = (0i32, false);
-    for word in items.split(' ') {
+    for word in items.split(|&b| b == b' ') {
         if depth == 0 && previous_uid {
-            let digits: String = word.chars().take_while(char::is_ascii_digit).collect();
-            return Some((seq, digits.parse().ok()?));
+            let digits = word.iter().take_while(|b| b.is_ascii_digit()).count();
+            return Some((seq, std::str::from_utf8(&word[..digits]).ok()?.parse().ok()?));
         }
-        previous_uid = depth == 0 && word.eq_ignore_ascii_case("UID");
-        depth += word.matches(['[', '(']).count() as i32 - word.matches([']', ')']).count() as i32;
-        if word.contains('{') || word.contains('"') {
-            return None;
+        previous_uid = depth == 0 && word.eq_ignore_ascii_case(b"UID");
+        for &b in word {
+            match b {
+                b'[' | b'(' => depth += 1,
+                b']' | b')' => depth -= 1,
+                b'{' | b'"' => return None,
+                _ => {}
+            }
         }
     }
     None

@@ -172,6 +172,15 @@ impl Framer {
         self.max_line
     }
 
+    /// Gives a finished line's `head` back for the next line to fill: a relay frames a
+    /// line per response of a sync, and an allocation each would be most of its cost.
+    pub fn recycle(&mut self, mut head: Vec<u8>) {
+        if self.head.capacity() == 0 && head.capacity() >= HEAD_LEN {
+            head.clear();
+            self.head = head;
+        }
+    }
+
     /// Forgets everything, e.g. after STARTTLS.
     pub fn reset(&mut self) {
         *self = Framer::new(self.max_line);

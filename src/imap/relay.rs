@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
@@ -992,7 +992,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             // Nothing was consumed: the session cannot go on (and must not spin).
             Err(_) => return Some(End::Io),
         };
-        let bytes = self.buffer.split_to(step.consumed);
+        // The step's bytes stay in the buffer until they are handled (no handle per line).
+        let consumed = step.consumed;
         if response_starts {
             if self.implicit.holds() {
                 self.held = Some(std::mem::take(&mut self.held_spare));
@@ -1005,7 +1006,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         // until complete, and released as the client is to see it (maybe not at all).
         let mut released: Option<(Vec<u8>, bool)> = None;
         if let Some(held) = self.held.as_mut() {
-            held.extend_from_slice(&bytes);
+            held.extend_from_slice(&self.buffer[..consumed]);
+            self.buffer.advance(consumed);
             let line = match &step.event {
                 Some(Event::Line(line)) => Some(line),
                 // Longer than any line CONDSTORE adds to: streamed as it is.
@@ -1023,7 +1025,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         }
         let out: &[u8] = match &released {
             Some((out, _)) => out,
-            None => &bytes,
+            None => &self.buffer[..consumed],
         };
         if self.write.write_all(out).await.is_err() {
             return Some(End::ClientClosed);
@@ -1035,6 +1037,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             } else {
                 copy.extend_from_slice(out);
             }
+        }
+        if released.is_none() {
+            self.buffer.advance(consumed);
         }
         if let Some(Event::Line(line)) = step.event {
             if matches!(&self.capture, Capture::Copying(copy) if !is_fetch_response(copy)) {
@@ -1059,6 +1064,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             } else if let Capture::Copying(copy) = std::mem::replace(&mut self.capture, Capture::Idle) {
                 Box::pin(self.tee_response(copy.into())).await;
             }
+            self.framer.recycle(line.head);
         }
         if let Some((mut spare, _)) = released {
             // The next held line reuses the allocation.
@@ -1335,9 +1341,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     let (first, second) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
                     if second.eq_ignore_ascii_case(b"FETCH") {
                         shared.fetched += 1;
-                    }
-                    if let Some((seq, uid)) = super::fetch::seq_and_uid(rest) {
-                        shared.uids.learn(seq, uid);
+                        // The UID map serves the cache only: a session without one does not
+                        // pay for it on every response of a sync.
+                        if self.scope.is_some() {
+                            if let Some((seq, uid)) = super::fetch::seq_and_uid(rest) {
+                                shared.uids.learn(seq, uid);
+                            }
+                        }
                     } else if second.eq_ignore_ascii_case(b"EXPUNGE") {
                         if let Some(seq) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
                             shared.uids.expunge(seq);
