@@ -352,6 +352,7 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         response_modseq: None,
         settle_due: false,
         answered: 0,
+        fetched: 0,
         next_tag: 0,
         cache_hits: 0,
         cache_misses: 0,
@@ -892,6 +893,8 @@ struct UpstreamPump<'a, R, W> {
     settle_due: bool,
     /// FETCH responses a job composed so far.
     answered: u32,
+    /// FETCH responses relayed and not yet added to `Shared::fetched` (see `observe`).
+    fetched: u32,
     next_tag: u64,
     /// This session's FETCH items answered from the cache, and fetched upstream.
     cache_hits: u64,
@@ -903,7 +906,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     async fn run(&mut self) -> End {
         loop {
             while !self.buffer.is_empty() {
-                if let Some(end) = self.process().await {
+                let plain = self.plain_responses();
+                if plain > 0 {
+                    if self.write.write_all(&self.buffer[..plain]).await.is_err() {
+                        return End::ClientClosed;
+                    }
+                    self.buffer.advance(plain);
+                } else if let Some(end) = self.process().await {
                     return end;
                 }
             }
@@ -1083,6 +1092,55 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         None
     }
 
+    /// How many bytes at the start of the buffer are complete responses that need nothing
+    /// but to be observed and passed on, observed here: at a response boundary with nothing
+    /// of mailgate's own held or copied, up to a CAPABILITY (filtered by `process`) or a
+    /// response whose literal is not all in the buffer yet (streamed by `process`). Most of
+    /// a sync is such responses (flags, headers and envelopes in small literals); they go
+    /// out in one write instead of a framing step and a write per line and literal.
+    fn plain_responses(&mut self) -> usize {
+        if !self.framer.at_boundary()
+            || self.framer.pending_literal().is_some()
+            || self.implicit.holds()
+            || self.tees.load(Ordering::Relaxed) > 0
+            || !matches!(self.capture, Capture::Idle)
+        {
+            return 0;
+        }
+        // Observing needs `&mut self`; the buffer is not touched by it.
+        let buffer = std::mem::take(&mut self.buffer);
+        let mut done = 0;
+        'responses: while done < buffer.len() {
+            const CAPABILITY: &[u8] = b"* CAPABILITY ";
+            if buffer[done..].get(..CAPABILITY.len()).is_some_and(|p| p.eq_ignore_ascii_case(CAPABILITY)) {
+                break;
+            }
+            // The response's lines, each maybe ending in a literal that follows it.
+            let mut at = done;
+            loop {
+                let Some(newline) = memchr::memchr(b'\n', &buffer[at..]) else { break 'responses };
+                let line_end = at + newline + 1;
+                match super::framing::parse_announce(strip_eol(&buffer[at..line_end])) {
+                    Some(literal) => match usize::try_from(literal.len).ok().and_then(|n| line_end.checked_add(n)) {
+                        Some(end) if end <= buffer.len() => at = end,
+                        _ => break 'responses,
+                    },
+                    None => {
+                        at = line_end;
+                        break;
+                    }
+                }
+            }
+            // As `process` sees it: the head of the response's first line.
+            let first = &buffer[done..at];
+            let first = &first[..memchr::memchr(b'\n', first).map_or(first.len(), |i| i + 1)];
+            self.observe(&first[..first.len().min(super::framing::HEAD_LEN)]);
+            done = at;
+        }
+        self.buffer = buffer;
+        done
+    }
+
     /// A held response line (complete; `literal`: a literal follows it) as the client is to
     /// see it: `None` when it is not for the client at all. mailgate's own STATUS is
     /// answered here; a client's enabling command ends the stripping as the upstream begins
@@ -1227,9 +1285,19 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         // Callers pass a line head with or without its line end (`7 EXPUNGE\r\n` must
         // still be an EXPUNGE).
         let head = super::framing::strip_eol(head);
-        let shared = self.shared.clone();
-        let mut shared = shared.lock().expect("relay lock poisoned");
-        match response::kind(head) {
+        let kind = response::kind(head);
+        // Most lines of a sync: a FETCH response that teaches nothing (no cache to learn
+        // UIDs for, no MODSEQ to notice). Counted without the lock, which is otherwise most
+        // of what relaying a line costs.
+        if let Kind::Untagged(rest) = kind {
+            if self.scope.is_none() && is_fetch_response_line(rest) && !modseq::mentions(rest) {
+                self.fetched += 1;
+                return;
+            }
+        }
+        let mut shared = self.shared.lock().expect("relay lock poisoned");
+        shared.fetched += std::mem::take(&mut self.fetched);
+        match kind {
             Kind::Continuation => {
                 if let Some((_, answer @ None)) = shared.literal_wait.as_mut() {
                     *answer = Some(true);
@@ -1400,6 +1468,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
 /// `COMPRESS=`: its length, and the line without those (mailgate refuses COMPRESS, so it must
 /// not offer it; the tagged OK after LOGIN drops them too). `None` for anything else; a
 /// line not complete yet streams through as is (COMPRESS is refused all the same).
+/// `n FETCH ...` (the part after `* `).
+fn is_fetch_response_line(rest: &[u8]) -> bool {
+    let Some(sp) = memchr::memchr(b' ', rest) else { return false };
+    rest[sp + 1..].get(..6).is_some_and(|w| w.eq_ignore_ascii_case(b"FETCH "))
+}
+
 fn capability_without_compress(buffer: &[u8]) -> Option<(usize, Vec<u8>)> {
     const PREFIX: &[u8] = b"* CAPABILITY ";
     if buffer.len() < PREFIX.len() || !buffer[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {
