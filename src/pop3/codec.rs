@@ -113,6 +113,10 @@ enum State {
     Body(Body),
 }
 
+/// A line that starts with a dot, from the end of the line before it.
+static DOT_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\n."));
+
 /// Follows upstream responses; the caller says before each one whether `+OK` brings a body.
 #[derive(Debug)]
 pub struct ResponseScanner {
@@ -166,14 +170,21 @@ impl ResponseScanner {
                 let mut i = 0;
                 while i < input.len() {
                     if at == Body::Mid {
-                        // Inside a line only its end matters.
-                        match memchr(b'\n', &input[i..]) {
+                        // Inside a line, only the start of a line that begins with a dot
+                        // matters (the end, or a stuffed line): one search across the many
+                        // lines of a message instead of a search per line.
+                        match DOT_LINE.find(&input[i..]) {
                             Some(n) => {
                                 i += n + 1;
                                 at = Body::LineStart;
                                 continue;
                             }
-                            None => break,
+                            None => {
+                                if input.last() == Some(&b'\n') {
+                                    at = Body::LineStart;
+                                }
+                                break;
+                            }
                         }
                     }
                     let byte = input[i];
