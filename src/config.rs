@@ -447,7 +447,7 @@ pub struct LimitsConfig {
     /// Networks exempt from the authentication penalties and the login rate (`10.0.0.0/8`).
     pub trusted_networks: Vec<String>,
     /// How user names are folded before any limit counts them (`lower`, `exact`); the
-    /// domain is always lower-cased. See `limits::identity`.
+    /// domain is always lower-cased. See `identity`.
     pub user_case: crate::identity::UserCase,
     /// Appended to bare user names before any limit counts them (`""`: none).
     pub default_domain: String,

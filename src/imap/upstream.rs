@@ -130,13 +130,23 @@ impl Reader {
 
 /// Tells the upstream who the client is with `ID` (Dovecot's `x-originating-ip` and
 /// friends), before the login. An upstream that does not trust mailgate just records them
-/// as the client's ID; one without ID is logged in without them.
-async fn forward_client(reader: &mut Reader, capabilities: &[String], origin: &Origin) -> Result<(), UpstreamError> {
+/// as the client's ID; one without ID is logged in without them. The command is returned,
+/// not sent: it goes out in one write with the login's first line (pipelined, RFC 9051
+/// §5.5: the upstream takes it first), which saves the login a round trip.
+fn forward_client(capabilities: &[String], origin: &Origin) -> Option<Vec<u8>> {
     if !has_capability(capabilities, "ID") {
         tracing::debug!("upstream has no ID capability: the client's address is not forwarded");
-        return Ok(());
+        return None;
     }
-    reader.send(format!("M0 ID {}\r\n", origin.imap_id()).as_bytes()).await?;
+    Some(format!("M0 ID {}\r\n", origin.imap_id()).into_bytes())
+}
+
+/// Sends the login's first line after a pipelined `ID` (if any), then takes the ID's
+/// answer, which comes first.
+async fn send_first(reader: &mut Reader, id: Option<Vec<u8>>, first: &[u8]) -> Result<(), UpstreamError> {
+    let Some(mut bytes) = id else { return reader.send(first).await };
+    bytes.extend_from_slice(first);
+    reader.send(&bytes).await?;
     let mut ignored = None;
     let (status, _) = reader.complete("M0", &mut ignored).await?;
     if status != Status::Ok {
@@ -195,18 +205,16 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
         Some(caps) => caps,
         None => reader.capability().await?,
     };
-    if upstream.forward == ForwardClient::Commands {
-        forward_client(&mut reader, &capabilities, origin).await?;
-    }
+    let id = if upstream.forward == ForwardClient::Commands { forward_client(&capabilities, origin) } else { None };
     let mut after = None;
     let (status, code) = if has_capability(&capabilities, "AUTH=PLAIN") {
-        authenticate_plain(&mut reader, &capabilities, credentials, &mut after).await?
+        authenticate_plain(&mut reader, id, &capabilities, credentials, &mut after).await?
     } else if credentials.authzid.is_some() {
         return Err(LoginError::Rejected { code: Some("AUTHORIZATIONFAILED".into()) });
     } else if has_capability(&capabilities, "LOGINDISABLED") {
         return Err(UpstreamError::Protocol("upstream has LOGINDISABLED and no AUTH=PLAIN".into()).into());
     } else {
-        login_command(&mut reader, &capabilities, credentials, &mut after).await?
+        login_command(&mut reader, id, &capabilities, credentials, &mut after).await?
     };
     match status {
         Status::Ok => {}
@@ -227,15 +235,16 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
 
 async fn authenticate_plain(
     reader: &mut Reader,
+    id: Option<Vec<u8>>,
     capabilities: &[String],
     credentials: &Credentials,
     after: &mut Option<Vec<String>>,
 ) -> Result<(Status, Option<String>), UpstreamError> {
     let payload = encode_plain(credentials);
     if has_capability(capabilities, "SASL-IR") {
-        reader.send(format!("M2 AUTHENTICATE PLAIN {}\r\n", payload.expose()).as_bytes()).await?;
+        send_first(reader, id, format!("M2 AUTHENTICATE PLAIN {}\r\n", payload.expose()).as_bytes()).await?;
     } else {
-        reader.send(b"M2 AUTHENTICATE PLAIN\r\n").await?;
+        send_first(reader, id, b"M2 AUTHENTICATE PLAIN\r\n").await?;
         let line = reader.line().await?;
         if response::kind(&line) != Kind::Continuation {
             return tagged_without_continuation(&line, "M2", after);
@@ -247,6 +256,7 @@ async fn authenticate_plain(
 
 async fn login_command(
     reader: &mut Reader,
+    mut id: Option<Vec<u8>>,
     capabilities: &[String],
     credentials: &Credentials,
     after: &mut Option<Vec<String>>,
@@ -277,7 +287,11 @@ async fn login_command(
                 return tagged_without_continuation(&line, "M2", after);
             }
         }
-        reader.send(piece).await?;
+        if i == 0 {
+            send_first(reader, id.take(), piece).await?;
+        } else {
+            reader.send(piece).await?;
+        }
     }
     reader.complete("M2", after).await
 }
