@@ -166,7 +166,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_read_gives_a_large_buffer_back() {
         let (mut near, mut far) = tokio::io::duplex(1 << 20);
-        far.write_all(&vec![b'x'; 40_000]).await.unwrap();
+        far.write_all(&vec![b'x'; IO_CHUNK + 20_000]).await.unwrap();
         let mut buffer = BytesMut::new();
         let n = read_into(&mut near, &mut buffer, false).await.unwrap();
         assert!(buffer.capacity() >= IO_CHUNK && n > WAITING_READ, "flowing: large reads");
