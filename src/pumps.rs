@@ -70,6 +70,64 @@ pub async fn read_into<R: AsyncRead + Unpin>(
     read.read_buf(buffer).await
 }
 
+/// Why a client's read ended without bytes for the relay.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unread {
+    /// The client closed the connection, or reading failed.
+    Closed,
+    /// Nothing for the idle timeout while nothing was running.
+    Idle,
+    /// Shutdown began while nothing was running.
+    Shutdown,
+}
+
+/// What a client pump asks of its session's shared state while it waits for the client.
+pub trait Waiting {
+    /// Shutdown has already been seen (the session drains).
+    fn draining(&self) -> bool;
+    /// Marks the session draining; true if nothing is running, so it may end now.
+    fn start_draining(&self) -> bool;
+    /// A command is still running (a long download is not inactivity).
+    fn busy(&self) -> bool;
+}
+
+/// The client pump's read, the same for both protocols: the next bytes into `buffer`
+/// (`waiting`: see [`read_into`]), unless the client goes away, stays silent for `idle`
+/// while nothing runs, or shutdown comes while nothing runs (a running command delays both:
+/// the session drains).
+pub async fn read_client<R: AsyncRead + Unpin>(
+    read: &mut R,
+    buffer: &mut BytesMut,
+    waiting: bool,
+    idle: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+    state: &impl Waiting,
+) -> Result<usize, Unread> {
+    let mut deadline = tokio::time::Instant::now() + idle;
+    loop {
+        let draining = state.draining();
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, read_into(read, buffer, waiting)) => read,
+            _ = shutdown.cancelled(), if !draining => {
+                if state.start_draining() {
+                    return Err(Unread::Shutdown);
+                }
+                continue;
+            }
+        };
+        match read {
+            Ok(Ok(0)) => return Err(Unread::Closed),
+            Ok(Ok(n)) => return Ok(n),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "client read failed");
+                return Err(Unread::Closed);
+            }
+            Err(_) if state.busy() => deadline = tokio::time::Instant::now() + idle,
+            Err(_) => return Err(Unread::Idle),
+        }
+    }
+}
+
 /// A write buffer that exists only between a write and the next flush.
 ///
 /// Writes are coalesced (small ones into one TLS record and one system call, up to

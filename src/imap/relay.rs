@@ -34,7 +34,7 @@ use super::response::{self, Kind, Status};
 use super::snapshot::Stored;
 use super::upstream::LoggedIn;
 use crate::cache::{Name, Scope};
-use crate::pumps::{self, Outbox};
+use crate::pumps::{self, Outbox, Unread};
 use crate::service::{Handover, Service};
 
 /// Commands in flight at once. A client that pipelines more (mbsync does, by thousands)
@@ -143,6 +143,25 @@ impl Shared {
     /// Idle in the sense of shutdown: nothing in flight but (possibly) IDLE.
     fn quiet(&self) -> bool {
         !self.job_running && self.in_flight.iter().all(|t| Some(&t.tag) == self.idling.as_ref())
+    }
+}
+
+/// The session's state as the client pump's read sees it.
+struct WaitingFor<'a>(&'a Mutex<Shared>);
+
+impl pumps::Waiting for WaitingFor<'_> {
+    fn draining(&self) -> bool {
+        self.0.lock().expect("relay lock poisoned").draining
+    }
+
+    fn start_draining(&self) -> bool {
+        let mut shared = self.0.lock().expect("relay lock poisoned");
+        shared.draining = true;
+        shared.quiet()
+    }
+
+    fn busy(&self) -> bool {
+        !self.0.lock().expect("relay lock poisoned").quiet()
     }
 }
 
@@ -467,36 +486,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     /// Waits for client bytes, watching the idle timer and shutdown.
     async fn read_more(&mut self) -> Result<(), End> {
         let idle = self.service.config.imap.idle_timeout.0;
-        let mut deadline = Instant::now() + idle;
         // Between commands (not inside a literal) the read may wait in a small buffer.
         let waiting = self.framer.at_boundary();
-        loop {
-            let draining = self.lock().draining;
-            let read = tokio::select! {
-                read = tokio::time::timeout_at(deadline, pumps::read_into(&mut self.read, &mut self.buffer, waiting)) => read,
-                _ = self.service.shutdown.cancelled(), if !draining => {
-                    let quiet = {
-                        let mut shared = self.lock();
-                        shared.draining = true;
-                        shared.quiet()
-                    };
-                    if quiet {
-                        return Err(self.close_with("Server shutting down.").await);
-                    }
-                    continue;
-                }
-            };
-            match read {
-                Ok(Ok(0)) => return Err(End::ClientClosed),
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) => {
-                    debug!(error = %e, "client read failed");
-                    return Err(End::ClientClosed);
-                }
-                // A command still running (a long download) is not inactivity.
-                Err(_) if !self.lock().quiet() => deadline = Instant::now() + idle,
-                Err(_) => return Err(self.close_with("Autologout; idle for too long.").await),
-            }
+        let state = WaitingFor(&self.shared);
+        match pumps::read_client(&mut self.read, &mut self.buffer, waiting, idle, &self.service.shutdown, &state).await
+        {
+            Ok(_) => Ok(()),
+            Err(Unread::Closed) => Err(End::ClientClosed),
+            Err(Unread::Shutdown) => Err(self.close_with("Server shutting down.").await),
+            Err(Unread::Idle) => Err(self.close_with("Autologout; idle for too long.").await),
         }
     }
 

@@ -30,7 +30,7 @@ use tracing::debug;
 use super::codec::{multiline_if_ok, split_command, CodecError, Event, LineReader, ResponseScanner};
 use super::upstream::LoggedIn;
 use crate::cache::{Claim, Key, Kind, LoadGuard, Name, Pop3Key, Scope};
-use crate::pumps::{self, Outbox};
+use crate::pumps::{self, Outbox, Unread};
 use crate::service::{Handover, Service};
 
 /// Commands waiting for their responses; more are not read until some are answered.
@@ -269,6 +269,26 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         "session ended"
     );
     service.session_cost(account, &bytes, to_upstream.commands, to_upstream.messages);
+}
+
+/// The session's state as the client pump's read sees it: a RETR still streaming is not
+/// inactivity, and holds a shutdown back.
+struct WaitingFor<'a>(&'a Mutex<Shared>);
+
+impl pumps::Waiting for WaitingFor<'_> {
+    fn draining(&self) -> bool {
+        lock(self.0).draining
+    }
+
+    fn start_draining(&self) -> bool {
+        let mut shared = lock(self.0);
+        shared.draining = true;
+        shared.pending.is_empty()
+    }
+
+    fn busy(&self) -> bool {
+        !lock(self.0).pending.is_empty()
+    }
 }
 
 fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -586,31 +606,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
 
     async fn read_more(&mut self) -> Result<(), End> {
         let idle = self.service.config.pop3.idle_timeout.0;
-        let mut deadline = Instant::now() + idle;
-        loop {
-            let draining = lock(&self.shared).draining;
-            // Commands are short: the read waits in a small buffer.
-            let read = tokio::select! {
-                read = tokio::time::timeout_at(deadline, pumps::read_into(&mut self.read, &mut self.buffer, true)) => read,
-                _ = self.service.shutdown.cancelled(), if !draining => {
-                    let quiet = {
-                        let mut shared = lock(&self.shared);
-                        shared.draining = true;
-                        shared.pending.is_empty()
-                    };
-                    if quiet {
-                        return Err(self.close_with("-ERR [SYS/TEMP] Server shutting down.").await);
-                    }
-                    continue;
-                }
-            };
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Err(End::ClientClosed),
-                Ok(Ok(_)) => return Ok(()),
-                // A RETR still streaming is not inactivity.
-                Err(_) if !lock(&self.shared).pending.is_empty() => deadline = Instant::now() + idle,
-                Err(_) => return Err(self.close_with("-ERR Disconnected for inactivity.").await),
-            }
+        let state = WaitingFor(&self.shared);
+        // Commands are short: the read waits in a small buffer.
+        match pumps::read_client(&mut self.read, &mut self.buffer, true, idle, &self.service.shutdown, &state).await {
+            Ok(_) => Ok(()),
+            Err(Unread::Closed) => Err(End::ClientClosed),
+            Err(Unread::Shutdown) => Err(self.close_with("-ERR [SYS/TEMP] Server shutting down.").await),
+            Err(Unread::Idle) => Err(self.close_with("-ERR Disconnected for inactivity.").await),
         }
     }
 }
