@@ -53,8 +53,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -64,6 +63,7 @@ use support::gateway::Gateway;
 use support::peers::{self, Haproxy, NginxMail};
 use support::setup::{gateway_config_with, BOB};
 use support::tls::TestPki;
+use support::wire::Wire;
 
 /// The IMAP user, with the big INBOX.
 const USER: (&str, &str) = BOB;
@@ -77,116 +77,10 @@ const CONCURRENT: usize = 16;
 const HEADER_SYNC: &[u8] =
     b"UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (From To Subject Date Message-ID)])";
 const FLAG_SYNC: &[u8] = b"UID FETCH 1:* (UID FLAGS)";
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // The load generator's connection: one buffer, lines found with memchr, literals and POP3
 // bodies skipped in bulk; counts what goes through.
-
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    pos: usize,
-    end: usize,
-    /// Bytes received and sent, and command lines sent.
-    rx: u64,
-    tx: u64,
-    commands: u64,
-}
-
-impl Conn {
-    fn connect(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
-        stream.set_nodelay(true).unwrap();
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        Conn { stream, buf: vec![0; 1 << 18], pos: 0, end: 0, rx: 0, tx: 0, commands: 0 }
-    }
-
-    /// Sends one command line (CRLF added).
-    fn command(&mut self, line: &[u8]) {
-        let mut bytes = Vec::with_capacity(line.len() + 2);
-        bytes.extend_from_slice(line);
-        bytes.extend_from_slice(b"\r\n");
-        self.stream.write_all(&bytes).expect("send");
-        self.tx += bytes.len() as u64;
-        self.commands += 1;
-    }
-
-    /// Reads more; keeps the unconsumed bytes, growing the buffer only if it is full of them.
-    fn fill(&mut self) {
-        if self.pos == self.end {
-            self.pos = 0;
-            self.end = 0;
-        } else if self.end == self.buf.len() {
-            if self.pos > 0 {
-                self.buf.copy_within(self.pos..self.end, 0);
-                self.end -= self.pos;
-                self.pos = 0;
-            } else {
-                let len = self.buf.len();
-                self.buf.resize(len * 2, 0);
-            }
-        }
-        let n = self.stream.read(&mut self.buf[self.end..]).expect("read");
-        assert!(n > 0, "connection closed by peer");
-        self.end += n;
-        self.rx += n as u64;
-    }
-
-    /// The next line, CRLF included.
-    fn line(&mut self) -> &[u8] {
-        let mut scanned = self.pos;
-        loop {
-            if let Some(i) = memchr::memchr(b'\n', &self.buf[scanned..self.end]) {
-                let start = self.pos;
-                self.pos = scanned + i + 1;
-                return &self.buf[start..self.pos];
-            }
-            let offset = self.end - self.pos;
-            self.fill();
-            scanned = self.pos + offset;
-        }
-    }
-
-    /// Skips `n` bytes.
-    fn skip(&mut self, mut n: usize) {
-        while n > 0 {
-            if self.pos == self.end {
-                self.fill();
-            }
-            let take = n.min(self.end - self.pos);
-            self.pos += take;
-            n -= take;
-        }
-    }
-
-    /// Skips a POP3 multi-line body through its terminating `.` line (the status line was
-    /// just read); returns its length.
-    fn pop3_body(&mut self, finder: &memmem::Finder) -> u64 {
-        while self.end - self.pos < 3 {
-            self.fill();
-        }
-        if &self.buf[self.pos..self.pos + 3] == b".\r\n" {
-            self.pos += 3;
-            return 3;
-        }
-        let mut len = 0;
-        loop {
-            if let Some(i) = finder.find(&self.buf[self.pos..self.end]) {
-                len += (i + 5) as u64;
-                self.pos += i + 5;
-                return len;
-            }
-            // Keep the last 4 bytes: they may start the terminator.
-            let keep = 4.min(self.end - self.pos);
-            let upto = self.end - keep;
-            len += (upto - self.pos) as u64;
-            self.pos = upto;
-            self.fill();
-        }
-    }
-}
 
 fn literal_len(line: &[u8]) -> Option<usize> {
     let body = line.strip_suffix(b"}\r\n")?;
@@ -197,7 +91,7 @@ fn literal_len(line: &[u8]) -> Option<usize> {
 /// Reads responses until `tag` completes (panics unless OK); returns the length of the
 /// untagged responses (lines and literals): the payload, which the tagged completion's
 /// text (Dovecot's timings) is not.
-fn imap_until(conn: &mut Conn, tag: &[u8]) -> u64 {
+fn imap_until(conn: &mut Wire, tag: &[u8]) -> u64 {
     let mut payload = 0;
     loop {
         let line = conn.line();
@@ -212,7 +106,7 @@ fn imap_until(conn: &mut Conn, tag: &[u8]) -> u64 {
         }
         payload += line.len() as u64;
         if let Some(n) = literal_len(line) {
-            conn.skip(n);
+            conn.literal(n, |_| {});
             payload += n as u64;
             // The rest of the response follows the literal on a line of its own.
             while let Some(n) = {
@@ -220,15 +114,15 @@ fn imap_until(conn: &mut Conn, tag: &[u8]) -> u64 {
                 payload += line.len() as u64;
                 literal_len(line)
             } {
-                conn.skip(n);
+                conn.literal(n, |_| {});
                 payload += n as u64;
             }
         }
     }
 }
 
-fn imap_session(addr: SocketAddr) -> Conn {
-    let mut conn = Conn::connect(addr);
+fn imap_session(addr: SocketAddr) -> Wire {
+    let mut conn = Wire::connect(addr, 1 << 18);
     let greeting = conn.line().to_vec();
     assert!(greeting.starts_with(b"* OK"), "{}", String::from_utf8_lossy(&greeting));
     conn.command(format!("l LOGIN {} {}", USER.0, USER.1).as_bytes());
@@ -238,15 +132,15 @@ fn imap_session(addr: SocketAddr) -> Conn {
     conn
 }
 
-fn imap_logout(conn: &mut Conn) {
+fn imap_logout(conn: &mut Wire) {
     conn.command(b"z LOGOUT");
     imap_until(conn, b"z");
 }
 
-fn pop3_session(addr: SocketAddr) -> Conn {
+fn pop3_session(addr: SocketAddr) -> Wire {
     // Dovecot locks the maildrop per session and releases it just after the last one ends.
     for attempt in 0.. {
-        let mut conn = Conn::connect(addr);
+        let mut conn = Wire::connect(addr, 1 << 18);
         let greeting = conn.line().to_vec();
         assert!(greeting.starts_with(b"+OK"), "{}", String::from_utf8_lossy(&greeting));
         conn.command(format!("USER {}", POP3_USER.0).as_bytes());
@@ -263,7 +157,7 @@ fn pop3_session(addr: SocketAddr) -> Conn {
     unreachable!()
 }
 
-fn pop3_quit(conn: &mut Conn) {
+fn pop3_quit(conn: &mut Wire) {
     conn.command(b"QUIT");
     let bye = conn.line().to_vec();
     assert!(bye.starts_with(b"+OK"), "{}", String::from_utf8_lossy(&bye));
@@ -456,7 +350,7 @@ impl Bench {
                         let status = conn.line();
                         assert!(status.starts_with(b"+OK"), "RETR {n}: {}", String::from_utf8_lossy(status));
                         payload += status.len() as u64;
-                        payload += conn.pop3_body(&finder);
+                        payload += conn.pop3_body(&finder, |_| {});
                     }
                 }
                 let secs = start.elapsed().as_secs_f64();
@@ -505,7 +399,7 @@ impl Bench {
     }
 
     /// Login and SELECT (untimed), `work` timed, LOGOUT.
-    fn one_session(&self, path: Path, work: impl FnOnce(&mut Conn) -> u64) -> Sample {
+    fn one_session(&self, path: Path, work: impl FnOnce(&mut Wire) -> u64) -> Sample {
         let mut conn = imap_session(self.imap(path));
         let start = Instant::now();
         let payload = work(&mut conn);
@@ -515,7 +409,7 @@ impl Bench {
     }
 }
 
-fn header_sync(conn: &mut Conn) -> u64 {
+fn header_sync(conn: &mut Wire) -> u64 {
     conn.command(&[b"h ", HEADER_SYNC].concat());
     imap_until(conn, b"h")
 }

@@ -69,6 +69,7 @@ use support::dovecot::Dovecot;
 use support::gateway::Gateway;
 use support::setup::{gateway_config_with, BOB};
 use support::tls::TestPki;
+use support::wire::Wire;
 
 const USER: (&str, &str) = BOB;
 const SEED: u64 = 20_240_611;
@@ -76,7 +77,6 @@ const HEADER_SYNC: &[u8] =
     b"UID FETCH 1:* (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE MESSAGE-ID)])";
 const BODIES: usize = 1000;
 const CONCURRENT: usize = 16;
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // Checksums
@@ -362,106 +362,6 @@ impl Drop for Forwarder {
 // The load generator's connection: one buffer, lines found with memchr, literals and POP3
 // bodies consumed in bulk straight from the buffer.
 
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    pos: usize,
-    end: usize,
-    /// Bytes received so far.
-    rx: u64,
-}
-
-impl Conn {
-    fn connect(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
-        stream.set_nodelay(true).unwrap();
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        Conn { stream, buf: vec![0; 1 << 20], pos: 0, end: 0, rx: 0 }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("send");
-    }
-
-    /// Reads more; keeps the unconsumed bytes, growing the buffer only if it is full of them.
-    fn fill(&mut self) {
-        if self.pos == self.end {
-            self.pos = 0;
-            self.end = 0;
-        } else if self.end == self.buf.len() {
-            if self.pos > 0 {
-                self.buf.copy_within(self.pos..self.end, 0);
-                self.end -= self.pos;
-                self.pos = 0;
-            } else {
-                let len = self.buf.len();
-                self.buf.resize(len * 2, 0);
-            }
-        }
-        let n = self.stream.read(&mut self.buf[self.end..]).expect("read");
-        assert!(n > 0, "connection closed by peer");
-        self.end += n;
-        self.rx += n as u64;
-    }
-
-    /// The next line, CRLF included.
-    fn line(&mut self) -> &[u8] {
-        let mut scanned = self.pos;
-        loop {
-            if let Some(i) = memchr::memchr(b'\n', &self.buf[scanned..self.end]) {
-                let start = self.pos;
-                self.pos = scanned + i + 1;
-                return &self.buf[start..self.pos];
-            }
-            let offset = self.end - self.pos;
-            self.fill();
-            scanned = self.pos + offset;
-        }
-    }
-
-    /// Consumes `n` bytes into `hash`.
-    fn literal(&mut self, mut n: usize, hash: &mut Hash) {
-        while n > 0 {
-            if self.pos == self.end {
-                self.fill();
-            }
-            let take = n.min(self.end - self.pos);
-            hash.update(&self.buf[self.pos..self.pos + take]);
-            self.pos += take;
-            n -= take;
-        }
-    }
-
-    /// Consumes a POP3 multi-line body up to and including its terminating `.` line
-    /// (the status line, with its CRLF, was just read).
-    fn pop3_body(&mut self, finder: &memmem::Finder, hash: &mut Hash) {
-        // An empty body: the terminator directly follows the status line.
-        while self.end - self.pos < 3 {
-            self.fill();
-        }
-        if &self.buf[self.pos..self.pos + 3] == b".\r\n" {
-            hash.update(b".\r\n");
-            self.pos += 3;
-            return;
-        }
-        loop {
-            if let Some(i) = finder.find(&self.buf[self.pos..self.end]) {
-                let stop = self.pos + i + 5;
-                hash.update(&self.buf[self.pos..stop]);
-                self.pos = stop;
-                return;
-            }
-            // Keep the last 4 bytes: they may start the terminator.
-            let keep = 4.min(self.end - self.pos);
-            let upto = self.end - keep;
-            hash.update(&self.buf[self.pos..upto]);
-            self.pos = upto;
-            self.fill();
-        }
-    }
-}
-
 fn literal_len(line: &[u8]) -> Option<usize> {
     let body = line.strip_suffix(b"}\r\n")?;
     let open = memchr::memrchr(b'{', body)?;
@@ -477,7 +377,7 @@ fn is_tagged<'a>(line: &'a [u8], tag: &[u8]) -> Option<&'a [u8]> {
 
 /// Reads responses until `tag` completes; each untagged response (lines and literals) is
 /// one digest entry. Panics unless the completion is OK.
-fn imap_until(conn: &mut Conn, tag: &[u8], digest: Option<&mut Digest>) -> usize {
+fn imap_until(conn: &mut Wire, tag: &[u8], digest: Option<&mut Digest>) -> usize {
     let mut count = 0;
     let mut out = digest;
     let mut hash = Hash::new();
@@ -499,7 +399,7 @@ fn imap_until(conn: &mut Conn, tag: &[u8], digest: Option<&mut Digest>) -> usize
         let literal = literal_len(line);
         match literal {
             Some(n) => {
-                conn.literal(n, &mut hash);
+                conn.literal(n, |piece| hash.update(piece));
                 in_response = true;
             }
             None => {
@@ -514,8 +414,8 @@ fn imap_until(conn: &mut Conn, tag: &[u8], digest: Option<&mut Digest>) -> usize
     }
 }
 
-fn imap_login(addr: SocketAddr) -> Conn {
-    let mut conn = Conn::connect(addr);
+fn imap_login(addr: SocketAddr) -> Wire {
+    let mut conn = Wire::connect(addr, 1 << 20);
     let greeting = conn.line().to_vec();
     assert!(greeting.starts_with(b"* OK"), "{}", String::from_utf8_lossy(&greeting));
     conn.send(format!("l LOGIN {} {}\r\n", USER.0, USER.1).as_bytes());
@@ -554,15 +454,15 @@ fn change_mailbox(addr: SocketAddr, messages: usize, round: usize) {
     imap_logout(conn);
 }
 
-fn imap_logout(mut conn: Conn) {
+fn imap_logout(mut conn: Wire) {
     conn.send(b"z LOGOUT\r\n");
     imap_until(&mut conn, b"z", None);
 }
 
-fn pop3_login(addr: SocketAddr) -> Conn {
+fn pop3_login(addr: SocketAddr) -> Wire {
     // Dovecot locks the maildrop per session and releases it just after the last one ends.
     for attempt in 0.. {
-        let mut conn = Conn::connect(addr);
+        let mut conn = Wire::connect(addr, 1 << 20);
         let greeting = conn.line().to_vec();
         assert!(greeting.starts_with(b"+OK"), "{}", String::from_utf8_lossy(&greeting));
         conn.send(format!("USER {}\r\nPASS {}\r\n", USER.0, USER.1).as_bytes());
@@ -578,7 +478,7 @@ fn pop3_login(addr: SocketAddr) -> Conn {
     unreachable!()
 }
 
-fn pop3_quit(mut conn: Conn) {
+fn pop3_quit(mut conn: Wire) {
     conn.send(b"QUIT\r\n");
     let bye = conn.line().to_vec();
     assert!(bye.starts_with(b"+OK"), "{}", String::from_utf8_lossy(&bye));
@@ -595,7 +495,7 @@ struct ClientRun {
     finished: Instant,
 }
 
-fn timed(conn: &mut Conn, work: impl FnOnce(&mut Conn, &mut Digest) -> usize) -> ClientRun {
+fn timed(conn: &mut Wire, work: impl FnOnce(&mut Wire, &mut Digest) -> usize) -> ClientRun {
     let (rx, cpu) = (conn.rx, thread_cpu());
     let mut digest = Vec::new();
     let start = Instant::now();
@@ -604,7 +504,7 @@ fn timed(conn: &mut Conn, work: impl FnOnce(&mut Conn, &mut Digest) -> usize) ->
     ClientRun { elapsed: finished - start, messages, bytes: conn.rx - rx, cpu: thread_cpu() - cpu, digest, finished }
 }
 
-fn header_sync(conn: &mut Conn, digest: &mut Digest) -> usize {
+fn header_sync(conn: &mut Wire, digest: &mut Digest) -> usize {
     conn.send(&[b"h ", HEADER_SYNC, b"\r\n"].concat());
     imap_until(conn, b"h", Some(digest))
 }
@@ -614,19 +514,19 @@ const SPARSE_RANGES: usize = 9_000;
 
 /// (s): the header items of 9,000 UIDs named one by one, scattered (and some twice), in
 /// one command.
-fn sparse_sync(conn: &mut Conn, digest: &mut Digest, messages: usize) -> usize {
+fn sparse_sync(conn: &mut Wire, digest: &mut Digest, messages: usize) -> usize {
     let set: Vec<String> = (0..SPARSE_RANGES).map(|i| ((i * 7919) % messages + 1).to_string()).collect();
     let items = "(UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE MESSAGE-ID)])";
     conn.send(format!("s UID FETCH {} {items}\r\n", set.join(",")).as_bytes());
     imap_until(conn, b"s", Some(digest))
 }
 
-fn flag_sync(conn: &mut Conn, digest: &mut Digest) -> usize {
+fn flag_sync(conn: &mut Wire, digest: &mut Digest) -> usize {
     conn.send(b"f UID FETCH 1:* (UID FLAGS)\r\n");
     imap_until(conn, b"f", Some(digest))
 }
 
-fn bodies(conn: &mut Conn, digest: &mut Digest, count: usize) -> usize {
+fn bodies(conn: &mut Wire, digest: &mut Digest, count: usize) -> usize {
     let mut messages = 0;
     for uid in 1..=count {
         conn.send(format!("b{uid} UID FETCH {uid} BODY.PEEK[]\r\n").as_bytes());
@@ -635,7 +535,7 @@ fn bodies(conn: &mut Conn, digest: &mut Digest, count: usize) -> usize {
     messages
 }
 
-fn retrs(conn: &mut Conn, digest: &mut Digest, count: usize) -> usize {
+fn retrs(conn: &mut Wire, digest: &mut Digest, count: usize) -> usize {
     let finder = memmem::Finder::new(b"\r\n.\r\n");
     for n in 1..=count {
         conn.send(format!("RETR {n}\r\n").as_bytes());
@@ -643,7 +543,7 @@ fn retrs(conn: &mut Conn, digest: &mut Digest, count: usize) -> usize {
         let status = conn.line();
         assert!(status.starts_with(b"+OK"), "RETR {n}: {}", String::from_utf8_lossy(status));
         hash.update(status);
-        conn.pop3_body(&finder, &mut hash);
+        conn.pop3_body(&finder, |piece| hash.update(piece));
         digest.push(hash.finish());
     }
     count

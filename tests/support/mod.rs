@@ -26,3 +26,5 @@ pub mod redis;
 pub mod setup;
 #[allow(dead_code)]
 pub mod tls;
+#[allow(dead_code)]
+pub mod wire;
