@@ -520,7 +520,9 @@ fn main() {
         "plaintext",
         None,
         "",
-        "\n[cache]\nenabled = false\n",
+        // One client address logs in hundreds of times a minute here: the address rates
+        // are off (HAProxy and nginx have none either); the rest as shipped.
+        "\n[cache]\nenabled = false\n[limits]\nconnections_per_ip_per_minute = 0\nlogins_per_ip_per_minute = 0\n",
     );
     // As deployed: info, not the tests' per-connection debug lines.
     let gateway = Gateway::start_logging(dir.path(), &config, "info");
