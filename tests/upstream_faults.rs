@@ -314,3 +314,50 @@ fn a_temporary_upstream_refusal_is_relayed_as_such_and_never_penalized() {
         assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
     }
 }
+
+/// Responses that arrive in one piece take the relay's one-write path, those it must look
+/// into (a CAPABILITY to filter, a literal not yet all read) take the framer: the client
+/// gets the upstream's bytes exactly, whichever way they were cut.
+#[test]
+fn responses_arriving_together_or_cut_anywhere_reach_the_client_byte_for_byte() {
+    const TOGETHER: &[u8] = b"* 1 FETCH (UID 1 FLAGS (\\Seen))\r\n\
+        * 2 FETCH (UID 2 BODY[HEADER] {5}\r\nhello BODY[TEXT] {0}\r\n)\r\n\
+        * 2 EXISTS\r\n\
+        * CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE\r\n\
+        * 3 FETCH (UID 3 BODY[] {20}\r\n0123456789";
+    const LATER: &[u8] = b"0123456789 FLAGS ())\r\n+ a continuation {not a literal}\r\n";
+    let fake = FakeUpstream::start(None, |conn: &mut FakeConn| {
+        conn.accept_login();
+        let tag = conn.tag().unwrap();
+        conn.send(TOGETHER);
+        std::thread::sleep(Duration::from_millis(100));
+        conn.send(LATER);
+        conn.send(format!("{tag} OK done\r\n").as_bytes());
+        // Every byte in a write of its own: the framer at each step.
+        let tag = conn.tag().unwrap();
+        for byte in TOGETHER.iter().chain(LATER).chain(format!("{tag} OK done again\r\n").as_bytes()) {
+            conn.send(&[*byte]);
+        }
+        let tag = conn.tag().unwrap();
+        conn.send(format!("{tag} OK still here\r\n").as_bytes());
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    assert!(client.command("a", "LOGIN user pw").last().unwrap().starts_with("a OK"));
+    let expected = |tag: &str, text: &str| {
+        let mut bytes = [TOGETHER, LATER].concat();
+        // mailgate announces no COMPRESS (it could not frame a DEFLATE stream).
+        let compress = b"COMPRESS=DEFLATE ";
+        let at = bytes.windows(compress.len()).position(|w| w == compress).expect("in the script");
+        bytes.drain(at..at + compress.len());
+        bytes.extend_from_slice(format!("{tag} OK {text}\r\n").as_bytes());
+        bytes
+    };
+    for (tag, text) in [("b", "done"), ("c", "done again")] {
+        client.send(format!("{tag} FETCH 1:3 (FLAGS BODY[])\r\n").as_bytes());
+        let want = expected(tag, text);
+        assert_eq!(String::from_utf8_lossy(&client.bytes(want.len())), String::from_utf8_lossy(&want), "command {tag}");
+    }
+    assert_eq!(client.command("d", "NOOP"), ["d OK still here"], "the completions were seen");
+}
