@@ -742,7 +742,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     // FETCH held back until the commands before it completed would change
                     // which. Pipelined behind others, it is relayed in its place.
                     let queued = modseq.qresync && !self.lock().in_flight.is_empty();
-                    if queued || intercept::relays_whole(&job, &fill.items).await {
+                    if queued || Box::pin(intercept::relays_whole(&job, &fill.items)).await {
                         // A cold resync of flags, alone in flight, asks MODSEQ too: the flags
                         // it relays are remembered, and the next resync asks what changed.
                         let learn = {
@@ -757,7 +757,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                         if let (Some(stamp), Some(line)) = (learn, learn.and_then(|_| flags::with_modseq(&self.line))) {
                             self.line = line;
                             self.implicit.on.store(true, Ordering::Relaxed);
-                            learning = Some(flags::Learning::new(scope, &job.selected, stamp).await);
+                            learning = Some(Box::pin(flags::Learning::new(scope, &job.selected, stamp)).await);
                         }
                         tee = Some(Arc::new(Tee {
                             fill,
@@ -1275,7 +1275,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             let unfinished: Vec<Arc<Tee>> = shared.in_flight.iter_mut().filter_map(|f| f.tee.take()).collect();
             shared.settling.extend(unfinished.into_iter().map(|tee| (tee, false)));
         }
-        self.settle_tees().await;
+        // Boxed: it runs once, after the pumps, and would size the session's future.
+        Box::pin(self.settle_tees()).await;
     }
 
     /// Keeps the shared view of the session in step with the upstream's answers.

@@ -774,7 +774,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             // Only a line that names no message (no number in it) can stand for every TOP.
             if !line.iter().any(u8::is_ascii_digit) && line.len() <= 200 {
                 let status = Bytes::from([line.as_slice(), b"\r\n"].concat());
-                scope.cache.insert(top_status_key(scope), status).await;
+                // Boxed: a cache insert's state is large, and rare here.
+                Box::pin(scope.cache.insert(top_status_key(scope), status)).await;
             }
         }
         if self.wants_capture(track) {
