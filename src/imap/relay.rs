@@ -303,6 +303,11 @@ fn select_announcement(shared: &mut Shared, rest: &[u8]) {
 /// (a status, a FETCH of flags) is far shorter.
 const HOLD_LIMIT: usize = 256 * 1024;
 
+/// What a session keeps between bursts: room for a few commands in flight and a held line's
+/// allocation of ordinary size (a long one, up to `HOLD_LIMIT`, is given back).
+const KEPT_IN_FLIGHT: usize = 8;
+const KEPT_SPARE: usize = 4 << 10;
+
 /// A message for the client written by the upstream pump between two responses (boxed in
 /// its channel, which allocates 32 slots at once: a session's memory).
 struct Inject {
@@ -918,7 +923,16 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 return End::ClientClosed;
             }
             let at_boundary = self.framer.at_boundary();
-            let waiting = at_boundary && self.lock().quiet();
+            let waiting = at_boundary && {
+                let mut shared = self.lock();
+                // A session that pipelined a thousand commands once does not keep room for
+                // them while it waits.
+                let quiet = shared.quiet();
+                if quiet {
+                    shared.in_flight.shrink_to(KEPT_IN_FLIGHT);
+                }
+                quiet
+            };
             tokio::select! {
                 read = pumps::read_into(&mut self.read, &mut self.buffer, waiting) => match read {
                     Ok(0) | Err(_) => return self.upstream_gone().await,
@@ -1076,7 +1090,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         if let Some((mut spare, _)) = released {
             // The next held line reuses the allocation.
             spare.clear();
-            if spare.capacity() <= HOLD_LIMIT {
+            if spare.capacity() <= KEPT_SPARE {
                 self.held_spare = spare;
             }
         }
@@ -1289,7 +1303,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
         // UIDs for, no MODSEQ to notice). Counted without the lock, which is otherwise most
         // of what relaying a line costs.
         if let Kind::Untagged(rest) = kind {
-            if self.scope.is_none() && is_fetch_response_line(rest) && !modseq::mentions(rest) {
+            if self.scope.is_none() && is_fetch_response(head) && !modseq::mentions(rest) {
                 self.fetched += 1;
                 return;
             }
@@ -1467,12 +1481,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
 /// `COMPRESS=`: its length, and the line without those (mailgate refuses COMPRESS, so it must
 /// not offer it; the tagged OK after LOGIN drops them too). `None` for anything else; a
 /// line not complete yet streams through as is (COMPRESS is refused all the same).
-/// `n FETCH ...` (the part after `* `).
-fn is_fetch_response_line(rest: &[u8]) -> bool {
-    let Some(sp) = memchr::memchr(b' ', rest) else { return false };
-    rest[sp + 1..].get(..6).is_some_and(|w| w.eq_ignore_ascii_case(b"FETCH "))
-}
-
 fn capability_without_compress(buffer: &[u8]) -> Option<(usize, Vec<u8>)> {
     const PREFIX: &[u8] = b"* CAPABILITY ";
     if buffer.len() < PREFIX.len() || !buffer[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {

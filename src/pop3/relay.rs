@@ -666,7 +666,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 let shared = lock(&self.shared);
                 shared.draining && shared.pending.is_empty()
             };
-            let waiting = at_boundary && lock(&self.shared).pending.is_empty();
+            let waiting = at_boundary && {
+                let mut shared = lock(&self.shared);
+                // A pipelined burst's room is not kept while the session waits.
+                let empty = shared.pending.is_empty();
+                if empty {
+                    shared.pending.shrink_to(8);
+                }
+                empty
+            };
             tokio::select! {
                 read = pumps::read_into(&mut self.read, &mut self.buffer, waiting) => match read {
                     Ok(0) | Err(_) => return self.upstream_gone().await,
