@@ -29,33 +29,42 @@ impl Redis {
         redis
     }
 
-    /// (Re)starts the server on the same port.
+    /// (Re)starts the server on the same port. While the server was down, the port was
+    /// free for anyone: another test's outgoing connection may have been given it as its
+    /// ephemeral source port (the port came from that range). So a server that cannot bind
+    /// is started again until the port is free, within 20 s.
     pub fn run(&mut self) {
         let log = self.dir.path().join("redis.log");
-        let child = Command::new(REDIS_SERVER)
-            .args(["--bind", "127.0.0.1", "--port", &self.addr.port().to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .arg("--logfile")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self.try_command(&["PING"]).is_ok_and(|reply| reply == "+PONG") {
-                return;
+            let mut child = Command::new(REDIS_SERVER)
+                .args(["--bind", "127.0.0.1", "--port", &self.addr.port().to_string()])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+                .arg("--dir")
+                .arg(self.dir.path())
+                .arg("--logfile")
+                .arg(&log)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            loop {
+                if self.try_command(&["PING"]).is_ok_and(|reply| reply == "+PONG") {
+                    self.child = Some(child);
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not start:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                if child.try_wait().expect("redis-server status").is_some() {
+                    break; // it could not bind: try again
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
