@@ -37,15 +37,22 @@ impl Stream {
         .await;
     }
 
+    /// The negotiated TLS version as OpenSSL names it (`TLSv1`, `TLSv1.1`, `TLSv1.2`,
+    /// `TLSv1.3`): a metric label, a log field, a census key. `None` on a plain connection.
+    pub fn tls_version(&self) -> Option<&'static str> {
+        let Stream::Tls(tls) = self else { return None };
+        Some(match tls.get_ref().1.protocol_version() {
+            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLS",
+        })
+    }
+
     /// What an upstream may be told about the client's TLS (PROXY v2 TLVs).
     pub fn tls_facts(&self) -> Option<crate::proxy_header::TlsFacts> {
         let Stream::Tls(tls) = self else { return None };
         let (_, conn) = tls.get_ref();
-        let version = match conn.protocol_version() {
-            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-            _ => "TLS",
-        };
+        let version = self.tls_version().unwrap_or("TLS");
         let server_name = match tls.as_ref() {
             tokio_rustls::TlsStream::Server(server) => server.get_ref().1.server_name().map(str::to_string),
             tokio_rustls::TlsStream::Client(_) => None,
