@@ -1,6 +1,7 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text format), `/healthz` (the process is
-//! alive), `/readyz` (listeners bound, every upstream reachable), `/debug/top-accounts`
-//! (behind a bearer token once one is configured: see [`crate::admin_auth`]). A deliberately small
+//! alive), `/readyz` (listeners bound, every upstream reachable), and behind a bearer token
+//! once one is configured (see [`crate::admin_auth`]): `/debug/top-accounts`,
+//! `/debug/plaintext-clients` (JSON; `.csv` for a spreadsheet), `/debug/client-software`. A deliberately small
 //! HTTP/1.1 server: GET only, one request per connection, the request head bounded in size
 //! and time, so that a scraper or a prober costs nothing and nobody can hold it open.
 
@@ -66,6 +67,15 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
         ("GET", "/debug/top-accounts") => {
             let top = admin.metrics.top_accounts.top(admin.metrics.top_accounts_shown, std::time::Instant::now());
             ("200 OK", "application/json", serde_json::to_string_pretty(&top).unwrap_or_default() + "\n")
+        }
+        ("GET", "/debug/plaintext-clients") => {
+            let rows = admin.metrics.clients.plaintext.rows();
+            ("200 OK", "application/json", serde_json::to_string_pretty(&rows).unwrap_or_default() + "\n")
+        }
+        ("GET", "/debug/plaintext-clients.csv") => ("200 OK", "text/csv", admin.metrics.clients.plaintext.csv()),
+        ("GET", "/debug/client-software") => {
+            let rows = admin.metrics.clients.census.rows();
+            ("200 OK", "application/json", serde_json::to_string_pretty(&rows).unwrap_or_default() + "\n")
         }
         ("GET", "/readyz") => match unreachable_upstream(admin).await {
             Some(name) => ("503 Service Unavailable", "text/plain", format!("upstream {name} unreachable\n")),

@@ -113,6 +113,43 @@ pub struct ListenerConfig {
     /// How long a balancer has to send the header.
     #[serde(default = "default_proxy_timeout")]
     pub proxy_timeout: Span,
+    /// What a login sent without TLS gets, on a STARTTLS listener before STARTTLS or on a
+    /// plaintext listener: `refuse` (the default of a STARTTLS listener), `warn` (logged in
+    /// and told to switch to TLS) or `allow` (the default of a plaintext listener).
+    #[serde(default)]
+    pub plaintext_auth: Option<PlaintextAuth>,
+    /// From this moment `warn` and `allow` act as `refuse`, without a restart or reload.
+    #[serde(default)]
+    pub enforce_after: Option<crate::units::Moment>,
+    /// What a warned client is told (IMAP `* OK [ALERT] ...`, POP3 in the `+OK` of its
+    /// login): one line; `{date}` becomes the date of `enforce_after` (or of the user's or
+    /// network's exception), `{tls_ports}` this protocol's TLS ports.
+    #[serde(default)]
+    pub plaintext_warning: Option<String>,
+}
+
+/// What a login sent without TLS gets (see [`ListenerConfig::plaintext_auth`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaintextAuth {
+    /// Refused before the password is sent where the protocol allows it (IMAP
+    /// `NO [PRIVACYREQUIRED]`, POP3 `-ERR [AUTH]`).
+    Refuse,
+    /// Logged in, and told in the client's own protocol that this will stop.
+    Warn,
+    /// Logged in silently (a trusted network's plaintext listener).
+    Allow,
+}
+
+impl PlaintextAuth {
+    /// The configuration word, also the `mode` metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlaintextAuth::Refuse => "refuse",
+            PlaintextAuth::Warn => "warn",
+            PlaintextAuth::Allow => "allow",
+        }
+    }
 }
 
 fn default_proxy_timeout() -> Span {
@@ -404,6 +441,11 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// `/metrics` requires the token too.
     pub protect_metrics: bool,
+    /// How many users `/debug/plaintext-clients` remembers (the least recently seen go first).
+    pub plaintext_clients: usize,
+    /// How many kinds of client (protocol, software, version, TLS version)
+    /// `/debug/client-software` counts apart; the rest are counted together as `(other)`.
+    pub client_software: usize,
 }
 
 impl Default for AdminConfig {
@@ -415,6 +457,8 @@ impl Default for AdminConfig {
             top_accounts_window: Span(std::time::Duration::from_secs(3600)),
             token_file: None,
             protect_metrics: false,
+            plaintext_clients: 10_000,
+            client_software: 1_000,
         }
     }
 }
@@ -571,12 +615,23 @@ impl Default for RedisConfig {
     }
 }
 
-/// The overrides file: `trusted_networks = [...]` and `[users."name"]` tables.
+/// The overrides file: `trusted_networks = [...]`, `[users."name"]` and
+/// `[networks."CIDR"]` tables.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Overrides {
     pub trusted_networks: Vec<String>,
     pub users: BTreeMap<String, UserOverride>,
+    pub networks: BTreeMap<String, NetworkOverride>,
+}
+
+/// One client network's exceptions.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// Until then, logins without TLS from this network are let in (warned) where the
+    /// listener refuses them.
+    pub plaintext_until: crate::units::Moment,
 }
 
 /// One user's limits where they differ from `[limits]`.
@@ -591,6 +646,9 @@ pub struct UserOverride {
     pub download_bytes_per_user_per_second: Option<ByteSize>,
     /// 0: no command rate for this user.
     pub commands_per_user_per_second: Option<u32>,
+    /// Until then, this user's logins without TLS are let in (warned) where the listener
+    /// refuses them.
+    pub plaintext_until: Option<crate::units::Moment>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -825,6 +883,17 @@ impl Config {
                     errors.push(error(&at(&format!("proxy_trusted[{j}]")), &message));
                 }
             }
+            if l.plaintext_auth.is_some() && l.tls == TlsMode::Implicit {
+                errors.push(error(&at("plaintext_auth"), "an implicit-TLS listener never sees a login without TLS"));
+            }
+            if l.enforce_after.is_some() && l.plaintext_auth.unwrap_or(PlaintextAuth::Refuse) == PlaintextAuth::Refuse {
+                errors.push(error(&at("enforce_after"), "needs plaintext_auth = \"warn\" or \"allow\" to end"));
+            }
+            if let Some(text) = &l.plaintext_warning {
+                if text.is_empty() || text.len() > 400 || text.chars().any(|c| c.is_control()) {
+                    errors.push(error(&at("plaintext_warning"), "must be one line of 1 to 400 characters"));
+                }
+            }
             if l.proxy_timeout.0.is_zero() {
                 errors.push(error(&at("proxy_timeout"), "must be longer than zero"));
             }
@@ -908,6 +977,11 @@ impl Config {
         for (i, network) in self.limits.overrides.trusted_networks.iter().enumerate() {
             if let Err(message) = crate::network::Network::parse(network) {
                 errors.push(error(&format!("limits.overrides_file: trusted_networks[{i}]"), &message));
+            }
+        }
+        for network in self.limits.overrides.networks.keys() {
+            if let Err(message) = crate::network::Network::parse(network) {
+                errors.push(error(&format!("limits.overrides_file: networks.\"{network}\""), &message));
             }
         }
         for (user, o) in &self.limits.overrides.users {
@@ -1114,6 +1188,9 @@ impl Default for ListenerConfig {
             proxy_protocol: false,
             proxy_trusted: Vec::new(),
             proxy_timeout: default_proxy_timeout(),
+            plaintext_auth: None,
+            enforce_after: None,
+            plaintext_warning: None,
         }
     }
 }

@@ -30,9 +30,12 @@
 //!
 //! Around them:
 //! - [`cache`]: the message cache (snapshots per mailbox, bodies, POP3 messages).
+//! - [`plaintext`]: what a login without TLS gets while clients move to TLS (warn, then
+//!   refuse; exceptions with end dates).
 //! - [`limits`]: connection caps, rates, bandwidth, penalties, alone or shared in Redis;
 //!   [`identity`]: the canonical user name they key on; [`network`]: CIDR networks.
-//! - [`metrics`]: Prometheus families, byte counting, the top-K of sync cost;
+//! - [`metrics`]: Prometheus families, byte counting, the top-K of sync cost, the reports
+//!   of who logs in with what (plaintext clients, client software);
 //!   [`admin`], [`admin_auth`]: the admin HTTP listener and its token.
 //! - [`config`]: typed configuration with key paths in every error; [`units`]: sizes and
 //!   durations; [`reload`]: SIGHUP and watched files; [`shutdown`]: the graceful drain.
@@ -57,6 +60,7 @@ pub mod log_budget;
 pub mod metrics;
 pub mod network;
 pub mod origin;
+pub mod plaintext;
 pub mod pop3;
 pub mod proxy_header;
 pub mod pumps;
@@ -198,11 +202,16 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
                     timeout: settings.proxy_timeout.0,
                 }),
                 router: routers[&settings.protocol].clone(),
+                plaintext: plaintext::Policy::new(settings, &config.listeners),
                 listener: settings.name.clone(),
             })
         })
         .collect();
     let upstreams = upstreams.into_iter().map(|((_, protocol), upstream)| (upstream, protocol)).collect();
+    for settings in &config.listeners {
+        let gauge = shared.metrics.plaintext_enforce_after.with_label_values(&[&settings.name]);
+        gauge.set(settings.enforce_after.map_or(0, |at| at.0.unix_timestamp()));
+    }
     Ok(Generation { services, upstreams, health: shared.token.child_token() })
 }
 

@@ -57,6 +57,8 @@ pub struct Handover<T> {
     pub account: String,
     /// The user's session slot, held while the session lasts.
     pub lease: crate::limits::UserLease,
+    /// Set while the client has not said what software it is (IMAP `ID` may follow).
+    pub unidentified: Option<Box<crate::metrics::clients::Unidentified>>,
 }
 
 pub enum LoginOutcome<T> {
@@ -95,13 +97,79 @@ pub struct Service {
     pub proxy: Option<crate::proxy_header::ProxyPolicy>,
     /// Chooses the upstream of each login (`upstream` when nothing else does).
     pub router: Arc<crate::routing::Router>,
+    /// What a login without TLS gets; `None` on an implicit-TLS listener.
+    pub plaintext: Option<crate::plaintext::Policy>,
 }
 
 impl Service {
-    /// Credentials may be accepted on this connection: it is TLS, or the listener is not
-    /// a STARTTLS one (implicit TLS, or plaintext by explicit configuration).
-    pub fn login_allowed(&self, stream: &Stream) -> bool {
-        self.listener_tls != TlsMode::Starttls || stream.is_tls()
+    /// What a login from `ip` for `account` (canonical; `None` while the user is not
+    /// known) gets on `stream` now; `None` when the stream is TLS (nothing to decide).
+    pub fn plaintext_verdict(
+        &self,
+        stream: &Stream,
+        account: Option<&str>,
+        ip: std::net::IpAddr,
+    ) -> Option<crate::plaintext::Verdict> {
+        let policy = self.plaintext.as_ref().filter(|_| !stream.is_tls())?;
+        Some(policy.verdict(self.limits.plaintext_exception(account, ip), std::time::SystemTime::now()))
+    }
+
+    /// Credentials may be offered on this connection: it is TLS, or its listener lets
+    /// logins without TLS from `ip` in (a user's exception aside: see
+    /// [`Service::refuses_before_credentials`]).
+    pub fn login_allowed(&self, stream: &Stream, ip: std::net::IpAddr) -> bool {
+        self.plaintext_verdict(stream, None, ip) != Some(crate::plaintext::Verdict::Refuse)
+    }
+
+    /// Credentials are refused on this connection before the client sends them (a
+    /// password in a synchronizing literal or a SASL continuation): none can be let in,
+    /// not even by a user's exception.
+    pub fn refuses_before_credentials(&self, stream: &Stream, ip: std::net::IpAddr) -> bool {
+        !self.login_allowed(stream, ip) && !self.limits.plaintext_user_exceptions()
+    }
+
+    /// The reports' part of a login that succeeded: a login without TLS counted (by its
+    /// verdict), logged and remembered in `/debug/plaintext-clients`; the client's
+    /// software counted in `/debug/client-software` now when known, else by the returned
+    /// note (an IMAP session may say what it is after its login).
+    pub fn logged_in_client(
+        &self,
+        stream: &Stream,
+        account: &str,
+        ip: std::net::IpAddr,
+        verdict: Option<crate::plaintext::Verdict>,
+        software: Option<crate::metrics::clients::Software>,
+    ) -> Option<Box<crate::metrics::clients::Unidentified>> {
+        let now = std::time::SystemTime::now();
+        let protocol = self.protocol.name();
+        let reports = &self.metrics.clients;
+        if let Some(verdict) = verdict {
+            self.metrics.plaintext_logins.with_label_values(&[protocol, &self.listener, verdict.label()]).inc();
+            tracing::info!(mode = verdict.label(), "logged in without TLS");
+            let login = crate::metrics::clients::PlaintextLogin {
+                account,
+                protocol,
+                listener: &self.listener,
+                mode: verdict.label(),
+                ip,
+                software: software.as_ref(),
+            };
+            reports.plaintext.record(&login, now);
+        }
+        let tls = stream.tls_version();
+        if software.is_some() || self.protocol == Protocol::Pop3 {
+            reports.census.record(protocol, software, tls, now);
+            return None;
+        }
+        Some(Box::new(crate::metrics::clients::Unidentified {
+            reports: reports.clone(),
+            protocol,
+            listener: self.listener.clone(),
+            account: account.to_string(),
+            tls,
+            plaintext: verdict.is_some(),
+            counted: false,
+        }))
     }
 
     /// The cache scope of a session that just logged in at `upstream`: keys for
@@ -255,6 +323,7 @@ impl Service {
     /// Counts credentials refused because TLS was not active yet.
     pub fn plaintext_refused(&self) {
         self.metrics.plaintext_auth_refused.with_label_values(&[self.protocol.name(), &self.listener]).inc();
+        self.metrics.plaintext_logins.with_label_values(&[self.protocol.name(), &self.listener, "refuse"]).inc();
     }
 
     /// Runs an upstream login (IMAP or POP3), timed, counting why an upstream could not be

@@ -126,6 +126,56 @@ macro_rules! text_serde {
 text_serde!(ByteSize);
 text_serde!(Span);
 
+/// A moment in time written as RFC 3339 (`2027-03-31T00:00:00Z`, `2027-03-31T08:00:00+02:00`),
+/// shown as it was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Moment(pub time::OffsetDateTime);
+
+impl Moment {
+    pub fn system_time(self) -> std::time::SystemTime {
+        self.0.into()
+    }
+
+    /// The calendar date in the moment's own offset (`2027-03-31`): what a user is told.
+    pub fn date(self) -> String {
+        let date = self.0.date();
+        format!("{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day())
+    }
+}
+
+/// A system time as RFC 3339 in UTC, to the second (reports).
+pub fn rfc3339(at: std::time::SystemTime) -> String {
+    let at = time::OffsetDateTime::from(at).replace_nanosecond(0).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+impl std::str::FromStr for Moment {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
+            .map(Moment)
+            .map_err(|e| format!("`{text}` is not an RFC 3339 time such as 2027-03-31T00:00:00Z: {e}"))
+    }
+}
+
+impl fmt::Display for Moment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.format(&time::format_description::well_known::Rfc3339).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl<'de> Deserialize<'de> for Moment {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for Moment {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +206,16 @@ mod tests {
             assert_eq!(span.to_string(), shown);
         }
         assert!("soon".parse::<Span>().is_err());
+    }
+
+    #[test]
+    fn moments_parse_with_their_offset_and_tell_their_date() {
+        let moment: Moment = "2027-03-31T23:30:00-02:00".parse().unwrap();
+        assert_eq!(moment.date(), "2027-03-31");
+        assert_eq!(moment.to_string(), "2027-03-31T23:30:00-02:00");
+        let utc: Moment = "2027-04-01T01:30:00Z".parse().unwrap();
+        assert_eq!(moment.system_time(), utc.system_time());
+        assert_eq!(rfc3339(utc.system_time()), "2027-04-01T01:30:00Z");
+        assert!("2027-03-31".parse::<Moment>().unwrap_err().contains("RFC 3339"));
     }
 }

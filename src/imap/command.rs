@@ -21,7 +21,8 @@ pub enum Command {
     Noop,
     Logout,
     StartTls,
-    Id,
+    /// What the client said of itself (RFC 2971), when it gave a name.
+    Id(Option<crate::metrics::clients::Software>),
     Login(Credentials),
     /// The mechanism upper-cased; the SASL-IR initial response as sent (`=` is empty).
     Authenticate {
@@ -73,8 +74,7 @@ pub fn parse(parts: &[Part]) -> Result<Tagged, Invalid> {
         "STARTTLS" => Command::StartTls,
         "ID" => {
             args.sp().map_err(bad)?;
-            args.id_params().map_err(bad)?;
-            Command::Id
+            Command::Id(args.id_params().map_err(bad)?)
         }
         "LOGIN" => {
             args.sp().map_err(bad)?;
@@ -249,34 +249,39 @@ impl Args<'_> {
         }
     }
 
-    fn nstring(&mut self) -> Result<(), &'static str> {
+    /// A string, or `None` for NIL.
+    fn nstring(&mut self) -> Result<Option<Vec<u8>>, &'static str> {
         if self.cursor.text[self.cursor.pos..].starts_with(b"NIL") {
             self.cursor.pos += 3;
-            return Ok(());
+            return Ok(None);
         }
         if self.cursor.at_end() && self.literal_follows() {
-            return self.take_literal().map(drop);
+            return self.take_literal().map(Some);
         }
         if self.cursor.peek() == Some(b'"') {
-            return self.cursor.quoted().map(drop);
+            return self.cursor.quoted().map(Some);
         }
         Err("Expected a string or NIL")
     }
 
-    /// `NIL` or `(field value ...)` (RFC 2971); the values are not used before login.
-    fn id_params(&mut self) -> Result<(), &'static str> {
+    /// `NIL` or `(field value ...)` (RFC 2971): the client's software, when named.
+    fn id_params(&mut self) -> Result<Option<crate::metrics::clients::Software>, &'static str> {
         if self.cursor.text[self.cursor.pos..].eq_ignore_ascii_case(b"NIL") {
             self.cursor.pos += 3;
-            return Ok(());
+            return Ok(None);
         }
         if self.cursor.peek() != Some(b'(') {
             return Err("ID expects NIL or a parenthesized list");
         }
         self.cursor.pos += 1;
+        let mut pairs = Vec::new();
         for pair in 0.. {
             if self.cursor.peek() == Some(b')') && pair > 0 {
                 self.cursor.pos += 1;
-                return Ok(());
+                let pairs = pairs.iter().map(|(field, value): &(Option<Vec<u8>>, Option<Vec<u8>>)| {
+                    (field.as_deref().unwrap_or_default(), value.as_deref())
+                });
+                return Ok(crate::metrics::clients::Software::from_id(pairs));
             }
             if pair > 0 {
                 self.sp()?;
@@ -284,9 +289,9 @@ impl Args<'_> {
             if pair >= 30 {
                 return Err("Too many ID fields");
             }
-            self.nstring()?;
+            let field = self.nstring()?;
             self.sp()?;
-            self.nstring()?;
+            pairs.push((field, self.nstring()?));
         }
         unreachable!("the loop returns")
     }
@@ -470,11 +475,21 @@ mod tests {
 
     #[test]
     fn id_accepts_nil_and_pairs() {
-        assert!(matches!(parse(&[line("a ID NIL", false)]).unwrap().command, Command::Id));
-        assert!(matches!(
-            parse(&[line(r#"a ID ("name" "Thunderbird" "version" NIL)"#, false)]).unwrap().command,
-            Command::Id
-        ));
+        assert!(matches!(parse(&[line("a ID NIL", false)]).unwrap().command, Command::Id(None)));
+        let Command::Id(Some(software)) =
+            parse(&[line(r#"a ID ("name" "Thunderbird" "version" NIL "os" "Linux")"#, false)]).unwrap().command
+        else {
+            panic!("no software")
+        };
+        assert_eq!(
+            (software.name.as_str(), software.version.as_str(), software.os.as_str()),
+            ("Thunderbird", "", "Linux")
+        );
+        let literal =
+            [line("a ID (\"version\" \"1.2\" \"name\" ", true), Part::Literal(b"K-9 Mail".to_vec()), line(")", false)];
+        let Command::Id(Some(software)) = parse(&literal).unwrap().command else { panic!("no software") };
+        assert_eq!((software.name.as_str(), software.version.as_str()), ("K-9 Mail", "1.2"));
+        assert!(matches!(parse(&[line(r#"a ID ("version" "1")"#, false)]).unwrap().command, Command::Id(None)));
     }
 
     #[test]

@@ -20,7 +20,9 @@ use super::framing::{parse_announce, strip_eol, Event, FrameError, Framer};
 use super::response::relayable_capabilities;
 use super::upstream::{login, LoggedIn};
 use crate::auth::{decode_plain, Credentials};
+use crate::metrics::clients::Software;
 use crate::origin::Origin;
+use crate::plaintext::Verdict;
 use crate::service::{Handover, LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
 use crate::stream::Stream;
 
@@ -30,6 +32,10 @@ struct Conn {
     buffer: BytesMut,
     framer: Framer,
     deadline: Instant,
+    /// The client's address (logins without TLS may be let in by its network).
+    ip: std::net::IpAddr,
+    /// What the client said of itself in `ID`, if it did.
+    software: Option<Software>,
 }
 
 /// Why the front stops reading commands.
@@ -232,6 +238,11 @@ fn privacy_refusal() -> String {
     "NO [PRIVACYREQUIRED] Use STARTTLS first: credentials are not accepted in clear text.".into()
 }
 
+/// The capabilities announced before login on `conn` now.
+fn preauth_capabilities(conn: &Conn, service: &Service) -> &'static str {
+    capabilities::preauth(service.login_allowed(&conn.stream, conn.ip), service.starttls_available(&conn.stream))
+}
+
 /// What the front decided about the session.
 enum Outcome {
     Continue,
@@ -248,10 +259,11 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
         buffer: BytesMut::with_capacity(4096),
         framer: Framer::new(limits.preauth_max_line_bytes.as_usize()),
         deadline: Instant::now() + limits.login_timeout.0,
+        ip: origin.client.ip(),
+        software: None,
     };
     let mut bad = 0u32;
-    let greeting =
-        format!("* OK [CAPABILITY {}] mailgate ready.\r\n", capabilities::preauth(service.login_allowed(&conn.stream)));
+    let greeting = format!("* OK [CAPABILITY {}] mailgate ready.\r\n", preauth_capabilities(&conn, service));
     if conn.write(greeting.as_bytes()).await.is_err() {
         return None;
     }
@@ -280,6 +292,18 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 }
             }
             Outcome::Login { tag, credentials } => {
+                // Without TLS, the user (or network) decides (a listener that refuses
+                // everyone without exception has refused before the credentials came).
+                let user = service.limits.canonical(credentials.identity());
+                let verdict = service.plaintext_verdict(&conn.stream, Some(&user), conn.ip);
+                if verdict == Some(Verdict::Refuse) {
+                    info!("credentials refused before STARTTLS");
+                    service.plaintext_refused();
+                    if conn.write(format!("{tag} {}\r\n", privacy_refusal()).as_bytes()).await.is_err() {
+                        return None;
+                    }
+                    continue;
+                }
                 // The client\'s TLS as it is now (implicit, or after STARTTLS), for the upstream.
                 let origin = Origin { tls: conn.stream.tls_facts(), ..origin.clone() };
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
@@ -290,11 +314,18 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 let text = match Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await {
                     LoginOutcome::LoggedIn { session, upstream, lease, account } => {
                         let caps = relayable_capabilities(&session.capabilities).join(" ");
-                        let ok = format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n");
+                        let mut ok = String::new();
+                        if let (Some(Verdict::Warn { until, .. }), Some(policy)) = (verdict, &service.plaintext) {
+                            // RFC 9051 §7.1: a client must show an ALERT's text to its user.
+                            ok = format!("* OK [ALERT] {}\r\n", policy.warning(until));
+                        }
+                        ok.push_str(&format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n"));
                         if conn.write(ok.as_bytes()).await.is_err() {
                             return None;
                         }
                         let scope = service.cache_scope(&upstream, &credentials, &session.proof);
+                        let unidentified =
+                            service.logged_in_client(&conn.stream, &account, conn.ip, verdict, conn.software.take());
                         return Some(Handover {
                             client: conn.stream,
                             leftover: conn.buffer,
@@ -302,6 +333,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                             scope,
                             account,
                             lease,
+                            unidentified,
                         });
                     }
                     LoginOutcome::Refused(refusal) => match refusal {
@@ -348,7 +380,7 @@ fn refusal_kind(code: Option<&str>) -> UpstreamRefusal {
 
 /// Reads and answers one command.
 async fn step(conn: &mut Conn, service: &Service, bad: &mut u32) -> Result<Outcome, Stop> {
-    let privacy_required = !service.login_allowed(&conn.stream);
+    let privacy_required = service.refuses_before_credentials(&conn.stream, conn.ip);
     let (tag, response, is_bad) = match conn.command(service, privacy_required).await? {
         Input::Refused { tag, response, bad } => (tag, response, bad),
         Input::Command(parts) => match command::parse(&parts) {
@@ -396,12 +428,15 @@ async fn answer(
 ) -> Result<Answer, Stop> {
     Ok(match command {
         Command::Capability => {
-            let caps = capabilities::preauth(!privacy_required);
+            let caps = preauth_capabilities(conn, service);
             conn.write(format!("* CAPABILITY {caps}\r\n").as_bytes()).await?;
             ok("Capability completed.")
         }
         Command::Noop => ok("NOOP completed."),
-        Command::Id => {
+        Command::Id(software) => {
+            if software.is_some() {
+                conn.software = software;
+            }
             conn.write(b"* ID (\"name\" \"mailgate\")\r\n").await?;
             ok("ID completed.")
         }

@@ -317,7 +317,7 @@ struct Inject {
 
 /// Relays a logged-in session to its end. The user's session slot is released when it returns.
 pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
-    let Handover { client, leftover, upstream, scope, account, lease: _lease } = handover;
+    let Handover { client, leftover, upstream, scope, account, lease: _lease, unidentified } = handover;
     let account = account.as_str();
     let bytes = crate::metrics::SessionBytes::default();
     let shared = Arc::new(Mutex::new(Shared::default()));
@@ -354,6 +354,7 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         tees: tees.clone(),
         implicit: implicit.clone(),
         own_tags: 0,
+        unidentified,
         service,
     };
     let mut to_client = UpstreamPump {
@@ -448,6 +449,8 @@ struct ClientPump<'a, R, W> {
     implicit: Arc<Implicit>,
     /// mailgate's own commands sent so far (their tags).
     own_tags: u64,
+    /// Until the client says what software it is (its first `ID`), its census entry.
+    unidentified: Option<Box<crate::metrics::clients::Unidentified>>,
     service: &'a Service,
 }
 
@@ -707,6 +710,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 return self.refuse(&tag, text, line.announce, true, "Download quota used up.").await;
             }
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
+            if command.eq_ignore_ascii_case(b"ID") && line.announce.is_none() {
+                identify(&mut self.unidentified, full_line);
+            }
             // A command that enables CONDSTORE while mailgate has it on for itself goes to the
             // upstream as it is (never through the cache: its answers are the client's own).
             let enables = modseq::enabling(full_line);
@@ -1505,6 +1511,17 @@ enum Capture {
 }
 
 /// Whether a response (its start) is `* n FETCH ...`.
+/// A client's `ID` after login (`line`, without literals): the census learns what the
+/// client is, once.
+fn identify(unidentified: &mut Option<Box<crate::metrics::clients::Unidentified>>, line: &[u8]) {
+    let Some(note) = unidentified.take() else { return };
+    let parts = [super::command::Part::Line { text: line.to_vec(), literal_follows: false }];
+    match super::command::parse(&parts).map(|tagged| tagged.command) {
+        Ok(super::command::Command::Id(Some(software))) => note.identified(software),
+        _ => *unidentified = Some(note),
+    }
+}
+
 fn is_fetch_response(head: &[u8]) -> bool {
     let Some(rest) = head.strip_prefix(b"* ") else { return false };
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();

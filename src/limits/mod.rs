@@ -100,6 +100,8 @@ pub struct Limits {
     trusted: std::sync::RwLock<Vec<Network>>,
     /// The overrides file's users; replaced on reload.
     users: std::sync::RwLock<Arc<std::collections::BTreeMap<String, crate::config::UserOverride>>>,
+    /// The overrides file's networks with a plaintext exception; replaced on reload.
+    plaintext_networks: std::sync::RwLock<Vec<(Network, crate::units::Moment)>>,
     fleet: Option<Arc<Fleet>>,
 }
 
@@ -139,6 +141,7 @@ impl Limits {
             )),
             trusted: std::sync::RwLock::new(trusted),
             users: std::sync::RwLock::new(Arc::new(overrides.users.clone())),
+            plaintext_networks: std::sync::RwLock::new(plaintext_networks(&overrides)),
             fleet,
             canonical,
         });
@@ -157,6 +160,7 @@ impl Limits {
         let overrides = &canonical_overrides(&self.canonical, overrides);
         *self.trusted.write().unwrap_or_else(|p| p.into_inner()) = trusted_networks(&self.config, overrides);
         *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(overrides.users.clone());
+        *self.plaintext_networks.write().unwrap_or_else(|p| p.into_inner()) = plaintext_networks(overrides);
         self.bandwidth.set_quota_overrides(quota_overrides(overrides));
         self.apply_rate_overrides(overrides);
     }
@@ -169,6 +173,23 @@ impl Limits {
         self.rates.set_command_overrides(
             users.iter().filter_map(|(u, o)| Some((u.clone(), o.commands_per_user_per_second?))).collect(),
         );
+    }
+
+    /// When the overrides file's plaintext exception for `account` (canonical; `None`: not
+    /// known yet) or `ip`'s network ends: the later of the two.
+    pub fn plaintext_exception(&self, account: Option<&str>, ip: IpAddr) -> Option<crate::units::Moment> {
+        let user = account.and_then(|account| {
+            self.users.read().unwrap_or_else(|p| p.into_inner()).get(account).and_then(|o| o.plaintext_until)
+        });
+        let networks = self.plaintext_networks.read().unwrap_or_else(|p| p.into_inner());
+        let network = networks.iter().filter(|(n, _)| n.contains(ip)).map(|(_, until)| *until).max();
+        user.max(network)
+    }
+
+    /// Whether some user has a plaintext exception (then a login's verdict waits for its
+    /// user name).
+    pub fn plaintext_user_exceptions(&self) -> bool {
+        self.users.read().unwrap_or_else(|p| p.into_inner()).values().any(|o| o.plaintext_until.is_some())
     }
 
     /// Trusted networks are exempt from authentication penalties.
@@ -361,6 +382,12 @@ impl Limits {
 /// configuration: unparsable entries were refused there.
 fn trusted_networks(config: &LimitsConfig, overrides: &crate::config::Overrides) -> Vec<Network> {
     (config.trusted_networks.iter().chain(&overrides.trusted_networks)).filter_map(|n| Network::parse(n).ok()).collect()
+}
+
+fn plaintext_networks(overrides: &crate::config::Overrides) -> Vec<(Network, crate::units::Moment)> {
+    (overrides.networks.iter())
+        .filter_map(|(network, o)| Some((Network::parse(network).ok()?, o.plaintext_until)))
+        .collect()
 }
 
 /// The overrides file with its users under their canonical names (two spellings of one

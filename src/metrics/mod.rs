@@ -3,6 +3,7 @@
 //! and TLS mode names from the configuration, and fixed words; never a user name, an
 //! address or a mailbox name.
 
+pub mod clients;
 pub mod counted;
 pub mod topk;
 
@@ -34,6 +35,12 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     pub starttls_upgrades: IntCounterVec,
     pub plaintext_auth_refused: IntCounterVec,
+    /// Logins sent without TLS, by what they got (`plaintext::Verdict::label`).
+    pub plaintext_logins: IntCounterVec,
+    /// Each listener's `enforce_after` as a Unix time (absent: none), for alert rules.
+    pub plaintext_enforce_after: IntGaugeVec,
+    /// `/debug/plaintext-clients` and `/debug/client-software`.
+    pub clients: Arc<clients::ClientReports>,
     pub logins: IntCounterVec,
     pub client_bytes: IntCounterVec,
     pub upstream_bytes: IntCounterVec,
@@ -233,6 +240,22 @@ impl Metrics {
                 "Credentials refused because TLS was not active yet.",
                 &["protocol", "listener"],
             ),
+            plaintext_logins: counter(
+                &registry,
+                "mailgate_plaintext_logins_total",
+                "Logins sent without TLS: let in (warn, exception, allow) or refused (refuse).",
+                &["protocol", "listener", "mode"],
+            ),
+            plaintext_enforce_after: gauge(
+                &registry,
+                "mailgate_plaintext_enforce_after_seconds",
+                "When a listener starts refusing logins without TLS (enforce_after), as a Unix time.",
+                &["listener"],
+            ),
+            clients: Arc::new(clients::ClientReports {
+                plaintext: clients::PlaintextClients::new(admin.plaintext_clients),
+                census: clients::SoftwareCensus::new(admin.client_software),
+            }),
             logins: counter(
                 &registry,
                 "mailgate_logins_total",
@@ -282,6 +305,11 @@ impl Metrics {
         self.connections_total.with_label_values(&[protocol, listener, tls]);
         self.starttls_upgrades.with_label_values(&[protocol, listener]);
         self.plaintext_auth_refused.with_label_values(&[protocol, listener]);
+        if tls != "implicit" {
+            for mode in ["refuse", "warn", "exception", "allow"] {
+                self.plaintext_logins.with_label_values(&[protocol, listener, mode]);
+            }
+        }
         for result in ["ok", "rejected", "unavailable"] {
             self.logins.with_label_values(&[protocol, listener, result]);
         }

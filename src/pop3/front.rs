@@ -16,6 +16,7 @@ use super::codec::{split_command, CodecError, LineReader};
 use super::upstream::{login, LoggedIn};
 use crate::auth::{decode_plain, Credentials};
 use crate::origin::Origin;
+use crate::plaintext::Verdict;
 use crate::secret::Secret;
 use crate::service::{Handover, LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
 use crate::stream::Stream;
@@ -24,6 +25,10 @@ use crate::stream::Stream;
 const CAPA_BEFORE_TLS: &str = "CAPA\r\nSTLS\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUIDL\r\nTOP\r\n";
 /// PIPELINING is honest: the relay serializes commands for an upstream without it.
 const CAPA_READY: &str = "CAPA\r\nUSER\r\nSASL PLAIN\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUIDL\r\nTOP\r\n";
+/// Before TLS where logins without TLS are still let in (a migration's `warn`, or
+/// `allow`): STLS first, and the login methods for the clients that cannot use it.
+const CAPA_TLS_OFFERED: &str =
+    "CAPA\r\nSTLS\r\nUSER\r\nSASL PLAIN\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUIDL\r\nTOP\r\n";
 
 const PRIVACY: &str = "-ERR [AUTH] Plaintext authentication is not allowed: use STLS first.";
 
@@ -32,6 +37,8 @@ struct Conn {
     buffer: BytesMut,
     lines: LineReader,
     deadline: Instant,
+    /// The client's address (logins without TLS may be let in by its network).
+    ip: std::net::IpAddr,
 }
 
 enum Stop {
@@ -106,6 +113,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
         buffer: BytesMut::with_capacity(1024),
         lines: LineReader::new(limits.max_line_bytes.as_usize()),
         deadline: Instant::now() + limits.login_timeout.0,
+        ip: origin.client.ip(),
     };
     let mut user: Option<String> = None;
     let mut bad_commands = 0u32;
@@ -152,6 +160,18 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
             }
             Outcome::Login(credentials) => {
                 user = None;
+                // Without TLS, the user (or network) decides (a listener that refuses
+                // everyone without exception has refused before the credentials came).
+                let account = service.limits.canonical(credentials.identity());
+                let verdict = service.plaintext_verdict(&conn.stream, Some(&account), conn.ip);
+                if verdict == Some(Verdict::Refuse) {
+                    info!("credentials refused before STLS");
+                    service.plaintext_refused();
+                    if conn.write(PRIVACY).await.is_err() {
+                        return None;
+                    }
+                    continue;
+                }
                 // The client\'s TLS as it is now (implicit, or after STARTTLS), for the upstream.
                 let origin = Origin { tls: conn.stream.tls_facts(), ..origin.clone() };
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
@@ -161,10 +181,17 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 // session would carry the login's (connect, TLS, login).
                 let text = match Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await {
                     LoginOutcome::LoggedIn { session, upstream, lease, account } => {
-                        if conn.write("+OK Logged in.").await.is_err() {
+                        let ok = match (verdict, &service.plaintext) {
+                            (Some(Verdict::Warn { until, .. }), Some(policy)) => {
+                                format!("+OK Logged in. {}", policy.warning(until))
+                            }
+                            _ => "+OK Logged in.".to_string(),
+                        };
+                        if conn.write(&ok).await.is_err() {
                             return None;
                         }
                         let scope = service.cache_scope(&upstream, &credentials, &session.proof);
+                        let unidentified = service.logged_in_client(&conn.stream, &account, conn.ip, verdict, None);
                         return Some(Handover {
                             client: conn.stream,
                             leftover: conn.buffer,
@@ -172,6 +199,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                             scope,
                             account,
                             lease,
+                            unidentified,
                         });
                     }
                     LoginOutcome::Refused(refusal) => match refusal {
@@ -222,10 +250,15 @@ async fn step(conn: &mut Conn, service: &Service, user: &mut Option<String>) -> 
     }
     let (keyword, args) = split_command(&line);
     let args = String::from_utf8_lossy(args).into_owned();
-    let login_allowed = service.login_allowed(&conn.stream);
+    let login_allowed = service.login_allowed(&conn.stream, conn.ip);
+    let refuse_credentials = service.refuses_before_credentials(&conn.stream, conn.ip);
     let answer = match keyword.as_str() {
         "CAPA" => {
-            let list = if login_allowed { CAPA_READY } else { CAPA_BEFORE_TLS };
+            let list = match (login_allowed, service.starttls_available(&conn.stream)) {
+                (false, _) => CAPA_BEFORE_TLS,
+                (true, true) => CAPA_TLS_OFFERED,
+                (true, false) => CAPA_READY,
+            };
             conn.write(&format!("+OK Capability list follows\r\n{list}.")).await?;
             return Ok((Outcome::Continue, None));
         }
@@ -244,7 +277,7 @@ async fn step(conn: &mut Conn, service: &Service, user: &mut Option<String>) -> 
         }
         "APOP" => reply("-ERR [AUTH] APOP is not supported here: use USER/PASS or AUTH PLAIN over TLS."),
         // `AUTH` alone only lists mechanisms, which is fine before TLS.
-        "USER" | "PASS" | "AUTH" if !(login_allowed || keyword == "AUTH" && args.is_empty()) => {
+        "USER" | "PASS" | "AUTH" if refuse_credentials && !(keyword == "AUTH" && args.is_empty()) => {
             info!("credentials refused before STLS");
             service.plaintext_refused();
             reply(PRIVACY)

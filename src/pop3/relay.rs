@@ -190,7 +190,7 @@ enum End {
 
 /// Relays a logged-in session to its end. The user's session slot is released when it returns.
 pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
-    let Handover { client, leftover, upstream, scope, account, lease: _lease } = handover;
+    let Handover { client, leftover, upstream, scope, account, lease: _lease, unidentified: _ } = handover;
     let account = account.as_str();
     let bytes = crate::metrics::SessionBytes::default();
     let shared = Arc::new(Mutex::new(Shared::default()));
