@@ -102,6 +102,8 @@ fn prometheus_with_token(target: SocketAddr, token: Option<&str>) -> Prometheus 
     }
     assert!(config.contains(&target.to_string()), "deploy/prometheus.yml has no mailgate:9090 target");
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/mailgate-alerts.yml");
+    std::fs::copy(rules, dir.path().join("mailgate-alerts.yml")).unwrap();
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let child = Command::new("prometheus")
@@ -241,4 +243,17 @@ fn dashboard_expressions_name_only_exported_metrics() {
         }
     }
     assert!(checked > 20, "only {checked} metric references found");
+}
+
+#[test]
+fn the_alert_rules_load_and_fire_as_documented() {
+    // `promtool test rules` feeds the rules made-up series (deploy/mailgate-alerts.test.yml)
+    // and checks which alerts fire when, with their texts.
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+    for args in [["check", "rules", "mailgate-alerts.yml"], ["test", "rules", "mailgate-alerts.test.yml"]] {
+        let out = Command::new("promtool").args(args).current_dir(deploy).output().expect("promtool (tests/run.sh)");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "promtool {args:?}:\n{text}");
+        assert!(text.contains("SUCCESS"), "{text}");
+    }
 }

@@ -297,7 +297,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 let user = service.limits.canonical(credentials.identity());
                 let verdict = service.plaintext_verdict(&conn.stream, Some(&user), conn.ip);
                 if verdict == Some(Verdict::Refuse) {
-                    info!("credentials refused before STARTTLS");
+                    info!(user = %credentials.user, "credentials refused before STARTTLS");
                     service.plaintext_refused();
                     if conn.write(format!("{tag} {}\r\n", privacy_refusal()).as_bytes()).await.is_err() {
                         return None;

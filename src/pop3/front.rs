@@ -165,7 +165,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 let account = service.limits.canonical(credentials.identity());
                 let verdict = service.plaintext_verdict(&conn.stream, Some(&account), conn.ip);
                 if verdict == Some(Verdict::Refuse) {
-                    info!("credentials refused before STLS");
+                    info!(user = %credentials.user, "credentials refused before STLS");
                     service.plaintext_refused();
                     if conn.write(PRIVACY).await.is_err() {
                         return None;
