@@ -1230,6 +1230,44 @@ mod tests {
     "#;
 
     #[test]
+    fn migration_keys_are_read_and_checked_with_their_paths() {
+        let warned = MINIMAL.replace(
+            "tls = \"plaintext\"\n\n",
+            "tls = \"plaintext\"\nplaintext_auth = \"warn\"\nenforce_after = \"2027-03-31T00:00:00+01:00\"\n\n",
+        );
+        let config = Config::from_toml(&warned).unwrap();
+        assert_eq!(config.listeners[0].plaintext_auth, Some(PlaintextAuth::Warn));
+        assert_eq!(config.listeners[0].enforce_after.unwrap().to_string(), "2027-03-31T00:00:00+01:00");
+
+        let errors = |text: &str| Config::from_toml(text).unwrap_err().0;
+        let not_a_time = warned.replace("2027-03-31T00:00:00+01:00", "next spring");
+        let found = errors(&not_a_time);
+        assert!(found.iter().any(|e| e.path.starts_with("listener[0]") && e.message.contains("RFC 3339")), "{found:?}");
+        let refusing = warned.replace("plaintext_auth = \"warn\"", "plaintext_auth = \"refuse\"");
+        let found = errors(&refusing);
+        assert!(found.iter().any(|e| e.path == "listener[0].enforce_after"), "{found:?}");
+        let implicit = warned.replace("tls = \"plaintext\"\nplaintext_auth", "tls = \"implicit\"\nplaintext_auth");
+        let found = errors(&implicit);
+        assert!(found.iter().any(|e| e.path == "listener[0].plaintext_auth"), "{found:?}");
+        let two_lines = warned.replace("enforce_after", "plaintext_warning = \"a\\nb\"\nenforce_after");
+        let found = errors(&two_lines);
+        assert!(found.iter().any(|e| e.path == "listener[0].plaintext_warning"), "{found:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let overrides = dir.path().join("overrides.toml");
+        let with = |body: &str| {
+            std::fs::write(&overrides, body).unwrap();
+            format!("{MINIMAL}\n[limits]\noverrides_file = {:?}\n", overrides.display().to_string())
+        };
+        let good = "[users.bob]\nplaintext_until = \"2027-05-01T00:00:00Z\"\n[networks.\"192.0.2.0/24\"]\nplaintext_until = \"2027-06-30T00:00:00Z\"\n";
+        let config = Config::from_toml(&with(good)).unwrap();
+        assert_eq!(config.limits.overrides.users["bob"].plaintext_until.unwrap().date(), "2027-05-01");
+        assert_eq!(config.limits.overrides.networks["192.0.2.0/24"].plaintext_until.date(), "2027-06-30");
+        let found = errors(&with("[networks.\"192.0.2.0/33\"]\nplaintext_until = \"2027-06-30T00:00:00Z\"\n"));
+        assert!(found.iter().any(|e| e.path.contains("networks.\"192.0.2.0/33\"")), "{found:?}");
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let config = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(config.imap.max_bad_commands, 3);

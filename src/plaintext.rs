@@ -187,10 +187,10 @@ mod tests {
     fn defaults_follow_the_listener_kind() {
         let now = SystemTime::now();
         let plain = listener("plain", Protocol::Pop3, 110, TlsMode::Plaintext);
-        assert_eq!(Policy::new(&plain, &[plain.clone()]).unwrap().verdict(None, now), Verdict::Allow);
+        assert_eq!(Policy::new(&plain, std::slice::from_ref(&plain)).unwrap().verdict(None, now), Verdict::Allow);
         assert_eq!(policy(None, None).verdict(None, now), Verdict::Refuse);
         let implicit = listener("imaps", Protocol::Imap, 993, TlsMode::Implicit);
-        assert!(Policy::new(&implicit, &[implicit.clone()]).is_none());
+        assert!(Policy::new(&implicit, std::slice::from_ref(&implicit)).is_none());
         let allowed = policy(Some(PlaintextAuth::Allow), Some("2027-03-31T00:00:00Z"));
         assert_eq!(allowed.verdict(None, at("2027-03-01T00:00:00Z").system_time()), Verdict::Allow);
         assert_eq!(allowed.verdict(None, at("2027-04-01T00:00:00Z").system_time()), Verdict::Refuse);

@@ -1514,11 +1514,12 @@ enum Capture {
 /// A client's `ID` after login (`line`, without literals): the census learns what the
 /// client is, once.
 fn identify(unidentified: &mut Option<Box<crate::metrics::clients::Unidentified>>, line: &[u8]) {
-    let Some(note) = unidentified.take() else { return };
+    let Some(note) = unidentified.as_mut() else { return };
     let parts = [super::command::Part::Line { text: line.to_vec(), literal_follows: false }];
-    match super::command::parse(&parts).map(|tagged| tagged.command) {
-        Ok(super::command::Command::Id(Some(software))) => note.identified(software),
-        _ => *unidentified = Some(note),
+    if let Ok(super::command::Command::Id(Some(software))) = super::command::parse(&parts).map(|tagged| tagged.command)
+    {
+        note.identified(software);
+        *unidentified = None;
     }
 }
 

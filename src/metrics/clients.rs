@@ -288,7 +288,7 @@ pub struct Unidentified {
 }
 
 impl Unidentified {
-    pub fn identified(mut self: Box<Self>, software: Software) {
+    pub fn identified(&mut self, software: Software) {
         if self.plaintext {
             self.reports.plaintext.identified(&self.account, self.protocol, &self.listener, &software);
         }
@@ -398,8 +398,11 @@ mod tests {
                 counted: false,
             })
         };
-        // One identifies itself after login, one never does: each counts once.
-        note(Some("TLSv1.3")).identified(software("Outlook", "16.0"));
+        // One identifies itself after login (once: a second ID counts nothing), one never
+        // does: each counts once.
+        let mut identified = note(Some("TLSv1.3"));
+        identified.identified(software("Outlook", "16.0"));
+        drop(identified);
         drop(note(Some("TLSv1.3")));
         let rows = reports.census.rows();
         let seen: Vec<_> = rows.iter().map(|r| (r.client.as_ref().map(|c| c.name.as_str()), r.tls, r.logins)).collect();
