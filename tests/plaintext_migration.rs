@@ -213,6 +213,20 @@ fn exceptions_let_their_user_or_network_in_until_their_own_date() {
     assert_eq!(plaintext_logins(&setup.gateway, "imap", "imap", "exception"), 1);
     assert_eq!(plaintext_logins(&setup.gateway, "imap", "imap", "refuse"), 1);
 
+    // The help desk extends alice's exception: the overrides file and SIGHUP, no restart.
+    let extended = overrides.replace("2021-01-01T00:00:00Z", "2099-02-01T00:00:00Z");
+    std::fs::write(setup.dir.path().join("overrides.toml"), extended).unwrap();
+    let pid = setup.gateway.pid().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(setup.gateway.wait_for_log("configuration reloaded", Duration::from_secs(10)), "{}", setup.gateway.log());
+    let mut alice = Client::plain(setup.addr("imap"));
+    alice.line();
+    alice.send(format!("L LOGIN alice {{{}+}}\r\n{}\r\n", ALICE.1.len(), ALICE.1).as_bytes());
+    let lines = alice.until_tagged("L");
+    assert!(lines[0].starts_with("* OK [ALERT] ") && lines[0].contains("2099-02-01"), "{lines:?}");
+    assert!(lines.last().unwrap().starts_with("L OK"), "{lines:?}");
+    assert_eq!(plaintext_logins(&setup.gateway, "imap", "imap", "exception"), 2);
+
     // A network's exception covers everyone from it, announced before any user name.
     let config = std::fs::read_to_string(&setup.gateway.config_path).unwrap();
     let dir = tempfile::tempdir().unwrap();
