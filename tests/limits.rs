@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -660,12 +660,7 @@ fn redis_unreachable_fails_open_or_closed_as_configured_and_recovers() {
 
 /// The whole answer of the admin listener to `GET path`.
 fn http_get(gateway: &Gateway, path: &str) -> String {
-    let mut tcp = TcpStream::connect(gateway.admin()).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
-    let mut text = String::new();
-    let _ = tcp.read_to_string(&mut text);
-    text
+    gateway.admin_get(path)
 }
 
 // One canonical identity, and a lockout that counts every attempt (issue 12, defects 2-4, 7).

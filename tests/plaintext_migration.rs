@@ -5,8 +5,7 @@ mod support;
 // say of who is left. Python's imaplib and poplib are the old clients, logging in without
 // STARTTLS; Dovecot is the upstream, reached over TLS whatever the client did.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,12 +81,9 @@ fn with_keys(config: String, name: &str, keys: &str) -> String {
     format!("{}{keys}{}", &config[..end], &config[end..])
 }
 
+/// The body of the admin listener's answer to `GET path`.
 fn http_get(gateway: &Gateway, path: &str) -> String {
-    let mut tcp = TcpStream::connect(gateway.admin()).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
-    let mut text = String::new();
-    let _ = tcp.read_to_string(&mut text);
+    let text = gateway.admin_get(path);
     text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
 }
 

@@ -81,10 +81,15 @@ impl Gateway {
 
     /// The admin listener's answer to `GET /metrics` (headers and body).
     pub fn metrics(&self) -> String {
+        self.admin_get("/metrics")
+    }
+
+    /// The admin listener's answer to `GET path` (headers and body).
+    pub fn admin_get(&self, path: &str) -> String {
         use std::io::{Read, Write};
         let mut tcp = std::net::TcpStream::connect(self.admin()).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
         let mut text = String::new();
         let _ = tcp.read_to_string(&mut text);
         text
