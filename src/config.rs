@@ -90,6 +90,48 @@ impl fmt::Display for TlsMode {
     }
 }
 
+/// The oldest TLS version a listener or an upstream connection accepts. TLS 1.2 and 1.3
+/// are served by rustls; 1.0 and 1.1 (which rustls does not implement) by the system's
+/// OpenSSL, with its security level lowered for that listener or upstream only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.0")]
+    Tls1_0,
+    #[serde(rename = "1.1")]
+    Tls1_1,
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls1_2,
+    #[serde(rename = "1.3")]
+    Tls1_3,
+}
+
+impl TlsVersion {
+    /// TLS 1.0 or 1.1: OpenSSL, not rustls.
+    pub fn is_legacy(self) -> bool {
+        self < TlsVersion::Tls1_2
+    }
+
+    /// The versions from this one up, as `Stream::tls_version` names them.
+    pub fn accepted(self) -> &'static [&'static str] {
+        const ALL: [&str; 4] = ["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"];
+        &ALL[self as usize..]
+    }
+}
+
+/// What a listener does with a client whose ALPN list lacks the listener's protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlpnPolicy {
+    /// Refused with `no_application_protocol` (RFC 7301): defeats ALPACA, where an attacker
+    /// redirects a client speaking another protocol to this port.
+    #[default]
+    Strict,
+    /// The handshake goes on without ALPN (counted in `mailgate_tls_alpn_ignored_total`):
+    /// for old clients that send values a strict server refuses.
+    Lenient,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
@@ -126,6 +168,13 @@ pub struct ListenerConfig {
     /// network's exception), `{tls_ports}` this protocol's TLS ports.
     #[serde(default)]
     pub plaintext_warning: Option<String>,
+    /// The oldest TLS version served (default 1.2); only for TLS listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_min_version: Option<TlsVersion>,
+    /// A client offering ALPN without this listener's protocol (default strict); only for
+    /// TLS listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<AlpnPolicy>,
 }
 
 /// What a login sent without TLS gets (see [`ListenerConfig::plaintext_auth`]).
@@ -149,6 +198,16 @@ impl PlaintextAuth {
             PlaintextAuth::Warn => "warn",
             PlaintextAuth::Allow => "allow",
         }
+    }
+}
+
+impl ListenerConfig {
+    pub fn min_version(&self) -> TlsVersion {
+        self.tls_min_version.unwrap_or_default()
+    }
+
+    pub fn alpn_policy(&self) -> AlpnPolicy {
+        self.alpn.unwrap_or_default()
     }
 }
 
@@ -217,6 +276,10 @@ pub struct UpstreamConfig {
     /// Skips certificate verification: only for a lab. Logged as a warning at start.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// The oldest TLS version accepted from the upstream (default 1.2); not for a
+    /// plaintext upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_min_version: Option<TlsVersion>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Span,
     #[serde(default = "default_connect_timeout")]
@@ -307,6 +370,10 @@ pub struct RoutingRules {
 }
 
 impl UpstreamConfig {
+    pub fn min_version(&self) -> TlsVersion {
+        self.tls_min_version.unwrap_or_default()
+    }
+
     /// The configured `host:port`s for `protocol` (empty: none).
     pub fn addresses(&self, protocol: Protocol) -> Vec<&str> {
         let hosts = match protocol {
@@ -872,6 +939,13 @@ impl Config {
                     &format!("listener `{}` uses TLS ({}) but no certificate is configured", l.name, l.tls),
                 ));
             }
+            if l.tls == TlsMode::Plaintext {
+                for (key, set) in [("tls_min_version", l.tls_min_version.is_some()), ("alpn", l.alpn.is_some())] {
+                    if set {
+                        errors.push(error(&at(key), "only for a TLS listener (tls = \"implicit\" or \"starttls\")"));
+                    }
+                }
+            }
             if l.proxy_protocol && l.proxy_trusted.is_empty() {
                 errors.push(error(
                     &at("proxy_trusted"),
@@ -921,6 +995,12 @@ impl Config {
                 {
                     errors.push(error(&format!("upstream.{name}"), "an empty list of hosts"));
                 }
+            }
+            if u.tls == TlsMode::Plaintext && u.tls_min_version.is_some() {
+                errors.push(error(
+                    &format!("upstream.{name}.tls_min_version"),
+                    "only for a TLS upstream (tls = \"implicit\" or \"starttls\")",
+                ));
             }
             if let Some(ca) = &u.ca_file {
                 if !ca.is_file() {
@@ -1191,6 +1271,8 @@ impl Default for ListenerConfig {
             plaintext_auth: None,
             enforce_after: None,
             plaintext_warning: None,
+            tls_min_version: None,
+            alpn: None,
         }
     }
 }
@@ -1204,6 +1286,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             server_name: None,
             insecure_skip_verify: false,
+            tls_min_version: None,
             connect_timeout: default_connect_timeout(),
             tls_timeout: default_connect_timeout(),
             login_timeout: default_upstream_login_timeout(),

@@ -22,7 +22,8 @@
 //!   protocols share.
 //! - [`imap`], [`pop3`]: each protocol's front (before login), upstream login and relay.
 //! - [`pumps`]: driving a relay's two directions; the buffers they read and write through.
-//! - [`stream`]: TCP or TLS, either side; [`tls`]: rustls settings built once.
+//! - [`stream`]: TCP or TLS, either side; [`tls`]: rustls settings built once;
+//!   [`legacy_tls`]: OpenSSL for the listeners and upstreams that allow TLS 1.0/1.1.
 //! - [`upstream`]: reaching an upstream pool (timeouts, PROXY v2, TLS, failover, health);
 //!   [`routing`]: which upstream a login goes to.
 //! - [`origin`]: where a session comes from, and how an upstream is told;
@@ -54,6 +55,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod identity;
 pub mod imap;
+pub mod legacy_tls;
 pub mod limits;
 pub mod listener;
 pub mod log_budget;
@@ -153,8 +155,8 @@ impl Generation {
 /// The services of one configuration, with the upstreams (and their TLS client settings)
 /// and the TLS acceptors built from it.
 pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
-    // One upstream per name and protocol, and one TLS acceptor per protocol (each announces
-    // its own ALPN id) over the same certificates.
+    // One upstream per name and protocol, and one TLS acceptor per listener (its protocol's
+    // ALPN id, its minimum version and ALPN policy) over the same certificates.
     let mut upstreams = BTreeMap::new();
     for (name, u) in &config.upstream {
         for protocol in [Protocol::Imap, Protocol::Pop3] {
@@ -179,9 +181,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
     if config.listeners.iter().any(|l| l.tls != TlsMode::Plaintext) {
         let certificates = tls::load_certificates(&config.tls.certificates)?;
         for l in config.listeners.iter().filter(|l| l.tls != TlsMode::Plaintext) {
-            if let std::collections::btree_map::Entry::Vacant(slot) = acceptors.entry(l.protocol) {
-                slot.insert(tls::acceptor(certificates.clone(), l.protocol.alpn())?);
-            }
+            acceptors.insert(l.name.as_str(), Arc::new(tls::ServerTls::for_listener(&certificates, l)?));
         }
     }
     let services = (config.listeners.iter())
@@ -190,7 +190,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
                 config: config.clone(),
                 protocol: settings.protocol,
                 listener_tls: settings.tls,
-                tls: if settings.tls == TlsMode::Plaintext { None } else { acceptors.get(&settings.protocol).cloned() },
+                tls: acceptors.get(settings.name.as_str()).cloned(),
                 upstream: upstreams[&(settings.upstream.clone(), settings.protocol)].clone(),
                 shutdown: shared.token.clone(),
                 cache: shared.cache.clone(),
@@ -265,7 +265,15 @@ pub async fn run(
         if settings.tls == TlsMode::Plaintext {
             tracing::warn!(listener = %settings.name, "plaintext listener: clients may send credentials unencrypted");
         }
-        metrics.prepare_listener(settings.protocol.name(), &settings.name, settings.tls.name());
+        metrics.prepare_listener(
+            settings.protocol.name(),
+            &settings.name,
+            settings.tls.name(),
+            settings.min_version().accepted(),
+        );
+        if settings.tls != TlsMode::Plaintext && settings.min_version().is_legacy() {
+            tracing::warn!(listener = %settings.name, "tls_min_version below 1.2: TLS 1.0/1.1 through OpenSSL, at security level 0");
+        }
         let address = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(listener = %settings.name, %address, protocol = settings.protocol.name(), tls = %settings.tls, "listening");
         let service = Arc::new(std::sync::RwLock::new(service));

@@ -48,7 +48,7 @@ impl Listener {
                 Ok((tcp, peer)) => {
                     let id = session_id();
                     let service = current();
-                    let span = info_span!("session", listener = %self.name, protocol = service.protocol.name(), client = %peer, session = %id, user = field::Empty);
+                    let span = info_span!("session", listener = %self.name, protocol = service.protocol.name(), client = %peer, session = %id, user = field::Empty, tls = field::Empty);
                     tracker.spawn(session(tcp, peer, id, service).instrument(span));
                 }
                 Err(e) => {

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -84,7 +83,7 @@ pub struct Service {
     pub protocol: Protocol,
     pub listener_tls: TlsMode,
     /// For implicit TLS and STARTTLS; `None` on a plaintext listener.
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
     pub upstream: Arc<Upstream>,
     /// Cancelled when the process starts its graceful shutdown.
     pub shutdown: CancellationToken,
@@ -421,7 +420,7 @@ impl Service {
     pub async fn start_tls(&self, stream: Stream) -> Option<Stream> {
         let upgraded = match stream {
             Stream::Plain(tcp) => self.accept_tls(tcp).await,
-            Stream::Tls(_) => None,
+            Stream::Tls(_) | Stream::Legacy(_) => None,
         };
         if upgraded.is_some() {
             self.metrics.starttls_upgrades.with_label_values(&[self.protocol.name(), &self.listener]).inc();
@@ -430,23 +429,28 @@ impl Service {
     }
 
     /// The server side of a TLS handshake within the handshake timeout; `None` (logged at
-    /// debug: a client's failure, not ours) when it fails.
+    /// debug: a client's failure, not ours) when it fails. The negotiated version goes to
+    /// the session's span (`tls`), so every later line of the session carries it.
     pub async fn accept_tls(&self, tcp: TcpStream) -> Option<Stream> {
-        let acceptor = self.tls.clone()?;
+        let acceptor = self.tls.as_deref()?;
         let failed = |reason: &str| {
-            self.metrics.tls_handshakes.with_label_values(&[&self.listener, "failed"]).inc();
+            self.metrics.tls_handshakes.with_label_values(&[&self.listener, "failed", "none"]).inc();
             self.metrics.tls_handshake_failures.with_label_values(&[&self.listener, reason]).inc();
         };
         match tokio::time::timeout(self.config.tls.handshake_timeout.0, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => {
-                self.metrics.tls_handshakes.with_label_values(&[&self.listener, "ok"]).inc();
-                let stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
-                debug!(tls = stream.tls_summary(), "TLS established");
-                Some(stream)
+            Ok(Ok(accepted)) => {
+                let version = accepted.stream.tls_version().unwrap_or("TLS");
+                self.metrics.tls_handshakes.with_label_values(&[&self.listener, "ok", version]).inc();
+                if accepted.alpn_ignored {
+                    self.metrics.tls_alpn_ignored.with_label_values(&[&self.listener]).inc();
+                }
+                tracing::Span::current().record("tls", version);
+                debug!(tls = accepted.stream.tls_summary(), alpn_ignored = accepted.alpn_ignored, "TLS established");
+                Some(accepted.stream)
             }
-            Ok(Err(e)) => {
-                failed(crate::metrics::handshake_failure_reason(&e));
-                debug!(error = %e, "TLS handshake failed");
+            Ok(Err(refused)) => {
+                failed(refused.reason);
+                debug!(error = %refused.error, "TLS handshake failed");
                 None
             }
             Err(_) => {

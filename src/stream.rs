@@ -11,11 +11,14 @@ use tokio::net::TcpStream;
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// TLS through OpenSSL, either side: legacy listeners and upstreams (TLS 1.0 and 1.1
+    /// allowed, see `legacy_tls`), whatever version was negotiated.
+    Legacy(Box<tokio_openssl::SslStream<TcpStream>>),
 }
 
 impl Stream {
     pub fn is_tls(&self) -> bool {
-        matches!(self, Stream::Tls(_))
+        !matches!(self, Stream::Plain(_))
     }
 
     /// Closes our side after a final message, then reads (and drops) what the client is
@@ -40,37 +43,63 @@ impl Stream {
     /// The negotiated TLS version as OpenSSL names it (`TLSv1`, `TLSv1.1`, `TLSv1.2`,
     /// `TLSv1.3`): a metric label, a log field, a census key. `None` on a plain connection.
     pub fn tls_version(&self) -> Option<&'static str> {
-        let Stream::Tls(tls) = self else { return None };
-        Some(match tls.get_ref().1.protocol_version() {
-            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
-            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
-            _ => "TLS",
-        })
+        use openssl::ssl::SslVersion;
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(tls) => Some(match tls.get_ref().1.protocol_version() {
+                Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                _ => "TLS",
+            }),
+            Stream::Legacy(tls) => Some(match tls.ssl().version2() {
+                Some(SslVersion::TLS1_3) => "TLSv1.3",
+                Some(SslVersion::TLS1_2) => "TLSv1.2",
+                Some(SslVersion::TLS1_1) => "TLSv1.1",
+                Some(SslVersion::TLS1) => "TLSv1",
+                _ => "TLS",
+            }),
+        }
     }
 
     /// What an upstream may be told about the client's TLS (PROXY v2 TLVs).
     pub fn tls_facts(&self) -> Option<crate::proxy_header::TlsFacts> {
-        let Stream::Tls(tls) = self else { return None };
-        let (_, conn) = tls.get_ref();
-        let version = self.tls_version().unwrap_or("TLS");
-        let server_name = match tls.as_ref() {
-            tokio_rustls::TlsStream::Server(server) => server.get_ref().1.server_name().map(str::to_string),
-            tokio_rustls::TlsStream::Client(_) => None,
+        let version = self.tls_version()?.to_string();
+        let (alpn, server_name) = match self {
+            Stream::Plain(_) => return None,
+            Stream::Tls(tls) => {
+                let server_name = match tls.as_ref() {
+                    tokio_rustls::TlsStream::Server(server) => server.get_ref().1.server_name().map(str::to_string),
+                    tokio_rustls::TlsStream::Client(_) => None,
+                };
+                (tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec), server_name)
+            }
+            Stream::Legacy(tls) => {
+                let ssl = tls.ssl();
+                let server_name = (ssl.is_server())
+                    .then(|| ssl.servername(openssl::ssl::NameType::HOST_NAME).map(str::to_string))
+                    .flatten();
+                (ssl.selected_alpn_protocol().map(<[u8]>::to_vec), server_name)
+            }
         };
-        Some(crate::proxy_header::TlsFacts {
-            version: version.to_string(),
-            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
-            server_name,
-        })
+        Some(crate::proxy_header::TlsFacts { version, alpn, server_name })
     }
 
     /// The negotiated TLS version and cipher suite, for logs.
     pub fn tls_summary(&self) -> Option<String> {
-        let Stream::Tls(tls) = self else { return None };
-        let (_, conn) = tls.get_ref();
-        let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
-        let suite = conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
-        Some(format!("{version} {suite}"))
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(tls) => {
+                let (_, conn) = tls.get_ref();
+                let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+                let suite = conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+                Some(format!("{version} {suite}"))
+            }
+            Stream::Legacy(tls) => {
+                let ssl = tls.ssl();
+                let suite = ssl.current_cipher().map(|c| c.name()).unwrap_or_default();
+                Some(format!("{} {suite} (OpenSSL)", ssl.version_str()))
+            }
+        }
     }
 }
 
@@ -79,6 +108,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Legacy(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -88,6 +118,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Legacy(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -95,6 +126,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Legacy(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -102,6 +134,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Legacy(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -113,6 +146,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Legacy(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -120,6 +154,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Legacy(s) => s.is_write_vectored(),
         }
     }
 }

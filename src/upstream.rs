@@ -127,6 +127,12 @@ impl Upstream {
         if config.insecure_skip_verify {
             tracing::warn!(upstream = name, "insecure_skip_verify is set: the upstream's certificate is NOT verified");
         }
+        if config.tls != TlsMode::Plaintext && config.min_version().is_legacy() {
+            tracing::warn!(
+                upstream = name,
+                "tls_min_version below 1.2: TLS 1.0/1.1 through OpenSSL, at security level 0"
+            );
+        }
         if config.tls == TlsMode::Plaintext {
             tracing::warn!(upstream = name, "upstream tls = plaintext: credentials travel to it unencrypted");
         }
@@ -206,11 +212,12 @@ impl Upstream {
     /// STARTTLS).
     pub async fn handshake(&self, host: &Host, tcp: TcpStream) -> Result<Stream, UpstreamError> {
         let tls = host.tls.as_ref().ok_or(UpstreamError::Protocol("TLS is not configured for this upstream".into()))?;
-        let stream = tokio::time::timeout(self.tls_timeout, tls.connector.connect(tls.server_name.clone(), tcp))
+        let stream = tokio::time::timeout(self.tls_timeout, tls.connect(tcp))
             .await
             .map_err(|_| UpstreamError::Timeout("upstream TLS handshake"))?
             .map_err(UpstreamError::Tls)?;
-        Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(stream))))
+        tracing::debug!(upstream = %self.name, host = %host.address(), tls = stream.tls_summary(), "upstream TLS established");
+        Ok(stream)
     }
 
     /// Whether this upstream can take sessions now (for `/readyz`): for a pool, what its

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub connections_total: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    /// Handshakes where a lenient listener ignored the client's ALPN list.
+    pub tls_alpn_ignored: IntCounterVec,
     pub starttls_upgrades: IntCounterVec,
     pub plaintext_auth_refused: IntCounterVec,
     /// Logins sent without TLS, by what they got (`plaintext::Verdict::label`).
@@ -219,14 +221,20 @@ impl Metrics {
             tls_handshakes: counter(
                 &registry,
                 "mailgate_tls_handshakes_total",
-                "Server-side TLS handshakes by result.",
-                &["listener", "result"],
+                "Server-side TLS handshakes by result and negotiated version (none when failed).",
+                &["listener", "result", "version"],
             ),
             tls_handshake_failures: counter(
                 &registry,
                 "mailgate_tls_handshake_failures_total",
                 "Failed server-side TLS handshakes by reason.",
                 &["listener", "reason"],
+            ),
+            tls_alpn_ignored: counter(
+                &registry,
+                "mailgate_tls_alpn_ignored_total",
+                "Handshakes of clients offering ALPN without the listener's protocol, served without ALPN (alpn = \"lenient\").",
+                &["listener"],
             ),
             starttls_upgrades: counter(
                 &registry,
@@ -300,7 +308,8 @@ impl Metrics {
 
     /// Creates the series of a listener's fixed label sets at zero, so that every family is
     /// present from the start (dashboards and alerts need no special case for "absent").
-    pub fn prepare_listener(&self, protocol: &str, listener: &str, tls: &str) {
+    /// `versions` are the TLS versions the listener accepts (`TlsVersion::accepted`).
+    pub fn prepare_listener(&self, protocol: &str, listener: &str, tls: &str, versions: &[&str]) {
         self.connections_active.with_label_values(&[protocol, listener, tls]);
         self.connections_total.with_label_values(&[protocol, listener, tls]);
         self.starttls_upgrades.with_label_values(&[protocol, listener]);
@@ -314,9 +323,11 @@ impl Metrics {
             self.logins.with_label_values(&[protocol, listener, result]);
         }
         if tls != "plaintext" {
-            for result in ["ok", "failed"] {
-                self.tls_handshakes.with_label_values(&[listener, result]);
+            for version in versions {
+                self.tls_handshakes.with_label_values(&[listener, "ok", version]);
             }
+            self.tls_handshakes.with_label_values(&[listener, "failed", "none"]);
+            self.tls_alpn_ignored.with_label_values(&[listener]);
             for reason in ["timeout", "alpn", "version", "other"] {
                 self.tls_handshake_failures.with_label_values(&[listener, reason]);
             }
@@ -357,15 +368,19 @@ impl Metrics {
     }
 }
 
-/// Why a server-side TLS handshake failed, as a bounded label.
-pub fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
+/// Why a server-side TLS handshake failed, as a bounded label, from rustls' or OpenSSL's
+/// error (timeouts are told apart by the caller).
+pub fn handshake_failure_reason(error: &dyn std::fmt::Display) -> &'static str {
     let text = error.to_string().to_ascii_lowercase();
-    // rustls: "peer doesn't support any known protocol" (no common ALPN id).
+    // rustls: "peer doesn't support any known protocol" (no common ALPN id); OpenSSL: "no
+    // application protocol".
     if text.contains("known protocol") || text.contains("application protocol") {
         "alpn"
-    } else if text.contains("version") || text.contains("incompatible") {
+    } else if text.contains("version") || text.contains("incompatible") || text.contains("unsupported protocol") {
         // rustls: "peer is incompatible: ..." for TLS 1.1 and older clients (they lack what
-        // TLS 1.2+ requires, e.g. SignatureAlgorithmsExtensionRequired).
+        // TLS 1.2+ requires, e.g. SignatureAlgorithmsExtensionRequired). OpenSSL:
+        // "unsupported protocol" for a client below the minimum version, "wrong version
+        // number", "version too low".
         "version"
     } else {
         "other"
