@@ -10,7 +10,8 @@
 #
 # What it does:
 #   1. installs missing Debian packages (dovecot-imapd, dovecot-pop3d, openssl, curl,
-#      ca-certificates, and a C linker for the Rust build) with apt-get, through sudo
+#      ca-certificates, a C linker, libssl-dev and pkg-config for the Rust build: legacy
+#      TLS 1.0/1.1 listeners link the system's OpenSSL) with apt-get, through sudo
 #      when not root; checks that a recent enough Rust toolchain (cargo) is present;
 #   2. builds mailgate: `cargo build --release` in the repository root;
 #   3. starts a throwaway Dovecot on loopback with user demo / demo-password and a demo
@@ -264,7 +265,9 @@ trap 'exit 129' HUP
 # 1. Packages and toolchain
 
 install_packages() {
-	local wanted=(dovecot-imapd dovecot-pop3d openssl curl ca-certificates) missing=() pkg
+	# libssl-dev and pkg-config: mailgate links the system's OpenSSL (TLS 1.0/1.1 for the
+	# listeners and upstreams that opt in; rustls serves everything else).
+	local wanted=(dovecot-imapd dovecot-pop3d openssl curl ca-certificates libssl-dev pkg-config) missing=() pkg
 	# The Rust build links with the system C toolchain (and ring compiles some C).
 	command -v cc >/dev/null 2>&1 || wanted+=(gcc libc6-dev)
 

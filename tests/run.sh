@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs mailgate's whole test suite on Debian/Ubuntu, installing the test peers when missing:
-# Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl, python3,
+# Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl (and
+# libssl-dev with pkg-config, which the build links against), python3,
 # Prometheus (with promtool) to scrape mailgate's metrics, and redis-server for the limits a
 # fleet of mailgate instances shares; Courier IMAP/POP3 as a second upstream
 # (tests/install-courier.sh).
@@ -28,6 +29,9 @@ have redis-server || missing+=(redis-server)
 have useradd || missing+=(passwd)
 have systemd-analyze || missing+=(systemd)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# The build links the system's OpenSSL (legacy TLS 1.0/1.1 listeners and upstreams).
+have pkg-config || missing+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}" >&2
@@ -55,9 +59,10 @@ fi
 for tool in /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/sbin/dovecot; do
   [ -x "$tool" ] || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
-for tool in mbsync fetchmail curl openssl python3 prometheus promtool redis-server systemd-analyze; do
+for tool in mbsync fetchmail curl openssl python3 prometheus promtool redis-server systemd-analyze pkg-config; do
   have "$tool" || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
+pkg-config --exists openssl || { echo "tests/run.sh: libssl-dev is missing after install" >&2; exit 1; }
 
 # Validators for deploy/ (tests/deploy.rs): Kubernetes JSON schemas and the compose-spec,
 # pinned in tests/deploy/requirements.txt, in a venv rebuilt when that file changes.
