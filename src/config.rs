@@ -1413,6 +1413,80 @@ mod tests {
         assert_eq!(Config::from_toml(&fine).unwrap().limits.download_bytes_per_user_per_second.0, 2 << 20);
     }
 
+    /// A listener and an upstream with `listener` and `upstream` as their TLS lines.
+    fn tls_config(dir: &Path, listener: &str, upstream: &str) -> String {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, "").unwrap();
+        std::fs::write(&key, "").unwrap();
+        format!(
+            "[[listener]]\nname = \"imaps\"\nprotocol = \"imap\"\naddress = \"127.0.0.1:993\"\n{listener}\n\n\
+             [upstream.default]\nimap = \"127.0.0.1:993\"\n{upstream}\n\n\
+             [tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    }
+
+    #[test]
+    fn tls_versions_and_alpn_policies_parse_and_name_their_key_when_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = tls_config(
+            dir.path(),
+            "tls = \"implicit\"\ntls_min_version = \"1.0\"\nalpn = \"lenient\"",
+            "tls = \"starttls\"\ntls_min_version = \"1.1\"",
+        );
+        let config = Config::from_toml(&text).unwrap();
+        assert_eq!(config.listeners[0].min_version(), TlsVersion::Tls1_0);
+        assert!(config.listeners[0].min_version().is_legacy());
+        assert_eq!(config.listeners[0].alpn_policy(), AlpnPolicy::Lenient);
+        assert_eq!(config.upstream["default"].min_version(), TlsVersion::Tls1_1);
+        assert_eq!(TlsVersion::Tls1_1.accepted(), ["TLSv1.1", "TLSv1.2", "TLSv1.3"]);
+        assert_eq!(TlsVersion::Tls1_3.accepted(), ["TLSv1.3"]);
+        let again = Config::from_toml(&config.to_toml()).unwrap();
+        assert_eq!(again.listeners[0].tls_min_version, Some(TlsVersion::Tls1_0));
+
+        // Unset: TLS 1.2 and strict ALPN, and the effective configuration invents no key.
+        let text = tls_config(dir.path(), "tls = \"implicit\"", "tls = \"implicit\"");
+        let config = Config::from_toml(&text).unwrap();
+        let listener = &config.listeners[0];
+        assert_eq!((listener.min_version(), listener.alpn_policy()), (TlsVersion::Tls1_2, AlpnPolicy::Strict));
+        assert!(!listener.min_version().is_legacy());
+        assert!(!config.to_toml().contains("tls_min_version"), "{}", config.to_toml());
+
+        // One wrong value per listener: a section stops at its first error.
+        for (listener, upstream, path) in [
+            ("tls_min_version = \"1.4\"", "", "listener[0].tls_min_version"),
+            ("alpn = \"loose\"", "", "listener[0].alpn"),
+            ("", "tls_min_version = \"TLSv1.1\"", "upstream.default.tls_min_version"),
+        ] {
+            let text = tls_config(
+                dir.path(),
+                &format!("tls = \"implicit\"\n{listener}"),
+                &format!("tls = \"implicit\"\n{upstream}"),
+            );
+            let errors = Config::from_toml(&text).unwrap_err().0;
+            assert!(
+                errors.iter().any(|e| e.path == path && e.message.contains("unknown variant")),
+                "{path}: {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn tls_settings_on_plaintext_listeners_and_upstreams_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = tls_config(
+            dir.path(),
+            "tls = \"plaintext\"\ntls_min_version = \"1.0\"\nalpn = \"lenient\"",
+            "tls = \"plaintext\"\ntls_min_version = \"1.0\"",
+        );
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in ["listener[0].tls_min_version", "listener[0].alpn", "upstream.default.tls_min_version"] {
+            assert!(paths.contains(&expected), "{expected} missing from {errors:?}");
+        }
+    }
+
     #[test]
     fn the_overrides_file_is_read_and_its_errors_name_it() {
         let dir = tempfile::tempdir().unwrap();

@@ -94,6 +94,12 @@ pub struct Options {
     pub auth_penalties: bool,
     /// IMAP COMPRESS=DEFLATE (RFC 4978, the `imap_zlib` plugin).
     pub compress: bool,
+    /// Speaks TLS 1.0 and nothing newer, as an old server does: `ssl_min_protocol` lets
+    /// Dovecot down to it, an OpenSSL configuration file (`OPENSSL_CONF`, passed to the
+    /// login processes through `import_environment`) caps the maximum, and both cipher
+    /// lists lower OpenSSL 3's security level, which refuses TLS 1.0 otherwise. Login lines
+    /// then name the negotiated version (`%k`: "TLSv1 with cipher ...").
+    pub tls1_only: bool,
     /// More configuration, appended last (later settings and blocks override earlier ones).
     pub extra: String,
 }
@@ -105,6 +111,7 @@ impl Default for Options {
             haproxy: false,
             auth_penalties: false,
             compress: false,
+            tls1_only: false,
             extra: String::new(),
         }
     }
@@ -191,6 +198,17 @@ impl Dovecot {
                 "haproxy_trusted_networks = 127.0.0.0/8\n\
                  service imap-login {{\n  inet_listener imaps_haproxy {{\n    port = {imaps_haproxy}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n\
                  service pop3-login {{\n  inet_listener pop3s_haproxy {{\n    port = {pop3s_haproxy}\n    ssl = yes\n    haproxy = yes\n  }}\n}}\n"
+            ));
+        }
+        if options.tls1_only {
+            let openssl_conf = root.join("openssl-tls1.cnf");
+            write_file(&openssl_conf, TLS1_ONLY_OPENSSL_CONF.as_bytes(), 0o644).map_err(StartError::Fatal)?;
+            config.push_str(&format!(
+                "ssl_min_protocol = TLSv1\n\
+                 ssl_cipher_list = DEFAULT:@SECLEVEL=0\n\
+                 import_environment = TZ CORE_OUTOFMEM CORE_ERROR LISTEN_PID LISTEN_FDS NOTIFY_SOCKET OPENSSL_CONF={}\n\
+                 login_log_format_elements = user=<%u> method=%m rip=%r lip=%l mpid=%e %c %k session=<%{{session}}>\n",
+                openssl_conf.display()
             ));
         }
         config.push_str(&options.extra);
@@ -430,6 +448,18 @@ service anvil {
     mode = 0
   }
 }
+";
+
+/// OpenSSL's defaults for every context a process makes ([`Options::tls1_only`]): at most
+/// TLS 1.0, at the security level that allows it.
+const TLS1_ONLY_OPENSSL_CONF: &str = "openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MaxProtocol = TLSv1
+CipherString = DEFAULT:@SECLEVEL=0
 ";
 
 fn config(root: &Path, instance: &str, ident: &Identity, ports: [u16; 4]) -> String {

@@ -33,13 +33,22 @@ impl Run {
 /// Runs `cmd` (stdin from /dev/null) with stdout and stderr captured in temp files (no
 /// pipe to fill up), polling until it exits; kills it and panics, with what it wrote to
 /// stderr, once `limit` has passed.
-pub fn run_bounded(mut cmd: Command, limit: Duration) -> Run {
+pub fn run_bounded(cmd: Command, limit: Duration) -> Run {
+    run_bounded_fed(cmd, b"", limit)
+}
+
+/// Like [`run_bounded`], with `input` as the whole of `cmd`'s stdin (from a temp file:
+/// nothing to write while the child runs).
+pub fn run_bounded_fed(mut cmd: Command, input: &[u8], limit: Duration) -> Run {
+    let mut stdin = tempfile::tempfile().unwrap();
+    std::io::Write::write_all(&mut stdin, input).unwrap();
+    stdin.rewind().unwrap();
     let mut out = tempfile::tempfile().unwrap();
     let mut err = tempfile::tempfile().unwrap();
     let what = format!("{cmd:?}");
     let start = Instant::now();
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(stdin))
         .stdout(out.try_clone().unwrap())
         .stderr(err.try_clone().unwrap())
         .spawn()
