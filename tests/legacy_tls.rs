@@ -79,12 +79,14 @@ fn s_client(addr: SocketAddr, ca: &Path, args: &[&str], input: &str) -> Run {
     run_bounded_fed(cmd, input.as_bytes(), Duration::from_secs(30))
 }
 
-/// The protocol of the session `s_client` established (`New, TLSv1, Cipher is ...`), if it
-/// established one (a failed handshake reports `New, (NONE), Cipher is (NONE)`).
+/// The protocol of the session `s_client` established (`Protocol  : TLSv1`), if it
+/// established one: a failed handshake reports `New, (NONE), Cipher is (NONE)` and the
+/// version it tried.
 fn negotiated(run: &Run) -> Option<String> {
     let out = show(&run.stdout);
-    let line = out.lines().find(|l| l.starts_with("New, ") && !l.contains("(NONE)"))?;
-    Some(line.split(", ").nth(1)?.to_string())
+    out.lines().find(|l| l.starts_with("New, ") && !l.contains("(NONE)"))?;
+    let line = out.lines().find(|l| l.trim_start().starts_with("Protocol  :"))?;
+    Some(line.split(':').nth(1)?.trim().to_string())
 }
 
 /// The value of `series` (name and labels exactly as exported), waiting up to 5 s for it
