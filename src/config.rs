@@ -1546,12 +1546,24 @@ mod tests {
     #[test]
     fn shipped_example_parses() {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/mailgate.example.toml")).unwrap();
-        // The example points at /etc paths that do not exist here: only file checks may fail.
-        match Config::from_toml(&text) {
-            Ok(_) => {}
-            Err(ConfigErrors(errors)) => {
-                for e in errors {
-                    assert!(e.message.contains("is not a readable file"), "{e}");
+        // The commented legacy listener, uncommented, must parse too: the `# ` lines from
+        // its `# [[listener]]` on.
+        let start = text.find("# [[listener]]\n# name = \"imaps-legacy\"").expect("the legacy listener example");
+        let (before, block) = text.split_at(start);
+        let lines: Vec<&str> = block.lines().collect();
+        let commented = lines.iter().take_while(|l| l.starts_with("# ")).count();
+        let uncommented = lines[..commented].iter().map(|l| &l[2..]);
+        let legacy =
+            format!("{before}{}\n{}\n", uncommented.collect::<Vec<_>>().join("\n"), lines[commented..].join("\n"));
+        assert!(legacy.contains("\ntls_min_version = \"1.0\"") && legacy.contains("\nalpn = \"lenient\""), "{legacy}");
+        for text in [text, legacy] {
+            // The example points at /etc paths that do not exist here: only file checks may fail.
+            match Config::from_toml(&text) {
+                Ok(_) => {}
+                Err(ConfigErrors(errors)) => {
+                    for e in errors {
+                        assert!(e.message.contains("is not a readable file"), "{e}");
+                    }
                 }
             }
         }
