@@ -477,6 +477,67 @@ pub struct CacheConfig {
     /// Dovecot and most servers mark the message `\Seen` for IMAP clients of the account.
     /// Off saves the upstream that read, for stores where POP3 sets no state.
     pub pop3_mark_seen: bool,
+    /// A second tier in Redis that every instance of a fleet shares (off by default).
+    pub shared: SharedCacheConfig,
+}
+
+/// `[cache.shared]`: the message cache's second tier, in Redis (standalone or Cluster).
+/// Immutable message data only; keys are keyed hashes (no user or mailbox name in clear),
+/// values compressed and bound to their key, sealed with AES-256-GCM when `encrypt`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedCacheConfig {
+    pub enabled: bool,
+    /// A standalone Redis: `redis://[user:password@]host:port/db` (the password is never
+    /// printed).
+    #[serde(serialize_with = "redacted_optional_url")]
+    pub url: Option<String>,
+    /// Or the seed nodes of a Redis Cluster (`redis://host:port` each).
+    #[serde(serialize_with = "redacted_urls")]
+    pub cluster: Vec<String>,
+    /// Prepended to every key.
+    pub key_prefix: String,
+    /// A file of at least 32 secret bytes, the same on every instance: the keys' hashes and
+    /// the values' authentication (and encryption) derive from it.
+    pub secret_file: Option<PathBuf>,
+    /// Seal values with AES-256-GCM (mail at rest in a shared store).
+    pub encrypt: bool,
+    /// How long Redis keeps an item (set on every write).
+    pub time_to_live: Span,
+    /// Larger items stay in the memory tier only.
+    pub max_item_bytes: ByteSize,
+    /// The longest a lookup waits for Redis: then it is a miss.
+    pub timeout: Span,
+    /// Writes waiting to be sent; beyond this they are dropped (counted), never waited for.
+    pub write_queue: usize,
+}
+
+impl Default for SharedCacheConfig {
+    fn default() -> Self {
+        SharedCacheConfig {
+            enabled: false,
+            url: None,
+            cluster: Vec::new(),
+            key_prefix: "mailgate:cache:".into(),
+            secret_file: None,
+            encrypt: false,
+            time_to_live: Span(std::time::Duration::from_secs(7 * 86_400)),
+            max_item_bytes: ByteSize(1 << 20),
+            timeout: Span(std::time::Duration::from_millis(250)),
+            write_queue: 10_000,
+        }
+    }
+}
+
+fn redacted_optional_url<S: serde::Serializer>(url: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => serializer.serialize_some(&redact_url(url)),
+        None => serializer.serialize_none(),
+    }
+}
+
+fn redacted_urls<S: serde::Serializer>(urls: &[String], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(urls.iter().map(|url| redact_url(url)))
 }
 
 impl Default for CacheConfig {
@@ -487,6 +548,7 @@ impl Default for CacheConfig {
             max_entry_bytes: ByteSize(8 << 20),
             time_to_live: Some(Span(std::time::Duration::from_secs(7 * 86_400))),
             pop3_mark_seen: true,
+            shared: SharedCacheConfig::default(),
         }
     }
 }
@@ -1045,6 +1107,38 @@ impl Config {
         }
         if self.cache.max_entry_bytes > self.cache.max_bytes {
             errors.push(error("cache.max_entry_bytes", "must not exceed cache.max_bytes"));
+        }
+        let shared = &self.cache.shared;
+        if shared.enabled {
+            match (&shared.url, shared.cluster.is_empty()) {
+                (None, true) | (Some(_), false) => {
+                    errors.push(error("cache.shared", "needs either url (standalone Redis) or cluster (its nodes)"))
+                }
+                _ => {}
+            }
+            for (i, url) in shared.url.iter().chain(&shared.cluster).enumerate() {
+                let key = if shared.url.is_some() { "cache.shared.url".to_string() } else { format!("cache.shared.cluster[{i}]") };
+                if let Err(e) = redis::Client::open(url.as_str()) {
+                    errors.push(error(&key, &e.to_string()));
+                }
+            }
+            match &shared.secret_file {
+                None => errors.push(error("cache.shared.secret_file", "required: the keys' hashes derive from it")),
+                Some(path) => match std::fs::read(path) {
+                    Ok(secret) if secret.trim_ascii().len() >= 32 => {}
+                    Ok(_) => errors.push(error("cache.shared.secret_file", "needs at least 32 bytes")),
+                    Err(e) => errors.push(error("cache.shared.secret_file", &format!("{}: {e}", path.display()))),
+                },
+            }
+            if shared.timeout.0.is_zero() || shared.time_to_live.0.as_secs() == 0 {
+                errors.push(error("cache.shared", "timeout and time_to_live must be longer than zero"));
+            }
+            if shared.write_queue == 0 {
+                errors.push(error("cache.shared.write_queue", "must be at least 1"));
+            }
+            if !self.cache.enabled {
+                errors.push(error("cache.shared.enabled", "needs cache.enabled (the memory tier comes first)"));
+            }
         }
         if self.limits.ipv6_prefix > 128 {
             errors.push(error("limits.ipv6_prefix", "must be at most 128"));

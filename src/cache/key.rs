@@ -73,6 +73,11 @@ impl Account {
         // NUL cannot occur in either part, so the pair is unambiguous.
         Account(Name::new(&format!("{upstream}\0{identity}")))
     }
+
+    /// The upstream and identity, NUL-separated (hashed into the shared tier's key names).
+    pub fn text(&self) -> &str {
+        self.0.as_str()
+    }
 }
 
 /// An IMAP item: one message (mailbox, UIDVALIDITY, UID) and the exact item fetched, in a

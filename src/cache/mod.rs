@@ -10,6 +10,7 @@
 
 pub mod column;
 pub mod key;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -130,6 +131,8 @@ pub struct MessageCache {
     stats: Arc<Stats>,
     /// Keys being loaded from an upstream right now, with whoever waits for them.
     loading: Mutex<HashMap<Key, Vec<oneshot::Sender<Option<Bytes>>>>>,
+    /// The second tier in Redis, when configured (`[cache.shared]`).
+    shared: std::sync::OnceLock<Arc<shared::SharedTier>>,
 }
 
 /// The answer to [`MessageCache::claim`].
@@ -202,6 +205,41 @@ impl MessageCache {
             max_entry_bytes: config.max_entry_bytes.as_usize(),
             stats,
             loading: Mutex::new(HashMap::new()),
+            shared: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Puts the second tier behind this cache (once, at start).
+    pub fn attach_shared(&self, tier: Arc<shared::SharedTier>) {
+        let _ = self.shared.set(tier);
+    }
+
+    /// The second tier, when there is one.
+    pub fn shared(&self) -> Option<&Arc<shared::SharedTier>> {
+        self.shared.get()
+    }
+
+    /// Whether the mark `key` (an entry of its own) is known: in memory, else in the
+    /// second tier (then kept in memory too).
+    pub async fn has_mark(&self, key: &Key) -> bool {
+        if self.entries.contains_key(key) {
+            return true;
+        }
+        self.shared_mark(key).await.is_some()
+    }
+
+    /// The mark `key` from the second tier (kept in memory when found).
+    pub async fn shared_mark(&self, key: &Key) -> Option<Bytes> {
+        let tier = self.shared()?;
+        let found = tier.get_many(std::slice::from_ref(key)).await.pop().flatten()?;
+        self.entries.insert(key.clone(), Value::Item(found.clone())).await;
+        Some(found)
+    }
+
+    /// Shares `value` of `key` with the fleet (the second tier), if there is one.
+    pub fn share(&self, key: &Key, value: Bytes) {
+        if let Some(tier) = self.shared() {
+            tier.put(key, value);
         }
     }
 
@@ -319,6 +357,18 @@ impl MessageCache {
     /// changed an immutable item without a new UIDVALIDITY (a rebuilt mailbox).
     pub fn forget_mailbox(&self, account: &Account, mailbox: &Name, uid_validity: u32) {
         self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        if let Some(tier) = self.shared().cloned() {
+            // The fleet's copies go too: the mailbox's generation goes up in Redis.
+            let key = Key::Imap(ImapKey {
+                account: account.clone(),
+                mailbox: mailbox.clone(),
+                uid_validity,
+                uid: 0,
+                item: Name::new(""),
+                kind: Kind::Body,
+            });
+            tokio::spawn(async move { tier.forget_mailbox(&key).await });
+        }
         // Sessions hold the columns they resolved for the rest of their command: emptied
         // now, so that none of them answers from what was just found stale.
         let of_mailbox =
@@ -345,6 +395,9 @@ impl MessageCache {
     /// upstream's.
     pub async fn forget_pop3(&self, key: &Key) {
         self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        if let Some(tier) = self.shared() {
+            tier.forget(key);
+        }
         self.entries.invalidate(key).await;
     }
 

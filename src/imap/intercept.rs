@@ -724,7 +724,7 @@ pub async fn looks_cold(job: &Job, items: &Items) -> bool {
         return false;
     }
     let scope = items.scope();
-    if !scope.cache.contains(&snapshot::mark(scope, &job.selected, snapshot::FILLED_MARK)).await {
+    if !scope.cache.has_mark(&snapshot::mark(scope, &job.selected, snapshot::FILLED_MARK)).await {
         return true;
     }
     match (request.uid, explicit_uids(&request.set)) {

@@ -53,7 +53,12 @@ pub async fn check_uid_next(scope: &Scope, selected: &Selected, highest_uid: Opt
     let known = [selected.uid_next, highest_uid.map(|uid| uid.saturating_add(1))];
     let Some(uid_next) = known.into_iter().flatten().max() else { return };
     let mark = mark(scope, selected, UID_NEXT_MARK);
-    let seen = scope.cache.peek(&mark).await.and_then(|v| Some(u32::from_be_bytes(v.as_ref().try_into().ok()?)));
+    // What another instance saw counts too (the second tier), when this one knows nothing.
+    let known = match scope.cache.peek(&mark).await {
+        Some(value) => Some(value),
+        None => scope.cache.shared_mark(&mark).await,
+    };
+    let seen = known.and_then(|v| Some(u32::from_be_bytes(v.as_ref().try_into().ok()?)));
     match seen {
         Some(seen) if seen > uid_next => {
             crate::log_budget::warn_limited!(
@@ -68,7 +73,9 @@ pub async fn check_uid_next(scope: &Scope, selected: &Selected, highest_uid: Opt
         Some(seen) if seen == uid_next => return,
         _ => {}
     }
-    scope.cache.insert(mark, Bytes::copy_from_slice(&uid_next.to_be_bytes())).await;
+    let value = Bytes::copy_from_slice(&uid_next.to_be_bytes());
+    scope.cache.share(&mark, value.clone());
+    scope.cache.insert(mark, value).await;
 }
 
 /// Where the mailbox's UIDs in order (message n is the n-th) are kept, with the UIDNEXT
@@ -316,7 +323,17 @@ impl Stored {
             }
         } else if !self.items.is_empty() {
             let scope = items.scope();
-            scope.cache.insert(mark(scope, items.selected(), FILLED_MARK), Bytes::new()).await;
+            // Content after a clean completion: now the fleet may have it too.
+            if scope.cache.shared().is_some() {
+                for (uid, i) in &self.items {
+                    if let Some(value) = items.peek(*uid, *i).await {
+                        scope.cache.share(&items.key(*uid, *i), value);
+                    }
+                }
+            }
+            let filled = mark(scope, items.selected(), FILLED_MARK);
+            scope.cache.share(&filled, Bytes::new());
+            scope.cache.insert(filled, Bytes::new()).await;
         }
         items.reweigh(0).await;
     }

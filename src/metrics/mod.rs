@@ -106,6 +106,42 @@ fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGau
 }
 
 impl Metrics {
+    /// The shared cache tier's families (`cache::shared`), registered in `registry`.
+    pub fn shared_families(registry: &Registry) -> crate::cache::shared::SharedMetrics {
+        let saved = IntCounter::new(
+            "mailgate_cache_shared_saved_bytes_total",
+            "Bytes found in the shared cache tier (Redis): what the upstream did not have to send.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(saved.clone())).expect("metric registered once");
+        let up = IntGauge::new("mailgate_cache_shared_up", "1 while the shared cache tier (Redis) answers.")
+            .expect("valid metric");
+        registry.register(Box::new(up.clone())).expect("metric registered once");
+        let seconds = Histogram::with_opts(
+            HistogramOpts::new("mailgate_cache_shared_lookup_seconds", "Time of one lookup in the shared cache tier.")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(seconds.clone())).expect("metric registered once");
+        crate::cache::shared::SharedMetrics {
+            requests: counter(
+                registry,
+                "mailgate_cache_shared_requests_total",
+                "Item lookups in the shared cache tier (Redis) by kind and result.",
+                &["kind", "result"],
+            ),
+            writes: counter(
+                registry,
+                "mailgate_cache_shared_writes_total",
+                "Writes to the shared cache tier (Redis) by result.",
+                &["result"],
+            ),
+            seconds,
+            saved,
+            up,
+        }
+    }
+
     pub fn new(cache: Option<Arc<MessageCache>>, admin: &crate::config::AdminConfig) -> Metrics {
         let registry = Registry::new();
         let build = gauge(&registry, "mailgate_build_info", "The running mailgate version (always 1).", &["version"]);

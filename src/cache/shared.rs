@@ -1,0 +1,627 @@
+//! The message cache's second tier: Redis (standalone or Cluster), shared by every
+//! instance of a fleet, so that a user's second device or a restarted instance finds what
+//! another instance already fetched.
+//!
+//! - **Only immutable message data**, under the memory tier's keys and invariants (an
+//!   account from a login proof, UIDVALIDITY in every IMAP key, POP3 by UIDL and size), and
+//!   the two marks that guard them (the mailbox was filled from; its highest UIDNEXT).
+//! - **Keys carry no name in clear**: `prefix` + 128 bits of HMAC-SHA256 of the key under a
+//!   key derived from the configured secret.
+//! - **Values are bound to their key**: a header (version, flags, the mailbox generation,
+//!   the length), the payload LZ4-compressed when that helps, and either an HMAC over key,
+//!   header and payload, or AES-256-GCM with key and header as associated data. A value
+//!   that does not open (corrupt, foreign, moved under another key, too short) is a miss.
+//! - **A forgotten mailbox is forgotten fleet-wide**: each (account, mailbox, UIDVALIDITY)
+//!   has a generation counter in Redis, read in the same `MGET` as the items; values
+//!   written under an older generation are misses. The memory tier forgets a rebuilt
+//!   mailbox (invariant 10 of docs/ARCHITECTURE.md); this makes the other instances' copies
+//!   in Redis unusable too.
+//! - **Reads are batched and bounded**: one `MGET` per FETCH batch (a Cluster connection
+//!   splits it by slot and node), within `timeout`; a failure is a miss, and the tier is
+//!   skipped for a second after one (so a dead Redis costs one timeout a second, not one
+//!   per command). State changes are logged once.
+//! - **Writes never wait**: a bounded queue, a writer task; a full queue drops (counted).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prometheus::{Histogram, IntCounterVec, IntGauge};
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::mpsc;
+
+use super::key::{ImapKey, Key, Pop3Key};
+use super::Kind;
+use crate::config::SharedCacheConfig;
+
+const VERSION: u8 = 1;
+const COMPRESSED: u8 = 1;
+const SEALED: u8 = 2;
+/// Version, flags, generation (8), length (4).
+const HEADER: usize = 14;
+const TAG: usize = 16;
+/// Payloads shorter than this are not worth compressing.
+const COMPRESS_FROM: usize = 256;
+/// After a failed call, the tier is skipped for this long.
+const PAUSE: Duration = Duration::from_secs(1);
+/// Writes sent together by the writer task.
+const WRITE_BATCH: usize = 256;
+
+/// The tier's Prometheus families (registered by `metrics`).
+#[derive(Clone)]
+pub struct SharedMetrics {
+    /// Item lookups by `kind` and `result` (`hit`, `miss`, `error`, `rejected`).
+    pub requests: IntCounterVec,
+    /// Writes by `result` (`written`, `dropped`, `too_large`, `error`).
+    pub writes: IntCounterVec,
+    /// Time of one lookup round trip.
+    pub seconds: Histogram,
+    /// Bytes found in Redis: what the upstream did not have to send.
+    pub saved: prometheus::IntCounter,
+    /// 1 while the last call succeeded.
+    pub up: IntGauge,
+}
+
+/// A connection to Redis or to a Redis Cluster. Both are multiplexed: clones share one
+/// connection per node, and commands sent concurrently are pipelined.
+enum Link {
+    Standalone(ConnectionManager),
+    Cluster { client: redis::cluster::ClusterClient, connection: tokio::sync::Mutex<Option<ClusterConnection>> },
+}
+
+impl Link {
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Link::Standalone(manager) => cmd.query_async(&mut manager.clone()).await,
+            Link::Cluster { client, connection } => {
+                let mut connected = {
+                    let mut slot = connection.lock().await;
+                    if slot.is_none() {
+                        *slot = Some(client.get_async_connection().await?);
+                    }
+                    slot.clone().expect("just connected")
+                };
+                cmd.query_async(&mut connected).await
+            }
+        }
+    }
+}
+
+/// What the writer task sends.
+enum Write {
+    Put { key: String, generation: Option<String>, value: Bytes },
+    Forget(String),
+}
+
+pub struct SharedTier {
+    link: Arc<Link>,
+    prefix: String,
+    naming: hmac::Key,
+    binding: hmac::Key,
+    seal: Option<LessSafeKey>,
+    random: SystemRandom,
+    max_item: usize,
+    timeout: Duration,
+    writes: mpsc::Sender<Write>,
+    /// Generations to raise that Redis could not take yet (retried by the writer).
+    bumps: Mutex<Vec<String>>,
+    /// Until when the tier is skipped after a failure (ms since `epoch`).
+    paused_until: AtomicU64,
+    epoch: Instant,
+    up: AtomicBool,
+    metrics: SharedMetrics,
+}
+
+impl std::fmt::Debug for SharedTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTier").field("prefix", &self.prefix).field("sealed", &self.seal.is_some()).finish()
+    }
+}
+
+/// Why the tier could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error("cache.shared.secret_file: {0}")]
+    Secret(String),
+    #[error("cache.shared: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl SharedTier {
+    /// The tier of `config`, connecting lazily (a Redis down at start is one lost later),
+    /// with its writer task.
+    pub fn new(config: &SharedCacheConfig, metrics: SharedMetrics) -> Result<Arc<SharedTier>, SharedError> {
+        let path = config.secret_file.as_ref().ok_or_else(|| SharedError::Secret("not set".into()))?;
+        let secret = std::fs::read(path).map_err(|e| SharedError::Secret(format!("{}: {e}", path.display())))?;
+        let secret = secret.trim_ascii();
+        if secret.len() < 32 {
+            return Err(SharedError::Secret("needs at least 32 bytes".into()));
+        }
+        let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
+        let derive = |purpose: &str| hmac::sign(&root, purpose.as_bytes());
+        let naming = hmac::Key::new(hmac::HMAC_SHA256, derive("mailgate cache key names").as_ref());
+        let binding = hmac::Key::new(hmac::HMAC_SHA256, derive("mailgate cache value binding").as_ref());
+        let seal = config.encrypt.then(|| {
+            let key = derive("mailgate cache value sealing");
+            LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.as_ref()).expect("a 32-byte AES-256 key"))
+        });
+        let timeout = config.timeout.0;
+        let link = match &config.url {
+            Some(url) => {
+                let settings = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(timeout);
+                Link::Standalone(ConnectionManager::new_lazy_with_config(redis::Client::open(url.as_str())?, settings)?)
+            }
+            None => {
+                let client = redis::cluster::ClusterClientBuilder::new(config.cluster.clone())
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(1)
+                    .build()?;
+                Link::Cluster { client, connection: tokio::sync::Mutex::new(None) }
+            }
+        };
+        for kind in Kind::ALL {
+            for result in ["hit", "miss", "error", "rejected"] {
+                metrics.requests.with_label_values(&[kind.name(), result]);
+            }
+        }
+        for result in ["written", "dropped", "too_large", "error"] {
+            metrics.writes.with_label_values(&[result]);
+        }
+        let (writes, queue) = mpsc::channel(config.write_queue.max(1));
+        let tier = Arc::new(SharedTier {
+            link: Arc::new(link),
+            prefix: config.key_prefix.clone(),
+            naming,
+            binding,
+            seal,
+            random: SystemRandom::new(),
+            max_item: config.max_item_bytes.as_usize(),
+            timeout,
+            writes,
+            bumps: Mutex::new(Vec::new()),
+            paused_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            up: AtomicBool::new(true),
+            metrics,
+        });
+        tier.metrics.up.set(1);
+        tokio::spawn(write_behind(Arc::downgrade(&tier), queue, config.time_to_live.0));
+        Ok(tier)
+    }
+
+    /// The items of `keys` found in Redis (in order; `None`: not there, not usable, or
+    /// Redis could not answer in time). One round trip.
+    pub async fn get_many(&self, keys: &[Key]) -> Vec<Option<Bytes>> {
+        let mut found = vec![None; keys.len()];
+        let named: Vec<Option<(String, Option<String>)>> = keys.iter().map(|k| self.names(k)).collect();
+        let mut generations: Vec<String> = named.iter().flatten().filter_map(|(_, g)| g.clone()).collect();
+        generations.sort_unstable();
+        generations.dedup();
+        let items: Vec<&String> = named.iter().flatten().map(|(key, _)| key).collect();
+        if items.is_empty() || self.paused() {
+            return found;
+        }
+        let mut mget = redis::cmd("MGET");
+        mget.arg(&generations).arg(&items);
+        let started = Instant::now();
+        let answer: Result<Vec<Option<Vec<u8>>>, String> = self.call(self.link.query(&mget)).await;
+        self.metrics.seconds.observe(started.elapsed().as_secs_f64());
+        let values = match answer {
+            Ok(values) if values.len() == generations.len() + items.len() => values,
+            Ok(_) => {
+                self.failed("MGET answered the wrong number of values");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        let (generation_values, item_values) = values.split_at(values.len().min(generations.len()));
+        let generation_of = |name: &Option<String>| -> u64 {
+            let Some(name) = name else { return 0 };
+            let at = generations.binary_search(name).expect("collected above");
+            generation_values.get(at).cloned().flatten().and_then(|v| String::from_utf8(v).ok()?.parse().ok()).unwrap_or(0)
+        };
+        let mut values = item_values.iter();
+        for (i, key) in keys.iter().enumerate() {
+            let kind = kind_of(key);
+            let Some((name, generation)) = &named[i] else { continue };
+            let result = match values.next() {
+                None => "error",
+                Some(None) => "miss",
+                Some(Some(raw)) => match self.open(name, generation_of(generation), raw) {
+                    Some(value) => {
+                        self.metrics.saved.inc_by(value.len() as u64);
+                        found[i] = Some(value);
+                        "hit"
+                    }
+                    None => "rejected",
+                },
+            };
+            self.metrics.requests.with_label_values(&[kind.name(), result]).inc();
+        }
+        found
+    }
+
+    /// Queues `value` under `key` (dropped, counted, when the queue is full or the value
+    /// too large): never waits.
+    pub fn put(&self, key: &Key, value: Bytes) {
+        let Some((key, generation)) = self.names(key) else { return };
+        if value.len() > self.max_item {
+            self.metrics.writes.with_label_values(&["too_large"]).inc();
+            return;
+        }
+        if self.writes.try_send(Write::Put { key, generation, value }).is_err() {
+            self.metrics.writes.with_label_values(&["dropped"]).inc();
+        }
+    }
+
+    /// Queues the removal of `key` (a POP3 message found changed).
+    pub fn forget(&self, key: &Key) {
+        let Some((key, _)) = self.names(key) else { return };
+        if self.writes.try_send(Write::Forget(key)).is_err() {
+            self.metrics.writes.with_label_values(&["dropped"]).inc();
+        }
+    }
+
+    /// Makes everything stored of the mailbox of `key` (at its UIDVALIDITY) unusable for
+    /// every instance: its generation goes up. Retried until Redis takes it.
+    pub async fn forget_mailbox(&self, key: &Key) {
+        let Some((_, Some(generation))) = self.names(key) else { return };
+        if self.bump(&generation).await.is_err() {
+            self.bumps.lock().unwrap_or_else(|p| p.into_inner()).push(generation);
+        }
+    }
+
+    async fn bump(&self, generation: &str) -> Result<(), String> {
+        let mut incr = redis::cmd("INCR");
+        incr.arg(generation);
+        self.call(self.link.query::<i64>(&incr)).await.map(drop)
+    }
+
+    /// The Redis names of `key` and of its mailbox generation; `None` for what is never
+    /// shared (snapshot columns as a whole).
+    fn names(&self, key: &Key) -> Option<(String, Option<String>)> {
+        match key {
+            Key::Imap(k) => Some((self.name(&imap_id(k)), Some(self.name(&generation_id(k))))),
+            Key::Pop3(k) => Some((self.name(&pop3_id(k)), None)),
+            Key::Column(_) => None,
+        }
+    }
+
+    /// `prefix` and 128 bits of the keyed hash of `id`, in hex.
+    fn name(&self, id: &[u8]) -> String {
+        let digest = hmac::sign(&self.naming, id);
+        let mut name = String::with_capacity(self.prefix.len() + 32);
+        name.push_str(&self.prefix);
+        for byte in &digest.as_ref()[..16] {
+            name.push_str(&format!("{byte:02x}"));
+        }
+        name
+    }
+
+    /// The stored form of `value` under `name` at `generation`.
+    fn seal(&self, name: &str, generation: u64, value: &[u8]) -> Vec<u8> {
+        let compressed = (value.len() >= COMPRESS_FROM)
+            .then(|| lz4_flex::block::compress(value))
+            .filter(|packed| packed.len() < value.len());
+        let mut flags = if compressed.is_some() { COMPRESSED } else { 0 };
+        if self.seal.is_some() {
+            flags |= SEALED;
+        }
+        let payload = compressed.as_deref().unwrap_or(value);
+        let mut out = Vec::with_capacity(HEADER + NONCE_LEN + payload.len() + TAG);
+        out.push(VERSION);
+        out.push(flags);
+        out.extend_from_slice(&generation.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
+        match &self.seal {
+            Some(key) => {
+                let mut nonce = [0u8; NONCE_LEN];
+                self.random.fill(&mut nonce).expect("the system's random source");
+                let aad = [name.as_bytes(), &out[..HEADER]].concat();
+                out.extend_from_slice(&nonce);
+                let mut sealed = payload.to_vec();
+                key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut sealed)
+                    .expect("AES-GCM takes any length a value has");
+                out.extend_from_slice(&sealed);
+            }
+            None => {
+                out.extend_from_slice(payload);
+                let tag = self.bind(name, &out);
+                out.extend_from_slice(&tag);
+            }
+        }
+        out
+    }
+
+    /// The value stored under `name`, if it opens: written at `generation`, authentic
+    /// (sealed or bound to this very name), of the length its header says.
+    fn open(&self, name: &str, generation: u64, stored: &[u8]) -> Option<Bytes> {
+        if stored.len() < HEADER + TAG || stored[0] != VERSION {
+            return None;
+        }
+        let flags = stored[1];
+        let written_at = u64::from_be_bytes(stored[2..10].try_into().ok()?);
+        let length = u32::from_be_bytes(stored[10..14].try_into().ok()?) as usize;
+        if written_at != generation || (flags & SEALED != 0) != self.seal.is_some() {
+            return None;
+        }
+        let payload = match &self.seal {
+            Some(key) => {
+                let nonce = stored.get(HEADER..HEADER + NONCE_LEN)?;
+                let aad = [name.as_bytes(), &stored[..HEADER]].concat();
+                let mut sealed = stored[HEADER + NONCE_LEN..].to_vec();
+                let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+                key.open_in_place(nonce, Aad::from(aad), &mut sealed).ok()?.to_vec()
+            }
+            None => {
+                let (body, tag) = stored.split_at(stored.len() - TAG);
+                if !same_tag(&self.bind(name, body), tag) {
+                    return None;
+                }
+                body[HEADER..].to_vec()
+            }
+        };
+        let value = if flags & COMPRESSED != 0 {
+            lz4_flex::block::decompress(&payload, length).ok()?
+        } else {
+            payload
+        };
+        (value.len() == length).then(|| Bytes::from(value))
+    }
+
+    /// The binding tag of `body` (header and payload) under `name`.
+    fn bind(&self, name: &str, body: &[u8]) -> [u8; TAG] {
+        let mut context = hmac::Context::with_key(&self.binding);
+        context.update(name.as_bytes());
+        context.update(body);
+        let tag = context.sign();
+        tag.as_ref()[..TAG].try_into().expect("SHA-256 is longer than the tag")
+    }
+
+    fn paused(&self) -> bool {
+        (self.epoch.elapsed().as_millis() as u64) < self.paused_until.load(Ordering::Relaxed)
+    }
+
+    /// Runs `call` within the timeout; a failure pauses the tier and is logged once per
+    /// state change.
+    async fn call<T>(&self, call: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        };
+        match &result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("shared cache tier reachable again");
+                    self.metrics.up.set(1);
+                }
+            }
+            Err(e) => self.failed(e),
+        }
+        result
+    }
+
+    fn failed(&self, error: &str) {
+        let until = self.epoch.elapsed().as_millis() as u64 + PAUSE.as_millis() as u64;
+        self.paused_until.store(until, Ordering::Relaxed);
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error, "shared cache tier unavailable: serving from memory and the upstream");
+            self.metrics.up.set(0);
+        }
+    }
+}
+
+/// Compares two tags in constant time (`hmac::verify` wants a full-length tag; the stored
+/// one is truncated to 128 bits).
+fn same_tag(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn kind_of(key: &Key) -> Kind {
+    match key {
+        Key::Imap(k) => k.kind,
+        Key::Pop3(_) => Kind::Pop3,
+        Key::Column(_) => Kind::Structure,
+    }
+}
+
+/// The parts of a key, separated by NUL (which none of them can hold).
+fn joined(parts: &[&[u8]]) -> Vec<u8> {
+    parts.join(&0u8)
+}
+
+fn imap_id(k: &ImapKey) -> Vec<u8> {
+    let (validity, uid) = (k.uid_validity.to_be_bytes(), k.uid.to_be_bytes());
+    joined(&[b"imap", k.account.text().as_bytes(), k.mailbox.as_str().as_bytes(), &validity, &uid, k.item.as_str().as_bytes()])
+}
+
+fn generation_id(k: &ImapKey) -> Vec<u8> {
+    let validity = k.uid_validity.to_be_bytes();
+    joined(&[b"generation", k.account.text().as_bytes(), k.mailbox.as_str().as_bytes(), &validity])
+}
+
+fn pop3_id(k: &Pop3Key) -> Vec<u8> {
+    joined(&[b"pop3", k.account.text().as_bytes(), k.uidl.as_str().as_bytes(), &k.size.to_be_bytes()])
+}
+
+/// The writer task: sends queued writes in batches (each item's generation read first, in
+/// one `MGET`), retries generations that could not be raised, until the tier is dropped.
+async fn write_behind(tier: std::sync::Weak<SharedTier>, mut queue: mpsc::Receiver<Write>, ttl: Duration) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        let received = tokio::time::timeout(PAUSE, queue.recv_many(&mut batch, WRITE_BATCH)).await;
+        if let Ok(0) = received {
+            return; // the tier is gone
+        }
+        let Some(tier) = tier.upgrade() else { return };
+        let pending: Vec<String> = std::mem::take(&mut *tier.bumps.lock().unwrap_or_else(|p| p.into_inner()));
+        for generation in pending {
+            if tier.bump(&generation).await.is_err() {
+                tier.bumps.lock().unwrap_or_else(|p| p.into_inner()).push(generation);
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if tier.paused() {
+            tier.metrics.writes.with_label_values(&["error"]).inc_by(batch.len() as u64);
+            batch.clear();
+            continue;
+        }
+        tier.send(std::mem::take(&mut batch), ttl).await;
+    }
+}
+
+impl SharedTier {
+    async fn send(&self, batch: Vec<Write>, ttl: Duration) {
+        let mut generations: Vec<String> = (batch.iter())
+            .filter_map(|w| match w {
+                Write::Put { generation, .. } => generation.clone(),
+                Write::Forget(_) => None,
+            })
+            .collect();
+        generations.sort_unstable();
+        generations.dedup();
+        let current: Vec<Option<u64>> = if generations.is_empty() {
+            Vec::new()
+        } else {
+            let mut mget = redis::cmd("MGET");
+            mget.arg(&generations);
+            match self.call(self.link.query::<Vec<Option<u64>>>(&mget)).await {
+                Ok(values) => values,
+                Err(_) => {
+                    self.metrics.writes.with_label_values(&["error"]).inc_by(batch.len() as u64);
+                    return;
+                }
+            }
+        };
+        let generation_of = |name: &Option<String>| {
+            name.as_ref()
+                .and_then(|name| current.get(generations.binary_search(name).ok()?).copied().flatten())
+                .unwrap_or(0)
+        };
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut sends = tokio::task::JoinSet::new();
+        let count = batch.len() as u64;
+        for write in batch {
+            let cmd = match write {
+                Write::Put { key, generation, value } => {
+                    let stored = self.seal(&key, generation_of(&generation), &value);
+                    let mut set = redis::cmd("SET");
+                    set.arg(&key).arg(stored).arg("PX").arg(ttl_ms);
+                    set
+                }
+                Write::Forget(key) => {
+                    let mut del = redis::cmd("DEL");
+                    del.arg(key);
+                    del
+                }
+            };
+            let link = self.link.clone();
+            sends.spawn(async move { link.query::<redis::Value>(&cmd).await });
+        }
+        let sent = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), async {
+            let mut failed = 0u64;
+            while let Some(done) = sends.join_next().await {
+                if !matches!(done, Ok(Ok(_))) {
+                    failed += 1;
+                }
+            }
+            failed
+        })
+        .await;
+        let failed = match sent {
+            Ok(failed) => failed,
+            Err(_) => {
+                sends.abort_all();
+                count
+            }
+        };
+        if failed > 0 {
+            self.failed(&format!("{failed} of {count} writes failed"));
+            self.metrics.writes.with_label_values(&["error"]).inc_by(failed);
+        }
+        self.metrics.writes.with_label_values(&["written"]).inc_by(count - failed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tier(encrypt: bool) -> Arc<SharedTier> {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef-test").unwrap();
+        let config = SharedCacheConfig {
+            enabled: true,
+            url: Some("redis://127.0.0.1:1/0".into()),
+            secret_file: Some(secret),
+            encrypt,
+            ..SharedCacheConfig::default()
+        };
+        let registry = prometheus::Registry::new();
+        let metrics = crate::metrics::Metrics::shared_families(&registry);
+        SharedTier::new(&config, metrics).unwrap()
+    }
+
+    #[tokio::test]
+    async fn values_open_only_under_their_own_name_generation_and_key() {
+        for encrypt in [false, true] {
+            let tier = tier(encrypt);
+            let body = Bytes::from("Subject: hello\r\n\r\n".repeat(40));
+            let stored = tier.seal("k1", 3, &body);
+            assert!(stored.len() < body.len(), "compressed");
+            assert_eq!(tier.open("k1", 3, &stored).unwrap(), body);
+            assert_eq!(tier.open("k2", 3, &stored), None, "moved under another key");
+            assert_eq!(tier.open("k1", 4, &stored), None, "an older generation");
+            let mut flipped = stored.clone();
+            let last = flipped.len() - 20;
+            flipped[last] ^= 1;
+            assert_eq!(tier.open("k1", 3, &flipped), None, "corrupt");
+            assert_eq!(tier.open("k1", 3, &stored[..10]), None, "short");
+            let mut longer = stored.clone();
+            longer[13] ^= 1;
+            assert_eq!(tier.open("k1", 3, &longer), None, "wrong length");
+            let small = tier.seal("k1", 0, b"RFC822.SIZE 42");
+            assert_eq!(tier.open("k1", 0, &small).unwrap(), "RFC822.SIZE 42");
+            // A value of the other mode (sealed vs bound) is not taken either.
+            let other = self::tier(!encrypt);
+            assert_eq!(other.open("k1", 3, &stored), None);
+        }
+    }
+
+    #[tokio::test]
+    async fn names_hide_users_and_mailboxes_and_differ_by_every_part() {
+        let tier = tier(false);
+        let proof = crate::cache::LoginProof::upstream_accepted();
+        let key = |user: &str, mailbox: &str, uid: u32| {
+            Key::Imap(ImapKey {
+                account: crate::cache::Account::new("default", user, &proof),
+                mailbox: crate::cache::Name::new(mailbox),
+                uid_validity: 7,
+                uid,
+                item: crate::cache::Name::new("BODY[]"),
+                kind: Kind::Body,
+            })
+        };
+        let (name, generation) = tier.names(&key("alice", "INBOX", 1)).unwrap();
+        assert!(name.starts_with("mailgate:cache:") && !name.contains("alice") && !name.contains("INBOX"), "{name}");
+        assert_eq!(name.len(), "mailgate:cache:".len() + 32);
+        assert_ne!(tier.names(&key("bob", "INBOX", 1)).unwrap().0, name);
+        assert_ne!(tier.names(&key("alice", "Sent", 1)).unwrap().0, name);
+        assert_ne!(tier.names(&key("alice", "INBOX", 2)).unwrap().0, name);
+        assert_eq!(tier.names(&key("alice", "INBOX", 2)).unwrap().1, generation, "one generation per mailbox");
+    }
+}
