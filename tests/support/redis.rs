@@ -1,8 +1,8 @@
 //! A throwaway `redis-server` on a free loopback port, without persistence, for the tests
 //! of limits shared by several mailgate instances; and a few raw RESP commands to look at
-//! what they stored.
+//! what they stored (`send`, shared with the cluster in `redis_cluster.rs`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -87,21 +87,7 @@ impl Redis {
     }
 
     fn try_command(&self, args: &[&str]) -> std::io::Result<String> {
-        let mut tcp = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        tcp.write_all(request.as_bytes())?;
-        let mut reader = BufReader::new(tcp);
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
-        if line.starts_with('$') && !line.starts_with("$-") {
-            line.clear();
-            reader.read_line(&mut line)?;
-        }
-        Ok(line.trim_end().to_string())
+        send(self.addr, args)
     }
 
     /// An integer reply (`ZCARD`, `DBSIZE`, ...).
@@ -114,5 +100,32 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Sends one command to the server at `addr` on a connection of its own; the reply's first
+/// line (`:3`, `+OK`, `-MOVED 866 127.0.0.1:40001`, `$-1`, `*3`, ...), or a bulk string's
+/// whole content. Whole, because `CLUSTER INFO` and `CLUSTER NODES` answer with one bulk
+/// string of many lines; its length is read from the header, not guessed from line ends.
+pub fn send(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    tcp.write_all(request.as_bytes())?;
+    let mut reader = BufReader::new(tcp);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let line = line.trim_end();
+    match line.strip_prefix('$').and_then(|len| len.parse::<usize>().ok()) {
+        Some(len) => {
+            let mut content = vec![0; len + 2]; // and its CRLF
+            reader.read_exact(&mut content)?;
+            content.truncate(len);
+            Ok(String::from_utf8_lossy(&content).into_owned())
+        }
+        None => Ok(line.to_string()),
     }
 }
