@@ -3,7 +3,8 @@
 # Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl (and
 # libssl-dev with pkg-config, which the build links against), python3,
 # Prometheus (with promtool) to scrape mailgate's metrics, and redis-server for the limits a
-# fleet of mailgate instances shares; Courier IMAP/POP3 as a second upstream
+# fleet of mailgate instances shares, with redis-cli (redis-tools) to join a Redis Cluster
+# (tests/support/redis_cluster.rs); Courier IMAP/POP3 as a second upstream
 # (tests/install-courier.sh).
 # Also systemd-analyze (package systemd) and, in the venv target/deploy-venv, the validators
 # of the files in deploy/ (tests/deploy.rs, tests/deploy/requirements.txt).
@@ -26,6 +27,8 @@ have openssl || missing+=(openssl)
 have python3 || missing+=(python3)
 have prometheus || missing+=(prometheus)
 have redis-server || missing+=(redis-server)
+# Debian's redis-server depends on redis-tools; a redis-server from elsewhere may lack it.
+have redis-cli || missing+=(redis-tools)
 have useradd || missing+=(passwd)
 have systemd-analyze || missing+=(systemd)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
@@ -59,7 +62,7 @@ fi
 for tool in /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/sbin/dovecot; do
   [ -x "$tool" ] || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
-for tool in mbsync fetchmail curl openssl python3 prometheus promtool redis-server systemd-analyze pkg-config; do
+for tool in mbsync fetchmail curl openssl python3 prometheus promtool redis-server redis-cli systemd-analyze pkg-config; do
   have "$tool" || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
 pkg-config --exists openssl || { echo "tests/run.sh: libssl-dev is missing after install" >&2; exit 1; }

@@ -23,6 +23,8 @@ pub mod process;
 #[allow(dead_code)]
 pub mod redis;
 #[allow(dead_code)]
+pub mod redis_cluster;
+#[allow(dead_code)]
 pub mod setup;
 #[allow(dead_code)]
 pub mod tls;
