@@ -522,7 +522,9 @@ impl Default for SharedCacheConfig {
             secret_file: None,
             encrypt: false,
             time_to_live: Span(std::time::Duration::from_secs(7 * 86_400)),
-            max_item_bytes: ByteSize(1 << 20),
+            // As the memory tier's max_entry_bytes: a FETCH of explicit UIDs that opens a body
+            // neither tier has is relayed whole (streamed), bodies found included.
+            max_item_bytes: ByteSize(8 << 20),
             timeout: Span(std::time::Duration::from_millis(250)),
             write_queue: 10_000,
         }
@@ -1117,7 +1119,11 @@ impl Config {
                 _ => {}
             }
             for (i, url) in shared.url.iter().chain(&shared.cluster).enumerate() {
-                let key = if shared.url.is_some() { "cache.shared.url".to_string() } else { format!("cache.shared.cluster[{i}]") };
+                let key = if shared.url.is_some() {
+                    "cache.shared.url".to_string()
+                } else {
+                    format!("cache.shared.cluster[{i}]")
+                };
                 if let Err(e) = redis::Client::open(url.as_str()) {
                     errors.push(error(&key, &e.to_string()));
                 }

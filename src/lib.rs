@@ -99,6 +99,8 @@ pub enum Error {
     Bind { name: String, address: std::net::SocketAddr, source: std::io::Error },
     #[error(transparent)]
     LimitStore(#[from] limits::fleet::StoreError),
+    #[error(transparent)]
+    SharedCache(#[from] cache::shared::SharedError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -228,6 +230,15 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let cache = config.cache.enabled.then(|| Arc::new(cache::MessageCache::new(&config.cache)));
     let metrics = Arc::new(metrics::Metrics::new(cache.clone(), &config.admin));
+    if let (Some(cache), true) = (&cache, config.cache.shared.enabled) {
+        let tier = cache::shared::SharedTier::new(&config.cache.shared, metrics.cache_shared.clone())?;
+        tracing::info!(
+            cluster = !config.cache.shared.cluster.is_empty(),
+            encrypt = config.cache.shared.encrypt,
+            "message cache shared through Redis"
+        );
+        cache.attach_shared(tier);
+    }
     let fleet = match config.limits.store {
         config::LimitStore::Local => None,
         config::LimitStore::Redis => {

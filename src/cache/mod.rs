@@ -463,6 +463,7 @@ mod tests {
             max_entry_bytes: ByteSize(max_entry),
             time_to_live: None,
             pop3_mark_seen: true,
+            shared: Default::default(),
         }
     }
 

@@ -19,7 +19,8 @@
 //! - **Reads are batched and bounded**: one `MGET` per FETCH batch (a Cluster connection
 //!   splits it by slot and node), within `timeout`; a failure is a miss, and the tier is
 //!   skipped for a second after one (so a dead Redis costs one timeout a second, not one
-//!   per command). State changes are logged once.
+//!   per command). State changes are logged once; while down, the writer task sends a
+//!   PING a second, so the tier comes back by itself.
 //! - **Writes never wait**: a bounded queue, a writer task; a full queue drops (counted).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -71,18 +72,25 @@ pub struct SharedMetrics {
 /// connection per node, and commands sent concurrently are pipelined.
 enum Link {
     Standalone(ConnectionManager),
-    Cluster { client: redis::cluster::ClusterClient, connection: tokio::sync::Mutex<Option<ClusterConnection>> },
+    Cluster(Box<ClusterLink>),
+}
+
+/// A Cluster client and its connection, made at the first call (and again after a
+/// failure to make one).
+struct ClusterLink {
+    client: redis::cluster::ClusterClient,
+    connection: tokio::sync::Mutex<Option<ClusterConnection>>,
 }
 
 impl Link {
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         match self {
             Link::Standalone(manager) => cmd.query_async(&mut manager.clone()).await,
-            Link::Cluster { client, connection } => {
+            Link::Cluster(cluster) => {
                 let mut connected = {
-                    let mut slot = connection.lock().await;
+                    let mut slot = cluster.connection.lock().await;
                     if slot.is_none() {
-                        *slot = Some(client.get_async_connection().await?);
+                        *slot = Some(cluster.client.get_async_connection().await?);
                     }
                     slot.clone().expect("just connected")
                 };
@@ -166,7 +174,7 @@ impl SharedTier {
                     .response_timeout(timeout)
                     .retries(1)
                     .build()?;
-                Link::Cluster { client, connection: tokio::sync::Mutex::new(None) }
+                Link::Cluster(Box::new(ClusterLink { client, connection: tokio::sync::Mutex::new(None) }))
             }
         };
         for kind in Kind::ALL {
@@ -228,7 +236,12 @@ impl SharedTier {
         let generation_of = |name: &Option<String>| -> u64 {
             let Some(name) = name else { return 0 };
             let at = generations.binary_search(name).expect("collected above");
-            generation_values.get(at).cloned().flatten().and_then(|v| String::from_utf8(v).ok()?.parse().ok()).unwrap_or(0)
+            generation_values
+                .get(at)
+                .cloned()
+                .flatten()
+                .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
+                .unwrap_or(0)
         };
         let mut values = item_values.iter();
         for (i, key) in keys.iter().enumerate() {
@@ -371,11 +384,7 @@ impl SharedTier {
                 body[HEADER..].to_vec()
             }
         };
-        let value = if flags & COMPRESSED != 0 {
-            lz4_flex::block::decompress(&payload, length).ok()?
-        } else {
-            payload
-        };
+        let value = if flags & COMPRESSED != 0 { lz4_flex::block::decompress(&payload, length).ok()? } else { payload };
         (value.len() == length).then(|| Bytes::from(value))
     }
 
@@ -443,7 +452,14 @@ fn joined(parts: &[&[u8]]) -> Vec<u8> {
 
 fn imap_id(k: &ImapKey) -> Vec<u8> {
     let (validity, uid) = (k.uid_validity.to_be_bytes(), k.uid.to_be_bytes());
-    joined(&[b"imap", k.account.text().as_bytes(), k.mailbox.as_str().as_bytes(), &validity, &uid, k.item.as_str().as_bytes()])
+    joined(&[
+        b"imap",
+        k.account.text().as_bytes(),
+        k.mailbox.as_str().as_bytes(),
+        &validity,
+        &uid,
+        k.item.as_str().as_bytes(),
+    ])
 }
 
 fn generation_id(k: &ImapKey) -> Vec<u8> {
@@ -472,6 +488,10 @@ async fn write_behind(tier: std::sync::Weak<SharedTier>, mut queue: mpsc::Receiv
             }
         }
         if batch.is_empty() {
+            // Recovers by itself: while down, a PING a second finds Redis back.
+            if !tier.up.load(Ordering::Relaxed) && !tier.paused() {
+                let _ = tier.call(tier.link.query::<String>(&redis::cmd("PING"))).await;
+            }
             continue;
         }
         if tier.paused() {

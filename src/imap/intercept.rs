@@ -595,13 +595,28 @@ async fn answer<Io: JobIo>(
     // one's older values.
     let phase_two = PhaseTwo { job, items, wanted, mutable: &mutable, mutable_names: &mutable_names };
     for chunk in misses.chunks_mut(BATCH) {
+        // The fleet's tier first (one round trip for the batch): a message it completes is
+        // answered as a cached one is, and only the rest go to the upstream.
+        let mut done = vec![false; chunk.len()];
+        if items.scope().cache.shared().is_some() {
+            fill_from_shared(job, items, sizes, wanted, chunk).await;
+            for (m, message) in chunk.iter().enumerate() {
+                if let (true, Some(seq)) =
+                    (message.items.iter().all(Option::is_some), renumber.current(message.parsed.seq, message.mark))
+                {
+                    let composed = compose(job, &mutable_names, message, message, seq, wanted, &message.items);
+                    answer_message(io, composed).await?;
+                    done[m] = true;
+                }
+            }
+        }
         // Concurrent misses share one load: claim what nobody is loading; a message whose
         // every missing item another session is loading waits for that session instead.
         // Waiting happens only after this session's own loads are done, so two sessions
         // can never wait for each other.
         let mut guards: HashMap<(usize, usize), LoadGuard> = HashMap::new();
         let mut waits: Vec<(usize, usize, oneshot::Receiver<Option<Bytes>>)> = Vec::new();
-        for (m, message) in chunk.iter().enumerate() {
+        for (m, message) in chunk.iter().enumerate().filter(|(m, _)| !done[*m]) {
             for i in 0..wanted.len() {
                 if message.items[i].is_none() {
                     match items.scope().cache.claim(items.key(message.uid, i)) {
@@ -613,6 +628,7 @@ async fn answer<Io: JobIo>(
         }
         // Messages with nothing missing are here for a fresh sequence number only.
         let (fetch, wait): (Vec<usize>, Vec<usize>) = (0..chunk.len())
+            .filter(|&m| !done[m])
             .partition(|&m| guards.keys().any(|&(owner, _)| owner == m) || chunk[m].items.iter().all(Option::is_some));
         let status = phase_two.fetch(io, &mut renumber, chunk, &fetch, &mut guards).await?;
         drop(guards);
@@ -732,6 +748,7 @@ pub async fn looks_cold(job: &Job, items: &Items) -> bool {
         // the size or structure of) is relayed as it is too: merged with cached items it
         // would be held whole, however large, where the relay streams it.
         (true, Some(uids)) => {
+            prefetch_shared(job, items, &uids).await;
             let (mut missing_body, mut any_cached) = (false, false);
             for &uid in &uids {
                 for (i, w) in request.cached_items().enumerate() {
@@ -743,6 +760,37 @@ pub async fn looks_cold(job: &Job, items: &Items) -> bool {
             missing_body || !any_cached
         }
         _ => false,
+    }
+}
+
+/// Brings what the second tier has of `uids`' cacheable items (and their sizes, which
+/// check them against the upstream's as the memory tier's are checked) into memory, in one
+/// round trip, before deciding whether the FETCH is cold: a body a client opens may be in
+/// Redis though not in this instance's memory.
+async fn prefetch_shared(job: &Job, items: &Items, uids: &[u32]) {
+    let scope = items.scope();
+    let Some(tier) = scope.cache.shared() else { return };
+    let validator = Name::new(VALIDATOR);
+    let mut keys = Vec::new();
+    for &uid in uids {
+        let mut missing = false;
+        for i in 0..job.request.cached_items().count() {
+            if !items.contains(uid, i).await {
+                keys.push(items.key(uid, i));
+                missing = true;
+            }
+        }
+        if missing {
+            keys.push(snapshot::key(scope, &job.selected, uid, &validator, Kind::Structure));
+        }
+    }
+    if keys.is_empty() {
+        return;
+    }
+    for (key, value) in keys.iter().zip(tier.get_many(&keys).await) {
+        if let Some(value) = value {
+            scope.cache.insert(key.clone(), value).await;
+        }
     }
 }
 
@@ -972,8 +1020,11 @@ async fn settle<Io: JobIo>(
             None => sizes.peek(message.uid, 0).await,
         };
         if cached.is_none() && snapshot::is_content(size) {
-            // Kept, so that the next job can check this message too.
-            sizes.insert(message.uid, 0, &Bytes::copy_from_slice(size)).await;
+            // Kept, so that the next job (and the fleet's next, through the second tier)
+            // can check this message too.
+            let size = Bytes::copy_from_slice(size);
+            sizes.scope().cache.share(&sizes.key(message.uid, 0), size.clone());
+            sizes.insert(message.uid, 0, &size).await;
         }
         if cached.is_some_and(|cached| cached != size) {
             crate::log_budget::warn_limited!(
@@ -994,6 +1045,59 @@ async fn settle<Io: JobIo>(
     let composed = compose(job, mutable_names, &message, &message, seq, wanted, &message.items);
     answer_message(io, composed).await?;
     Ok(None)
+}
+
+/// Fills the missing items of `chunk` from the second tier (kept in memory too), in one
+/// round trip. The size the upstream just reported checks what comes back, as it checks
+/// the memory tier (see [`settle`]): a different size is a rebuilt mailbox, forgotten
+/// here and fleet-wide, and nothing from Redis is used for it.
+async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wanted<'_>], chunk: &mut [Message]) {
+    let Some(tier) = items.scope().cache.shared() else { return };
+    let validator = wanted.iter().position(|w| w.response == VALIDATOR);
+    // (message, item or None for the size, key)
+    let mut asked: Vec<(usize, Option<usize>)> = Vec::new();
+    let mut keys = Vec::new();
+    for (m, message) in chunk.iter().enumerate() {
+        for i in (0..wanted.len()).filter(|&i| message.items[i].is_none()) {
+            asked.push((m, Some(i)));
+            keys.push(items.key(message.uid, i));
+        }
+        if validator.is_none() {
+            asked.push((m, None));
+            keys.push(sizes.key(message.uid, 0));
+        }
+    }
+    let found = tier.get_many(&keys).await;
+    let mut per_message: Vec<Vec<(Option<usize>, Bytes)>> = vec![Vec::new(); chunk.len()];
+    for ((m, i), value) in asked.into_iter().zip(found) {
+        if let Some(value) = value {
+            per_message[m].push((i, value));
+        }
+    }
+    for (message, found) in chunk.iter_mut().zip(per_message) {
+        let shared_size = found.iter().find(|(i, _)| *i == validator || i.is_none()).map(|(_, v)| v);
+        let fresh = message.parsed.item(&message.response, VALIDATOR);
+        if let (Some(fresh), Some(shared)) = (fresh, shared_size) {
+            if shared.as_ref() != fresh {
+                crate::log_budget::warn_limited!(
+                    uid = message.uid,
+                    mailbox = job.selected.mailbox.as_str(),
+                    uid_validity = job.selected.uid_validity,
+                    "a message's size in the shared cache differs from the upstream's; forgetting the mailbox"
+                );
+                items.forget_mailbox();
+                return;
+            }
+        }
+        for (i, value) in found {
+            if let Some(i) = i {
+                items.insert(message.uid, i, &value).await;
+                message.items[i] = Some(value);
+            }
+        }
+    }
+    let served: usize = chunk.iter().flat_map(|m| m.items.iter().flatten()).map(Bytes::len).sum();
+    items.scope().cache.served(served);
 }
 
 /// Sends one message's composed answer.

@@ -326,8 +326,11 @@ impl Stored {
             // Content after a clean completion: now the fleet may have it too.
             if scope.cache.shared().is_some() {
                 for (uid, i) in &self.items {
-                    if let Some(value) = items.peek(*uid, *i).await {
-                        scope.cache.share(&items.key(*uid, *i), value);
+                    // Through the cache, not the command's slots: a load another session
+                    // waited for filled a column this command had not resolved.
+                    let key = items.key(*uid, *i);
+                    if let Some(value) = scope.cache.peek(&key).await {
+                        scope.cache.share(&key, value);
                     }
                 }
             }

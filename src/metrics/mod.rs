@@ -43,6 +43,8 @@ pub struct Metrics {
     pub plaintext_enforce_after: IntGaugeVec,
     /// `/debug/plaintext-clients` and `/debug/client-software`.
     pub clients: Arc<clients::ClientReports>,
+    /// The shared cache tier's families (exported whether or not the tier is on).
+    pub cache_shared: crate::cache::shared::SharedMetrics,
     pub logins: IntCounterVec,
     pub client_bytes: IntCounterVec,
     pub upstream_bytes: IntCounterVec,
@@ -296,6 +298,7 @@ impl Metrics {
                 "When a listener starts refusing logins without TLS (enforce_after), as a Unix time.",
                 &["listener"],
             ),
+            cache_shared: Metrics::shared_families(&registry),
             clients: Arc::new(clients::ClientReports {
                 plaintext: clients::PlaintextClients::new(admin.plaintext_clients),
                 census: clients::SoftwareCensus::new(admin.client_software),

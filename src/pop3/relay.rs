@@ -500,7 +500,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             None => None,
             Some(_) => Some(scope.cache.peek(&top_status_key(scope)).await?),
         };
-        let retr = scope.cache.get(&key, Kind::Pop3).await?;
+        let retr = match scope.cache.get(&key, Kind::Pop3).await {
+            Some(retr) => retr,
+            // The fleet's tier (one round trip), kept in memory when found.
+            None => {
+                let found = scope.cache.shared()?.get_many(std::slice::from_ref(&key)).await.pop().flatten()?;
+                scope.cache.insert(key, found.clone()).await;
+                found
+            }
+        };
         let response = match (top_lines, status) {
             (Some(k), Some(status)) => Bytes::from(top_from_retr(&status, &retr, k as usize)),
             _ => retr,
@@ -909,10 +917,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                             "a POP3 message changed under its UIDL and size; replacing the cached copy"
                         );
                         scope.cache.forget_pop3(&key).await;
+                        scope.cache.share(&key, value.clone());
                         scope.cache.insert(key, value).await;
                     }
                     return;
                 }
+                scope.cache.share(&key, value.clone());
                 match self.load.take() {
                     Some(guard) => guard.fill(value).await,
                     None => scope.cache.insert(key, value).await,
