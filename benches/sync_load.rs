@@ -28,6 +28,13 @@
 //! (cold cache), then again through that same mailgate (warm cache). Reported figures are
 //! medians over the repetitions.
 //!
+//! With a shared cache tier (`[cache.shared]`, a redis-server the bench starts on loopback;
+//! on unless `SYNC_LOAD_SHARED=0`), (a), (b) and (c) get two more rows: `cold+S`, a fresh
+//! mailgate's cold run with the tier on (what the tier costs a cold sync: its writes), and
+//! `shared`, the same workload through *another* fresh mailgate of the fleet right after
+//! (memory cold, Redis warm: a user's second device on another instance, or an instance
+//! after a restart). Redis is emptied before each repetition.
+//!
 //! Plumbing, all on loopback and all plaintext so that direct and mailgate are compared
 //! alike: Dovecot's plain IMAP/POP3 ports sit behind a byte-counting TCP forwarder (one per
 //! protocol); direct clients and mailgate's upstream (`tls = "plaintext"`) both go through
@@ -660,6 +667,8 @@ impl Run {
 struct Bench {
     /// Kept alive for the whole run.
     _dovecot: Dovecot,
+    /// The shared tier's Redis, when the bench measures it.
+    redis: Option<support::redis::Redis>,
     pki: TestPki,
     dir: tempfile::TempDir,
     imap: Forwarder,
@@ -681,6 +690,42 @@ enum Target<'a> {
 
 impl Bench {
     fn start_gateway(&self) -> Gateway {
+        self.start_gateway_with("")
+    }
+
+    /// A fresh mailgate of the fleet sharing the bench's Redis as its second cache tier.
+    fn start_shared_gateway(&self) -> Gateway {
+        let redis = self.redis.as_ref().expect("the shared tier's Redis");
+        let secret = self.dir.path().join("cache-secret");
+        std::fs::write(&secret, "the bench fleet's secret, thirty-two bytes or more").unwrap();
+        self.start_gateway_with(&format!(
+            "\n[cache.shared]\nenabled = true\nurl = \"{}\"\nsecret_file = {:?}\n",
+            redis.url(),
+            secret.display().to_string()
+        ))
+    }
+
+    /// Waits (bounded) until `gateway`'s writes to the shared tier have stopped growing.
+    fn shared_writes_settled(gateway: &Gateway) {
+        let written = || {
+            let text = gateway.metrics();
+            let line = text.lines().find(|l| l.starts_with("mailgate_cache_shared_writes_total{result=\"written\"}"));
+            line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = -1.0;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+            let now = written();
+            if now == last && now > 0.0 {
+                return;
+            }
+            last = now;
+        }
+        eprintln!("warning: the shared tier's writes did not settle");
+    }
+
+    fn start_gateway_with(&self, extra: &str) -> Gateway {
         let config = gateway_config_with(
             &self.pki,
             Some(&self.imap.addr.to_string()),
@@ -689,7 +734,7 @@ impl Bench {
             None,
             "",
             &format!(
-                "\n[cache]\nenabled = true\nmax_bytes = \"2GiB\"\nmax_entry_bytes = \"8MiB\"\npop3_mark_seen = {}\n",
+                "\n[cache]\nenabled = true\nmax_bytes = \"2GiB\"\nmax_entry_bytes = \"8MiB\"\npop3_mark_seen = {}\n{extra}",
                 std::env::var("SYNC_LOAD_POP3_MARK_SEEN").map_or(true, |v| v != "false")
             ),
         );
@@ -1021,7 +1066,10 @@ fn main() {
     }
     let imap = Forwarder::start(dovecot.imap, latency);
     let pop3 = Forwarder::start(dovecot.pop3, latency);
-    let mut bench = Bench { _dovecot: dovecot, pki, dir, imap, pop3, messages, perf, problems: Vec::new() };
+    let redis = (std::env::var("SYNC_LOAD_SHARED").map_or(true, |v| v != "0")
+        && std::path::Path::new(support::redis::REDIS_SERVER).exists())
+    .then(support::redis::Redis::start);
+    let mut bench = Bench { _dovecot: dovecot, redis, pki, dir, imap, pop3, messages, perf, problems: Vec::new() };
     // The first session to select the mailbox sees every message \Recent (in FLAGS); take
     // that one out of the comparisons.
     imap_logout(imap_login(bench.imap.addr));
@@ -1063,6 +1111,9 @@ fn main() {
         let (_, reference) = bench.run(workload, Target::Direct, "prime");
         let reference = reference[0].clone();
         let (mut direct, mut raw, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut cold_shared, mut shared) = (Vec::new(), Vec::new());
+        let measures_shared = bench.redis.is_some()
+            && matches!(workload, Workload::HeaderSync | Workload::Bodies(Prelude::None) | Workload::Retr);
         for rep in 0..reps {
             let gateway;
             if let Workload::Changed(_) = workload {
@@ -1095,6 +1146,19 @@ fn main() {
                 bench.verify(workload, "warm", &reference, &digests);
                 warm.push(run);
             }
+            if measures_shared {
+                let redis = bench.redis.as_ref().expect("checked");
+                redis.command(&["FLUSHALL"]);
+                let first = bench.start_shared_gateway();
+                let (run, digests) = bench.run(workload, Target::Mailgate(&first), "cold+S");
+                bench.verify(workload, "cold+S", &reference, &digests);
+                cold_shared.push(run);
+                Bench::shared_writes_settled(&first);
+                let second = bench.start_shared_gateway();
+                let (run, digests) = bench.run(workload, Target::Mailgate(&second), "shared");
+                bench.verify(workload, "shared", &reference, &digests);
+                shared.push(run);
+            }
             // mailgate logs a session's end after closing its upstream connection: wait
             // (bounded) for the warm session's line.
             let sessions = if workload == Workload::Concurrent { 2 * CONCURRENT } else { 2 };
@@ -1123,7 +1187,7 @@ fn main() {
             drop(gateway);
         }
         eprintln!("  ({:.1}s)", t.elapsed().as_secs_f64());
-        results.push((workload, reps, direct, raw, cold, warm, reference.len()));
+        results.push((workload, reps, direct, raw, cold, warm, reference.len(), cold_shared, shared));
     }
 
     // The table.
@@ -1153,13 +1217,21 @@ fn main() {
         "cmds",
         "vs raw"
     );
-    for (workload, reps, direct, raw, cold, warm, responses) in &results {
+    for (workload, reps, direct, raw, cold, warm, responses, cold_shared, shared) in &results {
         println!("{}  [{} responses per client]", workload.title(), responses);
         let d_rate = median_by(direct, Run::rate);
         let d_bytes = median_by(direct, |r| r.traffic.total() as f64);
         let d_lines = median_by(direct, |r| r.traffic.lines as f64);
         let r_rate = median_by(raw, Run::rate);
-        for (label, runs) in [("direct", direct), ("raw", raw), ("cold", cold), ("warm", warm)] {
+        let rows = [
+            ("direct", direct),
+            ("raw", raw),
+            ("cold", cold),
+            ("warm", warm),
+            ("cold+S", cold_shared),
+            ("shared", shared),
+        ];
+        for (label, runs) in rows.into_iter().filter(|(_, runs)| !runs.is_empty()) {
             let rate = median_by(runs, Run::rate);
             let bytes = median_by(runs, |r| r.traffic.total() as f64);
             let lines = median_by(runs, |r| r.traffic.lines as f64);
@@ -1192,8 +1264,24 @@ fn main() {
         }
     }
     println!();
+    for (workload, _, direct, _, cold, _, _, cold_shared, shared) in &results {
+        if shared.is_empty() {
+            continue;
+        }
+        let rate = |runs: &Vec<Run>| median_by(runs, Run::rate);
+        let bytes = |runs: &Vec<Run>| median_by(runs, |r| r.traffic.total() as f64);
+        println!(
+            "shared tier ({}): another instance's resync {:.2}x direct at {:.2}% of direct's upstream bytes; \
+             a cold sync with the tier on {:.2}x of one without",
+            workload.letter(),
+            rate(shared) / rate(direct),
+            bytes(shared) / bytes(direct) * 100.0,
+            rate(cold_shared) / rate(cold)
+        );
+    }
+    println!();
     println!("memory: mailgate's resident growth over the cold run against what its cache says it holds after it");
-    for (workload, _, _, _, cold, _, _) in &results {
+    for (workload, _, _, _, cold, _, _, _, _) in &results {
         let growth = median_by(cold, |r| r.rss_growth);
         let held = median_by(cold, |r| r.cache_bytes);
         println!(
