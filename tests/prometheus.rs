@@ -209,7 +209,7 @@ fn exprs(value: &serde_json::Value, out: &mut Vec<String>) {
 #[test]
 fn dashboard_expressions_name_only_exported_metrics() {
     // Every family the dashboard shows must be exported: the fleet ones only exist with
-    // limits in Redis and an upstream pool, so this gateway has both.
+    // limits in Redis, an upstream pool and the shared cache tier, so this gateway has all.
     let setup = Setup::start();
     let redis = support::redis::Redis::start();
     let port = setup.dovecot.imaps.port();
@@ -217,7 +217,14 @@ fn dashboard_expressions_name_only_exported_metrics() {
         &format!("imap = \"127.0.0.1:{port}\""),
         &format!("imap = [\"127.0.0.1:{port}\", \"localhost:{port}\"]"),
     );
-    let fleet = format!("{text}\n[limits]\nstore = \"redis\"\n[limits.redis]\nurl = \"{}\"\n", redis.url());
+    let secret = setup.dir.path().join("cache-secret");
+    std::fs::write(&secret, "a secret of thirty-two bytes or more for the tier").unwrap();
+    let fleet = format!(
+        "{text}\n[limits]\nstore = \"redis\"\n[limits.redis]\nurl = \"{}\"\n\n[cache.shared]\nenabled = true\nurl = \"{}\"\nsecret_file = {:?}\n",
+        redis.url(),
+        redis.url(),
+        secret.display().to_string()
+    );
     let gateway = support::gateway::Gateway::start(setup.dir.path(), &fleet);
     let Setup { dir, pki, dovecot, gateway: first } = setup;
     drop(first);

@@ -21,7 +21,8 @@
 //!   skipped for a second after one (so a dead Redis costs one timeout a second, not one
 //!   per command). State changes are logged once; while down, the writer task sends a
 //!   PING a second, so the tier comes back by itself.
-//! - **Writes never wait**: a bounded queue, a writer task; a full queue drops (counted).
+//! - **Writes never wait**: a bounded queue (of commands' writes), a writer task sending
+//!   them in batches; a full queue drops (counted).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -115,7 +116,8 @@ pub struct SharedTier {
     random: SystemRandom,
     max_item: usize,
     timeout: Duration,
-    writes: mpsc::Sender<Write>,
+    /// Each entry is one command's writes (or one write).
+    writes: mpsc::Sender<Vec<Write>>,
     /// Generations to raise that Redis could not take yet (retried by the writer).
     bumps: Mutex<Vec<String>>,
     /// Until when the tier is skipped after a failure (ms since `epoch`).
@@ -267,21 +269,34 @@ impl SharedTier {
     /// Queues `value` under `key` (dropped, counted, when the queue is full or the value
     /// too large): never waits.
     pub fn put(&self, key: &Key, value: Bytes) {
-        let Some((key, generation)) = self.names(key) else { return };
-        if value.len() > self.max_item {
-            self.metrics.writes.with_label_values(&["too_large"]).inc();
-            return;
+        self.put_all(vec![(key.clone(), value)]);
+    }
+
+    /// Queues the values of one command together: one place in the queue, in order (the
+    /// mark that says a mailbox was filled comes after the items it covers).
+    pub fn put_all(&self, values: Vec<(Key, Bytes)>) {
+        let mut writes = Vec::with_capacity(values.len());
+        for (key, value) in values {
+            let Some((key, generation)) = self.names(&key) else { continue };
+            if value.len() > self.max_item {
+                self.metrics.writes.with_label_values(&["too_large"]).inc();
+                continue;
+            }
+            writes.push(Write::Put { key, generation, value });
         }
-        if self.writes.try_send(Write::Put { key, generation, value }).is_err() {
-            self.metrics.writes.with_label_values(&["dropped"]).inc();
-        }
+        self.queue(writes);
     }
 
     /// Queues the removal of `key` (a POP3 message found changed).
     pub fn forget(&self, key: &Key) {
         let Some((key, _)) = self.names(key) else { return };
-        if self.writes.try_send(Write::Forget(key)).is_err() {
-            self.metrics.writes.with_label_values(&["dropped"]).inc();
+        self.queue(vec![Write::Forget(key)]);
+    }
+
+    fn queue(&self, writes: Vec<Write>) {
+        let count = writes.len() as u64;
+        if count > 0 && self.writes.try_send(writes).is_err() {
+            self.metrics.writes.with_label_values(&["dropped"]).inc_by(count);
         }
     }
 
@@ -473,13 +488,24 @@ fn pop3_id(k: &Pop3Key) -> Vec<u8> {
 
 /// The writer task: sends queued writes in batches (each item's generation read first, in
 /// one `MGET`), retries generations that could not be raised, until the tier is dropped.
-async fn write_behind(tier: std::sync::Weak<SharedTier>, mut queue: mpsc::Receiver<Write>, ttl: Duration) {
+async fn write_behind(tier: std::sync::Weak<SharedTier>, mut queue: mpsc::Receiver<Vec<Write>>, ttl: Duration) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut waiting: std::collections::VecDeque<Write> = std::collections::VecDeque::new();
     loop {
-        let received = tokio::time::timeout(PAUSE, queue.recv_many(&mut batch, WRITE_BATCH)).await;
-        if let Ok(0) = received {
-            return; // the tier is gone
+        if waiting.is_empty() {
+            match tokio::time::timeout(PAUSE, queue.recv()).await {
+                Ok(None) => return, // the tier is gone
+                Ok(Some(writes)) => waiting.extend(writes),
+                Err(_) => {}
+            }
         }
+        while waiting.len() < WRITE_BATCH {
+            match queue.try_recv() {
+                Ok(writes) => waiting.extend(writes),
+                Err(_) => break,
+            }
+        }
+        batch.extend(waiting.drain(..waiting.len().min(WRITE_BATCH)));
         let Some(tier) = tier.upgrade() else { return };
         let pending: Vec<String> = std::mem::take(&mut *tier.bumps.lock().unwrap_or_else(|p| p.into_inner()));
         for generation in pending {
@@ -495,8 +521,10 @@ async fn write_behind(tier: std::sync::Weak<SharedTier>, mut queue: mpsc::Receiv
             continue;
         }
         if tier.paused() {
-            tier.metrics.writes.with_label_values(&["error"]).inc_by(batch.len() as u64);
+            let dropped = batch.len() + waiting.len();
+            tier.metrics.writes.with_label_values(&["error"]).inc_by(dropped as u64);
             batch.clear();
+            waiting.clear();
             continue;
         }
         tier.send(std::mem::take(&mut batch), ttl).await;

@@ -572,7 +572,7 @@ async fn answer<Io: JobIo>(
         for message in held.iter().chain(&misses) {
             relay_phase_one(io, &mut renumber, message, &added).await?;
         }
-        io.count(tally.hits, tally.misses);
+        tally.close(io, items);
         return finish(io, client_tag, &status).await;
     }
     for message in held {
@@ -584,7 +584,7 @@ async fn answer<Io: JobIo>(
             misses.push(miss);
         }
     }
-    io.count(tally.hits, tally.misses);
+    tally.close(io, items);
     let mut final_status = status;
 
     // Phase two, in batches. A plain FETCH asks by sequence number (the numbers of phase
@@ -990,6 +990,19 @@ impl PhaseTwo<'_> {
 struct Tally {
     hits: usize,
     misses: usize,
+    /// Sizes learned for the next job, for the fleet's tier too (sent together at the end
+    /// of phase one).
+    sizes: Vec<(crate::cache::Key, Bytes)>,
+}
+
+impl Tally {
+    /// Counts the lookups in the session and sends the sizes learned to the fleet's tier.
+    fn close<Io: JobIo>(&mut self, io: &mut Io, items: &Items) {
+        io.count(self.hits, self.misses);
+        if let Some(tier) = items.scope().cache.shared() {
+            tier.put_all(std::mem::take(&mut self.sizes));
+        }
+    }
 }
 
 /// Answers `message` from the cache when every item is there and its number is still
@@ -1023,7 +1036,9 @@ async fn settle<Io: JobIo>(
             // Kept, so that the next job (and the fleet's next, through the second tier)
             // can check this message too.
             let size = Bytes::copy_from_slice(size);
-            sizes.scope().cache.share(&sizes.key(message.uid, 0), size.clone());
+            if sizes.scope().cache.shared().is_some() {
+                tally.sizes.push((sizes.key(message.uid, 0), size.clone()));
+            }
             sizes.insert(message.uid, 0, &size).await;
         }
         if cached.is_some_and(|cached| cached != size) {

@@ -323,19 +323,27 @@ impl Stored {
             }
         } else if !self.items.is_empty() {
             let scope = items.scope();
-            // Content after a clean completion: now the fleet may have it too.
-            if scope.cache.shared().is_some() {
-                for (uid, i) in &self.items {
-                    // Through the cache, not the command's slots: a load another session
-                    // waited for filled a column this command had not resolved.
-                    let key = items.key(*uid, *i);
-                    if let Some(value) = scope.cache.peek(&key).await {
-                        scope.cache.share(&key, value);
-                    }
-                }
-            }
             let filled = mark(scope, items.selected(), FILLED_MARK);
-            scope.cache.share(&filled, Bytes::new());
+            // Content after a clean completion: now the fleet may have it too, then the mark
+            // that says so. Gathered in a task of its own, off the client's answer.
+            if scope.cache.shared().is_some() {
+                let keys: Vec<Key> = self.items.iter().map(|(uid, i)| items.key(*uid, *i)).collect();
+                let (cache, filled) = (scope.cache.clone(), filled.clone());
+                tokio::spawn(async move {
+                    let mut values = Vec::with_capacity(keys.len() + 1);
+                    for key in keys {
+                        // Through the cache, not the command's slots: a load another session
+                        // waited for filled a column this command had not resolved.
+                        if let Some(value) = cache.peek(&key).await {
+                            values.push((key, value));
+                        }
+                    }
+                    values.push((filled, Bytes::new()));
+                    if let Some(tier) = cache.shared() {
+                        tier.put_all(values);
+                    }
+                });
+            }
             scope.cache.insert(filled, Bytes::new()).await;
         }
         items.reweigh(0).await;
