@@ -594,79 +594,85 @@ async fn answer<Io: JobIo>(
     // items are asked again: a flag change reported meanwhile must not be undone by phase
     // one's older values.
     let phase_two = PhaseTwo { job, items, wanted, mutable: &mutable, mutable_names: &mutable_names };
-    for chunk in misses.chunks_mut(BATCH) {
-        // The fleet's tier first (one round trip for the batch): a message it completes is
-        // answered as a cached one is, and only the rest go to the upstream.
-        let mut done = vec![false; chunk.len()];
-        if items.scope().cache.shared().is_some() {
-            fill_from_shared(job, items, sizes, wanted, chunk).await;
-            for (m, message) in chunk.iter().enumerate() {
-                if let (true, Some(seq)) =
-                    (message.items.iter().all(Option::is_some), renumber.current(message.parsed.seq, message.mark))
-                {
-                    let composed = compose(job, &mutable_names, message, message, seq, wanted, &message.items);
-                    answer_message(io, composed).await?;
-                    done[m] = true;
-                }
-            }
+    // The fleet's tier first, a round trip per [`SHARED_BATCH`] messages: a message it
+    // completes is answered as a cached one is, and only the rest go to the upstream.
+    let shared = items.scope().cache.shared().is_some();
+    for part in shared_parts(&misses, job, shared) {
+        let part = &mut misses[part];
+        if shared {
+            fill_from_shared(job, items, sizes, wanted, part).await;
         }
-        // Concurrent misses share one load: claim what nobody is loading; a message whose
-        // every missing item another session is loading waits for that session instead.
-        // Waiting happens only after this session's own loads are done, so two sessions
-        // can never wait for each other.
-        let mut guards: HashMap<(usize, usize), LoadGuard> = HashMap::new();
-        let mut waits: Vec<(usize, usize, oneshot::Receiver<Option<Bytes>>)> = Vec::new();
-        for (m, message) in chunk.iter().enumerate().filter(|(m, _)| !done[*m]) {
-            for i in 0..wanted.len() {
-                if message.items[i].is_none() {
-                    match items.scope().cache.claim(items.key(message.uid, i)) {
-                        Claim::Load(guard) => drop(guards.insert((m, i), guard)),
-                        Claim::Wait(value) => waits.push((m, i, value)),
+        for chunk in part.chunks_mut(BATCH) {
+            let mut done = vec![false; chunk.len()];
+            if shared {
+                for (m, message) in chunk.iter().enumerate() {
+                    if let (true, Some(seq)) =
+                        (message.items.iter().all(Option::is_some), renumber.current(message.parsed.seq, message.mark))
+                    {
+                        let composed = compose(job, &mutable_names, message, message, seq, wanted, &message.items);
+                        answer_message(io, composed).await?;
+                        done[m] = true;
                     }
                 }
             }
-        }
-        // Messages with nothing missing are here for a fresh sequence number only.
-        let (fetch, wait): (Vec<usize>, Vec<usize>) = (0..chunk.len())
-            .filter(|&m| !done[m])
-            .partition(|&m| guards.keys().any(|&(owner, _)| owner == m) || chunk[m].items.iter().all(Option::is_some));
-        let status = phase_two.fetch(io, &mut renumber, chunk, &fetch, &mut guards).await?;
-        drop(guards);
-        // One bound for the whole batch: a slow loader elsewhere costs at most that once.
-        let deadline = tokio::time::Instant::now() + SHARED_LOAD_WAIT;
-        for (m, i, value) in waits {
-            if chunk[m].items[i].is_some() {
-                continue; // fetched above with the rest of its message
-            }
-            if let Ok(Ok(Some(bytes))) = tokio::time::timeout_at(deadline, value).await {
-                chunk[m].items[i] = Some(bytes);
-            }
-        }
-        let mut again = Vec::new();
-        for m in wait {
-            let message = &chunk[m];
-            match (message.items.iter().all(Option::is_some), renumber.current(message.parsed.seq, message.mark)) {
-                (true, Some(seq)) => {
-                    let composed = compose(job, &mutable_names, message, message, seq, wanted, &message.items);
-                    answer_message(io, composed).await?
+            // Concurrent misses share one load: claim what nobody is loading; a message whose
+            // every missing item another session is loading waits for that session instead.
+            // Waiting happens only after this session's own loads are done, so two sessions
+            // can never wait for each other.
+            let mut guards: HashMap<(usize, usize), LoadGuard> = HashMap::new();
+            let mut waits: Vec<(usize, usize, oneshot::Receiver<Option<Bytes>>)> = Vec::new();
+            for (m, message) in chunk.iter().enumerate().filter(|(m, _)| !done[*m]) {
+                for i in 0..wanted.len() {
+                    if message.items[i].is_none() {
+                        match items.scope().cache.claim(items.key(message.uid, i)) {
+                            Claim::Load(guard) => drop(guards.insert((m, i), guard)),
+                            Claim::Wait(value) => waits.push((m, i, value)),
+                        }
+                    }
                 }
-                // That load failed or took too long, or the number moved out of reach: fetch
-                // it here after all.
-                _ => again.push(m),
             }
-        }
-        let retry = phase_two.fetch(io, &mut renumber, chunk, &again, &mut HashMap::new()).await?;
-        for status in [status, retry].into_iter().flatten() {
-            // A failure, or a response code the upstream gave this completion (under QRESYNC
-            // Dovecot reports the mailbox's `[HIGHESTMODSEQ]` on the first completion after a
-            // change; that may be phase two's), is the client's to see.
-            let failed = !status.starts_with(b"OK");
-            if failed
-                || (status.starts_with(b"OK [")
-                    && final_status.starts_with(b"OK")
-                    && !final_status.starts_with(b"OK ["))
-            {
-                final_status = status;
+            // Messages with nothing missing are here for a fresh sequence number only.
+            let (fetch, wait): (Vec<usize>, Vec<usize>) = (0..chunk.len()).filter(|&m| !done[m]).partition(|&m| {
+                guards.keys().any(|&(owner, _)| owner == m) || chunk[m].items.iter().all(Option::is_some)
+            });
+            let status = phase_two.fetch(io, &mut renumber, chunk, &fetch, &mut guards).await?;
+            drop(guards);
+            // One bound for the whole batch: a slow loader elsewhere costs at most that once.
+            let deadline = tokio::time::Instant::now() + SHARED_LOAD_WAIT;
+            for (m, i, value) in waits {
+                if chunk[m].items[i].is_some() {
+                    continue; // fetched above with the rest of its message
+                }
+                if let Ok(Ok(Some(bytes))) = tokio::time::timeout_at(deadline, value).await {
+                    chunk[m].items[i] = Some(bytes);
+                }
+            }
+            let mut again = Vec::new();
+            for m in wait {
+                let message = &chunk[m];
+                match (message.items.iter().all(Option::is_some), renumber.current(message.parsed.seq, message.mark)) {
+                    (true, Some(seq)) => {
+                        let composed = compose(job, &mutable_names, message, message, seq, wanted, &message.items);
+                        answer_message(io, composed).await?
+                    }
+                    // That load failed or took too long, or the number moved out of reach: fetch
+                    // it here after all.
+                    _ => again.push(m),
+                }
+            }
+            let retry = phase_two.fetch(io, &mut renumber, chunk, &again, &mut HashMap::new()).await?;
+            for status in [status, retry].into_iter().flatten() {
+                // A failure, or a response code the upstream gave this completion (under QRESYNC
+                // Dovecot reports the mailbox's `[HIGHESTMODSEQ]` on the first completion after a
+                // change; that may be phase two's), is the client's to see.
+                let failed = !status.starts_with(b"OK");
+                if failed
+                    || (status.starts_with(b"OK [")
+                        && final_status.starts_with(b"OK")
+                        && !final_status.starts_with(b"OK ["))
+                {
+                    final_status = status;
+                }
             }
         }
     }
@@ -1060,6 +1066,41 @@ async fn settle<Io: JobIo>(
     let composed = compose(job, mutable_names, &message, &message, seq, wanted, &message.items);
     answer_message(io, composed).await?;
     Ok(None)
+}
+
+/// The most messages whose missing items one lookup in the second tier asks for (one
+/// `MGET`; a header sync's items are a few hundred bytes each) ...
+const SHARED_BATCH: usize = 2048;
+/// ... and the most bytes of bodies it may bring at once (by the sizes phase one read):
+/// what is found is held until answered.
+const SHARED_BATCH_BYTES: u64 = 16 << 20;
+
+/// `misses` cut into the parts looked up in the second tier at once (all of them in one
+/// part without a second tier: phase two's own batches follow).
+fn shared_parts(misses: &[Message], job: &Job, shared: bool) -> Vec<std::ops::Range<usize>> {
+    if !shared {
+        return vec![0..misses.len()];
+    }
+    let bodies = job.request.cached_items().any(|w| w.class == Kind::Body);
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (m, message) in misses.iter().enumerate() {
+        let size = match (bodies, message.parsed.item(&message.response, VALIDATOR)) {
+            (true, Some(item)) => {
+                std::str::from_utf8(&item[VALIDATOR.len()..]).ok().and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+            }
+            _ => 1024,
+        };
+        if m > start && (m - start >= SHARED_BATCH || bytes + size > SHARED_BATCH_BYTES) {
+            parts.push(start..m);
+            (start, bytes) = (m, 0);
+        }
+        bytes += size;
+    }
+    if start < misses.len() {
+        parts.push(start..misses.len());
+    }
+    parts
 }
 
 /// Fills the missing items of `chunk` from the second tier (kept in memory too), in one
