@@ -102,6 +102,34 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Sends `commands`: one pipeline to a standalone Redis (one write, one read), each to
+    /// its node in a Cluster (a pipeline there must stay in one slot). How many failed.
+    async fn send_all(&self, commands: Vec<redis::Cmd>) -> u64 {
+        let count = commands.len() as u64;
+        match self {
+            Link::Standalone(manager) => {
+                let mut pipe = redis::pipe();
+                for command in commands {
+                    pipe.add_command(command).ignore();
+                }
+                match pipe.query_async::<()>(&mut manager.clone()).await {
+                    Ok(()) => 0,
+                    Err(_) => count,
+                }
+            }
+            Link::Cluster(_) => {
+                let mut failed = 0;
+                let sends = commands.iter().map(|command| self.query::<redis::Value>(command));
+                for result in futures_util::future::join_all(sends).await {
+                    failed += u64::from(result.is_err());
+                }
+                failed
+            }
+        }
+    }
+}
+
 /// What the writer task sends.
 enum Write {
     Put { key: String, generation: Option<String>, value: Bytes },
@@ -350,11 +378,13 @@ impl SharedTier {
 
     /// `prefix` and 128 bits of the keyed hash of `id`, in hex.
     fn name(&self, id: &[u8]) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = hmac::sign(&self.naming, id);
         let mut name = String::with_capacity(self.prefix.len() + 32);
         name.push_str(&self.prefix);
         for byte in &digest.as_ref()[..16] {
-            name.push_str(&format!("{byte:02x}"));
+            name.push(HEX[usize::from(byte >> 4)] as char);
+            name.push(HEX[usize::from(byte & 15)] as char);
         }
         name
     }
@@ -365,7 +395,7 @@ impl SharedTier {
     /// several GB/s with AES-NI and PCLMULQDQ: authenticating a body costs a fraction of an
     /// HMAC-SHA256 over it.
     fn seal(&self, name: &str, generation: u64, value: &[u8]) -> Vec<u8> {
-        let compressed = (value.len() >= COMPRESS_FROM)
+        let compressed = (value.len() >= COMPRESS_FROM && compresses(value))
             .then(|| lz4_flex::block::compress(value))
             .filter(|packed| packed.len() < value.len() - value.len() / 16);
         let mut flags = if compressed.is_some() { COMPRESSED } else { 0 };
@@ -458,6 +488,20 @@ impl SharedTier {
     }
 }
 
+/// Whether `value` is worth compressing, judged on a sample: attachments (base64 of
+/// compressed files) hardly shrink, and compressing megabytes of them for nothing would
+/// cost a cold sync more CPU than its transfer.
+fn compresses(value: &[u8]) -> bool {
+    const SAMPLE: usize = 4096;
+    if value.len() <= 2 * SAMPLE {
+        return true;
+    }
+    // The middle: a message's start is headers, which always compress.
+    let middle = value.len() / 2;
+    let sample = &value[middle - SAMPLE / 2..middle + SAMPLE / 2];
+    lz4_flex::block::compress(sample).len() < SAMPLE * 3 / 4
+}
+
 /// What binds a value to its name (in its header, authenticated with it).
 fn name_tag(name: &str) -> [u8; 16] {
     let digest = ring::digest::digest(&ring::digest::SHA256, name.as_bytes());
@@ -544,7 +588,7 @@ async fn write_behind(tier: std::sync::Weak<SharedTier>, mut queue: mpsc::Receiv
 }
 
 impl SharedTier {
-    async fn send(&self, batch: Vec<Write>, ttl: Duration) {
+    async fn send(self: &Arc<Self>, batch: Vec<Write>, ttl: Duration) {
         let mut generations: Vec<String> = (batch.iter())
             .filter_map(|w| match w {
                 Write::Put { generation, .. } => generation.clone(),
@@ -572,42 +616,37 @@ impl SharedTier {
                 .unwrap_or(0)
         };
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut sends = tokio::task::JoinSet::new();
         let count = batch.len() as u64;
-        for write in batch {
-            let cmd = match write {
-                Write::Put { key, generation, value } => {
-                    let stored = self.seal(&key, generation_of(&generation), &value);
-                    let mut set = redis::cmd("SET");
-                    set.arg(&key).arg(stored).arg("PX").arg(ttl_ms);
-                    set
-                }
-                Write::Forget(key) => {
-                    let mut del = redis::cmd("DEL");
-                    del.arg(key);
-                    del
-                }
-            };
-            let link = self.link.clone();
-            sends.spawn(async move { link.query::<redis::Value>(&cmd).await });
-        }
-        let sent = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), async {
-            let mut failed = 0u64;
-            while let Some(done) = sends.join_next().await {
-                if !matches!(done, Ok(Ok(_))) {
-                    failed += 1;
-                }
-            }
-            failed
+        let generations: Vec<u64> = (batch.iter())
+            .map(|w| match w {
+                Write::Put { generation, .. } => generation_of(generation),
+                Write::Forget(_) => 0,
+            })
+            .collect();
+        // Compressing and sealing a batch of bodies is milliseconds of CPU: on the blocking
+        // pool, not on a runtime worker whose sessions would wait behind it.
+        let tier = self.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            (batch.into_iter().zip(generations))
+                .map(|(write, generation)| match write {
+                    Write::Put { key, value, .. } => {
+                        let stored = tier.seal(&key, generation, &value);
+                        let mut set = redis::cmd("SET");
+                        set.arg(&key).arg(stored).arg("PX").arg(ttl_ms);
+                        set
+                    }
+                    Write::Forget(key) => {
+                        let mut del = redis::cmd("DEL");
+                        del.arg(key);
+                        del
+                    }
+                })
+                .collect::<Vec<redis::Cmd>>()
         })
         .await;
-        let failed = match sent {
-            Ok(failed) => failed,
-            Err(_) => {
-                sends.abort_all();
-                count
-            }
-        };
+        let Ok(commands) = sealed else { return };
+        let sent = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), self.link.send_all(commands)).await;
+        let failed = sent.unwrap_or(count);
         if failed > 0 {
             self.failed(&format!("{failed} of {count} writes failed"));
             self.metrics.writes.with_label_values(&["error"]).inc_by(failed);

@@ -1079,7 +1079,7 @@ const SHARED_BATCH_BYTES: u64 = 16 << 20;
 /// part without a second tier: phase two's own batches follow).
 fn shared_parts(misses: &[Message], job: &Job, shared: bool) -> Vec<std::ops::Range<usize>> {
     if !shared {
-        return vec![0..misses.len()];
+        return std::iter::once(0..misses.len()).collect();
     }
     let bodies = job.request.cached_items().any(|w| w.class == Kind::Body);
     let mut parts = Vec::new();
