@@ -33,7 +33,8 @@
 //! mailgate's cold run with the tier on (what the tier costs a cold sync: its writes), and
 //! `shared`, the same workload through *another* fresh mailgate of the fleet right after
 //! (memory cold, Redis warm: a user's second device on another instance, or an instance
-//! after a restart). Redis is emptied before each repetition.
+//! after a restart). Redis is emptied before each repetition. `SYNC_LOAD_SHARED_COMPRESS=false`
+//! measures the tier without compression (`[cache.shared] compress = false`).
 //!
 //! Plumbing, all on loopback and all plaintext so that direct and mailgate are compared
 //! alike: Dovecot's plain IMAP/POP3 ports sit behind a byte-counting TCP forwarder (one per
@@ -699,9 +700,10 @@ impl Bench {
         let secret = self.dir.path().join("cache-secret");
         std::fs::write(&secret, "the bench fleet's secret, thirty-two bytes or more").unwrap();
         self.start_gateway_with(&format!(
-            "\n[cache.shared]\nenabled = true\nurl = \"{}\"\nsecret_file = {:?}\n",
+            "\n[cache.shared]\nenabled = true\nurl = \"{}\"\nsecret_file = {:?}\ncompress = {}\n",
             redis.url(),
-            secret.display().to_string()
+            secret.display().to_string(),
+            std::env::var("SYNC_LOAD_SHARED_COMPRESS").map_or(true, |v| v != "false")
         ))
     }
 

@@ -502,6 +502,8 @@ pub struct SharedCacheConfig {
     pub secret_file: Option<PathBuf>,
     /// Seal values with AES-256-GCM (mail at rest in a shared store).
     pub encrypt: bool,
+    /// Compress values with LZ4 (where a sample shrinks): Redis memory for CPU at write.
+    pub compress: bool,
     /// How long Redis keeps an item (set on every write).
     pub time_to_live: Span,
     /// Larger items stay in the memory tier only.
@@ -521,6 +523,7 @@ impl Default for SharedCacheConfig {
             key_prefix: "mailgate:cache:".into(),
             secret_file: None,
             encrypt: false,
+            compress: true,
             time_to_live: Span(std::time::Duration::from_secs(7 * 86_400)),
             // As the memory tier's max_entry_bytes: a FETCH of explicit UIDs that opens a body
             // neither tier has is relayed whole (streamed), bodies found included.

@@ -143,6 +143,7 @@ pub struct SharedTier {
     /// Authenticates every value, and encrypts it when `encrypt`.
     values: LessSafeKey,
     encrypt: bool,
+    compress: bool,
     random: SystemRandom,
     max_item: usize,
     timeout: Duration,
@@ -221,6 +222,7 @@ impl SharedTier {
             naming,
             values,
             encrypt: config.encrypt,
+            compress: config.compress,
             random: SystemRandom::new(),
             max_item: config.max_item_bytes.as_usize(),
             timeout,
@@ -395,7 +397,7 @@ impl SharedTier {
     /// several GB/s with AES-NI and PCLMULQDQ: authenticating a body costs a fraction of an
     /// HMAC-SHA256 over it.
     fn seal(&self, name: &str, generation: u64, value: &[u8]) -> Vec<u8> {
-        let compressed = (value.len() >= COMPRESS_FROM && compresses(value))
+        let compressed = (self.compress && value.len() >= COMPRESS_FROM && compresses(value))
             .then(|| lz4_flex::block::compress(value))
             .filter(|packed| packed.len() < value.len() - value.len() / 16);
         let mut flags = if compressed.is_some() { COMPRESSED } else { 0 };
