@@ -31,7 +31,7 @@
 //! | `MAILGATE_FUZZ_AVOID` | constructs not to generate, to look past an open bug: `condstore`, `seen`, `partials2`, `dup`, `macros`, `lowercase`, `beyond`, `pipeline`, `rebuild`, `recreate`, `odd-pop3`; `none` generates everything | `rebuild` |
 //! | `MAILGATE_FUZZ_MINIMIZE_SECS` | time for minimising failures, all together | `90` |
 //! | `MAILGATE_FUZZ_REPLAY` | a trace file to replay instead (its header names user and content); a failing one is minimised into `target/tmp/differential/NAME.min.trace` | |
-//! | `MAILGATE_FUZZ_CACHE` | mailgate's cache: `default`, `small` (1 MiB, entries up to 32 KiB: constant eviction), `expiring` (entries live 2 s), or `mixed`: by seed, in turn | `mixed` |
+//! | `MAILGATE_FUZZ_CACHE` | mailgate's cache: `default`, `small` (1 MiB, entries up to 32 KiB: constant eviction), `expiring` (entries live 2 s), `shared` (`small` in front of the shared tier in a redis-server of its own, encrypted: what memory evicts comes back from Redis), or `mixed`: by seed, in turn | `mixed` |
 //! | `MAILGATE_FUZZ_USERS` | logical users (threads) per seed | `2` |
 //! | `MAILGATE_FUZZ_SERVER` | the upstream: `dovecot`, or `courier` (mailgate reaches its plain ports with `tls = "plaintext"`; see `differential/server.rs`) | `dovecot` |
 //!
@@ -57,6 +57,8 @@ mod support {
     pub mod gateway;
     #[path = "../support/mailgen.rs"]
     pub mod mailgen;
+    #[path = "../support/redis.rs"]
+    pub mod redis;
     #[path = "../support/setup.rs"]
     pub mod setup;
     #[path = "../support/tls.rs"]

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 
+use crate::support::redis::Redis;
 use crate::support::setup::gateway_config_with;
 use crate::support::tls::TestPki;
 
@@ -34,16 +35,20 @@ pub enum Cache {
     Default,
     Small,
     Expiring,
+    /// A small memory tier (as `Small`) in front of the shared tier in a redis-server of
+    /// its own: what memory evicts comes back from Redis, under every mutation.
+    Shared,
 }
 
 impl Cache {
-    pub const ALL: [Cache; 3] = [Cache::Default, Cache::Small, Cache::Expiring];
+    pub const ALL: [Cache; 4] = [Cache::Default, Cache::Small, Cache::Expiring, Cache::Shared];
 
     pub fn name(self) -> &'static str {
         match self {
             Cache::Default => "default",
             Cache::Small => "small",
             Cache::Expiring => "expiring",
+            Cache::Shared => "shared",
         }
     }
 
@@ -51,11 +56,23 @@ impl Cache {
         Cache::ALL.into_iter().find(|c| c.name() == name.trim())
     }
 
-    fn config(self) -> &'static str {
-        match self {
-            Cache::Default => "",
-            Cache::Small => "[cache]\nmax_bytes = \"1MiB\"\nmax_entry_bytes = \"32KiB\"\n",
-            Cache::Expiring => "[cache]\ntime_to_live = \"2s\"\n",
+    /// mailgate's `[cache]` for this mode (`redis` and `dir`: the shared tier's store and
+    /// where its secret goes).
+    fn config(self, redis: Option<&Redis>, dir: &std::path::Path) -> String {
+        match (self, redis) {
+            (Cache::Default, _) => String::new(),
+            (Cache::Small, _) => "[cache]\nmax_bytes = \"1MiB\"\nmax_entry_bytes = \"32KiB\"\n".into(),
+            (Cache::Expiring, _) => "[cache]\ntime_to_live = \"2s\"\n".into(),
+            (Cache::Shared, Some(redis)) => {
+                let secret = dir.join("cache-secret");
+                std::fs::write(&secret, "the differential tester's secret, 32 bytes or more").unwrap();
+                format!(
+                    "[cache]\nmax_bytes = \"1MiB\"\nmax_entry_bytes = \"32KiB\"\n\n[cache.shared]\nenabled = true\nurl = \"{}\"\nsecret_file = {:?}\nencrypt = true\n",
+                    redis.url(),
+                    secret.display().to_string()
+                )
+            }
+            (Cache::Shared, None) => unreachable!("the shared mode starts its Redis"),
         }
     }
 }
@@ -71,6 +88,8 @@ pub struct User {
 pub struct Env {
     pub server: Box<dyn Server>,
     pub mailgate: Option<std::sync::Mutex<Mailgate>>,
+    /// The shared cache tier's store, in `Cache::Shared`.
+    _redis: Option<Redis>,
     via_imap: SocketAddr,
     via_pop3: SocketAddr,
     _dir: tempfile::TempDir,
@@ -89,12 +108,13 @@ impl Env {
             server.provision(&format!("{}-twin", user.name), &folders);
         }
         let dir = tempfile::tempdir().unwrap();
+        let redis = (cache == Cache::Shared && via == Via::Mailgate).then(Redis::start);
         let (mailgate, via_imap, via_pop3) = match via {
             Via::Direct => (None, server.imap().addr, server.pop3().addr),
             Via::Mailgate => {
                 let pki = TestPki::generate(dir.path());
                 let up = server.gateway_upstream();
-                let extra = format!("{LIMITS}{}", cache.config());
+                let extra = format!("{LIMITS}{}", cache.config(redis.as_ref(), dir.path()));
                 let config =
                     gateway_config_with(&pki, Some(&up.imap), Some(&up.pop3), up.tls, up.ca.as_deref(), "", &extra);
                 let mailgate = Mailgate::start(dir.path(), &config);
@@ -102,7 +122,7 @@ impl Env {
                 (Some(std::sync::Mutex::new(mailgate)), imap, pop3)
             }
         };
-        Env { server, mailgate, via_imap, via_pop3, _dir: dir }
+        Env { server, mailgate, _redis: redis, via_imap, via_pop3, _dir: dir }
     }
 
     /// IMAP for the accounts under test: mailgate's plaintext listener (or the server).
