@@ -96,6 +96,23 @@ fn writes_settled(gateway: &Gateway) -> u64 {
     }
 }
 
+/// `RETR 1` .. `RETR count` on a logged-in POP3 session: each answer's lines.
+fn retr(pop3: &mut Client, count: u32) -> Vec<Vec<u8>> {
+    (1..=count)
+        .map(|n| {
+            pop3.send(format!("RETR {n}\r\n").as_bytes());
+            let mut message = Vec::new();
+            loop {
+                let line = pop3.raw_line();
+                if line == b".\r\n" {
+                    break message;
+                }
+                message.extend_from_slice(&line);
+            }
+        })
+        .collect()
+}
+
 /// A second instance of `setup`'s gateway (same configuration, its own empty memory).
 fn another(setup: &Setup) -> Gateway {
     let text = std::fs::read_to_string(&setup.gateway.config_path).unwrap();
@@ -133,38 +150,11 @@ fn a_resync_through_another_instance_comes_from_redis_and_equals_dovecot() {
         pop3.send(format!("USER {}\r\nPASS {}\r\n", BOB.0, BOB.1).as_bytes());
         pop3.line();
         assert!(pop3.line().unwrap().starts_with("+OK"));
-        let messages: Vec<Vec<u8>> = (1..=20)
-            .map(|n| {
-                pop3.send(format!("RETR {n}\r\n").as_bytes());
-                let mut message = Vec::new();
-                loop {
-                    let line = pop3.raw_line();
-                    if line == b".\r\n" {
-                        break message;
-                    }
-                    message.extend_from_slice(&line);
-                }
-            })
-            .collect();
+        let messages = retr(&mut pop3, 20);
         pop3.send(b"QUIT\r\n");
         messages
     };
-    let direct = {
-        let mut pop3 = setup.pop3_direct(BOB);
-        (1..=20)
-            .map(|n| {
-                pop3.send(format!("RETR {n}\r\n").as_bytes());
-                let mut message = Vec::new();
-                loop {
-                    let line = pop3.raw_line();
-                    if line == b".\r\n" {
-                        break message;
-                    }
-                    message.extend_from_slice(&line);
-                }
-            })
-            .collect::<Vec<_>>()
-    };
+    let direct = retr(&mut setup.pop3_direct(BOB), 20);
     assert_eq!(retr_all(&setup.gateway), direct, "A, cold");
     let a_read = upstream_in(&setup.gateway, "pop3");
     writes_settled(&setup.gateway);

@@ -1048,13 +1048,7 @@ async fn settle<Io: JobIo>(
             sizes.insert(message.uid, 0, &size).await;
         }
         if cached.is_some_and(|cached| cached != size) {
-            crate::log_budget::warn_limited!(
-                uid = message.uid,
-                mailbox = job.selected.mailbox.as_str(),
-                uid_validity = job.selected.uid_validity,
-                "a message's size changed without a new UIDVALIDITY; forgetting what is cached of the mailbox"
-            );
-            items.forget_mailbox();
+            size_changed(job, items, message.uid);
             message.items.iter_mut().for_each(|item| *item = None);
         }
     }
@@ -1135,13 +1129,7 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
         let fresh = message.parsed.item(&message.response, VALIDATOR);
         if let (Some(fresh), Some(shared)) = (fresh, shared_size) {
             if shared.as_ref() != fresh {
-                crate::log_budget::warn_limited!(
-                    uid = message.uid,
-                    mailbox = job.selected.mailbox.as_str(),
-                    uid_validity = job.selected.uid_validity,
-                    "a message's size in the shared cache differs from the upstream's; forgetting the mailbox"
-                );
-                items.forget_mailbox();
+                size_changed(job, items, message.uid);
                 return;
             }
         }
@@ -1154,6 +1142,18 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
     }
     let served: usize = chunk.iter().flat_map(|m| m.items.iter().flatten()).map(Bytes::len).sum();
     items.scope().cache.served(served);
+}
+
+/// A cached size (in memory or in the shared tier) differs from the one the upstream just
+/// reported: the mailbox was rebuilt under its UIDVALIDITY, and is forgotten (fleet-wide).
+fn size_changed(job: &Job, items: &Items, uid: u32) {
+    crate::log_budget::warn_limited!(
+        uid,
+        mailbox = job.selected.mailbox.as_str(),
+        uid_validity = job.selected.uid_validity,
+        "a message's size changed without a new UIDVALIDITY; forgetting what is cached of the mailbox"
+    );
+    items.forget_mailbox();
 }
 
 /// Sends one message's composed answer.
