@@ -247,7 +247,14 @@ impl SharedTier {
         generations.sort_unstable();
         generations.dedup();
         let items: Vec<&String> = named.iter().flatten().map(|(key, _)| key).collect();
-        if items.is_empty() || self.paused() {
+        if items.is_empty() {
+            return found;
+        }
+        if self.paused() {
+            // Skipped after a failure: counted as what they are, lookups that got no answer.
+            for key in keys.iter().filter(|k| !matches!(k, Key::Column(_))) {
+                self.metrics.requests.with_label_values(&[kind_of(key).name(), "error"]).inc();
+            }
             return found;
         }
         let mut mget = redis::cmd("MGET");
