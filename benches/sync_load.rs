@@ -715,11 +715,12 @@ impl Bench {
             line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut last = -1.0;
+        let (mut last, mut steady) = (-1.0, 0);
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(250));
             let now = written();
-            if now == last && now > 0.0 {
+            steady = if now == last && now > 0.0 { steady + 1 } else { 0 };
+            if steady >= 4 {
                 return;
             }
             last = now;

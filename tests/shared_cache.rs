@@ -80,15 +80,17 @@ fn upstream_in(gateway: &Gateway, protocol: &str) -> u64 {
     counter(gateway, &format!("mailgate_upstream_bytes_total{{direction=\"in\",protocol=\"{protocol}\"}}"))
 }
 
-/// Waits (bounded) until `gateway`'s writes to Redis have stopped growing.
+/// Waits (bounded) until `gateway`'s writes to Redis have stopped growing for a second
+/// (they are gathered and sent in the background: a loaded machine spaces them out).
 fn writes_settled(gateway: &Gateway) -> u64 {
     let series = "mailgate_cache_shared_writes_total{result=\"written\"}";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = u64::MAX;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut steady) = (u64::MAX, 0);
     loop {
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(250));
         let now = counter(gateway, series);
-        if now == last && now > 0 {
+        steady = if now == last && now > 0 { steady + 1 } else { 0 };
+        if steady >= 4 {
             return now;
         }
         assert!(Instant::now() < deadline, "writes never settled: {now}\n{}", gateway.metrics());
