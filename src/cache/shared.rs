@@ -449,18 +449,27 @@ impl SharedTier {
         let (body, nonce) = stored.split_at(stored.len() - NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let payload_end = body.len() - TAG;
-        let payload = if sealed {
+        // Decrypted in a copy when sealed; else checked where it lies (no copy of a body
+        // but the one the value is made of).
+        let decrypted;
+        let payload: &[u8] = if sealed {
             let mut in_out = body[HEADER..].to_vec();
             let plain = self.values.open_in_place(nonce, Aad::from(&body[..HEADER]), &mut in_out).ok()?.len();
             in_out.truncate(plain);
-            in_out
+            decrypted = in_out;
+            &decrypted
         } else {
-            let mut tag = body[payload_end..].to_vec();
+            let mut tag = [0u8; TAG];
+            tag.copy_from_slice(&body[payload_end..]);
             self.values.open_in_place(nonce, Aad::from(&body[..payload_end]), &mut tag).ok()?;
-            body[HEADER..payload_end].to_vec()
+            &body[HEADER..payload_end]
         };
-        let value = if flags & COMPRESSED != 0 { lz4_flex::block::decompress(&payload, length).ok()? } else { payload };
-        (value.len() == length).then(|| Bytes::from(value))
+        let value = if flags & COMPRESSED != 0 {
+            Bytes::from(lz4_flex::block::decompress(payload, length).ok()?)
+        } else {
+            Bytes::copy_from_slice(payload)
+        };
+        (value.len() == length).then_some(value)
     }
 
     fn paused(&self) -> bool {
