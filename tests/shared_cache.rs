@@ -281,3 +281,24 @@ fn a_redis_cluster_shares_the_cache_and_a_dead_master_only_costs_misses() {
     sync(&setup, &c, BOB, &want, "C, one master dead");
     sync(&setup, &c, BOB, &want, "C again");
 }
+
+#[test]
+fn a_mailbox_rebuilt_under_its_uidvalidity_is_never_served_from_redis() {
+    let redis = Redis::start();
+    let setup = Setup::start_edited("", "", |config, dir| config + &shared_section(dir, &standalone(&redis), false));
+    setup.dovecot.fill(BOB.0, MESSAGES, 45);
+    let before = truth(&setup, BOB);
+    sync(&setup, &setup.gateway, BOB, &before, "A, before the rebuild");
+    writes_settled(&setup.gateway);
+    // Other messages, as many (so UIDNEXT is the same), under the same UIDVALIDITY: only the
+    // sizes tell, and what Redis holds of the old ones must not be served.
+    setup.dovecot.rebuild_keeping_uid_validity(BOB.0, MESSAGES, 46);
+    let after = truth(&setup, BOB);
+    assert_ne!(before[0].fetch, after[0].fetch);
+    let b = another(&setup);
+    sync(&setup, &b, BOB, &after, "B, after the rebuild");
+    assert!(b.log().contains("forgetting what is cached of the mailbox"), "{}", b.log());
+    // B raised the mailbox's generation: another instance finds nothing of the old either.
+    let c = another(&setup);
+    sync(&setup, &c, BOB, &after, "C, after B forgot");
+}

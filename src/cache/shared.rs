@@ -52,6 +52,12 @@ const TAG: usize = 16;
 const COMPRESS_FROM: usize = 256;
 /// After a failed call, the tier is skipped for this long.
 const PAUSE: Duration = Duration::from_secs(1);
+/// The `result` labels of a lookup, and their indexes.
+const RESULTS: [&str; 4] = ["hit", "miss", "error", "rejected"];
+const HIT: usize = 0;
+const MISS: usize = 1;
+const ERROR: usize = 2;
+const REJECTED: usize = 3;
 /// Writes sent together by the writer task.
 const WRITE_BATCH: usize = 256;
 
@@ -155,6 +161,8 @@ pub struct SharedTier {
     paused_until: AtomicU64,
     epoch: Instant,
     up: AtomicBool,
+    /// `metrics.requests` by kind and result (as in [`RESULTS`]).
+    requests: [[prometheus::IntCounter; 4]; 4],
     metrics: SharedMetrics,
 }
 
@@ -207,11 +215,9 @@ impl SharedTier {
                 Link::Cluster(Box::new(ClusterLink { client, connection: tokio::sync::Mutex::new(None) }))
             }
         };
-        for kind in Kind::ALL {
-            for result in ["hit", "miss", "error", "rejected"] {
-                metrics.requests.with_label_values(&[kind.name(), result]);
-            }
-        }
+        // Resolved once: a header sync counts tens of thousands of lookups.
+        let requests =
+            Kind::ALL.map(|kind| RESULTS.map(|result| metrics.requests.with_label_values(&[kind.name(), result])));
         for result in ["written", "dropped", "too_large", "error"] {
             metrics.writes.with_label_values(&[result]);
         }
@@ -231,6 +237,7 @@ impl SharedTier {
             paused_until: AtomicU64::new(0),
             epoch: Instant::now(),
             up: AtomicBool::new(true),
+            requests,
             metrics,
         });
         tier.metrics.up.set(1);
@@ -253,7 +260,7 @@ impl SharedTier {
         if self.paused() {
             // Skipped after a failure: counted as what they are, lookups that got no answer.
             for key in keys.iter().filter(|k| !matches!(k, Key::Column(_))) {
-                self.metrics.requests.with_label_values(&[kind_of(key).name(), "error"]).inc();
+                self.count(kind_of(key), ERROR);
             }
             return found;
         }
@@ -286,18 +293,18 @@ impl SharedTier {
             let kind = kind_of(key);
             let Some((name, generation)) = &named[i] else { continue };
             let result = match values.next() {
-                None => "error",
-                Some(None) => "miss",
+                None => ERROR,
+                Some(None) => MISS,
                 Some(Some(raw)) => match self.open(name, generation_of(generation), raw) {
                     Some(value) => {
                         self.metrics.saved.inc_by(value.len() as u64);
                         found[i] = Some(value);
-                        "hit"
+                        HIT
                     }
-                    None => "rejected",
+                    None => REJECTED,
                 },
             };
-            self.metrics.requests.with_label_values(&[kind.name(), result]).inc();
+            self.count(kind, result);
         }
         found
     }
@@ -470,6 +477,11 @@ impl SharedTier {
             Bytes::copy_from_slice(payload)
         };
         (value.len() == length).then_some(value)
+    }
+
+    /// Counts a lookup of `kind` with `result` (an index of [`RESULTS`]).
+    fn count(&self, kind: Kind, result: usize) {
+        self.requests[kind.index()][result].inc();
     }
 
     fn paused(&self) -> bool {

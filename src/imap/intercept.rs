@@ -1124,8 +1124,10 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
             per_message[m].push((i, value));
         }
     }
-    for (message, found) in chunk.iter_mut().zip(per_message) {
-        let shared_size = found.iter().find(|(i, _)| *i == validator || i.is_none()).map(|(_, v)| v);
+    // Every size first: one that differs makes the whole batch's values suspect, and none
+    // of them may be used (nor kept in memory).
+    for (message, found) in chunk.iter().zip(&per_message) {
+        let shared_size = found.iter().find(|(i, _)| *i == validator).map(|(_, v)| v);
         let fresh = message.parsed.item(&message.response, VALIDATOR);
         if let (Some(fresh), Some(shared)) = (fresh, shared_size) {
             if shared.as_ref() != fresh {
@@ -1133,14 +1135,17 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
                 return;
             }
         }
+    }
+    let mut served = 0;
+    for (message, found) in chunk.iter_mut().zip(per_message) {
         for (i, value) in found {
             if let Some(i) = i {
                 items.insert(message.uid, i, &value).await;
+                served += value.len();
                 message.items[i] = Some(value);
             }
         }
     }
-    let served: usize = chunk.iter().flat_map(|m| m.items.iter().flatten()).map(Bytes::len).sum();
     items.scope().cache.served(served);
 }
 

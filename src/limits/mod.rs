@@ -102,6 +102,8 @@ pub struct Limits {
     users: std::sync::RwLock<Arc<std::collections::BTreeMap<String, crate::config::UserOverride>>>,
     /// The overrides file's networks with a plaintext exception; replaced on reload.
     plaintext_networks: std::sync::RwLock<Vec<(Network, crate::units::Moment)>>,
+    /// Whether some user has a plaintext exception (asked for every command before TLS).
+    plaintext_users: std::sync::atomic::AtomicBool,
     fleet: Option<Arc<Fleet>>,
 }
 
@@ -142,6 +144,7 @@ impl Limits {
             trusted: std::sync::RwLock::new(trusted),
             users: std::sync::RwLock::new(Arc::new(overrides.users.clone())),
             plaintext_networks: std::sync::RwLock::new(plaintext_networks(&overrides)),
+            plaintext_users: std::sync::atomic::AtomicBool::new(has_plaintext_users(&overrides)),
             fleet,
             canonical,
         });
@@ -161,6 +164,7 @@ impl Limits {
         *self.trusted.write().unwrap_or_else(|p| p.into_inner()) = trusted_networks(&self.config, overrides);
         *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(overrides.users.clone());
         *self.plaintext_networks.write().unwrap_or_else(|p| p.into_inner()) = plaintext_networks(overrides);
+        self.plaintext_users.store(has_plaintext_users(overrides), std::sync::atomic::Ordering::Relaxed);
         self.bandwidth.set_quota_overrides(quota_overrides(overrides));
         self.apply_rate_overrides(overrides);
     }
@@ -189,7 +193,7 @@ impl Limits {
     /// Whether some user has a plaintext exception (then a login's verdict waits for its
     /// user name).
     pub fn plaintext_user_exceptions(&self) -> bool {
-        self.users.read().unwrap_or_else(|p| p.into_inner()).values().any(|o| o.plaintext_until.is_some())
+        self.plaintext_users.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Trusted networks are exempt from authentication penalties.
@@ -382,6 +386,10 @@ impl Limits {
 /// configuration: unparsable entries were refused there.
 fn trusted_networks(config: &LimitsConfig, overrides: &crate::config::Overrides) -> Vec<Network> {
     (config.trusted_networks.iter().chain(&overrides.trusted_networks)).filter_map(|n| Network::parse(n).ok()).collect()
+}
+
+fn has_plaintext_users(overrides: &crate::config::Overrides) -> bool {
+    overrides.users.values().any(|o| o.plaintext_until.is_some())
 }
 
 fn plaintext_networks(overrides: &crate::config::Overrides) -> Vec<(Network, crate::units::Moment)> {
