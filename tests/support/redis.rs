@@ -37,18 +37,7 @@ impl Redis {
         let log = self.dir.path().join("redis.log");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let mut child = Command::new(REDIS_SERVER)
-                .args(["--bind", "127.0.0.1", "--port", &self.addr.port().to_string()])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
-                .arg("--dir")
-                .arg(self.dir.path())
-                .arg("--logfile")
-                .arg(&log)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-server");
+            let mut child = spawn(self.addr.port(), self.dir.path(), &log, &[]);
             loop {
                 if self.try_command(&["PING"]).is_ok_and(|reply| reply == "+PONG") {
                     self.child = Some(child);
@@ -101,6 +90,24 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A redis-server on 127.0.0.1:`port`, without persistence, its files in `dir`, its log
+/// in `log`, with `extra` arguments (a cluster node's).
+pub fn spawn(port: u16, dir: &std::path::Path, log: &std::path::Path, extra: &[&str]) -> Child {
+    Command::new(REDIS_SERVER)
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(extra)
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server")
 }
 
 /// Sends one command to the server at `addr` on a connection of its own; the reply's first

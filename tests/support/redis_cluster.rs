@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::redis::{send, REDIS_SERVER};
+use super::redis::{send, spawn, REDIS_SERVER};
 
 pub const REDIS_CLI: &str = "/usr/bin/redis-cli";
 /// The key space of every Redis Cluster.
@@ -70,22 +70,18 @@ impl RedisCluster {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port_pair()));
             // A failed attempt may have written its node id; this attempt is a new node.
             let _ = std::fs::remove_file(&config);
-            let mut child = Command::new(REDIS_SERVER)
-                .args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                .args(["--cluster-require-full-coverage", "no"])
-                .arg("--cluster-config-file")
-                .arg(&config)
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
-                .arg("--dir")
-                .arg(&dir)
-                .arg("--logfile")
-                .arg(&log)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-server");
+            let config_file = config.display().to_string();
+            let cluster = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-require-full-coverage",
+                "no",
+                "--cluster-config-file",
+                &config_file,
+            ];
+            let mut child = spawn(addr.port(), &dir, &log, &cluster);
             loop {
                 if send(addr, &["PING"]).is_ok_and(|reply| reply == "+PONG") {
                     return Node { addr, child: Some(child), log };
