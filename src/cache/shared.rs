@@ -309,6 +309,11 @@ impl SharedTier {
         found
     }
 
+    /// The largest value the tier stores (`max_item_bytes`): what an item it has can weigh.
+    pub fn max_item_bytes(&self) -> usize {
+        self.max_item
+    }
+
     /// Queues `value` under `key` (dropped, counted, when the queue is full or the value
     /// too large): never waits.
     pub fn put(&self, key: &Key, value: Bytes) {

@@ -27,7 +27,7 @@ use super::fetch::{parse_request, parse_response, FetchRequest, FetchResponse, I
 use super::flags::{self, Flags};
 use super::renumber::{Mark, Renumber};
 use super::snapshot::{self, Items, Stored};
-use crate::cache::{Claim, Kind, LoadGuard, Name, Scope};
+use crate::cache::{Claim, Key, Kind, LoadGuard, Name, Scope};
 
 /// How long a miss waits for another session that is loading the same item.
 const SHARED_LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -41,7 +41,7 @@ const SEEN_PROBE_RESPONSE: &str = "BODY[]<0>";
 
 /// Asked in phase one to check the cache against the upstream: a message's size never
 /// changes, so another size under the same UIDVALIDITY shows a rebuilt mailbox.
-const VALIDATOR: &str = "RFC822.SIZE";
+pub(super) const VALIDATOR: &str = "RFC822.SIZE";
 
 /// The selected mailbox, once its UIDVALIDITY is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -426,7 +426,7 @@ async fn answer<Io: JobIo>(
     if relays_whole(job, items).await {
         return relay_and_fill(io, job, client_tag, fill).await;
     }
-    if flags::answer(io, job, client_tag, fill, wanted).await? {
+    if flags::answer(io, job, client_tag, fill, sizes, wanted).await? {
         return Ok(());
     }
     // The mutable items' names as the upstream answers them, in request order.
@@ -554,13 +554,13 @@ async fn answer<Io: JobIo>(
             // Every message answered: the newest MODSEQ bounds every change the answer saw,
             // and the UIDs are the mailbox's (for the next session's message numbers).
             if let Some(stamp @ (_, exists)) = stamp.filter(|&(_, exists)| exists as usize == seen_flags.len()) {
-                if let Some(newest) = seen_flags.iter().map(|f| f.1).max() {
-                    remembered.advance(newest).await;
-                }
                 let mut uids: Vec<u32> = seen_flags.iter().map(|f| f.0).collect();
                 uids.sort_unstable();
                 if uids.len() == exists as usize {
                     snapshot::keep_uids(items.scope(), &job.selected, stamp, &uids).await;
+                }
+                if let Some(newest) = seen_flags.iter().map(|f| f.1).max() {
+                    remembered.complete(newest, stamp, &uids).await;
                 }
             }
             remembered.reweigh().await;
@@ -1076,25 +1076,79 @@ fn shared_parts(misses: &[Message], job: &Job, shared: bool) -> Vec<std::ops::Ra
         return std::iter::once(0..misses.len()).collect();
     }
     let bodies = job.request.cached_items().any(|w| w.class == Kind::Body);
+    batches(misses.iter().map(|message| match (bodies, message.parsed.item(&message.response, VALIDATOR)) {
+        (true, Some(item)) => size_value(item).unwrap_or(0),
+        _ => 1024,
+    }))
+}
+
+/// Messages of `sizes` (bytes each) cut into the batches one lookup in the second tier
+/// brings: at most [`SHARED_BATCH`] messages and [`SHARED_BATCH_BYTES`] (or one message).
+pub(super) fn batches(sizes: impl Iterator<Item = u64>) -> Vec<std::ops::Range<usize>> {
     let mut parts = Vec::new();
-    let (mut start, mut bytes) = (0, 0u64);
-    for (m, message) in misses.iter().enumerate() {
-        let size = match (bodies, message.parsed.item(&message.response, VALIDATOR)) {
-            (true, Some(item)) => {
-                std::str::from_utf8(&item[VALIDATOR.len()..]).ok().and_then(|n| n.trim().parse().ok()).unwrap_or(0)
-            }
-            _ => 1024,
-        };
-        if m > start && (m - start >= SHARED_BATCH || bytes + size > SHARED_BATCH_BYTES) {
+    let (mut start, mut bytes, mut end) = (0, 0u64, 0);
+    for (m, size) in sizes.enumerate() {
+        if m > start && (m - start >= SHARED_BATCH || bytes.saturating_add(size) > SHARED_BATCH_BYTES) {
             parts.push(start..m);
             (start, bytes) = (m, 0);
         }
-        bytes += size;
+        bytes = bytes.saturating_add(size);
+        end = m + 1;
     }
-    if start < misses.len() {
-        parts.push(start..misses.len());
+    if start < end {
+        parts.push(start..end);
     }
     parts
+}
+
+/// The number of an `RFC822.SIZE n` item.
+pub(super) fn size_value(item: &[u8]) -> Option<u64> {
+    std::str::from_utf8(item.get(VALIDATOR.len()..)?).ok()?.trim().parse().ok()
+}
+
+/// The sizes known of `uids` (`RFC822.SIZE n` items): in memory, else in the second tier
+/// (then kept in memory too).
+pub(super) async fn known_sizes(sizes: &Items, uids: &[u32]) -> HashMap<u32, Bytes> {
+    let mut known = HashMap::with_capacity(uids.len());
+    let mut asked = Vec::new();
+    for &uid in uids {
+        match sizes.peek(uid, 0).await {
+            Some(size) => drop(known.insert(uid, size)),
+            None => asked.push(uid),
+        }
+    }
+    let Some(tier) = sizes.scope().cache.shared() else { return known };
+    for part in asked.chunks(SHARED_BATCH) {
+        let keys: Vec<Key> = part.iter().map(|&uid| sizes.key(uid, 0)).collect();
+        for (&uid, size) in part.iter().zip(tier.get_many(&keys).await) {
+            if let Some(size) = size {
+                sizes.insert(uid, 0, &size).await;
+                known.insert(uid, size);
+            }
+        }
+    }
+    known
+}
+
+/// Fills the `None`s of `values` (the items of `items`, per message of `uids` in order)
+/// from the second tier in one round trip, keeping what it finds in memory too.
+pub(super) async fn fill_from_shared_tier(items: &Items, uids: &[u32], values: &mut [Option<Bytes>]) {
+    let Some(tier) = items.scope().cache.shared() else { return };
+    let per = values.len() / uids.len().max(1);
+    let missing: Vec<usize> = (0..values.len()).filter(|&v| values[v].is_none()).collect();
+    if missing.is_empty() {
+        return;
+    }
+    let keys: Vec<Key> = missing.iter().map(|&v| items.key(uids[v / per], v % per)).collect();
+    let mut served = 0;
+    for (&v, value) in missing.iter().zip(tier.get_many(&keys).await) {
+        if let Some(value) = value {
+            items.insert(uids[v / per], v % per, &value).await;
+            served += value.len();
+            values[v] = Some(value);
+        }
+    }
+    items.scope().cache.served(served);
 }
 
 /// Fills the missing items of `chunk` from the second tier (kept in memory too), in one
@@ -1151,7 +1205,7 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
 
 /// A cached size (in memory or in the shared tier) differs from the one the upstream just
 /// reported: the mailbox was rebuilt under its UIDVALIDITY, and is forgotten (fleet-wide).
-fn size_changed(job: &Job, items: &Items, uid: u32) {
+pub(super) fn size_changed(job: &Job, items: &Items, uid: u32) {
     crate::log_budget::warn_limited!(
         uid,
         mailbox = job.selected.mailbox.as_str(),
