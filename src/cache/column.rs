@@ -97,6 +97,13 @@ impl Column {
         Some(inner.slots[found].1.clone())
     }
 
+    /// The values of UIDs `first..end`, in order.
+    pub fn between(&self, first: u32, end: u32) -> Vec<(u32, Bytes)> {
+        let inner = self.read();
+        let from = inner.slots.partition_point(|&(uid, _)| uid < first);
+        inner.slots[from..].iter().take_while(|&&(uid, _)| uid < end).cloned().collect()
+    }
+
     pub fn contains(&self, uid: u32) -> bool {
         self.read().position(uid).is_ok()
     }

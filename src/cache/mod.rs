@@ -10,6 +10,7 @@
 
 pub mod column;
 pub mod key;
+pub mod ranges;
 pub mod shared;
 
 use std::collections::HashMap;
@@ -241,6 +242,115 @@ impl MessageCache {
         if let Some(tier) = self.shared() {
             tier.put(key, value);
         }
+    }
+
+    /// Shares the values of `keys` (as this cache holds them now) with the fleet, and
+    /// `then` after them (the marks that cover them): the items of a column that a command
+    /// stored many of in one range go as that range's one value, holding every item the
+    /// column has there (see [`ranges`]); the rest one by one.
+    pub async fn share_stored(&self, keys: Vec<Key>, then: Vec<(Key, Bytes)>) {
+        let Some(tier) = self.shared() else { return };
+        let mut by_range: HashMap<(ColumnKey, u32), Vec<Key>> = HashMap::new();
+        let mut single = Vec::new();
+        for key in keys {
+            match &key {
+                Key::Imap(imap) => match imap.column() {
+                    Some(column) => by_range.entry((column, ranges::start(imap.uid))).or_default().push(key),
+                    None => single.push(key),
+                },
+                _ => single.push(key),
+            }
+        }
+        let mut values = Vec::new();
+        for ((column_key, first), keys) in by_range {
+            let column = match self.existing_column(&column_key).await {
+                Some(column) if keys.len() >= ranges::RANGE_FROM => column,
+                _ => {
+                    single.extend(keys);
+                    continue;
+                }
+            };
+            let entries = column.between(first, first.saturating_add(ranges::RANGE_UIDS));
+            if let (false, Key::Imap(imap)) = (entries.is_empty(), &keys[0]) {
+                values.push((ranges::key(imap), Bytes::from(ranges::encode(&entries))));
+            }
+        }
+        for key in single {
+            if let Some(value) = self.peek(&key).await {
+                values.push((key, value));
+            }
+        }
+        values.extend(then);
+        tier.put_all(values);
+    }
+
+    /// The values of `keys` the second tier has (in order), kept in memory too: the range
+    /// values holding column items first, in one round trip, everything in them going to
+    /// memory; then, in a second, the items those lacked, one by one.
+    pub async fn shared_values(&self, keys: &[Key]) -> Vec<Option<Bytes>> {
+        let mut found = vec![None; keys.len()];
+        let Some(tier) = self.shared() else { return found };
+        // Each range once, with the column it fills.
+        let mut range_keys: Vec<Key> = Vec::new();
+        let mut columns: Vec<ColumnKey> = Vec::new();
+        let mut last: Option<(ColumnKey, u32)> = None;
+        for key in keys {
+            let Key::Imap(imap) = key else { continue };
+            let Some(column_key) = imap.column() else { continue };
+            let at = (column_key, ranges::start(imap.uid));
+            if last.as_ref() == Some(&at) {
+                continue;
+            }
+            let range = ranges::key(imap);
+            if !range_keys.contains(&range) {
+                range_keys.push(range);
+                columns.push(at.0.clone());
+            }
+            last = Some(at);
+        }
+        if !range_keys.is_empty() {
+            let values = tier.get_many(&range_keys).await;
+            let mut filled: HashMap<ColumnKey, Arc<Column>> = HashMap::new();
+            for ((range, value), column_key) in range_keys.iter().zip(values).zip(columns) {
+                let (Some(value), Key::Imap(range)) = (value, range) else { continue };
+                let Some(entries) = ranges::decode(&value, range.uid) else {
+                    tracing::debug!("a shared range value that does not decode; ignored");
+                    continue;
+                };
+                let column = match filled.get(&column_key) {
+                    Some(column) => column.clone(),
+                    None => self.column(&column_key).await,
+                };
+                for (uid, value) in entries.iter().filter(|(_, value)| self.admits(value.len())) {
+                    if !column.contains(*uid) {
+                        column.insert(*uid, value);
+                    }
+                }
+                filled.insert(column_key, column);
+            }
+            for (column_key, column) in &filled {
+                self.reweigh(column_key, column, 0).await;
+            }
+            for (key, found) in keys.iter().zip(found.iter_mut()) {
+                if let Key::Imap(imap) = key {
+                    if let Some(column) = imap.column().and_then(|column_key| filled.get(&column_key)) {
+                        *found = column.get(imap.uid);
+                    }
+                }
+            }
+        }
+        let rest: Vec<usize> = (0..keys.len()).filter(|&k| found[k].is_none()).collect();
+        if rest.is_empty() {
+            return found;
+        }
+        let asked: Vec<Key> = rest.iter().map(|&k| keys[k].clone()).collect();
+        for (&k, value) in rest.iter().zip(tier.get_many(&asked).await) {
+            if let Some(value) = value {
+                self.insert(keys[k].clone(), value.clone()).await;
+                found[k] = Some(value);
+            }
+        }
+        found
     }
 
     /// Concurrent misses on one key share one upstream load: the first session to miss

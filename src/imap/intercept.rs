@@ -775,7 +775,9 @@ pub async fn looks_cold(job: &Job, items: &Items) -> bool {
 /// Redis though not in this instance's memory.
 async fn prefetch_shared(job: &Job, items: &Items, uids: &[u32]) {
     let scope = items.scope();
-    let Some(tier) = scope.cache.shared() else { return };
+    if scope.cache.shared().is_none() {
+        return;
+    }
     let validator = Name::new(VALIDATOR);
     let mut keys = Vec::new();
     for &uid in uids {
@@ -790,13 +792,8 @@ async fn prefetch_shared(job: &Job, items: &Items, uids: &[u32]) {
             keys.push(snapshot::key(scope, &job.selected, uid, &validator, Kind::Structure));
         }
     }
-    if keys.is_empty() {
-        return;
-    }
-    for (key, value) in keys.iter().zip(tier.get_many(&keys).await) {
-        if let Some(value) = value {
-            scope.cache.insert(key.clone(), value).await;
-        }
+    if !keys.is_empty() {
+        scope.cache.shared_values(&keys).await;
     }
 }
 
@@ -998,15 +995,18 @@ struct Tally {
     misses: usize,
     /// Sizes learned for the next job, for the fleet's tier too (sent together at the end
     /// of phase one).
-    sizes: Vec<(crate::cache::Key, Bytes)>,
+    sizes: Vec<Key>,
 }
 
 impl Tally {
-    /// Counts the lookups in the session and sends the sizes learned to the fleet's tier.
+    /// Counts the lookups in the session and sends the sizes learned to the fleet's tier
+    /// (gathered in a task of its own, off the client's answer).
     fn close<Io: JobIo>(&mut self, io: &mut Io, items: &Items) {
         io.count(self.hits, self.misses);
-        if let Some(tier) = items.scope().cache.shared() {
-            tier.put_all(std::mem::take(&mut self.sizes));
+        let cache = items.scope().cache.clone();
+        let sizes = std::mem::take(&mut self.sizes);
+        if cache.shared().is_some() && !sizes.is_empty() {
+            tokio::spawn(async move { cache.share_stored(sizes, Vec::new()).await });
         }
     }
 }
@@ -1043,7 +1043,7 @@ async fn settle<Io: JobIo>(
             // can check this message too.
             let size = Bytes::copy_from_slice(size);
             if sizes.scope().cache.shared().is_some() {
-                tally.sizes.push((sizes.key(message.uid, 0), size.clone()));
+                tally.sizes.push(sizes.key(message.uid, 0));
             }
             sizes.insert(message.uid, 0, &size).await;
         }
@@ -1117,12 +1117,14 @@ pub(super) async fn known_sizes(sizes: &Items, uids: &[u32]) -> HashMap<u32, Byt
             None => asked.push(uid),
         }
     }
-    let Some(tier) = sizes.scope().cache.shared() else { return known };
+    let cache = &sizes.scope().cache;
+    if cache.shared().is_none() {
+        return known;
+    }
     for part in asked.chunks(SHARED_BATCH) {
         let keys: Vec<Key> = part.iter().map(|&uid| sizes.key(uid, 0)).collect();
-        for (&uid, size) in part.iter().zip(tier.get_many(&keys).await) {
+        for (&uid, size) in part.iter().zip(cache.shared_values(&keys).await) {
             if let Some(size) = size {
-                sizes.insert(uid, 0, &size).await;
                 known.insert(uid, size);
             }
         }
@@ -1133,7 +1135,10 @@ pub(super) async fn known_sizes(sizes: &Items, uids: &[u32]) -> HashMap<u32, Byt
 /// Fills the `None`s of `values` (the items of `items`, per message of `uids` in order)
 /// from the second tier in one round trip, keeping what it finds in memory too.
 pub(super) async fn fill_from_shared_tier(items: &Items, uids: &[u32], values: &mut [Option<Bytes>]) {
-    let Some(tier) = items.scope().cache.shared() else { return };
+    let cache = &items.scope().cache;
+    if cache.shared().is_none() {
+        return;
+    }
     let per = values.len() / uids.len().max(1);
     let missing: Vec<usize> = (0..values.len()).filter(|&v| values[v].is_none()).collect();
     if missing.is_empty() {
@@ -1141,9 +1146,8 @@ pub(super) async fn fill_from_shared_tier(items: &Items, uids: &[u32], values: &
     }
     let keys: Vec<Key> = missing.iter().map(|&v| items.key(uids[v / per], v % per)).collect();
     let mut served = 0;
-    for (&v, value) in missing.iter().zip(tier.get_many(&keys).await) {
+    for (&v, value) in missing.iter().zip(cache.shared_values(&keys).await) {
         if let Some(value) = value {
-            items.insert(uids[v / per], v % per, &value).await;
             served += value.len();
             values[v] = Some(value);
         }
@@ -1156,7 +1160,9 @@ pub(super) async fn fill_from_shared_tier(items: &Items, uids: &[u32], values: &
 /// the memory tier (see [`settle`]): a different size is a rebuilt mailbox, forgotten
 /// here and fleet-wide, and nothing from Redis is used for it.
 async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wanted<'_>], chunk: &mut [Message]) {
-    let Some(tier) = items.scope().cache.shared() else { return };
+    if items.scope().cache.shared().is_none() {
+        return;
+    }
     let validator = wanted.iter().position(|w| w.response == VALIDATOR);
     // (message, item or None for the size, key)
     let mut asked: Vec<(usize, Option<usize>)> = Vec::new();
@@ -1171,7 +1177,7 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
             keys.push(sizes.key(message.uid, 0));
         }
     }
-    let found = tier.get_many(&keys).await;
+    let found = items.scope().cache.shared_values(&keys).await;
     let mut per_message: Vec<Vec<(Option<usize>, Bytes)>> = vec![Vec::new(); chunk.len()];
     for ((m, i), value) in asked.into_iter().zip(found) {
         if let Some(value) = value {
@@ -1194,7 +1200,6 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
     for (message, found) in chunk.iter_mut().zip(per_message) {
         for (i, value) in found {
             if let Some(i) = i {
-                items.insert(message.uid, i, &value).await;
                 served += value.len();
                 message.items[i] = Some(value);
             }

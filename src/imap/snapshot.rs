@@ -175,9 +175,18 @@ impl Items {
     /// Item `i` of `uid`, without counting a lookup.
     pub async fn peek(&self, uid: u32, i: usize) -> Option<Bytes> {
         match &self.slots[i].column {
-            Some(slot) => slot.column.get()?.get_after(uid, &slot.cursor),
+            Some(slot) => self.resolved(slot).await?.get_after(uid, &slot.cursor),
             None => self.scope.cache.peek(&self.key(uid, i)).await,
         }
+    }
+
+    /// The slot's column: as the command found it, or one created since (the second
+    /// tier's values fill columns a command had not found).
+    async fn resolved<'a>(&self, slot: &'a ColumnSlot) -> Option<&'a Arc<Column>> {
+        if slot.column.get().is_none() {
+            let _ = slot.column.set(self.scope.cache.existing_column(&slot.key).await?);
+        }
+        slot.column.get()
     }
 
     /// Item `i` of `uid`, counted as a hit or a miss.
@@ -194,7 +203,7 @@ impl Items {
 
     pub async fn contains(&self, uid: u32, i: usize) -> bool {
         match &self.slots[i].column {
-            Some(slot) => slot.column.get().is_some_and(|column| column.contains(uid)),
+            Some(slot) => self.resolved(slot).await.is_some_and(|column| column.contains(uid)),
             None => self.scope.cache.contains(&self.key(uid, i)).await,
         }
     }
@@ -327,22 +336,11 @@ impl Stored {
             // Content after a clean completion: now the fleet may have it too, then the mark
             // that says so. Gathered in a task of its own, off the client's answer.
             if scope.cache.shared().is_some() {
+                // Through the cache, not the command's slots: a load another session waited
+                // for filled a column this command had not resolved.
                 let keys: Vec<Key> = self.items.iter().map(|(uid, i)| items.key(*uid, *i)).collect();
                 let (cache, filled) = (scope.cache.clone(), filled.clone());
-                tokio::spawn(async move {
-                    let mut values = Vec::with_capacity(keys.len() + 1);
-                    for key in keys {
-                        // Through the cache, not the command's slots: a load another session
-                        // waited for filled a column this command had not resolved.
-                        if let Some(value) = cache.peek(&key).await {
-                            values.push((key, value));
-                        }
-                    }
-                    values.push((filled, Bytes::new()));
-                    if let Some(tier) = cache.shared() {
-                        tier.put_all(values);
-                    }
-                });
+                tokio::spawn(async move { cache.share_stored(keys, vec![(filled, Bytes::new())]).await });
             }
             scope.cache.insert(filled, Bytes::new()).await;
         }
