@@ -113,6 +113,44 @@ impl Column {
         self.lock().insert(uid, value)
     }
 
+    /// Stores each of `entries` (ascending) whose UID has no value yet, under one lock: a
+    /// range of UIDs amid known ones (the second tier's, see `cache::ranges`) is merged in
+    /// one pass, where inserting them one by one would move the rest each time.
+    pub fn insert_absent(&self, entries: &[(u32, Bytes)]) {
+        let mut inner = self.lock();
+        let absent: Vec<&(u32, Bytes)> = entries.iter().filter(|(uid, _)| inner.position(*uid).is_err()).collect();
+        let Some(&&(first, _)) = absent.first() else { return };
+        if inner.slots.last().is_none_or(|&(last, _)| last < first) {
+            for (uid, value) in absent {
+                inner.insert(*uid, value);
+            }
+            return;
+        }
+        let mut kept: Vec<(u32, Bytes)> = Vec::with_capacity(absent.len());
+        for (uid, value) in absent {
+            if inner.arena.capacity() - inner.arena.len() < value.len() {
+                inner.arena = BytesMut::with_capacity(ARENA_CHUNK.max(value.len()));
+            }
+            inner.arena.extend_from_slice(value);
+            let value = inner.arena.split().freeze();
+            inner.weight += value.len() + SLOT_OVERHEAD;
+            kept.push((*uid, value));
+        }
+        let old = std::mem::take(&mut inner.slots);
+        let mut merged = Vec::with_capacity(old.len() + kept.len());
+        let (mut old, mut kept) = (old.into_iter().peekable(), kept.into_iter().peekable());
+        loop {
+            let next = match (old.peek(), kept.peek()) {
+                (Some(a), Some(b)) if a.0 < b.0 => old.next(),
+                (_, Some(_)) => kept.next(),
+                (Some(_), None) => old.next(),
+                (None, None) => break,
+            };
+            merged.extend(next);
+        }
+        inner.slots = merged;
+    }
+
     /// Stores `value` for `uid` unless what is there must stay (`keep` says so of it): one
     /// decision under the lock, so that of two writers the one with the older value cannot
     /// undo the newer.
@@ -171,6 +209,29 @@ impl Column {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn absent_values_merge_in_order_and_never_replace() {
+        let column = Column::default();
+        for uid in [1, 5, 9] {
+            column.insert(uid, format!("old {uid}").as_bytes());
+        }
+        let entries: Vec<(u32, Bytes)> =
+            [2, 5, 6, 10].iter().map(|&uid| (uid, Bytes::from(format!("new {uid}")))).collect();
+        column.insert_absent(&entries);
+        let all = column.between(0, 100);
+        let uids: Vec<u32> = all.iter().map(|(uid, _)| *uid).collect();
+        assert_eq!(uids, [1, 2, 5, 6, 9, 10]);
+        assert_eq!(column.get(5).unwrap(), "old 5");
+        assert_eq!(column.get(6).unwrap(), "new 6");
+        assert_eq!(column.len(), 6);
+        let weight = column.weight();
+        column.insert_absent(&entries);
+        assert_eq!(column.weight(), weight);
+        // After every known one: appended.
+        column.insert_absent(&[(20, Bytes::from_static(b"x"))]);
+        assert_eq!(column.between(11, 21).len(), 1);
+    }
+
     use super::*;
 
     #[test]

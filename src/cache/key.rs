@@ -95,9 +95,14 @@ pub struct ImapKey {
 }
 
 impl ImapKey {
+    /// Whether the item is kept in a snapshot column (see [`column`](ImapKey::column)).
+    pub fn is_column_item(&self) -> bool {
+        matches!(self.kind, super::Kind::Header | super::Kind::Structure)
+    }
+
     /// The snapshot column holding this item, when it is kept in one.
     pub fn column(&self) -> Option<ColumnKey> {
-        matches!(self.kind, super::Kind::Header | super::Kind::Structure).then(|| ColumnKey {
+        self.is_column_item().then(|| ColumnKey {
             account: self.account.clone(),
             mailbox: self.mailbox.clone(),
             uid_validity: self.uid_validity,

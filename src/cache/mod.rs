@@ -26,6 +26,9 @@ pub use key::{Account, ColumnKey, ImapKey, Key, LoginProof, Name, Pop3Key};
 
 use crate::config::CacheConfig;
 
+/// The most single items one lookup in the second tier asks for (one `MGET`).
+const SHARED_KEYS_PER_LOOKUP: usize = 2048;
+
 /// The cache as one session sees it: whose mail, and the shared cache.
 #[derive(Clone)]
 pub struct Scope {
@@ -289,65 +292,86 @@ impl MessageCache {
     /// memory; then, in a second, the items those lacked, one by one.
     pub async fn shared_values(&self, keys: &[Key]) -> Vec<Option<Bytes>> {
         let mut found = vec![None; keys.len()];
-        let Some(tier) = self.shared() else { return found };
-        // Each range once, with the column it fills.
-        let mut range_keys: Vec<Key> = Vec::new();
-        let mut columns: Vec<ColumnKey> = Vec::new();
-        let mut last: Option<(ColumnKey, u32)> = None;
+        if self.shared().is_none() {
+            return found;
+        }
+        // One key per range (keys come mostly in UID order, a range's run together).
+        let mut representatives: Vec<ImapKey> = Vec::new();
         for key in keys {
             let Key::Imap(imap) = key else { continue };
-            let Some(column_key) = imap.column() else { continue };
-            let at = (column_key, ranges::start(imap.uid));
-            if last.as_ref() == Some(&at) {
+            if !imap.is_column_item() {
                 continue;
             }
-            let range = ranges::key(imap);
-            if !range_keys.contains(&range) {
-                range_keys.push(range);
-                columns.push(at.0.clone());
+            let seen = representatives.iter().rev().take(8).any(|r| {
+                ranges::start(r.uid) == ranges::start(imap.uid) && r.item == imap.item && r.mailbox == imap.mailbox
+            });
+            if !seen {
+                representatives.push(imap.clone());
             }
-            last = Some(at);
         }
-        if !range_keys.is_empty() {
-            let values = tier.get_many(&range_keys).await;
-            let mut filled: HashMap<ColumnKey, Arc<Column>> = HashMap::new();
-            for ((range, value), column_key) in range_keys.iter().zip(values).zip(columns) {
-                let (Some(value), Key::Imap(range)) = (value, range) else { continue };
-                let Some(entries) = ranges::decode(&value, range.uid) else {
-                    tracing::debug!("a shared range value that does not decode; ignored");
-                    continue;
-                };
-                let column = match filled.get(&column_key) {
-                    Some(column) => column.clone(),
-                    None => self.column(&column_key).await,
-                };
-                for (uid, value) in entries.iter().filter(|(_, value)| self.admits(value.len())) {
-                    if !column.contains(*uid) {
-                        column.insert(*uid, value);
-                    }
-                }
-                filled.insert(column_key, column);
-            }
-            for (column_key, column) in &filled {
-                self.reweigh(column_key, column, 0).await;
-            }
+        if !representatives.is_empty() {
+            let columns = self.fill_ranges(&representatives).await;
             for (key, found) in keys.iter().zip(found.iter_mut()) {
                 if let Key::Imap(imap) = key {
-                    if let Some(column) = imap.column().and_then(|column_key| filled.get(&column_key)) {
+                    if let Some((_, column)) = columns.iter().find(|(item, _)| *item == imap.item) {
                         *found = column.get(imap.uid);
                     }
                 }
             }
         }
         let rest: Vec<usize> = (0..keys.len()).filter(|&k| found[k].is_none()).collect();
-        if rest.is_empty() {
-            return found;
-        }
         let asked: Vec<Key> = rest.iter().map(|&k| keys[k].clone()).collect();
-        for (&k, value) in rest.iter().zip(tier.get_many(&asked).await) {
-            if let Some(value) = value {
-                self.insert(keys[k].clone(), value.clone()).await;
-                found[k] = Some(value);
+        for (k, value) in rest.into_iter().zip(self.shared_items(&asked).await) {
+            found[k] = value;
+        }
+        found
+    }
+
+    /// Brings the range values of the second tier that hold `representatives` (a column
+    /// item's key per range, of one mailbox) into memory, in one round trip; the columns
+    /// filled, by item name.
+    pub async fn fill_ranges(&self, representatives: &[ImapKey]) -> Vec<(Name, Arc<Column>)> {
+        let mut filled: Vec<(Name, Arc<Column>)> = Vec::new();
+        let Some(tier) = self.shared() else { return filled };
+        let range_keys: Vec<Key> = representatives.iter().map(ranges::key).collect();
+        for (imap, value) in representatives.iter().zip(tier.get_many(&range_keys).await) {
+            let (Some(value), Some(column_key)) = (value, imap.column()) else { continue };
+            let Some(entries) = ranges::decode(&value, ranges::start(imap.uid)) else {
+                tracing::debug!("a shared range value that does not decode; ignored");
+                continue;
+            };
+            let column = match filled.iter().find(|(item, _)| *item == imap.item) {
+                Some((_, column)) => column.clone(),
+                None => {
+                    let column = self.column(&column_key).await;
+                    filled.push((imap.item.clone(), column.clone()));
+                    column
+                }
+            };
+            let admitted: Vec<(u32, Bytes)> =
+                entries.into_iter().filter(|(_, value)| self.admits(value.len())).collect();
+            column.insert_absent(&admitted);
+        }
+        for (item, column) in &filled {
+            if let Some(imap) = representatives.iter().find(|r| r.item == *item) {
+                if let Some(column_key) = imap.column() {
+                    self.reweigh(&column_key, column, 0).await;
+                }
+            }
+        }
+        filled
+    }
+
+    /// The single items of `keys` the second tier has (in order), kept in memory too.
+    pub async fn shared_items(&self, keys: &[Key]) -> Vec<Option<Bytes>> {
+        let mut found = Vec::with_capacity(keys.len());
+        let Some(tier) = self.shared() else { return vec![None; keys.len()] };
+        for part in keys.chunks(SHARED_KEYS_PER_LOOKUP) {
+            for (key, value) in part.iter().zip(tier.get_many(part).await) {
+                if let Some(value) = &value {
+                    self.insert(key.clone(), value.clone()).await;
+                }
+                found.push(value);
             }
         }
         found

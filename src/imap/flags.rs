@@ -365,6 +365,14 @@ pub(super) async fn answer<Io: JobIo>(
     // (they cut the batches below).
     let bodies = job.request.cached_items().any(|w| w.class == Kind::Body);
     let uids: Vec<u32> = if bodies { messages.iter().map(|&(_, uid)| uid).collect() } else { sample.clone() };
+    // Headers and structure are small: all of them now, from memory and then the second
+    // tier, while the upstream works (what comes from the tier is kept in memory anyway).
+    // Bodies come a batch at a time below, bounded by their sizes.
+    let per = wanted.len();
+    fill.items.refresh().await;
+    let mut early = if bodies { None } else { Some(gather(&fill.items, &messages, per).await) };
+    // After those: a header sync's sizes are among them.
+    sizes.refresh().await;
     let known = intercept::known_sizes(sizes, &uids).await;
 
     let in_set = |uid: u32| messages.binary_search_by_key(&uid, |&(_, u)| u).is_ok();
@@ -469,31 +477,27 @@ pub(super) async fn answer<Io: JobIo>(
             })
             .collect()
     };
-    // A batch at a time: memory first, the second tier for what memory lacks (one round
-    // trip), then the batch's answers. Looked at without counting: a message with anything
+    // A batch at a time (headers and structure: one, gathered above): memory first, the
+    // second tier for what memory lacks, then the batch's answers. A message with anything
     // still missing is relayed whole, and its items count as misses when that relay stores
     // them.
-    let per = wanted.len();
     let unknown = scope.cache.shared().map_or(0, |tier| tier.max_item_bytes() as u64);
-    let batch_sizes = messages.iter().map(|(_, uid)| match (bodies, known.get(uid)) {
-        (false, _) => 1024,
-        (true, Some(size)) => intercept::size_value(size).unwrap_or(unknown),
-        (true, None) => unknown,
-    });
+    let batches = match bodies {
+        false => std::iter::once(0..messages.len()).collect(),
+        true => intercept::batches(messages.iter().map(|(_, uid)| match known.get(uid) {
+            Some(size) => intercept::size_value(size).unwrap_or(unknown),
+            None => unknown,
+        })),
+    };
     let (mut served, mut hits, mut from_shared, mut answered) = (0, 0, 0, 0);
     let mut misses = Vec::new();
     let mut head = Vec::with_capacity(32);
-    for batch in intercept::batches(batch_sizes) {
+    for batch in batches {
         let batch_messages = &messages[batch.clone()];
-        let mut values: Vec<Option<Bytes>> = Vec::with_capacity(batch_messages.len() * per);
-        for &(_, uid) in batch_messages {
-            for i in 0..per {
-                values.push(fill.items.peek(uid, i).await);
-            }
-        }
-        let in_memory: Vec<bool> = values.iter().map(Option::is_some).collect();
-        let uids: Vec<u32> = batch_messages.iter().map(|&(_, uid)| uid).collect();
-        intercept::fill_from_shared_tier(&fill.items, &uids, &mut values).await;
+        let (values, in_memory) = match early.take() {
+            Some(early) => early,
+            None => gather(&fill.items, batch_messages, per).await,
+        };
         for ((m, &(seq, uid)), flags_item) in batch_messages.iter().enumerate().zip(&flag_items[batch]) {
             let row = &values[m * per..(m + 1) * per];
             if row.iter().any(Option::is_none) {
@@ -536,6 +540,21 @@ pub(super) async fn answer<Io: JobIo>(
     }
     intercept::finish(io, client_tag, &status).await?;
     Ok(true)
+}
+
+/// The items of `messages` (`per` each, in order) from memory, then what memory lacks from
+/// the second tier (one lookup); and which of them memory had.
+async fn gather(items: &Items, messages: &[(u32, u32)], per: usize) -> (Vec<Option<Bytes>>, Vec<bool>) {
+    let mut values: Vec<Option<Bytes>> = Vec::with_capacity(messages.len() * per);
+    for &(_, uid) in messages {
+        for i in 0..per {
+            values.push(items.peek(uid, i).await);
+        }
+    }
+    let in_memory: Vec<bool> = values.iter().map(Option::is_some).collect();
+    let uids: Vec<u32> = messages.iter().map(|&(_, uid)| uid).collect();
+    intercept::fill_from_shared_tier(items, &uids, &mut values).await;
+    (values, in_memory)
 }
 
 /// The UIDs whose sizes a resync answered from remembered flags checks: the last message's

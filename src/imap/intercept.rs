@@ -794,6 +794,7 @@ async fn prefetch_shared(job: &Job, items: &Items, uids: &[u32]) {
     }
     if !keys.is_empty() {
         scope.cache.shared_values(&keys).await;
+        items.refresh().await;
     }
 }
 
@@ -1129,6 +1130,7 @@ pub(super) async fn known_sizes(sizes: &Items, uids: &[u32]) -> HashMap<u32, Byt
             }
         }
     }
+    sizes.refresh().await;
     known
 }
 
@@ -1136,23 +1138,46 @@ pub(super) async fn known_sizes(sizes: &Items, uids: &[u32]) -> HashMap<u32, Byt
 /// from the second tier in one round trip, keeping what it finds in memory too.
 pub(super) async fn fill_from_shared_tier(items: &Items, uids: &[u32], values: &mut [Option<Bytes>]) {
     let cache = &items.scope().cache;
-    if cache.shared().is_none() {
+    if cache.shared().is_none() || uids.is_empty() {
         return;
     }
-    let per = values.len() / uids.len().max(1);
-    let missing: Vec<usize> = (0..values.len()).filter(|&v| values[v].is_none()).collect();
-    if missing.is_empty() {
-        return;
-    }
-    let keys: Vec<Key> = missing.iter().map(|&v| items.key(uids[v / per], v % per)).collect();
-    let mut served = 0;
-    for (&v, value) in missing.iter().zip(cache.shared_values(&keys).await) {
-        if let Some(value) = value {
-            served += value.len();
-            values[v] = Some(value);
+    let per = values.len() / uids.len();
+    // The ranges of column items first: a key per range that lacks something.
+    let mut representatives = Vec::new();
+    for i in (0..per).filter(|&i| items.is_column(i)) {
+        let mut last = None;
+        for (m, &uid) in uids.iter().enumerate() {
+            let start = crate::cache::ranges::start(uid);
+            if values[m * per + i].is_none() && last != Some(start) {
+                if let Key::Imap(imap) = items.key(uid, i) {
+                    representatives.push(imap);
+                }
+                last = Some(start);
+            }
         }
     }
-    items.scope().cache.served(served);
+    let mut served = 0;
+    if !representatives.is_empty() {
+        cache.fill_ranges(&representatives).await;
+        items.refresh().await;
+        for (v, value) in values.iter_mut().enumerate().filter(|(_, value)| value.is_none()) {
+            if items.is_column(v % per) {
+                *value = items.peek(uids[v / per], v % per).await;
+                served += value.as_ref().map_or(0, Bytes::len);
+            }
+        }
+    }
+    // Then what no range held, one by one.
+    let missing: Vec<usize> = (0..values.len()).filter(|&v| values[v].is_none()).collect();
+    if !missing.is_empty() {
+        let keys: Vec<Key> = missing.iter().map(|&v| items.key(uids[v / per], v % per)).collect();
+        for (&v, value) in missing.iter().zip(cache.shared_items(&keys).await) {
+            served += value.as_ref().map_or(0, Bytes::len);
+            values[v] = value;
+        }
+        items.refresh().await;
+    }
+    cache.served(served);
 }
 
 /// Fills the missing items of `chunk` from the second tier (kept in memory too), in one
@@ -1178,6 +1203,8 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
         }
     }
     let found = items.scope().cache.shared_values(&keys).await;
+    items.refresh().await;
+    sizes.refresh().await;
     let mut per_message: Vec<Vec<(Option<usize>, Bytes)>> = vec![Vec::new(); chunk.len()];
     for ((m, i), value) in asked.into_iter().zip(found) {
         if let Some(value) = value {

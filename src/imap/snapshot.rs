@@ -172,21 +172,29 @@ impl Items {
         key(&self.scope, &self.selected, uid, &self.slots[i].item, self.slots[i].kind)
     }
 
+    /// Whether item `i` lives in a column (headers and structure; bodies do not).
+    pub fn is_column(&self, i: usize) -> bool {
+        self.slots[i].column.is_some()
+    }
+
     /// Item `i` of `uid`, without counting a lookup.
     pub async fn peek(&self, uid: u32, i: usize) -> Option<Bytes> {
         match &self.slots[i].column {
-            Some(slot) => self.resolved(slot).await?.get_after(uid, &slot.cursor),
+            Some(slot) => slot.column.get()?.get_after(uid, &slot.cursor),
             None => self.scope.cache.peek(&self.key(uid, i)).await,
         }
     }
 
-    /// The slot's column: as the command found it, or one created since (the second
-    /// tier's values fill columns a command had not found).
-    async fn resolved<'a>(&self, slot: &'a ColumnSlot) -> Option<&'a Arc<Column>> {
-        if slot.column.get().is_none() {
-            let _ = slot.column.set(self.scope.cache.existing_column(&slot.key).await?);
+    /// Finds the columns created since the command resolved its own (the second tier's
+    /// values fill columns a command had not found).
+    pub async fn refresh(&self) {
+        for slot in self.slots.iter().filter_map(|s| s.column.as_ref()) {
+            if slot.column.get().is_none() {
+                if let Some(found) = self.scope.cache.existing_column(&slot.key).await {
+                    let _ = slot.column.set(found);
+                }
+            }
         }
-        slot.column.get()
     }
 
     /// Item `i` of `uid`, counted as a hit or a miss.
@@ -203,7 +211,7 @@ impl Items {
 
     pub async fn contains(&self, uid: u32, i: usize) -> bool {
         match &self.slots[i].column {
-            Some(slot) => self.resolved(slot).await.is_some_and(|column| column.contains(uid)),
+            Some(slot) => slot.column.get().is_some_and(|column| column.contains(uid)),
             None => self.scope.cache.contains(&self.key(uid, i)).await,
         }
     }
