@@ -41,6 +41,10 @@ const FLAGS_ITEM: &str = "\0flags";
 const MODSEQ_MARK: &str = "\0modseq";
 /// The whole column with its mark, as the fleet's tier holds it (one value per mailbox).
 const SHARED_MARK: &str = "\0flags-column";
+/// When this instance last shared the column (seconds since the epoch; memory only).
+const SHARED_AT_MARK: &str = "\0flags-shared-at";
+/// The least time between two shares of one mailbox's column by one instance.
+const SHARE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Without the flags of more than this many of a resync's messages (plus a tenth of them),
 /// the full way is cheaper than asking for the rest.
@@ -87,6 +91,17 @@ impl Flags {
         if scope.cache.shared().is_none() {
             return;
         }
+        // At most every SHARE_EVERY per mailbox and instance: a busy mailbox's mark rises
+        // with every resync after new mail, and the value is the whole column. Another
+        // instance starting from an older mark only gets more changes from its CHANGEDSINCE.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let shared_at = snapshot::mark(scope, self.items.selected(), SHARED_AT_MARK);
+        let last =
+            scope.cache.peek(&shared_at).await.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)));
+        if last.is_some_and(|last| now.saturating_sub(last) < SHARE_EVERY.as_secs()) {
+            return;
+        }
+        scope.cache.insert(shared_at, Bytes::copy_from_slice(&now.to_be_bytes())).await;
         let mut entries = Vec::with_capacity(uids.len());
         for &uid in uids {
             match self.items.peek(uid, 0).await {
