@@ -454,6 +454,7 @@ pub fn sasl_plain(data: &[u8]) {
         user: user.to_string(),
         password: Secret::new(password.clone()),
         authzid: (!authzid.is_empty() && authzid != user).then(|| authzid.to_string()),
+        oauth: None,
     };
     let decoded = auth::decode_plain(auth::encode_plain(&credentials).expose().as_bytes());
     if user.is_empty() || password.is_empty() {
