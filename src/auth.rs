@@ -53,7 +53,12 @@ pub fn decode_plain(base64: &[u8]) -> Result<Credentials, SaslError> {
     if user.is_empty() || password.expose().is_empty() {
         return Err(SaslError::Empty);
     }
-    Ok(Credentials { authzid: (!authzid.is_empty() && authzid != user).then_some(authzid), user, password, oauth: None })
+    Ok(Credentials {
+        authzid: (!authzid.is_empty() && authzid != user).then_some(authzid),
+        user,
+        password,
+        oauth: None,
+    })
 }
 
 /// Encodes credentials as a SASL PLAIN initial response (for the upstream login).

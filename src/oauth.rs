@@ -134,8 +134,10 @@ pub struct Envelope {
 }
 
 /// Base64 as clients send it: padding is the upstream's to judge, not mailgate's.
-const BASE64: GeneralPurpose =
-    GeneralPurpose::new(&STANDARD, GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent));
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// The credentials of a client's `mechanism` response (its base64 text): the envelope's
 /// user as the login name, its token where a password would be (for the failed-login
@@ -318,7 +320,10 @@ mod tests {
 
     #[test]
     fn garbage_and_oversize_are_refused() {
-        assert_eq!(credentials(Mechanism::XOAuth2, Secret::new(b"!!notbase64".to_vec())).unwrap_err(), EnvelopeError::Base64);
+        assert_eq!(
+            credentials(Mechanism::XOAuth2, Secret::new(b"!!notbase64".to_vec())).unwrap_err(),
+            EnvelopeError::Base64
+        );
         assert_eq!(credentials(Mechanism::XOAuth2, Secret::new(Vec::new())).unwrap_err(), EnvelopeError::Shape);
         let huge = vec![b'A'; MAX_RESPONSE_BYTES * 2];
         assert_eq!(credentials(Mechanism::OAuthBearer, Secret::new(huge)).unwrap_err(), EnvelopeError::TooLong);

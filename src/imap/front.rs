@@ -22,11 +22,11 @@ use super::framing::{parse_announce, strip_eol, Event, FrameError, Framer};
 use super::response::relayable_capabilities;
 use super::upstream::{login, LoggedIn};
 use crate::auth::{decode_plain, Credentials};
-use crate::oauth::{EnvelopeError, Mechanism, SaslClient};
-use crate::secret::Secret;
 use crate::metrics::clients::Software;
+use crate::oauth::{EnvelopeError, Mechanism, SaslClient};
 use crate::origin::Origin;
 use crate::plaintext::Verdict;
+use crate::secret::Secret;
 use crate::service::{Handover, LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
 use crate::stream::Stream;
 

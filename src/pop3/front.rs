@@ -73,7 +73,9 @@ impl Conn {
                     Ok(step) => step,
                     Err(CodecError::LineTooLong(max)) => {
                         let head = [self.lines.pending(), &self.buffer[..self.buffer.len().min(5)]].concat();
-                        if max < limits.max_sasl_line_bytes.as_usize() && head[..head.len().min(5)].eq_ignore_ascii_case(b"AUTH ") {
+                        if max < limits.max_sasl_line_bytes.as_usize()
+                            && head[..head.len().min(5)].eq_ignore_ascii_case(b"AUTH ")
+                        {
                             self.lines.set_max(limits.max_sasl_line_bytes.as_usize());
                             continue;
                         }
@@ -379,7 +381,9 @@ async fn auth(conn: &mut Conn, service: &Service, args: &str) -> Result<(Outcome
         }
     };
     let credentials = match oauth {
-        Some(oauth) => crate::oauth::credentials(oauth, response).map_err(|e| format!("{} response: {e}", oauth.name())),
+        Some(oauth) => {
+            crate::oauth::credentials(oauth, response).map_err(|e| format!("{} response: {e}", oauth.name()))
+        }
         None => decode_plain(response.expose()).map_err(|e| format!("PLAIN response: {e}")),
     };
     Ok(match credentials {

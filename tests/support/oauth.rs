@@ -27,6 +27,8 @@ pub struct Introspection {
     pub requests: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Holds the passdb's settings file for as long as a Dovecot may read it.
+    dir: tempfile::TempDir,
 }
 
 impl Introspection {
@@ -54,7 +56,8 @@ impl Introspection {
                 }
             }
         });
-        Introspection { addr, requests, stop, thread: Some(thread) }
+        let dir = tempfile::tempdir().unwrap();
+        Introspection { addr, requests, stop, thread: Some(thread), dir }
     }
 
     /// Requests answered so far.
@@ -63,8 +66,9 @@ impl Introspection {
     }
 
     /// A Dovecot serving `users` (name, password) that also takes OAUTHBEARER and XOAUTH2
-    /// tokens checked here; `dir` holds the passdb's settings file.
-    pub fn dovecot(&self, dir: &std::path::Path, users: &[(&str, &str)]) -> Dovecot {
+    /// tokens checked here.
+    pub fn dovecot(&self, users: &[(&str, &str)]) -> Dovecot {
+        let dir = self.dir.path();
         // The auth process (not root) reads the settings file.
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let args = dir.join("dovecot-oauth2.conf.ext");
