@@ -467,6 +467,31 @@ pub fn sasl_plain(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------
+// OAuth SASL envelopes (OAUTHBEARER, XOAUTH2)
+
+/// The first byte picks the mechanism, the rest is a decoded response. Never panics; what
+/// is accepted names a user and a token that, written again in the mechanism's form (the
+/// GS2 escapes included), read back the same.
+pub fn sasl_oauth(data: &[u8]) {
+    use crate::oauth::{parse, Mechanism};
+    let Some((&first, raw)) = data.split_first() else { return };
+    let mechanism = if first & 1 == 0 { Mechanism::OAuthBearer } else { Mechanism::XOAuth2 };
+    let Ok(envelope) = parse(mechanism, raw) else { return };
+    assert!(!envelope.user.is_empty() && !envelope.token.expose().is_empty());
+    assert!(!envelope.user.chars().any(char::is_control));
+    let token = envelope.token.expose();
+    let again = match mechanism {
+        Mechanism::OAuthBearer => {
+            let user = envelope.user.replace('=', "=3D").replace(',', "=2C");
+            format!("n,a={user},\x01auth=Bearer {token}\x01\x01")
+        }
+        Mechanism::XOAuth2 => format!("user={}\x01auth=Bearer {token}\x01\x01", envelope.user),
+    };
+    let reread = parse(mechanism, again.as_bytes()).expect("a written envelope reads back");
+    assert_eq!((reread.user, reread.token.expose()), (envelope.user, token));
+}
+
+// ---------------------------------------------------------------------------------------
 // PROXY header
 
 /// The PROXY decoder read as the listener reads it (exactly the bytes it asks for) gives
