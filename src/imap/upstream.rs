@@ -3,7 +3,8 @@
 //! The dialogue: greeting → (STARTTLS → handshake → CAPABILITY again) → LOGIN or
 //! AUTHENTICATE PLAIN, or the client's own OAuth response (OAUTHBEARER, XOAUTH2) with its
 //! error challenge relayed to the client. The same first steps, then LOGOUT, are the
-//! [`probe`] that learns which OAuth mechanisms the upstream offers. Rules that keep credentials safe:
+//! [`probe`] that learns which OAuth mechanisms the upstream offers. Rules that keep
+//! credentials safe:
 //! - with `tls = "starttls"`, nothing but CAPABILITY and STARTTLS is sent before the
 //!   handshake; an upstream that does not offer STARTTLS never sees the credentials;
 //! - any byte the upstream sent after its STARTTLS `OK` aborts the login (the injection of

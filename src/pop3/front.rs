@@ -1,8 +1,8 @@
 //! The POP3 AUTHORIZATION state, answered by mailgate itself (RFC 1939, 2449, 2595, 5034):
 //! greeting (without an APOP timestamp: APOP cannot be proxied), CAPA, STLS, USER/PASS,
 //! AUTH PLAIN, AUTH OAUTHBEARER / XOAUTH2 under TLS where the upstream offers them
-//! (passed through, see `crate::oauth`), QUIT. The upstream is contacted only for credentials received over TLS (or
-//! on a listener configured for plaintext).
+//! (passed through, see `crate::oauth`), QUIT. The upstream is contacted only for
+//! credentials received over TLS (or on a listener configured for plaintext).
 //!
 //! Refusals carry RFC 3206 codes: `-ERR [AUTH]` for credentials, `-ERR [SYS/TEMP]` when the
 //! upstream cannot be reached; the upstream's own `[IN-USE]`, `[LOGIN-DELAY]` and `[SYS/*]`
