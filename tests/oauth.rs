@@ -303,3 +303,85 @@ fn pop3_oauth_logs_in_fails_with_the_challenge_and_waits_for_tls() {
     assert_eq!(introspection.count(), asked);
     assert_no_token_logged(&setup, &responses);
 }
+
+/// The exchange byte by byte, against a scripted upstream without SASL-IR: the client's
+/// response reaches it unchanged after its `+`, its challenge reaches the client and the
+/// client's answer goes back; an upstream that stops offering the mechanism refuses it
+/// (no guess) and is no longer announced.
+#[test]
+fn the_exchange_passes_unchanged_and_follows_what_the_upstream_offers() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use support::fake_upstream::{FakeConn, FakeUpstream};
+    use support::gateway::Gateway;
+    use support::setup::gateway_config;
+    use support::tls::TestPki;
+
+    const CHALLENGE: &str = "eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiQmVhcmVyIn0=";
+    let good = xoauth2("carol@example.org", "tok-carol-9a8b7c");
+    let offer = Arc::new(AtomicBool::new(true));
+    let (offering, accepted) = (offer.clone(), good.clone());
+    let fake = FakeUpstream::start(None, move |conn: &mut FakeConn| {
+        let mechanism = if offering.load(Ordering::SeqCst) { " AUTH=XOAUTH2" } else { "" };
+        conn.send(format!("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN{mechanism}] fake\r\n").as_bytes());
+        while let Some(line) = conn.line() {
+            let tag = line.split(' ').next().unwrap_or_default().to_string();
+            if line.ends_with(" AUTHENTICATE XOAUTH2") {
+                conn.send(b"+ \r\n");
+                let Some(response) = conn.line() else { return };
+                if response == accepted {
+                    conn.send(format!("{tag} OK [CAPABILITY IMAP4rev1] in\r\n").as_bytes());
+                } else {
+                    conn.send(format!("+ {CHALLENGE}\r\n").as_bytes());
+                    let Some(_dummy) = conn.line() else { return };
+                    conn.send(format!("{tag} NO [AUTHENTICATIONFAILED] bad token\r\n").as_bytes());
+                }
+            } else {
+                conn.send(format!("{tag} OK\r\n").as_bytes());
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let config = gateway_config(&pki, &fake.addr.to_string(), "plaintext", None, "", LIMITS);
+    let gateway = Gateway::start(dir.path(), &config);
+    assert!(gateway.wait_for_log("upstream OAuth mechanisms learned", Duration::from_secs(10)));
+    let client = || {
+        let mut client = Client::tls(gateway.addr("imaps"), pki.client_config(&[]));
+        let greeting = client.line().unwrap();
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+        client
+    };
+
+    let mut carol = client();
+    let caps = carol.command("a", "CAPABILITY");
+    assert!(caps[0].ends_with("AUTH=PLAIN AUTH=XOAUTH2"), "only what the upstream offers: {caps:?}");
+    let ok = carol.command("b", &format!("AUTHENTICATE XOAUTH2 {good}"));
+    assert!(ok.last().unwrap().starts_with("b OK"), "{ok:?}");
+    assert!(fake.received().contains(&format!("M2 AUTHENTICATE XOAUTH2\r\n{good}\r\n")), "{}", fake.received());
+
+    let bad = xoauth2("carol@example.org", "tok-revoked");
+    let mut client_b = client();
+    client_b.send(format!("c AUTHENTICATE XOAUTH2 {bad}\r\n").as_bytes());
+    assert_eq!(client_b.line().unwrap(), format!("+ {CHALLENGE}"), "the upstream's challenge, unchanged");
+    client_b.send(b"\r\n");
+    let no = client_b.until_tagged("c");
+    assert!(no.last().unwrap().starts_with("c NO [AUTHENTICATIONFAILED]"), "{no:?}");
+    assert!(fake.received().contains(&format!("{bad}\r\n\r\n")), "the client's empty answer went through");
+
+    // The upstream stops offering XOAUTH2: the next login learns it.
+    offer.store(false, Ordering::SeqCst);
+    let no = client_b.command("d", &format!("AUTHENTICATE XOAUTH2 {good}"));
+    assert!(no.last().unwrap().starts_with("d NO [AUTHENTICATIONFAILED]"), "{no:?}");
+    let mut later = client();
+    let caps = later.command("e", "CAPABILITY");
+    assert!(!caps[0].contains("XOAUTH2"), "{caps:?}");
+    let no = later.command("f", &format!("AUTHENTICATE XOAUTH2 {good}"));
+    assert!(no[0].starts_with("f NO [CANNOT]"), "{no:?}");
+    let text = gateway.metrics();
+    let rejected = "mailgate_logins_total{listener=\"imaps\",protocol=\"imap\",result=\"rejected\"}";
+    let value = text.lines().find_map(|l| l.strip_prefix(rejected)).map(str::trim);
+    assert_eq!(value, Some("2"), "the revoked token and the mechanism no longer offered");
+    let log = gateway.log();
+    assert!(!log.contains("tok-") && !log.contains(&good) && !log.contains(&bad), "{log}");
+}
