@@ -80,6 +80,12 @@ impl Offered {
         self.0.store(bits, Ordering::Relaxed);
     }
 
+    /// Takes what `other` learned (a reloaded configuration's pool, from the pool it
+    /// replaces, until its own probe answers).
+    pub fn inherit(&self, other: &Offered) {
+        self.0.store(other.0.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     pub fn offers(&self, mechanism: Mechanism) -> bool {
         self.0.load(Ordering::Relaxed) & mechanism.bit() != 0
     }
@@ -373,5 +379,8 @@ mod tests {
         assert_eq!(offered.mechanisms().collect::<Vec<_>>(), Mechanism::ALL);
         offered.learn(["OAUTHBEARER"]);
         assert!(offered.offers(Mechanism::OAuthBearer) && !offered.offers(Mechanism::XOAuth2));
+        let reloaded = Offered::default();
+        reloaded.inherit(&offered);
+        assert_eq!(reloaded.mechanisms().collect::<Vec<_>>(), [Mechanism::OAuthBearer]);
     }
 }
