@@ -135,6 +135,8 @@ pub struct Generation {
     pub services: Vec<Arc<Service>>,
     pub upstreams: Vec<(Arc<Upstream>, Protocol)>,
     pub health: CancellationToken,
+    /// Parked IMAP sessions, when `[imap] reuse_for` is set: closed with the generation.
+    pub reuse: Option<Arc<imap::reuse::Pool>>,
 }
 
 impl Generation {
@@ -144,6 +146,9 @@ impl Generation {
         for (upstream, protocol) in &self.upstreams {
             upstream.watch(metrics.upstream_host_up.clone(), protocol.name(), self.health.clone());
             tokio::spawn(learn_oauth(Arc::downgrade(upstream), *protocol, self.health.clone()));
+        }
+        if let Some(reuse) = &self.reuse {
+            tokio::spawn(reuse.clone().sweep(self.health.clone()));
         }
     }
 
@@ -223,6 +228,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
             acceptors.insert(l.name.as_str(), Arc::new(tls::ServerTls::for_listener(&certificates, l)?));
         }
     }
+    let reuse = imap::reuse::Pool::new(&config.imap, shared.metrics.clone(), shared.token.clone());
     let services = (config.listeners.iter())
         .map(|settings| {
             Arc::new(Service {
@@ -243,6 +249,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
                 router: routers[&settings.protocol].clone(),
                 plaintext: plaintext::Policy::new(settings, &config.listeners),
                 listener: settings.name.clone(),
+                reuse: (settings.protocol == Protocol::Imap).then(|| reuse.clone()).flatten(),
             })
         })
         .collect();
@@ -251,7 +258,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
         let gauge = shared.metrics.plaintext_enforce_after.with_label_values(&[&settings.name]);
         gauge.set(settings.enforce_after.map_or(0, |at| at.0.unix_timestamp()));
     }
-    Ok(Generation { services, upstreams, health: shared.token.child_token() })
+    Ok(Generation { services, upstreams, health: shared.token.child_token(), reuse })
 }
 
 /// Serves on already-bound listeners (one per `config.listeners` entry) until `shutdown`
