@@ -29,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::response::Status;
 use super::upstream::LoggedIn;
 use crate::auth::Credentials;
 use crate::cache::LoginProof;
@@ -192,7 +193,7 @@ impl Pool {
                 // The newest: the most recently checked by use.
                 let position = parked.iter().rposition(|p| p.key == *key)?;
                 let taken = parked.remove(position).expect("position is in range");
-                self.metrics.upstream_sessions_parked.set(parked.len() as i64);
+                self.metrics.upstream_sessions_parked.dec();
                 taken
             };
             let Parked { mut stream, capabilities, proof, .. } = parked;
@@ -234,7 +235,8 @@ impl Pool {
                 evicted.extend(parked.pop_front());
             }
             parked.push_back(Parked { key, since: Instant::now(), stream, capabilities, proof });
-            self.metrics.upstream_sessions_parked.set(parked.len() as i64);
+            // Added and taken, not set: a reload's old and new pools overlap for a moment.
+            self.metrics.upstream_sessions_parked.add(1 - evicted.len() as i64);
         }
         self.dropped("evicted", evicted.len());
         for parked in evicted {
@@ -252,7 +254,7 @@ impl Pool {
             expired += 1;
         }
         if expired > 0 {
-            self.metrics.upstream_sessions_parked.set(parked.len() as i64);
+            self.metrics.upstream_sessions_parked.sub(expired as i64);
             self.dropped("expired", expired);
         }
     }
@@ -273,7 +275,7 @@ impl Pool {
         }
         self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
         let all: Vec<Parked> = self.lock().drain(..).collect();
-        self.metrics.upstream_sessions_parked.set(0);
+        self.metrics.upstream_sessions_parked.sub(all.len() as i64);
         let reason = if self.shutdown.is_cancelled() { "shutdown" } else { "reload" };
         self.dropped(reason, all.len());
         if !all.is_empty() {
@@ -299,34 +301,48 @@ impl Pool {
     }
 }
 
-/// Sends `line` and reads its answer within [`CHECK`]: true on the tagged `OK` (or, with
-/// `bad_ok`, a `BAD`: `UNSELECT` without a selected mailbox) with nothing else from the
-/// session but (with `bad_ok`) untagged lines about the mailbox being left, and nothing
-/// after it. Literals are not expected: one makes the answer a failure.
-async fn command(stream: &mut Stream, line: &[u8], tag: &[u8], bad_ok: bool) -> bool {
+/// Sends `line` and reads its answer within [`CHECK`]; see [`verdict`].
+async fn command(stream: &mut Stream, line: &[u8], tag: &[u8], unselect: bool) -> bool {
     let answer = tokio::time::timeout(CHECK, async {
         stream.write_all(line).await?;
         stream.flush().await?;
         let mut buffer = BytesMut::with_capacity(512);
         loop {
             if stream.read_buf(&mut buffer).await? == 0 || buffer.len() > MAX_ANSWER {
-                return Ok::<_, std::io::Error>(None);
+                return Ok::<_, std::io::Error>(false);
             }
-            if buffer.ends_with(b"\r\n") {
-                return Ok(Some(buffer));
+            if let Some(verdict) = verdict(&buffer, tag, unselect) {
+                return Ok(verdict);
             }
         }
     })
     .await;
-    let Ok(Ok(Some(buffer))) = answer else { return false };
-    let lines: Vec<&[u8]> = buffer[..].split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
-    let Some((last, before)) = lines.split_last() else { return false };
-    let last = super::framing::strip_eol(last);
-    let Some(rest) = last.strip_prefix(tag).and_then(|r| r.strip_prefix(b" ")) else { return false };
-    let status = super::response::status(rest).map(|s| s.status);
-    let ok = status == Some(super::response::Status::Ok) || (bad_ok && status == Some(super::response::Status::Bad));
-    let clean = before.iter().all(|l| bad_ok && l.starts_with(b"* ") && !l.ends_with(b"}\r"));
-    ok && clean
+    matches!(answer, Ok(Ok(true)))
+}
+
+/// Sans-I/O: what a parked session's answer to mailgate's command `tag` says, once it is
+/// complete (`None`: not yet). True for the tagged `OK` alone, and nothing after it. For
+/// `UNSELECT` (`unselect`), untagged lines about the mailbox being left may come first, and
+/// `BAD` counts too (RFC 3691: no mailbox was selected, which is the state wanted). Any
+/// other line, a literal, or bytes after the completion: false.
+fn verdict(buffer: &[u8], tag: &[u8], unselect: bool) -> Option<bool> {
+    let tagged = |l: &[u8]| l.strip_prefix(tag).is_some_and(|r| r.starts_with(b" "));
+    let mut lines = buffer.split_inclusive(|&b| b == b'\n');
+    for line in lines.by_ref() {
+        if !line.ends_with(b"\r\n") {
+            return None;
+        }
+        let line = super::framing::strip_eol(line);
+        if tagged(line) {
+            let status = super::response::status(&line[tag.len() + 1..]).map(|s| s.status);
+            let ok = status == Some(Status::Ok) || (unselect && status == Some(Status::Bad));
+            return Some(ok && lines.next().is_none());
+        }
+        if !unselect || !line.starts_with(b"* ") || line.ends_with(b"}") {
+            return Some(false);
+        }
+    }
+    None
 }
 
 /// Logs a session out and closes it, without waiting on anyone: the upstream ends the
@@ -363,6 +379,22 @@ mod tests {
         {
             assert!(!keeps_session(line.as_bytes()), "{line}");
         }
+    }
+
+    #[test]
+    fn a_parked_session_answers_its_check_with_the_tagged_ok_alone() {
+        assert_eq!(verdict(b"R1 OK NOOP completed.\r\n", b"R1", false), Some(true));
+        assert_eq!(verdict(b"R1 OK NOOP", b"R1", false), None, "not complete");
+        assert_eq!(verdict(b"", b"R1", false), None);
+        assert_eq!(verdict(b"* 3 EXISTS\r\nR1 OK done\r\n", b"R1", false), Some(false), "news it would lose");
+        assert_eq!(verdict(b"* BYE idle\r\n", b"R1", false), Some(false));
+        assert_eq!(verdict(b"R1 NO no\r\n", b"R1", false), Some(false));
+        assert_eq!(verdict(b"R1 OK done\r\n* 1 EXISTS\r\n", b"R1", false), Some(false), "bytes after");
+        assert_eq!(verdict(b"R10 OK done\r\n", b"R1", false), Some(false), "another tag");
+        let unselect = b"* OK [CLOSED] x\r\nR0 OK Unselect completed.\r\n";
+        assert_eq!(verdict(unselect, b"R0", true), Some(true));
+        assert_eq!(verdict(b"R0 BAD No mailbox selected.\r\n", b"R0", true), Some(true));
+        assert_eq!(verdict(b"* 1 FETCH (BODY[] {3}\r\n", b"R0", true), Some(false), "a literal");
     }
 
     #[test]
