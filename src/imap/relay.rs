@@ -14,6 +14,10 @@
 //!
 //! The upstream failing mid-response closes the client connection without another byte: a
 //! truncated literal followed by a `* BYE` would look like message data to the client.
+//!
+//! With `[imap] reuse_for`, a client's LOGOUT may end the session as [`End::Park`]: the
+//! client pump answers it (see `ClientPump::park_now` for when), and the upstream stream,
+//! its halves joined again, goes to `imap::reuse` instead of being logged out.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
