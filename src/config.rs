@@ -175,6 +175,9 @@ pub struct ListenerConfig {
     /// TLS listeners.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpn: Option<AlpnPolicy>,
+    /// Offer COMPRESS=DEFLATE on this IMAP listener (default: `imap.compress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<bool>,
 }
 
 /// What a login sent without TLS gets (see [`ListenerConfig::plaintext_auth`]).
@@ -208,6 +211,11 @@ impl ListenerConfig {
 
     pub fn alpn_policy(&self) -> AlpnPolicy {
         self.alpn.unwrap_or_default()
+    }
+
+    /// Whether this listener's logged-in IMAP clients are offered COMPRESS=DEFLATE.
+    pub fn compress(&self, imap: &ImapConfig) -> bool {
+        self.protocol == Protocol::Imap && self.compress.unwrap_or(imap.compress)
     }
 }
 
@@ -412,6 +420,11 @@ pub struct ImapConfig {
     /// Command line and literal limits after authentication (APPEND needs the literal room).
     pub max_line_bytes: ByteSize,
     pub max_literal_bytes: ByteSize,
+    /// Offer `COMPRESS=DEFLATE` (RFC 4978) to logged-in clients, whatever the upstream
+    /// supports: mailgate compresses the client leg itself. On by default: a header sync
+    /// over a mobile link is bound by bytes, and a client that does not ask pays nothing.
+    /// A listener's `compress` overrides it.
+    pub compress: bool,
 }
 
 impl Default for ImapConfig {
@@ -427,6 +440,7 @@ impl Default for ImapConfig {
             max_line_bytes: ByteSize(64 << 10),
             // 64 MiB: above the common 25-50 MiB message size limits.
             max_literal_bytes: ByteSize(64 << 20),
+            compress: true,
         }
     }
 }
@@ -1013,6 +1027,9 @@ impl Config {
                     }
                 }
             }
+            if l.compress.is_some() && l.protocol != Protocol::Imap {
+                errors.push(error(&at("compress"), "only for an IMAP listener (POP3 has no COMPRESS)"));
+            }
             if l.proxy_protocol && l.proxy_trusted.is_empty() {
                 errors.push(error(
                     &at("proxy_trusted"),
@@ -1376,6 +1393,7 @@ impl Default for ListenerConfig {
             plaintext_warning: None,
             tls_min_version: None,
             alpn: None,
+            compress: None,
         }
     }
 }

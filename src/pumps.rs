@@ -118,6 +118,12 @@ pub async fn read_client<R: AsyncRead + Unpin>(
         match read {
             Ok(Ok(0)) => return Err(Unread::Closed),
             Ok(Ok(n)) => return Ok(n),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // Not a network failure: the client's bytes made no sense (a COMPRESS stream
+                // that does not inflate). Only this session ends.
+                tracing::info!(error = %e, "client stream unreadable: closing");
+                return Err(Unread::Closed);
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "client read failed");
                 return Err(Unread::Closed);
@@ -144,6 +150,11 @@ pub struct Outbox<W> {
 impl<W: AsyncWrite + Unpin> Outbox<W> {
     pub fn new(inner: W) -> Self {
         Outbox { inner, buffer: Vec::new(), written: 0 }
+    }
+
+    /// The inner writer (to change how it writes, between two flushes).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
     }
 
     /// Bytes written but not yet handed to the inner writer.

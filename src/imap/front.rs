@@ -313,7 +313,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 // session would carry the login's (connect, TLS, login).
                 let text = match Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await {
                     LoginOutcome::LoggedIn { session, upstream, lease, account } => {
-                        let caps = relayable_capabilities(&session.capabilities).join(" ");
+                        let caps = relayable_capabilities(&session.capabilities, service.compress).join(" ");
                         let mut ok = String::new();
                         if let (Some(Verdict::Warn { until, .. }), Some(policy)) = (verdict, &service.plaintext) {
                             // RFC 9051 §7.1: a client must show an ALERT's text to its user.
