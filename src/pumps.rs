@@ -75,6 +75,9 @@ pub async fn read_into<R: AsyncRead + Unpin>(
 pub enum Unread {
     /// The client closed the connection, or reading failed.
     Closed,
+    /// The client's bytes cannot be read any more (a COMPRESS stream that does not
+    /// inflate): nothing it sends from now on means anything.
+    Unreadable,
     /// Nothing for the idle timeout while nothing was running.
     Idle,
     /// Shutdown began while nothing was running.
@@ -122,7 +125,7 @@ pub async fn read_client<R: AsyncRead + Unpin>(
                 // Not a network failure: the client's bytes made no sense (a COMPRESS stream
                 // that does not inflate). Only this session ends.
                 tracing::info!(error = %e, "client stream unreadable: closing");
-                return Err(Unread::Closed);
+                return Err(Unread::Unreadable);
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "client read failed");

@@ -506,6 +506,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         {
             Ok(_) => Ok(()),
             Err(Unread::Closed) => Err(End::ClientClosed),
+            Err(Unread::Unreadable) => {
+                // No BYE: the stream is broken, and RFC 4978 has no way back; a response
+                // being written is finished (never cut), then the connection closes.
+                let inject = Inject { bytes: Vec::new(), then_close: true, then_compress: false };
+                let _ = self.inject.send(Box::new(inject)).await;
+                Err(End::Closed("unreadable client stream"))
+            }
             Err(Unread::Shutdown) => Err(self.close_with("Server shutting down.").await),
             Err(Unread::Idle) => Err(self.close_with("Autologout; idle for too long.").await),
         }
