@@ -188,7 +188,7 @@ fn upstream_starttls_then_login_works_and_capabilities_are_reasked() {
     let mut client = Client::tls(gateway.addr("imaps"), pki.client_config(&[]));
     client.line().unwrap();
     let lines = client.command("a", "LOGIN user secret-pw");
-    assert_eq!(lines, ["a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"], "{}", gateway.log());
+    assert_eq!(lines, ["a OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in"], "{}", gateway.log());
     assert_eq!(client.command("b", "NOOP"), ["b OK fine"]);
 }
 
@@ -295,7 +295,7 @@ fn upstream_without_auth_plain_gets_login_with_a_synchronizing_literal() {
     let mut client = rig.client();
     let password = "p\u{e4}ss w\u{f6}";
     client.send(format!("a LOGIN user {{{}+}}\r\n{password}\r\n", password.len()).as_bytes());
-    assert_eq!(client.until_tagged("a"), ["a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"]);
+    assert_eq!(client.until_tagged("a"), ["a OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in"]);
     assert_eq!(client.command("b", "NOOP"), ["b OK fine"]);
 }
 
