@@ -134,7 +134,11 @@ fn main() {
     let with_plain = process_rss(pid);
     let mut compressed: Vec<Client> = (0..sessions).map(|_| session(&setup, true)).collect();
     for client in &mut compressed {
-        assert!(client.command("f", "UID FETCH 1:20 (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])").last().unwrap().starts_with("f OK"));
+        assert!(client
+            .command("f", "UID FETCH 1:20 (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            .last()
+            .unwrap()
+            .starts_with("f OK"));
     }
     std::thread::sleep(Duration::from_millis(500));
     let with_compressed = process_rss(pid);

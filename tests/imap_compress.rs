@@ -80,7 +80,8 @@ fn python_zlib_client_syncs_headers_and_idles_compressed_over_tls() {
     assert!(logout[0].as_str().unwrap().starts_with("* BYE") && logout[1].as_str().unwrap().starts_with("j OK"));
 
     assert_eq!(metric(&setup, "mailgate_imap_compress_sessions_total"), 1.0);
-    let out = |stage: &str| metric(&setup, &format!("mailgate_compress_bytes_total{{direction=\"out\",stage=\"{stage}\"}}"));
+    let out =
+        |stage: &str| metric(&setup, &format!("mailgate_compress_bytes_total{{direction=\"out\",stage=\"{stage}\"}}"));
     assert!(out("deflated") > 0.0 && out("deflated") < out("plain") * 0.5, "{} {}", out("deflated"), out("plain"));
 }
 
@@ -187,6 +188,9 @@ fn compress_off_keeps_it_unannounced_and_refused() {
     assert!(!ok.last().unwrap().contains("COMPRESS"), "{ok:?}");
     let caps = client.command("c", "CAPABILITY");
     assert!(!caps[0].contains("COMPRESS"), "{caps:?}");
-    assert_eq!(client.command("z", "COMPRESS DEFLATE"), ["z NO [CANNOT] COMPRESS is not available through this gateway."]);
+    assert_eq!(
+        client.command("z", "COMPRESS DEFLATE"),
+        ["z NO [CANNOT] COMPRESS is not available through this gateway."]
+    );
     assert!(client.command("n", "NOOP").last().unwrap().starts_with("n OK"));
 }

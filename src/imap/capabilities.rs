@@ -110,7 +110,9 @@ mod tests {
         for partial in ["*", "* cap", "* CAPABILITY", "* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE"] {
             assert_eq!(relayed(partial.as_bytes(), true), Relayed::Incomplete, "{partial}");
         }
-        for other in ["* 1 EXISTS\r\n", "* OK [CAPABILITY COMPRESS=DEFLATE] x\r\n", "a OK done\r\n", "* CAP\r\n", "+ go\r\n"] {
+        for other in
+            ["* 1 EXISTS\r\n", "* OK [CAPABILITY COMPRESS=DEFLATE] x\r\n", "a OK done\r\n", "* CAP\r\n", "+ go\r\n"]
+        {
             assert_eq!(relayed(other.as_bytes(), true), Relayed::Other, "{other}");
         }
     }

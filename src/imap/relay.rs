@@ -1085,7 +1085,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             self.framer.accept_literal();
         }
         if self.framer.at_boundary() {
-            if let capabilities::Relayed::Rewritten { len, line } = capabilities::relayed(&self.buffer, self.service.compress) {
+            if let capabilities::Relayed::Rewritten { len, line } =
+                capabilities::relayed(&self.buffer, self.service.compress)
+            {
                 let _ = self.buffer.split_to(len);
                 return self.write.write_all(&line).await.is_err().then_some(End::ClientClosed);
             }
