@@ -1003,6 +1003,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 }
                 quiet
             };
+            if waiting {
+                // Nothing owed: a compressed session waits without its compressor.
+                self.write.get_mut().rest();
+            }
             tokio::select! {
                 read = pumps::read_into(&mut self.read, &mut self.buffer, waiting) => match read {
                     Ok(0) | Err(_) => return self.upstream_gone().await,
