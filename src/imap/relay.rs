@@ -993,7 +993,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 return End::ClientClosed;
             }
             let at_boundary = self.framer.at_boundary();
-            let waiting = at_boundary && {
+            let (waiting, owed) = if at_boundary {
                 let mut shared = self.lock();
                 // A session that pipelined a thousand commands once does not keep room for
                 // them while it waits.
@@ -1001,10 +1001,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 if quiet {
                     shared.in_flight.shrink_to(KEPT_IN_FLIGHT);
                 }
-                quiet
+                (quiet, shared.in_flight.iter().any(|t| Some(&t.tag) != shared.idling.as_ref()))
+            } else {
+                (false, true)
             };
-            if waiting {
-                // Nothing owed: a compressed session waits without its compressor.
+            if !owed {
+                // Nothing owed: a compressed session waits without its compressor. (Not
+                // `waiting`: a cache job this pump just finished may not be marked done yet.)
                 self.write.get_mut().rest();
             }
             tokio::select! {
