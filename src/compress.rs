@@ -30,11 +30,6 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The compression level: zlib's and Dovecot's default. Header syncs (short, repetitive
-/// lines) shrink to about a fifth at 6 where 1 leaves a third, and the gateway's CPU goes
-/// to TLS far more than to this (benches/compress.rs).
-pub const LEVEL: u32 = 6;
-
 /// Compressed bytes read from the client at once.
 const INPUT: usize = 8 * 1024;
 
@@ -186,6 +181,8 @@ pub struct Deflate<W> {
 struct Deflating {
     /// `None` while the session rests (see [`Deflate::rest`]).
     compress: Option<Box<Compress>>,
+    /// 1 (fastest) to 9 (smallest): `imap.compress_level`.
+    level: u32,
     /// Compressed output not yet handed on: `output[written..]`.
     output: Vec<u8>,
     written: usize,
@@ -218,10 +215,10 @@ impl<W> Deflate<W> {
         self.state.as_ref().is_some_and(|s| s.compress.is_none())
     }
 
-    /// From the next byte on, writes are compressed.
-    pub fn start(&mut self, counters: Counters) {
-        self.state =
-            Some(Box::new(Deflating { compress: None, output: Vec::new(), written: 0, owed: false, counters }));
+    /// From the next byte on, writes are compressed at `level` (1 to 9).
+    pub fn start(&mut self, counters: Counters, level: u32) {
+        let deflating = Deflating { compress: None, level, output: Vec::new(), written: 0, owed: false, counters };
+        self.state = Some(Box::new(deflating));
     }
 }
 
@@ -260,8 +257,8 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Deflate<W> {
             if state.output.capacity() - state.output.len() < OUTPUT / 2 {
                 state.output.reserve(OUTPUT);
             }
-            let compress =
-                state.compress.get_or_insert_with(|| Box::new(Compress::new(Compression::new(LEVEL), false)));
+            let level = Compression::new(state.level);
+            let compress = state.compress.get_or_insert_with(|| Box::new(Compress::new(level, false)));
             let before = compress.total_in();
             compress.compress_vec(data, &mut state.output, FlushCompress::None).map_err(io::Error::other)?;
             let consumed = (compress.total_in() - before) as usize;
@@ -337,7 +334,7 @@ mod tests {
         let mut writer = Deflate::new(near);
         writer.write_all(b"a OK DEFLATE active\r\n").await.unwrap();
         writer.flush().await.unwrap();
-        writer.start(unused());
+        writer.start(unused(), 6);
         writer.write_all(b"* 3 EXISTS\r\n").await.unwrap();
         writer.flush().await.unwrap();
         let mut seen = vec![0; 4096];
@@ -359,7 +356,7 @@ mod tests {
     async fn a_large_burst_round_trips_and_shrinks() {
         let (near, mut far) = tokio::io::duplex(1 << 16);
         let mut writer = Deflate::new(near);
-        writer.start(unused());
+        writer.start(unused(), 6);
         let body: Vec<u8> = (0..20_000)
             .flat_map(|i| format!("* {i} FETCH (UID {i} FLAGS (\\Seen) BODY[HEADER.FIELDS (SUBJECT)] {{20}}\r\nSubject: hello {:04}\r\n)\r\n", i % 10_000).into_bytes())
             .collect();
@@ -425,7 +422,7 @@ mod tests {
     async fn a_resting_writer_gives_its_compressor_back_and_the_stream_goes_on() {
         let (near, mut far) = tokio::io::duplex(1 << 20);
         let mut writer = Deflate::new(near);
-        writer.start(unused());
+        writer.start(unused(), 6);
         let burst = |i: usize| format!("* {i} FETCH (UID {i} FLAGS (\\Seen \\Answered))\r\n").repeat(40);
         let mut expected = Vec::new();
         for i in 0..5 {
@@ -447,7 +444,7 @@ mod tests {
         let counters = unused();
         let (near, mut far) = tokio::io::duplex(1 << 16);
         let mut writer = Deflate::new(near);
-        writer.start(counters.clone());
+        writer.start(counters.clone(), 1);
         writer.write_all(&[b'x'; 10_000]).await.unwrap();
         writer.flush().await.unwrap();
         drop(writer);

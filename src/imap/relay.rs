@@ -1042,7 +1042,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         return End::ClientClosed;
                     }
                     if inject.then_compress {
-                        self.write.get_mut().start(self.service.metrics.compress_counters("out"));
+                        let level = self.service.config.imap.compress_level;
+                        self.write.get_mut().start(self.service.metrics.compress_counters("out"), level);
                     }
                     if inject.then_close {
                         return End::Closed("closed by mailgate");
