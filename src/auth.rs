@@ -15,6 +15,9 @@ pub struct Credentials {
     pub password: Secret<String>,
     /// SASL authorization identity, when the client asked to act as someone else.
     pub authzid: Option<String>,
+    /// An OAuth bearer response (OAUTHBEARER, XOAUTH2): sent upstream as the client sent
+    /// it, with `user` the envelope's user and `password` its token.
+    pub oauth: Option<crate::oauth::Bearer>,
 }
 
 impl Credentials {
@@ -50,7 +53,12 @@ pub fn decode_plain(base64: &[u8]) -> Result<Credentials, SaslError> {
     if user.is_empty() || password.expose().is_empty() {
         return Err(SaslError::Empty);
     }
-    Ok(Credentials { authzid: (!authzid.is_empty() && authzid != user).then_some(authzid), user, password })
+    Ok(Credentials {
+        authzid: (!authzid.is_empty() && authzid != user).then_some(authzid),
+        user,
+        password,
+        oauth: None,
+    })
 }
 
 /// Encodes credentials as a SASL PLAIN initial response (for the upstream login).

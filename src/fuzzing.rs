@@ -454,6 +454,7 @@ pub fn sasl_plain(data: &[u8]) {
         user: user.to_string(),
         password: Secret::new(password.clone()),
         authzid: (!authzid.is_empty() && authzid != user).then(|| authzid.to_string()),
+        oauth: None,
     };
     let decoded = auth::decode_plain(auth::encode_plain(&credentials).expose().as_bytes());
     if user.is_empty() || password.is_empty() {
@@ -463,6 +464,31 @@ pub fn sasl_plain(data: &[u8]) {
     let decoded = decoded.expect("valid credentials decode");
     assert_eq!((decoded.user.as_str(), decoded.password.expose().as_str()), (user, password.as_str()));
     assert_eq!(decoded.authzid, credentials.authzid);
+}
+
+// ---------------------------------------------------------------------------------------
+// OAuth SASL envelopes (OAUTHBEARER, XOAUTH2)
+
+/// The first byte picks the mechanism, the rest is a decoded response. Never panics; what
+/// is accepted names a user and a token that, written again in the mechanism's form (the
+/// GS2 escapes included), read back the same.
+pub fn sasl_oauth(data: &[u8]) {
+    use crate::oauth::{parse, Mechanism};
+    let Some((&first, raw)) = data.split_first() else { return };
+    let mechanism = if first & 1 == 0 { Mechanism::OAuthBearer } else { Mechanism::XOAuth2 };
+    let Ok(envelope) = parse(mechanism, raw) else { return };
+    assert!(!envelope.user.is_empty() && !envelope.token.expose().is_empty());
+    assert!(!envelope.user.chars().any(char::is_control));
+    let token = envelope.token.expose();
+    let again = match mechanism {
+        Mechanism::OAuthBearer => {
+            let user = envelope.user.replace('=', "=3D").replace(',', "=2C");
+            format!("n,a={user},\x01auth=Bearer {token}\x01\x01")
+        }
+        Mechanism::XOAuth2 => format!("user={}\x01auth=Bearer {token}\x01\x01", envelope.user),
+    };
+    let reread = parse(mechanism, again.as_bytes()).expect("a written envelope reads back");
+    assert_eq!((reread.user, reread.token.expose()), (envelope.user, token));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ pub mod listener;
 pub mod log_budget;
 pub mod metrics;
 pub mod network;
+pub mod oauth;
 pub mod origin;
 pub mod plaintext;
 pub mod pop3;
@@ -145,6 +146,7 @@ impl Generation {
     pub fn check_health(&self, metrics: &metrics::Metrics) {
         for (upstream, protocol) in &self.upstreams {
             upstream.watch(metrics.upstream_host_up.clone(), protocol.name(), self.health.clone());
+            tokio::spawn(learn_oauth(Arc::downgrade(upstream), *protocol, self.health.clone()));
         }
     }
 
@@ -154,6 +156,41 @@ impl Generation {
             .filter(|(u, _)| u.hosts.len() >= 2)
             .flat_map(|(u, p)| u.hosts.iter().map(|h| [u.name.clone(), p.name().to_string(), h.address()]))
             .collect()
+    }
+}
+
+/// Learns which OAuth mechanisms `upstream` offers, so that the fronts announce them from
+/// the first client on (every login refreshes it after that): a probe connection of
+/// mailgate's own, again every 30 seconds until one succeeds, or until `stop` (the
+/// generation was replaced) or the upstream is dropped.
+async fn learn_oauth(upstream: std::sync::Weak<Upstream>, protocol: Protocol, stop: CancellationToken) {
+    const RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+    loop {
+        let Some(pool) = upstream.upgrade() else { return };
+        let probed = tokio::select! {
+            probed = async {
+                match protocol {
+                    Protocol::Imap => imap::upstream::probe(&pool).await,
+                    Protocol::Pop3 => pop3::upstream::probe(&pool).await,
+                }
+            } => probed,
+            _ = stop.cancelled() => return,
+        };
+        match probed {
+            Ok(()) => {
+                let offered: Vec<&str> = pool.oauth.mechanisms().map(oauth::Mechanism::name).collect();
+                tracing::info!(upstream = %pool.name, protocol = protocol.name(), oauth = ?offered, "upstream OAuth mechanisms learned");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(upstream = %pool.name, protocol = protocol.name(), error = %e, "OAuth probe failed; retrying")
+            }
+        }
+        drop(pool);
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }
 

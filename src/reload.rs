@@ -150,6 +150,16 @@ impl Reloader {
         for gone in self.host_labels.difference(&labels) {
             let _ = self.shared.metrics.upstream_host_up.remove_label_values(&[&gone[0], &gone[1], &gone[2]]);
         }
+        {
+            // What the old pools learned of OAuth is announced until the new probes answer
+            // (the same upstream: the same name and hosts).
+            let old = self.admin.upstreams.read().unwrap_or_else(|p| p.into_inner());
+            for (upstream, _) in &generation.upstreams {
+                if let Some(previous) = old.iter().find(|o| o.identity() == upstream.identity()) {
+                    upstream.oauth.inherit(&previous.oauth);
+                }
+            }
+        }
         generation.check_health(&self.shared.metrics);
         (self.health, self.host_labels) = (generation.health.clone(), labels);
         *self.admin.upstreams.write().unwrap_or_else(|p| p.into_inner()) =

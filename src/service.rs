@@ -242,11 +242,14 @@ impl Service {
     }
 
     /// Whether `credentials` are within `limits.max_user_bytes` and `max_password_bytes`.
+    /// An OAuth token is no password (providers' tokens run to kilobytes): the front's SASL
+    /// line limit bounds it.
     fn credentials_fit(&self, credentials: &Credentials) -> bool {
         let limits = &self.config.limits;
         let names = [Some(credentials.user.as_str()), credentials.authzid.as_deref()];
         names.into_iter().flatten().all(|name| name.len() <= limits.max_user_bytes as usize)
-            && credentials.password.expose().len() <= limits.max_password_bytes as usize
+            && (credentials.oauth.is_some()
+                || credentials.password.expose().len() <= limits.max_password_bytes as usize)
     }
 
     /// Routes `credentials` from `origin` to an upstream and runs `login` there: its

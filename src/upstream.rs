@@ -30,6 +30,9 @@ pub struct Upstream {
     /// How the upstream learns the client's address.
     pub forward: ForwardClient,
     pub health_check_interval: Duration,
+    /// The OAuth SASL mechanisms this upstream offered when last asked (what the fronts
+    /// announce for it).
+    pub oauth: crate::oauth::Offered,
     /// Where the next session starts looking, so that sessions spread over the pool.
     next: AtomicUsize,
 }
@@ -145,6 +148,7 @@ impl Upstream {
             login_timeout: config.login_timeout.0,
             forward: config.forward_client,
             health_check_interval: config.health_check_interval.0,
+            oauth: crate::oauth::Offered::default(),
             next: AtomicUsize::new(0),
         })
     }

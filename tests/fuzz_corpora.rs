@@ -19,6 +19,7 @@ const TARGETS: &[(&str, Harness)] = &[
     ("sequence_set", mailgate::fuzzing::sequence_set),
     ("pop3_codec", mailgate::fuzzing::pop3_codec),
     ("sasl_plain", mailgate::fuzzing::sasl_plain),
+    ("sasl_oauth", mailgate::fuzzing::sasl_oauth),
     ("proxy_header", mailgate::fuzzing::proxy_header),
     ("admin_request", mailgate::fuzzing::admin_request),
     ("lookup_response", mailgate::fuzzing::lookup_response),

@@ -12,6 +12,13 @@
 //! items (then read one by one, or from the upstream), never make one wrong. What a range
 //! lacks, single items still carry: a command that stored few items of a range (a new
 //! message) shares them one by one, and a reader asks those after the ranges.
+//!
+//! A range carries what the column holds when it is written, which may include items of
+//! another session's command still running, that its completion may take back (an
+//! `[EXPUNGEISSUED]`, see `imap::snapshot::Stored`). What such a command stores is content
+//! (placeholders of expunged messages are never stored) or belongs to a message already
+//! expunged, whose UID no session's message numbers hold again: no answer is composed
+//! from it.
 
 use bytes::Bytes;
 

@@ -6,6 +6,7 @@
 //! session from the relay).
 
 use super::framing::strip_eol;
+use crate::oauth::Mechanism;
 
 /// What mailgate adds after login on a listener with `compress` on.
 pub const COMPRESS: &str = "COMPRESS=DEFLATE";
@@ -75,18 +76,34 @@ pub const READY_FOR_LOGIN: &str = "IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN";
 pub const TLS_OFFERED: &str = "IMAP4rev1 LITERAL+ SASL-IR ID STARTTLS AUTH=PLAIN";
 
 /// The list for a connection where logins are (or are not) `login_allowed` now and
-/// STARTTLS is (or is not) available.
-pub fn preauth(login_allowed: bool, starttls: bool) -> &'static str {
-    match (login_allowed, starttls) {
+/// STARTTLS is (or is not) available, with `oauth`: the OAuth mechanisms the upstream
+/// offers, which the caller passes under TLS only (a bearer token is as good as a
+/// password to whoever reads it, and OAuth clients all speak TLS).
+pub fn preauth(login_allowed: bool, starttls: bool, oauth: impl Iterator<Item = Mechanism>) -> String {
+    let mut list = match (login_allowed, starttls) {
         (false, _) => BEFORE_TLS,
         (true, true) => TLS_OFFERED,
         (true, false) => READY_FOR_LOGIN,
     }
+    .to_string();
+    for mechanism in oauth {
+        list.push_str(" AUTH=");
+        list.push_str(mechanism.name());
+    }
+    list
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oauth_mechanisms_follow_the_login_methods() {
+        let both = || Mechanism::ALL.into_iter();
+        assert_eq!(preauth(true, false, both()), format!("{READY_FOR_LOGIN} AUTH=OAUTHBEARER AUTH=XOAUTH2"));
+        assert_eq!(preauth(true, false, std::iter::empty()), READY_FOR_LOGIN);
+        assert_eq!(preauth(false, true, std::iter::empty()), BEFORE_TLS);
+    }
 
     #[test]
     fn a_capability_response_gets_mailgates_compress_and_loses_the_upstreams() {

@@ -83,7 +83,7 @@ pub fn parse(parts: &[Part]) -> Result<Tagged, Invalid> {
             let password = Secret::new(args.astring().map_err(bad)?);
             let user = String::from_utf8(user).map_err(|_| bad("User name is not UTF-8"))?;
             let password = String::from_utf8(password.expose().clone()).map_err(|_| bad("Password is not UTF-8"))?;
-            Command::Login(Credentials { user, password: Secret::new(password), authzid: None })
+            Command::Login(Credentials { user, password: Secret::new(password), authzid: None, oauth: None })
         }
         "AUTHENTICATE" => {
             args.sp().map_err(bad)?;

@@ -1,10 +1,12 @@
 //! The not-authenticated state, answered by mailgate itself: greeting, CAPABILITY, NOOP,
-//! ID, LOGOUT, STARTTLS, LOGIN and AUTHENTICATE PLAIN. The upstream is contacted only when
-//! the client has sent credentials over an acceptable channel.
+//! ID, LOGOUT, STARTTLS, LOGIN, AUTHENTICATE PLAIN, and AUTHENTICATE OAUTHBEARER / XOAUTH2
+//! where the upstream offers them (passed through, see `crate::oauth`). The upstream is
+//! contacted only when the client has sent credentials over an acceptable channel.
 //!
 //! Hygiene rules enforced here:
 //! - before TLS on a STARTTLS listener, LOGIN and AUTHENTICATE get `NO [PRIVACYREQUIRED]`
-//!   (a synchronizing literal is refused before the password is sent);
+//!   (a synchronizing literal is refused before the password is sent); OAuth mechanisms
+//!   are neither announced nor taken without TLS on any listener;
 //! - after `OK Begin TLS`, every byte already received is discarded and nothing more is
 //!   written in plaintext (NO STARTTLS, USENIX Security 2021);
 //! - limits: line and literal sizes, `max_bad_commands` BADs, and the login timeout.
@@ -21,8 +23,10 @@ use super::response::relayable_capabilities;
 use super::upstream::{login, LoggedIn};
 use crate::auth::{decode_plain, Credentials};
 use crate::metrics::clients::Software;
+use crate::oauth::{EnvelopeError, Mechanism, SaslClient};
 use crate::origin::Origin;
 use crate::plaintext::Verdict;
+use crate::secret::Secret;
 use crate::service::{Handover, LoginOutcome, LoginRefusal, Service, UpstreamRefusal};
 use crate::stream::Stream;
 
@@ -239,8 +243,23 @@ fn privacy_refusal() -> String {
 }
 
 /// The capabilities announced before login on `conn` now.
-fn preauth_capabilities(conn: &Conn, service: &Service) -> &'static str {
-    capabilities::preauth(service.login_allowed(&conn.stream, conn.ip), service.starttls_available(&conn.stream))
+fn preauth_capabilities(conn: &Conn, service: &Service) -> String {
+    let oauth = service.upstream.oauth.mechanisms().filter(|_| conn.stream.is_tls());
+    capabilities::preauth(service.login_allowed(&conn.stream, conn.ip), service.starttls_available(&conn.stream), oauth)
+}
+
+/// The client's side of an OAuth exchange the upstream continues: its challenge goes out
+/// as a continuation, the client's next line comes back.
+struct Challenges<'a> {
+    conn: &'a mut Conn,
+    service: &'a Service,
+}
+
+impl SaslClient for Challenges<'_> {
+    async fn respond(&mut self, challenge: &[u8]) -> Option<Vec<u8>> {
+        self.conn.write(&[&b"+ "[..], challenge, b"\r\n"].concat()).await.ok()?;
+        self.conn.sasl_line(self.service).await.ok()
+    }
 }
 
 /// What the front decided about the session.
@@ -306,12 +325,14 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 }
                 // The client\'s TLS as it is now (implicit, or after STARTTLS), for the upstream.
                 let origin = Origin { tls: conn.stream.tls_facts(), ..origin.clone() };
+                let mut client = Challenges { conn: &mut conn, service };
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
-                    login(upstream, &credentials, &origin).await
+                    login(upstream, &credentials, &origin, &mut client).await
                 };
                 // Boxed: a session's future is as large as its largest state, and every idle
                 // session would carry the login's (connect, TLS, login).
-                let text = match Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await {
+                let outcome = Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await;
+                let text = match outcome {
                     LoginOutcome::LoggedIn { session, upstream, lease, account } => {
                         let caps = relayable_capabilities(&session.capabilities, service.compress).join(" ");
                         let mut ok = String::new();
@@ -463,26 +484,45 @@ async fn answer(
         }
         Command::Login(credentials) => Answer::Done(Outcome::Login { tag: tag.to_string(), credentials }),
         Command::Authenticate { mechanism, initial } => {
-            if mechanism != "PLAIN" {
+            let oauth = Mechanism::from_name(&mechanism);
+            if let Some(oauth) = oauth {
+                if !conn.stream.is_tls() {
+                    info!(mechanism = oauth.name(), "OAuth refused without TLS");
+                    service.plaintext_refused();
+                    return Ok(Answer::Respond {
+                        response: "NO [PRIVACYREQUIRED] OAuth is accepted over TLS only.".into(),
+                        bad: false,
+                    });
+                }
+            }
+            if mechanism != "PLAIN" && !oauth.is_some_and(|m| service.upstream.oauth.offers(m)) {
                 return Ok(Answer::Respond {
                     response: "NO [CANNOT] Unsupported authentication mechanism.".into(),
                     bad: false,
                 });
             }
             let response = match initial {
-                Some(initial) => initial.expose().clone(),
+                Some(initial) => initial,
                 None => {
                     conn.write(b"+ \r\n").await?;
                     let line = conn.sasl_line(service).await?;
                     if line == b"*" {
                         return Ok(refuse_bad("Authentication cancelled."));
                     }
-                    line
+                    Secret::new(line)
                 }
             };
-            match decode_plain(&response) {
+            let credentials = match oauth {
+                Some(oauth) => crate::oauth::credentials(oauth, response).map_err(|e| {
+                    let code = if e == EnvelopeError::NoUser { "AUTHENTICATIONFAILED" } else { "PARSE" };
+                    format!("NO [{code}] Invalid SASL {} response: {e}.", oauth.name())
+                }),
+                None => decode_plain(response.expose()).map_err(|e| format!("BAD Invalid SASL PLAIN response: {e}.")),
+            };
+            match credentials {
                 Ok(credentials) => Answer::Done(Outcome::Login { tag: tag.to_string(), credentials }),
-                Err(e) => refuse_bad(&format!("Invalid SASL PLAIN response: {e}.")),
+                // Counted as invalid commands: garbage is no credential to penalize.
+                Err(response) => Answer::Respond { response, bad: true },
             }
         }
     })

@@ -1,7 +1,10 @@
 //! Logging in to the upstream IMAP server with the client's credentials.
 //!
 //! The dialogue: greeting → (STARTTLS → handshake → CAPABILITY again) → LOGIN or
-//! AUTHENTICATE PLAIN. Rules that keep credentials safe:
+//! AUTHENTICATE PLAIN, or the client's own OAuth response (OAUTHBEARER, XOAUTH2) with its
+//! error challenge relayed to the client. The same first steps, then LOGOUT, are the
+//! [`probe`] that learns which OAuth mechanisms the upstream offers. Rules that keep
+//! credentials safe:
 //! - with `tls = "starttls"`, nothing but CAPABILITY and STARTTLS is sent before the
 //!   handshake; an upstream that does not offer STARTTLS never sees the credentials;
 //! - any byte the upstream sent after its STARTTLS `OK` aborts the login (the injection of
@@ -18,6 +21,7 @@ use super::response::{self, has_capability, Kind, Status};
 use crate::auth::{encode_plain, Credentials};
 use crate::cache::LoginProof;
 use crate::config::{ForwardClient, TlsMode};
+use crate::oauth::{Bearer, SaslClient, MAX_CHALLENGES, NOT_OFFERED};
 use crate::origin::Origin;
 use crate::stream::Stream;
 use crate::upstream::{Upstream, UpstreamError};
@@ -155,10 +159,12 @@ async fn send_first(reader: &mut Reader, id: Option<Vec<u8>>, first: &[u8]) -> R
     Ok(())
 }
 
-/// Logs `credentials` in at `upstream` for a session from `origin`.
-pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Origin) -> Result<LoggedIn, LoginError> {
+/// Connects for `origin`'s session (`None`: a probe) up to the point where credentials
+/// could be sent: greeting, STARTTLS when configured, the capabilities under TLS (also
+/// recorded as the upstream's OAuth offer).
+async fn open(upstream: &Upstream, origin: Option<&Origin>) -> Result<(Reader, Vec<String>), LoginError> {
     let deadline = Instant::now() + upstream.login_timeout;
-    let (stream, host) = upstream.connect(Some(origin)).await?;
+    let (stream, host) = upstream.connect(origin).await?;
     let mut reader = Reader { stream, buffer: BytesMut::with_capacity(4096), framer: Framer::new(MAX_LINE), deadline };
 
     let greeting = reader.line().await?;
@@ -205,9 +211,33 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
         Some(caps) => caps,
         None => reader.capability().await?,
     };
+    upstream.oauth.learn(capabilities.iter().filter_map(|c| c.strip_prefix("AUTH=")));
+    Ok((reader, capabilities))
+}
+
+/// Which OAuth mechanisms `upstream` offers, asked on a connection of mailgate's own
+/// (greeting, STARTTLS, CAPABILITY, LOGOUT) and recorded in `upstream.oauth`.
+pub async fn probe(upstream: &Upstream) -> Result<(), LoginError> {
+    let (mut reader, _) = open(upstream, None).await?;
+    // A courtesy: the answer does not matter.
+    let _ = reader.send(b"M9 LOGOUT\r\n").await;
+    Ok(())
+}
+
+/// Logs `credentials` in at `upstream` for a session from `origin`; `client` answers an
+/// OAuth error challenge.
+pub async fn login(
+    upstream: &Upstream,
+    credentials: &Credentials,
+    origin: &Origin,
+    client: &mut impl SaslClient,
+) -> Result<LoggedIn, LoginError> {
+    let (mut reader, capabilities) = open(upstream, Some(origin)).await?;
     let id = if upstream.forward == ForwardClient::Commands { forward_client(&capabilities, origin) } else { None };
     let mut after = None;
-    let (status, code) = if has_capability(&capabilities, "AUTH=PLAIN") {
+    let (status, code) = if let Some(bearer) = &credentials.oauth {
+        authenticate_oauth(&mut reader, id, &capabilities, bearer, client, &mut after).await?
+    } else if has_capability(&capabilities, "AUTH=PLAIN") {
         authenticate_plain(&mut reader, id, &capabilities, credentials, &mut after).await?
     } else if credentials.authzid.is_some() {
         return Err(LoginError::Rejected { code: Some("AUTHORIZATIONFAILED".into()) });
@@ -252,6 +282,70 @@ async fn authenticate_plain(
         reader.send(format!("{}\r\n", payload.expose()).as_bytes()).await?;
     }
     reader.complete("M2", after).await
+}
+
+/// The client's OAuth response, unchanged, under the client's mechanism; a challenge the
+/// upstream sends (the error of RFC 7628 §3.2.3) goes to the client and its answer back.
+/// A failure the client sees through is a refusal, whatever the status: an upstream that
+/// does not offer the mechanism (`CANNOT`), a client gone or cancelling.
+async fn authenticate_oauth(
+    reader: &mut Reader,
+    id: Option<Vec<u8>>,
+    capabilities: &[String],
+    bearer: &Bearer,
+    client: &mut impl SaslClient,
+    after: &mut Option<Vec<String>>,
+) -> Result<(Status, Option<String>), LoginError> {
+    let name = bearer.mechanism.name();
+    if !has_capability(capabilities, &format!("AUTH={name}")) {
+        return Err(LoginError::Rejected { code: Some(NOT_OFFERED.into()) });
+    }
+    let response = bearer.response.expose();
+    if has_capability(capabilities, "SASL-IR") {
+        let response = if response.is_empty() { &b"="[..] } else { response };
+        let mut line = format!("M2 AUTHENTICATE {name} ").into_bytes();
+        line.extend_from_slice(response);
+        line.extend_from_slice(b"\r\n");
+        send_first(reader, id, &line).await?;
+    } else {
+        send_first(reader, id, format!("M2 AUTHENTICATE {name}\r\n").as_bytes()).await?;
+        let line = reader.line().await?;
+        if response::kind(&line) != Kind::Continuation {
+            return Ok(tagged_without_continuation(&line, "M2", after)?);
+        }
+        reader.send(&[response.as_slice(), b"\r\n"].concat()).await?;
+    }
+    let mut challenges = 0;
+    loop {
+        let line = reader.line().await?;
+        if let Some(caps) = response::capabilities_in(&line) {
+            *after = Some(caps);
+        }
+        match response::kind(&line) {
+            Kind::Continuation if challenges < MAX_CHALLENGES => {
+                challenges += 1;
+                let challenge = line[1..].strip_prefix(b" ").unwrap_or(&line[1..]);
+                let Some(answer) = client.respond(challenge).await else {
+                    return Err(LoginError::Rejected { code: None });
+                };
+                reader.send(&[answer.as_slice(), b"\r\n"].concat()).await?;
+            }
+            Kind::Tagged { tag, rest } if tag == b"M2" => {
+                let status = response::status(rest).ok_or_else(|| UpstreamError::Protocol("bad completion".into()))?;
+                let code = status.code.map(|(c, _)| c);
+                return match status.status {
+                    Status::Ok | Status::No => Ok((status.status, code)),
+                    // A client's `*` cancels with BAD: a failed login all the same.
+                    _ => Err(LoginError::Rejected { code }),
+                };
+            }
+            Kind::Untagged(rest) if response::status(rest).is_some_and(|s| s.status == Status::Bye) => {
+                return Err(UpstreamError::Closed.into());
+            }
+            Kind::Continuation => return Err(UpstreamError::Protocol("too many SASL challenges".into()).into()),
+            _ => {}
+        }
+    }
 }
 
 async fn login_command(

@@ -40,6 +40,11 @@ impl LineReader {
         self.line.clear();
     }
 
+    /// The bytes of the line taken so far (a refused line's beginning).
+    pub fn pending(&self) -> &[u8] {
+        &self.line
+    }
+
     /// Consumes input up to the end of a line; returns the bytes consumed and, when a line
     /// completed, the line without its ending.
     pub fn feed(&mut self, input: &[u8]) -> Result<(usize, Option<Vec<u8>>), CodecError> {

@@ -1,7 +1,8 @@
 //! The POP3 AUTHORIZATION state, answered by mailgate itself (RFC 1939, 2449, 2595, 5034):
 //! greeting (without an APOP timestamp: APOP cannot be proxied), CAPA, STLS, USER/PASS,
-//! AUTH PLAIN, QUIT. The upstream is contacted only for credentials received over TLS (or
-//! on a listener configured for plaintext).
+//! AUTH PLAIN, AUTH OAUTHBEARER / XOAUTH2 under TLS where the upstream offers them
+//! (passed through, see `crate::oauth`), QUIT. The upstream is contacted only for
+//! credentials received over TLS (or on a listener configured for plaintext).
 //!
 //! Refusals carry RFC 3206 codes: `-ERR [AUTH]` for credentials, `-ERR [SYS/TEMP]` when the
 //! upstream cannot be reached; the upstream's own `[IN-USE]`, `[LOGIN-DELAY]` and `[SYS/*]`
@@ -15,6 +16,7 @@ use tracing::{debug, info};
 use super::codec::{split_command, CodecError, LineReader};
 use super::upstream::{login, LoggedIn};
 use crate::auth::{decode_plain, Credentials};
+use crate::oauth::{Mechanism, SaslClient};
 use crate::origin::Origin;
 use crate::plaintext::Verdict;
 use crate::secret::Secret;
@@ -60,16 +62,29 @@ impl Conn {
         }
     }
 
-    /// The next line, without its ending.
+    /// The next line, without its ending. An `AUTH` line may be as long as a SASL
+    /// response (an OAuth client sends its token as the initial response, whatever the
+    /// length: Thunderbird does).
     async fn line(&mut self, service: &Service) -> Result<Vec<u8>, Stop> {
+        let limits = &service.config.pop3;
         loop {
             if !self.buffer.is_empty() {
                 let (consumed, line) = match self.lines.feed(&self.buffer) {
                     Ok(step) => step,
-                    Err(CodecError::LineTooLong(_)) => return Err(Stop::Err("-ERR Line too long.")),
+                    Err(CodecError::LineTooLong(max)) => {
+                        let head = [self.lines.pending(), &self.buffer[..self.buffer.len().min(5)]].concat();
+                        if max < limits.max_sasl_line_bytes.as_usize()
+                            && head[..head.len().min(5)].eq_ignore_ascii_case(b"AUTH ")
+                        {
+                            self.lines.set_max(limits.max_sasl_line_bytes.as_usize());
+                            continue;
+                        }
+                        return Err(Stop::Err("-ERR Line too long."));
+                    }
                 };
                 let _ = self.buffer.split_to(consumed);
                 if let Some(line) = line {
+                    self.lines.set_max(limits.max_line_bytes.as_usize());
                     return Ok(line);
                 }
             }
@@ -174,12 +189,14 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 }
                 // The client\'s TLS as it is now (implicit, or after STARTTLS), for the upstream.
                 let origin = Origin { tls: conn.stream.tls_facts(), ..origin.clone() };
+                let mut client = Challenges { conn: &mut conn, service };
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
-                    login(upstream, &credentials, &origin).await
+                    login(upstream, &credentials, &origin, &mut client).await
                 };
                 // Boxed: a session's future is as large as its largest state, and every idle
                 // session would carry the login's (connect, TLS, login).
-                let text = match Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await {
+                let outcome = Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await;
+                let text = match outcome {
                     LoginOutcome::LoggedIn { session, upstream, lease, account } => {
                         let ok = match (verdict, &service.plaintext) {
                             (Some(Verdict::Warn { until, .. }), Some(policy)) => {
@@ -259,6 +276,7 @@ async fn step(conn: &mut Conn, service: &Service, user: &mut Option<String>) -> 
                 (true, true) => CAPA_TLS_OFFERED,
                 (true, false) => CAPA_READY,
             };
+            let list = list.replace("SASL PLAIN", &format!("SASL {}", mechanisms(conn, service).join(" ")));
             conn.write(&format!("+OK Capability list follows\r\n{list}.")).await?;
             return Ok((Outcome::Continue, None));
         }
@@ -290,12 +308,13 @@ async fn step(conn: &mut Conn, service: &Service, user: &mut Option<String>) -> 
         "PASS" => match user.take() {
             None => bad("-ERR Send USER first."),
             Some(name) => {
-                let credentials = Credentials { user: name, password: Secret::new(args), authzid: None };
+                let credentials = Credentials { user: name, password: Secret::new(args), authzid: None, oauth: None };
                 return Ok((Outcome::Login(credentials), None));
             }
         },
         "AUTH" if args.is_empty() => {
-            conn.write("+OK Mechanisms follow\r\nPLAIN\r\n.").await?;
+            let list = mechanisms(conn, service).join("\r\n");
+            conn.write(&format!("+OK Mechanisms follow\r\n{list}\r\n.")).await?;
             return Ok((Outcome::Continue, None));
         }
         "AUTH" => return auth(conn, service, &args).await,
@@ -306,12 +325,41 @@ async fn step(conn: &mut Conn, service: &Service, user: &mut Option<String>) -> 
     Ok((Outcome::Continue, Some(answer)))
 }
 
-/// `AUTH PLAIN [initial-response]` (RFC 5034); `=` is an empty initial response.
+/// The SASL mechanisms offered on `conn` now: PLAIN, and the upstream's OAuth mechanisms
+/// under TLS only (a bearer token is as good as a password to whoever reads it).
+fn mechanisms(conn: &Conn, service: &Service) -> Vec<&'static str> {
+    let oauth = service.upstream.oauth.mechanisms().filter(|_| conn.stream.is_tls());
+    std::iter::once("PLAIN").chain(oauth.map(Mechanism::name)).collect()
+}
+
+/// The client's side of an OAuth exchange the upstream continues: its challenge goes out
+/// as a continuation, the client's next line comes back.
+struct Challenges<'a> {
+    conn: &'a mut Conn,
+    service: &'a Service,
+}
+
+impl SaslClient for Challenges<'_> {
+    async fn respond(&mut self, challenge: &[u8]) -> Option<Vec<u8>> {
+        self.conn.write(&format!("+ {}", String::from_utf8_lossy(challenge))).await.ok()?;
+        self.conn.lines.set_max(self.service.config.pop3.max_sasl_line_bytes.as_usize());
+        self.conn.line(self.service).await.ok()
+    }
+}
+
+/// `AUTH mechanism [initial-response]` (RFC 5034) for PLAIN and the upstream's OAuth
+/// mechanisms; `=` is an empty initial response.
 async fn auth(conn: &mut Conn, service: &Service, args: &str) -> Result<(Outcome, Option<Reply>), Stop> {
     let mut words = args.split(' ');
     let mechanism = words.next().unwrap_or_default().to_ascii_uppercase();
     let initial = words.next();
-    if mechanism != "PLAIN" {
+    let oauth = Mechanism::from_name(&mechanism);
+    if oauth.is_some() && !conn.stream.is_tls() {
+        info!(mechanism = mechanism.as_str(), "OAuth refused without TLS");
+        service.plaintext_refused();
+        return Ok((Outcome::Continue, Some(reply("-ERR [AUTH] OAuth is accepted over TLS only."))));
+    }
+    if mechanism != "PLAIN" && !oauth.is_some_and(|m| service.upstream.oauth.offers(m)) {
         return Ok((Outcome::Continue, Some(reply("-ERR [AUTH] Unsupported authentication mechanism."))));
     }
     if words.next().is_some() {
@@ -332,8 +380,14 @@ async fn auth(conn: &mut Conn, service: &Service, args: &str) -> Result<(Outcome
             Secret::new(line)
         }
     };
-    Ok(match decode_plain(response.expose()) {
+    let credentials = match oauth {
+        Some(oauth) => {
+            crate::oauth::credentials(oauth, response).map_err(|e| format!("{} response: {e}", oauth.name()))
+        }
+        None => decode_plain(response.expose()).map_err(|e| format!("PLAIN response: {e}")),
+    };
+    Ok(match credentials {
         Ok(credentials) => (Outcome::Login(credentials), None),
-        Err(e) => (Outcome::Continue, Some(bad(&format!("-ERR [AUTH] Invalid SASL PLAIN response: {e}.")))),
+        Err(e) => (Outcome::Continue, Some(bad(&format!("-ERR [AUTH] Invalid SASL {e}.")))),
     })
 }

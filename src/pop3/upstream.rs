@@ -1,7 +1,10 @@
 //! Logging in to the upstream POP3 server with the client's credentials.
 //!
 //! greeting → (CAPA → STLS → handshake) → CAPA → AUTH PLAIN (RFC 5034, initial response)
-//! when the upstream offers `SASL PLAIN`, else USER/PASS. The same safety rules as IMAP:
+//! when the upstream offers `SASL PLAIN`, else USER/PASS; or the client's own OAuth
+//! response (`AUTH OAUTHBEARER` / `XOAUTH2`), its error challenge relayed to the client.
+//! The steps up to CAPA, then QUIT, are the [`probe`] that learns the upstream's OAuth
+//! mechanisms. The same safety rules as IMAP:
 //! with `tls = "starttls"` nothing but CAPA and STLS precedes the handshake, an upstream
 //! without STLS never sees credentials, bytes after the STLS `+OK` abort the login, and the
 //! capabilities are learned again under TLS.
@@ -14,6 +17,7 @@ use super::codec::{LineReader, MAX_STATUS_LINE};
 use crate::auth::{encode_plain, Credentials};
 use crate::cache::LoginProof;
 use crate::config::{ForwardClient, TlsMode};
+use crate::oauth::{Bearer, SaslClient, MAX_CHALLENGES, NOT_OFFERED};
 use crate::origin::Origin;
 use crate::stream::Stream;
 use crate::upstream::{Upstream, UpstreamError};
@@ -102,14 +106,21 @@ fn has(capabilities: &[String], line: &str) -> bool {
     capabilities.iter().any(|c| c == line || c.starts_with(&format!("{line} ")))
 }
 
-fn offers_sasl_plain(capabilities: &[String]) -> bool {
-    capabilities.iter().any(|c| c.strip_prefix("SASL ").is_some_and(|m| m.split(' ').any(|m| m == "PLAIN")))
+/// The SASL mechanisms of the `SASL` capability line.
+fn sasl_mechanisms(capabilities: &[String]) -> impl Iterator<Item = &str> {
+    capabilities.iter().filter_map(|c| c.strip_prefix("SASL ")).flat_map(|m| m.split(' '))
 }
 
-/// Logs `credentials` in at `upstream` for a session from `origin`.
-pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Origin) -> Result<LoggedIn, LoginError> {
+fn offers_sasl_plain(capabilities: &[String]) -> bool {
+    sasl_mechanisms(capabilities).any(|m| m == "PLAIN")
+}
+
+/// Connects for `origin`'s session (`None`: a probe) up to the point where credentials
+/// could be sent: greeting, STLS when configured, CAPA under TLS (whose SASL line is also
+/// recorded as the upstream's OAuth offer). The reader, the greeting and the capabilities.
+async fn open(upstream: &Upstream, origin: Option<&Origin>) -> Result<(Reader, Vec<u8>, Vec<String>), LoginError> {
     let deadline = Instant::now() + upstream.login_timeout;
-    let (stream, host) = upstream.connect(Some(origin)).await?;
+    let (stream, host) = upstream.connect(origin).await?;
     let mut reader =
         Reader { stream, buffer: BytesMut::with_capacity(4096), lines: LineReader::new(MAX_STATUS_LINE), deadline };
 
@@ -136,6 +147,28 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
         reader.lines.reset();
     }
     let capabilities = reader.capa().await?;
+    upstream.oauth.learn(sasl_mechanisms(&capabilities));
+    Ok((reader, greeting, capabilities))
+}
+
+/// Which OAuth mechanisms `upstream` offers, asked on a connection of mailgate's own
+/// (greeting, STLS, CAPA, QUIT) and recorded in `upstream.oauth`. QUIT before login
+/// commits nothing (RFC 1939 §6 applies to the TRANSACTION state).
+pub async fn probe(upstream: &Upstream) -> Result<(), LoginError> {
+    let (mut reader, _, _) = open(upstream, None).await?;
+    let _ = reader.send("QUIT").await;
+    Ok(())
+}
+
+/// Logs `credentials` in at `upstream` for a session from `origin`; `client` answers an
+/// OAuth error challenge.
+pub async fn login(
+    upstream: &Upstream,
+    credentials: &Credentials,
+    origin: &Origin,
+    client: &mut impl SaslClient,
+) -> Result<LoggedIn, LoginError> {
+    let (mut reader, greeting, capabilities) = open(upstream, Some(origin)).await?;
     if upstream.forward == ForwardClient::Commands {
         // Dovecot offers XCLIENT to the networks it trusts, with `[XCLIENT]` in its
         // greeting; an upstream that does not just sees mailgate's address.
@@ -150,7 +183,9 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
         }
     }
 
-    let answer = if offers_sasl_plain(&capabilities) {
+    let answer = if let Some(bearer) = &credentials.oauth {
+        authenticate_oauth(&mut reader, &capabilities, bearer, client).await?
+    } else if offers_sasl_plain(&capabilities) {
         reader.send(&format!("AUTH PLAIN {}", encode_plain(credentials).expose())).await?;
         reader.line().await?
     } else if credentials.authzid.is_some() {
@@ -186,6 +221,52 @@ pub async fn login(upstream: &Upstream, credentials: &Credentials, origin: &Orig
     } else {
         Err(UpstreamError::Protocol("unexpected answer to the login".into()).into())
     }
+}
+
+/// `AUTH <mechanism>` with the client's OAuth response unchanged: as an initial response
+/// when the command fits a POP3 line (RFC 5034 §4), else after the upstream's `+`. A
+/// challenge (RFC 7628 §3.2.3's error) goes to the client and its answer back; the
+/// upstream's final answer is returned.
+async fn authenticate_oauth(
+    reader: &mut Reader,
+    capabilities: &[String],
+    bearer: &Bearer,
+    client: &mut impl SaslClient,
+) -> Result<Vec<u8>, LoginError> {
+    let name = bearer.mechanism.name();
+    if !sasl_mechanisms(capabilities).any(|m| m == name) {
+        return Err(LoginError::Rejected { code: Some(NOT_OFFERED.into()) });
+    }
+    // Base64: ASCII, as the front checked by decoding it.
+    let response = String::from_utf8_lossy(bearer.response.expose());
+    let response = if response.is_empty() { "=".into() } else { response };
+    let mut answer = if "AUTH ".len() + name.len() + 1 + response.len() + 2 <= super::codec::MAX_COMMAND_LINE {
+        reader.send(&format!("AUTH {name} {response}")).await?;
+        reader.line().await?
+    } else {
+        reader.send(&format!("AUTH {name}")).await?;
+        let line = reader.line().await?;
+        if !line.starts_with(b"+ ") && line != b"+" {
+            return Ok(line);
+        }
+        reader.send(&response).await?;
+        reader.line().await?
+    };
+    for _ in 0..MAX_CHALLENGES {
+        if !answer.starts_with(b"+ ") && answer != b"+" {
+            return Ok(answer);
+        }
+        let challenge = answer.get(2..).unwrap_or_default();
+        let Some(reply) = client.respond(challenge).await else {
+            return Err(LoginError::Rejected { code: None });
+        };
+        if reply.contains(&b'\n') {
+            return Err(LoginError::Rejected { code: None });
+        }
+        reader.send(&String::from_utf8_lossy(&reply)).await?;
+        answer = reader.line().await?;
+    }
+    Err(UpstreamError::Protocol("too many SASL challenges".into()).into())
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ pub mod mailgen;
 #[allow(dead_code)]
 pub mod mbsync;
 #[allow(dead_code)]
+pub mod oauth;
+#[allow(dead_code)]
 pub mod peers;
 #[allow(dead_code)]
 pub mod pop3;
