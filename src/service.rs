@@ -98,6 +98,9 @@ pub struct Service {
     pub router: Arc<crate::routing::Router>,
     /// What a login without TLS gets; `None` on an implicit-TLS listener.
     pub plaintext: Option<crate::plaintext::Policy>,
+    /// Logged-in IMAP clients are offered COMPRESS=DEFLATE (`imap.compress`, the
+    /// listener's `compress`).
+    pub compress: bool,
 }
 
 impl Service {

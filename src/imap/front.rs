@@ -334,7 +334,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 let outcome = Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await;
                 let text = match outcome {
                     LoginOutcome::LoggedIn { session, upstream, lease, account } => {
-                        let caps = relayable_capabilities(&session.capabilities).join(" ");
+                        let caps = relayable_capabilities(&session.capabilities, service.compress).join(" ");
                         let mut ok = String::new();
                         if let (Some(Verdict::Warn { until, .. }), Some(policy)) = (verdict, &service.plaintext) {
                             // RFC 9051 §7.1: a client must show an ALERT's text to its user.
