@@ -22,6 +22,8 @@
 //!   protocols share.
 //! - [`imap`], [`pop3`]: each protocol's front (before login), upstream login and relay.
 //! - [`pumps`]: driving a relay's two directions; the buffers they read and write through.
+//! - [`compress`]: COMPRESS=DEFLATE on an IMAP client leg, a reader and a writer that turn
+//!   DEFLATE on when the relay says.
 //! - [`stream`]: TCP or TLS, either side; [`tls`]: rustls settings built once;
 //!   [`legacy_tls`]: OpenSSL for the listeners and upstreams that allow TLS 1.0/1.1.
 //! - [`upstream`]: reaching an upstream pool (timeouts, PROXY v2, TLS, failover, health);
@@ -50,6 +52,7 @@ pub mod admin;
 pub mod admin_auth;
 pub mod auth;
 pub mod cache;
+pub mod compress;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -248,6 +251,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
                 }),
                 router: routers[&settings.protocol].clone(),
                 plaintext: plaintext::Policy::new(settings, &config.listeners),
+                compress: settings.compress(&config.imap),
                 listener: settings.name.clone(),
                 reuse: (settings.protocol == Protocol::Imap).then(|| reuse.clone()).flatten(),
             })

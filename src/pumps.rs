@@ -75,6 +75,9 @@ pub async fn read_into<R: AsyncRead + Unpin>(
 pub enum Unread {
     /// The client closed the connection, or reading failed.
     Closed,
+    /// The client's bytes cannot be read any more (a COMPRESS stream that does not
+    /// inflate): nothing it sends from now on means anything.
+    Unreadable,
     /// Nothing for the idle timeout while nothing was running.
     Idle,
     /// Shutdown began while nothing was running.
@@ -118,6 +121,12 @@ pub async fn read_client<R: AsyncRead + Unpin>(
         match read {
             Ok(Ok(0)) => return Err(Unread::Closed),
             Ok(Ok(n)) => return Ok(n),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // Not a network failure: the client's bytes made no sense (a COMPRESS stream
+                // that does not inflate). Only this session ends.
+                tracing::info!(error = %e, "client stream unreadable: closing");
+                return Err(Unread::Unreadable);
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "client read failed");
                 return Err(Unread::Closed);
@@ -144,6 +153,11 @@ pub struct Outbox<W> {
 impl<W: AsyncWrite + Unpin> Outbox<W> {
     pub fn new(inner: W) -> Self {
         Outbox { inner, buffer: Vec::new(), written: 0 }
+    }
+
+    /// The inner writer (to change how it writes, between two flushes).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
     }
 
     /// Bytes written but not yet handed to the inner writer.

@@ -102,6 +102,9 @@ pub struct Service {
     /// IMAP listeners; `None` when reuse is off and for POP3 (a maildrop's lock and
     /// deletions belong to one session).
     pub reuse: Option<std::sync::Arc<crate::imap::reuse::Pool>>,
+    /// Logged-in IMAP clients are offered COMPRESS=DEFLATE (`imap.compress`, the
+    /// listener's `compress`).
+    pub compress: bool,
 }
 
 impl Service {

@@ -253,6 +253,14 @@ fn mbsync_full_sync_matches_a_direct_sync() {
     let direct_took =
         mbsync::run(work.path(), &mbsync::config(&direct_acct, BOB, &direct, "INBOX", "Pull", "None"), "direct", &log);
 
+    // mbsync (isync 1.4) turns COMPRESS=DEFLATE on wherever it is offered: the pull went
+    // through mailgate's compression, and came out the same.
+    let compressed = setup.gateway.metrics();
+    assert!(
+        compressed.lines().any(|l| l.starts_with("mailgate_imap_compress_sessions_total ") && !l.ends_with(" 0")),
+        "mbsync did not compress: {}",
+        compressed.lines().filter(|l| l.contains("compress")).collect::<Vec<_>>().join("\n")
+    );
     let compared = Instant::now();
     let got = contents(&via_gate.join("INBOX"), strip_tuid);
     let want = contents(&direct.join("INBOX"), strip_tuid);

@@ -269,13 +269,14 @@ fn capabilities_after_login_equal_those_capability_answers() {
 }
 
 /// An upstream offering COMPRESS=DEFLATE (RFC 4978): relayed, the client's COMPRESS would
-/// turn the upstream's answers into a DEFLATE stream the relay cannot frame. mailgate does
-/// not offer it, answers it with NO (which the RFC allows), and the session goes on.
+/// turn the upstream's answers into a DEFLATE stream the relay cannot frame. With
+/// `compress = false` mailgate neither offers nor accepts it (a NO, which the RFC allows),
+/// and the session goes on; with it on (the default), tests/imap_compress.rs.
 #[test]
-fn compress_is_refused_and_the_session_goes_on() {
+fn compress_off_is_refused_and_the_session_goes_on() {
     use support::dovecot::{Dovecot, Options};
     let dovecot = Dovecot::start_with(&[ALICE, BOB], &Options { compress: true, ..Options::default() });
-    let setup = Setup::in_front_of(dovecot, "", "");
+    let setup = Setup::in_front_of(dovecot, "compress = false", "");
     let mut direct = setup.direct(BOB);
     let caps = direct.command("c", "CAPABILITY");
     assert!(caps[0].contains("COMPRESS=DEFLATE"), "the upstream offers it: {caps:?}");

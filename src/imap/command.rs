@@ -312,6 +312,7 @@ const LABELS: &[&str] = &[
     "capability",
     "check",
     "close",
+    "compress",
     "copy",
     "create",
     "delete",

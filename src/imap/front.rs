@@ -348,7 +348,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                     LoginOutcome::LoggedIn { mut session, upstream, lease, account } => {
                         session.reuse = reuse_key(&upstream)
                             .map(|(pool, key)| Box::new(crate::imap::reuse::Ticket { pool: pool.clone(), key }));
-                        let caps = relayable_capabilities(&session.capabilities).join(" ");
+                        let caps = relayable_capabilities(&session.capabilities, service.compress).join(" ");
                         let mut ok = String::new();
                         if let (Some(Verdict::Warn { until, .. }), Some(policy)) = (verdict, &service.plaintext) {
                             // RFC 9051 §7.1: a client must show an ALERT's text to its user.

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::capabilities;
 use super::flags;
 use super::framing::{strip_eol, Event, FrameError, Framer};
 use super::intercept::{self, Fill, Job, JobError, JobIo, Relayed, Selected};
@@ -38,6 +39,7 @@ use super::response::{self, Kind, Status};
 use super::snapshot::Stored;
 use super::upstream::LoggedIn;
 use crate::cache::{Name, Scope};
+use crate::compress::{Deflate, Inflate};
 use crate::pumps::{self, Outbox, Unread};
 use crate::service::{Handover, Service};
 
@@ -326,6 +328,8 @@ const KEPT_SPARE: usize = 4 << 10;
 struct Inject {
     bytes: Vec<u8>,
     then_close: bool,
+    /// The bytes are COMPRESS's OK: everything after them goes out compressed.
+    then_compress: bool,
 }
 
 /// Relays a logged-in session to its end. The user's session slot is released when it returns.
@@ -350,7 +354,7 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
     let (upstream_read, upstream_write) = tokio::io::split(service.counted(upstream.stream, false, &bytes));
 
     let mut to_upstream = ClientPump {
-        read: client_read,
+        read: Inflate::new(client_read),
         write: Outbox::new(upstream_write),
         buffer: leftover,
         framer: Framer::new(service.config.imap.max_line_bytes.as_usize()),
@@ -376,7 +380,7 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
     };
     let mut to_client = UpstreamPump {
         read: upstream_read,
-        write: Outbox::new(client_write),
+        write: Outbox::new(Deflate::new(client_write)),
         buffer: upstream.leftover,
         framer: Framer::new(usize::MAX),
         upstream_bye: false,
@@ -457,7 +461,8 @@ enum End {
 }
 
 struct ClientPump<'a, R, W> {
-    read: ReadHalf<R>,
+    /// The client's commands, inflated once COMPRESS is on.
+    read: Inflate<ReadHalf<R>>,
     write: Outbox<WriteHalf<W>>,
     buffer: BytesMut,
     framer: Framer,
@@ -500,7 +505,7 @@ struct ClientPump<'a, R, W> {
 impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> {
     async fn close_with(&mut self, text: &'static str) -> End {
         let bytes = format!("* BYE {text}\r\n").into_bytes();
-        let _ = self.inject.send(Box::new(Inject { bytes, then_close: true })).await;
+        let _ = self.inject.send(Box::new(Inject { bytes, then_close: true, then_compress: false })).await;
         End::Closed(text)
     }
 
@@ -544,6 +549,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         {
             Ok(_) => Ok(()),
             Err(Unread::Closed) => Err(End::ClientClosed),
+            Err(Unread::Unreadable) => {
+                // No BYE: the stream is broken, and RFC 4978 has no way back; a response
+                // being written is finished (never cut), then the connection closes.
+                let inject = Inject { bytes: Vec::new(), then_close: true, then_compress: false };
+                let _ = self.inject.send(Box::new(inject)).await;
+                Err(End::Closed("unreadable client stream"))
+            }
             Err(Unread::Shutdown) => Err(self.close_with("Server shutting down.").await),
             Err(Unread::Idle) => Err(self.close_with("Autologout; idle for too long.").await),
         }
@@ -693,7 +705,57 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         }
         self.line.clear();
         let bytes = format!("{} {text}\r\n", String::from_utf8_lossy(tag)).into_bytes();
-        let _ = self.inject.send(Box::new(Inject { bytes, then_close: false })).await;
+        let _ = self.inject.send(Box::new(Inject { bytes, then_close: false, then_compress: false })).await;
+        None
+    }
+
+    /// `COMPRESS algorithm` (RFC 4978), answered by mailgate: the client leg alone is
+    /// compressed, whatever the upstream supports, and the upstream never sees the command.
+    /// The commands sent before it complete first (their answers go out as they were asked,
+    /// uncompressed); the OK is the last plain byte each way. Bytes the client sent after
+    /// the command are already its DEFLATE stream.
+    async fn compress(&mut self, tag: &[u8], line: &[u8], announce: Option<super::framing::Announce>) -> Option<End> {
+        self.service.metrics.commands.with_label_values(&["imap", "compress"]).inc();
+        let arguments: Vec<&[u8]> = line.split(|&b| b == b' ').skip(2).collect();
+        let refusal = match arguments[..] {
+            // The old answer where the listener does not offer it.
+            _ if !self.service.compress => Some("NO [CANNOT] COMPRESS is not available through this gateway."),
+            [algorithm] if announce.is_none() && !algorithm.is_empty() => {
+                if self.read.is_active() {
+                    Some("NO [COMPRESSIONACTIVE] DEFLATE active via COMPRESS.")
+                } else if !algorithm.eq_ignore_ascii_case(b"DEFLATE") {
+                    // RFC 4978 §3: NO for an algorithm the server does not support.
+                    Some("NO Unsupported compression algorithm.")
+                } else {
+                    None
+                }
+            }
+            _ => Some("BAD Syntax: COMPRESS algorithm"),
+        };
+        if let Some(text) = refusal {
+            return self.refuse(tag, text, announce, true, "Invalid COMPRESS.").await;
+        }
+        loop {
+            let completed = self.completed.notified();
+            if self.lock().in_flight.is_empty() {
+                break;
+            }
+            if self.write.flush().await.is_err() {
+                return Some(End::UpstreamClosed);
+            }
+            completed.await;
+        }
+        self.line.clear();
+        let bytes = format!("{} OK DEFLATE active\r\n", String::from_utf8_lossy(tag)).into_bytes();
+        let inject = Inject { bytes, then_close: false, then_compress: true };
+        if self.inject.send(Box::new(inject)).await.is_err() {
+            return Some(End::ClientClosed);
+        }
+        let metrics = &self.service.metrics;
+        let early = std::mem::take(&mut self.buffer);
+        self.read.start(&early, metrics.compress_counters("in"), metrics.compress_errors.clone());
+        metrics.compress_sessions.inc();
+        debug!("COMPRESS=DEFLATE on");
         None
     }
 
@@ -734,7 +796,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         self.line.clear();
         let tag = String::from_utf8_lossy(tag);
         let bytes = format!("* BYE Logging out.\r\n{tag} OK LOGOUT completed.\r\n").into_bytes();
-        let _ = self.inject.send(Box::new(Inject { bytes, then_close: true })).await;
+        let _ = self.inject.send(Box::new(Inject { bytes, then_close: true, then_compress: false })).await;
         true
     }
 
@@ -881,12 +943,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 }
             }
             if command.eq_ignore_ascii_case(b"COMPRESS") {
-                // RFC 4978 would turn both directions into a DEFLATE stream that mailgate
-                // would have to inflate and deflate again to keep framing, caching and limits
-                // working; relayed as is, it would leave the session unreadable. A NO is
-                // allowed, and clients go on uncompressed (TLS already carries the session).
-                let text = "NO [CANNOT] COMPRESS is not available through this gateway.";
-                return self.refuse(&tag, text, line.announce, true, "COMPRESS is not available.").await;
+                // Never relayed: the upstream's DEFLATE stream would hide the session from
+                // the framing, the cache and the limits. mailgate compresses the client leg
+                // itself (or refuses, where the listener does not offer it).
+                let full_line = strip_eol(&self.line).to_vec();
+                return self.compress(&tag, &full_line, line.announce).await;
             }
             if !self.room_for_a_command().await {
                 return Some(self.close_with("Too many commands in flight.").await);
@@ -974,7 +1035,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
 
 struct UpstreamPump<'a, R, W> {
     read: ReadHalf<R>,
-    write: Outbox<WriteHalf<W>>,
+    /// To the client, deflated once COMPRESS is on.
+    write: Outbox<Deflate<WriteHalf<W>>>,
     buffer: BytesMut,
     framer: Framer,
     upstream_bye: bool,
@@ -1018,6 +1080,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         return End::ClientClosed;
                     }
                     self.buffer.advance(plain);
+                } else if self.awaits_capability_line() {
+                    break;
                 } else if let Some(end) = self.process().await {
                     return end;
                 }
@@ -1026,7 +1090,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 return End::ClientClosed;
             }
             let at_boundary = self.framer.at_boundary();
-            let waiting = at_boundary && {
+            let (waiting, owed) = if at_boundary {
                 let mut shared = self.lock();
                 // A session that pipelined a thousand commands once does not keep room for
                 // them while it waits.
@@ -1034,8 +1098,15 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 if quiet {
                     shared.in_flight.shrink_to(KEPT_IN_FLIGHT);
                 }
-                quiet
+                (quiet, shared.in_flight.iter().any(|t| Some(&t.tag) != shared.idling.as_ref()))
+            } else {
+                (false, true)
             };
+            if !owed {
+                // Nothing owed: a compressed session waits without its compressor. (Not
+                // `waiting`: a cache job this pump just finished may not be marked done yet.)
+                self.write.get_mut().rest();
+            }
             tokio::select! {
                 read = pumps::read_into(&mut self.read, &mut self.buffer, waiting) => match read {
                     Ok(0) | Err(_) => return self.upstream_gone().await,
@@ -1067,6 +1138,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     if self.write.write_all(&inject.bytes).await.is_err() || self.write.flush().await.is_err() {
                         return End::ClientClosed;
                     }
+                    if inject.then_compress {
+                        let level = self.service.config.imap.compress_level;
+                        self.write.get_mut().start(self.service.metrics.compress_counters("out"), level);
+                    }
                     if inject.then_close {
                         return End::Closed("closed by mailgate");
                     }
@@ -1082,6 +1157,16 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().expect("relay lock poisoned")
+    }
+
+    /// A `* CAPABILITY` response has begun and its line has not all arrived: it is read
+    /// whole before anything of it goes out, since the client sees a rewritten list (see
+    /// `capabilities::relayed`). Past 16 KiB it is not a list to rewrite: streamed as is.
+    fn awaits_capability_line(&self) -> bool {
+        self.framer.at_boundary()
+            && self.framer.pending_literal().is_none()
+            && self.buffer.len() < 16 << 10
+            && capabilities::relayed(&self.buffer, self.service.compress) == capabilities::Relayed::Incomplete
     }
 
     /// During shutdown: true once only IDLE (or nothing) is in flight.
@@ -1105,9 +1190,11 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             self.framer.accept_literal();
         }
         if self.framer.at_boundary() {
-            if let Some((len, filtered)) = capability_without_compress(&self.buffer) {
+            if let capabilities::Relayed::Rewritten { len, line } =
+                capabilities::relayed(&self.buffer, self.service.compress)
+            {
                 let _ = self.buffer.split_to(len);
-                return self.write.write_all(&filtered).await.is_err().then_some(End::ClientClosed);
+                return self.write.write_all(&line).await.is_err().then_some(End::ClientClosed);
             }
         }
         let response_starts = self.framer.at_boundary();
@@ -1580,25 +1667,6 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     }
 }
 
-/// An untagged `CAPABILITY` response complete at the start of `buffer` that names
-/// `COMPRESS=`: its length, and the line without those (mailgate refuses COMPRESS, so it must
-/// not offer it; the tagged OK after LOGIN drops them too). `None` for anything else; a
-/// line not complete yet streams through as is (COMPRESS is refused all the same).
-fn capability_without_compress(buffer: &[u8]) -> Option<(usize, Vec<u8>)> {
-    const PREFIX: &[u8] = b"* CAPABILITY ";
-    if buffer.len() < PREFIX.len() || !buffer[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {
-        return None;
-    }
-    let len = memchr::memchr(b'\n', buffer)? + 1;
-    let words = std::str::from_utf8(strip_eol(&buffer[PREFIX.len()..len])).ok()?;
-    let is_compress = |w: &str| w.as_bytes().get(..9).is_some_and(|p| p.eq_ignore_ascii_case(b"COMPRESS="));
-    if !words.split(' ').any(is_compress) || words.contains('{') {
-        return None;
-    }
-    let kept: Vec<&str> = words.split(' ').filter(|w| !is_compress(w)).collect();
-    Some((len, format!("* CAPABILITY {}\r\n", kept.join(" ")).into_bytes()))
-}
-
 /// The side copy of the response being relayed (see [`Tee`]).
 enum Capture {
     Idle,
@@ -1813,18 +1881,5 @@ mod tests {
         assert!(modseq::mentions(b"SEARCH 1 2 (MODSEQ 9)"));
         assert!(!modseq::mentions(b"3 FETCH (UID 5 FLAGS (\\Seen) BODY[HEADER.FIELDS (FROM MESSAGE-ID)] {12}"));
         assert!(!modseq::mentions(b"OK [UIDNEXT 5] MODSE"));
-    }
-
-    #[test]
-    fn a_capability_response_loses_compress_and_nothing_else() {
-        let input = b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE IDLE compress=x\r\n* 1 EXISTS\r\n";
-        let (len, line) = capability_without_compress(input).unwrap();
-        assert_eq!(&input[len..], b"* 1 EXISTS\r\n");
-        assert_eq!(line, b"* CAPABILITY IMAP4rev1 IDLE\r\n");
-        assert_eq!(capability_without_compress(b"* CAPABILITY IMAP4rev1 IDLE\r\n"), None, "nothing to drop");
-        assert_eq!(capability_without_compress(b"* CAPABILITY IMAP4rev1 COMPRESS=DEFLATE"), None, "not complete");
-        assert_eq!(capability_without_compress(b"* OK [CAPABILITY COMPRESS=DEFLATE] x\r\n"), None);
-        let accented = "* CAPABILITY ééééé COMPRESS=DEFLATE\r\n";
-        assert_eq!(capability_without_compress(accented.as_bytes()).unwrap().1, "* CAPABILITY ééééé\r\n".as_bytes());
     }
 }

@@ -104,22 +104,17 @@ pub fn has_capability(capabilities: &[String], name: &str) -> bool {
 }
 
 /// The upstream's post-login capabilities minus what mailgate does not relay: TLS and
-/// authentication belong to mailgate's front, and compression would hide the stream from
-/// the relay's framing. `SASL-IR` stays: it only describes AUTHENTICATE's syntax, and the
-/// upstream's own `CAPABILITY` (relayed as is after login) lists it, so the tagged OK of a
-/// login says what a `CAPABILITY` through mailgate says.
-pub fn relayable_capabilities(capabilities: &[String]) -> Vec<String> {
-    capabilities
-        .iter()
-        .filter(|c| {
-            let upper = c.to_ascii_uppercase();
-            !(upper == "STARTTLS"
-                || upper == "LOGINDISABLED"
-                || upper.starts_with("AUTH=")
-                || upper.starts_with("COMPRESS="))
-        })
-        .cloned()
-        .collect()
+/// authentication belong to mailgate's front, and the upstream's compression would hide
+/// the stream from the relay's framing; mailgate's own `COMPRESS=DEFLATE` when `compress`
+/// (see [`super::capabilities`]). `SASL-IR` stays: it only describes AUTHENTICATE's
+/// syntax, and the upstream's own `CAPABILITY` (relayed after login) lists it, so the
+/// tagged OK of a login says what a `CAPABILITY` through mailgate says.
+pub fn relayable_capabilities(capabilities: &[String], compress: bool) -> Vec<String> {
+    let kept = capabilities.iter().map(String::as_str).filter(|c| {
+        let upper = c.to_ascii_uppercase();
+        !(upper == "STARTTLS" || upper == "LOGINDISABLED" || upper.starts_with("AUTH="))
+    });
+    super::capabilities::with_own_compress(kept, compress).into_iter().map(str::to_string).collect()
 }
 
 #[cfg(test)]
@@ -156,6 +151,8 @@ mod tests {
             .split(' ')
             .map(String::from)
             .collect();
-        assert_eq!(relayable_capabilities(&caps), ["IMAP4rev1", "SASL-IR", "IDLE", "MOVE"]);
+        assert_eq!(relayable_capabilities(&caps, false), ["IMAP4rev1", "SASL-IR", "IDLE", "MOVE"]);
+        let offered = ["IMAP4rev1", "SASL-IR", "IDLE", "MOVE", "COMPRESS=DEFLATE"];
+        assert_eq!(relayable_capabilities(&caps, true), offered);
     }
 }

@@ -69,6 +69,12 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Failed calls to the shared limits store, by operation and what the check decided.
     pub limit_store_errors: IntCounterVec,
+    /// IMAP sessions that turned COMPRESS=DEFLATE on.
+    pub compress_sessions: IntCounter,
+    /// Bytes through the client leg's compression, by direction and stage (plain, deflated).
+    pub compress_bytes: IntCounterVec,
+    /// Sessions closed because the client's DEFLATE stream did not inflate.
+    pub compress_errors: IntCounter,
     cache_requests: IntCounterVec,
     cache_size: IntGauge,
     cache_entries: IntGauge,
@@ -238,10 +244,37 @@ impl Metrics {
         for reason in crate::imap::reuse::DROP_REASONS {
             upstream_sessions_dropped.with_label_values(&[reason]);
         }
+        let compress_sessions = IntCounter::new(
+            "mailgate_imap_compress_sessions_total",
+            "IMAP sessions that turned COMPRESS=DEFLATE on (RFC 4978).",
+        )
+        .expect("valid");
+        let compress_errors = IntCounter::new(
+            "mailgate_imap_compress_errors_total",
+            "IMAP sessions closed because the client's DEFLATE stream did not inflate.",
+        )
+        .expect("valid");
+        for single in [&compress_sessions, &compress_errors] {
+            registry.register(Box::new(single.clone())).expect("metric registered once");
+        }
+        let compress_bytes = counter(
+            &registry,
+            "mailgate_compress_bytes_total",
+            "Bytes through COMPRESS=DEFLATE on client legs: direction in (from clients) or out, stage plain (what the relay reads or writes) or deflated (on the wire).",
+            &["direction", "stage"],
+        );
+        for direction in ["in", "out"] {
+            for stage in ["plain", "deflated"] {
+                compress_bytes.with_label_values(&[direction, stage]);
+            }
+        }
         Metrics {
             upstream_sessions_reused,
             upstream_sessions_parked,
             upstream_sessions_dropped,
+            compress_sessions,
+            compress_bytes,
+            compress_errors,
             routes,
             upstream_host_up,
             config_reloads,
@@ -375,6 +408,14 @@ impl Metrics {
     /// Creates the series of a listener's fixed label sets at zero, so that every family is
     /// present from the start (dashboards and alerts need no special case for "absent").
     /// `versions` are the TLS versions the listener accepts (`TlsVersion::accepted`).
+    /// The byte counters of one direction (`in`, `out`) of the client legs' compression.
+    pub fn compress_counters(&self, direction: &str) -> crate::compress::Counters {
+        crate::compress::Counters {
+            plain: self.compress_bytes.with_label_values(&[direction, "plain"]),
+            deflated: self.compress_bytes.with_label_values(&[direction, "deflated"]),
+        }
+    }
+
     pub fn prepare_listener(&self, protocol: &str, listener: &str, tls: &str, versions: &[&str]) {
         self.connections_active.with_label_values(&[protocol, listener, tls]);
         self.connections_total.with_label_values(&[protocol, listener, tls]);

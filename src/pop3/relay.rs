@@ -618,7 +618,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         // Commands are short: the read waits in a small buffer.
         match pumps::read_client(&mut self.read, &mut self.buffer, true, idle, &self.service.shutdown, &state).await {
             Ok(_) => Ok(()),
-            Err(Unread::Closed) => Err(End::ClientClosed),
+            // POP3 has no COMPRESS: a read that fails is a connection that failed.
+            Err(Unread::Closed | Unread::Unreadable) => Err(End::ClientClosed),
             Err(Unread::Shutdown) => Err(self.close_with("-ERR [SYS/TEMP] Server shutting down.").await),
             Err(Unread::Idle) => Err(self.close_with("-ERR Disconnected for inactivity.").await),
         }

@@ -73,8 +73,37 @@ pub fn answer(client: &mut Client, tag: &str, command: &str) -> Answer {
 
 /// The answer of a command already sent.
 pub fn read_answer(client: &mut Client, tag: &str) -> Answer {
+    answer_of(client.responses(tag), tag)
+}
+
+/// The answer in `bytes` (another client's transcript: responses with their literals, up
+/// to and including the tagged completion of `tag`).
+pub fn answer_from_bytes(mut bytes: &[u8], tag: &str) -> Answer {
+    let mut responses = Vec::new();
+    while !bytes.is_empty() {
+        let mut end = 0;
+        loop {
+            let line_end = end + bytes[end..].iter().position(|&b| b == b'\n').expect("a whole line") + 1;
+            let text = String::from_utf8_lossy(&bytes[end..line_end]);
+            let literal = text
+                .trim_end()
+                .strip_suffix('}')
+                .and_then(|l| l.rsplit_once('{'))
+                .and_then(|(_, n)| n.trim_end_matches('+').parse::<usize>().ok());
+            end = line_end + literal.unwrap_or(0);
+            if literal.is_none() {
+                break;
+            }
+        }
+        responses.push(bytes[..end].to_vec());
+        bytes = &bytes[end..];
+    }
+    answer_of(responses, tag)
+}
+
+fn answer_of(responses: Vec<Vec<u8>>, tag: &str) -> Answer {
     let mut answer = Answer::default();
-    for response in client.responses(tag) {
+    for response in responses {
         if response.starts_with(format!("{tag} ").as_bytes()) {
             let status = String::from_utf8_lossy(&response[tag.len() + 1..]).into_owned();
             answer.status = status.trim_end().split(' ').next().unwrap().to_string();

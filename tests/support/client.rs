@@ -52,6 +52,39 @@ pub struct Client {
     pub conn: Conn,
     /// Bytes received and not yet returned.
     pending: Vec<u8>,
+    /// COMPRESS=DEFLATE (RFC 4978) once [`Client::compress`] turned it on.
+    deflate: Option<Box<Deflated>>,
+}
+
+/// Both directions of a compressed session, and what went over the wire.
+pub struct Deflated {
+    compress: flate2::Compress,
+    decompress: flate2::Decompress,
+    /// Bytes read from the wire (compressed) and what they inflated to.
+    pub wire_in: u64,
+    pub plain_in: u64,
+}
+
+/// `wire` inflated (all of it: the server flushes each burst).
+fn inflate(deflated: &mut Deflated, wire: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(wire.len() * 4 + 64);
+    let mut input = wire;
+    loop {
+        let before = (deflated.decompress.total_in(), deflated.decompress.total_out());
+        deflated.decompress.decompress_vec(input, &mut out, flate2::FlushDecompress::Sync).expect("inflating");
+        input = &input[(deflated.decompress.total_in() - before.0) as usize..];
+        let produced = deflated.decompress.total_out() - before.1;
+        if input.is_empty() && out.len() < out.capacity() {
+            break;
+        }
+        if produced == 0 && out.len() < out.capacity() {
+            break;
+        }
+        out.reserve(out.capacity().max(4096));
+    }
+    deflated.wire_in += wire.len() as u64;
+    deflated.plain_in += out.len() as u64;
+    out
 }
 
 /// A TCP connection to `addr` from the loopback address `source` (127.x.y.z), so that a
@@ -110,7 +143,7 @@ impl Client {
 
     /// A plaintext client over a connection the test opened itself.
     pub fn plain_over(tcp: TcpStream) -> Client {
-        Client { conn: Conn::Plain(tcp), pending: Vec::new() }
+        Client { conn: Conn::Plain(tcp), pending: Vec::new(), deflate: None }
     }
 
     pub fn tls(addr: SocketAddr, config: Arc<ClientConfig>) -> Client {
@@ -121,7 +154,7 @@ impl Client {
     /// PROXY header it wrote).
     pub fn tls_over(tcp: TcpStream, config: Arc<ClientConfig>) -> Client {
         let stream = handshake(tcp, config, "localhost").expect("TLS handshake");
-        Client { conn: Conn::Tls(Box::new(stream)), pending: Vec::new() }
+        Client { conn: Conn::Tls(Box::new(stream)), pending: Vec::new(), deflate: None }
     }
 
     /// Sends `STARTTLS` as tag `S` and upgrades; panics if refused.
@@ -141,21 +174,69 @@ impl Client {
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
-        self.conn.write_all(bytes).expect("send");
-        self.conn.flush().expect("flush");
+        self.try_send(bytes).expect("send");
     }
 
     /// Sends what the peer may refuse half-way (it may close while we write).
     pub fn try_send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let bytes = match self.deflate.as_mut() {
+            // Each send ends with a sync flush, as interactive clients do.
+            Some(deflated) => {
+                let mut out = Vec::with_capacity(bytes.len() + 64);
+                let mut input = bytes;
+                loop {
+                    out.reserve(input.len() + 1024);
+                    let before = deflated.compress.total_in();
+                    deflated.compress.compress_vec(input, &mut out, flate2::FlushCompress::Sync).unwrap();
+                    input = &input[(deflated.compress.total_in() - before) as usize..];
+                    if input.is_empty() && out.len() < out.capacity() {
+                        break;
+                    }
+                }
+                out
+            }
+            None => bytes.to_vec(),
+        };
+        self.send_raw(&bytes)
+    }
+
+    /// Sends bytes as they are, compression or not (a test's corrupt DEFLATE data).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.conn.write_all(bytes)?;
         self.conn.flush()
     }
 
-    /// Reads more bytes; Ok(0) at EOF.
+    /// Turns COMPRESS=DEFLATE on, both ways, from the next byte: call it after reading
+    /// the tagged OK of `COMPRESS DEFLATE` (bytes already read after it are compressed).
+    pub fn compress(&mut self) {
+        let mut deflated = Box::new(Deflated {
+            compress: flate2::Compress::new(flate2::Compression::default(), false),
+            decompress: flate2::Decompress::new(false),
+            wire_in: 0,
+            plain_in: 0,
+        });
+        let early = std::mem::take(&mut self.pending);
+        self.pending = inflate(&mut deflated, &early);
+        self.deflate = Some(deflated);
+    }
+
+    /// Compressed and inflated byte counts so far (`None` without compression).
+    pub fn deflated(&self) -> Option<&Deflated> {
+        self.deflate.as_deref()
+    }
+
+    /// Reads more bytes; Ok(0) at EOF (with compression: bytes read from the wire, which
+    /// may inflate to nothing yet).
     fn fill(&mut self) -> io::Result<usize> {
         let mut buf = [0u8; 16384];
         let n = self.conn.read(&mut buf)?;
-        self.pending.extend_from_slice(&buf[..n]);
+        match self.deflate.as_mut() {
+            Some(deflated) => {
+                let plain = inflate(deflated, &buf[..n]);
+                self.pending.extend_from_slice(&plain);
+            }
+            None => self.pending.extend_from_slice(&buf[..n]),
+        }
         Ok(n)
     }
 
