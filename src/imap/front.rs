@@ -328,10 +328,9 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 let mut client = Challenges { conn: &mut conn, service };
                 // The key a parked session would have: the login is routed first, so the
                 // upstream is the one this login goes to.
-                let ip = origin.client.ip();
                 let reuse_key = |upstream: &crate::upstream::Upstream| {
                     let pool = service.reuse.as_ref()?;
-                    Some((pool, pool.key(&upstream.identity(), &credentials, &user, ip)?))
+                    Some((pool, pool.key(&upstream.identity(), &credentials, &user, &origin)?))
                 };
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
                     if let Some((pool, key)) = reuse_key(upstream) {

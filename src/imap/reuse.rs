@@ -3,8 +3,9 @@
 //! webmail per request) then costs the upstream no login (a password lookup, a process).
 //!
 //! A parked session must be indistinguishable from a fresh login, so:
-//! - the key is the upstream, the canonical account, the client's address (the upstream
-//!   was told it in `ID` at login) and an HMAC of the whole credentials (user, authzid,
+//! - the key is the upstream, the canonical account, the client's address and the one it
+//!   connected to, with whether it used TLS (the upstream was told them at login, in `ID`
+//!   or PROXY v2) and an HMAC of the whole credentials (user, authzid,
 //!   password) under a key drawn at start: a wrong password never matches, and no password
 //!   is kept. OAuth logins are never parked (a token is not a lasting credential);
 //! - the relay parks only a session whose state the client could not have changed for
@@ -19,7 +20,7 @@
 //! through `Service::log_in` and its limits first.
 
 use std::collections::VecDeque;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +35,7 @@ use super::upstream::LoggedIn;
 use crate::auth::Credentials;
 use crate::cache::LoginProof;
 use crate::metrics::Metrics;
+use crate::origin::Origin;
 use crate::stream::Stream;
 
 /// How long a parked session may take to answer `NOOP` or `UNSELECT`: it is on a fast
@@ -53,6 +55,9 @@ pub struct Key {
     upstream: String,
     account: String,
     ip: IpAddr,
+    /// The address the client connected to and whether it came over TLS: the upstream was
+    /// told the first (`ID` `x-connected-ip`) and, with PROXY v2, the second.
+    listener: (SocketAddr, bool),
     /// HMAC-SHA256 of the credentials. Compared as plain bytes: without the pool's key, how
     /// long a comparison takes tells nothing about a password.
     credentials: [u8; 32],
@@ -159,9 +164,9 @@ impl Pool {
         }))
     }
 
-    /// The key of a login of `credentials` as `account` (canonical) from `ip` at the
+    /// The key of a login of `credentials` as `account` (canonical) from `origin` at the
     /// upstream `upstream` (its identity: name and hosts); `None` for OAuth, which is never parked.
-    pub fn key(&self, upstream: &str, credentials: &Credentials, account: &str, ip: IpAddr) -> Option<Key> {
+    pub fn key(&self, upstream: &str, credentials: &Credentials, account: &str, origin: &Origin) -> Option<Key> {
         if credentials.oauth.is_some() {
             return None;
         }
@@ -180,7 +185,13 @@ impl Pool {
         }
         let mut tag = [0u8; 32];
         tag.copy_from_slice(context.sign().as_ref());
-        Some(Key { upstream: upstream.to_string(), account: account.to_string(), ip, credentials: tag })
+        Some(Key {
+            upstream: upstream.to_string(),
+            account: account.to_string(),
+            ip: origin.client.ip(),
+            listener: (origin.local, origin.tls.is_some()),
+            credentials: tag,
+        })
     }
 
     /// A parked session for `key` that answered `NOOP`, as a fresh login's result (the
@@ -404,15 +415,29 @@ mod tests {
         let metrics = Arc::new(Metrics::new(None, &Default::default()));
         let pool = Pool::new(&config, metrics, CancellationToken::new()).expect("reuse is on");
         let upstream = "u@127.0.0.1:143";
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let key = |c: &Credentials| pool.key(upstream, c, "alice", ip).unwrap();
+        let origin = |client: &str, local: &str, tls: bool| Origin {
+            client: client.parse().unwrap(),
+            local: local.parse().unwrap(),
+            session: "s".into(),
+            tls: tls.then(|| crate::proxy_header::TlsFacts {
+                version: "TLSv1.3".into(),
+                alpn: None,
+                server_name: None,
+            }),
+        };
+        let here = origin("192.0.2.1:5000", "127.0.0.1:993", true);
+        let key = |c: &Credentials| pool.key(upstream, c, "alice", &here).unwrap();
         let right = key(&credentials("alice", "secret", None));
         assert!(right == key(&credentials("alice", "secret", None)));
         assert!(right != key(&credentials("alice", "Secret", None)), "another password");
         assert!(right != key(&credentials("alice", "secret", Some("bob"))), "an authzid");
         assert!(right != key(&credentials("alicesecret", "", None)), "no ambiguity between fields");
-        let elsewhere =
-            pool.key(upstream, &credentials("alice", "secret", None), "alice", "192.0.2.2".parse().unwrap());
-        assert!(right != elsewhere.unwrap(), "another client address");
+        let alice = credentials("alice", "secret", None);
+        let from = |origin: &Origin| pool.key(upstream, &alice, "alice", origin).unwrap();
+        assert!(right == from(&origin("192.0.2.1:6000", "127.0.0.1:993", true)), "another port is fine");
+        assert!(right != from(&origin("192.0.2.2:5000", "127.0.0.1:993", true)), "another client address");
+        assert!(right != from(&origin("192.0.2.1:5000", "127.0.0.1:143", true)), "another listener");
+        assert!(right != from(&origin("192.0.2.1:5000", "127.0.0.1:993", false)), "without TLS");
+        assert!(pool.key("v@127.0.0.1:143", &alice, "alice", &here).unwrap() != right, "another upstream");
     }
 }
