@@ -195,6 +195,21 @@ fn a_reload_closes_the_parked_sessions() {
 }
 
 #[test]
+fn shutdown_logs_the_parked_sessions_out() {
+    let mut setup = Setup::start_with(REUSE, "");
+    let mut first = setup.login(ALICE);
+    log_out(&mut first);
+    wait_parked(&setup, 1.0);
+    let status = setup.gateway.terminate(Duration::from_secs(15)).expect("mailgate exits");
+    assert!(status.success(), "{status:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !setup.dovecot.log().contains("Logged out") {
+        assert!(Instant::now() < deadline, "a LOGOUT upstream, not a cut:\n{}", setup.dovecot.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn without_reuse_for_nothing_is_parked() {
     let setup = Setup::start();
     let mut first = setup.login(ALICE);

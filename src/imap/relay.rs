@@ -436,12 +436,12 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         let clean = to_client.buffer.is_empty() && to_client.framer.at_boundary() && to_client.held.is_none();
         let selected = shared_end.lock().expect("relay lock poisoned").ever_selected;
         let stream = to_upstream.write.into_inner().map(|write| to_client.read.unsplit(write).into_inner());
+        let super::reuse::Ticket { pool, key } = *ticket;
         match stream {
             Some(stream) if clean => {
-                let super::reuse::Ticket { pool, key } = *ticket;
                 Box::pin(pool.park(key, stream, upstream.capabilities, upstream.proof, selected)).await;
             }
-            Some(stream) => drop(tokio::spawn(super::reuse::log_out(stream))),
+            Some(stream) => drop(pool.tasks().spawn(super::reuse::log_out(stream))),
             None => {}
         }
     }

@@ -29,6 +29,7 @@ use ring::hmac;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::response::Status;
 use super::upstream::LoggedIn;
@@ -132,6 +133,8 @@ pub struct Pool {
     closed: std::sync::atomic::AtomicBool,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    /// The sweep and every log-out, so that shutdown can wait for them.
+    tasks: TaskTracker,
 }
 
 /// What the relay needs to park its session at the end: where, and under which key.
@@ -146,6 +149,7 @@ impl Pool {
         config: &crate::config::ImapConfig,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> Option<Arc<Pool>> {
         if config.reuse_for.0.is_zero() {
             return None;
@@ -161,6 +165,7 @@ impl Pool {
             closed: std::sync::atomic::AtomicBool::new(false),
             shutdown,
             metrics,
+            tasks,
         }))
     }
 
@@ -215,7 +220,7 @@ impl Pool {
             }
             self.dropped("dead", 1);
             tracing::debug!("parked upstream session did not answer NOOP: dropped");
-            tokio::spawn(log_out(stream));
+            self.tasks.spawn(log_out(stream));
         }
     }
 
@@ -231,7 +236,7 @@ impl Pool {
     ) {
         let left = !selected || command(&mut stream, b"R0 UNSELECT\r\n", b"R0", true).await;
         if !left || self.is_closed() {
-            tokio::spawn(log_out(stream));
+            self.tasks.spawn(log_out(stream));
             return;
         }
         let mut evicted = Vec::new();
@@ -251,7 +256,7 @@ impl Pool {
         }
         self.dropped("evicted", evicted.len());
         for parked in evicted {
-            tokio::spawn(log_out(parked.stream));
+            self.tasks.spawn(log_out(parked.stream));
         }
         tracing::debug!("upstream session parked");
     }
@@ -261,7 +266,7 @@ impl Pool {
         let mut expired = 0;
         while parked.front().is_some_and(|p| p.since.elapsed() >= self.reuse_for) {
             let gone = parked.pop_front().expect("front exists");
-            tokio::spawn(log_out(gone.stream));
+            self.tasks.spawn(log_out(gone.stream));
             expired += 1;
         }
         if expired > 0 {
@@ -293,8 +298,13 @@ impl Pool {
             tracing::info!(sessions = all.len(), reason, "parked upstream sessions closed");
         }
         for parked in all {
-            tokio::spawn(log_out(parked.stream));
+            self.tasks.spawn(log_out(parked.stream));
         }
+    }
+
+    /// Where the pool's background work runs (shutdown waits for it).
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     fn is_closed(&self) -> bool {
@@ -413,7 +423,7 @@ mod tests {
         let config =
             crate::config::ImapConfig { reuse_for: crate::units::Span(Duration::from_secs(60)), ..Default::default() };
         let metrics = Arc::new(Metrics::new(None, &Default::default()));
-        let pool = Pool::new(&config, metrics, CancellationToken::new()).expect("reuse is on");
+        let pool = Pool::new(&config, metrics, CancellationToken::new(), TaskTracker::new()).expect("reuse is on");
         let upstream = "u@127.0.0.1:143";
         let origin = |client: &str, local: &str, tls: bool| Origin {
             client: client.parse().unwrap(),
