@@ -210,6 +210,37 @@ fn shutdown_logs_the_parked_sessions_out() {
 }
 
 #[test]
+fn a_users_oldest_parked_session_makes_room_for_the_newest() {
+    let setup = Setup::start_with("reuse_for = \"5m\"\nreuse_per_user = 1", "");
+    let (mut one, mut two) = (setup.login(ALICE), setup.login(ALICE));
+    log_out(&mut one);
+    wait_parked(&setup, 1.0);
+    log_out(&mut two);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&setup, "mailgate_upstream_sessions_dropped_total{reason=\"evicted\"}") != 1.0 {
+        assert!(Instant::now() < deadline, "{}", setup.gateway.metrics());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(&setup, "mailgate_upstream_sessions_parked"), 1.0);
+}
+
+#[test]
+fn pop3_sessions_are_never_parked() {
+    let setup = Setup::start_with(REUSE, "");
+    for _ in 0..2 {
+        let mut client = setup.pop3_login(BOB);
+        client.send(b"QUIT\r\n");
+        assert!(client.line().unwrap().starts_with("+OK"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while setup.dovecot.log().matches("pop3-login: Info: Login:").count() < 2 {
+        assert!(Instant::now() < deadline, "two POP3 logins upstream:\n{}", setup.dovecot.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(&setup, "mailgate_upstream_sessions_parked"), 0.0);
+}
+
+#[test]
 fn without_reuse_for_nothing_is_parked() {
     let setup = Setup::start();
     let mut first = setup.login(ALICE);
