@@ -235,13 +235,20 @@ impl Pool {
         selected: bool,
     ) {
         let left = !selected || command(&mut stream, b"R0 UNSELECT\r\n", b"R0", true).await;
-        if !left || self.is_closed() {
+        if !left {
             self.tasks.spawn(log_out(stream));
             return;
         }
         let mut evicted = Vec::new();
         {
             let mut parked = self.lock();
+            // Under the lock: the sweep closes the pool and empties it under the same lock,
+            // so nothing parked after its last look stays forever.
+            if self.is_closed() {
+                drop(parked);
+                self.tasks.spawn(log_out(stream));
+                return;
+            }
             self.expire(&mut parked);
             while parked.iter().filter(|p| p.key.account == key.account).count() >= self.per_user {
                 let oldest = parked.iter().position(|p| p.key.account == key.account).expect("counted above");
@@ -289,8 +296,11 @@ impl Pool {
                 _ = stop.cancelled() => break,
             }
         }
-        self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
-        let all: Vec<Parked> = self.lock().drain(..).collect();
+        let all: Vec<Parked> = {
+            let mut parked = self.lock();
+            self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
+            parked.drain(..).collect()
+        };
         self.metrics.upstream_sessions_parked.sub(all.len() as i64);
         let reason = if self.shutdown.is_cancelled() { "shutdown" } else { "reload" };
         self.dropped(reason, all.len());
