@@ -206,7 +206,7 @@ impl Pool {
             let parked = {
                 let mut parked = self.lock();
                 self.expire(&mut parked);
-                // The newest: the most recently checked by use.
+                // The newest: the least likely to have been closed by the upstream meanwhile.
                 let position = parked.iter().rposition(|p| p.key == *key)?;
                 let taken = parked.remove(position).expect("position is in range");
                 self.metrics.upstream_sessions_parked.dec();
