@@ -10,6 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::client::{tcp_from, Client};
+use support::fake_upstream::{FakeConn, FakeUpstream};
+use support::gateway::Gateway;
 use support::setup::*;
 
 const REUSE: &str = "reuse_for = \"5m\"";
@@ -248,4 +250,71 @@ fn without_reuse_for_nothing_is_parked() {
     let _next = setup.login(ALICE);
     wait_logins(&setup, 2);
     assert_eq!(metric(&setup, "mailgate_upstream_sessions_parked"), 0.0);
+}
+
+/// A fake upstream without UNSELECT (its post-login capabilities are `IMAP4rev1 IDLE
+/// LITERAL+`) answering SELECT, NOOP and LOGOUT.
+fn without_unselect(conn: &mut FakeConn) {
+    conn.accept_login();
+    while let Some(line) = conn.line() {
+        let tag = line.split(' ').next().unwrap_or_default().to_string();
+        let upper = line.to_ascii_uppercase();
+        if upper.contains(" SELECT ") {
+            conn.send(format!("* 0 EXISTS\r\n{tag} OK [READ-WRITE] Select completed.\r\n").as_bytes());
+        } else if upper.ends_with(" NOOP") {
+            conn.send(format!("{tag} OK NOOP completed.\r\n").as_bytes());
+        } else if upper.ends_with(" LOGOUT") {
+            conn.send(format!("* BYE Logging out\r\n{tag} OK Logout completed.\r\n").as_bytes());
+            return;
+        } else {
+            conn.send(format!("{tag} BAD unexpected\r\n").as_bytes());
+        }
+    }
+}
+
+/// mailgate with reuse in front of `fake` (plaintext upstream).
+fn in_front_of_fake(fake: &FakeUpstream, dir: &tempfile::TempDir) -> (Gateway, support::tls::TestPki) {
+    let pki = support::tls::TestPki::generate(dir.path());
+    let config = gateway_config(&pki, &fake.addr.to_string(), "plaintext", Some(&pki.ca), REUSE, "");
+    (Gateway::start(dir.path(), &config), pki)
+}
+
+#[test]
+fn a_session_with_a_mailbox_is_not_parked_where_the_upstream_has_no_unselect() {
+    let fake = FakeUpstream::start(None, without_unselect);
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway, pki) = in_front_of_fake(&fake, &dir);
+    let session = |commands: &[&str]| {
+        let mut client = Client::tls(gateway.addr("imaps"), pki.client_config(&[]));
+        client.line().expect("greeting");
+        assert!(client.command("L", "LOGIN user secret-pw").last().unwrap().starts_with("L OK"));
+        for (i, command) in commands.iter().enumerate() {
+            let tag = format!("c{i}");
+            assert!(client.command(&tag, command).last().unwrap().starts_with(&format!("{tag} OK")));
+        }
+        log_out(&mut client);
+    };
+    let parked = || {
+        let text = gateway.metrics();
+        text.lines().find(|l| l.starts_with("mailgate_upstream_sessions_parked ")).map(str::to_string)
+    };
+
+    // A SELECT could only be left with CLOSE, which expunges: the LOGOUT goes upstream.
+    session(&["SELECT INBOX"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fake.received().contains("Z LOGOUT") {
+        assert!(Instant::now() < deadline, "LOGOUT relayed: {}", fake.received());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!fake.received().contains("CLOSE") && !fake.received().contains("UNSELECT"), "{}", fake.received());
+    assert_eq!(parked().as_deref(), Some("mailgate_upstream_sessions_parked 0"));
+
+    // Without a mailbox nothing needs leaving: parked, the client's LOGOUT kept from it.
+    session(&["NOOP"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while parked().as_deref() != Some("mailgate_upstream_sessions_parked 1") {
+        assert!(Instant::now() < deadline, "{:?}", parked());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fake.received().matches("Z LOGOUT").count(), 1, "{}", fake.received());
 }
