@@ -420,6 +420,14 @@ pub struct ImapConfig {
     /// Command line and literal limits after authentication (APPEND needs the literal room).
     pub max_line_bytes: ByteSize,
     pub max_literal_bytes: ByteSize,
+    /// How long an upstream session stays parked after its client's LOGOUT, for the next
+    /// login with the same credentials from the same address to take instead of logging in
+    /// upstream (`0`: never parked, the default). See `imap::reuse`.
+    pub reuse_for: Span,
+    /// Parked sessions per account and in all: a user cannot fill the pool, and the pool
+    /// cannot hold more upstream processes than the upstream was sized for.
+    pub reuse_per_user: u32,
+    pub reuse_total: u32,
     /// Offer `COMPRESS=DEFLATE` (RFC 4978) to logged-in clients, whatever the upstream
     /// supports: mailgate compresses the client leg itself. On by default: a header sync
     /// over a mobile link is bound by bytes, and a client that does not ask pays nothing.
@@ -445,6 +453,10 @@ impl Default for ImapConfig {
             max_line_bytes: ByteSize(64 << 10),
             // 64 MiB: above the common 25-50 MiB message size limits.
             max_literal_bytes: ByteSize(64 << 20),
+            // Off: a parked session is an upstream process kept alive with nobody on it.
+            reuse_for: Span(std::time::Duration::ZERO),
+            reuse_per_user: 2,
+            reuse_total: 1000,
             compress: true,
             compress_level: 1,
         }
@@ -1284,6 +1296,10 @@ impl Config {
         }
         if i.preauth_max_long_command_bytes.0 < i.preauth_max_line_bytes.0 {
             errors.push(error("imap.preauth_max_long_command_bytes", "must be at least imap.preauth_max_line_bytes"));
+        }
+        if !i.reuse_for.0.is_zero() && (i.reuse_per_user == 0 || i.reuse_total == 0) {
+            errors
+                .push(error("imap.reuse_per_user", "reuse_per_user and reuse_total must be at least 1 with reuse_for"));
         }
         errors
     }

@@ -130,6 +130,9 @@ pub struct Shared {
     pub cache: Option<Arc<cache::MessageCache>>,
     pub metrics: Arc<metrics::Metrics>,
     pub limits: Arc<limits::Limits>,
+    /// The parked IMAP sessions' sweeps and log-outs (`imap::reuse`), waited for at
+    /// shutdown: a parked session is logged out, not cut.
+    pub parked: TaskTracker,
 }
 
 /// One configuration's services, one per listener in configuration order, and the
@@ -138,6 +141,8 @@ pub struct Generation {
     pub services: Vec<Arc<Service>>,
     pub upstreams: Vec<(Arc<Upstream>, Protocol)>,
     pub health: CancellationToken,
+    /// Parked IMAP sessions, when `[imap] reuse_for` is set: closed with the generation.
+    pub reuse: Option<Arc<imap::reuse::Pool>>,
 }
 
 impl Generation {
@@ -147,6 +152,9 @@ impl Generation {
         for (upstream, protocol) in &self.upstreams {
             upstream.watch(metrics.upstream_host_up.clone(), protocol.name(), self.health.clone());
             tokio::spawn(learn_oauth(Arc::downgrade(upstream), *protocol, self.health.clone()));
+        }
+        if let Some(reuse) = &self.reuse {
+            reuse.tasks().spawn(reuse.clone().sweep(self.health.clone()));
         }
     }
 
@@ -226,6 +234,8 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
             acceptors.insert(l.name.as_str(), Arc::new(tls::ServerTls::for_listener(&certificates, l)?));
         }
     }
+    let reuse =
+        imap::reuse::Pool::new(&config.imap, shared.metrics.clone(), shared.token.clone(), shared.parked.clone());
     let services = (config.listeners.iter())
         .map(|settings| {
             Arc::new(Service {
@@ -247,6 +257,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
                 plaintext: plaintext::Policy::new(settings, &config.listeners),
                 compress: settings.compress(&config.imap),
                 listener: settings.name.clone(),
+                reuse: (settings.protocol == Protocol::Imap).then(|| reuse.clone()).flatten(),
             })
         })
         .collect();
@@ -255,7 +266,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
         let gauge = shared.metrics.plaintext_enforce_after.with_label_values(&[&settings.name]);
         gauge.set(settings.enforce_after.map_or(0, |at| at.0.unix_timestamp()));
     }
-    Ok(Generation { services, upstreams, health: shared.token.child_token() })
+    Ok(Generation { services, upstreams, health: shared.token.child_token(), reuse })
 }
 
 /// Serves on already-bound listeners (one per `config.listeners` entry) until `shutdown`
@@ -290,7 +301,14 @@ pub async fn run(
     };
     let required_store = fleet.clone().filter(|_| config.limits.redis.on_error == config::StoreFailure::Closed);
     let limits = limits::Limits::shared(&config.limits, fleet);
-    let shared = Shared { token: CancellationToken::new(), cache, metrics: metrics.clone(), limits: limits.clone() };
+    let parked = TaskTracker::new();
+    let shared = Shared {
+        token: CancellationToken::new(),
+        cache,
+        metrics: metrics.clone(),
+        limits: limits.clone(),
+        parked: parked.clone(),
+    };
     let generation = services(&config, &shared)?;
     generation.check_health(&metrics);
     let (health, host_labels) = (generation.health.clone(), generation.host_labels());
@@ -344,6 +362,9 @@ pub async fn run(
     accept_loops.close();
     accept_loops.wait().await;
     shutdown::drain(&tracker, config.shutdown.grace.0).await;
+    // Parked sessions: the sweeps saw the shutdown and log them out (each within 2 s).
+    parked.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), parked.wait()).await;
     limits.close().await;
     Ok(())
 }

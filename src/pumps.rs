@@ -165,6 +165,12 @@ impl<W: AsyncWrite + Unpin> Outbox<W> {
         self.buffer.len() - self.written
     }
 
+    /// The inner writer back; `None` while written bytes wait for a flush (they would be
+    /// lost).
+    pub fn into_inner(self) -> Option<W> {
+        (self.buffered() == 0).then_some(self.inner)
+    }
+
     /// Hands the buffer to the inner writer.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while self.written < self.buffer.len() {

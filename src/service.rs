@@ -98,6 +98,10 @@ pub struct Service {
     pub router: Arc<crate::routing::Router>,
     /// What a login without TLS gets; `None` on an implicit-TLS listener.
     pub plaintext: Option<crate::plaintext::Policy>,
+    /// Parked upstream IMAP sessions (`[imap] reuse_for`), shared by this generation's
+    /// IMAP listeners; `None` when reuse is off and for POP3 (a maildrop's lock and
+    /// deletions belong to one session).
+    pub reuse: Option<std::sync::Arc<crate::imap::reuse::Pool>>,
     /// Logged-in IMAP clients are offered COMPRESS=DEFLATE (`imap.compress`, the
     /// listener's `compress`).
     pub compress: bool,

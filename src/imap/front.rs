@@ -326,14 +326,27 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                 // The client\'s TLS as it is now (implicit, or after STARTTLS), for the upstream.
                 let origin = Origin { tls: conn.stream.tls_facts(), ..origin.clone() };
                 let mut client = Challenges { conn: &mut conn, service };
+                // The key a parked session would have: the login is routed first, so the
+                // upstream is the one this login goes to.
+                let reuse_key = |upstream: &crate::upstream::Upstream| {
+                    let pool = service.reuse.as_ref()?;
+                    Some((pool, pool.key(&upstream.identity(), &credentials, &user, &origin)?))
+                };
                 let login = async |upstream: &std::sync::Arc<crate::upstream::Upstream>| {
+                    if let Some((pool, key)) = reuse_key(upstream) {
+                        if let Some(parked) = pool.take(&key).await {
+                            return Ok(parked);
+                        }
+                    }
                     login(upstream, &credentials, &origin, &mut client).await
                 };
                 // Boxed: a session's future is as large as its largest state, and every idle
                 // session would carry the login's (connect, TLS, login).
                 let outcome = Box::pin(service.log_in(&credentials, &origin, refusal_kind, login)).await;
                 let text = match outcome {
-                    LoginOutcome::LoggedIn { session, upstream, lease, account } => {
+                    LoginOutcome::LoggedIn { mut session, upstream, lease, account } => {
+                        session.reuse = reuse_key(&upstream)
+                            .map(|(pool, key)| Box::new(crate::imap::reuse::Ticket { pool: pool.clone(), key }));
                         let caps = relayable_capabilities(&session.capabilities, service.compress).join(" ");
                         let mut ok = String::new();
                         if let (Some(Verdict::Warn { until, .. }), Some(policy)) = (verdict, &service.plaintext) {

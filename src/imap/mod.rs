@@ -8,6 +8,8 @@
 //! - [`intercept`], [`snapshot`]: FETCHes answered through the cache, and what it may keep.
 //! - [`flags`]: flags remembered and checked with CONDSTORE; [`modseq`]: what mailgate's
 //!   CONDSTORE adds to a session, kept from the client.
+//! - [`reuse`]: upstream sessions parked after LOGOUT for the next login with the same
+//!   credentials.
 
 pub mod capabilities;
 pub mod command;
@@ -21,6 +23,7 @@ pub mod modseq;
 pub mod relay;
 pub mod renumber;
 pub mod response;
+pub mod reuse;
 pub mod snapshot;
 pub mod upstream;
 

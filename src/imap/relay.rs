@@ -14,6 +14,10 @@
 //!
 //! The upstream failing mid-response closes the client connection without another byte: a
 //! truncated literal followed by a `* BYE` would look like message data to the client.
+//!
+//! With `[imap] reuse_for`, a client's LOGOUT may end the session as [`End::Park`]: the
+//! client pump answers it (see `ClientPump::park_now` for when), and the upstream stream,
+//! its halves joined again, goes to `imap::reuse` instead of being logged out.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -82,6 +86,13 @@ struct Shared {
     /// The upstream completed a LOGOUT with OK: the session ends as a logout, whichever
     /// side's socket is seen to close first.
     logged_out: bool,
+    /// A command was sent whose effect may outlive it in the session (see
+    /// [`super::reuse::keeps_session`]), or CONDSTORE was turned on: never parked.
+    unparkable: bool,
+    /// A SELECT or EXAMINE was sent: the session is left with UNSELECT before it is parked.
+    ever_selected: bool,
+    /// The client's LOGOUT was answered by mailgate: the upstream session is to be parked.
+    parking: bool,
     /// Tees completed, to be settled (their stores kept or taken back) by the upstream pump.
     settling: Vec<(Arc<Tee>, bool)>,
     /// The upstream announced CONDSTORE: mailgate may ask it what changed (see
@@ -280,6 +291,8 @@ struct Implicit {
     own: AtomicUsize,
     /// Client commands in flight that end the stripping ([`Own::Enables`]).
     enabling: AtomicUsize,
+    /// mailgate turned CONDSTORE on at some point: the session is not parked.
+    ever: AtomicBool,
 }
 
 impl Implicit {
@@ -321,7 +334,9 @@ struct Inject {
 
 /// Relays a logged-in session to its end. The user's session slot is released when it returns.
 pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
-    let Handover { client, leftover, upstream, scope, account, lease: _lease, unidentified } = handover;
+    let Handover { client, leftover, mut upstream, scope, account, lease: _lease, unidentified } = handover;
+    let ticket = upstream.reuse.take();
+    let can_unselect = response::has_capability(&upstream.capabilities, "UNSELECT");
     let account = account.as_str();
     let bytes = crate::metrics::SessionBytes::default();
     let shared = Arc::new(Mutex::new(Shared::default()));
@@ -359,6 +374,8 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         implicit: implicit.clone(),
         own_tags: 0,
         unidentified,
+        parkable: ticket.is_some(),
+        can_unselect,
         service,
     };
     let mut to_client = UpstreamPump {
@@ -396,7 +413,11 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
     let _ = to_client.write.shutdown().await;
     // After LOGOUT both sides close at about the same time; which close a pump sees first
     // is chance, and says nothing about how the session ended.
-    let end = if shared_end.lock().expect("relay lock poisoned").logged_out { End::Logout } else { end };
+    let (logged_out, parking) = {
+        let shared = shared_end.lock().expect("relay lock poisoned");
+        (shared.logged_out, shared.parking)
+    };
+    let end = if logged_out { End::Logout } else { end };
     tracing::info!(
         reason = ?end,
         cache_hits = to_client.cache_hits,
@@ -408,12 +429,30 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         (shared.commands, shared.messages)
     };
     service.session_cost(account, &bytes, commands, messages);
+    if let (End::Park, true, Some(ticket)) = (&end, parking, ticket) {
+        // The upstream side must be at a response boundary with nothing read and not
+        // relayed, and everything written to it sent: else a parked session would start
+        // its next client mid-stream.
+        let clean = to_client.buffer.is_empty() && to_client.framer.at_boundary() && to_client.held.is_none();
+        let selected = shared_end.lock().expect("relay lock poisoned").ever_selected;
+        let stream = to_upstream.write.into_inner().map(|write| to_client.read.unsplit(write).into_inner());
+        let super::reuse::Ticket { pool, key } = *ticket;
+        match stream {
+            Some(stream) if clean => {
+                Box::pin(pool.park(key, stream, upstream.capabilities, upstream.proof, selected)).await;
+            }
+            Some(stream) => drop(pool.tasks().spawn(super::reuse::log_out(stream))),
+            None => {}
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum End {
     /// The client's LOGOUT completed.
     Logout,
+    /// The client's LOGOUT was answered by mailgate and the upstream session parked.
+    Park,
     ClientClosed,
     UpstreamClosed,
     /// mailgate closed the session (BYE sent).
@@ -456,6 +495,10 @@ struct ClientPump<'a, R, W> {
     own_tags: u64,
     /// Until the client says what software it is (its first `ID`), its census entry.
     unidentified: Option<Box<crate::metrics::clients::Unidentified>>,
+    /// The session may be parked at LOGOUT (`[imap] reuse_for`).
+    parkable: bool,
+    /// The upstream has UNSELECT: a session that selected a mailbox can leave it.
+    can_unselect: bool,
     service: &'a Service,
 }
 
@@ -716,6 +759,47 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         None
     }
 
+    /// At the client's LOGOUT: whether the upstream session can be parked for the next login
+    /// with the same credentials, and if so the client's answer (`* BYE`, tagged `OK`, as
+    /// a LOGOUT relayed would get) queued and the session marked for parking. Only a
+    /// session that a fresh login could not be told from: no command in flight, no job, no
+    /// IDLE, no literal, nothing more from the client, no command that changed the
+    /// session's state, CONDSTORE never on (the client's or mailgate's), and a mailbox it
+    /// can leave without expunging (UNSELECT). The upstream pump's side is checked after
+    /// the pumps stopped (nothing unread from the upstream).
+    async fn park_now(&mut self, tag: &[u8]) -> bool {
+        {
+            let mut shared = self.lock();
+            let quiet = shared.in_flight.is_empty()
+                && !shared.job_running
+                && shared.idling.is_none()
+                && shared.literal_wait.is_none()
+                && !shared.draining
+                && self.tees.load(Ordering::Relaxed) == 0;
+            let unchanged = !shared.unparkable
+                && !shared.condstore
+                && !shared.qresync
+                && !self.implicit.ever.load(Ordering::Relaxed)
+                && !self.implicit.on.load(Ordering::Relaxed)
+                && self.implicit.own.load(Ordering::Relaxed) == 0
+                && (!shared.ever_selected || self.can_unselect);
+            let parkable = quiet && unchanged && self.buffer.is_empty() && !self.continuing;
+            if !parkable {
+                return false;
+            }
+            shared.parking = true;
+        }
+        if self.write.flush().await.is_err() {
+            self.lock().parking = false;
+            return false;
+        }
+        self.line.clear();
+        let tag = String::from_utf8_lossy(tag);
+        let bytes = format!("* BYE Logging out.\r\n{tag} OK LOGOUT completed.\r\n").into_bytes();
+        let _ = self.inject.send(Box::new(Inject { bytes, then_close: true, then_compress: false })).await;
+        true
+    }
+
     async fn forward_line(&mut self, line: super::framing::Line) -> Option<End> {
         let first_line = !self.continuing;
         if first_line && self.lock().draining {
@@ -778,6 +862,18 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             // A command that enables CONDSTORE while mailgate has it on for itself goes to the
             // upstream as it is (never through the cache: its answers are the client's own).
             let enables = modseq::enabling(full_line);
+            if self.parkable {
+                let is_logout = command.eq_ignore_ascii_case(b"LOGOUT") && full_line.len() == tag.len() + 7;
+                let keeps = enables == Enabling::No && super::reuse::keeps_session(full_line);
+                if is_logout && line.announce.is_none() && self.park_now(&tag).await {
+                    return Some(End::Park);
+                }
+                let mut shared = self.lock();
+                shared.unparkable |= !keeps;
+                shared.ever_selected |=
+                    command.eq_ignore_ascii_case(b"SELECT") || command.eq_ignore_ascii_case(b"EXAMINE");
+            }
+            let full_line = strip_eol(&self.line);
             let enables_condstore = enables != Enabling::No;
             let enabling = if self.implicit.on.load(Ordering::Relaxed) { enables } else { Enabling::No };
             // No job is built for any mailbox until the upstream has completed a change of
@@ -830,6 +926,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                         if let (Some(stamp), Some(line)) = (learn, learn.and_then(|_| flags::with_modseq(&self.line))) {
                             self.line = line;
                             self.implicit.on.store(true, Ordering::Relaxed);
+                            self.implicit.ever.store(true, Ordering::Relaxed);
                             learning = Some(Box::pin(flags::Learning::new(scope, &job.selected, stamp)).await);
                         }
                         tee = Some(Arc::new(Tee {
@@ -1712,6 +1809,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> JobIo for UpstreamPum
     fn enable_modseq(&mut self) {
         if !self.lock().condstore {
             self.implicit.on.store(true, Ordering::Relaxed);
+            self.implicit.ever.store(true, Ordering::Relaxed);
         }
     }
 

@@ -35,6 +35,8 @@ pub struct LoggedIn {
     pub leftover: BytesMut,
     /// The upstream accepted the credentials: what cache keys are built from.
     pub proof: LoginProof,
+    /// Where the session may be parked when its client logs out (`[imap] reuse_for`).
+    pub reuse: Option<Box<super::reuse::Ticket>>,
 }
 
 pub use crate::upstream::LoginError;
@@ -260,6 +262,7 @@ pub async fn login(
         capabilities,
         leftover: reader.buffer,
         proof: LoginProof::upstream_accepted(),
+        reuse: None,
     })
 }
 

@@ -22,6 +22,11 @@ impl<S> Counted<S> {
     pub fn new(inner: S, read: IntCounter, written: IntCounter, session: Arc<(AtomicU64, AtomicU64)>) -> Self {
         Counted { inner, read, written, session }
     }
+
+    /// The stream, no longer counted (a parked upstream session).
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {

@@ -52,6 +52,11 @@ pub struct Metrics {
     pub command_duration: HistogramVec,
     pub upstream_connect_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
+    /// IMAP logins answered with a parked upstream session (`imap::reuse`).
+    pub upstream_sessions_reused: IntCounter,
+    pub upstream_sessions_parked: IntGauge,
+    /// Parked sessions dropped, by reason (`imap::reuse::DROP_REASONS`).
+    pub upstream_sessions_dropped: IntCounterVec,
     pub mailbox_messages: Histogram,
     pub fetch_messages: Histogram,
     pub full_resyncs: IntCounterVec,
@@ -220,6 +225,25 @@ impl Metrics {
                 routes.with_label_values(&[protocol, source]);
             }
         }
+        let upstream_sessions_reused = IntCounter::new(
+            "mailgate_upstream_sessions_reused_total",
+            "IMAP logins answered with a parked upstream session instead of an upstream login.",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(upstream_sessions_reused.clone())).expect("metric registered once");
+        let upstream_sessions_parked =
+            IntGauge::new("mailgate_upstream_sessions_parked", "Upstream IMAP sessions parked for reuse now.")
+                .expect("valid metric");
+        registry.register(Box::new(upstream_sessions_parked.clone())).expect("metric registered once");
+        let upstream_sessions_dropped = counter(
+            &registry,
+            "mailgate_upstream_sessions_dropped_total",
+            "Parked upstream IMAP sessions logged out unused, by reason (expired, dead, evicted, reload, shutdown).",
+            &["reason"],
+        );
+        for reason in crate::imap::reuse::DROP_REASONS {
+            upstream_sessions_dropped.with_label_values(&[reason]);
+        }
         let compress_sessions = IntCounter::new(
             "mailgate_imap_compress_sessions_total",
             "IMAP sessions that turned COMPRESS=DEFLATE on (RFC 4978).",
@@ -245,6 +269,9 @@ impl Metrics {
             }
         }
         Metrics {
+            upstream_sessions_reused,
+            upstream_sessions_parked,
+            upstream_sessions_dropped,
             compress_sessions,
             compress_bytes,
             compress_errors,
