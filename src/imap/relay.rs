@@ -601,18 +601,26 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         None
     }
 
-    /// Hands a FETCH to the upstream pump once nothing else is outstanding, writing
-    /// upstream what it asks until it has answered the client.
-    async fn answer_through_cache(&mut self, job: Job, fill: Fill, tag: String) -> Option<End> {
+    /// Waits until every command sent upstream has completed (what was written is flushed
+    /// first, so that it can).
+    async fn until_nothing_in_flight(&mut self) -> Option<End> {
         loop {
             let completed = self.completed.notified();
             if self.lock().in_flight.is_empty() {
-                break;
+                return None;
             }
             if self.write.flush().await.is_err() {
                 return Some(End::UpstreamClosed);
             }
             completed.await;
+        }
+    }
+
+    /// Hands a FETCH to the upstream pump once nothing else is outstanding, writing
+    /// upstream what it asks until it has answered the client.
+    async fn answer_through_cache(&mut self, job: Job, fill: Fill, tag: String) -> Option<End> {
+        if let Some(end) = self.until_nothing_in_flight().await {
+            return Some(end);
         }
         self.lock().job_running = true;
         let label = if job.request.uid { "uid_fetch" } else { "fetch" };
@@ -735,15 +743,8 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         if let Some(text) = refusal {
             return self.refuse(tag, text, announce, true, "Invalid COMPRESS.").await;
         }
-        loop {
-            let completed = self.completed.notified();
-            if self.lock().in_flight.is_empty() {
-                break;
-            }
-            if self.write.flush().await.is_err() {
-                return Some(End::UpstreamClosed);
-            }
-            completed.await;
+        if let Some(end) = self.until_nothing_in_flight().await {
+            return Some(end);
         }
         self.line.clear();
         let bytes = format!("{} OK DEFLATE active\r\n", String::from_utf8_lossy(tag)).into_bytes();
