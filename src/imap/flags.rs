@@ -101,16 +101,16 @@ impl Flags {
         if last.is_some_and(|last| now.saturating_sub(last) < SHARE_EVERY.as_secs()) {
             return;
         }
-        scope.cache.insert(shared_at, Bytes::copy_from_slice(&now.to_be_bytes())).await;
         let mut entries = Vec::with_capacity(uids.len());
         for &uid in uids {
             match self.items.peek(uid, 0).await {
                 Some(value) if value.len() > 8 => entries.push((uid, value)),
-                // Evicted meanwhile: nothing complete to share.
+                // Evicted meanwhile: nothing complete to share (the next resync may).
                 _ => return,
             }
         }
         let Some(since) = self.since().await else { return };
+        scope.cache.insert(shared_at, Bytes::copy_from_slice(&now.to_be_bytes())).await;
         let value = encode_column(since, stamp, &entries);
         scope.cache.share(&snapshot::mark(scope, self.items.selected(), SHARED_MARK), Bytes::from(value));
     }
