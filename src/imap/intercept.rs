@@ -1110,28 +1110,12 @@ pub(super) fn size_value(item: &[u8]) -> Option<u64> {
 /// The sizes known of `uids` (`RFC822.SIZE n` items): in memory, else in the second tier
 /// (then kept in memory too).
 pub(super) async fn known_sizes(sizes: &Items, uids: &[u32]) -> HashMap<u32, Bytes> {
-    let mut known = HashMap::with_capacity(uids.len());
-    let mut asked = Vec::new();
+    let mut values = Vec::with_capacity(uids.len());
     for &uid in uids {
-        match sizes.peek(uid, 0).await {
-            Some(size) => drop(known.insert(uid, size)),
-            None => asked.push(uid),
-        }
+        values.push(sizes.peek(uid, 0).await);
     }
-    let cache = &sizes.scope().cache;
-    if cache.shared().is_none() {
-        return known;
-    }
-    for part in asked.chunks(SHARED_BATCH) {
-        let keys: Vec<Key> = part.iter().map(|&uid| sizes.key(uid, 0)).collect();
-        for (&uid, size) in part.iter().zip(cache.shared_values(&keys).await) {
-            if let Some(size) = size {
-                known.insert(uid, size);
-            }
-        }
-    }
-    sizes.refresh().await;
-    known
+    fill_from_shared_tier(sizes, uids, &mut values).await;
+    uids.iter().zip(values).filter_map(|(&uid, size)| Some((uid, size?))).collect()
 }
 
 /// Fills the `None`s of `values` (the items of `items`, per message of `uids` in order)
@@ -1156,14 +1140,12 @@ pub(super) async fn fill_from_shared_tier(items: &Items, uids: &[u32], values: &
             }
         }
     }
-    let mut served = 0;
     if !representatives.is_empty() {
         cache.fill_ranges(&representatives).await;
         items.refresh().await;
         for (v, value) in values.iter_mut().enumerate().filter(|(_, value)| value.is_none()) {
             if items.is_column(v % per) {
                 *value = items.peek(uids[v / per], v % per).await;
-                served += value.as_ref().map_or(0, Bytes::len);
             }
         }
     }
@@ -1172,12 +1154,10 @@ pub(super) async fn fill_from_shared_tier(items: &Items, uids: &[u32], values: &
     if !missing.is_empty() {
         let keys: Vec<Key> = missing.iter().map(|&v| items.key(uids[v / per], v % per)).collect();
         for (&v, value) in missing.iter().zip(cache.shared_items(&keys).await) {
-            served += value.as_ref().map_or(0, Bytes::len);
             values[v] = value;
         }
         items.refresh().await;
     }
-    cache.served(served);
 }
 
 /// Fills the missing items of `chunk` from the second tier (kept in memory too), in one
