@@ -155,6 +155,26 @@ fn a_session_that_enabled_condstore_is_not_parked() {
 }
 
 #[test]
+fn a_command_that_turns_condstore_on_after_a_literal_is_not_parked() {
+    // Only a command's first line is read for what it does: `MODSEQ` after a literal turns
+    // CONDSTORE on upstream all the same (RFC 7162 §3.1.5), and the session must not serve
+    // another login.
+    let setup = Setup::start_with(REUSE, "");
+    let mut client = setup.login(ALICE);
+    client.command("s", "SELECT INBOX");
+    client.send(b"a UID SEARCH TEXT {5+}\r\nhello MODSEQ 1\r\n");
+    let lines = client.until_tagged("a");
+    assert!(lines.last().unwrap().starts_with("a OK"), "{lines:?}");
+    log_out(&mut client);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric(&setup, "mailgate_upstream_sessions_parked"), 0.0);
+    let mut next = setup.login(ALICE);
+    next.command("a", "NOOP");
+    wait_logins(&setup, 2);
+    assert_eq!(metric(&setup, "mailgate_upstream_sessions_reused_total"), 0.0);
+}
+
+#[test]
 fn a_parked_session_killed_upstream_means_a_fresh_login() {
     let mut setup = Setup::start_with(REUSE, "");
     setup.dovecot.fill("alice", 2, 3);

@@ -86,9 +86,6 @@ struct Shared {
     /// The upstream completed a LOGOUT with OK: the session ends as a logout, whichever
     /// side's socket is seen to close first.
     logged_out: bool,
-    /// A command was sent whose effect may outlive it in the session (see
-    /// [`super::reuse::keeps_session`]), or CONDSTORE was turned on: never parked.
-    unparkable: bool,
     /// A SELECT or EXAMINE was sent: the session is left with UNSELECT before it is parked.
     ever_selected: bool,
     /// The client's LOGOUT was answered by mailgate: the upstream session is to be parked.
@@ -433,7 +430,11 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         // The upstream side must be at a response boundary with nothing read and not
         // relayed, and everything written to it sent: else a parked session would start
         // its next client mid-stream.
-        let clean = to_client.buffer.is_empty() && to_client.framer.at_boundary() && to_client.held.is_none();
+        // An upstream that said BYE is ending the session: never parked.
+        let clean = to_client.buffer.is_empty()
+            && to_client.framer.at_boundary()
+            && to_client.held.is_none()
+            && !to_client.upstream_bye;
         let selected = shared_end.lock().expect("relay lock poisoned").ever_selected;
         let stream = to_upstream.write.into_inner().map(|write| to_client.read.unsplit(write).into_inner());
         let super::reuse::Ticket { pool, key } = *ticket;
@@ -495,7 +496,8 @@ struct ClientPump<'a, R, W> {
     own_tags: u64,
     /// Until the client says what software it is (its first `ID`), its census entry.
     unidentified: Option<Box<crate::metrics::clients::Unidentified>>,
-    /// The session may be parked at LOGOUT (`[imap] reuse_for`).
+    /// The session may be parked at LOGOUT (`[imap] reuse_for`): until a command whose
+    /// effect may outlive it (see `reuse::keeps_session`).
     parkable: bool,
     /// The upstream has UNSELECT: a session that selected a mailbox can leave it.
     can_unselect: bool,
@@ -777,8 +779,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 && shared.literal_wait.is_none()
                 && !shared.draining
                 && self.tees.load(Ordering::Relaxed) == 0;
-            let unchanged = !shared.unparkable
-                && !shared.condstore
+            let unchanged = !shared.condstore
                 && !shared.qresync
                 && !self.implicit.ever.load(Ordering::Relaxed)
                 && !self.implicit.on.load(Ordering::Relaxed)
@@ -865,14 +866,19 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             let enables = modseq::enabling(full_line);
             if self.parkable {
                 let is_logout = command.eq_ignore_ascii_case(b"LOGOUT") && full_line.len() == tag.len() + 7;
-                let keeps = enables == Enabling::No && super::reuse::keeps_session(full_line);
+                // Only the first line is looked at: a literal other than APPEND's may carry the
+                // rest of a command (`SEARCH ... {5}` then `x MODSEQ 5` turns CONDSTORE on).
+                let keeps = enables == Enabling::No
+                    && super::reuse::keeps_session(full_line)
+                    && (line.announce.is_none() || command.eq_ignore_ascii_case(b"APPEND"));
                 if is_logout && line.announce.is_none() && self.park_now(&tag).await {
                     return Some(End::Park);
                 }
-                let mut shared = self.lock();
-                shared.unparkable |= !keeps;
-                shared.ever_selected |=
-                    command.eq_ignore_ascii_case(b"SELECT") || command.eq_ignore_ascii_case(b"EXAMINE");
+                if !keeps {
+                    self.parkable = false;
+                } else if command.eq_ignore_ascii_case(b"SELECT") || command.eq_ignore_ascii_case(b"EXAMINE") {
+                    self.lock().ever_selected = true;
+                }
             }
             let full_line = strip_eol(&self.line);
             let enables_condstore = enables != Enabling::No;
