@@ -95,8 +95,27 @@ impl<R> Inflate<R> {
     }
 }
 
+/// The client's DEFLATE stream did not inflate: told apart from other `InvalidData` errors
+/// (tokio-rustls reports every TLS error so) by [`is_bad_deflate`].
+#[derive(Debug)]
+struct BadDeflate(String);
+
+impl std::fmt::Display for BadDeflate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bad DEFLATE data from the client: {}", self.0)
+    }
+}
+
+impl std::error::Error for BadDeflate {}
+
 fn corrupt(error: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("bad DEFLATE data from the client: {error}"))
+    io::Error::new(io::ErrorKind::InvalidData, BadDeflate(error.to_string()))
+}
+
+/// Whether `error` is a client's DEFLATE stream that did not inflate (not a TLS or network
+/// failure).
+pub fn is_bad_deflate(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<BadDeflate>())
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Inflate<R> {
@@ -117,7 +136,8 @@ impl<R: AsyncRead + Unpin> AsyncRead for Inflate<R> {
             let (before_in, before_out) = (state.decompress.total_in(), state.decompress.total_out());
             let status = state.decompress.decompress(
                 &state.input[state.start..state.end],
-                buf.initialize_unfilled(),
+                // Zeroing all the free room at every read would cost more than inflating.
+                buf.initialize_unfilled_to(buf.remaining().min(16 << 10)),
                 FlushDecompress::None,
             );
             let consumed = (state.decompress.total_in() - before_in) as usize;

@@ -121,7 +121,7 @@ pub async fn read_client<R: AsyncRead + Unpin>(
         match read {
             Ok(Ok(0)) => return Err(Unread::Closed),
             Ok(Ok(n)) => return Ok(n),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Ok(Err(e)) if crate::compress::is_bad_deflate(&e) => {
                 // Not a network failure: the client's bytes made no sense (a COMPRESS stream
                 // that does not inflate). Only this session ends.
                 tracing::info!(error = %e, "client stream unreadable: closing");

@@ -213,7 +213,10 @@ async fn open(upstream: &Upstream, origin: Option<&Origin>) -> Result<(Reader, V
         Some(caps) => caps,
         None => reader.capability().await?,
     };
-    upstream.oauth.learn(capabilities.iter().filter_map(|c| c.strip_prefix("AUTH=")));
+    // Capabilities are case-insensitive (RFC 9051 §7.2.2): `auth=xoauth2` counts too.
+    let mechanisms =
+        capabilities.iter().filter_map(|c| c.get(..5).filter(|p| p.eq_ignore_ascii_case("AUTH=")).map(|_| &c[5..]));
+    upstream.oauth.learn(mechanisms);
     Ok((reader, capabilities))
 }
 
