@@ -28,6 +28,10 @@ pub struct Admin {
     pub required_store: Option<Arc<crate::limits::fleet::Fleet>>,
     /// The bearer token `/debug/*` (and optionally `/metrics`) require.
     pub auth: crate::admin_auth::AdminAuth,
+    /// Per-account support histories: `/debug/accounts/<user>`, `/debug/detections`.
+    pub insight: Arc<crate::insight::Insight>,
+    /// The canonical user name a support view is asked by.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
@@ -77,6 +81,11 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
             let rows = admin.metrics.clients.census.rows();
             ("200 OK", "application/json", serde_json::to_string_pretty(&rows).unwrap_or_default() + "\n")
         }
+        ("GET", "/debug/detections") => {
+            let recent = admin.insight.recent(DETECTIONS_SHOWN).await;
+            ("200 OK", "application/json", serde_json::to_string_pretty(&recent).unwrap_or_default() + "\n")
+        }
+        ("GET", path) if path.starts_with("/debug/accounts/") => account_page(admin, path, &head).await,
         ("GET", "/readyz") => match unreachable_upstream(admin).await {
             Some(name) => ("503 Service Unavailable", "text/plain", format!("upstream {name} unreachable\n")),
             None => match &admin.required_store {
@@ -109,13 +118,76 @@ async fn unauthorized(tcp: &mut TcpStream, path: &str, denied: crate::admin_auth
         Denied::Missing => "Bearer realm=\"mailgate-admin\"",
         Denied::Wrong => "Bearer realm=\"mailgate-admin\", error=\"invalid_token\"",
     };
+    // A browser asks for the token (as a password) after a Basic challenge.
     let body = "bearer token required\n";
     let response = format!(
-        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\nWWW-Authenticate: Basic realm=\"mailgate-admin\"\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     tcp.write_all(response.as_bytes()).await?;
     tcp.shutdown().await
+}
+
+/// Detections `/debug/detections` lists, newest first.
+const DETECTIONS_SHOWN: usize = 200;
+
+/// `/debug/accounts/<user>`: the support view of one account, JSON, or HTML for a browser
+/// (`?format=html`, or an `Accept` header that prefers `text/html`). Account names are
+/// shown only behind the admin token: without `[admin] token_file` the page is refused.
+async fn account_page(admin: &Admin, path: &str, head: &[u8]) -> (&'static str, &'static str, String) {
+    if !admin.auth.protects(path) {
+        let text = "account histories name users: set [admin] token_file to see them\n";
+        return ("403 Forbidden", "text/plain", text.to_string());
+    }
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let Some(user) = percent_decoded(&path["/debug/accounts/".len()..]).filter(|u| !u.is_empty() && u.len() <= 512)
+    else {
+        return ("400 Bad Request", "text/plain", "/debug/accounts/<user>: a user name, percent-encoded\n".into());
+    };
+    let html = match query.split('&').find_map(|pair| pair.strip_prefix("format=")) {
+        Some(format) => format == "html",
+        None => prefers_html(head),
+    };
+    let account = admin.limits.canonical(&user);
+    let Some(history) = admin.insight.history(&account).await else {
+        let text = format!("no activity of {account} is known (histories last insight.keep_for)\n");
+        return ("404 Not Found", "text/plain; charset=utf-8", text);
+    };
+    let now = crate::insight::unix(std::time::SystemTime::now());
+    let view = crate::insight::view::AccountView::new(&account, &history, now, admin.insight.keep_for().as_secs());
+    if html {
+        ("200 OK", "text/html; charset=utf-8", view.html())
+    } else {
+        ("200 OK", "application/json", serde_json::to_string_pretty(&view).unwrap_or_default() + "\n")
+    }
+}
+
+/// `%XX` escapes decoded (`+` stays: it is a character of mail addresses); `None` when
+/// an escape is broken or the result is not UTF-8.
+fn percent_decoded(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Whether the request's `Accept` header names `text/html` (a browser's does, first).
+fn prefers_html(head: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').skip(1).any(|line| {
+        let Some(colon) = line.iter().position(|&b| b == b':') else { return false };
+        line[..colon].eq_ignore_ascii_case(b"accept")
+            && line[colon + 1..].windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html"))
+    })
 }
 
 /// Whether the request head has arrived (an empty line ends it).

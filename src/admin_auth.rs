@@ -72,10 +72,10 @@ impl AdminAuth {
         if !self.protects(path) {
             return Ok(());
         }
-        let given = bearer_token(head).ok_or(Denied::Missing)?;
+        let given = presented_token(head).ok_or(Denied::Missing)?;
         let expected = self.token();
         match expected {
-            Some(token) if same_secret(given, token.expose()) => Ok(()),
+            Some(token) if same_secret(given.expose(), token.expose()) => Ok(()),
             _ => Err(Denied::Wrong),
         }
     }
@@ -126,6 +126,31 @@ pub fn bearer_token(head: &[u8]) -> Option<&[u8]> {
     })
 }
 
+/// The token a request presents: its `Authorization: Bearer` token, or the password of
+/// `Authorization: Basic` (any user name), which is how a browser asks for a page such as
+/// `/debug/accounts/<user>` after the 401's `Basic` challenge.
+pub fn presented_token(head: &[u8]) -> Option<Secret<Vec<u8>>> {
+    if let Some(token) = bearer_token(head) {
+        return Some(Secret::new(token.to_vec()));
+    }
+    head.split(|&b| b == b'\n').skip(1).find_map(|line| {
+        use base64::Engine;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|&b| b == b':')?;
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if !name.eq_ignore_ascii_case(b"authorization")
+            || value.len() < 6
+            || !value[..6].eq_ignore_ascii_case(b"basic ")
+        {
+            return None;
+        }
+        let decoded = Secret::new(base64::engine::general_purpose::STANDARD.decode(value[6..].trim_ascii()).ok()?);
+        let colon = decoded.expose().iter().position(|&b| b == b':')?;
+        let password = decoded.expose()[colon + 1..].to_vec();
+        (!password.is_empty()).then(|| Secret::new(password))
+    })
+}
+
 /// Equality whose time depends on the lengths only, never on where the bytes differ.
 pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     let mut difference = given.len() ^ expected.len();
@@ -147,6 +172,22 @@ mod tests {
         assert_eq!(bearer_token(b"GET / HTTP/1.1\r\nAuthorization: Basic dTpw\r\n\r\n"), None);
         assert_eq!(bearer_token(b"GET / HTTP/1.1\r\nAuthorization: Bearer \r\n\r\n"), None);
         assert_eq!(bearer_token(b"GET /Authorization: Bearer t HTTP/1.1\r\n\r\n"), None, "not in the request line");
+    }
+
+    #[test]
+    fn a_browser_presents_the_token_as_a_basic_password() {
+        let basic = |credentials: &str| {
+            use base64::Engine;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+            format!("GET / HTTP/1.1\r\nauthorization: basic {encoded}\r\n\r\n").into_bytes()
+        };
+        assert_eq!(presented_token(&basic("admin:s3cret")).unwrap().expose(), b"s3cret");
+        assert_eq!(presented_token(&basic(":s3cret")).unwrap().expose(), b"s3cret");
+        assert!(presented_token(&basic("admin:")).is_none());
+        assert!(presented_token(&basic("no-colon")).is_none());
+        assert!(presented_token(b"GET / HTTP/1.1\r\nAuthorization: Basic !!!\r\n\r\n").is_none());
+        let bearer = presented_token(b"GET / HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n").unwrap();
+        assert_eq!(bearer.expose(), b"t");
     }
 
     #[test]

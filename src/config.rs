@@ -35,6 +35,7 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub reload: ReloadConfig,
     pub shutdown: ShutdownConfig,
+    pub insight: InsightConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
@@ -895,6 +896,49 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// What mailgate learns about accounts for their support (`[insight]`): a short history
+/// per recently active account and the common mistakes it shows (docs/OPERATIONS.md,
+/// "Support insight").
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InsightConfig {
+    /// Keep per-account histories and run the detections.
+    pub history: bool,
+    /// Memory for the histories of this instance (least recently active accounts go
+    /// first); with `limits.store = "redis"` they live in Redis instead, for the fleet.
+    pub memory: ByteSize,
+    /// How long an account's history lasts after its last activity (a week: "which
+    /// devices used the account this week").
+    pub keep_for: Span,
+    /// How close in time two clients' use must be to count as "at the same time" (a
+    /// POP3 client deleting while another reads; several POP3 clients).
+    pub window: Span,
+    /// POP3 sessions in a row without deletions, each finding more messages, that make
+    /// a "never deletes while the maildrop grows" detection.
+    pub growth_polls: u32,
+    /// Full resyncs of a large IMAP mailbox in 24 hours above which they are too many.
+    pub resyncs_per_day: u32,
+    /// A detection fires again for the same account only after this long.
+    pub repeat_after: Span,
+    /// Recent detections kept for `/debug/detections`.
+    pub recent_detections: u32,
+}
+
+impl Default for InsightConfig {
+    fn default() -> Self {
+        InsightConfig {
+            history: true,
+            memory: ByteSize(64 << 20),
+            keep_for: secs(7 * 86_400),
+            window: secs(86_400),
+            growth_polls: 3,
+            resyncs_per_day: 10,
+            repeat_after: secs(86_400),
+            recent_detections: 1000,
+        }
+    }
+}
+
 fn secs(n: u64) -> Span {
     Span(std::time::Duration::from_secs(n))
 }
@@ -921,8 +965,10 @@ impl fmt::Display for ConfigError {
 #[error("{} configuration error(s): {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
-const SECTIONS: &[&str] =
-    &["listener", "tls", "upstream", "imap", "pop3", "cache", "admin", "limits", "routing", "reload", "shutdown"];
+const SECTIONS: &[&str] = &[
+    "listener", "tls", "upstream", "imap", "pop3", "cache", "admin", "limits", "routing", "reload", "shutdown",
+    "insight",
+];
 
 impl Config {
     /// Defaults, then the TOML file, then `MAILGATE_SECTION__KEY` variables from the process
@@ -1003,8 +1049,10 @@ impl Config {
         }
         let reload = section(&mut errors, "reload", root.get("reload")).unwrap_or_default();
         let shutdown = section(&mut errors, "shutdown", root.get("shutdown")).unwrap_or_default();
+        let insight = section(&mut errors, "insight", root.get("insight")).unwrap_or_default();
 
-        let config = Config { listeners, tls, upstream, imap, pop3, cache, admin, limits, routing, reload, shutdown };
+        let config =
+            Config { listeners, tls, upstream, imap, pop3, cache, admin, limits, routing, reload, shutdown, insight };
         errors.extend(config.validate());
         if errors.is_empty() {
             Ok(config)
@@ -1229,6 +1277,18 @@ impl Config {
         }
         if self.limits.download_quota_window.0.is_zero() {
             errors.push(error("limits.download_quota_window", "must be longer than 0s"));
+        }
+        let insight = &self.insight;
+        for (value, path) in [(insight.keep_for.0, "insight.keep_for"), (insight.window.0, "insight.window")] {
+            if value < std::time::Duration::from_secs(60) {
+                errors.push(error(path, "must be at least 1m"));
+            }
+        }
+        if insight.growth_polls < 2 {
+            errors.push(error("insight.growth_polls", "must be at least 2 (growth is seen between polls)"));
+        }
+        if insight.history && insight.memory.0 < (1 << 20) {
+            errors.push(error("insight.memory", "must be at least 1MiB"));
         }
         if self.reload.watch_interval.0 < std::time::Duration::from_secs(1) {
             errors.push(error("reload.watch_interval", "must be at least 1s"));

@@ -40,6 +40,8 @@
 //! - [`metrics`]: Prometheus families, byte counting, the top-K of sync cost, the reports
 //!   of who logs in with what (plaintext clients, client software);
 //!   [`admin`], [`admin_auth`]: the admin HTTP listener and its token.
+//! - [`insight`]: per-account support histories, the common mailbox mistakes they show,
+//!   and the support view of an account (`/debug/accounts/<user>`).
 //! - [`config`]: typed configuration with key paths in every error; [`units`]: sizes and
 //!   durations; [`reload`]: SIGHUP and watched files; [`shutdown`]: the graceful drain.
 //! - [`auth`], [`secret`]: credentials that never reach a log; [`log_budget`]: what a peer
@@ -58,6 +60,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod identity;
 pub mod imap;
+pub mod insight;
 pub mod legacy_tls;
 pub mod limits;
 pub mod listener;
@@ -130,6 +133,8 @@ pub struct Shared {
     pub cache: Option<Arc<cache::MessageCache>>,
     pub metrics: Arc<metrics::Metrics>,
     pub limits: Arc<limits::Limits>,
+    /// Per-account support histories (`[insight]`), kept across reloads.
+    pub insight: Arc<insight::Insight>,
     /// The parked IMAP sessions' sweeps and log-outs (`imap::reuse`), waited for at
     /// shutdown: a parked session is logged out, not cut.
     pub parked: TaskTracker,
@@ -248,6 +253,7 @@ pub fn services(config: &Arc<Config>, shared: &Shared) -> Result<Generation> {
                 cache: shared.cache.clone(),
                 metrics: shared.metrics.clone(),
                 limits: shared.limits.clone(),
+                insight: shared.insight.clone(),
                 proxy: settings.proxy_protocol.then(|| proxy_header::ProxyPolicy {
                     // Validated with the configuration.
                     trusted: settings.proxy_trusted.iter().filter_map(|n| network::Network::parse(n).ok()).collect(),
@@ -299,6 +305,7 @@ pub async fn run(
             Some(fleet)
         }
     };
+    let insight = insight::Insight::new(&config.insight, fleet.clone(), metrics.insight.clone());
     let required_store = fleet.clone().filter(|_| config.limits.redis.on_error == config::StoreFailure::Closed);
     let limits = limits::Limits::shared(&config.limits, fleet);
     let parked = TaskTracker::new();
@@ -307,6 +314,7 @@ pub async fn run(
         cache,
         metrics: metrics.clone(),
         limits: limits.clone(),
+        insight: insight.clone(),
         parked: parked.clone(),
     };
     let generation = services(&config, &shared)?;
@@ -319,6 +327,8 @@ pub async fn run(
         upstreams: std::sync::RwLock::new(upstreams),
         required_store,
         auth: admin::AdminAuth::new(&config.admin),
+        insight: insight.clone(),
+        limits: limits.clone(),
     });
     if config.admin.enabled {
         let address = config.admin.address;

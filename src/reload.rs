@@ -143,6 +143,7 @@ impl Reloader {
         self.shared.limits.set_overrides(&new.limits.overrides);
         // The admin token (file and what it protects) applies at once; the file is read again.
         self.admin.auth.configure(&new.admin);
+        self.shared.insight.configure(&new.insight);
         // The old pools stop checking (their sessions go on); hosts that are gone leave
         // the host gauge; the new pools start.
         self.health.cancel();

@@ -58,6 +58,9 @@ pub struct Handover<T> {
     pub lease: crate::limits::UserLease,
     /// Set while the client has not said what software it is (IMAP `ID` may follow).
     pub unidentified: Option<Box<crate::metrics::clients::Unidentified>>,
+    /// The session in its account's support history (reported when dropped); `None`
+    /// while histories are off.
+    pub activity: Option<Box<crate::insight::Activity>>,
 }
 
 pub enum LoginOutcome<T> {
@@ -92,6 +95,8 @@ pub struct Service {
     pub metrics: Arc<Metrics>,
     /// The process-wide connection caps.
     pub limits: Arc<crate::limits::Limits>,
+    /// Per-account support histories (`crate::insight`).
+    pub insight: Arc<crate::insight::Insight>,
     /// Set when the listener expects a PROXY protocol header.
     pub proxy: Option<crate::proxy_header::ProxyPolicy>,
     /// Chooses the upstream of each login (`upstream` when nothing else does).
@@ -176,6 +181,26 @@ impl Service {
             plaintext: verdict.is_some(),
             counted: false,
         }))
+    }
+
+    /// The session that just logged in, in `account`'s support history: the client as the
+    /// history tells clients apart (protocol, `ID` software when said before login, the
+    /// address's network, the listener, TLS).
+    pub fn began(
+        &self,
+        stream: &Stream,
+        account: &str,
+        origin: &crate::origin::Origin,
+        software: Option<&crate::metrics::clients::Software>,
+    ) -> Option<Box<crate::insight::Activity>> {
+        let client = crate::insight::Client {
+            protocol: self.protocol.name().to_string(),
+            software: software.map(crate::insight::software_name),
+            network: crate::metrics::clients::address_prefix(origin.client.ip()),
+            listener: self.listener.clone(),
+            tls: stream.tls_version().map(str::to_string),
+        };
+        self.insight.began(account, &origin.session, client)
     }
 
     /// The cache scope of a session that just logged in at `upstream`: keys for

@@ -358,6 +358,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                             return None;
                         }
                         let scope = service.cache_scope(&upstream, &credentials, &session.proof);
+                        let activity = service.began(&conn.stream, &account, &origin, conn.software.as_ref());
                         let unidentified =
                             service.logged_in_client(&conn.stream, &account, conn.ip, verdict, conn.software.take());
                         return Some(Handover {
@@ -368,6 +369,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                             account,
                             lease,
                             unidentified,
+                            activity,
                         });
                     }
                     LoginOutcome::Refused(refusal) => match refusal {

@@ -109,9 +109,23 @@ struct Shared {
     tracked: bool,
     /// The HIGHESTMODSEQ the selected mailbox announced at SELECT.
     highest_modseq: Option<u64>,
+    /// INBOX is the selected mailbox (its name not a literal).
+    inbox: bool,
+    /// Messages the client's own EXPUNGE and MOVE commands took out of INBOX, and full
+    /// resyncs: the support history's (`crate::insight`).
+    inbox_removed: u64,
+    full_resyncs: u32,
 }
 
 impl Shared {
+    /// The upstream is answering the client's EXPUNGE or MOVE (the oldest command in
+    /// flight) in INBOX: what it expunges now, this client took out of INBOX.
+    fn removing_from_inbox(&self) -> bool {
+        self.inbox
+            && (self.in_flight.front())
+                .is_some_and(|f| matches!(f.label, "expunge" | "uid_expunge" | "move" | "uid_move"))
+    }
+
     /// The upstream is answering the SELECT or EXAMINE whose mailbox the session will have
     /// (the oldest command in flight, and the last of its kind).
     fn answering_select(&self) -> bool {
@@ -248,6 +262,7 @@ fn completed_command(service: &Service, shared: &mut Shared, label: &'static str
         if let Some(exists) = shared.exists.filter(|&e| e >= 1000) {
             if u64::from(fetched) * 10 >= u64::from(exists) * 9 {
                 metrics.full_resyncs.with_label_values(&["imap"]).inc();
+                shared.full_resyncs += 1;
             }
         }
     }
@@ -331,7 +346,7 @@ struct Inject {
 
 /// Relays a logged-in session to its end. The user's session slot is released when it returns.
 pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
-    let Handover { client, leftover, mut upstream, scope, account, lease: _lease, unidentified } = handover;
+    let Handover { client, leftover, mut upstream, scope, account, lease: _lease, unidentified, activity } = handover;
     let ticket = upstream.reuse.take();
     let can_unselect = response::has_capability(&upstream.capabilities, "UNSELECT");
     let account = account.as_str();
@@ -371,6 +386,7 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         implicit: implicit.clone(),
         own_tags: 0,
         unidentified,
+        activity,
         parkable: ticket.is_some(),
         can_unselect,
         service,
@@ -423,6 +439,13 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
     );
     let (commands, messages) = {
         let shared = shared_end.lock().expect("relay lock poisoned");
+        if let Some(activity) = to_upstream.activity.as_mut() {
+            let summary = &mut activity.summary;
+            summary.bytes = bytes.client.1.load(Ordering::Relaxed);
+            summary.messages = shared.messages;
+            summary.deleted = shared.inbox_removed;
+            summary.full_resyncs = shared.full_resyncs;
+        }
         (shared.commands, shared.messages)
     };
     service.session_cost(account, &bytes, commands, messages);
@@ -496,6 +519,8 @@ struct ClientPump<'a, R, W> {
     own_tags: u64,
     /// Until the client says what software it is (its first `ID`), its census entry.
     unidentified: Option<Box<crate::metrics::clients::Unidentified>>,
+    /// The session in its account's support history, told its software by `ID`.
+    activity: Option<Box<crate::insight::Activity>>,
     /// The session may be parked at LOGOUT (`[imap] reuse_for`): until a command whose
     /// effect may outlive it (see `reuse::keeps_session`).
     parkable: bool,
@@ -859,7 +884,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             }
             let command = head.split(|&b| b == b' ').nth(1).unwrap_or_default();
             if command.eq_ignore_ascii_case(b"ID") && line.announce.is_none() {
-                identify(&mut self.unidentified, full_line);
+                identify(&mut self.unidentified, &mut self.activity, full_line);
             }
             // A command that enables CONDSTORE while mailgate has it on for itself goes to the
             // upstream as it is (never through the cache: its answers are the client's own).
@@ -890,6 +915,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             if let Some(mailbox) = intercept::selected_mailbox(full_line) {
                 let mut shared = self.lock();
                 shared.selected = None;
+                shared.inbox = false;
                 shared.selecting = Some(Selecting {
                     tag: tag.clone(),
                     mailbox: mailbox.map(Arc::from),
@@ -901,7 +927,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 });
                 reselect = Reselect::Pending;
             } else if command.eq_ignore_ascii_case(b"CLOSE") || command.eq_ignore_ascii_case(b"UNSELECT") {
-                self.lock().selected = None;
+                let mut shared = self.lock();
+                shared.selected = None;
+                shared.inbox = false;
+                drop(shared);
                 reselect = Reselect::Pending;
             } else if let (Some(scope), None, Enabling::No) = (self.scope.as_ref(), line.announce, enabling) {
                 let (selected, modseq) = {
@@ -1523,6 +1552,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     shared.highest_modseq = highest_modseq;
                     let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
                     shared.view_changed = false;
+                    shared.inbox = ok && mailbox.as_deref() == Some("INBOX");
                     if let (true, Some(exists)) = (ok, shared.exists) {
                         self.service.metrics.mailbox_messages.observe(f64::from(exists));
                     }
@@ -1628,6 +1658,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         }
                     } else if second.eq_ignore_ascii_case(b"EXPUNGE") {
                         if let Some(seq) = std::str::from_utf8(first).ok().and_then(|s| s.parse().ok()) {
+                            if shared.removing_from_inbox() {
+                                shared.inbox_removed += 1;
+                            }
                             shared.uids.expunge(seq);
                             shared.exists = shared.exists.map(|e| e.saturating_sub(1));
                             shared.view_changed = true;
@@ -1645,6 +1678,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                             shared.exists = Some(count);
                         }
                     } else if first.eq_ignore_ascii_case(b"VANISHED") {
+                        // `VANISHED (EARLIER)` reports the past (a resync), not this command.
+                        if shared.removing_from_inbox() && !second.starts_with(b"(") {
+                            shared.inbox_removed += uid_set_size(second);
+                        }
                         shared.uids.forget();
                         shared.view_changed = true;
                     }
@@ -1685,14 +1722,39 @@ enum Capture {
 /// Whether a response (its start) is `* n FETCH ...`.
 /// A client's `ID` after login (`line`, without literals): the census learns what the
 /// client is, once.
-fn identify(unidentified: &mut Option<Box<crate::metrics::clients::Unidentified>>, line: &[u8]) {
-    let Some(note) = unidentified.as_mut() else { return };
+/// Its support history learns the software too.
+fn identify(
+    unidentified: &mut Option<Box<crate::metrics::clients::Unidentified>>,
+    activity: &mut Option<Box<crate::insight::Activity>>,
+    line: &[u8],
+) {
+    if unidentified.is_none() && activity.is_none() {
+        return;
+    }
     let parts = [super::command::Part::Line { text: line.to_vec(), literal_follows: false }];
     if let Ok(super::command::Command::Id(Some(software))) = super::command::parse(&parts).map(|tagged| tagged.command)
     {
-        note.identified(software);
-        *unidentified = None;
+        if let Some(activity) = activity.as_mut() {
+            activity.identified(&software);
+        }
+        if let Some(mut note) = unidentified.take() {
+            note.identified(software);
+        }
     }
+}
+
+/// How many UIDs a set (`1:3,7`) names; `*` and garbage count nothing.
+fn uid_set_size(set: &[u8]) -> u64 {
+    let set = std::str::from_utf8(set).unwrap_or_default().trim();
+    (set.split(','))
+        .map(|range| match range.split_once(':') {
+            None => u64::from(range.parse::<u32>().is_ok()),
+            Some((a, b)) => match (a.parse::<u32>(), b.parse::<u32>()) {
+                (Ok(a), Ok(b)) => u64::from(a.abs_diff(b)) + 1,
+                _ => 0,
+            },
+        })
+        .sum()
 }
 
 fn is_fetch_response(head: &[u8]) -> bool {

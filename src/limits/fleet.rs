@@ -123,6 +123,15 @@ if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) 
 return total
 ";
 
+/// Replaces a value only if it is still what the caller read (empty: absent): the
+/// read-modify-write of a per-account history, atomic across a fleet without a lock.
+const SWAP: &str = r"
+local current = redis.call('GET', KEYS[1]) or ''
+if current ~= ARGV[1] then return {0, current} end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return {1, ''}
+";
+
 /// How often pending download bytes are added to the fleet's counters.
 const QUOTA_SYNC: Duration = Duration::from_secs(1);
 
@@ -167,6 +176,7 @@ struct Scripts {
     rate: Script,
     failed: Script,
     downloaded: Script,
+    swap: Script,
 }
 
 /// Download bytes not yet added to the fleet's counters, and the totals last read back.
@@ -232,7 +242,7 @@ impl Fleet {
         let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let instance = format!("{}-{}-{:x}", host.trim(), std::process::id(), started.as_millis());
         let (released, releases) = mpsc::unbounded_channel();
-        for operation in ["connect", "login", "auth", "quota", "refresh", "release"] {
+        for operation in ["connect", "login", "auth", "quota", "refresh", "release", "insight"] {
             for outcome in ["allowed", "refused", "none"] {
                 errors.with_label_values(&[operation, outcome]);
             }
@@ -257,6 +267,7 @@ impl Fleet {
                 rate: Script::new(RATE),
                 failed: Script::new(FAILED),
                 downloaded: Script::new(DOWNLOADED),
+                swap: Script::new(SWAP),
             },
         });
         tokio::spawn(keep(Arc::downgrade(&fleet), releases));
@@ -516,6 +527,79 @@ impl Fleet {
         let deadline = Instant::now() + self.timeout * 4;
         while self.releasing.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The text value at `key` (`None` when absent). For the support histories
+    /// (`crate::insight`), which decide nothing: a failure is counted as `insight`.
+    pub async fn text(&self, key: &str) -> Option<Result<String, StoreError>> {
+        let mut redis = self.redis.clone();
+        let get = redis::cmd("GET").arg(key).clone();
+        match self.call(get.query_async::<Option<String>>(&mut redis)).await {
+            Ok(value) => value.map(Ok),
+            Err(error) => {
+                self.failed("insight", &error, false);
+                Some(Err(error))
+            }
+        }
+    }
+
+    /// Sets `key` to `new` (expiring after `ttl`) if it still holds `expected` (`""`:
+    /// absent). `Ok(None)` when set; `Ok(Some(current))` when another writer came first.
+    pub async fn swap_text(
+        &self,
+        key: &str,
+        expected: &str,
+        new: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let mut redis = self.redis.clone();
+        let mut invocation = self.scripts.swap.prepare_invoke();
+        invocation.key(key).arg(expected).arg(new).arg(ttl.as_millis().max(1) as u64);
+        match self.call(invocation.invoke_async::<(u8, String)>(&mut redis)).await {
+            Ok((1, _)) => Ok(None),
+            Ok((_, current)) => Ok(Some(current)),
+            Err(error) => {
+                self.failed("insight", &error, false);
+                Err(error)
+            }
+        }
+    }
+
+    /// Pushes `value` at the head of the list `key`, kept to `cap` entries and expiring
+    /// after `ttl`.
+    pub async fn push_capped(&self, key: &str, value: &str, cap: usize, ttl: Duration) {
+        let mut redis = self.redis.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("LPUSH")
+            .arg(key)
+            .arg(value)
+            .ignore()
+            .cmd("LTRIM")
+            .arg(key)
+            .arg(0)
+            .arg(cap.max(1) - 1)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(key)
+            .arg(ttl.as_millis().max(1) as u64)
+            .ignore();
+        if let Err(error) = self.call(pipe.query_async::<()>(&mut redis)).await {
+            self.failed("insight", &error, false);
+        }
+    }
+
+    /// The first `n` entries of the list `key` (empty when Redis cannot say: counted).
+    pub async fn head(&self, key: &str, n: usize) -> Vec<String> {
+        let mut redis = self.redis.clone();
+        let range = redis::cmd("LRANGE").arg(key).arg(0).arg(n.max(1) - 1).clone();
+        match self.call(range.query_async::<Vec<String>>(&mut redis)).await {
+            Ok(values) => values,
+            Err(error) => {
+                self.failed("insight", &error, false);
+                Vec::new()
+            }
         }
     }
 

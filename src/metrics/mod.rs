@@ -45,6 +45,8 @@ pub struct Metrics {
     pub clients: Arc<clients::ClientReports>,
     /// The shared cache tier's families (exported whether or not the tier is on).
     pub cache_shared: crate::cache::shared::SharedMetrics,
+    /// Support insight's families (`crate::insight`): detections by kind, history updates.
+    pub insight: crate::insight::Counters,
     pub logins: IntCounterVec,
     pub client_bytes: IntCounterVec,
     pub upstream_bytes: IntCounterVec,
@@ -359,6 +361,7 @@ impl Metrics {
                 &["listener"],
             ),
             cache_shared: Metrics::shared_families(&registry),
+            insight: Metrics::insight_families(&registry),
             clients: Arc::new(clients::ClientReports {
                 plaintext: clients::PlaintextClients::new(admin.plaintext_clients),
                 census: clients::SoftwareCensus::new(admin.client_software),
@@ -403,6 +406,35 @@ impl Metrics {
             top_accounts_shown: admin.top_accounts,
             registry,
         }
+    }
+
+    /// Support insight's families, every label created at zero.
+    fn insight_families(registry: &Registry) -> crate::insight::Counters {
+        let detections = counter(
+            registry,
+            "mailgate_insight_detections_total",
+            "Common mailbox mistakes detected in accounts' activity, by kind (no account label: see /debug/detections).",
+            &["kind"],
+        );
+        for kind in crate::insight::Kind::ALL {
+            detections.with_label_values(&[kind.label()]);
+        }
+        let updates = counter(
+            registry,
+            "mailgate_insight_updates_total",
+            "Account history updates: ok, dropped (too many Redis updates in flight), error (Redis).",
+            &["result"],
+        );
+        for result in ["ok", "dropped", "error"] {
+            updates.with_label_values(&[result]);
+        }
+        let accounts = prometheus::IntGauge::new(
+            "mailgate_insight_accounts",
+            "Account histories held in this instance's memory (0 when they live in Redis).",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(accounts.clone())).expect("metric registered once");
+        crate::insight::Counters { detections, updates, accounts }
     }
 
     /// Creates the series of a listener's fixed label sets at zero, so that every family is

@@ -208,6 +208,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                             return None;
                         }
                         let scope = service.cache_scope(&upstream, &credentials, &session.proof);
+                        let activity = service.began(&conn.stream, &account, &origin, None);
                         let unidentified = service.logged_in_client(&conn.stream, &account, conn.ip, verdict, None);
                         return Some(Handover {
                             client: conn.stream,
@@ -217,6 +218,7 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                             account,
                             lease,
                             unidentified,
+                            activity,
                         });
                     }
                     LoginOutcome::Refused(refusal) => match refusal {

@@ -63,6 +63,8 @@ enum Track {
     Top,
     /// The client's QUIT: its answer is the last one.
     Quit,
+    /// STAT: the maildrop's size, for the support history.
+    Stat,
 }
 
 impl Track {
@@ -131,6 +133,12 @@ struct Shared {
     /// The upstream accepted a DELE whose argument mailgate did not read: which message it
     /// deleted is unknown, so nothing more is answered from the cache.
     cache_off: bool,
+    /// How many such DELEs the upstream accepted (deletions all the same).
+    deleted_unread: u64,
+    /// The upstream answered QUIT with `+OK`: the deletions are committed (RFC 1939 §6).
+    quit_ok: bool,
+    /// The maildrop as the session's first STAT found it.
+    maildrop: Option<crate::insight::Maildrop>,
     /// mailgate's own UIDL and LIST still unanswered: cache decisions wait for them.
     learning: usize,
     /// The upstream answered the client's QUIT: the session is over (RFC 1939 §6, `+OK` or
@@ -190,7 +198,8 @@ enum End {
 
 /// Relays a logged-in session to its end. The user's session slot is released when it returns.
 pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
-    let Handover { client, leftover, upstream, scope, account, lease: _lease, unidentified: _ } = handover;
+    let Handover { client, leftover, upstream, scope, account, lease: _lease, unidentified: _, mut activity } =
+        handover;
     let account = account.as_str();
     let bytes = crate::metrics::SessionBytes::default();
     let shared = Arc::new(Mutex::new(Shared::default()));
@@ -269,6 +278,30 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         "session ended"
     );
     service.session_cost(account, &bytes, to_upstream.commands, to_upstream.messages);
+    if let Some(activity) = activity.as_mut() {
+        let shared = lock(&to_client.shared);
+        let summary = &mut activity.summary;
+        summary.bytes = bytes.client.1.load(std::sync::atomic::Ordering::Relaxed);
+        summary.messages = to_upstream.messages;
+        // Deletions happen when the upstream completes QUIT with +OK, and only then.
+        summary.deleted = if shared.quit_ok { shared.deleted.len() as u64 + shared.deleted_unread } else { 0 };
+        // Without a STAT of the client's, the listing mailgate asked for (the cache's) says it.
+        summary.maildrop = shared.maildrop.or_else(|| {
+            (!shared.sizes.is_empty()).then(|| crate::insight::Maildrop {
+                messages: shared.sizes.len() as u64,
+                octets: shared.sizes.values().sum(),
+            })
+        });
+    }
+}
+
+/// The maildrop of a `+OK n size` STAT answer (RFC 1939 §5: "drop listing"), when it says one.
+fn stat_answer(line: &[u8]) -> Option<crate::insight::Maildrop> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut words = text.split(' ').skip(1);
+    let messages = words.next()?.trim().parse().ok()?;
+    let octets = words.next()?.trim().parse().ok()?;
+    Some(crate::insight::Maildrop { messages, octets })
 }
 
 /// The session's state as the client pump's read sees it: a RETR still streaming is not
@@ -417,6 +450,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
             "LIST" => Track::List { internal: false },
             "TOP" => Track::Top,
             "QUIT" => Track::Quit,
+            "STAT" => Track::Stat,
             _ => Track::Nothing,
         };
         match &track {
@@ -795,6 +829,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 Box::pin(scope.cache.insert(top_status_key(scope), status)).await;
             }
         }
+        if let (Track::Stat, Some(Event::Status { ok: true, line, .. })) = (track, &step.event) {
+            let mut shared = lock(&self.shared);
+            if shared.maildrop.is_none() {
+                shared.maildrop = stat_answer(line);
+            }
+        }
         if self.wants_capture(track) {
             if let (Track::Retr(_) | Track::Seen(_), Some(Event::Status { line, body: true, .. })) =
                 (track, &step.event)
@@ -852,7 +892,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         }
                         match (ok, n) {
                             (true, Some(n)) => drop(shared.deleted.insert(n)),
-                            (true, None) => shared.cache_off = true,
+                            (true, None) => {
+                                shared.cache_off = true;
+                                shared.deleted_unread += 1;
+                            }
                             (false, _) => {}
                         }
                     }
@@ -860,9 +903,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                         shared.resetting = shared.resetting.saturating_sub(1);
                         if ok {
                             shared.deleted.clear();
+                            shared.deleted_unread = 0;
                         }
                     }
-                    Track::Quit => shared.quit_answered = true,
+                    Track::Quit => {
+                        shared.quit_answered = true;
+                        shared.quit_ok = ok;
+                    }
                     _ => {}
                 }
             }
@@ -888,7 +935,7 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
     async fn learn(&mut self, track: Track) {
         match track {
             // Applied when the answer ends (see `process`).
-            Track::Nothing | Track::Dele(_) | Track::Rset | Track::Top | Track::Quit => {}
+            Track::Nothing | Track::Dele(_) | Track::Rset | Track::Top | Track::Quit | Track::Stat => {}
             Track::Uidl { .. } | Track::List { .. } => {
                 if self.capture.len() > MAX_UIDL_LISTING {
                     return;
@@ -956,6 +1003,15 @@ fn listing(response: &[u8]) -> Vec<(u32, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_answers_give_the_maildrop() {
+        let drop = stat_answer(b"+OK 2 320").unwrap();
+        assert_eq!((drop.messages, drop.octets), (2, 320));
+        assert_eq!(stat_answer(b"+OK 2 320\r"), Some(drop));
+        assert_eq!(stat_answer(b"+OK"), None);
+        assert_eq!(stat_answer(b"+OK mailbox locked"), None);
+    }
 
     #[test]
     fn only_exactly_spelled_numbers_are_read() {

@@ -1,0 +1,337 @@
+//! Support insight (`[insight]`): a short history per recently active account, the common
+//! mailbox mistakes it shows (POP3 deleting what another device reads, POP3 keeping
+//! everything while the maildrop grows, several POP3 clients, heavy resyncs, logins without
+//! TLS, a nearly full mailbox), and the support view of one account
+//! (`/debug/accounts/<user>`, [`view`]).
+//!
+//! The relays report what happened ([`Activity`], one per session); [`history`] decides,
+//! sans-I/O. The histories live in this process's memory (bounded by `insight.memory`,
+//! the least recently active account first out) or, with `limits.store = "redis"`, in
+//! Redis with a TTL of `keep_for`, so that every instance of a fleet adds to, and detects
+//! from, one history per account. Recording never waits on the client's path: a Redis
+//! update runs in its own task (at most [`MAX_PENDING`] at once; more are dropped and
+//! counted).
+//!
+//! Metrics carry no account: a detection is counted by kind only.
+
+pub mod history;
+pub mod view;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::InsightConfig;
+use crate::limits::fleet::Fleet;
+pub use history::{Client, Event, History, Kind, Maildrop, Rules, Summary};
+
+/// Redis updates in flight at once; beyond, an event is dropped (counted), never queued
+/// without bound.
+pub const MAX_PENDING: usize = 1000;
+/// Attempts of one update against concurrent writers of the same account's history.
+const SWAP_TRIES: usize = 8;
+
+/// A detection in the recent list (`/debug/detections`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recent {
+    pub at: u64,
+    pub account: String,
+    pub detection: Kind,
+    pub text: String,
+}
+
+/// The metric families insight counts into (registered by [`crate::metrics::Metrics`]).
+#[derive(Clone)]
+pub struct Counters {
+    /// `mailgate_insight_detections_total{kind}`.
+    pub detections: prometheus::IntCounterVec,
+    /// `mailgate_insight_updates_total{result}`: `ok`, `dropped`, `error`.
+    pub updates: prometheus::IntCounterVec,
+    /// `mailgate_insight_accounts`: histories held in this process's memory.
+    pub accounts: prometheus::IntGauge,
+}
+
+enum Store {
+    Memory(moka::sync::Cache<String, Arc<Mutex<History>>>),
+    Redis(Arc<Fleet>),
+}
+
+pub struct Insight {
+    rules: RwLock<Rules>,
+    keep_for: RwLock<Duration>,
+    enabled: std::sync::atomic::AtomicBool,
+    recent_cap: AtomicUsize,
+    store: Store,
+    /// The recent detections of this process (memory store only; Redis keeps the fleet's).
+    recent: Mutex<VecDeque<Recent>>,
+    pending: AtomicUsize,
+    counters: Counters,
+}
+
+/// Unix seconds.
+pub fn unix(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn rules(config: &InsightConfig, quota_warn_at: f64) -> Rules {
+    Rules {
+        window: config.window.0.as_secs(),
+        keep_for: config.keep_for.0.as_secs(),
+        growth_polls: config.growth_polls as usize,
+        resyncs_per_day: config.resyncs_per_day as usize,
+        repeat_after: config.repeat_after.0.as_secs(),
+        quota_warn_at,
+    }
+}
+
+impl Insight {
+    /// Histories in Redis when the limits are shared there (`fleet`), else in memory.
+    pub fn new(config: &InsightConfig, fleet: Option<Arc<Fleet>>, counters: Counters) -> Arc<Insight> {
+        let store = match fleet {
+            Some(fleet) => Store::Redis(fleet),
+            None => Store::Memory(
+                moka::sync::Cache::builder()
+                    .max_capacity(config.memory.0)
+                    .weigher(|account: &String, history: &Arc<Mutex<History>>| {
+                        let weight = history.lock().map_or(0, |h| h.weight());
+                        weight.saturating_add(account.len() as u32 + 64)
+                    })
+                    .time_to_idle(config.keep_for.0)
+                    .build(),
+            ),
+        };
+        Arc::new(Insight {
+            rules: RwLock::new(rules(config, Rules::default().quota_warn_at)),
+            keep_for: RwLock::new(config.keep_for.0),
+            enabled: config.history.into(),
+            recent_cap: AtomicUsize::new(config.recent_detections as usize),
+            store,
+            recent: Mutex::new(VecDeque::new()),
+            pending: AtomicUsize::new(0),
+            counters,
+        })
+    }
+
+    /// A reload's new settings (the memory bound and the store stay as started).
+    pub fn configure(&self, config: &InsightConfig) {
+        let quota_warn_at = self.rules.read().unwrap_or_else(|p| p.into_inner()).quota_warn_at;
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules(config, quota_warn_at);
+        *self.keep_for.write().unwrap_or_else(|p| p.into_inner()) = config.keep_for.0;
+        self.enabled.store(config.history, Ordering::Relaxed);
+        self.recent_cap.store(config.recent_detections as usize, Ordering::Relaxed);
+    }
+
+    /// Sets the quota share that counts as nearly full (`[insight] quota_warn_at`).
+    pub fn set_quota_warn_at(&self, share: f64) {
+        self.rules.write().unwrap_or_else(|p| p.into_inner()).quota_warn_at = share;
+    }
+
+    /// How long a history lasts (`keep_for`).
+    pub fn keep_for(&self) -> Duration {
+        *self.keep_for.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// A session of `account` logged in: recorded now, and the session's [`Activity`] to
+    /// report its end with. `None` while histories are off.
+    pub fn began(self: &Arc<Self>, account: &str, session: &str, client: Client) -> Option<Box<Activity>> {
+        if !self.enabled() {
+            return None;
+        }
+        self.record(account, Event::Login { session: session.to_string(), client: client.clone() });
+        Some(Box::new(Activity {
+            insight: self.clone(),
+            account: account.to_string(),
+            session: session.to_string(),
+            client,
+            summary: Summary::default(),
+        }))
+    }
+
+    /// Records `event` for `account`: at once in memory, in a task of its own for Redis.
+    pub fn record(self: &Arc<Self>, account: &str, event: Event) {
+        if !self.enabled() {
+            return;
+        }
+        match &self.store {
+            Store::Memory(_) => {
+                let found = self.apply_in_memory(account, event, unix(SystemTime::now()));
+                self.fired(account, found);
+            }
+            Store::Redis(_) => {
+                if self.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING {
+                    self.pending.fetch_sub(1, Ordering::Relaxed);
+                    self.counters.updates.with_label_values(&["dropped"]).inc();
+                    return;
+                }
+                let (insight, account) = (self.clone(), account.to_string());
+                tokio::spawn(async move {
+                    let found = insight.apply_in_redis(&account, event, unix(SystemTime::now())).await;
+                    insight.fired(&account, found);
+                    insight.pending.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
+    }
+
+    fn current_rules(&self) -> Rules {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn apply_in_memory(&self, account: &str, event: Event, now: u64) -> Vec<history::Detection> {
+        let Store::Memory(histories) = &self.store else { return Vec::new() };
+        let entry = histories.get_with_by_ref(account, || Arc::new(Mutex::new(History::default())));
+        let found = entry.lock().unwrap_or_else(|p| p.into_inner()).apply(event, now, &self.current_rules());
+        // Inserted again so that the entry is weighed as it is now.
+        histories.insert(account.to_string(), entry);
+        self.counters.updates.with_label_values(&["ok"]).inc();
+        self.counters.accounts.set(histories.entry_count() as i64);
+        found
+    }
+
+    fn key(fleet: &Fleet, account: &str) -> String {
+        fleet.key(&format!("insight:account:{account}"))
+    }
+
+    async fn apply_in_redis(&self, account: &str, event: Event, now: u64) -> Vec<history::Detection> {
+        let Store::Redis(fleet) = &self.store else { return Vec::new() };
+        let key = Self::key(fleet, account);
+        let ttl = *self.keep_for.read().unwrap_or_else(|p| p.into_inner());
+        let mut current = match fleet.text(&key).await {
+            None => String::new(),
+            Some(Ok(text)) => text,
+            Some(Err(_)) => {
+                self.counters.updates.with_label_values(&["error"]).inc();
+                return Vec::new();
+            }
+        };
+        for _ in 0..SWAP_TRIES {
+            // A value that does not read (another version's, damaged) starts afresh.
+            let mut history: History = serde_json::from_str(&current).unwrap_or_default();
+            let found = history.apply(event.clone(), now, &self.current_rules());
+            let Ok(new) = serde_json::to_string(&history) else { break };
+            match fleet.swap_text(&key, &current, &new, ttl).await {
+                Ok(None) => {
+                    self.counters.updates.with_label_values(&["ok"]).inc();
+                    return found;
+                }
+                Ok(Some(newer)) => current = newer,
+                Err(_) => break,
+            }
+        }
+        self.counters.updates.with_label_values(&["error"]).inc();
+        Vec::new()
+    }
+
+    /// Detections that fired for `account`: counted, logged, listed.
+    fn fired(self: &Arc<Self>, account: &str, found: Vec<history::Detection>) {
+        for detection in found {
+            self.counters.detections.with_label_values(&[detection.kind.label()]).inc();
+            tracing::info!(account, detection = detection.kind.label(), "insight: {}", detection.text);
+            let recent = Recent {
+                at: unix(SystemTime::now()),
+                account: account.to_string(),
+                detection: detection.kind,
+                text: detection.text,
+            };
+            let cap = self.recent_cap.load(Ordering::Relaxed);
+            match &self.store {
+                Store::Memory(_) => {
+                    let mut list = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+                    list.push_front(recent);
+                    list.truncate(cap);
+                }
+                Store::Redis(fleet) => {
+                    let (fleet, ttl) = (fleet.clone(), *self.keep_for.read().unwrap_or_else(|p| p.into_inner()));
+                    let Ok(json) = serde_json::to_string(&recent) else { continue };
+                    tokio::spawn(async move {
+                        fleet.push_capped(&fleet.key("insight:detections"), &json, cap, ttl).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// `account`'s history, if any (the memory tier, or Redis).
+    pub async fn history(&self, account: &str) -> Option<History> {
+        match &self.store {
+            Store::Memory(histories) => {
+                histories.get(account).map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            }
+            Store::Redis(fleet) => match fleet.text(&Self::key(fleet, account)).await? {
+                Ok(text) => serde_json::from_str(&text).ok(),
+                Err(_) => None,
+            },
+        }
+    }
+
+    /// The most recent detections, newest first (at most `n`).
+    pub async fn recent(&self, n: usize) -> Vec<Recent> {
+        match &self.store {
+            Store::Memory(_) => self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().take(n).cloned().collect(),
+            Store::Redis(fleet) => (fleet.head(&fleet.key("insight:detections"), n).await.iter())
+                .filter_map(|json| serde_json::from_str(json).ok())
+                .collect(),
+        }
+    }
+
+    /// Histories held in this process's memory (0 with Redis).
+    pub fn accounts_in_memory(&self) -> u64 {
+        match &self.store {
+            Store::Memory(histories) => {
+                histories.run_pending_tasks();
+                histories.entry_count()
+            }
+            Store::Redis(_) => 0,
+        }
+    }
+
+    /// Redis updates not finished yet (tests wait for them).
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+/// One logged-in session as its history sees it: created at login
+/// ([`Insight::began`]), told what the relay learns, reported when the session ends
+/// (dropped: a relay that ends any way reports).
+pub struct Activity {
+    insight: Arc<Insight>,
+    account: String,
+    session: String,
+    client: Client,
+    /// What the relay counted so far.
+    pub summary: Summary,
+}
+
+impl Activity {
+    /// The client said what it is (IMAP `ID` after login).
+    pub fn identified(&mut self, software: &crate::metrics::clients::Software) {
+        self.client.software = Some(software_name(software));
+    }
+}
+
+impl Drop for Activity {
+    fn drop(&mut self) {
+        let event = Event::Ended {
+            session: std::mem::take(&mut self.session),
+            client: std::mem::take(&mut self.client),
+            summary: std::mem::take(&mut self.summary),
+        };
+        self.insight.record(&self.account, event);
+    }
+}
+
+/// `Thunderbird 128.3`: an `ID`'s name and version as the history names the software.
+pub fn software_name(software: &crate::metrics::clients::Software) -> String {
+    match software.version.as_str() {
+        "" => software.name.clone(),
+        version => format!("{} {version}", software.name),
+    }
+}
