@@ -4,8 +4,6 @@ mod support;
 // Dovecot, with the results compared byte for byte.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,160 +11,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::client::Client;
+use support::fetchmail::*;
 use support::gateway::Gateway;
 use support::mailgen::{self, lf};
-use support::process::{curl, read_all, run_bounded, show, tail, Run};
+use support::process::{curl, read_all, run_bounded, show, tail};
 use support::setup::*;
 use support::tls::client_config_trusting;
-
-const FETCHMAIL: &str = "fetchmail";
-
-// ---------------------------------------------------------------------------------------
-// fetchmail
-// ---------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Tls {
-    /// `ssl`: TLS from the first byte (POP3S).
-    Implicit,
-    /// No `ssl`, but `sslproto 'tls1.2+'`: fetchmail must upgrade with STLS and refuses to
-    /// go on in plaintext (fetchmail(1), --sslproto).
-    Stls,
-}
-
-/// One fetchmail poll of bob's maildrop.
-struct Poll<'a> {
-    port: u16,
-    ca: &'a Path,
-    tls: Tls,
-    keep: bool,
-    /// Where the MDA stores each message, as a file of its own.
-    out: &'a Path,
-    /// The MDA blocks (without storing) once `out` holds this many messages, after
-    /// touching `marker`: a way to cut fetchmail off mid-run at a known point.
-    block_after: Option<(usize, &'a Path)>,
-}
-
-/// The MDA: stores the message on stdin as a new file in $1. With $2 and $3, once $1 holds
-/// $2 messages it touches $3 and sleeps instead (the test then kills fetchmail's process
-/// group, this sleep included). A nonzero exit makes fetchmail keep the message.
-const MDA: &str = r#"#!/bin/sh
-set -eu
-if [ "$#" -ge 3 ] && [ "$(ls "$1" | wc -l)" -ge "$2" ]; then
-  : > "$3"
-  exec sleep 60
-fi
-file=$(mktemp "$1/msg.XXXXXXXXXX")
-cat > "$file"
-"#;
-
-fn write_private(path: &Path, contents: &str, mode: u32) {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-    f.write_all(contents.as_bytes()).unwrap();
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-/// A fetchmail command for `poll`, everything in `work` (used as HOME, so no user
-/// configuration interferes): rcfile (0600, or fetchmail refuses it), a fresh idfile per
-/// run (so no run knows what an earlier one saw), a pidfile of its own (as root the
-/// default is /var/run/fetchmail.pid, shared by parallel tests), no syslog, no daemon.
-fn fetchmail_command(work: &Path, poll: &Poll, (user, password): (&str, &str)) -> Command {
-    let n = unique();
-    let mda = work.join("deliver.sh");
-    if !mda.exists() {
-        write_private(&mda, MDA, 0o755);
-    }
-    assert!(!password.contains(['"', '\\', '\'']) && !user.contains(['"', '\\', '\'']));
-    let mut mda_command = format!("'{}' '{}'", mda.display(), poll.out.display());
-    if let Some((count, marker)) = poll.block_after {
-        mda_command.push_str(&format!(" {count} '{}'", marker.display()));
-    }
-    // fetchmail 6.4 matches only DNS names (CN and dNSName SANs), never IP addresses,
-    // against the host it was told to poll: both test certificates name `localhost` and
-    // 127.0.0.1, so `sslcommonname localhost` keeps the host an IP (loopback only) and
-    // the check strict (`sslcertck` against the given CA file alone).
-    // `no rewrite`: fetchmail would otherwise append "@127.0.0.1" to addresses without a
-    // domain in To/From/Cc/...; mailgen's all have one, but the check would then depend
-    // on that.
-    let rc = format!(
-        "set no syslog\n\
-         set no bouncemail\n\
-         set postmaster \"postmaster\"\n\
-         poll 127.0.0.1 protocol pop3 port {port} timeout 60:\n  \
-           user \"{user}\" there with password \"{password}\"\n  \
-           {ssl}sslproto \"tls1.2+\" sslcertck sslcertfile \"{ca}\" sslcommonname \"localhost\"\n  \
-           {keep} fetchall no rewrite\n  \
-           mda \"{mda_command}\"\n",
-        port = poll.port,
-        ssl = if poll.tls == Tls::Implicit { "ssl " } else { "" },
-        ca = poll.ca.display(),
-        keep = if poll.keep { "keep" } else { "no keep" },
-    );
-    let rc_path = work.join(format!("run{n}.fetchmailrc"));
-    write_private(&rc_path, &rc, 0o600);
-    let mut cmd = Command::new(FETCHMAIL);
-    cmd.args(["--nosyslog", "-N", "-v", "-f"])
-        .arg(&rc_path)
-        .arg("--idfile")
-        .arg(work.join(format!("run{n}.fetchids")))
-        .arg("--pidfile")
-        .arg(work.join(format!("run{n}.pid")))
-        .env("HOME", work)
-        .env("FETCHMAILHOME", work)
-        .env("LC_ALL", "C")
-        .env_remove("FETCHMAILUSER");
-    cmd
-}
-
-/// Runs fetchmail to the end; panics (with the mailgate log) unless it exits 0 ("mail
-/// retrieved").
-fn fetchmail(work: &Path, poll: &Poll, log: &dyn Fn() -> String) -> Run {
-    // Dovecot serves a maildrop to one session at a time; should the previous session's
-    // lock still be held, fetchmail gets `-ERR [IN-USE]` at login and exits with
-    // PS_LOCKBUSY (8) having fetched nothing, so that is retried for a while.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let run = loop {
-        let fetchmail = fetchmail_command(work, poll, BOB);
-        let mut cmd = Command::new("timeout");
-        // Belt and braces: coreutils' timeout (which signals fetchmail's whole process
-        // group, MDAs included) in addition to run_bounded's polling.
-        cmd.args(["--kill-after=5", "100"]).arg(fetchmail.get_program()).args(fetchmail.get_args());
-        for (key, value) in fetchmail.get_envs() {
-            match value {
-                Some(value) => cmd.env(key, value),
-                None => cmd.env_remove(key),
-            };
-        }
-        let run = run_bounded(cmd, Duration::from_secs(110));
-        if run.status.code() == Some(8) && Instant::now() < deadline {
-            println!("fetchmail: lock busy on the server, retrying");
-            thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        break run;
-    };
-    assert!(
-        run.status.success(),
-        "fetchmail ({:?} on port {}) failed with {} after {:?}\n--- output (tail) ---\n{}\n--- mailgate log (tail) ---\n{}",
-        poll.tls,
-        poll.port,
-        run.status,
-        run.took,
-        tail(&run.output(), 40),
-        tail(&log(), 60),
-    );
-    run
-}
 
 /// Kills a process group (by its id) when dropped.
 struct Group(Child);

@@ -94,6 +94,8 @@ pub struct Maildrop {
 pub enum Event {
     /// A session logged in.
     Login { session: String, client: Client },
+    /// A logged-in session said what software it is (IMAP `ID` after login).
+    Identified { session: String, client: Client },
     /// A session ended (`client` as known at the end: an IMAP `ID` may have come late).
     Ended { session: String, client: Client, summary: Summary },
     /// The upstream's INBOX quota (STORAGE, in KiB).
@@ -299,6 +301,12 @@ impl History {
                 self.open.push(Open { session, client, since: now });
                 if self.open.len() > MAX_OPEN {
                     self.open.remove(0);
+                }
+            }
+            Event::Identified { session, client } => {
+                self.device(&client, now);
+                if let Some(open) = self.open.iter_mut().find(|o| o.session == session) {
+                    open.client = client;
                 }
             }
             Event::Ended { session, client, summary } => {
@@ -686,6 +694,12 @@ mod tests {
         );
         assert_eq!(history.devices.len(), 1);
         assert_eq!(history.devices[0].client.software.as_deref(), Some("Thunderbird 128"));
+        let identified = imap(Some("Thunderbird 129"), "10.0.0.0/24");
+        history.apply(Event::Login { session: "2".into(), client: imap(None, "10.0.0.0/24") }, 10, &rules);
+        history.apply(Event::Identified { session: "2".into(), client: identified.clone() }, 11, &rules);
+        assert_eq!(history.devices[0].client.software.as_deref(), Some("Thunderbird 129"), "known while connected");
+        assert_eq!((history.devices.len(), history.devices[0].sessions), (1, 2));
+        assert_eq!(history.open[0].client, identified);
         assert_eq!((history.devices[0].bytes, history.devices[0].messages), (500, 4));
         assert!(history.open.is_empty());
     }

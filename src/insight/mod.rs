@@ -314,6 +314,8 @@ impl Activity {
     /// The client said what it is (IMAP `ID` after login).
     pub fn identified(&mut self, software: &crate::metrics::clients::Software) {
         self.client.software = Some(software_name(software));
+        let event = Event::Identified { session: self.session.clone(), client: self.client.clone() };
+        self.insight.record(&self.account, event);
     }
 }
 

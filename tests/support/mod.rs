@@ -9,6 +9,8 @@ pub mod dovecot;
 #[allow(dead_code)]
 pub mod fake_upstream;
 #[allow(dead_code)]
+pub mod fetchmail;
+#[allow(dead_code)]
 pub mod gateway;
 #[allow(dead_code)]
 pub mod mailgen;
