@@ -1557,6 +1557,27 @@ mod tests {
     }
 
     #[test]
+    fn insight_history_keys_are_read_and_checked_with_their_paths() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        assert!(config.insight.history);
+        assert_eq!(config.insight.keep_for.0.as_secs(), 7 * 86_400);
+        assert_eq!((config.insight.growth_polls, config.insight.resyncs_per_day), (3, 10));
+        let with = |keys: &str| format!("{MINIMAL}\n[insight]\n{keys}\n");
+        let config = Config::from_toml(&with("memory = \"8MiB\"\nwindow = \"2h\"\nhistory = false")).unwrap();
+        assert_eq!((config.insight.memory.0, config.insight.window.0.as_secs()), (8 << 20, 7200));
+        for (keys, path) in [
+            ("keep_for = \"10s\"", "insight.keep_for"),
+            ("window = \"0s\"", "insight.window"),
+            ("growth_polls = 1", "insight.growth_polls"),
+            ("memory = \"100KiB\"", "insight.memory"),
+            ("histories = true", "insight"),
+        ] {
+            let found = Config::from_toml(&with(keys)).unwrap_err().0;
+            assert!(found.iter().any(|e| e.path.starts_with(path)), "{keys}: {found:?}");
+        }
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let config = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(config.imap.max_bad_commands, 3);
