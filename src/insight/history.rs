@@ -694,14 +694,21 @@ mod tests {
         );
         assert_eq!(history.devices.len(), 1);
         assert_eq!(history.devices[0].client.software.as_deref(), Some("Thunderbird 128"));
-        let identified = imap(Some("Thunderbird 129"), "10.0.0.0/24");
-        history.apply(Event::Login { session: "2".into(), client: imap(None, "10.0.0.0/24") }, 10, &rules);
-        history.apply(Event::Identified { session: "2".into(), client: identified.clone() }, 11, &rules);
-        assert_eq!(history.devices[0].client.software.as_deref(), Some("Thunderbird 129"), "known while connected");
-        assert_eq!((history.devices.len(), history.devices[0].sessions), (1, 2));
-        assert_eq!(history.open[0].client, identified);
         assert_eq!((history.devices[0].bytes, history.devices[0].messages), (500, 4));
         assert!(history.open.is_empty());
+        // The next session says who it is only after its login: the same row, told while open.
+        let identified = imap(Some("Thunderbird 128"), "10.0.0.0/24");
+        history.apply(Event::Login { session: "2".into(), client: imap(None, "10.0.0.0/24") }, 10, &rules);
+        history.apply(Event::Identified { session: "2".into(), client: identified.clone() }, 11, &rules);
+        assert_eq!((history.devices.len(), history.devices[0].sessions), (1, 2));
+        assert_eq!(history.open[0].client, identified, "known while connected");
+        // Another version is another program on the same network: a row of its own.
+        history.apply(
+            Event::Identified { session: "2".into(), client: imap(Some("Thunderbird 140"), "10.0.0.0/24") },
+            12,
+            &rules,
+        );
+        assert_eq!(history.devices.len(), 2);
     }
 
     #[test]
