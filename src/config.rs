@@ -898,7 +898,7 @@ impl Default for ShutdownConfig {
 
 /// What mailgate learns about accounts for their support (`[insight]`): a short history
 /// per recently active account and the common mistakes it shows (docs/OPERATIONS.md,
-/// "Support insight").
+/// "Support insight"), and the quota alert.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InsightConfig {
@@ -922,6 +922,20 @@ pub struct InsightConfig {
     pub repeat_after: Span,
     /// Recent detections kept for `/debug/detections`.
     pub recent_detections: u32,
+    /// Ask an IMAP account's INBOX quota after its login (upstreams announcing QUOTA
+    /// only) and alert its client when nearly full.
+    pub quota: bool,
+    /// At most one question per account in this window (`0s`: at every login). An hour:
+    /// a mailbox does not fill up in less, and the question costs the upstream a quota
+    /// lookup.
+    pub quota_check_every: Span,
+    /// The used share of the limit (0 < x <= 1) from which the client is alerted.
+    pub quota_warn_at: f64,
+    /// At most one alert per account in this window: a day, so that a phone that logs in
+    /// every few minutes does not show it every few minutes.
+    pub quota_alert_every: Span,
+    /// The alert's text; `{percent}`, `{used}` and `{limit}` are filled in.
+    pub quota_alert_text: String,
 }
 
 impl Default for InsightConfig {
@@ -935,6 +949,12 @@ impl Default for InsightConfig {
             resyncs_per_day: 10,
             repeat_after: secs(86_400),
             recent_detections: 1000,
+            quota: true,
+            quota_check_every: secs(3600),
+            quota_warn_at: 0.9,
+            quota_alert_every: secs(86_400),
+            quota_alert_text:
+                "Your mailbox is {percent} % full ({used} of {limit}). Please delete or archive old mail.".into(),
         }
     }
 }
@@ -1289,6 +1309,14 @@ impl Config {
         }
         if insight.history && insight.memory.0 < (1 << 20) {
             errors.push(error("insight.memory", "must be at least 1MiB"));
+        }
+        let warn_at = self.insight.quota_warn_at;
+        if !(warn_at > 0.0 && warn_at <= 1.0) {
+            errors.push(error("insight.quota_warn_at", "must be above 0 and at most 1"));
+        }
+        let text = &self.insight.quota_alert_text;
+        if text.trim().is_empty() || text.len() > 1000 || text.contains(['\r', '\n']) {
+            errors.push(error("insight.quota_alert_text", "must be one line of 1 to 1000 characters"));
         }
         if self.reload.watch_interval.0 < std::time::Duration::from_secs(1) {
             errors.push(error("reload.watch_interval", "must be at least 1s"));
