@@ -192,13 +192,13 @@ impl QuotaBook {
     /// (over `warn_at`, and not alerted within `alert_every`); an alert is noted as sent.
     pub fn record(&self, account: &str, usage: Usage, policy: &Policy, now: SystemTime) -> bool {
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-        let entry =
-            accounts.entry(account.to_string()).or_insert(Entry { checked: now, alerted: None, usage: None });
+        let entry = accounts.entry(account.to_string()).or_insert(Entry { checked: now, alerted: None, usage: None });
         entry.usage = Some(usage);
         if usage.share() < policy.warn_at {
             return false;
         }
-        let recent = entry.alerted.is_some_and(|at| now.duration_since(at).unwrap_or(Duration::ZERO) < policy.alert_every);
+        let recent =
+            entry.alerted.is_some_and(|at| now.duration_since(at).unwrap_or(Duration::ZERO) < policy.alert_every);
         if recent {
             return false;
         }

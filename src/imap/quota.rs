@@ -44,9 +44,9 @@ pub enum AskError {
 
 /// Whether the upstream's post-login capabilities announce a quota extension.
 pub fn announces_quota(capabilities: &[String]) -> bool {
-    capabilities.iter().any(|c| {
-        c.eq_ignore_ascii_case("QUOTA") || c.get(..6).is_some_and(|head| head.eq_ignore_ascii_case("QUOTA="))
-    })
+    capabilities
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case("QUOTA") || c.get(..6).is_some_and(|head| head.eq_ignore_ascii_case("QUOTA=")))
 }
 
 /// The `ALERT` text for `account`'s login, when its quota is due to be asked, the

@@ -289,10 +289,9 @@ impl Metrics {
         )
         .expect("valid");
         let quota_alerts =
-            IntCounter::new("mailgate_quota_alerts_total", "Quota ALERTs sent to IMAP clients at login.").expect("valid");
-        for single in [&quota_alerts] {
-            registry.register(Box::new(single.clone())).expect("metric registered once");
-        }
+            IntCounter::new("mailgate_quota_alerts_total", "Quota ALERTs sent to IMAP clients at login.")
+                .expect("valid");
+        registry.register(Box::new(quota_alerts.clone())).expect("metric registered once");
         registry.register(Box::new(quota_usage.clone())).expect("metric registered once");
         let quota_checks = counter(
             &registry,
