@@ -89,14 +89,16 @@ pub fn is_quota_response(line: &[u8]) -> bool {
     strip_prefix_ci(line, b"* QUOTA ").is_some() || strip_prefix_ci(line, b"* QUOTAROOT ").is_some()
 }
 
-/// A size as people read it: `4.7 GB`, `5 GB`, `980 MB` (decimal units, as mail clients
-/// and phone plans show them; one decimal below 10, none above).
+/// A size as people read it: `4.7 GB`, `5 GB`, `980 MB`, one decimal below 10, none
+/// above. Units of 1024 under the names people know: a quota configured as `5G` (Dovecot's
+/// `quota_rule` counts in KiB, MiB, GiB) reads `5 GB`, as the customer's plan says, and as
+/// Windows and Outlook show sizes.
 pub fn readable(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["bytes", "KB", "MB", "GB", "TB", "PB"];
     let mut value = bytes as f64;
     let mut unit = 0;
-    while value >= 1000.0 && unit + 1 < UNITS.len() {
-        value /= 1000.0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
         unit += 1;
     }
     if unit == 0 {
@@ -284,18 +286,21 @@ mod tests {
 
     #[test]
     fn sizes_read_as_people_read_them() {
-        assert_eq!(readable(4_700_000 * 1024 / 1024 * 1000), "4.7 GB");
-        assert_eq!(readable(5_000_000_000), "5 GB");
-        assert_eq!(readable(980_000_000), "980 MB");
+        const GIB: u64 = 1 << 30;
+        assert_eq!(readable(47 * GIB / 10), "4.7 GB");
+        assert_eq!(readable(5 * GIB), "5 GB");
+        assert_eq!(readable(980 << 20), "980 MB");
         assert_eq!(readable(12_345_678), "12 MB");
-        assert_eq!(readable(999), "999 bytes");
-        assert_eq!(readable(1_500), "1.5 KB");
-        assert_eq!(readable(u64::MAX), "18447 PB");
+        assert_eq!(readable(1023), "1023 bytes");
+        assert_eq!(readable(1_536), "1.5 KB");
+        assert_eq!(readable(1_023_999), "1000 KB");
+        assert_eq!(readable(u64::MAX), "16384 PB");
     }
 
     #[test]
     fn alert_text_fills_the_placeholders_on_one_line() {
-        let usage = Usage { used_kib: 4_589_844, limit_kib: 4_882_813 };
+        // Dovecot's `quota_rule = *:storage=5G`, 4.7 GiB used.
+        let usage = Usage { used_kib: 47 * (1 << 20) / 10, limit_kib: 5 << 20 };
         let text = alert_text("Your mailbox is {percent} % full ({used} of {limit}).\r\nBye", usage);
         assert_eq!(text, "Your mailbox is 93 % full (4.7 GB of 5 GB).  Bye");
     }

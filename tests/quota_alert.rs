@@ -65,7 +65,7 @@ fn a_nearly_full_account_is_alerted_once_per_window_and_an_empty_one_never() {
     // 95,030 bytes of 100 KiB: Dovecot says 93 KiB (rounded up) of 100 KiB.
     assert_eq!(
         alert[0],
-        "* OK [ALERT] Your mailbox is 93 % full (95 KB of 102 KB). Please delete or archive old mail."
+        "* OK [ALERT] Your mailbox is 93 % full (93 KB of 100 KB). Please delete or archive old mail."
     );
     assert_eq!(first.len(), 2, "the ALERT and the OK, nothing of the quota answer: {first:?}");
 

@@ -151,6 +151,50 @@ async fn exchange(session: &mut LoggedIn) -> Result<Option<Usage>, AskError> {
 mod tests {
     use super::*;
 
+    /// `ask` on a loopback connection whose other end plays the upstream's `script` after
+    /// reading the question, then closes; `leftover`: what the login left unread.
+    async fn ask_scripted(leftover: &[u8], script: &'static [u8]) -> (Result<Option<Usage>, AskError>, Vec<u8>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut question = vec![0; 25];
+            tcp.read_exact(&mut question).await.unwrap();
+            assert_eq!(question, b"MGQ1 GETQUOTAROOT INBOX\r\n");
+            // Then the upstream hangs up.
+            tcp.write_all(script).await.unwrap();
+        });
+        let stream = crate::stream::Stream::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let mut session = LoggedIn {
+            stream,
+            capabilities: vec!["QUOTA".into()],
+            leftover: BytesMut::from(leftover),
+            proof: crate::cache::LoginProof::upstream_accepted(),
+            reuse: None,
+        };
+        let answer = ask(&mut session, Duration::from_secs(2)).await;
+        upstream.await.unwrap();
+        (answer, session.leftover.to_vec())
+    }
+
+    #[tokio::test]
+    async fn the_answer_is_taken_and_everything_else_kept_for_the_relay() {
+        let script = b"* QUOTAROOT INBOX \"\"\r\n* 3 EXISTS\r\n* QUOTA \"\" (STORAGE 95 100)\r\n\
+                       * OK {5}\r\nab\r\nc\r\nMGQ1 OK Getquotaroot completed.\r\n* BYE later\r\n";
+        let (answer, leftover) = ask_scripted(b"* OK [ALERT] before\r\n", script).await;
+        assert_eq!(answer.unwrap(), Some(Usage { used_kib: 95, limit_kib: 100 }));
+        assert_eq!(leftover, b"* OK [ALERT] before\r\n* 3 EXISTS\r\n* OK {5}\r\nab\r\nc\r\n* BYE later\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_no_quota_and_silence_is_an_error() {
+        let (answer, leftover) = ask_scripted(b"", b"MGQ1 NO Quota not supported\r\n").await;
+        assert_eq!(answer.unwrap(), None);
+        assert!(leftover.is_empty());
+        let (answer, _) = ask_scripted(b"", b"* QUOTAROOT INBOX \"\"\r\n").await;
+        assert!(matches!(answer, Err(AskError::Closed)), "{answer:?}");
+    }
+
     #[test]
     fn quota_is_announced_by_either_rfc() {
         let caps = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
