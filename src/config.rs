@@ -1585,6 +1585,27 @@ mod tests {
     }
 
     #[test]
+    fn insight_keys_are_read_and_checked_with_their_paths() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        assert!(config.insight.quota);
+        assert_eq!(config.insight.quota_check_every.0.as_secs(), 3600);
+        assert_eq!(config.insight.quota_alert_every.0.as_secs(), 86_400);
+        let with = |keys: &str| format!("{MINIMAL}\n[insight]\n{keys}\n");
+        let config = Config::from_toml(&with("quota_check_every = \"0s\"\nquota_warn_at = 0.8")).unwrap();
+        assert_eq!((config.insight.quota_check_every.0.as_secs(), config.insight.quota_warn_at), (0, 0.8));
+        for (keys, path) in [
+            ("quota_warn_at = 1.5", "insight.quota_warn_at"),
+            ("quota_warn_at = 0.0", "insight.quota_warn_at"),
+            ("quota_alert_text = \"a\\nb\"", "insight.quota_alert_text"),
+            ("quota_alert_text = \" \"", "insight.quota_alert_text"),
+            ("quota_every = \"1h\"", "insight"),
+        ] {
+            let found = Config::from_toml(&with(keys)).unwrap_err().0;
+            assert!(found.iter().any(|e| e.path.starts_with(path)), "{keys}: {found:?}");
+        }
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let config = Config::from_toml(MINIMAL).unwrap();
         assert_eq!(config.imap.max_bad_commands, 3);
