@@ -347,10 +347,12 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                     LoginOutcome::LoggedIn { mut session, upstream, lease, account } => {
                         session.reuse = reuse_key(&upstream)
                             .map(|(pool, key)| Box::new(crate::imap::reuse::Ticket { pool: pool.clone(), key }));
-                        // Asked before the client's OK, on the session mailgate holds: the
-                        // client has sent nothing yet, so the answer can be read whole and
-                        // no command of its own is behind it.
-                        let quota_alert = match crate::imap::quota::check(service, &account, &mut session).await {
+                        // Asked before the client's OK, on the session mailgate holds: no
+                        // command of the client's is upstream yet, so the answer is read
+                        // whole and nothing of it can interleave with the client's answers.
+                        // Boxed, as the login is.
+                        let check = crate::imap::quota::check(service, &account, &mut session);
+                        let quota_alert = match Box::pin(check).await {
                             Ok(alert) => alert,
                             Err(_) => {
                                 let text = "NO [UNAVAILABLE] Login temporarily unavailable, try again later.";
