@@ -367,3 +367,47 @@ fn responses_arriving_together_or_cut_anywhere_reach_the_client_byte_for_byte() 
     }
     assert_eq!(client.command("d", "NOOP"), ["d OK still here"], "the completions were seen");
 }
+
+/// Greets and accepts the login with `QUOTA` among the capabilities after it; then
+/// `after_question` gets the quota question's tag.
+fn quota_upstream(after_question: fn(&mut FakeConn, &str)) -> FakeUpstream {
+    FakeUpstream::start(None, move |conn: &mut FakeConn| {
+        conn.send(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN SASL-IR] fake ready\r\n");
+        let Some(tag) = conn.tag() else { return };
+        conn.send(format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE QUOTA] Logged in\r\n").as_bytes());
+        let Some(question) = conn.line() else { return };
+        assert!(question.ends_with(" GETQUOTAROOT INBOX"), "{question}");
+        after_question(conn, question.split(' ').next().unwrap());
+    })
+}
+
+#[test]
+fn an_upstream_silent_on_the_quota_question_fails_the_login_as_unavailable() {
+    let fake = quota_upstream(|_, _| std::thread::sleep(Duration::from_secs(8)));
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let started = Instant::now();
+    let lines = rig.login();
+    assert!(lines[0].starts_with("a NO [UNAVAILABLE]"), "{lines:?}");
+    assert!(started.elapsed() < Duration::from_secs(7), "bounded by the question's 5 s");
+    assert!(rig.gateway.metrics().contains("mailgate_quota_checks_total{result=\"failed\"} 1"));
+}
+
+#[test]
+fn a_garbage_quota_answer_is_no_quota_and_the_session_goes_on() {
+    let fake = quota_upstream(|conn, tag| {
+        conn.send(format!("* QUOTA \"\" (STORAGE lots 2)\r\n* OK still fine\r\n{tag} OK done\r\n").as_bytes());
+        let tag = conn.tag().unwrap();
+        conn.send(format!("{tag} OK NOOP done\r\n").as_bytes());
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    assert_eq!(
+        client.command("a", "LOGIN user pw"),
+        ["a OK [CAPABILITY IMAP4rev1 IDLE QUOTA COMPRESS=DEFLATE] Logged in"]
+    );
+    // The unsolicited response came with the quota answer: the client gets it, as it came.
+    assert_eq!(client.command("b", "NOOP"), ["* OK still fine", "b OK NOOP done"]);
+    assert!(rig.gateway.metrics().contains("mailgate_quota_checks_total{result=\"none\"} 1"));
+}
