@@ -2,8 +2,9 @@
 //! (RFC 9208 §5.1, and RFC 2087 which Dovecot 2.3 announces), the `ALERT` text a nearly
 //! full account is told, and the per-account memory of when it was last asked and told.
 //!
-//! Sans-I/O: the caller (`imap::quota`) talks to the upstream and gives the time; nothing
-//! here reads a clock or a socket, so the tests move time and feed byte lines.
+//! Sans-I/O: the caller (`imap::quota`, through the relay) talks to the upstream and gives
+//! the time; nothing here reads a clock or a socket, so the tests move time and feed byte
+//! lines. [`QuotaBook::latest`] is an account's latest reading, for whoever reports on it.
 //!
 //! The memory is this process's only, bounded ([`MAX_ACCOUNTS`]; the account least
 //! recently asked goes first): a fleet may ask an account once per instance per window,
@@ -86,7 +87,9 @@ fn strip_prefix_ci<'a>(line: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
 
 /// Whether a response line belongs to the quota answer (never relayed to the client).
 pub fn is_quota_response(line: &[u8]) -> bool {
-    strip_prefix_ci(line, b"* QUOTA ").is_some() || strip_prefix_ci(line, b"* QUOTAROOT ").is_some()
+    let Some(rest) = strip_prefix_ci(line, b"* ") else { return false };
+    let word = rest.split(|&b| b == b' ').next().unwrap_or_default();
+    word.eq_ignore_ascii_case(b"QUOTA") || word.eq_ignore_ascii_case(b"QUOTAROOT")
 }
 
 /// A size as people read it: `4.7 GB`, `5 GB`, `980 MB`, one decimal below 10, none
@@ -135,7 +138,8 @@ pub struct Policy {
 struct Entry {
     checked: SystemTime,
     alerted: Option<SystemTime>,
-    usage: Option<Usage>,
+    /// The latest reading and when it was recorded.
+    reading: Option<(Usage, SystemTime)>,
 }
 
 /// One row of `/debug/quota`.
@@ -186,7 +190,7 @@ impl QuotaBook {
                 accounts.remove(&oldest);
             }
         }
-        accounts.insert(account.to_string(), Entry { checked: now, alerted: None, usage: None });
+        accounts.insert(account.to_string(), Entry { checked: now, alerted: None, reading: None });
         true
     }
 
@@ -194,8 +198,8 @@ impl QuotaBook {
     /// (over `warn_at`, and not alerted within `alert_every`); an alert is noted as sent.
     pub fn record(&self, account: &str, usage: Usage, policy: &Policy, now: SystemTime) -> bool {
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = accounts.entry(account.to_string()).or_insert(Entry { checked: now, alerted: None, usage: None });
-        entry.usage = Some(usage);
+        let entry = accounts.entry(account.to_string()).or_insert(Entry { checked: now, alerted: None, reading: None });
+        entry.reading = Some((usage, now));
         if usage.share() < policy.warn_at {
             return false;
         }
@@ -208,19 +212,26 @@ impl QuotaBook {
         true
     }
 
+    /// The latest reading of `account`'s quota and when it was recorded, if this process
+    /// read one and still remembers the account (see [`MAX_ACCOUNTS`]).
+    pub fn latest(&self, account: &str) -> Option<(Usage, SystemTime)> {
+        let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        accounts.get(account)?.reading
+    }
+
     /// The `limit` fullest accounts read, fullest first.
     pub fn fullest(&self, limit: usize) -> Vec<Row> {
         let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         let mut rows: Vec<Row> = accounts
             .iter()
             .filter_map(|(account, e)| {
-                let usage = e.usage?;
+                let (usage, read_at) = e.reading?;
                 Some(Row {
                     account: account.clone(),
                     used: usage.used_kib.saturating_mul(1024),
                     limit: usage.limit_kib.saturating_mul(1024),
                     share: (usage.share() * 10_000.0).round() / 10_000.0,
-                    read_at: crate::units::rfc3339(e.checked),
+                    read_at: crate::units::rfc3339(read_at),
                 })
             })
             .collect();
@@ -282,6 +293,8 @@ mod tests {
         assert!(is_quota_response(b"* quota \"\" (STORAGE 1 2)"));
         assert!(!is_quota_response(b"* OK [ALERT] hello"));
         assert!(!is_quota_response(b"* QUOTAX"));
+        assert!(is_quota_response(b"* QUOTAROOT"), "garbage of the answer is the answer's");
+        assert!(!is_quota_response(b"A1 QUOTA x"));
     }
 
     #[test]
@@ -325,6 +338,11 @@ mod tests {
         assert_eq!(rows.iter().map(|r| r.account.as_str()).collect::<Vec<_>>(), ["a@x", "b@x"]);
         assert_eq!((rows[0].used, rows[0].limit, rows[0].share), (95 * 1024, 100 * 1024, 0.95));
         assert_eq!(book.fullest(1).len(), 1);
+        assert_eq!(book.latest("a@x"), Some((full, next_day)));
+        assert_eq!(book.latest("b@x").map(|(usage, _)| usage.used_kib), Some(89));
+        assert_eq!(book.latest("c@x"), None);
+        assert!(book.due("c@x", &policy, t0));
+        assert_eq!(book.latest("c@x"), None, "asked, not read yet");
     }
 
     #[test]

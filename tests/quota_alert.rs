@@ -1,9 +1,10 @@
 mod support;
 
 // Quota awareness (issue 18, `[insight]`): an IMAP account whose INBOX quota is nearly used
-// up is told so once per window with `* OK [ALERT]` at login; the question (`GETQUOTAROOT
-// INBOX` under mailgate's own tag) and its answer never reach the client; an upstream
-// without QUOTA is never asked. Dovecot with the `quota` plugin (maildir backend, 100 KiB
+// up is told so once per window with `* OK [ALERT]` after its login's OK, before the answer
+// to its next command (the relay asks in the session's pipeline: the login waits for
+// nothing); the question (`GETQUOTAROOT INBOX` under mailgate's own tag) and its answer
+// never reach the client; an upstream without QUOTA is never asked. Dovecot with the `quota` plugin (maildir backend, 100 KiB
 // for everyone) is the upstream; alice gets a 95,000-byte message, bob stays empty.
 
 use std::time::Duration;
@@ -28,7 +29,7 @@ fn dovecot(imap_quota: bool) -> Dovecot {
 }
 
 /// Logs `user` in (pipelining `after`, if any) and returns the lines up to the login's
-/// tagged OK.
+/// tagged OK (the login's answer: never an ALERT of the quota's).
 fn login_lines(client: &mut Client, (user, password): (&str, &str), after: &str) -> Vec<String> {
     let mut bytes = format!("L LOGIN {user} {{{}+}}\r\n", password.len()).into_bytes();
     bytes.extend_from_slice(password.as_bytes());
@@ -37,6 +38,16 @@ fn login_lines(client: &mut Client, (user, password): (&str, &str), after: &str)
     client.send(&bytes);
     let lines = client.until_tagged("L");
     assert!(lines.last().unwrap().starts_with("L OK"), "{lines:?}");
+    assert!(alerts(&lines).is_empty(), "the login waits for no quota: {lines:?}");
+    lines
+}
+
+/// Logs `user` in, then sends NOOP: the lines up to the NOOP's tagged OK, where an ALERT
+/// comes (the quota answer comes before the NOOP's).
+fn session_lines(client: &mut Client, user: (&str, &str)) -> Vec<String> {
+    assert_eq!(login_lines(client, user, "N NOOP\r\n").len(), 1);
+    let lines = client.until_tagged("N");
+    assert!(lines.last().unwrap().starts_with("N OK"), "{lines:?}");
     lines
 }
 
@@ -59,7 +70,7 @@ fn untimed(lines: Vec<String>) -> Vec<String> {
 fn a_nearly_full_account_is_alerted_once_per_window_and_an_empty_one_never() {
     let setup = Setup::in_front_of(dovecot(true), "", INSIGHT);
 
-    let first = login_lines(&mut setup.imaps(), ALICE, "");
+    let first = session_lines(&mut setup.imaps(), ALICE);
     let alert = alerts(&first);
     assert_eq!(alert.len(), 1, "{first:?}");
     // 95,030 bytes of 100 KiB: Dovecot says 93 KiB (rounded up) of 100 KiB.
@@ -67,15 +78,15 @@ fn a_nearly_full_account_is_alerted_once_per_window_and_an_empty_one_never() {
         alert[0],
         "* OK [ALERT] Your mailbox is 93 % full (93 KB of 100 KB). Please delete or archive old mail."
     );
-    assert_eq!(first.len(), 2, "the ALERT and the OK, nothing of the quota answer: {first:?}");
+    assert_eq!(first.len(), 2, "the ALERT and the NOOP's OK, nothing of the quota answer: {first:?}");
 
-    let second = login_lines(&mut setup.imaps(), ALICE, "");
-    assert!(alerts(&second).is_empty(), "told once per window: {second:?}");
-    let bob = login_lines(&mut setup.imaps(), BOB, "");
-    assert!(alerts(&bob).is_empty(), "an empty mailbox is never alerted: {bob:?}");
+    let second = session_lines(&mut setup.imaps(), ALICE);
+    assert_eq!(second.len(), 1, "told once per window: {second:?}");
+    let bob = session_lines(&mut setup.imaps(), BOB);
+    assert_eq!(bob.len(), 1, "an empty mailbox is never alerted: {bob:?}");
 
     std::thread::sleep(Duration::from_millis(3_100));
-    let third = login_lines(&mut setup.imaps(), ALICE, "");
+    let third = session_lines(&mut setup.imaps(), ALICE);
     assert_eq!(alerts(&third).len(), 1, "the window passed: {third:?}");
 
     let metrics = setup.gateway.metrics();
@@ -102,30 +113,34 @@ fn a_nearly_full_account_is_alerted_once_per_window_and_an_empty_one_never() {
 #[test]
 fn the_quota_question_never_reaches_the_client() {
     let setup = Setup::in_front_of(dovecot(true), "compress = false", INSIGHT);
-    let script = "C CAPABILITY\r\nS SELECT INBOX\r\n";
+    // The client's own quota question, pipelined right behind mailgate's, gets its answer.
+    let script = "C CAPABILITY\r\nQ GETQUOTAROOT INBOX\r\nS SELECT INBOX\r\n";
     let direct = || {
         let mut client = Client::tls(setup.dovecot.imaps, client_config_trusting(&setup.dovecot.ca_pem(), &[]));
         client.line().expect("greeting");
         login_lines(&mut client, ALICE, script);
-        (untimed(client.until_tagged("C")), untimed(client.until_tagged("S")))
+        (untimed(client.until_tagged("C")), untimed(client.until_tagged("Q")), untimed(client.until_tagged("S")))
     };
     // A first session takes the message's \Recent: both compared sessions see none.
     direct();
 
     let mut gateway = setup.imaps();
-    let login = login_lines(&mut gateway, ALICE, script);
-    assert_eq!(alerts(&login).len(), 1, "the question was asked: {login:?}");
-    let via_gateway = (untimed(gateway.until_tagged("C")), untimed(gateway.until_tagged("S")));
+    login_lines(&mut gateway, ALICE, script);
+    let mut capability = untimed(gateway.until_tagged("C"));
+    let alert = capability.remove(0);
+    assert!(alert.starts_with("* OK [ALERT] Your mailbox is 93 % full"), "the question was asked first: {alert}");
+    let via_gateway = (capability, untimed(gateway.until_tagged("Q")), untimed(gateway.until_tagged("S")));
 
     assert_eq!(via_gateway, direct());
     assert!(via_gateway.0[0].contains(" QUOTA"), "Dovecot announces QUOTA: {via_gateway:?}");
+    assert!(via_gateway.1[0].starts_with("* QUOTAROOT INBOX"), "the client's own answer: {via_gateway:?}");
 }
 
 #[test]
 fn an_upstream_without_quota_is_never_asked() {
     let setup = Setup::in_front_of(dovecot(false), "", INSIGHT);
-    let lines = login_lines(&mut setup.imaps(), ALICE, "");
-    assert!(alerts(&lines).is_empty(), "{lines:?}");
+    let lines = session_lines(&mut setup.imaps(), ALICE);
+    assert_eq!(lines.len(), 1, "{lines:?}");
     let metrics = setup.gateway.metrics();
     for result in ["read", "none", "failed"] {
         assert_eq!(metric(&metrics, &format!("mailgate_quota_checks_total{{result=\"{result}\"}}")), 0.0);
@@ -133,4 +148,29 @@ fn an_upstream_without_quota_is_never_asked() {
     assert_eq!(metric(&metrics, "mailgate_quota_usage_ratio_count"), 0.0);
     let report = setup.gateway.admin_get("/debug/quota");
     assert!(report.ends_with("[]\n"), "{report}");
+}
+
+#[test]
+fn a_session_that_asked_is_parked_and_asks_again_when_reused() {
+    let setup = Setup::in_front_of(dovecot(true), "reuse_for = \"5m\"", INSIGHT);
+    let wait_for = |name: &str, value: f64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metric(&setup.gateway.metrics(), name) != value {
+            assert!(std::time::Instant::now() < deadline, "{name} {value}:\n{}", setup.gateway.metrics());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut first = setup.imaps();
+    assert_eq!(alerts(&session_lines(&mut first, ALICE)).len(), 1);
+    let bye = first.command("Z", "LOGOUT");
+    assert!(bye.last().unwrap().starts_with("Z OK"), "{bye:?}");
+    // Answered: nothing of mailgate's in flight, so the session is parked.
+    wait_for("mailgate_upstream_sessions_parked", 1.0);
+
+    let mut second = setup.imaps();
+    let lines = session_lines(&mut second, ALICE);
+    assert_eq!(lines.len(), 1, "asked again on the parked session, alerted once per window: {lines:?}");
+    assert_eq!(metric(&setup.gateway.metrics(), "mailgate_upstream_sessions_reused_total"), 1.0);
+    wait_for("mailgate_quota_checks_total{result=\"read\"}", 2.0);
+    assert_eq!(second.command("Q", "GETQUOTAROOT INBOX").len(), 3, "the client's own question is answered");
 }

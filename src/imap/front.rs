@@ -347,29 +347,11 @@ pub async fn serve(stream: Stream, service: &Service, origin: Origin) -> Option<
                     LoginOutcome::LoggedIn { mut session, upstream, lease, account } => {
                         session.reuse = reuse_key(&upstream)
                             .map(|(pool, key)| Box::new(crate::imap::reuse::Ticket { pool: pool.clone(), key }));
-                        // Asked before the client's OK, on the session mailgate holds: no
-                        // command of the client's is upstream yet, so the answer is read
-                        // whole and nothing of it can interleave with the client's answers.
-                        // Boxed, as the login is.
-                        let check = crate::imap::quota::check(service, &account, &mut session);
-                        let quota_alert = match Box::pin(check).await {
-                            Ok(alert) => alert,
-                            Err(_) => {
-                                let text = "NO [UNAVAILABLE] Login temporarily unavailable, try again later.";
-                                if conn.write(format!("{tag} {text}\r\n").as_bytes()).await.is_err() {
-                                    return None;
-                                }
-                                continue;
-                            }
-                        };
                         let caps = relayable_capabilities(&session.capabilities, service.compress).join(" ");
                         let mut ok = String::new();
                         if let (Some(Verdict::Warn { until, .. }), Some(policy)) = (verdict, &service.plaintext) {
                             // RFC 9051 §7.1: a client must show an ALERT's text to its user.
                             ok = format!("* OK [ALERT] {}\r\n", policy.warning(until));
-                        }
-                        if let Some(text) = quota_alert {
-                            ok.push_str(&format!("* OK [ALERT] {text}\r\n"));
                         }
                         ok.push_str(&format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n"));
                         if conn.write(ok.as_bytes()).await.is_err() {

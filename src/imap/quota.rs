@@ -1,46 +1,32 @@
-//! Asking an upstream session for its account's INBOX quota, after the login and before
-//! the client's `OK` (`[insight] quota`), and what the client is told about it.
+//! Asking an upstream session for its account's INBOX quota (`[insight] quota`), and what
+//! the client is told about it.
 //!
-//! The command carries a tag of mailgate's own and its whole answer (`* QUOTAROOT`,
-//! `* QUOTA`, the tagged completion) is read here and never relayed: the client's view
-//! stays the upstream's but for the `* OK [ALERT]` line before its login's `OK`. Any other
-//! response the upstream sends meanwhile (an unsolicited `* OK`, a `BYE`) is kept, byte
-//! for byte, in the session's `leftover`, which the relay writes first.
+//! The question never delays or fails a login: the front answers the login as always, and
+//! the relay (`imap::relay`) writes `<own tag> GETQUOTAROOT INBOX` upstream as the first
+//! command of the session, in flight like any other but mailgate's own. The client's
+//! commands follow it at once (pipelined behind it, nothing waits). The upstream answers in
+//! order, so while the question is the oldest command in flight its `* QUOTAROOT` and
+//! `* QUOTA` lines and its tagged completion are absorbed ([`Question::take`]); every
+//! other response is relayed. At the completion the reading is recorded and, when due, the
+//! client gets `* OK [ALERT] ...` in its place, at a response boundary.
 //!
 //! An upstream that announces neither `QUOTA` (RFC 2087) nor `QUOTA=` (RFC 9208) is never
-//! asked. An upstream that does not answer within [`ASK_TIMEOUT`] leaves the session in a
-//! state mailgate cannot read (the answer may still come, into the client's view), so
-//! the session is dropped and the login answered `NO [UNAVAILABLE]`: a server that takes
-//! five seconds over a quota has its sessions in trouble anyway.
+//! asked. One that never answers leaves the question in flight (the session is then not
+//! parked for reuse, and the question is counted `failed` at the session's end); a refusal
+//! or an answer without a readable STORAGE is counted `none` and tells the client nothing.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use super::framing::{strip_eol, Event, Framer};
 use super::response::{self, Kind, Status};
-use super::upstream::LoggedIn;
 use crate::quota::{self, Policy, Usage};
 use crate::service::Service;
 
-/// How long the upstream has to answer.
-pub const ASK_TIMEOUT: Duration = Duration::from_secs(5);
-const TAG: &[u8] = b"MGQ1";
-const MAX_LINE: usize = 64 << 10;
-const MAX_LITERAL: u64 = 1 << 20;
-
-#[derive(Debug, thiserror::Error)]
-pub enum AskError {
-    #[error("upstream quota answer timed out")]
-    Timeout,
-    #[error("upstream closed during the quota question")]
-    Closed,
-    #[error("upstream quota answer unreadable: {0}")]
-    Protocol(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
+/// The question's tag (a session asks once).
+pub const TAG: &[u8] = b"mgq1";
+/// Quota lines kept for reading at most; more (a broken upstream) are absorbed unread.
+const MAX_LINES: usize = 16;
+/// Bytes of them kept at most.
+const MAX_BYTES: usize = 16 << 10;
 
 /// Whether the upstream's post-login capabilities announce a quota extension.
 pub fn announces_quota(capabilities: &[String]) -> bool {
@@ -49,150 +35,159 @@ pub fn announces_quota(capabilities: &[String]) -> bool {
         .any(|c| c.eq_ignore_ascii_case("QUOTA") || c.get(..6).is_some_and(|head| head.eq_ignore_ascii_case("QUOTA=")))
 }
 
-/// The `ALERT` text for `account`'s login, when its quota is due to be asked, the
-/// upstream answers, and the account is over `quota_warn_at` and was not told within
-/// `quota_alert_every`. `Err`: the session is not to be used.
-pub async fn check(service: &Service, account: &str, session: &mut LoggedIn) -> Result<Option<String>, AskError> {
-    let insight = &service.config.insight;
-    if !insight.quota || !announces_quota(&session.capabilities) {
-        return Ok(None);
-    }
-    let policy = Policy {
-        check_every: insight.quota_check_every.0,
-        warn_at: insight.quota_warn_at,
-        alert_every: insight.quota_alert_every.0,
-    };
-    let metrics = &service.metrics;
-    if !metrics.quota.due(account, &policy, SystemTime::now()) {
-        return Ok(None);
-    }
-    let usage = match ask(session, ASK_TIMEOUT).await {
-        Ok(Some(usage)) => usage,
-        Ok(None) => {
-            metrics.quota_checks.with_label_values(&["none"]).inc();
-            return Ok(None);
-        }
-        Err(e) => {
-            metrics.quota_checks.with_label_values(&["failed"]).inc();
-            crate::log_budget::warn_limited!(error = %e, "upstream quota question failed: login refused");
-            return Err(e);
-        }
-    };
-    metrics.quota_checks.with_label_values(&["read"]).inc();
-    metrics.quota_usage.observe(usage.share());
-    if !metrics.quota.record(account, usage, &policy, SystemTime::now()) {
-        return Ok(None);
-    }
-    metrics.quota_alerts.inc();
-    tracing::info!(share = usage.share(), "quota alert sent");
-    Ok(Some(quota::alert_text(&insight.quota_alert_text, usage)))
+/// The question a session asks, while its answer is awaited.
+#[derive(Debug)]
+pub struct Question {
+    account: String,
+    policy: Policy,
+    /// The `* QUOTA` lines of the answer so far (bounded).
+    lines: Vec<Vec<u8>>,
+    bytes: usize,
 }
 
-/// Sends `GETQUOTAROOT INBOX` on `session` and reads its answer: the STORAGE usage, or
-/// `None` when the upstream says nothing readable (a `NO`, no STORAGE resource).
-pub async fn ask(session: &mut LoggedIn, within: Duration) -> Result<Option<Usage>, AskError> {
-    tokio::time::timeout(within, exchange(session)).await.map_err(|_| AskError::Timeout)?
+/// What [`Question::take`] makes of a response line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Not the question's: the client's as usual.
+    Relay,
+    /// Part of the answer: not for the client.
+    Absorbed,
+    /// The tagged completion (absorbed too): the STORAGE usage, or `None` when the upstream
+    /// refused or said nothing readable.
+    Answered(Option<Usage>),
 }
 
-async fn exchange(session: &mut LoggedIn) -> Result<Option<Usage>, AskError> {
-    let mut command = TAG.to_vec();
-    command.extend_from_slice(b" GETQUOTAROOT INBOX\r\n");
-    session.stream.write_all(&command).await?;
-    session.stream.flush().await?;
+impl Question {
+    /// The question for `account`'s session, when `[insight] quota` is on, the upstream
+    /// announces QUOTA, and the account is due to be asked (noted as asked at once).
+    pub fn due(service: &Service, account: &str, capabilities: &[String]) -> Option<Question> {
+        let insight = &service.config.insight;
+        if !insight.quota || !announces_quota(capabilities) {
+            return None;
+        }
+        let policy = Policy {
+            check_every: insight.quota_check_every.0,
+            warn_at: insight.quota_warn_at,
+            alert_every: insight.quota_alert_every.0,
+        };
+        service.metrics.quota.due(account, &policy, SystemTime::now()).then(|| Question::new(account, policy))
+    }
 
-    let mut buffer = std::mem::take(&mut session.leftover);
-    let mut framer = Framer::new(MAX_LINE);
-    // Responses not ours, as sent: they go to the client after all.
-    let mut kept = BytesMut::new();
-    // The response being read, whole (`raw`) and without its literals (`head`).
-    let (mut raw, mut head) = (Vec::new(), Vec::new());
-    let mut quota_lines: Vec<Vec<u8>> = Vec::new();
-    loop {
-        if buffer.is_empty() && session.stream.read_buf(&mut buffer).await? == 0 {
-            return Err(AskError::Closed);
-        }
-        if let Some(announce) = framer.pending_literal() {
-            if announce.len > MAX_LITERAL {
-                return Err(AskError::Protocol("oversized literal".into()));
-            }
-            framer.accept_literal();
-        }
-        let step = framer.feed(&buffer).map_err(|e| AskError::Protocol(e.to_string()))?;
-        let taken = buffer.split_to(step.consumed);
-        raw.extend_from_slice(&taken);
-        if !framer.in_literal() && !matches!(step.event, Some(Event::LiteralEnd)) {
-            head.extend_from_slice(&taken);
-        }
-        let Some(Event::Line(line)) = step.event else { continue };
-        if line.announce.is_some() {
-            continue;
-        }
-        let text = strip_eol(&head);
-        match response::kind(text) {
+    pub fn new(account: &str, policy: Policy) -> Question {
+        Question { account: account.to_string(), policy, lines: Vec::new(), bytes: 0 }
+    }
+
+    /// The command line to write upstream.
+    pub fn command() -> Vec<u8> {
+        let mut command = TAG.to_vec();
+        command.extend_from_slice(b" GETQUOTAROOT INBOX\r\n");
+        command
+    }
+
+    /// A complete response line (without its line end), seen while the question is the
+    /// oldest command in flight.
+    pub fn take(&mut self, line: &[u8]) -> Taken {
+        match response::kind(line) {
             Kind::Tagged { tag, rest } if tag == TAG => {
-                let status = response::status(rest).map(|s| s.status);
-                // What came after the completion belongs to the relay, after what was kept.
-                kept.extend_from_slice(&buffer);
-                session.leftover = kept;
-                if status != Some(Status::Ok) {
-                    return Ok(None);
-                }
-                return Ok(quota::parse_answer(quota_lines.iter().map(Vec::as_slice)));
+                let ok = response::status(rest).is_some_and(|s| s.status == Status::Ok);
+                let usage = if ok { quota::parse_answer(self.lines.iter().map(Vec::as_slice)) } else { None };
+                self.lines = Vec::new();
+                Taken::Answered(usage)
             }
-            _ if quota::is_quota_response(text) => quota_lines.push(text.to_vec()),
-            _ => kept.extend_from_slice(&raw),
+            Kind::Untagged(_) if quota::is_quota_response(line) => {
+                if self.lines.len() < MAX_LINES && self.bytes + line.len() <= MAX_BYTES {
+                    self.bytes += line.len();
+                    self.lines.push(line.to_vec());
+                }
+                Taken::Absorbed
+            }
+            _ => Taken::Relay,
         }
-        raw.clear();
-        head.clear();
+    }
+
+    /// Records what the upstream answered (metrics, the account's reading) and returns the
+    /// `ALERT` line for the client, when it is due.
+    pub fn conclude(self, service: &Service, usage: Option<Usage>) -> Option<Vec<u8>> {
+        let metrics = &service.metrics;
+        let Some(usage) = usage else {
+            metrics.quota_checks.with_label_values(&["none"]).inc();
+            return None;
+        };
+        metrics.quota_checks.with_label_values(&["read"]).inc();
+        metrics.quota_usage.observe(usage.share());
+        if !metrics.quota.record(&self.account, usage, &self.policy, SystemTime::now()) {
+            return None;
+        }
+        metrics.quota_alerts.inc();
+        tracing::info!(share = usage.share(), "quota alert sent");
+        let text = quota::alert_text(&service.config.insight.quota_alert_text, usage);
+        Some(format!("* OK [ALERT] {text}\r\n").into_bytes())
+    }
+
+    /// The session ended (or the question's answer could not be read) before it completed.
+    pub fn unanswered(self, service: &Service) {
+        service.metrics.quota_checks.with_label_values(&["failed"]).inc();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
-    /// `ask` on a loopback connection whose other end plays the upstream's `script` after
-    /// reading the question, then closes; `leftover`: what the login left unread.
-    async fn ask_scripted(leftover: &[u8], script: &'static [u8]) -> (Result<Option<Usage>, AskError>, Vec<u8>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let upstream = tokio::spawn(async move {
-            let (mut tcp, _) = listener.accept().await.unwrap();
-            let mut question = vec![0; 25];
-            tcp.read_exact(&mut question).await.unwrap();
-            assert_eq!(question, b"MGQ1 GETQUOTAROOT INBOX\r\n");
-            // Then the upstream hangs up.
-            tcp.write_all(script).await.unwrap();
-        });
-        let stream = crate::stream::Stream::Plain(tokio::net::TcpStream::connect(addr).await.unwrap());
-        let mut session = LoggedIn {
-            stream,
-            capabilities: vec!["QUOTA".into()],
-            leftover: BytesMut::from(leftover),
-            proof: crate::cache::LoginProof::upstream_accepted(),
-            reuse: None,
-        };
-        let answer = ask(&mut session, Duration::from_secs(2)).await;
-        upstream.await.unwrap();
-        (answer, session.leftover.to_vec())
+    fn question() -> Question {
+        let policy = Policy { check_every: Duration::ZERO, warn_at: 0.9, alert_every: Duration::ZERO };
+        Question::new("a@x", policy)
     }
 
-    #[tokio::test]
-    async fn the_answer_is_taken_and_everything_else_kept_for_the_relay() {
+    /// Feeds `script`'s lines to a question (as the relay does while it is the oldest in
+    /// flight) until it is answered: the lines relayed and the answer.
+    fn run(script: &[u8]) -> (Vec<String>, Option<Taken>) {
+        let mut question = question();
+        let mut relayed = Vec::new();
+        for line in script.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            match question.take(line) {
+                Taken::Relay => relayed.push(String::from_utf8_lossy(line).into_owned()),
+                Taken::Absorbed => {}
+                answered @ Taken::Answered(_) => return (relayed, Some(answered)),
+            }
+        }
+        (relayed, None)
+    }
+
+    #[test]
+    fn the_answer_is_absorbed_and_everything_else_relayed() {
         let script = b"* QUOTAROOT INBOX \"\"\r\n* 3 EXISTS\r\n* QUOTA \"\" (STORAGE 95 100)\r\n\
-                       * OK {5}\r\nab\r\nc\r\nMGQ1 OK Getquotaroot completed.\r\n* BYE later\r\n";
-        let (answer, leftover) = ask_scripted(b"* OK [ALERT] before\r\n", script).await;
-        assert_eq!(answer.unwrap(), Some(Usage { used_kib: 95, limit_kib: 100 }));
-        assert_eq!(leftover, b"* OK [ALERT] before\r\n* 3 EXISTS\r\n* OK {5}\r\nab\r\nc\r\n* BYE later\r\n");
+                       * OK still fine\r\nA1 OK NOOP done\r\nmgq1 OK Getquotaroot completed.\r\n* BYE later\r\n";
+        let (relayed, answer) = run(script);
+        assert_eq!(relayed, ["* 3 EXISTS", "* OK still fine", "A1 OK NOOP done"]);
+        assert_eq!(answer, Some(Taken::Answered(Some(Usage { used_kib: 95, limit_kib: 100 }))));
     }
 
-    #[tokio::test]
-    async fn a_refusal_is_no_quota_and_silence_is_an_error() {
-        let (answer, leftover) = ask_scripted(b"", b"MGQ1 NO Quota not supported\r\n").await;
-        assert_eq!(answer.unwrap(), None);
-        assert!(leftover.is_empty());
-        let (answer, _) = ask_scripted(b"", b"* QUOTAROOT INBOX \"\"\r\n").await;
-        assert!(matches!(answer, Err(AskError::Closed)), "{answer:?}");
+    #[test]
+    fn a_refusal_or_garbage_is_no_quota_and_is_absorbed() {
+        let (relayed, answer) = run(b"mgq1 NO Quota not supported\r\n");
+        assert!(relayed.is_empty());
+        assert_eq!(answer, Some(Taken::Answered(None)));
+        let (relayed, answer) = run(b"* QUOTA \"\" (STORAGE lots 2)\r\n* QUOTAROOT\r\nmgq1 OK done\r\n");
+        assert!(relayed.is_empty(), "{relayed:?}");
+        assert_eq!(answer, Some(Taken::Answered(None)));
+        let (relayed, answer) = run(b"* QUOTA \"\" (STORAGE 95 100)\r\nmgq1 BAD what\r\n");
+        assert!(relayed.is_empty());
+        assert_eq!(answer, Some(Taken::Answered(None)), "a reading with a refusal is none");
+    }
+
+    #[test]
+    fn silence_leaves_it_unanswered_and_a_flood_is_bounded() {
+        let (relayed, answer) = run(b"* QUOTAROOT INBOX \"\"\r\nB OK fine\r\n");
+        assert_eq!((relayed, answer), (vec!["B OK fine".to_string()], None));
+        let mut question = question();
+        for _ in 0..1000 {
+            assert_eq!(question.take(b"* QUOTA \"\" (STORAGE 95 100)"), Taken::Absorbed);
+        }
+        assert_eq!(question.lines.len(), MAX_LINES);
+        assert_eq!(question.take(b"mgq1 OK done"), Taken::Answered(Some(Usage { used_kib: 95, limit_kib: 100 })));
     }
 
     #[test]
