@@ -923,7 +923,8 @@ pub struct InsightConfig {
     /// Recent detections kept for `/debug/detections`.
     pub recent_detections: u32,
     /// Ask an IMAP account's INBOX quota after its login (upstreams announcing QUOTA
-    /// only) and alert its client when nearly full.
+    /// only; the relay asks in the session's pipeline, the login waits for nothing) and
+    /// alert its client when nearly full.
     pub quota: bool,
     /// At most one question per account in this window (`0s`: at every login). An hour:
     /// a mailbox does not fill up in less, and the question costs the upstream a quota

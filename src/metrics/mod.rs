@@ -289,7 +289,7 @@ impl Metrics {
         )
         .expect("valid");
         let quota_alerts =
-            IntCounter::new("mailgate_quota_alerts_total", "Quota ALERTs sent to IMAP clients at login.")
+            IntCounter::new("mailgate_quota_alerts_total", "Quota ALERTs sent to IMAP clients after login.")
                 .expect("valid");
         registry.register(Box::new(quota_alerts.clone())).expect("metric registered once");
         registry.register(Box::new(quota_usage.clone())).expect("metric registered once");
