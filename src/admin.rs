@@ -2,9 +2,11 @@
 //! alive), `/readyz` (listeners bound, every upstream reachable), and behind a bearer token
 //! once one is configured (see [`crate::admin_auth`]): `/debug/top-accounts`,
 //! `/debug/plaintext-clients` (JSON; `.csv` for a spreadsheet), `/debug/client-software`,
-//! `/debug/quota` (the fullest accounts). A deliberately small HTTP/1.1 server: GET only,
-//! one request per connection, the request head bounded in size and time, so that a
-//! scraper or a prober costs nothing and nobody can hold it open.
+//! `/debug/quota`; and only then (they exist for support staff): `/debug/accounts/<user>`
+//! (an account's support view, JSON or HTML, see [`crate::insight::view`]) and
+//! `/debug/detections`. A deliberately small
+//! HTTP/1.1 server: GET only, one request per connection, the request head bounded in size
+//! and time, so that a scraper or a prober costs nothing and nobody can hold it open.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +87,7 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
             let rows = admin.metrics.clients.census.rows();
             ("200 OK", "application/json", serde_json::to_string_pretty(&rows).unwrap_or_default() + "\n")
         }
+        ("GET", "/debug/detections") if !admin.auth.protects(path) => names_users_unprotected(),
         ("GET", "/debug/detections") => {
             let recent = admin.insight.recent(DETECTIONS_SHOWN).await;
             ("200 OK", "application/json", serde_json::to_string_pretty(&recent).unwrap_or_default() + "\n")
@@ -144,8 +147,7 @@ const DETECTIONS_SHOWN: usize = 200;
 /// shown only behind the admin token: without `[admin] token_file` the page is refused.
 async fn account_page(admin: &Admin, path: &str, head: &[u8]) -> (&'static str, &'static str, String) {
     if !admin.auth.protects(path) {
-        let text = "account histories name users: set [admin] token_file to see them\n";
-        return ("403 Forbidden", "text/plain", text.to_string());
+        return names_users_unprotected();
     }
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let Some(user) = percent_decoded(&path["/debug/accounts/".len()..]).filter(|u| !u.is_empty() && u.len() <= 512)
@@ -168,6 +170,13 @@ async fn account_page(admin: &Admin, path: &str, head: &[u8]) -> (&'static str, 
     } else {
         ("200 OK", "application/json", serde_json::to_string_pretty(&view).unwrap_or_default() + "\n")
     }
+}
+
+/// The answer of a page that names users (account histories, detections) while the admin
+/// listener has no token: refused, since anyone reaching the port would read them.
+fn names_users_unprotected() -> (&'static str, &'static str, String) {
+    let text = "account histories name users: set [admin] token_file to see them\n";
+    ("403 Forbidden", "text/plain", text.to_string())
 }
 
 /// `%XX` escapes decoded (`+` stays: it is a character of mail addresses); `None` when

@@ -1586,7 +1586,7 @@ mod tests {
     }
 
     #[test]
-    fn insight_keys_are_read_and_checked_with_their_paths() {
+    fn insight_quota_keys_are_read_and_checked_with_their_paths() {
         let config = Config::from_toml(MINIMAL).unwrap();
         assert!(config.insight.quota);
         assert_eq!(config.insight.quota_check_every.0.as_secs(), 3600);
@@ -1600,6 +1600,27 @@ mod tests {
             ("quota_alert_text = \"a\\nb\"", "insight.quota_alert_text"),
             ("quota_alert_text = \" \"", "insight.quota_alert_text"),
             ("quota_every = \"1h\"", "insight"),
+        ] {
+            let found = Config::from_toml(&with(keys)).unwrap_err().0;
+            assert!(found.iter().any(|e| e.path.starts_with(path)), "{keys}: {found:?}");
+        }
+    }
+
+    #[test]
+    fn insight_history_keys_are_read_and_checked_with_their_paths() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        assert!(config.insight.history);
+        assert_eq!(config.insight.keep_for.0.as_secs(), 7 * 86_400);
+        assert_eq!((config.insight.growth_polls, config.insight.resyncs_per_day), (3, 10));
+        let with = |keys: &str| format!("{MINIMAL}\n[insight]\n{keys}\n");
+        let config = Config::from_toml(&with("memory = \"8MiB\"\nwindow = \"2h\"\nhistory = false")).unwrap();
+        assert_eq!((config.insight.memory.0, config.insight.window.0.as_secs()), (8 << 20, 7200));
+        for (keys, path) in [
+            ("keep_for = \"10s\"", "insight.keep_for"),
+            ("window = \"0s\"", "insight.window"),
+            ("growth_polls = 1", "insight.growth_polls"),
+            ("memory = \"100KiB\"", "insight.memory"),
+            ("histories = true", "insight"),
         ] {
             let found = Config::from_toml(&with(keys)).unwrap_err().0;
             assert!(found.iter().any(|e| e.path.starts_with(path)), "{keys}: {found:?}");
