@@ -96,6 +96,9 @@ fn a_nearly_full_account_is_alerted_once_per_window_and_an_empty_one_never() {
     assert_eq!(metric(&metrics, "mailgate_quota_usage_ratio_bucket{le=\"0.5\"}"), 1.0);
     assert_eq!(metric(&metrics, "mailgate_quota_usage_ratio_bucket{le=\"0.9\"}"), 1.0);
     assert_eq!(metric(&metrics, "mailgate_quota_usage_ratio_bucket{le=\"0.95\"}"), 4.0);
+    // The reading went to the account's support history too (`crate::insight`): alice's
+    // is nearly full (once: a detection repeats after a day), bob's is not.
+    assert_eq!(metric(&metrics, "mailgate_insight_detections_total{kind=\"quota_nearly_full\"}"), 1.0);
     let body = metrics.split("\r\n\r\n").nth(1).unwrap();
     assert!(!body.contains("alice") && !body.contains("bob"), "no user name in metrics");
 

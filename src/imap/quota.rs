@@ -115,6 +115,10 @@ impl Question {
         };
         metrics.quota_checks.with_label_values(&["read"]).inc();
         metrics.quota_usage.observe(usage.share());
+        // The account's support history (`crate::insight`): its last reading, and the
+        // `quota_nearly_full` detection.
+        let reading = crate::insight::Event::Quota { used_kib: usage.used_kib, limit_kib: usage.limit_kib };
+        service.insight.record(&self.account, reading);
         if !metrics.quota.record(&self.account, usage, &self.policy, SystemTime::now()) {
             return None;
         }
