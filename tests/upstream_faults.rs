@@ -506,3 +506,33 @@ fn an_upstream_without_quota_is_never_asked() {
         assert!(metrics.contains(&format!("mailgate_quota_checks_total{{result=\"{result}\"}} 0")), "{metrics}");
     }
 }
+
+/// With mailgate's quota question unanswered (the client owes nothing and is owed nothing):
+/// the idle timer still logs the client out, and a shutdown ends the session with its BYE
+/// at once, not at the end of the grace period.
+#[test]
+fn an_unanswered_quota_question_holds_neither_the_idle_timer_nor_a_shutdown() {
+    let fake = upstream_announcing("IMAP4rev1 IDLE QUOTA", answer_all_but_the_quota_question);
+    let (dir, pki) = new_pki();
+    let config = gateway_config(&pki, &fake.addr.to_string(), "plaintext", Some(&pki.ca), "idle_timeout = \"2s\"", "");
+    let mut gateway = Gateway::start(dir.path(), &config);
+    let client_for = |gateway: &Gateway| {
+        let mut client = Client::tls(gateway.addr("imaps"), pki.client_config(&[]));
+        assert!(client.line().unwrap().starts_with("* OK"));
+        assert!(client.command("a", "LOGIN user pw")[0].starts_with("a OK"));
+        client
+    };
+
+    let mut idle = client_for(&gateway);
+    let started = Instant::now();
+    assert_eq!(idle.line().as_deref(), Some("* BYE Autologout; idle for too long."));
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    let mut client = client_for(&gateway);
+    assert_eq!(client.command("b", "NOOP"), ["b OK NOOP done"]);
+    let started = Instant::now();
+    let status = gateway.terminate(Duration::from_secs(10)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "no drain for the question: {:?}", started.elapsed());
+    assert_eq!(client.line().as_deref(), Some("* BYE Server shutting down."));
+}
