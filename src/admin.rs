@@ -112,11 +112,26 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n{body}",
+        body.len(),
+        page_headers(path, content_type)
     );
     tcp.write_all(response.as_bytes()).await?;
     tcp.shutdown().await
+}
+
+/// Headers for what a browser may show: the debug pages name accounts, so no cache keeps
+/// them; an HTML page may load nothing and run nothing (its own inline style aside), so
+/// that even a client string that escaped the escaping could not act.
+fn page_headers(path: &str, content_type: &str) -> &'static str {
+    match (path.starts_with("/debug/"), content_type.starts_with("text/html")) {
+        (true, true) => {
+            "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\
+             Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; form-action 'none'; frame-ancestors 'none'\r\n"
+        }
+        (true, false) => "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n",
+        (false, _) => "",
+    }
 }
 
 /// 401 with the challenge of RFC 6750 (`invalid_token` when a token was given). Logged

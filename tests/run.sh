@@ -2,7 +2,8 @@
 # Runs mailgate's whole test suite on Debian/Ubuntu, installing the test peers when missing:
 # Dovecot (IMAP + POP3) as the real upstream, curl, mbsync (isync), fetchmail, openssl (and
 # libssl-dev with pkg-config, which the build links against), python3,
-# Prometheus (with promtool) to scrape mailgate's metrics, and redis-server for the limits a
+# Prometheus (with promtool) to scrape mailgate's metrics, Chromium to render the support view
+# of an account headless (tests/insight_view.rs), and redis-server for the limits a
 # fleet of mailgate instances shares, with redis-cli (redis-tools) to join a Redis Cluster
 # (tests/support/redis_cluster.rs); Courier IMAP/POP3 as a second upstream
 # (tests/install-courier.sh).
@@ -26,6 +27,7 @@ have curl || missing+=(curl)
 have openssl || missing+=(openssl)
 have python3 || missing+=(python3)
 have prometheus || missing+=(prometheus)
+have chromium || missing+=(chromium)
 have redis-server || missing+=(redis-server)
 # Debian's redis-server depends on redis-tools; a redis-server from elsewhere may lack it.
 have redis-cli || missing+=(redis-tools)
@@ -62,7 +64,7 @@ fi
 for tool in /usr/lib/dovecot/imap /usr/lib/dovecot/pop3 /usr/sbin/dovecot; do
   [ -x "$tool" ] || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
-for tool in mbsync fetchmail curl openssl python3 prometheus promtool redis-server redis-cli systemd-analyze pkg-config; do
+for tool in mbsync fetchmail curl openssl python3 prometheus promtool chromium redis-server redis-cli systemd-analyze pkg-config; do
   have "$tool" || { echo "tests/run.sh: $tool is missing after install" >&2; exit 1; }
 done
 pkg-config --exists openssl || { echo "tests/run.sh: libssl-dev is missing after install" >&2; exit 1; }
