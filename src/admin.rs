@@ -54,6 +54,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     }
 }
 
+/// The fullest accounts `/debug/quota` lists: the ones support should call first.
+const QUOTA_ROWS: usize = 100;
+
 async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
@@ -90,6 +93,10 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
             ("200 OK", "application/json", serde_json::to_string_pretty(&recent).unwrap_or_default() + "\n")
         }
         ("GET", path) if path.starts_with("/debug/accounts/") => account_page(admin, path, &head).await,
+        ("GET", "/debug/quota") => {
+            let rows = admin.metrics.quota.fullest(QUOTA_ROWS);
+            ("200 OK", "application/json", serde_json::to_string_pretty(&rows).unwrap_or_default() + "\n")
+        }
         ("GET", "/readyz") => match unreachable_upstream(admin).await {
             Some(name) => ("503 Service Unavailable", "text/plain", format!("upstream {name} unreachable\n")),
             None => match &admin.required_store {

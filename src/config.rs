@@ -898,7 +898,7 @@ impl Default for ShutdownConfig {
 
 /// What mailgate learns about accounts for their support (`[insight]`): a short history
 /// per recently active account and the common mistakes it shows (docs/OPERATIONS.md,
-/// "Support insight").
+/// "Support insight"), and the quota alert.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InsightConfig {
@@ -922,6 +922,21 @@ pub struct InsightConfig {
     pub repeat_after: Span,
     /// Recent detections kept for `/debug/detections`.
     pub recent_detections: u32,
+    /// Ask an IMAP account's INBOX quota after its login (upstreams announcing QUOTA
+    /// only; the relay asks in the session's pipeline, the login waits for nothing) and
+    /// alert its client when nearly full.
+    pub quota: bool,
+    /// At most one question per account in this window (`0s`: at every login). An hour:
+    /// a mailbox does not fill up in less, and the question costs the upstream a quota
+    /// lookup.
+    pub quota_check_every: Span,
+    /// The used share of the limit (0 < x <= 1) from which the client is alerted.
+    pub quota_warn_at: f64,
+    /// At most one alert per account in this window: a day, so that a phone that logs in
+    /// every few minutes does not show it every few minutes.
+    pub quota_alert_every: Span,
+    /// The alert's text; `{percent}`, `{used}` and `{limit}` are filled in.
+    pub quota_alert_text: String,
 }
 
 impl Default for InsightConfig {
@@ -935,6 +950,12 @@ impl Default for InsightConfig {
             resyncs_per_day: 10,
             repeat_after: secs(86_400),
             recent_detections: 1000,
+            quota: true,
+            quota_check_every: secs(3600),
+            quota_warn_at: 0.9,
+            quota_alert_every: secs(86_400),
+            quota_alert_text:
+                "Your mailbox is {percent} % full ({used} of {limit}). Please delete or archive old mail.".into(),
         }
     }
 }
@@ -1290,6 +1311,14 @@ impl Config {
         if insight.history && insight.memory.0 < (1 << 20) {
             errors.push(error("insight.memory", "must be at least 1MiB"));
         }
+        let warn_at = self.insight.quota_warn_at;
+        if !(warn_at > 0.0 && warn_at <= 1.0) {
+            errors.push(error("insight.quota_warn_at", "must be above 0 and at most 1"));
+        }
+        let text = &self.insight.quota_alert_text;
+        if text.trim().is_empty() || text.len() > 1000 || text.contains(['\r', '\n']) {
+            errors.push(error("insight.quota_alert_text", "must be one line of 1 to 1000 characters"));
+        }
         if self.reload.watch_interval.0 < std::time::Duration::from_secs(1) {
             errors.push(error("reload.watch_interval", "must be at least 1s"));
         }
@@ -1554,6 +1583,27 @@ mod tests {
         assert_eq!(config.limits.overrides.networks["192.0.2.0/24"].plaintext_until.date(), "2027-06-30");
         let found = errors(&with("[networks.\"192.0.2.0/33\"]\nplaintext_until = \"2027-06-30T00:00:00Z\"\n"));
         assert!(found.iter().any(|e| e.path.contains("networks.\"192.0.2.0/33\"")), "{found:?}");
+    }
+
+    #[test]
+    fn insight_quota_keys_are_read_and_checked_with_their_paths() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        assert!(config.insight.quota);
+        assert_eq!(config.insight.quota_check_every.0.as_secs(), 3600);
+        assert_eq!(config.insight.quota_alert_every.0.as_secs(), 86_400);
+        let with = |keys: &str| format!("{MINIMAL}\n[insight]\n{keys}\n");
+        let config = Config::from_toml(&with("quota_check_every = \"0s\"\nquota_warn_at = 0.8")).unwrap();
+        assert_eq!((config.insight.quota_check_every.0.as_secs(), config.insight.quota_warn_at), (0, 0.8));
+        for (keys, path) in [
+            ("quota_warn_at = 1.5", "insight.quota_warn_at"),
+            ("quota_warn_at = 0.0", "insight.quota_warn_at"),
+            ("quota_alert_text = \"a\\nb\"", "insight.quota_alert_text"),
+            ("quota_alert_text = \" \"", "insight.quota_alert_text"),
+            ("quota_every = \"1h\"", "insight"),
+        ] {
+            let found = Config::from_toml(&with(keys)).unwrap_err().0;
+            assert!(found.iter().any(|e| e.path.starts_with(path)), "{keys}: {found:?}");
+        }
     }
 
     #[test]

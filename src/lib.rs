@@ -35,6 +35,8 @@
 //! - [`cache`]: the message cache (snapshots per mailbox, bodies, POP3 messages).
 //! - [`plaintext`]: what a login without TLS gets while clients move to TLS (warn, then
 //!   refuse; exceptions with end dates).
+//! - [`quota`]: an IMAP account's INBOX quota read after login, the ALERT of a nearly
+//!   full one, `/debug/quota` (`[insight]`).
 //! - [`limits`]: connection caps, rates, bandwidth, penalties, alone or shared in Redis;
 //!   [`identity`]: the canonical user name they key on; [`network`]: CIDR networks.
 //! - [`metrics`]: Prometheus families, byte counting, the top-K of sync cost, the reports
@@ -73,6 +75,7 @@ pub mod plaintext;
 pub mod pop3;
 pub mod proxy_header;
 pub mod pumps;
+pub mod quota;
 pub mod reload;
 pub mod routing;
 pub mod secret;
@@ -306,6 +309,7 @@ pub async fn run(
         }
     };
     let insight = insight::Insight::new(&config.insight, fleet.clone(), metrics.insight.clone());
+    insight.set_quota_warn_at(config.insight.quota_warn_at);
     let required_store = fleet.clone().filter(|_| config.limits.redis.on_error == config::StoreFailure::Closed);
     let limits = limits::Limits::shared(&config.limits, fleet);
     let parked = TaskTracker::new();

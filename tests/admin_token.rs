@@ -76,6 +76,9 @@ fn debug_pages_need_the_bearer_token_from_the_file_and_a_new_token_takes_over_on
     let (status, _, body) = get(admin, "/debug/top-accounts", Some(FIRST));
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(body.contains("\"bob\""), "{body}");
+    // The quota report names accounts too.
+    assert_eq!(get(admin, "/debug/quota", None).0, "HTTP/1.1 401 Unauthorized");
+    assert_eq!(get(admin, "/debug/quota", Some(FIRST)).0, "HTTP/1.1 200 OK");
     // Metrics (not protected by default) and the probes stay open.
     for path in ["/metrics", "/healthz", "/readyz"] {
         assert_eq!(get(admin, path, None).0, "HTTP/1.1 200 OK", "{path}");

@@ -367,3 +367,172 @@ fn responses_arriving_together_or_cut_anywhere_reach_the_client_byte_for_byte() 
     }
     assert_eq!(client.command("d", "NOOP"), ["d OK still here"], "the completions were seen");
 }
+
+/// Greets and accepts the login with `capabilities` after it; then `after_login` gets the
+/// connection.
+fn upstream_announcing(capabilities: &'static str, after_login: fn(&mut FakeConn)) -> FakeUpstream {
+    FakeUpstream::start(None, move |conn: &mut FakeConn| {
+        conn.send(b"* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN SASL-IR] fake ready\r\n");
+        let Some(tag) = conn.tag() else { return };
+        conn.send(format!("{tag} OK [CAPABILITY {capabilities}] Logged in\r\n").as_bytes());
+        after_login(conn);
+    })
+}
+
+/// Answers every command `OK` (IDLE with `+`, then OK at its DONE) until mailgate hangs up;
+/// mailgate's quota question never.
+fn answer_all_but_the_quota_question(conn: &mut FakeConn) {
+    let mut idling = None;
+    while let Some(line) = conn.line() {
+        let tag = line.split(' ').next().unwrap_or_default().to_string();
+        if line.to_ascii_uppercase().ends_with(" GETQUOTAROOT INBOX") && tag.starts_with("mg") {
+            continue;
+        }
+        if line.eq_ignore_ascii_case("DONE") {
+            let tag: String = idling.take().unwrap_or_default();
+            conn.send(format!("{tag} OK Idle completed.\r\n").as_bytes());
+        } else if line.to_ascii_uppercase().contains(" SELECT ") {
+            conn.send(
+                format!("* 1 EXISTS\r\n* OK [UIDVALIDITY 7] UIDs valid\r\n* OK [UIDNEXT 2] Predicted next UID\r\n{tag} OK [READ-WRITE] SELECT done\r\n")
+                    .as_bytes(),
+            );
+        } else if line.to_ascii_uppercase().contains(" FETCH ") {
+            conn.send(
+                format!("* 1 FETCH (UID 1 RFC822.SIZE 14 BODY[HEADER] {{14}}\r\nSubject: x\r\n\r\n)\r\n{tag} OK FETCH done\r\n")
+                    .as_bytes(),
+            );
+        } else if line.to_ascii_uppercase().ends_with(" IDLE") {
+            conn.send(b"+ idling\r\n");
+            idling = Some(tag);
+        } else {
+            let command = line.split(' ').nth(1).unwrap_or_default().to_ascii_uppercase();
+            conn.send(format!("{tag} OK {command} done\r\n").as_bytes());
+        }
+    }
+}
+
+fn wait_for_metric(rig: &Rig, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !rig.gateway.metrics().contains(line) {
+        assert!(Instant::now() < deadline, "no {line} in\n{}", rig.gateway.metrics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_upstream_silent_on_the_quota_question_delays_no_login_and_no_command() {
+    let fake = upstream_announcing("IMAP4rev1 IDLE QUOTA", |conn| {
+        let question = conn.line().unwrap_or_default();
+        assert!(question.ends_with(" GETQUOTAROOT INBOX"), "the question comes first: {question}");
+        answer_all_but_the_quota_question(conn);
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    let started = Instant::now();
+    assert_eq!(
+        client.command("a", "LOGIN user pw"),
+        ["a OK [CAPABILITY IMAP4rev1 IDLE QUOTA COMPRESS=DEFLATE] Logged in"]
+    );
+    assert_eq!(client.command("b", "NOOP"), ["b OK NOOP done"]);
+    assert!(started.elapsed() < Duration::from_secs(2), "nothing waited: {:?}", started.elapsed());
+    // IDLE, and COMPRESS (which waits for the commands before it, not for mailgate's own).
+    client.send(b"c IDLE\r\n");
+    assert_eq!(client.line().unwrap(), "+ idling");
+    client.send(b"DONE\r\n");
+    assert_eq!(client.until_tagged("c"), ["c OK Idle completed."]);
+    assert_eq!(client.command("d", "COMPRESS DEFLATE"), ["d OK DEFLATE active"]);
+    client.compress();
+    let selected = client.command("e", "SELECT INBOX");
+    assert_eq!(selected.last().unwrap(), "e OK [READ-WRITE] SELECT done", "{selected:?}");
+    // A FETCH the cache could answer goes upstream behind the question (a cache job would
+    // wait for it): twice, cold then warm.
+    for tag in ["g", "h"] {
+        let fetched = client.command(tag, "UID FETCH 1 (UID RFC822.SIZE BODY.PEEK[HEADER])");
+        assert_eq!(fetched.last().unwrap(), &format!("{tag} OK FETCH done"), "{fetched:?}");
+        assert!(fetched[0].starts_with("* 1 FETCH (UID 1 "), "{fetched:?}");
+    }
+    assert_eq!(client.command("f", "GETQUOTAROOT INBOX"), ["f OK GETQUOTAROOT done"]);
+    let metrics = rig.gateway.metrics();
+    assert!(metrics.contains("mailgate_commands_total{command=\"noop\",protocol=\"imap\"} 1"), "{metrics}");
+    drop(client);
+    // The question was never answered: counted when the session ended.
+    wait_for_metric(&rig, "mailgate_quota_checks_total{result=\"failed\"} 1");
+}
+
+#[test]
+fn a_garbage_quota_answer_is_no_quota_and_the_session_goes_on() {
+    let fake = upstream_announcing("IMAP4rev1 IDLE QUOTA", |conn| {
+        let question = conn.line().unwrap_or_default();
+        let tag = question.split(' ').next().unwrap();
+        conn.send(
+            format!("* QUOTAROOT INBOX \"\"\r\n* QUOTA \"\" (STORAGE lots 2)\r\n* OK still fine\r\n{tag} OK done\r\n")
+                .as_bytes(),
+        );
+        answer_all_but_the_quota_question(conn);
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    assert_eq!(
+        client.command("a", "LOGIN user pw"),
+        ["a OK [CAPABILITY IMAP4rev1 IDLE QUOTA COMPRESS=DEFLATE] Logged in"]
+    );
+    // The unsolicited response came with the quota answer: the client gets it, as it came,
+    // and nothing of the answer itself.
+    assert_eq!(client.command("b", "NOOP"), ["* OK still fine", "b OK NOOP done"]);
+    assert_eq!(client.command("c", "NOOP"), ["c OK NOOP done"]);
+    wait_for_metric(&rig, "mailgate_quota_checks_total{result=\"none\"} 1");
+    let metrics = rig.gateway.metrics();
+    assert!(metrics.contains("mailgate_quota_checks_total{result=\"failed\"} 0"), "{metrics}");
+    assert!(!metrics.contains("command=\"getquotaroot\""), "not a client's command: {metrics}");
+}
+
+#[test]
+fn an_upstream_without_quota_is_never_asked() {
+    let fake = upstream_announcing("IMAP4rev1 IDLE", |conn| {
+        let first = conn.line().unwrap_or_default();
+        assert!(first.starts_with("b NOOP"), "the client's command first: {first}");
+        conn.send(b"b OK NOOP done\r\n");
+        answer_all_but_the_quota_question(conn);
+    });
+    let (dir, pki) = new_pki();
+    let rig = start_rig(&fake, "plaintext", dir, pki);
+    let mut client = rig.client();
+    client.command("a", "LOGIN user pw");
+    assert_eq!(client.command("b", "NOOP"), ["b OK NOOP done"]);
+    let metrics = rig.gateway.metrics();
+    for result in ["read", "none", "failed"] {
+        assert!(metrics.contains(&format!("mailgate_quota_checks_total{{result=\"{result}\"}} 0")), "{metrics}");
+    }
+}
+
+/// With mailgate's quota question unanswered (the client owes nothing and is owed nothing):
+/// the idle timer still logs the client out, and a shutdown ends the session with its BYE
+/// at once, not at the end of the grace period.
+#[test]
+fn an_unanswered_quota_question_holds_neither_the_idle_timer_nor_a_shutdown() {
+    let fake = upstream_announcing("IMAP4rev1 IDLE QUOTA", answer_all_but_the_quota_question);
+    let (dir, pki) = new_pki();
+    let config = gateway_config(&pki, &fake.addr.to_string(), "plaintext", Some(&pki.ca), "idle_timeout = \"2s\"", "");
+    let mut gateway = Gateway::start(dir.path(), &config);
+    let client_for = |gateway: &Gateway| {
+        let mut client = Client::tls(gateway.addr("imaps"), pki.client_config(&[]));
+        assert!(client.line().unwrap().starts_with("* OK"));
+        assert!(client.command("a", "LOGIN user pw")[0].starts_with("a OK"));
+        client
+    };
+
+    let mut idle = client_for(&gateway);
+    let started = Instant::now();
+    assert_eq!(idle.line().as_deref(), Some("* BYE Autologout; idle for too long."));
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+
+    let mut client = client_for(&gateway);
+    assert_eq!(client.command("b", "NOOP"), ["b OK NOOP done"]);
+    let started = Instant::now();
+    let status = gateway.terminate(Duration::from_secs(10)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "no drain for the question: {:?}", started.elapsed());
+    assert_eq!(client.line().as_deref(), Some("* BYE Server shutting down."));
+}

@@ -20,6 +20,7 @@ pub mod front;
 pub mod intercept;
 pub mod mailbox;
 pub mod modseq;
+pub mod quota;
 pub mod relay;
 pub mod renumber;
 pub mod response;

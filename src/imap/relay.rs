@@ -164,9 +164,17 @@ impl Shared {
         }
     }
 
-    /// Idle in the sense of shutdown: nothing in flight but (possibly) IDLE.
+    /// Idle in the sense of shutdown and of the idle timer: nothing in flight but (possibly)
+    /// IDLE and mailgate's quota question (an upstream that never answers it must neither
+    /// hold a shutdown nor keep an idle session alive).
     fn quiet(&self) -> bool {
-        !self.job_running && self.in_flight.iter().all(|t| Some(&t.tag) == self.idling.as_ref())
+        !self.job_running
+            && self.in_flight.iter().all(|t| t.modseq == Own::Quota || Some(&t.tag) == self.idling.as_ref())
+    }
+
+    /// mailgate's quota question is in flight (see [`super::quota`]).
+    fn asking_quota(&self) -> bool {
+        self.in_flight.iter().any(|t| t.modseq == Own::Quota)
     }
 }
 
@@ -220,6 +228,10 @@ enum Own {
     /// from its first answer on, nothing is stripped any more, and (`announce`) the upstream's
     /// `[HIGHESTMODSEQ]` for it, which it no longer sends, is announced by mailgate.
     Enables { announce: bool },
+    /// mailgate's `GETQUOTAROOT INBOX` (see [`super::quota`]), the session's first command:
+    /// its answers are not the client's. It bears on modification sequences in no way, but
+    /// is held apart the same way (counted in [`Implicit::own`]).
+    Quota,
 }
 
 /// The cold path of the cache: a FETCH the cache has nothing for is forwarded in the
@@ -299,7 +311,8 @@ struct JobOrder {
 struct Implicit {
     /// mailgate enabled CONDSTORE and the client has not: responses are stripped.
     on: AtomicBool,
-    /// mailgate's own STATUS commands in flight, whose answers are not the client's.
+    /// mailgate's own commands in flight (STATUS, the quota question), whose answers are not
+    /// the client's: every response line is held and looked at while there are any.
     own: AtomicUsize,
     /// Client commands in flight that end the stripping ([`Own::Enables`]).
     enabling: AtomicUsize,
@@ -357,6 +370,21 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
     let implicit = Arc::new(Implicit::default());
     shared.lock().expect("relay lock poisoned").upstream_condstore =
         ["CONDSTORE", "QRESYNC"].iter().any(|c| response::has_capability(&upstream.capabilities, c));
+    // The quota question goes first, ahead of anything the client sends (already sent, in
+    // `leftover`, or later): in flight from the start, written by the client pump first.
+    let quota = super::quota::Question::due(service, account, &upstream.capabilities).map(Box::new);
+    if quota.is_some() {
+        implicit.own.fetch_add(1, Ordering::Relaxed);
+        shared.lock().expect("relay lock poisoned").in_flight.push_back(InFlight {
+            tag: super::quota::TAG.to_vec(),
+            label: "getquotaroot",
+            started: Instant::now(),
+            reselect: Reselect::No,
+            tee: None,
+            modseq: Own::Quota,
+            enables_condstore: false,
+        });
+    }
     let completed = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel::<Box<Inject>>(4);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Box<JobOrder>>(1);
@@ -385,6 +413,7 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         tees: tees.clone(),
         implicit: implicit.clone(),
         own_tags: 0,
+        ask_quota: quota.is_some(),
         unidentified,
         activity,
         parkable: ticket.is_some(),
@@ -413,6 +442,7 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         answered: 0,
         fetched: 0,
         next_tag: 0,
+        quota,
         cache_hits: 0,
         cache_misses: 0,
         service,
@@ -423,6 +453,9 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         crate::pumps::drive(upstream_side, client_side).await
     };
     to_client.abandon_tees().await;
+    if let Some(question) = to_client.quota.take() {
+        question.unanswered(service);
+    }
     let _ = to_client.write.shutdown().await;
     // After LOGOUT both sides close at about the same time; which close a pump sees first
     // is chance, and says nothing about how the session ended.
@@ -517,6 +550,8 @@ struct ClientPump<'a, R, W> {
     implicit: Arc<Implicit>,
     /// mailgate's own commands sent so far (their tags).
     own_tags: u64,
+    /// The quota question is to be written before anything else (see [`super::quota`]).
+    ask_quota: bool,
     /// Until the client says what software it is (its first `ID`), its census entry.
     unidentified: Option<Box<crate::metrics::clients::Unidentified>>,
     /// The session in its account's support history, told its software by `ID`.
@@ -537,6 +572,13 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     }
 
     async fn run(&mut self) -> End {
+        if std::mem::take(&mut self.ask_quota) {
+            // Registered in flight already; flushed now, since the client may send nothing.
+            let question = super::quota::Question::command();
+            if self.write.write_all(&question).await.is_err() || self.write.flush().await.is_err() {
+                return End::UpstreamClosed;
+            }
+        }
         let end = self.pump().await;
         if end == End::ClientClosed {
             // The upstream finishes answering what was sent, then closes its side too.
@@ -629,11 +671,16 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     }
 
     /// Waits until every command sent upstream has completed (what was written is flushed
-    /// first, so that it can).
-    async fn until_nothing_in_flight(&mut self) -> Option<End> {
+    /// first, so that it can); with `but_quota`, every command but mailgate's quota
+    /// question, whose answer is never the client's (an upstream may never answer it).
+    async fn until_nothing_in_flight(&mut self, but_quota: bool) -> Option<End> {
         loop {
             let completed = self.completed.notified();
-            if self.lock().in_flight.is_empty() {
+            let done = {
+                let shared = self.lock();
+                shared.in_flight.iter().all(|t| but_quota && t.modseq == Own::Quota)
+            };
+            if done {
                 return None;
             }
             if self.write.flush().await.is_err() {
@@ -646,7 +693,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
     /// Hands a FETCH to the upstream pump once nothing else is outstanding, writing
     /// upstream what it asks until it has answered the client.
     async fn answer_through_cache(&mut self, job: Job, fill: Fill, tag: String) -> Option<End> {
-        if let Some(end) = self.until_nothing_in_flight().await {
+        // Never with the quota question in flight (such a FETCH is relayed instead): the job
+        // reads the upstream's answers itself.
+        if let Some(end) = self.until_nothing_in_flight(false).await {
             return Some(end);
         }
         self.lock().job_running = true;
@@ -770,7 +819,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
         if let Some(text) = refusal {
             return self.refuse(tag, text, announce, true, "Invalid COMPRESS.").await;
         }
-        if let Some(end) = self.until_nothing_in_flight().await {
+        // The quota question's answer is never the client's (but for an ALERT, which may go
+        // out compressed): COMPRESS does not wait for it.
+        if let Some(end) = self.until_nothing_in_flight(true).await {
             return Some(end);
         }
         self.line.clear();
@@ -946,7 +997,12 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                     // mailbox's `[HIGHESTMODSEQ]`, or not, depending on what it has queued: a
                     // FETCH held back until the commands before it completed would change
                     // which. Pipelined behind others, it is relayed in its place.
-                    let queued = modseq.qresync && !self.lock().in_flight.is_empty();
+                    // Behind the quota question, too: a job reads the upstream itself, and the
+                    // question's answer may take its time (or never come).
+                    let queued = {
+                        let shared = self.lock();
+                        (modseq.qresync && !shared.in_flight.is_empty()) || shared.asking_quota()
+                    };
                     if queued || Box::pin(intercept::relays_whole(&job, &fill.items)).await {
                         // A cold resync of flags, alone in flight, asks MODSEQ too: the flags
                         // it relays are remembered, and the next resync asks what changed.
@@ -1100,6 +1156,8 @@ struct UpstreamPump<'a, R, W> {
     /// FETCH responses relayed and not yet added to `Shared::fetched` (see `observe`).
     fetched: u32,
     next_tag: u64,
+    /// mailgate's quota question while it is in flight.
+    quota: Option<Box<super::quota::Question>>,
     /// This session's FETCH items answered from the cache, and fetched upstream.
     cache_hits: u64,
     cache_misses: u64,
@@ -1134,7 +1192,9 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                 if quiet {
                     shared.in_flight.shrink_to(KEPT_IN_FLIGHT);
                 }
-                (quiet, shared.in_flight.iter().any(|t| Some(&t.tag) != shared.idling.as_ref()))
+                let owed =
+                    shared.in_flight.iter().any(|t| t.modseq != Own::Quota && Some(&t.tag) != shared.idling.as_ref());
+                (quiet, owed)
             } else {
                 (false, true)
             };
@@ -1399,6 +1459,28 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             (front, tagged)
         };
         match front {
+            Some((Own::Quota, _)) if !literal => {
+                let taken = match self.quota.as_mut() {
+                    Some(question) => question.take(strip_eol(&line)),
+                    None => super::quota::Taken::Relay,
+                };
+                match taken {
+                    super::quota::Taken::Relay => {}
+                    super::quota::Taken::Absorbed => return None,
+                    super::quota::Taken::Answered(usage) => {
+                        {
+                            let mut shared = self.lock();
+                            shared.in_flight.pop_front();
+                            shared.begin_reselect();
+                        }
+                        self.implicit.own.fetch_sub(1, Ordering::Relaxed);
+                        self.completed.notify_one();
+                        // In the completion's place, at a response boundary: the ALERT, if due.
+                        let question = self.quota.take()?;
+                        return question.conclude(self.service, usage);
+                    }
+                }
+            }
             Some((Own::Status, tag)) if !literal => match &tagged {
                 Some((t, _)) if *t == tag => {
                     let mut shared = self.lock();
@@ -1567,6 +1649,17 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
                     let done = shared.in_flight.remove(i).expect("position is in range");
                     if matches!(done.modseq, Own::Enables { .. }) {
                         self.implicit.enabling.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    if done.modseq == Own::Quota {
+                        // Only a completion `release` could not read (a literal in it) comes
+                        // here: the question ends unread, and is nobody's command.
+                        self.implicit.own.fetch_sub(1, Ordering::Relaxed);
+                        if let Some(question) = self.quota.take() {
+                            question.unanswered(self.service);
+                        }
+                        shared.begin_reselect();
+                        self.completed.notify_one();
+                        return;
                     }
                     if done.enables_condstore && response::status(rest).is_some_and(|s| s.status != Status::Bad) {
                         shared.condstore = true;

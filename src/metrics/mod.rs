@@ -23,6 +23,9 @@ pub struct SessionBytes {
     pub upstream: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
 }
 
+/// The `result` label of `mailgate_quota_checks_total`.
+pub const QUOTA_RESULTS: [&str; 3] = ["read", "none", "failed"];
+
 pub struct Metrics {
     registry: Registry,
     /// The heaviest accounts by sync cost over a sliding window (names never go to labels).
@@ -61,6 +64,13 @@ pub struct Metrics {
     pub upstream_sessions_dropped: IntCounterVec,
     pub mailbox_messages: Histogram,
     pub fetch_messages: Histogram,
+    /// When each account's quota was asked and its client alerted, and `/debug/quota`.
+    pub quota: Arc<crate::quota::QuotaBook>,
+    /// Used share of the INBOX quota, one observation per reading (no account label).
+    pub quota_usage: Histogram,
+    pub quota_alerts: IntCounter,
+    /// Quota questions by result (`QUOTA_RESULTS`).
+    pub quota_checks: IntCounterVec,
     pub full_resyncs: IntCounterVec,
     pub limit_rejections: IntCounterVec,
     /// Routing decisions by protocol and source (`routing::SOURCES`).
@@ -270,7 +280,33 @@ impl Metrics {
                 compress_bytes.with_label_values(&[direction, stage]);
             }
         }
+        let quota_usage = Histogram::with_opts(
+            HistogramOpts::new(
+                "mailgate_quota_usage_ratio",
+                "Used share of IMAP accounts' INBOX quota (STORAGE), one observation per reading.",
+            )
+            .buckets(vec![0.5, 0.75, 0.9, 0.95, 1.0]),
+        )
+        .expect("valid");
+        let quota_alerts =
+            IntCounter::new("mailgate_quota_alerts_total", "Quota ALERTs sent to IMAP clients after login.")
+                .expect("valid");
+        registry.register(Box::new(quota_alerts.clone())).expect("metric registered once");
+        registry.register(Box::new(quota_usage.clone())).expect("metric registered once");
+        let quota_checks = counter(
+            &registry,
+            "mailgate_quota_checks_total",
+            "Upstream quota questions after IMAP logins by result (read; none: no STORAGE quota; failed: no answer, login refused).",
+            &["result"],
+        );
+        for result in QUOTA_RESULTS {
+            quota_checks.with_label_values(&[result]);
+        }
         Metrics {
+            quota: Arc::new(crate::quota::QuotaBook::default()),
+            quota_usage,
+            quota_alerts,
+            quota_checks,
             upstream_sessions_reused,
             upstream_sessions_parked,
             upstream_sessions_dropped,

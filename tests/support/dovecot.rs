@@ -100,6 +100,10 @@ pub struct Options {
     /// lists lower OpenSSL 3's security level, which refuses TLS 1.0 otherwise. Login lines
     /// then name the negotiated version (`%k`: "TLSv1 with cipher ...").
     pub tls1_only: bool,
+    /// The `quota` plugin (maildir backend) with this `quota_rule` (`*:storage=100K`).
+    pub quota_rule: Option<String>,
+    /// `imap_quota` too: the QUOTA capability and GETQUOTAROOT (RFC 2087).
+    pub imap_quota: bool,
     /// More configuration, appended last (later settings and blocks override earlier ones).
     pub extra: String,
 }
@@ -112,6 +116,8 @@ impl Default for Options {
             auth_penalties: false,
             compress: false,
             tls1_only: false,
+            quota_rule: None,
+            imap_quota: false,
             extra: String::new(),
         }
     }
@@ -192,6 +198,14 @@ impl Dovecot {
         }
         if options.compress {
             config.push_str("protocol imap {\n  mail_plugins = $mail_plugins imap_zlib\n}\n");
+        }
+        if let Some(rule) = &options.quota_rule {
+            let imap = if options.imap_quota { " imap_quota" } else { "" };
+            config.push_str(&format!(
+                "mail_plugins = $mail_plugins quota\n\
+                 protocol imap {{\n  mail_plugins = $mail_plugins quota{imap}\n}}\n\
+                 plugin {{\n  quota = maildir:User quota\n  quota_rule = {rule}\n}}\n"
+            ));
         }
         if options.haproxy {
             config.push_str(&format!(
