@@ -268,6 +268,11 @@ pub struct History {
     pub quota: Option<QuotaReading>,
     /// When each detection last fired (for `repeat_after`).
     pub fired: Vec<(Kind, u64)>,
+    /// Sessions whose end came before their login (with Redis, each is an update of its
+    /// own, and a short session's end can overtake its login): the late login is not
+    /// taken for a session still open.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub ended_early: VecDeque<String>,
 }
 
 impl History {
@@ -296,13 +301,27 @@ impl History {
                     });
                 }
                 self.open.retain(|o| o.session != session);
-                self.open.push(Open { session, client, since: now });
-                if self.open.len() > MAX_OPEN {
-                    self.open.remove(0);
+                match self.ended_early.iter().position(|s| *s == session) {
+                    Some(i) => {
+                        self.ended_early.remove(i);
+                    }
+                    None => {
+                        self.open.push(Open { session, client, since: now });
+                        if self.open.len() > MAX_OPEN {
+                            self.open.remove(0);
+                        }
+                    }
                 }
             }
             Event::Ended { session, client, summary } => {
+                let before = self.open.len();
                 self.open.retain(|o| o.session != session);
+                if self.open.len() == before {
+                    self.ended_early.push_back(session);
+                    while self.ended_early.len() > MAX_OPEN {
+                        self.ended_early.pop_front();
+                    }
+                }
                 let index = self.device(&client, now);
                 let device = &mut self.devices[index];
                 // A client that said its software only after login: the row learns it.
@@ -537,7 +556,9 @@ impl History {
                 })
                 .sum::<usize>();
         let lists = allocation(self.resyncs.capacity() * size_of::<u64>())
-            + allocation(self.fired.capacity() * size_of::<(Kind, u64)>());
+            + allocation(self.fired.capacity() * size_of::<(Kind, u64)>())
+            + allocation(self.ended_early.capacity() * size_of::<String>())
+            + self.ended_early.iter().map(|s| string(s, s.capacity())).sum::<usize>();
         // The history itself, behind its Arc and Mutex.
         let own = allocation(size_of::<History>() + 32);
         (own + devices + open + polls + events + lists).min(u32::MAX as usize) as u32
@@ -715,6 +736,24 @@ mod tests {
     }
 
     #[test]
+    fn an_end_recorded_before_its_login_leaves_no_session_open() {
+        let mut history = History::default();
+        let rules = Rules::default();
+        let client = pop3("10.0.0.0/24");
+        let summary = Summary { messages: 2, ..Default::default() };
+        history.apply(Event::Ended { session: "s".into(), client: client.clone(), summary }, 10, &rules);
+        history.apply(Event::Login { session: "s".into(), client: client.clone() }, 10, &rules);
+        assert!(history.open.is_empty() && history.ended_early.is_empty(), "{history:?}");
+        assert_eq!((history.devices[0].sessions, history.devices[0].messages), (1, 2));
+        // In order, nothing is remembered.
+        history.apply(Event::Login { session: "t".into(), client: client.clone() }, 20, &rules);
+        history.apply(Event::Ended { session: "t".into(), client, summary: Summary::default() }, 30, &rules);
+        assert!(history.open.is_empty() && history.ended_early.is_empty(), "{history:?}");
+        let back: History = serde_json::from_str(&serde_json::to_string(&history).unwrap()).unwrap();
+        assert_eq!(back, history);
+    }
+
+    #[test]
     fn everything_is_bounded_and_old_activity_forgotten() {
         let mut history = History::default();
         let rules = Rules { repeat_after: 0, ..Rules::default() };
@@ -737,6 +776,7 @@ mod tests {
         assert!(history.resyncs.len() <= MAX_RESYNCS);
         assert!(history.events.len() <= MAX_EVENTS);
         assert!(history.fired.len() <= Kind::ALL.len());
+        assert!(history.ended_early.len() <= MAX_OPEN);
         // The largest history, as the allocator counts it (lists by their capacity).
         assert!(history.weight() < 128 << 10, "{}", history.weight());
         let json = serde_json::to_string(&history).unwrap();
