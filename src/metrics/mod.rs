@@ -445,7 +445,7 @@ impl Metrics {
     }
 
     /// Support insight's families, every label created at zero.
-    fn insight_families(registry: &Registry) -> crate::insight::Counters {
+    pub(crate) fn insight_families(registry: &Registry) -> crate::insight::Counters {
         let detections = counter(
             registry,
             "mailgate_insight_detections_total",
