@@ -8,6 +8,10 @@
 //! median time from connect to the FETCH's completion, and how many logins Dovecot logged
 //! for the work (its `Login:` lines), with ratios against direct.
 //!
+//! A last row runs reuse with the support histories off (`[insight] history = false`): the
+//! fastest login path, where what a history costs per session (an event at login, one at the
+//! end, in memory) shows most.
+//!
 //! Everything is plaintext on loopback (mailgate's `plain` listener, its upstream Dovecot's
 //! plain port), so that neither path pays TLS and the difference is mailgate and the
 //! upstream's login. Limits on logins per address are off for the run.
@@ -75,7 +79,7 @@ fn measure(name: &'static str, dovecot: &Dovecot, addr: SocketAddr, n: usize) ->
     }
 }
 
-fn gateway(dir: &std::path::Path, pki: &TestPki, dovecot: &Dovecot, imap_section: &str) -> Gateway {
+fn gateway(dir: &std::path::Path, pki: &TestPki, dovecot: &Dovecot, imap_section: &str, extra: &str) -> Gateway {
     let config = gateway_config_with(
         pki,
         Some(&dovecot.imap.to_string()),
@@ -83,7 +87,7 @@ fn gateway(dir: &std::path::Path, pki: &TestPki, dovecot: &Dovecot, imap_section
         "plaintext",
         None,
         imap_section,
-        "\n[limits]\nlogins_per_ip_per_minute = 0\nconnections_per_ip_per_minute = 0\n",
+        &format!("\n[limits]\nlogins_per_ip_per_minute = 0\nconnections_per_ip_per_minute = 0\n{extra}"),
     );
     Gateway::start_logging(dir, &config, "info")
 }
@@ -96,24 +100,27 @@ fn main() {
     dovecot.fill(USER.0, 20, 1);
 
     let mut rows = vec![measure("direct", &dovecot, dovecot.imap, n)];
-    let plain = gateway(dir.path(), &pki, &dovecot, "");
+    let plain = gateway(dir.path(), &pki, &dovecot, "", "");
     rows.push(measure("mailgate", &dovecot, plain.addr("plain"), n));
     drop(plain);
-    let reusing = gateway(dir.path(), &pki, &dovecot, "reuse_for = \"5m\"");
+    let reusing = gateway(dir.path(), &pki, &dovecot, "reuse_for = \"5m\"", "");
     rows.push(measure("mailgate+reuse", &dovecot, reusing.addr("plain"), n));
     let reused = reusing.metrics();
     let reused = reused.lines().find(|l| l.starts_with("mailgate_upstream_sessions_reused_total ")).unwrap_or("");
     drop(reusing);
+    let quiet = gateway(dir.path(), &pki, &dovecot, "reuse_for = \"5m\"", "\n[insight]\nhistory = false\n");
+    rows.push(measure("reuse, no history", &dovecot, quiet.addr("plain"), n));
+    drop(quiet);
 
     println!("{n} reconnects (connect, LOGIN, SELECT INBOX, FETCH 1 (FLAGS), LOGOUT), one at a time");
     println!(
-        "{:<16} {:>10} {:>8} {:>14} {:>8} {:>16}",
+        "{:<18} {:>10} {:>8} {:>14} {:>8} {:>16}",
         "", "logins/s", "x direct", "median to FETCH", "x direct", "upstream logins"
     );
     let direct = (rows[0].logins_per_sec, rows[0].median);
     for row in &rows {
         println!(
-            "{:<16} {:>10.0} {:>8.2} {:>12.2}ms {:>8.2} {:>16}",
+            "{:<18} {:>10.0} {:>8.2} {:>12.2}ms {:>8.2} {:>16}",
             row.name,
             row.logins_per_sec,
             row.logins_per_sec / direct.0,
