@@ -174,11 +174,18 @@ async fn account_page(admin: &Admin, path: &str, head: &[u8]) -> (&'static str, 
         None => prefers_html(head),
     };
     let account = admin.limits.canonical(&user);
-    let Some(history) = admin.insight.history(&account).await else {
-        let text = format!("no activity of {account} is known (histories last insight.keep_for)\n");
-        return ("404 Not Found", "text/plain; charset=utf-8", text);
+    let history = match admin.insight.history(&account).await {
+        Ok(Some(history)) => history,
+        Ok(None) => {
+            let text = format!("no activity of {account} is known (histories last insight.keep_for)\n");
+            return ("404 Not Found", "text/plain; charset=utf-8", text);
+        }
+        Err(_) => {
+            let text = "the history store (Redis) does not answer; try again\n".to_string();
+            return ("503 Service Unavailable", "text/plain", text);
+        }
     };
-    let now = crate::insight::unix(std::time::SystemTime::now());
+    let now = crate::units::unix_now();
     let view = crate::insight::view::AccountView::new(&account, &history, now, admin.insight.keep_for().as_secs());
     if html {
         ("200 OK", "text/html; charset=utf-8", view.html())
@@ -215,11 +222,8 @@ fn percent_decoded(text: &str) -> Option<String> {
 
 /// Whether the request's `Accept` header names `text/html` (a browser's does, first).
 fn prefers_html(head: &[u8]) -> bool {
-    head.split(|&b| b == b'\n').skip(1).any(|line| {
-        let Some(colon) = line.iter().position(|&b| b == b':') else { return false };
-        line[..colon].eq_ignore_ascii_case(b"accept")
-            && line[colon + 1..].windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html"))
-    })
+    let html = |value: &[u8]| value.windows(9).any(|w| w.eq_ignore_ascii_case(b"text/html"));
+    crate::admin_auth::header_values(head, b"accept").any(html)
 }
 
 /// Whether the request head has arrived (an empty line ends it).

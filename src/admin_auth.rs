@@ -111,44 +111,42 @@ impl AdminAuth {
     }
 }
 
-/// The token of the request's `Authorization: Bearer` header (scheme and header name in
-/// any case, RFC 9110 and RFC 6750).
-pub fn bearer_token(head: &[u8]) -> Option<&[u8]> {
-    head.split(|&b| b == b'\n').skip(1).find_map(|line| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+/// The values of the request head's `name` headers (name in any case, RFC 9110), trimmed;
+/// the request line is no header.
+pub fn header_values<'a>(head: &'a [u8], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+    head.split(|&b| b == b'\n').skip(1).filter_map(move |line| {
         let colon = line.iter().position(|&b| b == b':')?;
-        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-        if !name.eq_ignore_ascii_case(b"authorization") || value.len() < 7 {
-            return None;
-        }
-        let (scheme, token) = value.split_at(7);
-        scheme.eq_ignore_ascii_case(b"bearer ").then(|| token.trim_ascii()).filter(|t| !t.is_empty())
+        line[..colon].eq_ignore_ascii_case(name).then(|| line[colon + 1..].trim_ascii())
     })
+}
+
+/// The credentials of the request's `Authorization: <scheme> <credentials>` header, for a
+/// scheme in any case (RFC 9110 §11.1); `None` when absent or empty.
+fn authorization<'a>(head: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
+    header_values(head, b"authorization").find_map(|value| {
+        let (given, credentials) = value.split_at_checked(scheme.len() + 1)?;
+        let named = given[..scheme.len()].eq_ignore_ascii_case(scheme) && given[scheme.len()] == b' ';
+        named.then(|| credentials.trim_ascii()).filter(|c| !c.is_empty())
+    })
+}
+
+/// The token of the request's `Authorization: Bearer` header (RFC 6750).
+pub fn bearer_token(head: &[u8]) -> Option<&[u8]> {
+    authorization(head, b"bearer")
 }
 
 /// The token a request presents: its `Authorization: Bearer` token, or the password of
 /// `Authorization: Basic` (any user name), which is how a browser asks for a page such as
 /// `/debug/accounts/<user>` after the 401's `Basic` challenge.
 pub fn presented_token(head: &[u8]) -> Option<Secret<Vec<u8>>> {
+    use base64::Engine;
     if let Some(token) = bearer_token(head) {
         return Some(Secret::new(token.to_vec()));
     }
-    head.split(|&b| b == b'\n').skip(1).find_map(|line| {
-        use base64::Engine;
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let colon = line.iter().position(|&b| b == b':')?;
-        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-        if !name.eq_ignore_ascii_case(b"authorization")
-            || value.len() < 6
-            || !value[..6].eq_ignore_ascii_case(b"basic ")
-        {
-            return None;
-        }
-        let decoded = Secret::new(base64::engine::general_purpose::STANDARD.decode(value[6..].trim_ascii()).ok()?);
-        let colon = decoded.expose().iter().position(|&b| b == b':')?;
-        let password = decoded.expose()[colon + 1..].to_vec();
-        (!password.is_empty()).then(|| Secret::new(password))
-    })
+    let decoded = Secret::new(base64::engine::general_purpose::STANDARD.decode(authorization(head, b"basic")?).ok()?);
+    let colon = decoded.expose().iter().position(|&b| b == b':')?;
+    let password = decoded.expose()[colon + 1..].to_vec();
+    (!password.is_empty()).then(|| Secret::new(password))
 }
 
 /// Equality whose time depends on the lengths only, never on where the bytes differ.

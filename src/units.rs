@@ -143,6 +143,16 @@ impl Moment {
     }
 }
 
+/// Now, in seconds since the Unix epoch (what histories and shared marks store).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Seconds since the Unix epoch as RFC 3339 in UTC (see [`rfc3339`]).
+pub fn rfc3339_unix(seconds: u64) -> String {
+    rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+}
+
 /// A system time as RFC 3339 in UTC, to the second (reports).
 pub fn rfc3339(at: std::time::SystemTime) -> String {
     let at = time::OffsetDateTime::from(at).replace_nanosecond(0).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);

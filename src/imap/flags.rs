@@ -94,7 +94,7 @@ impl Flags {
         // At most every SHARE_EVERY per mailbox and instance: a busy mailbox's mark rises
         // with every resync after new mail, and the value is the whole column. Another
         // instance starting from an older mark only gets more changes from its CHANGEDSINCE.
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = crate::units::unix_now();
         let shared_at = snapshot::mark(scope, self.items.selected(), SHARED_AT_MARK);
         let last =
             scope.cache.peek(&shared_at).await.and_then(|v| Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)));

@@ -20,12 +20,12 @@ pub mod view;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::InsightConfig;
-use crate::limits::fleet::Fleet;
+use crate::limits::fleet::{self, Fleet};
 pub use history::{Client, Event, History, Kind, Maildrop, Rules, Summary};
 
 /// Redis updates in flight at once; beyond, an event is dropped (counted), never queued
@@ -88,11 +88,6 @@ pub struct Insight {
     recent: Mutex<VecDeque<Recent>>,
     pending: AtomicUsize,
     counters: Counters,
-}
-
-/// Unix seconds.
-pub fn unix(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn rules(config: &InsightConfig, quota_warn_at: f64) -> Rules {
@@ -180,7 +175,7 @@ impl Insight {
         }
         match &self.store {
             Store::Memory(_) => {
-                let found = self.apply_in_memory(account, event, unix(SystemTime::now()));
+                let found = self.apply_in_memory(account, event, crate::units::unix_now());
                 self.fired(account, found);
             }
             Store::Redis(_) => {
@@ -191,7 +186,7 @@ impl Insight {
                 }
                 let (insight, account) = (self.clone(), account.to_string());
                 tokio::spawn(async move {
-                    let found = insight.apply_in_redis(&account, event, unix(SystemTime::now())).await;
+                    let found = insight.apply_in_redis(&account, event, crate::units::unix_now()).await;
                     insight.fired(&account, found);
                     insight.pending.fetch_sub(1, Ordering::Relaxed);
                 });
@@ -257,7 +252,7 @@ impl Insight {
             self.counters.detections.with_label_values(&[detection.kind.label()]).inc();
             tracing::info!(account, detection = detection.kind.label(), "insight: {}", detection.text);
             let recent = Recent {
-                at: unix(SystemTime::now()),
+                at: crate::units::unix_now(),
                 account: account.to_string(),
                 detection: detection.kind,
                 text: detection.text,
@@ -280,15 +275,18 @@ impl Insight {
         }
     }
 
-    /// `account`'s history, if any (the memory tier, or Redis).
-    pub async fn history(&self, account: &str) -> Option<History> {
+    /// `account`'s history, if any (the memory tier, or Redis); `Err` when Redis cannot
+    /// say (an outage is not "no activity").
+    pub async fn history(&self, account: &str) -> Result<Option<History>, fleet::StoreError> {
         match &self.store {
             Store::Memory(histories) => {
-                histories.get(account).map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                Ok(histories.get(account).map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).clone()))
             }
-            Store::Redis(fleet) => match fleet.text(&Self::key(fleet, account)).await? {
-                Ok(text) => serde_json::from_str(&text).ok(),
-                Err(_) => None,
+            Store::Redis(fleet) => match fleet.text(&Self::key(fleet, account)).await {
+                None => Ok(None),
+                // A value this version cannot read is no history it can show.
+                Some(Ok(text)) => Ok(serde_json::from_str(&text).ok()),
+                Some(Err(error)) => Err(error),
             },
         }
     }

@@ -8,6 +8,7 @@
 use serde::Serialize;
 
 use super::history::{History, Kind, What};
+use crate::units::rfc3339_unix as timestamp;
 
 #[derive(Debug, Serialize)]
 pub struct AccountView {
@@ -80,14 +81,6 @@ pub struct DetectionView {
     pub at: String,
     pub detection: Kind,
     pub text: String,
-}
-
-/// RFC 3339 (UTC) of Unix seconds.
-pub fn timestamp(at: u64) -> String {
-    let format = time::format_description::well_known::Rfc3339;
-    (time::OffsetDateTime::from_unix_timestamp(at as i64).ok())
-        .and_then(|t| t.format(&format).ok())
-        .unwrap_or_else(|| at.to_string())
 }
 
 impl AccountView {
