@@ -101,6 +101,11 @@ impl Flags {
         if last.is_some_and(|last| now.saturating_sub(last) < SHARE_EVERY.as_secs()) {
             return;
         }
+        // The mark first, the entries after: another session of this instance may learn a
+        // change and raise the mark meanwhile. An entry newer than the mark it is shared
+        // under is harmless (the reader's CHANGEDSINCE reports it again); an entry older
+        // than its mark would be served as current by every other instance.
+        let Some(since) = self.since().await else { return };
         let mut entries = Vec::with_capacity(uids.len());
         for &uid in uids {
             match self.items.peek(uid, 0).await {
@@ -109,7 +114,6 @@ impl Flags {
                 _ => return,
             }
         }
-        let Some(since) = self.since().await else { return };
         scope.cache.insert(shared_at, Bytes::copy_from_slice(&now.to_be_bytes())).await;
         let value = encode_column(since, stamp, &entries);
         scope.cache.share(&snapshot::mark(scope, self.items.selected(), SHARED_MARK), Bytes::from(value));

@@ -122,21 +122,28 @@ impl Shared {
     /// flight) in INBOX: what it expunges now, this client took out of INBOX.
     fn removing_from_inbox(&self) -> bool {
         self.inbox
-            && (self.in_flight.front())
-                .is_some_and(|f| matches!(f.label, "expunge" | "uid_expunge" | "move" | "uid_move"))
+            && (self.answering()).is_some_and(|f| matches!(f.label, "expunge" | "uid_expunge" | "move" | "uid_move"))
+    }
+
+    /// The oldest client command in flight (or mailgate's STATUS): what the upstream's
+    /// mailbox responses belong to. mailgate's quota question, at the head until answered,
+    /// is passed over: it neither changes nor reports a mailbox, and an upstream that never
+    /// answers it must not freeze the session's view of its mailboxes.
+    fn answering(&self) -> Option<&InFlight> {
+        self.in_flight.iter().find(|f| f.modseq != Own::Quota)
     }
 
     /// The upstream is answering the SELECT or EXAMINE whose mailbox the session will have
     /// (the oldest command in flight, and the last of its kind).
     fn answering_select(&self) -> bool {
         let selecting = self.selecting.as_ref().map(|s| &s.tag);
-        selecting.is_some() && self.in_flight.front().map(|f| &f.tag) == selecting
+        selecting.is_some() && self.answering().map(|f| &f.tag) == selecting
     }
 
     /// The upstream is answering a command that changes the selected mailbox (a SELECT
     /// pipelined behind another included).
     fn answering_reselect(&self) -> bool {
-        self.in_flight.front().is_some_and(|f| f.reselect == Reselect::Started)
+        self.answering().is_some_and(|f| f.reselect == Reselect::Started)
     }
 
     /// See [`JobIo::modseq_usable`].
@@ -155,7 +162,7 @@ impl Shared {
     /// those still describe the old mailbox, everything after belongs to the new one (or
     /// none). Called whenever the oldest command in flight may have changed.
     fn begin_reselect(&mut self) {
-        if let Some(front) = self.in_flight.front_mut() {
+        if let Some(front) = self.in_flight.iter_mut().find(|f| f.modseq != Own::Quota) {
             if front.reselect == Reselect::Pending {
                 front.reselect = Reselect::Started;
                 self.uids.forget();
@@ -174,7 +181,8 @@ impl Shared {
 
     /// mailgate's quota question is in flight (see [`super::quota`]).
     fn asking_quota(&self) -> bool {
-        self.in_flight.iter().any(|t| t.modseq == Own::Quota)
+        // Always the first in flight (see `run`).
+        self.in_flight.front().is_some_and(|t| t.modseq == Own::Quota)
     }
 }
 
