@@ -2,7 +2,8 @@
 //! LOGOUT is taken by the next login with the same credentials from the same address
 //! (no upstream login, the same answers as a fresh one, its mailbox left with UNSELECT and
 //! not expunged), and by nobody else; sessions whose state changed are not parked; a dead
-//! or expired parked session means a fresh login; a reload closes them.
+//! or expired parked session means a fresh login (expired `reuse_for` after its upstream
+//! login, however often reused); a reload closes them.
 
 mod support;
 
@@ -201,6 +202,31 @@ fn a_parked_session_expires_after_reuse_for() {
     assert_eq!(metric(&setup, "mailgate_upstream_sessions_dropped_total{reason=\"expired\"}"), 1.0);
     let _next = setup.login(ALICE);
     wait_logins(&setup, 2);
+}
+
+/// A session reused again and again is still bound to its one upstream login: after
+/// `reuse_for` from that login the next login goes upstream, so a password changed or an
+/// account locked there takes effect within `reuse_for`, however often the client returns.
+#[test]
+fn reuse_never_outlives_reuse_for_past_the_upstream_login() {
+    let setup = Setup::start_with("reuse_for = \"2s\"", "");
+    let started = Instant::now();
+    let mut client = setup.login(ALICE);
+    log_out(&mut client);
+    wait_parked(&setup, 1.0);
+    // Reconnecting well within reuse_for of each parking, for longer than reuse_for.
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_millis(3_500) {
+        std::thread::sleep(Duration::from_millis(250));
+        let mut client = setup.login(ALICE);
+        log_out(&mut client);
+        rounds += 1;
+    }
+    assert!(rounds >= 8, "{rounds}");
+    wait_logins(&setup, 2);
+    let logins = upstream_logins(&setup);
+    assert!(logins <= 3, "one login per reuse_for, not one ever: {logins}");
+    assert!(metric(&setup, "mailgate_upstream_sessions_dropped_total{reason=\"expired\"}") >= 1.0);
 }
 
 #[test]

@@ -504,7 +504,8 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         let super::reuse::Ticket { pool, key } = *ticket;
         match stream {
             Some(stream) if clean => {
-                Box::pin(pool.park(key, stream, upstream.capabilities, upstream.proof, selected)).await;
+                let (capabilities, proof, logged_in) = (upstream.capabilities, upstream.proof, upstream.logged_in);
+                Box::pin(pool.park(key, stream, capabilities, proof, selected, logged_in)).await;
             }
             Some(stream) => drop(pool.tasks().spawn(super::reuse::log_out(stream))),
             None => {}

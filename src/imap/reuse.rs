@@ -115,7 +115,8 @@ pub fn keeps_session(head: &[u8]) -> bool {
 /// A session waiting for its next client.
 struct Parked {
     key: Key,
-    since: Instant,
+    /// When the upstream last checked the credentials: the session's original login.
+    logged_in: Instant,
     stream: Stream,
     capabilities: Vec<String>,
     proof: LoginProof,
@@ -212,11 +213,12 @@ impl Pool {
                 self.metrics.upstream_sessions_parked.dec();
                 taken
             };
-            let Parked { mut stream, capabilities, proof, .. } = parked;
+            let Parked { mut stream, capabilities, proof, logged_in, .. } = parked;
             if command(&mut stream, b"R1 NOOP\r\n", b"R1", false).await {
                 self.metrics.upstream_sessions_reused.inc();
                 tracing::info!("parked upstream session reused");
-                return Some(LoggedIn { stream, capabilities, leftover: BytesMut::new(), proof, reuse: None });
+                let leftover = BytesMut::new();
+                return Some(LoggedIn { stream, capabilities, leftover, proof, reuse: None, logged_in });
             }
             self.dropped("dead", 1);
             tracing::debug!("parked upstream session did not answer NOOP: dropped");
@@ -233,7 +235,16 @@ impl Pool {
         capabilities: Vec<String>,
         proof: LoginProof,
         selected: bool,
+        logged_in: Instant,
     ) {
+        // However often it was reused, a session serves logins for `reuse_for` after the
+        // upstream checked the password, no longer: a password changed or an account locked
+        // upstream takes effect within that time.
+        if logged_in.elapsed() >= self.reuse_for {
+            self.dropped("expired", 1);
+            self.tasks.spawn(log_out(stream));
+            return;
+        }
         let left = !selected || command(&mut stream, b"R0 UNSELECT\r\n", b"R0", true).await;
         if !left {
             self.tasks.spawn(log_out(stream));
@@ -257,7 +268,7 @@ impl Pool {
             while parked.len() >= self.total {
                 evicted.extend(parked.pop_front());
             }
-            parked.push_back(Parked { key, since: Instant::now(), stream, capabilities, proof });
+            parked.push_back(Parked { key, logged_in, stream, capabilities, proof });
             // Added and taken, not set: a reload's old and new pools overlap for a moment.
             self.metrics.upstream_sessions_parked.add(1 - evicted.len() as i64);
         }
@@ -271,8 +282,9 @@ impl Pool {
     /// Drops the sessions parked for longer than `reuse_for`.
     fn expire(&self, parked: &mut VecDeque<Parked>) {
         let mut expired = 0;
-        while parked.front().is_some_and(|p| p.since.elapsed() >= self.reuse_for) {
-            let gone = parked.pop_front().expect("front exists");
+        // By login time, which is not parking order (a reused session parks again).
+        while let Some(i) = parked.iter().position(|p| p.logged_in.elapsed() >= self.reuse_for) {
+            let gone = parked.remove(i).expect("position is in range");
             self.tasks.spawn(log_out(gone.stream));
             expired += 1;
         }

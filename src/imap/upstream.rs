@@ -37,6 +37,9 @@ pub struct LoggedIn {
     pub proof: LoginProof,
     /// Where the session may be parked when its client logs out (`[imap] reuse_for`).
     pub reuse: Option<Box<super::reuse::Ticket>>,
+    /// When the upstream accepted the credentials (a reused session keeps its login's time:
+    /// reuse never outlives `reuse_for` past the upstream's last check of the password).
+    pub logged_in: tokio::time::Instant,
 }
 
 pub use crate::upstream::LoginError;
@@ -266,6 +269,7 @@ pub async fn login(
         leftover: reader.buffer,
         proof: LoginProof::upstream_accepted(),
         reuse: None,
+        logged_in: tokio::time::Instant::now(),
     })
 }
 
