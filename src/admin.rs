@@ -93,6 +93,7 @@ async fn answer(mut tcp: TcpStream, admin: &Admin) -> std::io::Result<()> {
             ("200 OK", "application/json", serde_json::to_string_pretty(&recent).unwrap_or_default() + "\n")
         }
         ("GET", path) if path.starts_with("/debug/accounts/") => account_page(admin, path, &head).await,
+        ("GET", "/debug/quota") if !admin.auth.protects(path) => names_users_unprotected(),
         ("GET", "/debug/quota") => {
             let rows = admin.metrics.quota.fullest(QUOTA_ROWS);
             ("200 OK", "application/json", serde_json::to_string_pretty(&rows).unwrap_or_default() + "\n")

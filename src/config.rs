@@ -1316,8 +1316,13 @@ impl Config {
             errors.push(error("insight.quota_warn_at", "must be above 0 and at most 1"));
         }
         let text = &self.insight.quota_alert_text;
-        if text.trim().is_empty() || text.len() > 1000 || text.contains(['\r', '\n']) {
-            errors.push(error("insight.quota_alert_text", "must be one line of 1 to 1000 characters"));
+        // An IMAP response text is 7-bit (RFC 3501 TEXT-CHAR): a client may show 8-bit text
+        // as garbage or take the response for broken.
+        if text.trim().is_empty() || text.len() > 1000 || !text.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+            errors.push(error(
+                "insight.quota_alert_text",
+                "must be one line of 1 to 1000 printable ASCII characters (IMAP response text is 7-bit)",
+            ));
         }
         if self.reload.watch_interval.0 < std::time::Duration::from_secs(1) {
             errors.push(error("reload.watch_interval", "must be at least 1s"));
@@ -1599,6 +1604,7 @@ mod tests {
             ("quota_warn_at = 0.0", "insight.quota_warn_at"),
             ("quota_alert_text = \"a\\nb\"", "insight.quota_alert_text"),
             ("quota_alert_text = \" \"", "insight.quota_alert_text"),
+            ("quota_alert_text = \"Ihr Postfach ist {percent} % voll. Größe\"", "insight.quota_alert_text"),
             ("quota_every = \"1h\"", "insight"),
         ] {
             let found = Config::from_toml(&with(keys)).unwrap_err().0;

@@ -309,7 +309,6 @@ pub async fn run(
         }
     };
     let insight = insight::Insight::new(&config.insight, fleet.clone(), metrics.insight.clone());
-    insight.set_quota_warn_at(config.insight.quota_warn_at);
     let required_store = fleet.clone().filter(|_| config.limits.redis.on_error == config::StoreFailure::Closed);
     let limits = limits::Limits::shared(&config.limits, fleet);
     let parked = TaskTracker::new();

@@ -4,11 +4,13 @@
 //!
 //! Sans-I/O: the caller (`imap::quota`, through the relay) talks to the upstream and gives
 //! the time; nothing here reads a clock or a socket, so the tests move time and feed byte
-//! lines. [`QuotaBook::latest`] is an account's latest reading, for whoever reports on it.
+//! lines.
 //!
-//! The memory is this process's only, bounded ([`MAX_ACCOUNTS`]; the account least
-//! recently asked goes first): a fleet may ask an account once per instance per window,
-//! which costs the upstream one command per instance, not per login.
+//! The memory is this process's only, bounded ([`MAX_ACCOUNTS`]): a full book first
+//! forgets the accounts whose windows have all passed (they tell nothing any more), and
+//! only when every account is within a window the least recently asked sixteenth, in one
+//! pass. A fleet may ask an account once per instance per window, which costs the upstream
+//! one command per instance, not per login.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,8 +18,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-/// Accounts remembered at most (about 100 bytes each).
-pub const MAX_ACCOUNTS: usize = 10_000;
+/// Accounts remembered at most (about 150 bytes each: 15 MB). More accounts asked within
+/// one window than this (`quota_check_every`; alerts: `quota_alert_every`) lose their
+/// windows, least recently asked first.
+pub const MAX_ACCOUNTS: usize = 100_000;
 
 /// What the `STORAGE` resource of an account's INBOX quota root says, in KiB (RFC 9208
 /// §5.1: "units of 1024 octets").
@@ -68,8 +72,9 @@ pub fn parse_quota_line(line: &[u8]) -> Option<Usage> {
         return None;
     }
     words.chunks(3).find(|triple| triple[0].eq_ignore_ascii_case(b"STORAGE")).and_then(|triple| {
-        // Numbers beyond u64 are garbage, not a wrapped value.
-        Some(Usage { used_kib: number(triple[1])?, limit_kib: number(triple[2])? })
+        // Numbers beyond u64 are garbage, not a wrapped value. A limit of 0 is how some
+        // servers say "unlimited": no quota, never "100 % full".
+        Some(Usage { used_kib: number(triple[1])?, limit_kib: number(triple[2]).filter(|&l| l > 0)? })
     })
 }
 
@@ -154,6 +159,26 @@ pub struct Row {
     pub read_at: String,
 }
 
+/// Room in a full book: the accounts whose windows have all passed go (their entries say
+/// nothing: they would be asked and could be alerted anyway); if that frees nothing, the
+/// least recently asked sixteenth. Either way one pass frees many, so a book that stays
+/// full pays a scan per `capacity / 16` new accounts, not per account.
+fn make_room(accounts: &mut HashMap<String, Entry>, capacity: usize, policy: &Policy, now: SystemTime) {
+    let passed = |at: SystemTime, window: Duration| now.duration_since(at).unwrap_or(Duration::ZERO) >= window;
+    accounts.retain(|_, e| {
+        !(passed(e.checked, policy.check_every) && e.alerted.is_none_or(|at| passed(at, policy.alert_every)))
+    });
+    if accounts.len() < capacity {
+        return;
+    }
+    let mut asked: Vec<(SystemTime, String)> = accounts.iter().map(|(k, e)| (e.checked, k.clone())).collect();
+    let cut = (capacity / 16).max(1).min(asked.len() - 1);
+    asked.select_nth_unstable(cut);
+    for (_, account) in &asked[..cut] {
+        accounts.remove(account);
+    }
+}
+
 /// When each account was last asked and told, and what it said.
 pub struct QuotaBook {
     accounts: Mutex<HashMap<String, Entry>>,
@@ -184,11 +209,7 @@ impl QuotaBook {
             return true;
         }
         if accounts.len() >= self.capacity {
-            // The least recently asked goes: a scan, but only when a new account comes
-            // to a full book.
-            if let Some(oldest) = accounts.iter().min_by_key(|(_, e)| e.checked).map(|(k, _)| k.clone()) {
-                accounts.remove(&oldest);
-            }
+            make_room(&mut accounts, self.capacity, policy, now);
         }
         accounts.insert(account.to_string(), Entry { checked: now, alerted: None, reading: None });
         true
@@ -212,9 +233,10 @@ impl QuotaBook {
         true
     }
 
-    /// The latest reading of `account`'s quota and when it was recorded, if this process
-    /// read one and still remembers the account (see [`MAX_ACCOUNTS`]).
-    pub fn latest(&self, account: &str) -> Option<(Usage, SystemTime)> {
+    /// The latest reading of `account`'s quota and when it was recorded (what `fullest`
+    /// reports, one account at a time).
+    #[cfg(test)]
+    fn latest(&self, account: &str) -> Option<(Usage, SystemTime)> {
         let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         accounts.get(account)?.reading
     }
@@ -343,6 +365,29 @@ mod tests {
         assert_eq!(book.latest("c@x"), None);
         assert!(book.due("c@x", &policy, t0));
         assert_eq!(book.latest("c@x"), None, "asked, not read yet");
+    }
+
+    #[test]
+    fn a_full_book_first_forgets_accounts_whose_windows_passed() {
+        let book = QuotaBook::new(3);
+        let policy =
+            Policy { check_every: Duration::from_secs(3600), warn_at: 0.9, alert_every: Duration::from_secs(86_400) };
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let full = Usage { used_kib: 95, limit_kib: 100 };
+        assert!(book.due("alerted", &policy, t0));
+        assert!(book.record("alerted", full, &policy, t0));
+        assert!(book.due("quiet", &policy, t0));
+        assert!(book.due("recent", &policy, t0 + Duration::from_secs(7000)));
+        // Two hours on: `quiet` says nothing any more and goes; `alerted` keeps its day.
+        assert!(book.due("new", &policy, t0 + Duration::from_secs(7200)));
+        assert!(!book.record("alerted", full, &policy, t0 + Duration::from_secs(7300)), "still alerted today");
+        assert_eq!(book.latest("quiet"), None);
+        assert!(!book.due("recent", &policy, t0 + Duration::from_secs(7300)));
+    }
+
+    #[test]
+    fn a_limit_of_zero_is_no_quota() {
+        assert_eq!(parse_quota_line(b"* QUOTA \"\" (STORAGE 12000 0)"), None);
     }
 
     #[test]

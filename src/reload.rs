@@ -144,7 +144,6 @@ impl Reloader {
         // The admin token (file and what it protects) applies at once; the file is read again.
         self.admin.auth.configure(&new.admin);
         self.shared.insight.configure(&new.insight);
-        self.shared.insight.set_quota_warn_at(new.insight.quota_warn_at);
         // The old pools stop checking (their sessions go on); hosts that are gone leave
         // the host gauge; the new pools start.
         self.health.cancel();

@@ -549,7 +549,13 @@ fn without_a_token_file_account_views_are_refused() {
     let gateway = start_gateway(dir.path(), &pki, &dovecot, None);
     pop3_session(&gateway, &pki);
     let admin = gateway.admin();
-    for path in [format!("/debug/accounts/{JANE_IN_URL}"), format!("/debug/accounts/{JANE_IN_URL}?format=html")] {
+    let pages = [
+        format!("/debug/accounts/{JANE_IN_URL}"),
+        format!("/debug/accounts/{JANE_IN_URL}?format=html"),
+        "/debug/detections".to_string(),
+        "/debug/quota".to_string(),
+    ];
+    for path in pages {
         for headers in [vec![], vec!["Authorization: Bearer anything".to_string()]] {
             let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
             let response = get(admin, &path, &headers);

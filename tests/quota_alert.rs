@@ -15,6 +15,17 @@ use support::setup::*;
 use support::tls::client_config_trusting;
 
 const INSIGHT: &str = "[insight]\nquota_check_every = \"0s\"\nquota_alert_every = \"3s\"\n";
+/// `/debug/quota` names accounts: it needs the admin token.
+const TOKEN: &str = "quota-test-token";
+
+/// mailgate in front of `dovecot` with `[insight]` as above and the admin token.
+fn setup(dovecot: Dovecot, imap_section: &str) -> Setup {
+    Setup::in_front_of_edited(dovecot, imap_section, INSIGHT, |config, dir| {
+        let token_file = dir.join("admin-token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        config.replace("[admin]\n", &format!("[admin]\ntoken_file = {:?}\n", token_file.display().to_string()))
+    })
+}
 
 fn dovecot(imap_quota: bool) -> Dovecot {
     let options = Options { quota_rule: Some("*:storage=100K".into()), imap_quota, ..Options::default() };
@@ -68,7 +79,7 @@ fn untimed(lines: Vec<String>) -> Vec<String> {
 
 #[test]
 fn a_nearly_full_account_is_alerted_once_per_window_and_an_empty_one_never() {
-    let setup = Setup::in_front_of(dovecot(true), "", INSIGHT);
+    let setup = setup(dovecot(true), "");
 
     let first = session_lines(&mut setup.imaps(), ALICE);
     let alert = alerts(&first);
@@ -102,7 +113,7 @@ fn a_nearly_full_account_is_alerted_once_per_window_and_an_empty_one_never() {
     let body = metrics.split("\r\n\r\n").nth(1).unwrap();
     assert!(!body.contains("alice") && !body.contains("bob"), "no user name in metrics");
 
-    let report = setup.gateway.admin_get("/debug/quota");
+    let report = setup.gateway.admin_get_bearer("/debug/quota", TOKEN);
     let json: serde_json::Value = serde_json::from_str(report.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     let rows = json.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{report}");
@@ -115,7 +126,7 @@ fn a_nearly_full_account_is_alerted_once_per_window_and_an_empty_one_never() {
 
 #[test]
 fn the_quota_question_never_reaches_the_client() {
-    let setup = Setup::in_front_of(dovecot(true), "compress = false", INSIGHT);
+    let setup = setup(dovecot(true), "compress = false");
     // The client's own quota question, pipelined right behind mailgate's, gets its answer.
     let script = "C CAPABILITY\r\nQ GETQUOTAROOT INBOX\r\nS SELECT INBOX\r\n";
     let direct = || {
@@ -141,7 +152,7 @@ fn the_quota_question_never_reaches_the_client() {
 
 #[test]
 fn an_upstream_without_quota_is_never_asked() {
-    let setup = Setup::in_front_of(dovecot(false), "", INSIGHT);
+    let setup = setup(dovecot(false), "");
     let lines = session_lines(&mut setup.imaps(), ALICE);
     assert_eq!(lines.len(), 1, "{lines:?}");
     let metrics = setup.gateway.metrics();
@@ -149,13 +160,13 @@ fn an_upstream_without_quota_is_never_asked() {
         assert_eq!(metric(&metrics, &format!("mailgate_quota_checks_total{{result=\"{result}\"}}")), 0.0);
     }
     assert_eq!(metric(&metrics, "mailgate_quota_usage_ratio_count"), 0.0);
-    let report = setup.gateway.admin_get("/debug/quota");
+    let report = setup.gateway.admin_get_bearer("/debug/quota", TOKEN);
     assert!(report.ends_with("[]\n"), "{report}");
 }
 
 #[test]
 fn a_session_that_asked_is_parked_and_asks_again_when_reused() {
-    let setup = Setup::in_front_of(dovecot(true), "reuse_for = \"5m\"", INSIGHT);
+    let setup = setup(dovecot(true), "reuse_for = \"5m\"");
     let wait_for = |name: &str, value: f64| {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while metric(&setup.gateway.metrics(), name) != value {

@@ -90,14 +90,14 @@ pub struct Insight {
     counters: Counters,
 }
 
-fn rules(config: &InsightConfig, quota_warn_at: f64) -> Rules {
+fn rules(config: &InsightConfig) -> Rules {
     Rules {
         window: config.window.0.as_secs(),
         keep_for: config.keep_for.0.as_secs(),
         growth_polls: config.growth_polls as usize,
         resyncs_per_day: config.resyncs_per_day as usize,
         repeat_after: config.repeat_after.0.as_secs(),
-        quota_warn_at,
+        quota_warn_at: config.quota_warn_at,
     }
 }
 
@@ -118,7 +118,7 @@ impl Insight {
             ),
         };
         Arc::new(Insight {
-            rules: RwLock::new(rules(config, Rules::default().quota_warn_at)),
+            rules: RwLock::new(rules(config)),
             keep_for: RwLock::new(config.keep_for.0),
             enabled: config.history.into(),
             recent_cap: AtomicUsize::new(config.recent_detections as usize),
@@ -131,16 +131,10 @@ impl Insight {
 
     /// A reload's new settings (the memory bound and the store stay as started).
     pub fn configure(&self, config: &InsightConfig) {
-        let quota_warn_at = self.rules.read().unwrap_or_else(|p| p.into_inner()).quota_warn_at;
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules(config, quota_warn_at);
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = rules(config);
         *self.keep_for.write().unwrap_or_else(|p| p.into_inner()) = config.keep_for.0;
         self.enabled.store(config.history, Ordering::Relaxed);
         self.recent_cap.store(config.recent_detections as usize, Ordering::Relaxed);
-    }
-
-    /// Sets the quota share that counts as nearly full (`[insight] quota_warn_at`).
-    pub fn set_quota_warn_at(&self, share: f64) {
-        self.rules.write().unwrap_or_else(|p| p.into_inner()).quota_warn_at = share;
     }
 
     /// How long a history lasts (`keep_for`).

@@ -91,10 +91,19 @@ impl Gateway {
 
     /// The admin listener's answer to `GET path` (headers and body).
     pub fn admin_get(&self, path: &str) -> String {
+        self.admin_get_with(path, "")
+    }
+
+    /// [`Gateway::admin_get`] with `Authorization: Bearer <token>`.
+    pub fn admin_get_bearer(&self, path: &str, token: &str) -> String {
+        self.admin_get_with(path, &format!("Authorization: Bearer {token}\r\n"))
+    }
+
+    fn admin_get_with(&self, path: &str, headers: &str) -> String {
         use std::io::{Read, Write};
         let mut tcp = std::net::TcpStream::connect(self.admin()).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\n{headers}\r\n").as_bytes()).unwrap();
         let mut text = String::new();
         let _ = tcp.read_to_string(&mut text);
         text

@@ -48,6 +48,17 @@ impl Setup {
         Setup::build(dovecot, imap_section, extra, |config, _| config)
     }
 
+    /// [`Setup::in_front_of`], the configuration then rewritten by `edit` (given the test's
+    /// directory).
+    pub fn in_front_of_edited(
+        dovecot: Dovecot,
+        imap_section: &str,
+        extra: &str,
+        edit: impl FnOnce(String, &Path) -> String,
+    ) -> Setup {
+        Setup::build(dovecot, imap_section, extra, edit)
+    }
+
     fn build(dovecot: Dovecot, imap_section: &str, extra: &str, edit: impl FnOnce(String, &Path) -> String) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::generate(dir.path());
