@@ -108,6 +108,16 @@ impl Column {
         self.read().position(uid).is_ok()
     }
 
+    /// The first of `entries` whose UID has another value here: the items are immutable, so
+    /// the two tiers disagreeing means one of them holds a mailbox rebuilt under its
+    /// UIDVALIDITY.
+    pub fn contradicted_by(&self, entries: &[(u32, Bytes)]) -> Option<u32> {
+        let inner = self.read();
+        (entries.iter())
+            .find(|(uid, value)| inner.position(*uid).is_ok_and(|i| inner.slots[i].1 != *value))
+            .map(|&(uid, _)| uid)
+    }
+
     /// Stores `value` for `uid` (replacing what was there) and returns it as kept.
     pub fn insert(&self, uid: u32, value: &[u8]) -> Bytes {
         self.lock().insert(uid, value)
@@ -209,6 +219,16 @@ impl Column {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_range_that_disagrees_with_a_known_value_is_a_contradiction() {
+        let column = Column::default();
+        column.insert(5, b"RFC822.SIZE 1200");
+        let range = |size: &str| vec![(4, Bytes::from("RFC822.SIZE 900")), (5, Bytes::from(size.to_string()))];
+        assert_eq!(column.contradicted_by(&range("RFC822.SIZE 1200")), None, "the same value, and one memory lacks");
+        assert_eq!(column.contradicted_by(&range("RFC822.SIZE 1300")), Some(5));
+        assert_eq!(column.contradicted_by(&[]), None);
+    }
+
     #[test]
     fn absent_values_merge_in_order_and_never_replace() {
         let column = Column::default();

@@ -129,6 +129,16 @@ impl moka::Expiry<Key, Value> for Expiry {
 /// that filled it ends, and every this many bytes during a long fill.
 pub const REWEIGH_SLACK: usize = 64 * 1024;
 
+/// The second tier holds another value than memory for one key (the message with `uid`):
+/// cached items never change under their key, so one of the tiers holds a mailbox rebuilt
+/// under its UIDVALIDITY (a server restored from backup, a broken migration) that no
+/// instance has forgotten yet. The caller forgets the mailbox, fleet-wide (its generation
+/// rises), and answers from the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Contradiction {
+    pub uid: u32,
+}
+
 pub struct MessageCache {
     entries: moka::future::Cache<Key, Value>,
     max_entry_bytes: usize,
@@ -287,94 +297,105 @@ impl MessageCache {
         tier.put_all(values);
     }
 
-    /// The values of `keys` the second tier has (in order), kept in memory too: the range
-    /// values holding column items first, in one round trip, everything in them going to
-    /// memory; then, in a second, the items those lacked, one by one.
-    pub async fn shared_values(&self, keys: &[Key]) -> Vec<Option<Bytes>> {
+    /// The values of `keys` the second tier has (in order, as the tier holds them), kept in
+    /// memory too: the range values holding column items first, in one round trip,
+    /// everything in them going to memory; then, in a second, the items those lacked, one
+    /// by one. A value that contradicts memory's for the same key (see [`Contradiction`])
+    /// keeps nothing of the lookup.
+    pub async fn shared_values(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, Contradiction> {
         let mut found = vec![None; keys.len()];
         if self.shared().is_none() {
-            return found;
+            return Ok(found);
         }
-        // One key per range (keys come mostly in UID order, a range's run together).
+        // One key per range and column.
+        let mut seen = std::collections::HashSet::new();
         let mut representatives: Vec<ImapKey> = Vec::new();
         for key in keys {
             let Key::Imap(imap) = key else { continue };
-            if !imap.is_column_item() {
-                continue;
-            }
-            let seen = representatives.iter().rev().take(8).any(|r| {
-                ranges::start(r.uid) == ranges::start(imap.uid) && r.item == imap.item && r.mailbox == imap.mailbox
-            });
-            if !seen {
+            let Some(column) = imap.column() else { continue };
+            if seen.insert((column, ranges::start(imap.uid))) {
                 representatives.push(imap.clone());
             }
         }
         if !representatives.is_empty() {
-            let columns = self.fill_ranges(&representatives).await;
+            let from_ranges = self.fill_ranges(&representatives).await?;
             for (key, found) in keys.iter().zip(found.iter_mut()) {
                 if let Key::Imap(imap) = key {
-                    if let Some((_, column)) = columns.iter().find(|(item, _)| *item == imap.item) {
-                        *found = column.get(imap.uid);
-                    }
+                    *found = imap.column().and_then(|column| from_ranges.get(&(column, imap.uid)).cloned());
                 }
             }
         }
         let rest: Vec<usize> = (0..keys.len()).filter(|&k| found[k].is_none()).collect();
         let asked: Vec<Key> = rest.iter().map(|&k| keys[k].clone()).collect();
-        for (k, value) in rest.into_iter().zip(self.shared_items(&asked).await) {
+        for (k, value) in rest.into_iter().zip(self.shared_items(&asked).await?) {
             found[k] = value;
         }
-        found
+        Ok(found)
     }
 
     /// Brings the range values of the second tier that hold `representatives` (a column
-    /// item's key per range, of one mailbox) into memory, in one round trip; the columns
-    /// filled, by item name.
-    pub async fn fill_ranges(&self, representatives: &[ImapKey]) -> Vec<(Name, Arc<Column>)> {
-        let mut filled: Vec<(Name, Arc<Column>)> = Vec::new();
-        let Some(tier) = self.shared() else { return filled };
+    /// item's key per range) into memory, in one round trip; what they held, by column and
+    /// UID. Every range is checked against memory before anything is kept: one that
+    /// contradicts it keeps nothing (see [`Contradiction`]).
+    pub async fn fill_ranges(
+        &self,
+        representatives: &[ImapKey],
+    ) -> Result<HashMap<(ColumnKey, u32), Bytes>, Contradiction> {
+        let mut held = HashMap::new();
+        let Some(tier) = self.shared() else { return Ok(held) };
         let range_keys: Vec<Key> = representatives.iter().map(ranges::key).collect();
+        let mut decoded: Vec<(ColumnKey, Arc<Column>, ranges::Entries)> = Vec::new();
         for (imap, value) in representatives.iter().zip(tier.get_many(&range_keys).await) {
             let (Some(value), Some(column_key)) = (value, imap.column()) else { continue };
             let Some(entries) = ranges::decode(&value, ranges::start(imap.uid)) else {
                 tracing::debug!("a shared range value that does not decode; ignored");
                 continue;
             };
-            let column = match filled.iter().find(|(item, _)| *item == imap.item) {
-                Some((_, column)) => column.clone(),
-                None => {
-                    let column = self.column(&column_key).await;
-                    filled.push((imap.item.clone(), column.clone()));
-                    column
-                }
-            };
-            let admitted: Vec<(u32, Bytes)> =
-                entries.into_iter().filter(|(_, value)| self.admits(value.len())).collect();
-            column.insert_absent(&admitted);
+            let column = self.column(&column_key).await;
+            if let Some(uid) = column.contradicted_by(&entries) {
+                return Err(Contradiction { uid });
+            }
+            decoded.push((column_key, column, entries));
         }
-        for (item, column) in &filled {
-            if let Some(imap) = representatives.iter().find(|r| r.item == *item) {
-                if let Some(column_key) = imap.column() {
-                    self.reweigh(&column_key, column, 0).await;
-                }
+        let mut columns: Vec<(ColumnKey, Arc<Column>)> = Vec::new();
+        for (column_key, column, entries) in decoded {
+            let admitted: Vec<(u32, Bytes)> =
+                entries.iter().filter(|(_, value)| self.admits(value.len())).cloned().collect();
+            column.insert_absent(&admitted);
+            for (uid, value) in entries {
+                held.insert((column_key.clone(), uid), value);
+            }
+            if !columns.iter().any(|(key, _)| *key == column_key) {
+                columns.push((column_key, column));
             }
         }
-        filled
+        for (column_key, column) in &columns {
+            self.reweigh(column_key, column, 0).await;
+        }
+        Ok(held)
     }
 
-    /// The single items of `keys` the second tier has (in order), kept in memory too.
-    pub async fn shared_items(&self, keys: &[Key]) -> Vec<Option<Bytes>> {
+    /// The single items of `keys` the second tier has (in order), kept in memory too; none
+    /// kept when one contradicts memory's value for its key (see [`Contradiction`]).
+    pub async fn shared_items(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, Contradiction> {
         let mut found = Vec::with_capacity(keys.len());
-        let Some(tier) = self.shared() else { return vec![None; keys.len()] };
+        let Some(tier) = self.shared() else { return Ok(vec![None; keys.len()]) };
         for part in keys.chunks(SHARED_KEYS_PER_LOOKUP) {
-            for (key, value) in part.iter().zip(tier.get_many(part).await) {
-                if let Some(value) = &value {
-                    self.insert(key.clone(), value.clone()).await;
-                }
-                found.push(value);
+            found.extend(tier.get_many(part).await);
+        }
+        for (key, value) in keys.iter().zip(&found) {
+            let (Some(value), Some(kept)) = (value, self.peek(key).await) else { continue };
+            if kept != *value {
+                let uid = if let Key::Imap(imap) = key { imap.uid } else { 0 };
+                return Err(Contradiction { uid });
             }
         }
-        found
+        for (key, value) in keys.iter().zip(&found) {
+            if let Some(value) = value {
+                self.insert(key.clone(), value.clone()).await;
+            }
+        }
+        Ok(found)
     }
 
     /// Concurrent misses on one key share one upstream load: the first session to miss

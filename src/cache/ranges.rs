@@ -49,6 +49,9 @@ pub fn key(key: &ImapKey) -> Key {
     })
 }
 
+/// A range's items: (UID, value), in UID order.
+pub type Entries = Vec<(u32, Bytes)>;
+
 /// `entries` (UID and item, ascending) as one value: UID, length and bytes of each.
 pub fn encode(entries: &[(u32, Bytes)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.iter().map(|(_, v)| 8 + v.len()).sum());
@@ -62,7 +65,7 @@ pub fn encode(entries: &[(u32, Bytes)]) -> Vec<u8> {
 
 /// The entries of a range value starting at UID `first` (slices of `value`); `None` unless
 /// it is whole: lengths within the value, UIDs ascending inside the range.
-pub fn decode(value: &Bytes, first: u32) -> Option<Vec<(u32, Bytes)>> {
+pub fn decode(value: &Bytes, first: u32) -> Option<Entries> {
     let word = |at: usize| -> Option<u32> { Some(u32::from_be_bytes(value.get(at..at + 4)?.try_into().ok()?)) };
     let end_uid = first.checked_add(RANGE_UIDS);
     let mut entries: Vec<(u32, Bytes)> = Vec::new();

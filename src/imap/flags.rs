@@ -440,7 +440,7 @@ pub(super) async fn answer<Io: JobIo>(
     // A size that differs is a mailbox rebuilt under its UIDVALIDITY: forgotten (fleet-wide),
     // and answered the full way.
     if let Some(&(uid, _)) = fresh.iter().find(|(uid, size)| known.get(uid).is_some_and(|known| known != size)) {
-        intercept::size_changed(job, &fill.items, uid);
+        intercept::size_changed(&fill.items, uid);
         return Ok(false);
     }
     changed.sort_unstable_by_key(|c| c.0);

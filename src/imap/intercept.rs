@@ -600,7 +600,7 @@ async fn answer<Io: JobIo>(
     for part in shared_parts(&misses, job, shared) {
         let part = &mut misses[part];
         if shared {
-            fill_from_shared(job, items, sizes, wanted, part).await;
+            fill_from_shared(items, sizes, wanted, part).await;
         }
         for chunk in part.chunks_mut(BATCH) {
             let mut done = vec![false; chunk.len()];
@@ -793,7 +793,9 @@ async fn prefetch_shared(job: &Job, items: &Items, uids: &[u32]) {
         }
     }
     if !keys.is_empty() {
-        scope.cache.shared_values(&keys).await;
+        if let Err(contradiction) = scope.cache.shared_values(&keys).await {
+            size_changed(items, contradiction.uid);
+        }
         items.refresh().await;
     }
 }
@@ -1049,7 +1051,7 @@ async fn settle<Io: JobIo>(
             sizes.insert(message.uid, 0, &size).await;
         }
         if cached.is_some_and(|cached| cached != size) {
-            size_changed(job, items, message.uid);
+            size_changed(items, message.uid);
             message.items.iter_mut().for_each(|item| *item = None);
         }
     }
@@ -1141,7 +1143,10 @@ pub(super) async fn fill_from_shared_tier(items: &Items, uids: &[u32], values: &
         }
     }
     if !representatives.is_empty() {
-        cache.fill_ranges(&representatives).await;
+        if let Err(contradiction) = cache.fill_ranges(&representatives).await {
+            size_changed(items, contradiction.uid);
+            return;
+        }
         items.refresh().await;
         for (v, value) in values.iter_mut().enumerate().filter(|(_, value)| value.is_none()) {
             if items.is_column(v % per) {
@@ -1153,18 +1158,28 @@ pub(super) async fn fill_from_shared_tier(items: &Items, uids: &[u32], values: &
     let missing: Vec<usize> = (0..values.len()).filter(|&v| values[v].is_none()).collect();
     if !missing.is_empty() {
         let keys: Vec<Key> = missing.iter().map(|&v| items.key(uids[v / per], v % per)).collect();
-        for (&v, value) in missing.iter().zip(cache.shared_items(&keys).await) {
-            values[v] = value;
+        match cache.shared_items(&keys).await {
+            Ok(found) => {
+                for (&v, value) in missing.iter().zip(found) {
+                    values[v] = value;
+                }
+            }
+            Err(contradiction) => {
+                size_changed(items, contradiction.uid);
+                return;
+            }
         }
         items.refresh().await;
     }
 }
 
 /// Fills the missing items of `chunk` from the second tier (kept in memory too), in one
-/// round trip. The size the upstream just reported checks what comes back, as it checks
-/// the memory tier (see [`settle`]): a different size is a rebuilt mailbox, forgotten
-/// here and fleet-wide, and nothing from Redis is used for it.
-async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wanted<'_>], chunk: &mut [Message]) {
+/// round trip. The size the upstream just reported checks the size Redis holds (not
+/// memory's: the size range that came with stale headers must be seen), as it checks the
+/// memory tier (see [`settle`]), and memory checks everything that comes (see
+/// [`crate::cache::Contradiction`]): a different size is a rebuilt mailbox, forgotten here
+/// and fleet-wide, and nothing from Redis is used for it.
+async fn fill_from_shared(items: &Items, sizes: &Items, wanted: &[Wanted<'_>], chunk: &mut [Message]) {
     if items.scope().cache.shared().is_none() {
         return;
     }
@@ -1182,7 +1197,13 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
             keys.push(sizes.key(message.uid, 0));
         }
     }
-    let found = items.scope().cache.shared_values(&keys).await;
+    let found = match items.scope().cache.shared_values(&keys).await {
+        Ok(found) => found,
+        Err(contradiction) => {
+            size_changed(items, contradiction.uid);
+            return;
+        }
+    };
     items.refresh().await;
     sizes.refresh().await;
     let mut per_message: Vec<Vec<(Option<usize>, Bytes)>> = vec![Vec::new(); chunk.len()];
@@ -1198,7 +1219,7 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
         let fresh = message.parsed.item(&message.response, VALIDATOR);
         if let (Some(fresh), Some(shared)) = (fresh, shared_size) {
             if shared.as_ref() != fresh {
-                size_changed(job, items, message.uid);
+                size_changed(items, message.uid);
                 return;
             }
         }
@@ -1217,11 +1238,11 @@ async fn fill_from_shared(job: &Job, items: &Items, sizes: &Items, wanted: &[Wan
 
 /// A cached size (in memory or in the shared tier) differs from the one the upstream just
 /// reported: the mailbox was rebuilt under its UIDVALIDITY, and is forgotten (fleet-wide).
-pub(super) fn size_changed(job: &Job, items: &Items, uid: u32) {
+pub(super) fn size_changed(items: &Items, uid: u32) {
     crate::log_budget::warn_limited!(
         uid,
-        mailbox = job.selected.mailbox.as_str(),
-        uid_validity = job.selected.uid_validity,
+        mailbox = items.selected().mailbox.as_str(),
+        uid_validity = items.selected().uid_validity,
         "a message's size changed without a new UIDVALIDITY; forgetting what is cached of the mailbox"
     );
     items.forget_mailbox();
