@@ -121,8 +121,11 @@ impl Flags {
 
     /// The column another instance shared (see [`complete`](Flags::complete)), taken into
     /// this one's memory when this one remembers nothing of the mailbox; its mark. The
-    /// mailbox's UIDs come with it when the mailbox is still as `stamp` says.
-    pub async fn load_shared(&self, stamp: (u32, u32)) -> Option<u64> {
+    /// mailbox's UIDs come with it when the mailbox is still as `stamp` says. A value whose
+    /// mark is above `highest` (the HIGHESTMODSEQ this session's SELECT announced) is not
+    /// taken: it was shared after this SELECT, or by another history of the mailbox (see
+    /// `answer`), and learning it only to forget it would cost every resync the decode.
+    pub async fn load_shared(&self, stamp: (u32, u32), highest: Option<u64>) -> Option<u64> {
         let scope = self.items.scope();
         let tier = scope.cache.shared()?;
         let key = snapshot::mark(scope, self.items.selected(), SHARED_MARK);
@@ -131,6 +134,10 @@ impl Flags {
             tracing::debug!("a shared flags column that does not decode; ignored");
             return None;
         };
+        if highest.is_some_and(|highest| highest < column.mark) {
+            tracing::debug!(mark = column.mark, "the fleet's flags are newer than this session's SELECT; not taken");
+            return None;
+        }
         for entry in &column.entries {
             let modseq = u64::from_be_bytes(entry.value[..8].try_into().expect("8 bytes"));
             self.learn(entry.uid, modseq, &entry.value[8..]).await;
@@ -341,7 +348,7 @@ pub(super) async fn answer<Io: JobIo>(
     let flags = Flags::resolve(scope, &job.selected).await;
     let since = match flags.since().await {
         Some(since) => since,
-        None => match flags.load_shared(stamp).await {
+        None => match flags.load_shared(stamp, io.selected_highest_modseq()).await {
             Some(since) => since,
             None => return Ok(false),
         },
