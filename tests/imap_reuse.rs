@@ -204,6 +204,31 @@ fn a_parked_session_expires_after_reuse_for() {
     wait_logins(&setup, 2);
 }
 
+/// COMPRESS is answered by mailgate on the client leg and never reaches the upstream: a
+/// compressing client's session is parked and reused like any other.
+#[test]
+fn a_compressing_clients_session_is_parked_and_reused() {
+    let setup = Setup::start_with(REUSE, "");
+    setup.dovecot.fill("alice", 3, 8);
+    let mut first = setup.login(ALICE);
+    let compress = first.command("c", "COMPRESS DEFLATE");
+    assert!(compress.last().unwrap().starts_with("c OK"), "{compress:?}");
+    first.compress();
+    first.command("a", "SELECT INBOX");
+    let fetch = first.command("b", "FETCH 1:* (FLAGS)");
+    assert!(fetch.last().unwrap().starts_with("b OK"), "{fetch:?}");
+    log_out(&mut first);
+    wait_parked(&setup, 1.0);
+    wait_logins(&setup, 1);
+    let logins = upstream_logins(&setup);
+    let mut second = setup.login(ALICE);
+    let select = second.command("a", "SELECT INBOX");
+    assert!(select.iter().any(|l| l == "* 3 EXISTS"), "{select:?}");
+    assert_eq!(metric(&setup, "mailgate_upstream_sessions_reused_total"), 1.0);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(upstream_logins(&setup), logins, "no upstream login:\n{}", setup.dovecot.log());
+}
+
 /// A session reused again and again is still bound to its one upstream login: after
 /// `reuse_for` from that login the next login goes upstream, so a password changed or an
 /// account locked there takes effect within `reuse_for`, however often the client returns.

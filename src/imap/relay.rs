@@ -504,8 +504,12 @@ pub async fn run(handover: Handover<LoggedIn>, service: &Service) {
         let super::reuse::Ticket { pool, key } = *ticket;
         match stream {
             Some(stream) if clean => {
+                // In a task of the pool's: the session ends now, its user's slot (the lease)
+                // free at once, not after the UNSELECT's round trip.
                 let (capabilities, proof, logged_in) = (upstream.capabilities, upstream.proof, upstream.logged_in);
-                Box::pin(pool.park(key, stream, capabilities, proof, selected, logged_in)).await;
+                let parking = pool.clone();
+                let park = async move { parking.park(key, stream, capabilities, proof, selected, logged_in).await };
+                drop(pool.tasks().spawn(park));
             }
             Some(stream) => drop(pool.tasks().spawn(super::reuse::log_out(stream))),
             None => {}
@@ -953,8 +957,10 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> ClientPump<'_, R, W> 
                 let is_logout = command.eq_ignore_ascii_case(b"LOGOUT") && full_line.len() == tag.len() + 7;
                 // Only the first line is looked at: a literal other than APPEND's may carry the
                 // rest of a command (`SEARCH ... {5}` then `x MODSEQ 5` turns CONDSTORE on).
+                // COMPRESS never reaches the upstream (mailgate answers it, and compresses the
+                // client leg, which goes with the client): the upstream session is as it was.
                 let keeps = enables == Enabling::No
-                    && super::reuse::keeps_session(full_line)
+                    && (super::reuse::keeps_session(full_line) || command.eq_ignore_ascii_case(b"COMPRESS"))
                     && (line.announce.is_none() || command.eq_ignore_ascii_case(b"APPEND"));
                 if is_logout && line.announce.is_none() && self.park_now(&tag).await {
                     return Some(End::Park);

@@ -69,7 +69,8 @@ pub struct Key {
 /// extensions whose effects live in the mailboxes, not in the session. Anything else
 /// (ENABLE, COMPRESS, NOTIFY, LANGUAGE, a vendor's command, a second login) and the session
 /// is not parked. CONDSTORE turned on by a command of this list is seen apart (the relay
-/// asks `modseq::enabling`).
+/// asks `modseq::enabling`), and so is COMPRESS, which the relay answers itself and never
+/// sends upstream (a compressing client's session may be parked).
 pub fn keeps_session(head: &[u8]) -> bool {
     const KEEPS: &[&str] = &[
         "CAPABILITY",
