@@ -221,7 +221,9 @@ impl<W> Deflate<W> {
     }
 
     /// Gives the compressor back while the session waits: call it after a flush, when
-    /// nothing is owed to the client. The next write starts a new one (without history).
+    /// nothing has been owed to the client for a while. The next write starts a new one
+    /// (without history, which costs small responses some of their ratio: hence not after
+    /// every command).
     pub fn rest(&mut self) {
         if let Some(state) = self.state.as_mut() {
             if !state.owed && state.written == state.output.len() {
@@ -230,7 +232,12 @@ impl<W> Deflate<W> {
         }
     }
 
-    /// Whether a compressor is allocated now (tests, benches).
+    /// Whether a compressor is allocated now (see [`rest`](Deflate::rest)).
+    pub fn is_holding(&self) -> bool {
+        self.state.as_ref().is_some_and(|s| s.compress.is_some())
+    }
+
+    /// Whether the session compresses and its compressor is given back (tests, benches).
     pub fn is_resting(&self) -> bool {
         self.state.as_ref().is_some_and(|s| s.compress.is_none())
     }

@@ -356,6 +356,10 @@ const HOLD_LIMIT: usize = 256 * 1024;
 const KEPT_IN_FLIGHT: usize = 8;
 const KEPT_SPARE: usize = 4 << 10;
 
+/// How long a compressing session keeps its compressor with nothing owed to the client:
+/// the pause between a client's commands, not an idle session's wait.
+const COMPRESSOR_KEPT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A message for the client written by the upstream pump between two responses (boxed in
 /// its channel, which allocates 32 slots at once: a session's memory).
 struct Inject {
@@ -1213,12 +1217,14 @@ impl<R: AsyncRead + AsyncWrite, W: AsyncRead + AsyncWrite> UpstreamPump<'_, R, W
             } else {
                 (false, true)
             };
-            if !owed {
-                // Nothing owed: a compressed session waits without its compressor. (Not
-                // `waiting`: a cache job this pump just finished may not be marked done yet.)
-                self.write.get_mut().rest();
-            }
+            // Nothing owed for COMPRESSOR_KEPT: a compressed session waits without its
+            // compressor (about 230 KiB). Not at once: a client sending one command at a time
+            // would build a compressor per response, and lose the history that gives small
+            // responses their ratio. (Not `waiting`: a cache job this pump just finished may
+            // not be marked done yet.)
+            let rest_due = !owed && self.write.get_mut().is_holding();
             tokio::select! {
+                _ = tokio::time::sleep(COMPRESSOR_KEPT), if rest_due => self.write.get_mut().rest(),
                 read = pumps::read_into(&mut self.read, &mut self.buffer, waiting) => match read {
                     Ok(0) | Err(_) => return self.upstream_gone().await,
                     Ok(_) => {}
