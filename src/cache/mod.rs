@@ -284,9 +284,18 @@ impl MessageCache {
                 }
             };
             let entries = column.between(first, first.saturating_add(ranges::RANGE_UIDS));
-            if let (false, Key::Imap(imap)) = (entries.is_empty(), &keys[0]) {
-                values.push((ranges::key(imap), Bytes::from(ranges::encode(&entries))));
+            let Key::Imap(imap) = &keys[0] else { continue };
+            if entries.is_empty() {
+                continue;
             }
+            let encoded = ranges::encode(&entries);
+            if encoded.len() > tier.max_item_bytes() {
+                // Too large for the tier (a range of large headers): the items one by one,
+                // not lost with it.
+                single.extend(keys);
+                continue;
+            }
+            values.push((ranges::key(imap), Bytes::from(encoded)));
         }
         for key in single {
             if let Some(value) = self.peek(&key).await {
