@@ -15,7 +15,13 @@
 //! First, before the syncs leave freed memory behind, the memory of idle sessions
 //! (`COMPRESS_SESSIONS`, default and at most 20: one user's sessions): RSS growth for that
 //! many plain sessions (logged in, INBOX examined), then for as many that turned COMPRESS on
-//! and fetched a few headers (both streams used; the compressor given back as they rest).
+//! and fetched a few headers (both streams used; the compressor given back as they rest,
+//! two seconds after their last answer).
+//!
+//! Last, a client sending one command at a time (`COMPRESS_ROUNDS`, default 500, `UID
+//! FETCH n (UID FLAGS RFC822.SIZE)` each, waiting for each answer), plain and compressed:
+//! the wire bytes and mailgate's CPU per command, where the compressor is kept between
+//! commands.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -79,6 +85,18 @@ fn sync(setup: &Setup, client: &mut Client, messages: usize) -> (f64, f64, f64) 
     (client_bytes_out(setup) - bytes, process_cpu(pid) - cpu, wall)
 }
 
+/// `rounds` single-message FETCHes, one at a time: (bytes to the client, mailgate CPU).
+fn one_at_a_time(setup: &Setup, client: &mut Client, rounds: usize, messages: usize) -> (f64, f64) {
+    let pid = setup.gateway.pid();
+    let (bytes, cpu) = (client_bytes_out(setup), process_cpu(pid));
+    for round in 0..rounds {
+        let uid = round % messages + 1;
+        let answer = client.command("r", &format!("UID FETCH {uid} (UID FLAGS RFC822.SIZE)"));
+        assert!(answer.last().unwrap().starts_with("r OK"), "{answer:?}");
+    }
+    (client_bytes_out(setup) - bytes, process_cpu(pid) - cpu)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap());
     values[values.len() / 2]
@@ -116,7 +134,8 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     let with_plain = process_rss(pid);
     let compressed: Vec<Client> = (0..sessions).map(|_| used(true)).collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // Past the two seconds a waiting session keeps its compressor.
+    std::thread::sleep(Duration::from_millis(2_500));
     let with_compressed = process_rss(pid);
     let per = |bytes: f64| bytes / sessions as f64 / 1024.0;
     println!("\nidle sessions ({sessions} each, RSS):");
@@ -154,6 +173,25 @@ fn main() {
             bytes / messages as f64,
             median(cpu.clone()),
             median(wall.clone())
+        );
+    }
+
+    let rounds = env_usize("COMPRESS_ROUNDS", 500);
+    println!("\none command at a time ({rounds} single-message FETCHes, each answer awaited):");
+    println!("| mode | client wire bytes | per command | mailgate CPU per command |");
+    println!("|---|---:|---:|---:|");
+    let mut plain_bytes = 0.0;
+    for (name, compress) in [("plain", false), ("COMPRESS=DEFLATE", true)] {
+        let mut client = session(&setup, compress);
+        let (bytes, cpu) = one_at_a_time(&setup, &mut client, rounds, messages);
+        if !compress {
+            plain_bytes = bytes;
+        }
+        println!(
+            "| {name} | {bytes:.0} ({:.1} %) | {:.0} B | {:.1} µs |",
+            100.0 * bytes / plain_bytes,
+            bytes / rounds as f64,
+            cpu / rounds as f64 * 1e6
         );
     }
 }
